@@ -1,0 +1,294 @@
+/* engine.h - the plain-C core of rjepa_latent.
+ *
+ * The engine runs the decoder stack of a Llama / Qwen2 / Qwen3 model over a
+ * packed batch of token sequences and returns hidden states of the requested
+ * layers, pooled over token spans. It has no Python in it: the binding
+ * (binding.c) is its only Python-facing file.
+ *
+ * Design choices:
+ * - The forward pass (engine.c) is written once, over a backend op table
+ *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM, ops_cpu.c) and a CUDA
+ *   backend (bf16 storage, fp32 accumulation, kernels/*.cu) implement it.
+ * - The caller supplies weights tensor by tensor (rl_model_set_tensor) from
+ *   any host buffer (an mmap'd safetensors file, a dequantized GGUF tensor);
+ *   the engine converts them into its own storage in one pass. Q/K/V and
+ *   gate/up are stored fused so each is one GEMM.
+ * - Every failure returns an rl_status and records a message with the failing
+ *   expression, file and line (rl_last_error); nothing exits or aborts.
+ * - Results live in memory allocated for them (rl_result, pinned on CUDA),
+ *   never in reusable scratch, so the binding can hand them out zero-copy.
+ */
+#ifndef RL_ENGINE_H
+#define RL_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status and errors ------------------------------------------------ */
+
+typedef enum {
+    RL_OK = 0,
+    RL_ERR_INVALID = 1,      /* bad argument: ids, spans, layers, shapes    */
+    RL_ERR_NOMEM = 2,        /* host allocation failed                      */
+    RL_ERR_DEVICE = 3,       /* no usable device / not compiled in / driver */
+    RL_ERR_DEVICE_MEMORY = 4,/* not enough device memory                    */
+    RL_ERR_CUDA = 5,         /* a CUDA runtime call or kernel launch failed */
+    RL_ERR_BLAS = 6,         /* cuBLAS failed                               */
+    RL_ERR_STATE = 7         /* API misuse: missing tensor, not finalized   */
+} rl_status;
+
+/* Records a formatted message for the calling thread; returns `st`. */
+rl_status rl_error_set(rl_status st, const char *file, int line, const char *fmt, ...);
+/* Message of the last error recorded on this thread ("" if none). */
+const char *rl_last_error(void);
+
+#define RL_FAIL(st, ...) rl_error_set((st), __FILE__, __LINE__, __VA_ARGS__)
+/* Propagate a failing rl_status unchanged (message already recorded). */
+#define RL_TRY(expr) do { rl_status rl_try_st_ = (expr); if (rl_try_st_ != RL_OK) return rl_try_st_; } while (0)
+
+/* ---- element types ---------------------------------------------------- */
+
+typedef enum { RL_F32 = 0, RL_BF16 = 1, RL_F16 = 2 } rl_dtype;
+size_t rl_dtype_size(rl_dtype dt);
+
+/* ---- model configuration ---------------------------------------------- */
+
+typedef struct {
+    int64_t vocab_size;        /* V                                          */
+    int64_t hidden_size;       /* d                                          */
+    int64_t intermediate_size; /* ff                                         */
+    int64_t num_layers;        /* L: decoder layers of the checkpoint        */
+    int64_t num_heads;         /* nh                                         */
+    int64_t num_kv_heads;      /* nkv (GQA: nh % nkv == 0)                   */
+    int64_t head_dim;          /* hd (even)                                  */
+    int64_t max_layer;         /* deepest hidden-state index that may be
+                                  requested, 0..L; layers >= max_layer (and
+                                  the final norm unless max_layer == L) are
+                                  never loaded                               */
+    double rms_norm_eps;
+    int attn_qkv_bias;         /* q/k/v projections have biases (Qwen2)      */
+    int attn_o_bias;           /* o projection has a bias (Llama attention_bias) */
+    int mlp_bias;              /* gate/up/down have biases (Llama mlp_bias)  */
+    int qk_norm;               /* per-head RMSNorm of q and k before RoPE (Qwen3) */
+} rl_config;
+
+/* Which tensor rl_model_set_tensor fills. Shapes are the HF ones. */
+typedef enum {
+    RL_T_EMBED = 0,        /* [V, d]                         global        */
+    RL_T_FINAL_NORM,       /* [d]            only when max_layer == L      */
+    RL_T_ROPE_INV_FREQ,    /* [hd/2]   f32; caller computes (llama3 etc.)  */
+    RL_T_ATTN_NORM,        /* [d]                            per layer     */
+    RL_T_Q,                /* [nh*hd, d]                                   */
+    RL_T_K,                /* [nkv*hd, d]                                  */
+    RL_T_V,                /* [nkv*hd, d]                                  */
+    RL_T_Q_BIAS,           /* [nh*hd]        attn_qkv_bias                 */
+    RL_T_K_BIAS,           /* [nkv*hd]       attn_qkv_bias                 */
+    RL_T_V_BIAS,           /* [nkv*hd]       attn_qkv_bias                 */
+    RL_T_Q_NORM,           /* [hd]           qk_norm                       */
+    RL_T_K_NORM,           /* [hd]           qk_norm                       */
+    RL_T_O,                /* [d, nh*hd]                                   */
+    RL_T_O_BIAS,           /* [d]            attn_o_bias                   */
+    RL_T_FFN_NORM,         /* [d]                                          */
+    RL_T_GATE,             /* [ff, d]                                      */
+    RL_T_UP,               /* [ff, d]                                      */
+    RL_T_DOWN,             /* [d, ff]                                      */
+    RL_T_GATE_BIAS,        /* [ff]           mlp_bias                      */
+    RL_T_UP_BIAS,          /* [ff]           mlp_bias                      */
+    RL_T_DOWN_BIAS,        /* [d]            mlp_bias                      */
+    RL_T_COUNT
+} rl_tensor_kind;
+
+/* Expected shape of a tensor kind under `cfg` (ndim 1 or 2); 0 if the kind
+ * is not used by this config (e.g. Q_BIAS without attn_qkv_bias). */
+int rl_tensor_shape(const rl_config *cfg, rl_tensor_kind kind, int64_t shape[2]);
+/* Number of decoder layers that are loaded and run: min(max_layer, L). */
+int64_t rl_config_loaded_layers(const rl_config *cfg);
+
+/* ---- pooling ---------------------------------------------------------- */
+
+typedef enum { RL_POOL_MEAN = 0, RL_POOL_FIRST = 1, RL_POOL_LAST = 2 } rl_pool;
+/* Pooling "none" is expressed by the caller as one [t, t+1) span per token
+ * with RL_POOL_FIRST, so the engine has one output path. */
+
+/* ---- a packed batch and its result ------------------------------------ */
+
+typedef struct {
+    const int32_t *tokens;      /* [T] token ids, sequences back to back     */
+    int64_t n_tokens;           /* T                                         */
+    const int32_t *cu_seqlens;  /* [B+1] start offsets, cu[0]=0, cu[B]=T     */
+    int64_t n_seqs;             /* B                                         */
+    const int32_t *layers;      /* [nl] hidden-state indices, each 0..max_layer
+                                   (already resolved from negatives)         */
+    int64_t n_layers;           /* nl                                        */
+    const int32_t *spans;       /* [S, 2] [start, end) relative to the span's
+                                   own sequence                              */
+    const int32_t *span_seq;    /* [S] sequence index of each span           */
+    int64_t n_spans;            /* S                                         */
+    rl_pool pooling;
+} rl_batch;
+
+typedef struct {
+    float *data;                /* [nl, S, d] f32, owned by the result       */
+    int64_t n_layers, n_spans, hidden;
+    int pinned;                 /* allocated with the backend's host_alloc   */
+} rl_result;
+
+/* ---- the backend op table --------------------------------------------- */
+
+/* Activation buffers come in two kinds: the residual stream (res_dtype,
+ * f32 on both backends, so the sum of many layers keeps precision) and GEMM
+ * operands (act_dtype: f32 on CPU, bf16 on CUDA). Weights are stored in
+ * weight_dtype. Every pointer below is a backend (device) pointer unless it
+ * says host. `seqs` is the packed batch's [B+1] offsets on the host: the CPU
+ * backend runs GEMMs per sequence so packing is bitwise neutral. */
+typedef struct rl_segments {
+    const int32_t *cu_seqlens_host; /* [B+1]                                 */
+    const int32_t *cu_seqlens_dev;  /* [B+1] backend copy                    */
+    const int32_t *positions_dev;   /* [T] position within own sequence      */
+    int64_t n_seqs;
+    int64_t max_seqlen;
+} rl_segments;
+
+typedef struct rl_backend rl_backend;
+struct rl_backend {
+    const char *name;              /* "cpu" or "cuda:N"                       */
+    rl_dtype weight_dtype, act_dtype, res_dtype;
+    void *impl;                    /* backend private state                   */
+
+    /* memory */
+    rl_status (*alloc)(rl_backend *be, void **ptr, size_t bytes);
+    void (*free)(rl_backend *be, void *ptr);
+    rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes); /* pinned on CUDA */
+    void (*host_free)(rl_backend *be, void *ptr);
+    /* host src (src_dtype, n elems) -> backend dst at element offset, in weight_dtype
+       (or f32 when dst_dtype says so) */
+    rl_status (*upload)(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
+                        const void *src_host, rl_dtype src_dtype, size_t n);
+    rl_status (*upload_i32)(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n);
+    rl_status (*download_f32)(rl_backend *be, float *dst_host, const float *src, size_t n);
+    rl_status (*sync)(rl_backend *be);
+    /* free and total bytes of the device (CPU: 0,0 = unknown) */
+    rl_status (*mem_info)(rl_backend *be, size_t *free_bytes, size_t *total_bytes);
+    /* 1 if ptr is memory this backend allocated on its device (weights are
+       checked with it after load: nothing may live elsewhere) */
+    int (*is_resident)(rl_backend *be, const void *ptr);
+
+    /* ops */
+    /* x[t,:] = table[tokens[t],:]  (res_dtype out) */
+    rl_status (*embed)(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                       int64_t d, void *x);
+    /* y = rmsnorm(x) * w, rows of d; x res_dtype; y in out_dtype (act or res) */
+    rl_status (*rmsnorm)(rl_backend *be, const void *x, const void *w, void *y, rl_dtype out_dtype,
+                         int64_t rows, int64_t d, float eps);
+    /* y[M,N] = x[M,K] @ w[N,K]^T (+ bias[N]); accumulate=0: y act_dtype, overwritten;
+       accumulate=1: y res_dtype, y += result (residual add fused) */
+    rl_status (*gemm)(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+                      const void *bias, void *y, int64_t M, int64_t N, int64_t K, int accumulate);
+    /* in-place on qkv [T, (nh+2nkv)*hd] act_dtype: optional per-head RMSNorm of q and k
+       (q_norm/k_norm [hd] or NULL), then rotary embedding of q and k with
+       inv_freq [hd/2] f32 at each token's position (HF rotate_half convention) */
+    rl_status (*qk_norm_rope)(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+                              int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
+                              const void *k_norm, float eps, const float *inv_freq);
+    /* out[T, nh*hd] = causal softmax(q k^T * scale) v within each sequence; GQA */
+    rl_status (*attention)(rl_backend *be, const rl_segments *seg, const void *qkv, void *out,
+                           int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale);
+    /* out[T, ff] = silu(gu[:, :ff]) * gu[:, ff:]   (gu is [T, 2ff]) */
+    rl_status (*swiglu)(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff);
+    /* out[S, d] f32 (backend memory) = pooling of x (src_dtype) rows over spans; spans are
+       absolute packed positions [S,2] in backend memory */
+    rl_status (*pool)(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+                      const int32_t *spans_abs, int64_t S, rl_pool mode, float *out);
+
+    void (*destroy)(rl_backend *be);
+};
+
+/* Backend constructors. device_index is ignored for CPU. On failure *out is
+ * NULL and the message says why (e.g. "CUDA is not built in"). */
+rl_status rl_backend_cpu_create(int n_threads, rl_backend **out);
+rl_status rl_backend_cuda_create(int device_index, rl_backend **out);
+int rl_cuda_compiled(void);
+/* free/total bytes of a CUDA device without creating a backend. */
+rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes);
+
+/* ---- model ------------------------------------------------------------ */
+
+typedef struct rl_layer_weights {
+    void *attn_norm;   /* [d]                   weight_dtype                 */
+    void *wqkv;        /* [(nh+2nkv)*hd, d]     fused q,k,v rows             */
+    void *bqkv;        /* [(nh+2nkv)*hd] or NULL                             */
+    void *q_norm;      /* [hd] or NULL                                       */
+    void *k_norm;      /* [hd] or NULL                                       */
+    void *wo;          /* [d, nh*hd]                                         */
+    void *bo;          /* [d] or NULL                                        */
+    void *ffn_norm;    /* [d]                                                */
+    void *wgu;         /* [2ff, d]              gate rows then up rows       */
+    void *bgu;         /* [2ff] or NULL                                      */
+    void *wdown;       /* [d, ff]                                            */
+    void *bdown;       /* [d] or NULL                                        */
+} rl_layer_weights;
+
+typedef struct rl_weights {
+    void *embed;                 /* [V, d]                                   */
+    void *final_norm;            /* [d] or NULL when max_layer < L           */
+    float *inv_freq;             /* [hd/2] f32 (backend memory)              */
+    rl_layer_weights *layers;    /* [loaded layers]                          */
+    uint8_t *filled;             /* [RL_T_COUNT * (1 + loaded layers)] flags */
+    size_t bytes;                /* backend bytes held by weights            */
+} rl_weights;
+
+typedef struct rl_workspace {
+    int64_t max_tokens;          /* T capacity                               */
+    void *x;                     /* [T, d]            res_dtype residual     */
+    void *h;                     /* [T, max(d, ff)]   act_dtype normed / swiglu out */
+    void *qkv;                   /* [T, (nh+2nkv)*hd] act_dtype              */
+    void *attn;                  /* [T, nh*hd]        act_dtype              */
+    void *gu;                    /* [T, 2ff]          act_dtype              */
+    void *normed_out;            /* [T, d]            res_dtype final norm   */
+    int32_t *tokens;             /* [T]                                      */
+    int32_t *cu_seqlens;         /* [T+1]                                    */
+    int32_t *positions;          /* [T]                                      */
+    int32_t *spans;              /* [T, 2] absolute spans (S <= T checked)   */
+    float *pooled;               /* [T, d] f32 pooled rows of one layer      */
+    size_t bytes;                /* backend bytes held by the workspace      */
+} rl_workspace;
+
+typedef struct rl_model rl_model;
+
+/* Bytes the weights of `cfg` take in a backend storing `weight_dtype`, and
+ * the workspace for max_tokens tokens with the given activation dtypes. */
+size_t rl_weights_bytes(const rl_config *cfg, rl_dtype weight_dtype);
+size_t rl_workspace_bytes(const rl_config *cfg, rl_dtype act_dtype, rl_dtype res_dtype,
+                          int64_t max_tokens);
+
+/* Takes ownership of `be` (also on failure). Validates cfg. */
+rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out);
+/* Copies (converting) one tensor. `layer` is ignored for global kinds.
+ * The shape must equal rl_tensor_shape's. */
+rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, const void *src,
+                              rl_dtype src_dtype, const int64_t *shape, int ndim);
+/* Checks every needed tensor was set (names the first missing one). */
+rl_status rl_model_check_complete(const rl_model *m);
+/* (Re)allocates the workspace for batches of up to max_tokens tokens. */
+rl_status rl_model_reserve(rl_model *m, int64_t max_tokens);
+/* Runs the forward up to the deepest requested layer and pools.
+ * On success *res holds a freshly allocated result (free with rl_result_free). */
+rl_status rl_model_forward(rl_model *m, const rl_batch *batch, rl_result *res);
+void rl_result_free(rl_model *m, rl_result *res);
+const rl_config *rl_model_config(const rl_model *m);
+rl_backend *rl_model_backend(rl_model *m);
+size_t rl_model_weight_bytes(const rl_model *m);
+size_t rl_model_workspace_bytes(const rl_model *m);
+int64_t rl_model_max_tokens(const rl_model *m);
+/* RL_OK if every weight pointer is resident on the backend's device. */
+rl_status rl_model_verify_resident(rl_model *m);
+void rl_model_free(rl_model *m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RL_ENGINE_H */

@@ -1,0 +1,12 @@
+"""rjepa_latent: step-pooled hidden states of decoder LLMs over chains of thought.
+
+Data flows once: data -> tokenize -> plan -> _core -> store; see docs/.
+"""
+from .errors import DeviceError, DeviceMemoryError, ModelFormatError, StoreError
+from ._native import build_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError", "build_info",
+]

@@ -1,0 +1,112 @@
+"""Build of rjepa_latent._core: the C engine (csrc/) plus, when CUDA is
+available, the CUDA backend (kernels/*.cu) compiled by nvcc and linked in.
+
+CUDA is looked for in $CUDA_HOME, then as `nvcc` on PATH. RJEPA_CUDA=0 forces
+a CPU-only build, RJEPA_CUDA=1 makes a missing nvcc an error. RJEPA_WERROR=1
+(CI) turns compiler warnings into errors. cuBLAS is not linked: the CUDA
+backend loads it at run time (kernels/cublas_loader.c), so the extension
+imports on machines with the toolkit but no driver, GPU or cuBLAS.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CUDA_ARCHS = ("80", "90", "90a")
+
+
+def find_cuda_home():
+    """Directory of the CUDA toolkit, or None (CPU-only build)."""
+    mode = os.environ.get("RJEPA_CUDA", "").strip()
+    if mode == "0":
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home:
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            home = str(Path(nvcc).resolve().parent.parent)
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return home
+    if mode == "1":
+        sys.exit("RJEPA_CUDA=1 but no nvcc found (set CUDA_HOME or put nvcc on PATH)")
+    print("rjepa_latent: no nvcc found; building the CPU-only engine "
+          "(set CUDA_HOME to build the CUDA backend)", file=sys.stderr)
+    return None
+
+
+def openblas_paths():
+    import scipy_openblas32 as ob
+    return ob.get_include_dir(), ob.get_lib_dir(), ob.get_library()
+
+
+class BuildExt(build_ext):
+    """Compiles kernels/*.cu with nvcc first and links the objects in."""
+
+    def build_extension(self, ext):
+        cuda_home = find_cuda_home()
+        werror = os.environ.get("RJEPA_WERROR") == "1"
+        ext.extra_compile_args = ["-O3", "-std=c11", "-fopenmp", "-Wall", "-Wextra",
+                                  "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+        if werror:
+            ext.extra_compile_args.append("-Werror")
+        ext.extra_link_args = ["-fopenmp"]
+        if cuda_home:
+            objs = self.compile_cuda(cuda_home, werror)
+            ext.extra_objects = list(ext.extra_objects or []) + objs
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("RL_WITH_CUDA", "1"),
+                ("RL_CUDA_ARCHS", '"' + ",".join("sm_" + a for a in CUDA_ARCHS) + '"')]
+            ext.include_dirs.append(str(Path(cuda_home) / "include"))
+            libdir = Path(cuda_home) / "lib64"
+            if not libdir.exists():
+                libdir = Path(cuda_home) / "lib"
+            # the static runtime needs no libcudart.so at import; the driver
+            # (libcuda) is opened by it lazily at the first CUDA call
+            ext.extra_link_args += [str(libdir / "libcudart_static.a"), "-ldl", "-lrt",
+                                    "-lpthread", "-lstdc++"]
+        super().build_extension(ext)
+
+    def compile_cuda(self, cuda_home, werror):
+        nvcc = str(Path(cuda_home) / "bin" / "nvcc")
+        out_dir = Path(self.build_temp) / "kernels"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gencode = []
+        for a in CUDA_ARCHS:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", "arch=compute_90,code=compute_90"]  # PTX for newer GPUs
+        objs = []
+        for src in sorted((ROOT / "kernels").glob("*.cu")):
+            obj = out_dir / (src.stem + ".o")
+            cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17",
+                   "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"), "--expt-relaxed-constexpr",
+                   *gencode]
+            if werror:
+                cmd += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.check_call(cmd)
+            objs.append(str(obj))
+        return objs
+
+
+def make_extension():
+    import numpy as np
+    inc, libdir, lib = openblas_paths()
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels").glob("*.c"))
+    return Extension(
+        "rjepa_latent._core",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc"), np.get_include(), inc],
+        library_dirs=[libdir],
+        libraries=[lib],
+        runtime_library_dirs=[libdir],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")],
+    )
+
+
+setup(ext_modules=[make_extension()], cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: installs everything the tests need
+# on a fresh machine (build deps, the package in editable mode, the CPU build of
+# torch and transformers for the reference tests), builds, then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+$PY -m pip install -q "setuptools>=68" wheel "numpy>=1.24" "scipy-openblas32>=0.3.27"
+$PY -m pip install -q "torch==2.13.0"
+RJEPA_WERROR=1 $PY -m pip install -q --no-build-isolation -e ".[test]"
+$PY -m pytest -q -m "not gpu or gpu" "$@"
