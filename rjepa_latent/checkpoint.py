@@ -1,0 +1,586 @@
+"""HF checkpoint directories -> a validated tensor feed for the C engine.
+
+What it does:
+- `load_hf_config`: config.json (llama, mistral, qwen2, qwen3) -> a public
+  config dict (what users and the store see) and the engine config dict (the
+  `rl_config` field names that `_core.Engine` takes).
+- `rope_inv_freq`: the RoPE inverse frequencies exactly as HF computes them
+  (float32 arithmetic, `llama3` scaling included); the engine takes them as a
+  tensor so it never re-derives RoPE variants in C.
+- `read_safetensors_header`: validates one .safetensors file to the spec
+  before any data is touched. Offsets are checked here, in Python, so the C
+  side only ever receives bounded `memoryview` slices of an mmap.
+- `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader):
+  names and shapes are checked against the config before data is read; all
+  missing and all unexpected tensors are reported at once; tensors of layers
+  that can never be requested under `max_layer` are not read at all.
+
+Design choices: files are mmap'd read-only and handed to the engine as
+zero-copy slices (the engine converts to its storage dtype in one pass, so
+there is never a second full copy of the weights); every problem is a
+`ModelFormatError` naming the file and, where there is one, the tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import ModelFormatError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype -> (bytes per element, engine dtype name or None if unusable)
+SAFETENSORS_DTYPES: dict[str, tuple[int, str | None]] = {
+    "F32": (4, "float32"), "BF16": (2, "bfloat16"), "F16": (2, "float16"),
+    "F64": (8, None), "I64": (8, None), "U64": (8, None), "I32": (4, None), "U32": (4, None),
+    "I16": (2, None), "U16": (2, None), "I8": (1, None), "U8": (1, None), "BOOL": (1, None),
+    "F8_E4M3": (1, None), "F8_E5M2": (1, None), "F8_E8M0": (1, None),
+}
+
+# A record of the tensor feed: (engine kind, layer, buffer, dtype name, shape).
+TensorRecord = tuple[str, int, Any, str, tuple[int, ...]]
+
+
+@dataclass
+class CheckpointSource:
+    """A loaded-but-not-yet-read checkpoint, whatever its file format.
+
+    `config`: public dict (model_type, hidden_size, intermediate_size,
+    num_layers, num_heads, num_kv_heads, head_dim, vocab_size, rms_norm_eps,
+    rope_theta, rope_scaling, max_position_embeddings, sliding_window, ...).
+    `engine_config`: dict with the `rl_config` field names for `_core.Engine`
+    (includes `max_layer`). `tokenizer`: `tokenizers.Tokenizer` or None.
+    `fingerprint`: sha256 hex of the config and tensor header info (not data).
+    `sliding_window`: int or None; sequences longer than it are refused.
+    `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
+    included) as (kind, layer, C-contiguous buffer, "float32"|"bfloat16"|
+    "float16", shape); buffers are only valid until the next item.
+    `on_close()` releases files (mmaps) the feed reads from.
+    """
+    config: dict
+    engine_config: dict
+    tokenizer: Any
+    fingerprint: str
+    sliding_window: int | None
+    tensor_feed: Callable[[], Iterator[TensorRecord]]
+    on_close: Callable[[], None] = field(default=lambda: None)
+
+    def tensors(self) -> Iterator[TensorRecord]:
+        return self.tensor_feed()
+
+    def close(self) -> None:
+        self.on_close()
+
+
+# ---------------------------------------------------------------------------
+# config.json
+
+
+def _req(raw: dict, key: str, where: str) -> Any:
+    if key not in raw or raw[key] is None:
+        raise ModelFormatError(f"{where}: required field {key!r} is missing")
+    return raw[key]
+
+
+def _pos_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelFormatError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, normalized llama3 scaling dict or None). Handles both the
+    transformers<5 fields (`rope_theta`, `rope_scaling`) and `rope_parameters`."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ModelFormatError(f"{where}: rope_parameters / rope_scaling must be objects")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ModelFormatError(f"{where}: per-layer-type rope_parameters are not supported")
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ModelFormatError(f"{where}: rope_theta must be a positive number, got {theta!r}")
+    partial = merged.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ModelFormatError(f"{where}: partial_rotary_factor={partial!r} is not supported")
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ModelFormatError(
+            f"{where}: rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
+    out = {"rope_type": "llama3"}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        out[key] = float(_req(merged, key, where + " rope_scaling"))
+    omp = merged.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    out["original_max_position_embeddings"] = _pos_int(
+        omp, "original_max_position_embeddings", where)
+    if out["high_freq_factor"] == out["low_freq_factor"]:
+        raise ModelFormatError(f"{where}: llama3 rope high_freq_factor equals low_freq_factor")
+    return float(theta), out
+
+
+def _sliding_window(raw: dict, model_type: str, where: str) -> int | None:
+    """The attention window that would apply, or None for full attention."""
+    sw = raw.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        layer_types = raw.get("layer_types") or []
+        uses = bool(raw.get("use_sliding_window")) or "sliding_attention" in layer_types
+        if not uses:
+            return None
+    if sw is None:
+        return None
+    return _pos_int(sw, "sliding_window", where)
+
+
+def load_hf_config(path: str | os.PathLike) -> tuple[dict, dict]:
+    """config.json of an HF directory (or the file itself) -> (public config,
+    engine config with max_layer = L). Raises ModelFormatError naming the
+    file and the field."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ModelFormatError(f"{file}: config.json not found")
+    try:
+        with open(file, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{file}: top level must be a JSON object")
+    return config_from_dict(raw, file)
+
+
+def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
+    """The mapping of load_hf_config for an already-parsed config dict."""
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelFormatError(
+            f"{where}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    d = _pos_int(_req(raw, "hidden_size", where), "hidden_size", where)
+    ff = _pos_int(_req(raw, "intermediate_size", where), "intermediate_size", where)
+    n_layers = _pos_int(_req(raw, "num_hidden_layers", where), "num_hidden_layers", where)
+    nh = _pos_int(_req(raw, "num_attention_heads", where), "num_attention_heads", where)
+    vocab = _pos_int(_req(raw, "vocab_size", where), "vocab_size", where)
+    nkv = _pos_int(raw.get("num_key_value_heads") or nh, "num_key_value_heads", where)
+    hd = raw.get("head_dim") or d // nh
+    hd = _pos_int(hd, "head_dim", where)
+    if nh % nkv:
+        raise ModelFormatError(f"{where}: num_attention_heads={nh} is not a multiple of "
+                               f"num_key_value_heads={nkv}")
+    if hd % 2:
+        raise ModelFormatError(f"{where}: head_dim={hd} must be even for RoPE")
+    act = raw.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelFormatError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ModelFormatError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
+    theta, scaling = _rope_settings(raw, where)
+    attention_bias = bool(raw.get("attention_bias", False))
+    qkv_bias = {"qwen2": True, "mistral": False}.get(model_type, attention_bias)
+    o_bias = {"qwen2": False, "mistral": False}.get(model_type, attention_bias)
+    mlp_bias = bool(raw.get("mlp_bias", False)) if model_type == "llama" else False
+    qk_norm = model_type == "qwen3"
+    public = {
+        "model_type": model_type, "hidden_size": d, "intermediate_size": ff,
+        "num_layers": n_layers, "num_heads": nh, "num_kv_heads": nkv, "head_dim": hd,
+        "vocab_size": vocab, "rms_norm_eps": float(eps), "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": raw.get("max_position_embeddings"),
+        "sliding_window": _sliding_window(raw, model_type, where),
+        "attn_qkv_bias": qkv_bias, "attn_o_bias": o_bias, "mlp_bias": mlp_bias,
+        "qk_norm": qk_norm, "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+    }
+    return public, engine_config(public, n_layers)
+
+
+def engine_config(public: dict, max_layer: int) -> dict:
+    """Engine (`rl_config`) dict from the public config."""
+    return {
+        "vocab_size": public["vocab_size"], "hidden_size": public["hidden_size"],
+        "intermediate_size": public["intermediate_size"], "num_layers": public["num_layers"],
+        "num_heads": public["num_heads"], "num_kv_heads": public["num_kv_heads"],
+        "head_dim": public["head_dim"], "max_layer": int(max_layer),
+        "rms_norm_eps": public["rms_norm_eps"], "attn_qkv_bias": int(public["attn_qkv_bias"]),
+        "attn_o_bias": int(public["attn_o_bias"]), "mlp_bias": int(public["mlp_bias"]),
+        "qk_norm": int(public["qk_norm"]),
+    }
+
+
+def rope_inv_freq(cfg: dict) -> np.ndarray:
+    """float32 [head_dim/2] inverse frequencies, computed with the same float32
+    operations as HF (`_compute_default_rope_parameters`,
+    `_compute_llama3_parameters`) so the engine's RoPE matches bitwise."""
+    dim = int(cfg["head_dim"])
+    base = np.float32(cfg["rope_theta"])
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    # torch's float32 pow is (nearly always) the correctly rounded result; a
+    # float64 pow rounded to float32 reproduces it where numpy's powf does not
+    power = (np.float64(base) ** exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / power).astype(np.float32)
+    scaling = cfg.get("rope_scaling")
+    if not scaling:
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_wavelen = np.float32(old_ctx / low)
+    high_wavelen = np.float32(old_ctx / high)
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (np.float32(old_ctx) / wavelen - np.float32(low)) / np.float32(high - low)
+    smoothed = (np.float32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# safetensors validation
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str                   # safetensors dtype string
+    shape: tuple[int, ...]
+    begin: int                   # absolute byte offset in the file
+    end: int
+    file: str
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ModelFormatError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_header_json(raw: bytes, file: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFormatError(f"{file}: safetensors header is not UTF-8 ({e})") from None
+    if not text.startswith("{"):
+        raise ModelFormatError(f"{file}: safetensors header is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{file}: safetensors header has a {e}") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise ModelFormatError(f"{file}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{file}: safetensors header is not a JSON object")
+    return header
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_entry(name: str, entry: Any, file: str, data_start: int) -> TensorInfo:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise ModelFormatError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise ModelFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise ModelFormatError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]
+    if offsets[1] - offsets[0] != nbytes:
+        raise ModelFormatError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} "
+                               f"bytes but shape {shape} of {dtype} needs {nbytes}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0],
+                      data_start + offsets[1], file)
+
+
+def read_safetensors_header(file: str) -> tuple[dict[str, TensorInfo], dict]:
+    """Validates a .safetensors file to the spec (header bounds, JSON object,
+    dtypes, sizes, sorted contiguous offsets ending at the file end, unique
+    names) and returns ({name: TensorInfo}, metadata). Reads only the header."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFormatError(f"{file}: truncated safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise ModelFormatError(f"{file}: safetensors header length {n} is larger than "
+                                       f"{'100 MB' if n > MAX_HEADER_BYTES else 'the file'}")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelFormatError(f"{file}: cannot read ({e.strerror or e})") from None
+    header = _parse_header_json(raw, file)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ModelFormatError(f"{file}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    infos = {name: _tensor_entry(name, e, file, data_start) for name, e in header.items()}
+    pos = data_start
+    for info in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != pos:
+            kind = "overlaps the previous tensor" if info.begin < pos else "leaves a hole before it"
+            raise ModelFormatError(f"{file}: tensor {info.name!r}: data_offsets "
+                                   f"[{info.begin - data_start}, {info.end - data_start}] {kind}")
+        pos = info.end
+    if pos != size:
+        raise ModelFormatError(f"{file}: tensor data ends at byte {pos} but the file has {size} "
+                               f"bytes ({'truncated' if pos > size else 'trailing bytes'})")
+    return infos, meta
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        raise ModelFormatError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with open(index, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, ModelFormatError) as e:
+        raise ModelFormatError(f"{index}: not valid JSON ({e})") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise ModelFormatError(f"{index}: 'weight_map' must map tensor names to file names")
+    files = []
+    for name in sorted(set(wmap.values())):
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ModelFormatError(f"{index}: shard file name {name!r} is not a plain file name")
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ModelFormatError(f"{index}: shard {name!r} does not exist")
+        files.append(path)
+    return files
+
+
+def read_checkpoint_headers(directory: str) -> dict[str, TensorInfo]:
+    """All tensors of the directory's safetensors file(s), each file validated;
+    a tensor present in two shards is an error."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in _safetensors_files(directory):
+        infos, _ = read_safetensors_header(file)
+        for name, info in infos.items():
+            if name in tensors:
+                raise ModelFormatError(f"tensor {name!r} is in two shards: "
+                                       f"{tensors[name].file} and {file}")
+            tensors[name] = info
+    return tensors
+
+
+# ---------------------------------------------------------------------------
+# name mapping and shape checks
+
+_GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias", "self_attn.o_proj.bias": "o_bias",
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
+    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up", "mlp.down_proj.weight": "down",
+    "mlp.gate_proj.bias": "gate_bias", "mlp.up_proj.bias": "up_bias",
+    "mlp.down_proj.bias": "down_bias",
+}
+_LAYER_RE = re.compile(r"^layers\.(0|[1-9][0-9]*)\.(.+)$")
+_IGNORED_RE = re.compile(r"^(lm_head\.weight|(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq)$")
+
+
+def tensor_shape(cfg: dict, kind: str) -> tuple[int, ...] | None:
+    """HF shape of an engine tensor kind under the public config, or None when
+    the config does not use that kind (mirrors rl_tensor_shape)."""
+    d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed": (cfg["vocab_size"], d), "final_norm": (d,), "rope_inv_freq": (hd // 2,),
+        "attn_norm": (d,), "ffn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d),
+        "o": (d, q), "gate": (ff, d), "up": (ff, d), "down": (d, ff),
+    }
+    if cfg["attn_qkv_bias"]:
+        shapes.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
+    if cfg["attn_o_bias"]:
+        shapes["o_bias"] = (d,)
+    if cfg["qk_norm"]:
+        shapes.update(q_norm=(hd,), k_norm=(hd,))
+    if cfg["mlp_bias"]:
+        shapes.update(gate_bias=(ff,), up_bias=(ff,), down_bias=(d,))
+    return shapes.get(kind)
+
+
+def map_name(name: str) -> tuple[str, int] | None:
+    """HF tensor name -> (engine kind, layer) or None if not a decoder tensor."""
+    short = name[len("model."):] if name.startswith("model.") else name
+    if short in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[short], 0
+    m = _LAYER_RE.match(short)
+    if m and m.group(2) in _LAYER_NAMES:
+        return _LAYER_NAMES[m.group(2)], int(m.group(1))
+    return None
+
+
+def _expected(cfg: dict) -> set[tuple[str, int]]:
+    kinds = [k for k in set(_LAYER_NAMES.values()) if tensor_shape(cfg, k) is not None]
+    out = {("embed", 0), ("final_norm", 0)}
+    out.update((k, i) for i in range(cfg["num_layers"]) for k in kinds)
+    return out
+
+
+def _hf_name(kind: str, layer: int) -> str:
+    for short, k in _GLOBAL_NAMES.items():
+        if k == kind:
+            return "model." + short
+    short = next(s for s, k in _LAYER_NAMES.items() if k == kind)
+    return f"model.layers.{layer}.{short}"
+
+
+def match_tensors(cfg: dict, tensors: dict[str, TensorInfo],
+                  where: str) -> dict[tuple[str, int], TensorInfo]:
+    """Maps checkpoint tensors to (kind, layer) and checks them against the
+    config: all missing, unexpected, duplicate-after-mapping, wrong-shape and
+    unusable-dtype tensors are reported in one ModelFormatError."""
+    expected = _expected(cfg)
+    found: dict[tuple[str, int], TensorInfo] = {}
+    problems: list[str] = []
+    unexpected = []
+    for name, info in sorted(tensors.items()):
+        key = map_name(name)
+        if key is None or key not in expected:
+            if not _IGNORED_RE.match(name):
+                unexpected.append(name)
+            continue
+        if key in found:
+            problems.append(f"tensors {found[key].name!r} and {name!r} are the same weight")
+            continue
+        found[key] = info
+        want = tensor_shape(cfg, key[0])
+        if info.shape != want:
+            problems.append(f"tensor {name!r} in {info.file} has shape {list(info.shape)}, "
+                            f"expected {list(want)}")
+        if SAFETENSORS_DTYPES[info.dtype][1] is None:
+            problems.append(f"tensor {name!r} in {info.file} has unsupported dtype {info.dtype} "
+                            f"(supported: F32, BF16, F16)")
+    missing = sorted(expected - set(found), key=lambda k: (k[1], k[0]))
+    if missing:
+        problems.append("missing tensors: " + ", ".join(_hf_name(k, i) for k, i in missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if problems:
+        raise ModelFormatError(f"{where}: " + "; ".join(problems))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def _load_tokenizer(directory: str) -> Any:
+    file = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise ModelFormatError(f"{file}: cannot load tokenizer ({e})") from None
+
+
+def fingerprint(config: dict, tensors: dict[str, TensorInfo]) -> str:
+    """sha256 of the public config and each tensor's name, dtype, shape and
+    size: identifies a checkpoint without hashing gigabytes of data."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\n{name}|{t.dtype}|{list(t.shape)}|{t.end - t.begin}".encode())
+    return h.hexdigest()
+
+
+def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
+    """max_layer as a hidden-state index 0..L (negatives count from the end)."""
+    if max_layer is None:
+        return num_layers
+    if isinstance(max_layer, bool) or not isinstance(max_layer, (int, np.integer)):
+        raise TypeError(f"max_layer must be an int, got {max_layer!r}")
+    value = int(max_layer) + (num_layers + 1 if max_layer < 0 else 0)
+    if not 0 <= value <= num_layers:
+        raise ValueError(f"max_layer={max_layer} is out of range for a model with "
+                         f"{num_layers} layers (valid: {-num_layers - 1}..{num_layers})")
+    return value
+
+
+def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
+               maps: dict[str, mmap.mmap]) -> Callable[[], Iterator[TensorRecord]]:
+    """The tensor feed over the mmap'd files: only tensors of layers below
+    max_layer (and the final norm when max_layer == L) are touched."""
+    n_loaded = min(max_layer, cfg["num_layers"])
+
+    def wanted(kind: str, layer: int) -> bool:
+        if kind == "final_norm":
+            return max_layer == cfg["num_layers"]
+        return kind == "embed" or layer < n_loaded
+
+    def feed() -> Iterator[TensorRecord]:
+        inv = rope_inv_freq(cfg)
+        yield "rope_inv_freq", 0, inv, "float32", inv.shape
+        for (kind, layer), info in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if not wanted(kind, layer):
+                continue
+            if info.file not in maps:
+                with open(info.file, "rb") as f:
+                    maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            base = memoryview(maps[info.file])
+            view = base[info.begin:info.end]
+            try:
+                yield kind, layer, view, SAFETENSORS_DTYPES[info.dtype][1], info.shape
+            finally:
+                view.release()
+                base.release()
+    return feed
+
+
+def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
+    """Validates an HF model directory (config, every safetensors file, tensor
+    names and shapes) and returns its CheckpointSource. No tensor data is read
+    until `tensors()` is iterated."""
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"model directory {directory!r} does not exist")
+    if not os.path.isdir(directory):
+        raise ModelFormatError(f"{directory}: not a model directory (expected config.json and "
+                               f"safetensors files, or a .gguf file)")
+    cfg, _ = load_hf_config(directory)
+    resolved = resolve_max_layer(max_layer, cfg["num_layers"])
+    tensors = read_checkpoint_headers(directory)
+    found = match_tensors(cfg, tensors, directory)
+    maps: dict[str, mmap.mmap] = {}
+
+    def close() -> None:
+        for mm in maps.values():
+            mm.close()
+        maps.clear()
+
+    return CheckpointSource(
+        config=cfg, engine_config=engine_config(cfg, resolved),
+        tokenizer=_load_tokenizer(directory), fingerprint=fingerprint(cfg, tensors),
+        sliding_window=cfg["sliding_window"],
+        tensor_feed=_mmap_feed(cfg, found, resolved, maps), on_close=close)
