@@ -1,0 +1,463 @@
+"""GGUF checkpoints (the llama.cpp format) as a second input to `Model`.
+
+`load_gguf(path, max_layer)` opens a Llama-architecture GGUF file with the
+`gguf` package's memory-mapped reader and returns a checkpoint source with the
+same interface as an HF directory's (`rjepa_latent.checkpoint`): a public
+`config`, the engine's `engine_config`, a `tokenizers.Tokenizer` rebuilt from
+the file's metadata, a `fingerprint`, and `tensors()` that feeds the engine one
+tensor at a time.
+
+Design choices:
+- Everything is validated before any tensor is dequantized: architecture,
+  metadata, tensor names, GGML types, shapes and byte sizes, so a corrupt or
+  unsupported file fails fast with a `ModelFormatError` naming the problem.
+- Weights are dequantized to float32 one tensor at a time (`gguf.quants`), so
+  at most one dequantized tensor is alive besides the engine's own copy.
+- GGUF lists dimensions innermost first (ne0 = columns); numpy order is the
+  reverse, which is what the engine and HF use.
+- llama.cpp's converter interleaves the rows of attn_q / attn_k within each
+  head (so that its RoPE rotates adjacent pairs); the engine uses HF's
+  rotate-half RoPE, so those rows are put back in HF order here.
+- The tokenizer follows HF transformers' GGUF conversion (byte-level BPE,
+  control tokens special, user-defined tokens added whole, the pre-tokenizer
+  split regex chosen by `tokenizer.ggml.pre`) so ids match
+  `AutoTokenizer.from_pretrained(dir, gguf_file=...)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import ModelFormatError
+
+# GGML tensor types this loader dequantizes (name -> dequantized on load)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF per-layer tensor name -> engine tensor kind
+_LAYER_KINDS = {
+    "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
+    "attn_output": "o", "ffn_norm": "ffn_norm", "ffn_gate": "gate",
+    "ffn_up": "up", "ffn_down": "down",
+}
+# tensors a llama GGUF may carry that the engine never needs (LM head)
+_IGNORED = ("output.weight",)
+
+# token types of llama.cpp's vocabulary (tokenizer.ggml.token_type)
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# pre-tokenizer split regexes by `tokenizer.ggml.pre` (public regexes of the
+# model families; other values use the byte-level default, as HF does)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {name: _LLAMA3_SPLIT for name in (
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")}
+
+
+def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> "GGUFSource":
+    """Open a GGUF file for the engine. `max_layer` (HF hidden-state index,
+    None = all, negative from the end) limits which decoder layers are loaded."""
+    return GGUFSource(os.fspath(path), max_layer)
+
+
+def _open_reader(path: str):
+    import gguf
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"GGUF file {path!r} does not exist")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError...
+        raise ModelFormatError(f"{path}: not a readable GGUF file "
+                               f"(corrupt, truncated or unsupported): {type(e).__name__}: {e}") from e
+
+
+class _Metadata:
+    """Typed access to a reader's key/value fields with errors naming the key."""
+
+    def __init__(self, reader: Any, path: str):
+        self.fields = reader.fields
+        self.path = path
+
+    def has(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise ModelFormatError(f"{self.path}: metadata {key!r} is unreadable: {e}") from e
+
+    def require(self, key: str, kind: type) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelFormatError(f"{self.path}: metadata {key!r} is missing")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ModelFormatError(f"{self.path}: metadata {key!r} must be a positive integer, got {value!r}")
+        if kind is float and not isinstance(value, (int, float)):
+            raise ModelFormatError(f"{self.path}: metadata {key!r} must be a number, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ModelFormatError(f"{self.path}: metadata {key!r} must be a string, got {value!r}")
+        return value
+
+
+def _read_config(meta: _Metadata, path: str) -> dict:
+    """Public config (HF-like names) from llama.* metadata."""
+    arch = meta.require("general.architecture", str)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported "
+                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    p = arch + "."
+    hidden = meta.require(p + "embedding_length", int)
+    heads = meta.require(p + "attention.head_count", int)
+    kv_heads = meta.get(p + "attention.head_count_kv", heads)
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        raise ModelFormatError(f"{path}: {p}attention.head_count_kv={kv_heads!r} must divide "
+                               f"head_count={heads}")
+    head_dim = meta.get(p + "rope.dimension_count", hidden // heads)
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ModelFormatError(f"{path}: {p}rope.dimension_count={head_dim!r} must be a positive even integer")
+    eps = meta.require(p + "attention.layer_norm_rms_epsilon", float)
+    theta = meta.get(p + "rope.freq_base", 10000.0)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens else meta.get(p + "vocab_size")
+    cfg = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": meta.require(p + "feed_forward_length", int),
+        "num_layers": meta.require(p + "block_count", int),
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,  # None: taken from token_embd below
+        "rms_norm_eps": float(eps),
+        "rope_theta": float(theta),
+        "max_position_embeddings": meta.get(p + "context_length"),
+        "rope_scaling": _read_rope_scaling(meta, p, path),
+        "tie_word_embeddings": True,
+        "format": "gguf",
+        "gguf_file_type": meta.get("general.file_type"),
+        "name": meta.get("general.name"),
+    }
+    return cfg
+
+
+def _read_rope_scaling(meta: _Metadata, p: str, path: str) -> dict | None:
+    """Only linear scaling changes a plain rope; llama3-style factors come as
+    the `rope_freqs.weight` tensor (handled in `_rope_inv_freq`)."""
+    kind = meta.get(p + "rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = meta.get(p + "rope.scaling.factor")
+    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise ModelFormatError(f"{path}: rope scaling type {kind!r} (factor {factor!r}) is not supported "
+                           "(supported: none, linear, llama3 frequency factors)")
+
+
+def _engine_config(cfg: dict, max_layer: int) -> dict:
+    return {
+        "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
+        "intermediate_size": cfg["intermediate_size"], "num_layers": cfg["num_layers"],
+        "num_heads": cfg["num_heads"], "num_kv_heads": cfg["num_kv_heads"],
+        "head_dim": cfg["head_dim"], "max_layer": max_layer,
+        "rms_norm_eps": cfg["rms_norm_eps"], "attn_qkv_bias": False,
+        "attn_o_bias": False, "mlp_bias": False, "qk_norm": False,
+    }
+
+
+def _resolve_max_layer(max_layer: int | None, n_layers: int) -> int:
+    if max_layer is None:
+        return n_layers
+    if isinstance(max_layer, bool) or not isinstance(max_layer, (int, np.integer)):
+        raise TypeError(f"max_layer must be an int or None, got {max_layer!r}")
+    resolved = int(max_layer) + (n_layers + 1 if max_layer < 0 else 0)
+    if not 0 <= resolved <= n_layers:
+        raise ValueError(f"max_layer={max_layer} is out of range for a model with "
+                         f"{n_layers} layers (valid: {-(n_layers + 1)}..{n_layers})")
+    return resolved
+
+
+def _expected_shapes(cfg: dict, n_load: int, with_final_norm: bool) -> dict[str, tuple[str, int, tuple]]:
+    """GGUF tensor name -> (engine kind, layer, numpy shape) for what is loaded."""
+    d, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    q_rows = cfg["num_heads"] * cfg["head_dim"]
+    kv_rows = cfg["num_kv_heads"] * cfg["head_dim"]
+    out = {"token_embd.weight": ("embed", 0, (cfg["vocab_size"], d))}
+    if with_final_norm:
+        out["output_norm.weight"] = ("final_norm", 0, (d,))
+    per_layer = {"attn_norm": (d,), "attn_q": (q_rows, d), "attn_k": (kv_rows, d),
+                 "attn_v": (kv_rows, d), "attn_output": (d, q_rows), "ffn_norm": (d,),
+                 "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    for layer in range(n_load):
+        for short, shape in per_layer.items():
+            out[f"blk.{layer}.{short}.weight"] = (_LAYER_KINDS[short], layer, shape)
+    return out
+
+
+def _numpy_shape(t: Any) -> tuple:
+    return tuple(int(x) for x in reversed(list(t.shape)))
+
+
+def _check_tensor(t: Any, shape: tuple, path: str) -> None:
+    """Type, shape and byte size of one reader tensor, before it is read."""
+    import gguf
+    type_name = getattr(t.tensor_type, "name", str(t.tensor_type))
+    if type_name not in SUPPORTED_TYPES:
+        raise ModelFormatError(f"{path}: tensor {t.name!r} has GGML type {type_name}, which is not "
+                               f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    got = _numpy_shape(t)
+    if got != shape:
+        raise ModelFormatError(f"{path}: tensor {t.name!r} has shape {list(got)}, expected {list(shape)} "
+                               "from the metadata")
+    block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    if shape[-1] % block:
+        raise ModelFormatError(f"{path}: tensor {t.name!r}: row length {shape[-1]} is not a multiple "
+                               f"of the {type_name} block size {block}")
+    need = int(np.prod(shape)) // block * type_size
+    if int(t.data.nbytes) != need:
+        raise ModelFormatError(f"{path}: tensor {t.name!r} holds {int(t.data.nbytes)} bytes, expected "
+                               f"{need} (file truncated or corrupt)")
+
+
+def _dequantize(t: Any, shape: tuple) -> np.ndarray:
+    from gguf.quants import dequantize
+    arr = dequantize(t.data, t.tensor_type)
+    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave of attn_q / attn_k.
+
+    Within a head of `hd` rows, GGUF row 2*i + j holds HF row j*hd/2 + i
+    (j = 0 first half of the rotary pair, j = 1 second half)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    half = hd // 2
+    hf_row = np.arange(rows).reshape(n_heads, 2, half)       # [head, j, i] -> HF row
+    gguf_row = (np.arange(n_heads)[:, None, None] * hd
+                + 2 * np.arange(half)[None, None, :] + np.arange(2)[None, :, None])
+    src = np.empty(rows, dtype=np.int64)
+    src[hf_row.ravel()] = gguf_row.ravel()
+    return np.ascontiguousarray(w[src])
+
+
+def _rope_inv_freq(cfg: dict, freq_factors: np.ndarray | None) -> np.ndarray:
+    """HF's default inverse frequencies (computed in float32 like HF), divided by
+    linear scaling or llama3 per-frequency factors (`rope_freqs.weight`)."""
+    hd = cfg["head_dim"]
+    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+    inv = (np.float32(1.0) / (np.float32(cfg["rope_theta"]) ** exponents)).astype(np.float32)
+    scaling = cfg.get("rope_scaling")
+    if scaling and scaling.get("rope_type") == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    if freq_factors is not None:
+        inv = inv / freq_factors.astype(np.float32)
+    return np.ascontiguousarray(inv, dtype=np.float32)
+
+
+def _fingerprint(path: str, data_offset: int) -> str:
+    """sha256 of the file size, the whole header (metadata + tensor table) and
+    the first and last MiB of tensor data: cheap for multi-GB files, and any
+    re-quantization or different model changes it."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    h.update(b"gguf:%d:" % size)
+    with open(path, "rb") as f:
+        h.update(f.read(data_offset))
+        h.update(f.read(1 << 20))
+        f.seek(max(data_offset, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return "gguf-sha256:" + h.hexdigest()
+
+
+class GGUFSource:
+    """A GGUF file opened for the engine (same interface as checkpoint.py's
+    CheckpointSource): `config`, `engine_config`, `tokenizer`, `fingerprint`,
+    `sliding_window`, `tensors()`, `close()`."""
+
+    def __init__(self, path: str, max_layer: int | None):
+        self.path = path
+        self._reader = _open_reader(path)
+        meta = _Metadata(self._reader, path)
+        self.config = _read_config(meta, path)
+        self._tensors = self._index_tensors()
+        embd = self._tensors.get("token_embd.weight")
+        if embd is None:
+            raise ModelFormatError(f"{path}: tensor 'token_embd.weight' is missing")
+        if self.config["vocab_size"] is None:
+            self.config["vocab_size"] = _numpy_shape(embd)[0]
+        n_layers = self.config["num_layers"]
+        self.max_layer = _resolve_max_layer(max_layer, n_layers)
+        # the final norm only exists as hidden state L; layers >= max_layer are never run
+        self._n_load = min(self.max_layer, n_layers)
+        self._expected = _expected_shapes(self.config, self._n_load, self.max_layer == n_layers)
+        self._validate()
+        self.engine_config = _engine_config(self.config, self.max_layer)
+        self.sliding_window = None
+        self.tokenizer = build_tokenizer(meta, path)
+        self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
+
+    def _index_tensors(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for t in self._reader.tensors:
+            if t.name in out:
+                raise ModelFormatError(f"{self.path}: tensor {t.name!r} appears twice")
+            out[t.name] = t
+        return out
+
+    def _validate(self) -> None:
+        """Names, types, shapes and sizes of every tensor that will be loaded,
+        and no tensor the engine would silently ignore."""
+        n_layers = self.config["num_layers"]
+        known = set(_expected_shapes(self.config, n_layers, True)) | set(_IGNORED) | {"rope_freqs.weight"}
+        unexpected = sorted(set(self._tensors) - known)
+        if unexpected:
+            raise ModelFormatError(f"{self.path}: unexpected tensors for a llama model: "
+                                   f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        missing = [n for n in self._expected if n not in self._tensors]
+        if missing:
+            raise ModelFormatError(f"{self.path}: missing tensors: {', '.join(missing[:5])}"
+                                   f"{' ...' if len(missing) > 5 else ''}")
+        for name, (_, _, shape) in self._expected.items():
+            _check_tensor(self._tensors[name], shape, self.path)
+        freqs = self._tensors.get("rope_freqs.weight")
+        if freqs is not None:
+            _check_tensor(freqs, (self.config["head_dim"] // 2,), self.path)
+
+    def tensors(self) -> Iterator[tuple[str, int, np.ndarray, str, tuple]]:
+        """(kind, layer, buffer, dtype, shape) for the engine, one dequantized
+        float32 tensor at a time."""
+        freqs = self._tensors.get("rope_freqs.weight")
+        factors = _dequantize(freqs, (self.config["head_dim"] // 2,)) if freqs is not None else None
+        inv = _rope_inv_freq(self.config, factors)
+        yield "rope_inv_freq", 0, inv, "float32", inv.shape
+        heads = {"q": self.config["num_heads"], "k": self.config["num_kv_heads"]}
+        for name, (kind, layer, shape) in self._expected.items():
+            arr = _dequantize(self._tensors[name], shape)
+            if kind in heads:
+                arr = _unpermute_rows(arr, heads[kind])
+            yield kind, layer, arr, "float32", shape
+            del arr  # keep at most one dequantized tensor alive
+
+    def close(self) -> None:
+        """Drop the memory map (tensors already handed to the engine stay valid)."""
+        self._tensors = {}
+        self._reader = None
+
+    def __enter__(self) -> "GGUFSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_tokenizer(meta: _Metadata, path: str):
+    """`tokenizers.Tokenizer` from tokenizer.ggml.* metadata, or None if the
+    file carries no vocabulary. Only byte-level BPE ("gpt2") is supported."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelFormatError(f"{path}: tokenizer model {kind!r} is not supported "
+                               "(supported: 'gpt2' byte-level BPE)")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise ModelFormatError(f"{path}: tokenizer.ggml.merges is missing for a BPE tokenizer")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ModelFormatError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries "
+                               f"for {len(tokens)} tokens")
+    try:
+        return _byte_level_bpe(tokens, merges, types, meta, path)
+    except ModelFormatError:
+        raise
+    except Exception as e:  # tokenizers rejects malformed vocab/merges
+        raise ModelFormatError(f"{path}: cannot build the tokenizer from its metadata: {e}") from e
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], meta: _Metadata, path: str):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    # a token outside the byte alphabet (rare mislabel) is re-spelled byte by byte
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        key = tok if set(tok) <= spelled else "".join(alphabet[b] for b in tok.encode("utf-8"))
+        vocab[key] = i
+    pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ModelFormatError(f"{path}: malformed BPE merge {m!r}")
+        pairs.append((parts[0], parts[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
+                               continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # control tokens are special (kept whole, skippable); user-defined are added whole
+    control = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= spelled]
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED and t in vocab]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    tok.post_processor = _post_processor(meta, tokens, processors, path)
+    return tok
+
+
+def _post_processor(meta: _Metadata, tokens: list[str], processors: Any, path: str):
+    """BOS/EOS around each sequence as the file's add_*_token flags say (HF's layout)."""
+    bos = eos = None
+    special = []
+    for flag, key in (("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"),
+                      ("tokenizer.ggml.add_eos_token", "tokenizer.ggml.eos_token_id")):
+        if not meta.get(flag, False):
+            continue
+        tid = meta.get(key)
+        if not isinstance(tid, int) or not 0 <= tid < len(tokens):
+            raise ModelFormatError(f"{path}: {flag} is set but {key}={tid!r} is not a valid token id")
+        special.append((tokens[tid], tid))
+        if flag.endswith("bos_token"):
+            bos = tokens[tid]
+        else:
+            eos = tokens[tid]
+
+    def seq(name: str, type_id: int) -> str:
+        parts = ([f"{bos}:{type_id}"] if bos else []) + [f"${name}:{type_id}"]
+        return " ".join(parts + ([f"{eos}:{type_id}"] if eos else []))
+
+    return processors.TemplateProcessing(single=seq("A", 0), pair=seq("A", 0) + " " + seq("B", 1),
+                                         special_tokens=list(dict.fromkeys(special)))
