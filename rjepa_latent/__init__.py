@@ -4,9 +4,11 @@ Data flows once: data -> tokenize -> plan -> _core -> store; see docs/.
 """
 from .errors import DeviceError, DeviceMemoryError, ModelFormatError, StoreError
 from ._native import build_info
+from .model import Model, memory_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError", "build_info",
+    "Model", "memory_plan",
 ]
