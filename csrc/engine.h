@@ -214,6 +214,12 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out);
 int rl_cuda_compiled(void);
 /* free/total bytes of a CUDA device without creating a backend. */
 rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes);
+/* Number of usable CUDA devices: 0 when not compiled in, no driver or no
+ * device (never fails). */
+int rl_cuda_device_count(void);
+/* RL_OK if `device_index` can be used, else RL_ERR_DEVICE saying why (not
+ * compiled in / no driver / no device / index out of range). */
+rl_status rl_cuda_check_device(int device_index);
 
 /* ---- model ------------------------------------------------------------ */
 
