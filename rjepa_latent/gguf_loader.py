@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .checkpoint import CheckpointSource, engine_config, resolve_max_layer, rope_inv_freq
 from .errors import ModelFormatError
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
@@ -60,10 +61,15 @@ _PRE_SPLITS = {name: _LLAMA3_SPLIT for name in (
     "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")}
 
 
-def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> "GGUFSource":
-    """Open a GGUF file for the engine. `max_layer` (HF hidden-state index,
-    None = all, negative from the end) limits which decoder layers are loaded."""
-    return GGUFSource(os.fspath(path), max_layer)
+def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
+    """Validate a GGUF file and return its CheckpointSource (see checkpoint.py).
+    `max_layer` (HF hidden-state index, None = all, negative from the end)
+    limits which decoder layers are read. No tensor is dequantized until
+    `tensors()` is iterated."""
+    g = GGUFFile(os.fspath(path), max_layer)
+    return CheckpointSource(config=g.config, engine_config=engine_config(g.config, g.max_layer),
+                            tokenizer=g.tokenizer, fingerprint=g.fingerprint, sliding_window=None,
+                            tensor_feed=g.tensors, on_close=g.close)
 
 
 def _open_reader(path: str):
@@ -141,7 +147,10 @@ def _read_config(meta: _Metadata, path: str) -> dict:
         "rms_norm_eps": float(eps),
         "rope_theta": float(theta),
         "max_position_embeddings": meta.get(p + "context_length"),
-        "rope_scaling": _read_rope_scaling(meta, p, path),
+        "rope_scaling": None,  # llama3-style scaling comes as the rope_freqs tensor
+        "rope_linear_factor": _read_rope_linear_factor(meta, p, path),
+        "sliding_window": None,
+        "attn_qkv_bias": False, "attn_o_bias": False, "mlp_bias": False, "qk_norm": False,
         "tie_word_embeddings": True,
         "format": "gguf",
         "gguf_file_type": meta.get("general.file_type"),
@@ -150,40 +159,17 @@ def _read_config(meta: _Metadata, path: str) -> dict:
     return cfg
 
 
-def _read_rope_scaling(meta: _Metadata, p: str, path: str) -> dict | None:
-    """Only linear scaling changes a plain rope; llama3-style factors come as
-    the `rope_freqs.weight` tensor (handled in `_rope_inv_freq`)."""
+def _read_rope_linear_factor(meta: _Metadata, p: str, path: str) -> float | None:
+    """Only linear scaling changes a plain rope here; llama3-style factors come
+    as the `rope_freqs.weight` tensor (applied in `_rope_inv_freq`)."""
     kind = meta.get(p + "rope.scaling.type")
     if kind in (None, "none"):
         return None
     factor = meta.get(p + "rope.scaling.factor")
     if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
-        return {"rope_type": "linear", "factor": float(factor)}
+        return float(factor)
     raise ModelFormatError(f"{path}: rope scaling type {kind!r} (factor {factor!r}) is not supported "
                            "(supported: none, linear, llama3 frequency factors)")
-
-
-def _engine_config(cfg: dict, max_layer: int) -> dict:
-    return {
-        "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
-        "intermediate_size": cfg["intermediate_size"], "num_layers": cfg["num_layers"],
-        "num_heads": cfg["num_heads"], "num_kv_heads": cfg["num_kv_heads"],
-        "head_dim": cfg["head_dim"], "max_layer": max_layer,
-        "rms_norm_eps": cfg["rms_norm_eps"], "attn_qkv_bias": False,
-        "attn_o_bias": False, "mlp_bias": False, "qk_norm": False,
-    }
-
-
-def _resolve_max_layer(max_layer: int | None, n_layers: int) -> int:
-    if max_layer is None:
-        return n_layers
-    if isinstance(max_layer, bool) or not isinstance(max_layer, (int, np.integer)):
-        raise TypeError(f"max_layer must be an int or None, got {max_layer!r}")
-    resolved = int(max_layer) + (n_layers + 1 if max_layer < 0 else 0)
-    if not 0 <= resolved <= n_layers:
-        raise ValueError(f"max_layer={max_layer} is out of range for a model with "
-                         f"{n_layers} layers (valid: {-(n_layers + 1)}..{n_layers})")
-    return resolved
 
 
 def _expected_shapes(cfg: dict, n_load: int, with_final_norm: bool) -> dict[str, tuple[str, int, tuple]]:
@@ -251,14 +237,12 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _rope_inv_freq(cfg: dict, freq_factors: np.ndarray | None) -> np.ndarray:
-    """HF's default inverse frequencies (computed in float32 like HF), divided by
-    linear scaling or llama3 per-frequency factors (`rope_freqs.weight`)."""
-    hd = cfg["head_dim"]
-    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
-    inv = (np.float32(1.0) / (np.float32(cfg["rope_theta"]) ** exponents)).astype(np.float32)
-    scaling = cfg.get("rope_scaling")
-    if scaling and scaling.get("rope_type") == "linear":
-        inv = inv / np.float32(scaling["factor"])
+    """HF's default inverse frequencies (checkpoint.rope_inv_freq, bitwise as
+    HF), divided by a linear scaling factor or by llama3 per-frequency factors
+    (`rope_freqs.weight`, as llama.cpp applies them)."""
+    inv = rope_inv_freq(cfg)
+    if cfg.get("rope_linear_factor"):
+        inv = inv / np.float32(cfg["rope_linear_factor"])
     if freq_factors is not None:
         inv = inv / freq_factors.astype(np.float32)
     return np.ascontiguousarray(inv, dtype=np.float32)
@@ -276,13 +260,12 @@ def _fingerprint(path: str, data_offset: int) -> str:
         h.update(f.read(1 << 20))
         f.seek(max(data_offset, size - (1 << 20)))
         h.update(f.read(1 << 20))
-    return "gguf-sha256:" + h.hexdigest()
+    return h.hexdigest()
 
 
-class GGUFSource:
-    """A GGUF file opened for the engine (same interface as checkpoint.py's
-    CheckpointSource): `config`, `engine_config`, `tokenizer`, `fingerprint`,
-    `sliding_window`, `tensors()`, `close()`."""
+class GGUFFile:
+    """A validated GGUF file: `config`, `max_layer` (resolved), `tokenizer`,
+    `fingerprint`, and the tensor feed `tensors()`."""
 
     def __init__(self, path: str, max_layer: int | None):
         self.path = path
@@ -296,13 +279,11 @@ class GGUFSource:
         if self.config["vocab_size"] is None:
             self.config["vocab_size"] = _numpy_shape(embd)[0]
         n_layers = self.config["num_layers"]
-        self.max_layer = _resolve_max_layer(max_layer, n_layers)
+        self.max_layer = resolve_max_layer(max_layer, n_layers)
         # the final norm only exists as hidden state L; layers >= max_layer are never run
         self._n_load = min(self.max_layer, n_layers)
         self._expected = _expected_shapes(self.config, self._n_load, self.max_layer == n_layers)
         self._validate()
-        self.engine_config = _engine_config(self.config, self.max_layer)
-        self.sliding_window = None
         self.tokenizer = build_tokenizer(meta, path)
         self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
 
@@ -352,12 +333,6 @@ class GGUFSource:
         """Drop the memory map (tensors already handed to the engine stay valid)."""
         self._tensors = {}
         self._reader = None
-
-    def __enter__(self) -> "GGUFSource":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- tokenizer
