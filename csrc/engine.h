@@ -8,7 +8,7 @@
  * Design choices:
  * - The forward pass (engine.c) is written once, over a backend op table
  *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM, ops_cpu.c) and a CUDA
- *   backend (bf16 storage, fp32 accumulation, kernels/*.cu) implement it.
+ *   backend (bf16 storage, fp32 accumulation, the .cu files in kernels/) implement it.
  * - The caller supplies weights tensor by tensor (rl_model_set_tensor) from
  *   any host buffer (an mmap'd safetensors file, a dequantized GGUF tensor);
  *   the engine converts them into its own storage in one pass. Q/K/V and
