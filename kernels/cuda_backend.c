@@ -1,0 +1,518 @@
+/* cuda_backend.c - the CUDA implementation of the rl_backend op table.
+ *
+ * Compiled as C with the engine sources when the build found nvcc
+ * (RL_WITH_CUDA); csrc/cuda_stub.c provides failing stand-ins otherwise.
+ *
+ * Design choices:
+ * - Storage: weights and GEMM operands bf16, residual stream and pooled
+ *   rows f32, rope inv_freq f32. All accumulation in f32.
+ * - One non-blocking compute stream per backend; every copy and kernel is
+ *   enqueued on it, so the op sequence of engine.c needs no other ordering.
+ *   download_f32 (results) synchronizes it: that is where asynchronous
+ *   kernel faults surface, and they become RL_ERR_CUDA there.
+ * - Every CUDA runtime call and every launch is checked by CU_CHECK (the
+ *   launchers return cudaGetLastError of the launch), every cuBLAS call by
+ *   BLAS_CHECK; both record the expression, file and line. Nothing exits.
+ * - Uploads convert on the host (OpenMP for large tensors) into one of two
+ *   pinned staging buffers and DMA from there, alternating buffers so the
+ *   conversion of a chunk overlaps the copy of the previous one. The source
+ *   (often an mmap) is not needed after upload returns.
+ * - GEMM: cublasGemmEx, bf16 A/B, f32 compute. Row-major y = x W^T is the
+ *   column-major y^T = W x^T, so W is op T. accumulate=1 writes the f32
+ *   residual with beta=1 (residual add fused); a bias is written into y
+ *   first (bf16 out) or added to it (f32 out), then beta=1, so the sum is
+ *   rounded once.
+ * - cuBLAS is dlopen()ed at creation (cublas_loader.c); its 32 MiB
+ *   workspace is the only device memory outside weights and workspace
+ *   (RL_CUDA_EXTRA_BYTES covers it and the handle's own allocations).
+ */
+#ifdef RL_WITH_CUDA
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "cuda_internal.h"
+
+#define STAGE_BYTES ((size_t)32 << 20)       /* per pinned staging buffer  */
+#define BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
+
+typedef struct {
+    int device;
+    char name[32];
+    cudaStream_t stream;
+    rl_cublas_api blas;
+    rl_cublas_handle handle;
+    void *blas_ws;
+    void *stage[2];                 /* pinned host, STAGE_BYTES each, lazily */
+    cudaEvent_t stage_done[2];      /* recorded after the DMA out of stage[i] */
+    int stage_next;
+} cuda_impl;
+
+static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
+
+/* ---- error checking ---------------------------------------------------- */
+
+static rl_status cu_fail(cudaError_t e, const char *expr, const char *file, int line)
+{
+    (void)cudaGetLastError(); /* clear a non-sticky error so later calls start clean */
+    rl_status st = e == cudaErrorMemoryAllocation ? RL_ERR_DEVICE_MEMORY : RL_ERR_CUDA;
+    return rl_error_set(st, file, line, "CUDA error in %s: %s (%s)", expr, cudaGetErrorName(e),
+                        cudaGetErrorString(e));
+}
+
+#define CU_CHECK(expr)                                                   \
+    do {                                                                 \
+        cudaError_t cu_e_ = (expr);                                      \
+        if (cu_e_ != cudaSuccess) return cu_fail(cu_e_, #expr, __FILE__, __LINE__); \
+    } while (0)
+
+static rl_status blas_fail(const cuda_impl *im, rl_cublas_status s, const char *expr,
+                           const char *file, int line)
+{
+    const char *msg = im->blas.status_string ? im->blas.status_string(s) : "";
+    return rl_error_set(RL_ERR_BLAS, file, line, "cuBLAS error in %s: status %d %s", expr, (int)s,
+                        msg ? msg : "");
+}
+
+#define BLAS_CHECK(im, expr)                                             \
+    do {                                                                 \
+        rl_cublas_status bl_s_ = (expr);                                 \
+        if (bl_s_ != RL_CUBLAS_STATUS_SUCCESS) return blas_fail((im), bl_s_, #expr, __FILE__, __LINE__); \
+    } while (0)
+
+/* ---- devices ----------------------------------------------------------- */
+
+int rl_cuda_compiled(void) { return 1; }
+
+/* Number of visible devices, or 0 with the reason recorded (no driver...). */
+static rl_status device_count(int *n)
+{
+    *n = 0;
+    cudaError_t e = cudaGetDeviceCount(n);
+    if (e == cudaSuccess) {
+        if (*n == 0) return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found");
+        return RL_OK;
+    }
+    *n = 0;
+    (void)cudaGetLastError();
+    int drv = 0, rt = 0;
+    (void)cudaDriverGetVersion(&drv);
+    (void)cudaRuntimeGetVersion(&rt);
+    if (e == cudaErrorNoDevice)
+        return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found (the driver sees none; "
+                       "check CUDA_VISIBLE_DEVICES)");
+    if (drv == 0)
+        return RL_FAIL(RL_ERR_DEVICE, "no CUDA driver found (libcuda.so.1 could not be loaded: "
+                       "%s: %s)", cudaGetErrorName(e), cudaGetErrorString(e));
+    if (e == cudaErrorInsufficientDriver)
+        return RL_FAIL(RL_ERR_DEVICE, "the CUDA driver is too old: it supports CUDA %d.%d, this "
+                       "build needs %d.%d (update the NVIDIA driver)", drv / 1000,
+                       (drv % 1000) / 10, rt / 1000, (rt % 1000) / 10);
+    return RL_FAIL(RL_ERR_DEVICE, "CUDA initialisation failed: %s: %s", cudaGetErrorName(e),
+                   cudaGetErrorString(e));
+}
+
+int rl_cuda_device_count(void)
+{
+    int n = 0;
+    return device_count(&n) == RL_OK ? n : 0;
+}
+
+/* RL_OK if `index` names a usable device (driver, index, compute capability). */
+static rl_status check_device(int index)
+{
+    int n = 0;
+    RL_TRY(device_count(&n));
+    if (index < 0 || index >= n)
+        return RL_FAIL(RL_ERR_DEVICE, "CUDA device index %d out of range (%d device%s visible)",
+                       index, n, n == 1 ? "" : "s");
+    int major = 0, minor = 0;
+    CU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+    CU_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+    if (major < 8)
+        return RL_FAIL(RL_ERR_DEVICE, "CUDA device %d has compute capability %d.%d; bf16 tensor "
+                       "cores need 8.0 or newer", index, major, minor);
+    return RL_OK;
+}
+
+rl_status rl_cuda_check_device(int device_index) { return check_device(device_index); }
+
+rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes)
+{
+    *free_bytes = *total_bytes = 0;
+    RL_TRY(check_device(device_index));
+    CU_CHECK(cudaSetDevice(device_index));
+    CU_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    return RL_OK;
+}
+
+/* Makes the backend's device current on the calling thread (cheap when it
+ * already is); the binding may call from different Python threads. */
+static rl_status enter(rl_backend *be)
+{
+    CU_CHECK(cudaSetDevice(impl_of(be)->device));
+    return RL_OK;
+}
+
+/* ---- memory ------------------------------------------------------------ */
+
+static rl_status cuda_alloc(rl_backend *be, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    RL_TRY(enter(be));
+    if (bytes == 0) return RL_OK;
+    cudaError_t e = cudaMalloc(ptr, bytes);
+    if (e != cudaSuccess) {
+        *ptr = NULL;
+        (void)cudaGetLastError();
+        size_t fr = 0, tot = 0;
+        (void)cudaMemGetInfo(&fr, &tot);
+        rl_status st = e == cudaErrorMemoryAllocation ? RL_ERR_DEVICE_MEMORY : RL_ERR_CUDA;
+        return RL_FAIL(st, "cudaMalloc of %.3f GiB on %s failed: %s (%.3f GiB free of %.3f GiB)",
+                       bytes / 1073741824.0, be->name, cudaGetErrorString(e), fr / 1073741824.0,
+                       tot / 1073741824.0);
+    }
+    return RL_OK;
+}
+
+static void cuda_free(rl_backend *be, void *ptr)
+{
+    if (!ptr) return;
+    (void)cudaSetDevice(impl_of(be)->device);
+    (void)cudaFree(ptr);
+}
+
+static rl_status cuda_host_alloc(rl_backend *be, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    RL_TRY(enter(be));
+    cudaError_t e = cudaHostAlloc(ptr, bytes ? bytes : 1, cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+        *ptr = NULL;
+        (void)cudaGetLastError();
+        return RL_FAIL(RL_ERR_NOMEM, "cudaHostAlloc of %zu bytes (pinned) failed: %s", bytes,
+                       cudaGetErrorString(e));
+    }
+    return RL_OK;
+}
+
+/* Needs no backend state: results may outlive the backend's other parts. */
+static void cuda_host_free(rl_backend *be, void *ptr)
+{
+    (void)be;
+    if (ptr) (void)cudaFreeHost(ptr);
+}
+
+/* ---- uploads ----------------------------------------------------------- */
+
+static rl_status ensure_staging(cuda_impl *im)
+{
+    for (int i = 0; i < 2; i++) {
+        if (im->stage[i]) continue;
+        cudaError_t e = cudaHostAlloc(&im->stage[i], STAGE_BYTES, cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            im->stage[i] = NULL;
+            (void)cudaGetLastError();
+            return RL_FAIL(RL_ERR_NOMEM, "cudaHostAlloc of the %zu MiB upload staging buffer "
+                           "failed: %s", STAGE_BYTES >> 20, cudaGetErrorString(e));
+        }
+    }
+    return RL_OK;
+}
+
+/* dst[0..n) (dst_dtype: bf16 or f32) = src[0..n) (any rl_dtype), on the host. */
+static void convert_chunk(void *dst, rl_dtype dst_dtype, const void *src, rl_dtype src_dtype,
+                          size_t n)
+{
+    const long long nn = (long long)n;
+    const int par = n >= ((size_t)1 << 18);
+    if (dst_dtype == src_dtype) {
+        /* a parallel copy: reading a cold mmap is page-fault bound */
+        const size_t es = rl_dtype_size(dst_dtype), blk = (size_t)1 << 20;
+        const long long nblk = (long long)((n * es + blk - 1) / blk);
+        #pragma omp parallel for if (par) schedule(static)
+        for (long long b = 0; b < nblk; b++) {
+            size_t off = (size_t)b * blk, len = n * es - off < blk ? n * es - off : blk;
+            memcpy((char *)dst + off, (const char *)src + off, len);
+        }
+        return;
+    }
+    if (dst_dtype == RL_F32) {
+        rl_convert_to_f32(dst, src, src_dtype, n);
+        return;
+    }
+    uint16_t *d = dst; /* bf16 destination */
+    if (src_dtype == RL_F32) {
+        const float *s = src;
+        #pragma omp parallel for if (par) schedule(static)
+        for (long long i = 0; i < nn; i++) d[i] = rl_f32_to_bf16(s[i]);
+    } else { /* f16 -> f32 (exact) -> bf16 */
+        const uint16_t *s = src;
+        #pragma omp parallel for if (par) schedule(static)
+        for (long long i = 0; i < nn; i++) d[i] = rl_f32_to_bf16(rl_f16_to_f32(s[i]));
+    }
+}
+
+static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype,
+                             size_t dst_offset_elems, const void *src_host, rl_dtype src_dtype,
+                             size_t n)
+{
+    cuda_impl *im = impl_of(be);
+    if (dst_dtype != RL_BF16 && dst_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA upload: destination dtype %s is not stored on the "
+                       "device (bf16 or f32 only)", rl_dtype_name(dst_dtype));
+    if (n == 0) return RL_OK;
+    RL_TRY(enter(be));
+    RL_TRY(ensure_staging(im));
+    const size_t des = rl_dtype_size(dst_dtype), ses = rl_dtype_size(src_dtype);
+    const size_t chunk = STAGE_BYTES / des;
+    char *d = (char *)dst + dst_offset_elems * des;
+    const char *s = src_host;
+    for (size_t i = 0; i < n; i += chunk) {
+        size_t m = n - i < chunk ? n - i : chunk;
+        int b = im->stage_next;
+        im->stage_next ^= 1;
+        CU_CHECK(cudaEventSynchronize(im->stage_done[b])); /* its last DMA is done */
+        convert_chunk(im->stage[b], dst_dtype, s + i * ses, src_dtype, m);
+        CU_CHECK(cudaMemcpyAsync(d + i * des, im->stage[b], m * des, cudaMemcpyHostToDevice,
+                                 im->stream));
+        CU_CHECK(cudaEventRecord(im->stage_done[b], im->stream));
+    }
+    return RL_OK;
+}
+
+/* Small per-batch arrays (tokens, offsets, spans). A pageable source is
+ * staged by the driver before cudaMemcpyAsync returns, so the caller may
+ * reuse it at once. */
+static rl_status cuda_upload_i32(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n)
+{
+    if (n == 0) return RL_OK;
+    RL_TRY(enter(be));
+    CU_CHECK(cudaMemcpyAsync(dst, src_host, n * sizeof(int32_t), cudaMemcpyHostToDevice,
+                             impl_of(be)->stream));
+    return RL_OK;
+}
+
+static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float *src, size_t n)
+{
+    RL_TRY(enter(be));
+    cuda_impl *im = impl_of(be);
+    if (n) CU_CHECK(cudaMemcpyAsync(dst_host, src, n * sizeof(float), cudaMemcpyDeviceToHost,
+                                    im->stream));
+    CU_CHECK(cudaStreamSynchronize(im->stream));
+    return RL_OK;
+}
+
+static rl_status cuda_sync(rl_backend *be)
+{
+    RL_TRY(enter(be));
+    CU_CHECK(cudaStreamSynchronize(impl_of(be)->stream));
+    return RL_OK;
+}
+
+static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
+{
+    *free_bytes = *total_bytes = 0;
+    RL_TRY(enter(be));
+    CU_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    return RL_OK;
+}
+
+static int cuda_is_resident(rl_backend *be, const void *ptr)
+{
+    if (!ptr) return 0;
+    struct cudaPointerAttributes a;
+    memset(&a, 0, sizeof a);
+    if (cudaPointerGetAttributes(&a, ptr) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return a.type == cudaMemoryTypeDevice && a.device == impl_of(be)->device;
+}
+
+/* ---- ops --------------------------------------------------------------- */
+
+static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                            int64_t d, void *x)
+{
+    if (T == 0) return RL_OK;
+    RL_TRY(enter(be));
+    CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, d, x));
+    return RL_OK;
+}
+
+static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
+                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+{
+    if (out_dtype != RL_BF16 && out_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: output dtype %s unsupported",
+                       rl_dtype_name(out_dtype));
+    if (rows == 0) return RL_OK;
+    CU_CHECK(rl_k_rmsnorm(impl_of(be)->stream, x, w, y, out_dtype == RL_F32, rows, d, eps));
+    return RL_OK;
+}
+
+static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+                           const void *bias, void *y, int64_t M, int64_t N, int64_t K,
+                           int accumulate)
+{
+    (void)seg; /* one GEMM over the packed batch: rows are independent */
+    cuda_impl *im = impl_of(be);
+    if (M == 0 || N == 0) return RL_OK;
+    if (M > INT_MAX || N > INT_MAX || K > INT_MAX || K <= 0)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA gemm: sizes M=%lld N=%lld K=%lld out of range",
+                       (long long)M, (long long)N, (long long)K);
+    const float alpha = 1.0f;
+    float beta = accumulate ? 1.0f : 0.0f;
+    if (bias) {
+        CU_CHECK(rl_k_bias_rows(im->stream, y, accumulate, bias, M, N, accumulate));
+        beta = 1.0f;
+    }
+    const int ctype = accumulate ? RL_CUDA_R_32F : RL_CUDA_R_16BF;
+    BLAS_CHECK(im, im->blas.gemm_ex(im->handle, RL_CUBLAS_OP_T, RL_CUBLAS_OP_N, (int)N, (int)M,
+                                    (int)K, &alpha, w, RL_CUDA_R_16BF, (int)K, x, RL_CUDA_R_16BF,
+                                    (int)K, &beta, y, ctype, (int)N, RL_CUBLAS_COMPUTE_32F,
+                                    RL_CUBLAS_GEMM_DEFAULT));
+    return RL_OK;
+}
+
+static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+                                   int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
+                                   const void *k_norm, float eps, const float *inv_freq)
+{
+    if (T == 0) return RL_OK;
+    if ((q_norm == NULL) != (k_norm == NULL))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: q_norm and k_norm must both be set "
+                       "or both be NULL");
+    CU_CHECK(rl_k_qk_norm_rope(impl_of(be)->stream, qkv, T, nh, nkv, hd, q_norm, k_norm, eps,
+                               inv_freq, seg->positions_dev));
+    return RL_OK;
+}
+
+static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const void *qkv,
+                                void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
+                                float scale)
+{
+    if (T == 0) return RL_OK;
+    if (!rl_k_attention_supports(hd))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA attention: head_dim %lld is not supported (16, 32, "
+                       "64, 80, 96, 128, 256 are)", (long long)hd);
+    CU_CHECK(rl_k_attention(impl_of(be)->stream, qkv, out, seg->cu_seqlens_dev, seg->n_seqs,
+                            seg->max_seqlen, nh, nkv, hd, scale));
+    return RL_OK;
+}
+
+static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+{
+    if (T == 0) return RL_OK;
+    CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, T, ff));
+    return RL_OK;
+}
+
+static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+                           const int32_t *spans_abs, int64_t S, rl_pool mode, float *out)
+{
+    if (src_dtype != RL_BF16 && src_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA pool: source dtype %s unsupported",
+                       rl_dtype_name(src_dtype));
+    if (S == 0) return RL_OK;
+    CU_CHECK(rl_k_pool(impl_of(be)->stream, x, src_dtype == RL_F32, d, spans_abs, S, (int)mode,
+                       out));
+    return RL_OK;
+}
+
+/* ---- creation / destruction -------------------------------------------- */
+
+static void cuda_destroy(rl_backend *be)
+{
+    if (!be) return;
+    cuda_impl *im = impl_of(be);
+    if (im) {
+        (void)cudaSetDevice(im->device);
+        if (im->stream) (void)cudaStreamSynchronize(im->stream);
+        if (im->handle && im->blas.destroy) (void)im->blas.destroy(im->handle);
+        if (im->blas_ws) (void)cudaFree(im->blas_ws);
+        for (int i = 0; i < 2; i++) {
+            if (im->stage[i]) (void)cudaFreeHost(im->stage[i]);
+            if (im->stage_done[i]) (void)cudaEventDestroy(im->stage_done[i]);
+        }
+        if (im->stream) (void)cudaStreamDestroy(im->stream);
+        rl_cublas_unload(&im->blas);
+        (void)cudaGetLastError();
+        free(im);
+    }
+    free(be);
+}
+
+static void fill_table(rl_backend *be)
+{
+    be->weight_dtype = RL_BF16;
+    be->act_dtype = RL_BF16;
+    be->res_dtype = RL_F32;
+    be->alloc = cuda_alloc;
+    be->free = cuda_free;
+    be->host_alloc = cuda_host_alloc;
+    be->host_free = cuda_host_free;
+    be->upload = cuda_upload;
+    be->upload_i32 = cuda_upload_i32;
+    be->download_f32 = cuda_download_f32;
+    be->sync = cuda_sync;
+    be->mem_info = cuda_mem_info_be;
+    be->is_resident = cuda_is_resident;
+    be->embed = cuda_embed;
+    be->rmsnorm = cuda_rmsnorm;
+    be->gemm = cuda_gemm;
+    be->qk_norm_rope = cuda_qk_norm_rope;
+    be->attention = cuda_attention;
+    be->swiglu = cuda_swiglu;
+    be->pool = cuda_pool;
+    be->destroy = cuda_destroy;
+}
+
+/* Stream, events, cuBLAS handle and workspace of a fresh backend. */
+static rl_status init_impl(cuda_impl *im)
+{
+    CU_CHECK(cudaSetDevice(im->device));
+    CU_CHECK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; i++)
+        CU_CHECK(cudaEventCreateWithFlags(&im->stage_done[i], cudaEventDisableTiming));
+    RL_TRY(rl_cublas_load(&im->blas));
+    BLAS_CHECK(im, im->blas.create(&im->handle));
+    BLAS_CHECK(im, im->blas.set_stream(im->handle, im->stream));
+    BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH));
+    CU_CHECK(cudaMalloc(&im->blas_ws, BLAS_WORKSPACE_BYTES));
+    BLAS_CHECK(im, im->blas.set_workspace(im->handle, im->blas_ws, BLAS_WORKSPACE_BYTES));
+    return RL_OK;
+}
+
+rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
+{
+    *out = NULL;
+    RL_TRY(check_device(device_index));
+    rl_backend *be = calloc(1, sizeof *be);
+    cuda_impl *im = calloc(1, sizeof *im);
+    if (!be || !im) {
+        free(be);
+        free(im);
+        return RL_FAIL(RL_ERR_NOMEM, "out of host memory creating the CUDA backend");
+    }
+    im->device = device_index;
+    snprintf(im->name, sizeof im->name, "cuda:%d", device_index);
+    be->impl = im;
+    be->name = im->name;
+    fill_table(be);
+    rl_status st = init_impl(im);
+    if (st != RL_OK) {
+        cuda_destroy(be); /* keeps the message: destroy records no error */
+        return st;
+    }
+    *out = be;
+    return RL_OK;
+}
+
+#else  /* !RL_WITH_CUDA: csrc/cuda_stub.c provides the stand-ins */
+typedef int rl_cuda_backend_unused_; /* ISO C forbids an empty translation unit */
+#endif /* RL_WITH_CUDA */

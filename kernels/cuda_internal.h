@@ -1,0 +1,97 @@
+/* cuda_internal.h - private declarations shared by the CUDA backend files.
+ *
+ * The backend is split by language:
+ * - cuda_backend.c   (C, compiled with the engine sources when RL_WITH_CUDA):
+ *   the rl_backend object, device checks, memory, uploads with host-side
+ *   dtype conversion (OpenMP) into pinned staging buffers, GEMM via cuBLAS.
+ * - cublas_loader.c  (C): dlopen()s libcublas at backend creation and
+ *   resolves the few entry points used, with our own typedefs and constants
+ *   (no cuBLAS header or library is needed to build).
+ * - cuda_kernels.cu  (CUDA C++): the element-wise / reduction / attention
+ *   kernels, behind extern "C" launchers that return the cudaError_t of the
+ *   launch (cudaGetLastError right after it).
+ *
+ * All tensors here are bf16 (stored as uint16_t bit patterns), except the
+ * residual stream and pooled outputs (f32) and rope inv_freq (f32).
+ */
+#ifndef RL_CUDA_INTERNAL_H
+#define RL_CUDA_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#include "engine.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Not in engine.h (the binding may declare them itself): the number of
+ * visible devices (0 when no driver/device), and the device check alone. */
+int rl_cuda_device_count(void);
+rl_status rl_cuda_check_device(int device_index);
+
+/* ---- cuBLAS, loaded at run time (cublas_loader.c) --------------------- */
+
+/* Values checked against cublas_api.h / library_types.h of cuBLAS 13 by
+ * tests/test_cuda_build.py (when RJEPA_CUBLAS_INCLUDE points at headers). */
+typedef struct rl_cublas_context *rl_cublas_handle;
+typedef int rl_cublas_status;
+enum {
+    RL_CUBLAS_STATUS_SUCCESS = 0,
+    RL_CUBLAS_OP_N = 0,
+    RL_CUBLAS_OP_T = 1,
+    RL_CUBLAS_DEFAULT_MATH = 0,
+    RL_CUBLAS_COMPUTE_32F = 68,
+    RL_CUBLAS_GEMM_DEFAULT = -1,
+    RL_CUDA_R_32F = 0,
+    RL_CUDA_R_16BF = 14
+};
+
+typedef struct {
+    void *lib;            /* dlopen handle of libcublas                        */
+    char path[1024];      /* where it was found (for messages)                 */
+    rl_cublas_status (*create)(rl_cublas_handle *h);
+    rl_cublas_status (*destroy)(rl_cublas_handle h);
+    rl_cublas_status (*set_stream)(rl_cublas_handle h, cudaStream_t s);
+    rl_cublas_status (*set_workspace)(rl_cublas_handle h, void *ws, size_t bytes);
+    rl_cublas_status (*set_math_mode)(rl_cublas_handle h, int mode);
+    rl_cublas_status (*gemm_ex)(rl_cublas_handle h, int transa, int transb, int m, int n, int k,
+                                const void *alpha, const void *A, int Atype, int lda,
+                                const void *B, int Btype, int ldb, const void *beta, void *C,
+                                int Ctype, int ldc, int compute_type, int algo);
+    const char *(*status_string)(rl_cublas_status st); /* may be NULL */
+} rl_cublas_api;
+
+/* Finds and opens libcublas (see cublas_loader.c for the search order);
+ * RL_ERR_DEVICE with a message naming the places tried and the fix. */
+rl_status rl_cublas_load(rl_cublas_api *api);
+void rl_cublas_unload(rl_cublas_api *api);
+
+/* ---- kernel launchers (cuda_kernels.cu) ------------------------------- */
+/* Each enqueues on `s` and returns cudaGetLastError() of the launch. */
+
+cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const uint16_t *table,
+                       int64_t d, float *x);
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const uint16_t *w, void *y,
+                         int out_f32, int64_t rows, int64_t d, float eps);
+/* y[M, N] (bf16 or f32) = bias broadcast (bf16 [N]) ; add=1: y += bias (f32 y only) */
+cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const uint16_t *bias, int64_t M,
+                           int64_t N, int add);
+cudaError_t rl_k_qk_norm_rope(cudaStream_t s, uint16_t *qkv, int64_t T, int64_t nh, int64_t nkv,
+                              int64_t hd, const uint16_t *q_norm, const uint16_t *k_norm,
+                              float eps, const float *inv_freq, const int32_t *positions);
+/* Head dims the attention kernel is instantiated for; 1 if `hd` is one. */
+int rl_k_attention_supports(int64_t hd);
+cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
+                           const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
+                           int64_t nh, int64_t nkv, int64_t hd, float scale);
+cudaError_t rl_k_swiglu(cudaStream_t s, const uint16_t *gu, uint16_t *out, int64_t T, int64_t ff);
+cudaError_t rl_k_pool(cudaStream_t s, const void *x, int x_f32, int64_t d, const int32_t *spans,
+                      int64_t S, int mode, float *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RL_CUDA_INTERNAL_H */
