@@ -1,0 +1,674 @@
+/* binding.c - the `rjepa_latent._core` Python module: the only file that
+ * includes Python.h and NumPy. API: docs/internals.md.
+ *
+ * Design choices:
+ * - Arguments are checked here for type and shape (TypeError/ValueError
+ *   naming the argument); values (ids, offsets, spans, layers) are checked by
+ *   the engine, whose RL_ERR_INVALID message names the argument and index.
+ * - Engine statuses map to exceptions (ValueError, MemoryError, RuntimeError,
+ *   rjepa_latent.errors.DeviceError / DeviceMemoryError) with the engine's
+ *   message, which carries file:line.
+ * - Every engine call that may take time runs with the GIL released, under
+ *   a per-Engine lock: two threads never share one workspace.
+ * - forward returns an ndarray over memory allocated for that result only; a
+ *   HostBuffer owner (holding a reference to its Engine) is the array's base
+ *   and frees it, so results outlive the Engine object and are never views of
+ *   reusable scratch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#define PY_ARRAY_UNIQUE_SYMBOL rl_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <cblas.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common.h"
+
+#ifndef RL_CUDA_ARCHS
+#define RL_CUDA_ARCHS ""
+#endif
+
+static PyObject *DeviceError, *DeviceMemoryError;
+
+/* Raises the exception of `st` with the engine's last message; returns NULL. */
+static PyObject *raise_status(rl_status st)
+{
+    PyObject *exc = PyExc_RuntimeError;
+    switch (st) {
+    case RL_ERR_INVALID: exc = PyExc_ValueError; break;
+    case RL_ERR_NOMEM: exc = PyExc_MemoryError; break;
+    case RL_ERR_DEVICE: case RL_ERR_CUDA: case RL_ERR_BLAS: exc = DeviceError; break;
+    case RL_ERR_DEVICE_MEMORY: exc = DeviceMemoryError; break;
+    default: break;
+    }
+    PyErr_SetString(exc, rl_last_error());
+    return NULL;
+}
+
+/* ---- argument parsing ---------------------------------------------------- */
+
+static int get_int_field(PyObject *cfg, const char *key, int64_t *out, int required, int64_t dflt)
+{
+    PyObject *v = PyDict_GetItemString(cfg, key);   /* borrowed */
+    if (!v) {
+        if (!required) { *out = dflt; return 0; }
+        PyErr_Format(PyExc_ValueError, "config is missing '%s'", key);
+        return -1;
+    }
+    if (!PyIndex_Check(v) || PyBool_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "config['%s'] must be an int, got %R", key, v);
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *out = x;
+    return 0;
+}
+
+static int get_flag_field(PyObject *cfg, const char *key, int *out)
+{
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    *out = 0;
+    if (!v) return 0;
+    int t = PyObject_IsTrue(v);
+    if (t < 0) return -1;
+    *out = t;
+    return 0;
+}
+
+static int parse_config(PyObject *obj, rl_config *c)
+{
+    if (!PyDict_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "config must be a dict, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    memset(c, 0, sizeof *c);
+    if (get_int_field(obj, "vocab_size", &c->vocab_size, 1, 0) ||
+        get_int_field(obj, "hidden_size", &c->hidden_size, 1, 0) ||
+        get_int_field(obj, "intermediate_size", &c->intermediate_size, 1, 0) ||
+        get_int_field(obj, "num_layers", &c->num_layers, 1, 0) ||
+        get_int_field(obj, "num_heads", &c->num_heads, 1, 0) ||
+        get_int_field(obj, "num_kv_heads", &c->num_kv_heads, 1, 0) ||
+        get_int_field(obj, "head_dim", &c->head_dim, 1, 0) ||
+        get_int_field(obj, "max_layer", &c->max_layer, 0, c->num_layers))
+        return -1;
+    PyObject *eps = PyDict_GetItemString(obj, "rms_norm_eps");
+    if (!eps) {
+        PyErr_SetString(PyExc_ValueError, "config is missing 'rms_norm_eps'");
+        return -1;
+    }
+    c->rms_norm_eps = PyFloat_AsDouble(eps);
+    if (c->rms_norm_eps == -1.0 && PyErr_Occurred()) return -1;
+    if (get_flag_field(obj, "attn_qkv_bias", &c->attn_qkv_bias) ||
+        get_flag_field(obj, "attn_o_bias", &c->attn_o_bias) ||
+        get_flag_field(obj, "mlp_bias", &c->mlp_bias) ||
+        get_flag_field(obj, "qk_norm", &c->qk_norm))
+        return -1;
+    rl_status st = rl_config_validate(c);
+    if (st != RL_OK) { raise_status(st); return -1; }
+    return 0;
+}
+
+/* "cpu" -> -1; "cuda" -> 0; "cuda:N" -> N. -2 with ValueError otherwise. */
+static int parse_device(const char *dev)
+{
+    if (strcmp(dev, "cpu") == 0) return -1;
+    if (strcmp(dev, "cuda") == 0) return 0;
+    if (strncmp(dev, "cuda:", 5) == 0 && dev[5]) {
+        long idx = 0;
+        for (const char *p = dev + 5; *p; p++) {
+            if (*p < '0' || *p > '9' || idx > 100000) goto bad;
+            idx = idx * 10 + (*p - '0');
+        }
+        return (int)idx;
+    }
+bad:
+    PyErr_Format(PyExc_ValueError, "device must be 'cpu', 'cuda' or 'cuda:N', got '%s'", dev);
+    return -2;
+}
+
+static int parse_dtype(const char *s, rl_dtype *dt)
+{
+    if (strcmp(s, "float32") == 0) *dt = RL_F32;
+    else if (strcmp(s, "bfloat16") == 0) *dt = RL_BF16;
+    else if (strcmp(s, "float16") == 0) *dt = RL_F16;
+    else {
+        PyErr_Format(PyExc_ValueError, "dtype must be 'float32', 'bfloat16' or 'float16', got '%s'", s);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_kind(const char *s, rl_tensor_kind *kind)
+{
+    int k = rl_tensor_kind_from_name(s);
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown tensor kind '%s' (kinds: embed, final_norm, "
+                     "rope_inv_freq, attn_norm, q, k, v, q_bias, k_bias, v_bias, q_norm, k_norm, "
+                     "o, o_bias, ffn_norm, gate, up, down, gate_bias, up_bias, down_bias)", s);
+        return -1;
+    }
+    *kind = (rl_tensor_kind)k;
+    return 0;
+}
+
+/* Checks every value of an integer array fits int32 (name[i] in the message). */
+static int check_int32_range(PyArrayObject *a, const char *name)
+{
+    int uns = PyTypeNum_ISUNSIGNED(PyArray_TYPE(a));
+    PyArrayObject *w = (PyArrayObject *)PyArray_FROMANY((PyObject *)a, uns ? NPY_UINT64 : NPY_INT64,
+                                                        0, 0, NPY_ARRAY_CARRAY | NPY_ARRAY_FORCECAST);
+    if (!w) return -1;
+    npy_intp n = PyArray_SIZE(w);
+    int rc = 0;
+    for (npy_intp i = 0; i < n && rc == 0; i++) {
+        if (uns) {
+            unsigned long long v = ((const npy_uint64 *)PyArray_DATA(w))[i];
+            if (v > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s[%zd]=%llu is out of the int32 range", name,
+                             (Py_ssize_t)i, v);
+                rc = -1;
+            }
+        } else {
+            long long v = ((const npy_int64 *)PyArray_DATA(w))[i];
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s[%zd]=%lld is out of the int32 range", name,
+                             (Py_ssize_t)i, v);
+                rc = -1;
+            }
+        }
+    }
+    Py_DECREF(w);
+    return rc;
+}
+
+/* New reference to a C-contiguous int32 array with `ndim` dimensions made from
+ * any integer array-like; TypeError for non-integer data, ValueError for a
+ * wrong number of dimensions or values outside int32. */
+static PyArrayObject *as_int32(PyObject *obj, const char *name, int ndim)
+{
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_O(obj);
+    if (!a) return NULL;
+    PyArrayObject *out = NULL;
+    int tn = PyArray_TYPE(a);
+    if (PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimension%s, got %d", name, ndim,
+                     ndim == 1 ? "" : "s", PyArray_NDIM(a));
+    } else if (PyArray_SIZE(a) > 0 && !PyTypeNum_ISINTEGER(tn)) {
+        PyObject *dn = PyObject_Str((PyObject *)PyArray_DESCR(a));
+        PyErr_Format(PyExc_TypeError, "%s must be an integer array (int32), got dtype %S", name,
+                     dn ? dn : Py_None);
+        Py_XDECREF(dn);
+    } else if (tn == NPY_INT32 || PyArray_SIZE(a) == 0 || check_int32_range(a, name) == 0) {
+        out = (PyArrayObject *)PyArray_FROMANY((PyObject *)a, NPY_INT32, ndim, ndim,
+                                               NPY_ARRAY_CARRAY | NPY_ARRAY_FORCECAST);
+    }
+    Py_DECREF(a);
+    return out;
+}
+
+/* ---- HostBuffer: owner of one result ------------------------------------- */
+
+typedef struct EngineObject EngineObject;
+
+typedef struct {
+    PyObject_HEAD
+    EngineObject *engine;   /* keeps the model (and its backend) alive */
+    rl_result res;
+} HostBufferObject;
+
+struct EngineObject {
+    PyObject_HEAD
+    rl_model *m;
+    PyThread_type_lock lock;
+    char device[32];
+};
+
+static void hostbuffer_dealloc(HostBufferObject *self)
+{
+    if (self->engine && self->res.data) rl_result_free(self->engine->m, &self->res);
+    Py_XDECREF(self->engine);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject HostBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rjepa_latent._core.HostBuffer",
+    .tp_basicsize = sizeof(HostBufferObject),
+    .tp_dealloc = (destructor)hostbuffer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Owner of memory the engine allocated for one forward result (an ndarray's base).",
+};
+
+/* ---- Engine -------------------------------------------------------------- */
+
+#define ENGINE_CALL(self, st, expr)                         \
+    do {                                                    \
+        Py_BEGIN_ALLOW_THREADS                              \
+        PyThread_acquire_lock((self)->lock, WAIT_LOCK);     \
+        st = (expr);                                        \
+        PyThread_release_lock((self)->lock);                \
+        Py_END_ALLOW_THREADS                                \
+    } while (0)
+
+static int engine_ready(EngineObject *self)
+{
+    if (!self->m) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialized");
+        return 0;
+    }
+    return 1;
+}
+
+static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"config", "device", "n_threads", NULL};
+    PyObject *cfg_obj;
+    const char *device;
+    int n_threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|i", kwlist, &cfg_obj, &device, &n_threads))
+        return -1;
+    if (self->m) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialized");
+        return -1;
+    }
+    rl_config cfg;
+    if (parse_config(cfg_obj, &cfg) < 0) return -1;
+    int idx = parse_device(device);
+    if (idx == -2) return -1;
+    if (n_threads < 0) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be >= 0, got %d", n_threads);
+        return -1;
+    }
+    if (!self->lock && !(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    rl_backend *be = NULL;
+    rl_model *m = NULL;
+    rl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = idx < 0 ? rl_backend_cpu_create(n_threads, &be) : rl_backend_cuda_create(idx, &be);
+    if (st == RL_OK) st = rl_model_create(&cfg, be, &m);
+    Py_END_ALLOW_THREADS
+    if (st != RL_OK) { raise_status(st); return -1; }
+    self->m = m;
+    snprintf(self->device, sizeof self->device, "%s", rl_model_backend(m)->name);
+    return 0;
+}
+
+static void engine_dealloc(EngineObject *self)
+{
+    if (self->m) {
+        rl_model *m = self->m;
+        self->m = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        rl_model_free(m);
+        Py_END_ALLOW_THREADS
+    }
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *engine_tensor_shape(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"kind", "layer", NULL};
+    const char *kind_s;
+    long long layer = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|L", kwlist, &kind_s, &layer)) return NULL;
+    if (!engine_ready(self)) return NULL;
+    rl_tensor_kind kind;
+    if (parse_kind(kind_s, &kind) < 0) return NULL;
+    const rl_config *c = rl_model_config(self->m);
+    if (layer < 0) return PyErr_Format(PyExc_ValueError, "layer must be >= 0, got %lld", layer);
+    if (!rl_tensor_kind_is_global(kind) && layer >= rl_config_loaded_layers(c)) Py_RETURN_NONE;
+    int64_t s[2];
+    int nd = rl_tensor_shape(c, kind, s);
+    if (nd == 0) Py_RETURN_NONE;
+    return nd == 1 ? Py_BuildValue("(L)", (long long)s[0])
+                   : Py_BuildValue("(LL)", (long long)s[0], (long long)s[1]);
+}
+
+/* Parses a shape tuple/list of 1..8 non-negative ints. */
+static int parse_shape(PyObject *obj, int64_t *shape, int *ndim)
+{
+    PyObject *seq = PySequence_Fast(obj, "shape must be a tuple of ints");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int rc = 0;
+    if (n < 1 || n > 8) {
+        PyErr_Format(PyExc_ValueError, "shape must have 1 or 2 dimensions, got %zd", n);
+        rc = -1;
+    }
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) rc = -1;
+        else if (v < 0 || v > ((long long)1 << 40)) {
+            PyErr_Format(PyExc_ValueError, "shape[%zd]=%lld is out of range", i, v);
+            rc = -1;
+        } else shape[i] = v;
+    }
+    *ndim = (int)n;
+    Py_DECREF(seq);
+    return rc;
+}
+
+static PyObject *engine_set_tensor(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"kind", "layer", "data", "dtype", "shape", NULL};
+    const char *kind_s, *dtype_s;
+    long long layer;
+    PyObject *data, *shape_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sLOsO", kwlist, &kind_s, &layer, &data,
+                                     &dtype_s, &shape_obj))
+        return NULL;
+    if (!engine_ready(self)) return NULL;
+    rl_tensor_kind kind;
+    rl_dtype dt;
+    int64_t shape[8];
+    int ndim;
+    if (parse_kind(kind_s, &kind) < 0 || parse_dtype(dtype_s, &dt) < 0 ||
+        parse_shape(shape_obj, shape, &ndim) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_TypeError, "data of tensor '%s' must be a C-contiguous buffer "
+                            "(numpy array, memoryview), got %s", kind_s, Py_TYPE(data)->tp_name);
+    }
+    size_t need = rl_dtype_size(dt);
+    for (int i = 0; i < ndim; i++) need *= (size_t)shape[i];
+    if ((size_t)view.len != need) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "data of tensor '%s' (layer %lld) has %zd bytes but "
+                            "its shape and dtype %s need %zu", kind_s, layer, view.len, dtype_s, need);
+    }
+    rl_status st;
+    ENGINE_CALL(self, st, rl_model_set_tensor(self->m, kind, layer, view.buf, dt, shape, ndim));
+    PyBuffer_Release(&view);
+    if (st != RL_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_check_complete(EngineObject *self, PyObject *unused)
+{
+    if (!engine_ready(self)) return NULL;
+    rl_status st;
+    ENGINE_CALL(self, st, rl_model_check_complete(self->m));
+    if (st != RL_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_reserve(EngineObject *self, PyObject *args)
+{
+    long long max_tokens;
+    if (!PyArg_ParseTuple(args, "L", &max_tokens)) return NULL;
+    if (!engine_ready(self)) return NULL;
+    rl_status st;
+    ENGINE_CALL(self, st, rl_model_reserve(self->m, max_tokens));
+    if (st != RL_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static int parse_pooling(const char *s, rl_pool *p)
+{
+    if (strcmp(s, "mean") == 0) *p = RL_POOL_MEAN;
+    else if (strcmp(s, "first") == 0) *p = RL_POOL_FIRST;
+    else if (strcmp(s, "last") == 0) *p = RL_POOL_LAST;
+    else {
+        PyErr_Format(PyExc_ValueError, "pooling must be 'mean', 'first' or 'last', got '%s'", s);
+        return -1;
+    }
+    return 0;
+}
+
+/* Wraps a result in an ndarray whose base is a new HostBuffer (takes res). */
+static PyObject *result_to_array(EngineObject *self, rl_result *res)
+{
+    HostBufferObject *owner = PyObject_New(HostBufferObject, &HostBufferType);
+    if (!owner) { rl_result_free(self->m, res); return NULL; }
+    Py_INCREF(self);
+    owner->engine = self;
+    owner->res = *res;
+    npy_intp dims[3] = {(npy_intp)res->n_layers, (npy_intp)res->n_spans, (npy_intp)res->hidden};
+    PyObject *arr = PyArray_SimpleNewFromData(3, dims, NPY_FLOAT32, res->data);
+    if (!arr) { Py_DECREF(owner); return NULL; }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)owner) < 0) {  /* steals owner */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", "cu_seqlens", "layers", "spans", "span_seq", "pooling", NULL};
+    PyObject *o[5];
+    const char *pool_s;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOs", kwlist, &o[0], &o[1], &o[2], &o[3],
+                                     &o[4], &pool_s))
+        return NULL;
+    if (!engine_ready(self)) return NULL;
+    static const char *names[5] = {"tokens", "cu_seqlens", "layers", "spans", "span_seq"};
+    static const int ndims[5] = {1, 1, 1, 2, 1};
+    PyArrayObject *a[5] = {NULL};
+    PyObject *ret = NULL;
+    rl_pool pool;
+    if (parse_pooling(pool_s, &pool) < 0) return NULL;
+    for (int i = 0; i < 5; i++)
+        if (!(a[i] = as_int32(o[i], names[i], ndims[i]))) goto done;
+    npy_intp S = PyArray_DIM(a[3], 0);
+    if (PyArray_DIM(a[3], 1) != 2) {
+        PyErr_Format(PyExc_ValueError, "spans must have shape [S, 2], got [%zd, %zd]",
+                     (Py_ssize_t)S, (Py_ssize_t)PyArray_DIM(a[3], 1));
+        goto done;
+    }
+    if (PyArray_DIM(a[4], 0) != S) {
+        PyErr_Format(PyExc_ValueError, "span_seq has %zd entries but spans has %zd",
+                     (Py_ssize_t)PyArray_DIM(a[4], 0), (Py_ssize_t)S);
+        goto done;
+    }
+    rl_batch b = {
+        .tokens = PyArray_DATA(a[0]), .n_tokens = PyArray_DIM(a[0], 0),
+        .cu_seqlens = PyArray_DATA(a[1]), .n_seqs = PyArray_DIM(a[1], 0) - 1,
+        .layers = PyArray_DATA(a[2]), .n_layers = PyArray_DIM(a[2], 0),
+        .spans = PyArray_DATA(a[3]), .span_seq = PyArray_DATA(a[4]), .n_spans = S,
+        .pooling = pool,
+    };
+    rl_result res;
+    rl_status st;
+    ENGINE_CALL(self, st, rl_model_forward(self->m, &b, &res));
+    if (st != RL_OK) raise_status(st);
+    else ret = result_to_array(self, &res);
+done:
+    for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
+    return ret;
+}
+
+static PyObject *engine_memory_report(EngineObject *self, PyObject *unused)
+{
+    if (!engine_ready(self)) return NULL;
+    rl_backend *be = rl_model_backend(self->m);
+    size_t free_b = 0, total_b = 0;
+    rl_status st;
+    ENGINE_CALL(self, st, be->mem_info(be, &free_b, &total_b));
+    if (st != RL_OK) return raise_status(st);
+    return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K}", "device", self->device,
+                         "weight_bytes", (unsigned long long)rl_model_weight_bytes(self->m),
+                         "workspace_bytes", (unsigned long long)rl_model_workspace_bytes(self->m),
+                         "free_bytes", (unsigned long long)free_b,
+                         "total_bytes", (unsigned long long)total_b);
+}
+
+static PyObject *engine_verify_resident(EngineObject *self, PyObject *unused)
+{
+    if (!engine_ready(self)) return NULL;
+    rl_status st;
+    ENGINE_CALL(self, st, rl_model_verify_resident(self->m));
+    if (st != RL_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_get_max_tokens(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyLong_FromLongLong(rl_model_max_tokens(self->m)) : NULL;
+}
+static PyObject *engine_get_device(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyUnicode_FromString(self->device) : NULL;
+}
+static PyObject *engine_get_weight_bytes(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyLong_FromSize_t(rl_model_weight_bytes(self->m)) : NULL;
+}
+static PyObject *engine_get_workspace_bytes(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyLong_FromSize_t(rl_model_workspace_bytes(self->m)) : NULL;
+}
+
+static PyMethodDef engine_methods[] = {
+    {"tensor_shape", (PyCFunction)(void (*)(void))engine_tensor_shape, METH_VARARGS | METH_KEYWORDS,
+     "tensor_shape(kind, layer=0) -> tuple | None (None: not used or not loaded)"},
+    {"set_tensor", (PyCFunction)(void (*)(void))engine_set_tensor, METH_VARARGS | METH_KEYWORDS,
+     "set_tensor(kind, layer, data, dtype, shape): copy one checkpoint tensor in"},
+    {"check_complete", (PyCFunction)engine_check_complete, METH_NOARGS,
+     "raise RuntimeError naming the first tensor never set"},
+    {"reserve", (PyCFunction)engine_reserve, METH_VARARGS, "reserve(max_tokens): (re)allocate the workspace"},
+    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]"},
+    {"memory_report", (PyCFunction)engine_memory_report, METH_NOARGS, "weight/workspace/free/total bytes"},
+    {"verify_resident", (PyCFunction)engine_verify_resident, METH_NOARGS,
+     "raise DeviceError if a weight is not in device memory"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"max_tokens", (getter)engine_get_max_tokens, NULL, "workspace capacity in tokens", NULL},
+    {"device", (getter)engine_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
+    {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
+    {"workspace_bytes", (getter)engine_get_workspace_bytes, NULL, "bytes held by the workspace", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rjepa_latent._core.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(config: dict, device: str, n_threads: int = 0): one model on one device.",
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+    .tp_init = (initproc)engine_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- module functions ---------------------------------------------------- */
+
+static PyObject *core_build_info(PyObject *mod, PyObject *unused)
+{
+    PyObject *blas = PyUnicode_FromFormat("scipy-openblas32 %s", scipy_openblas_get_config());
+    if (!blas) return NULL;
+#ifdef _OPENMP
+    PyObject *omp = Py_True;
+#else
+    PyObject *omp = Py_False;
+#endif
+    PyObject *d = Py_BuildValue("{s:s,s:N,s:O,s:s,s:O}", "version", "0.1.0", "blas", blas,
+                                "cuda", rl_cuda_compiled() ? Py_True : Py_False,
+                                "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "",
+                                "openmp", omp);
+    return d;
+}
+
+static PyObject *core_cuda_device_count(PyObject *mod, PyObject *unused)
+{
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = rl_cuda_device_count();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n);
+}
+
+static PyObject *core_cuda_check_device(PyObject *mod, PyObject *args)
+{
+    int idx;
+    if (!PyArg_ParseTuple(args, "i", &idx)) return NULL;
+    rl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = rl_cuda_check_device(idx);
+    Py_END_ALLOW_THREADS
+    if (st != RL_OK) return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
+{
+    int idx;
+    if (!PyArg_ParseTuple(args, "i", &idx)) return NULL;
+    size_t free_b = 0, total_b = 0;
+    rl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = rl_cuda_mem_info(idx, &free_b, &total_b);
+    Py_END_ALLOW_THREADS
+    if (st != RL_OK) return raise_status(st);
+    return Py_BuildValue("(KK)", (unsigned long long)free_b, (unsigned long long)total_b);
+}
+
+static PyObject *core_plan_bytes(PyObject *mod, PyObject *args)
+{
+    PyObject *cfg_obj;
+    const char *device;
+    long long max_tokens;
+    if (!PyArg_ParseTuple(args, "OsL", &cfg_obj, &device, &max_tokens)) return NULL;
+    rl_config cfg;
+    if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+    int idx = parse_device(device);
+    if (idx == -2) return NULL;
+    if (max_tokens < 1)
+        return PyErr_Format(PyExc_ValueError, "max_tokens must be >= 1, got %lld", max_tokens);
+    rl_dtype wd = idx < 0 ? RL_F32 : RL_BF16;   /* CPU: fp32 everywhere; CUDA: bf16 storage */
+    size_t w = rl_weights_bytes(&cfg, wd);
+    size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
+    return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
+}
+
+static PyMethodDef core_methods[] = {
+    {"build_info", core_build_info, METH_NOARGS, "version, blas, cuda, cuda_arch, openmp"},
+    {"cuda_device_count", core_cuda_device_count, METH_NOARGS, "usable CUDA devices (0 if none)"},
+    {"cuda_check_device", core_cuda_check_device, METH_VARARGS, "raise DeviceError if unusable"},
+    {"cuda_mem_info", core_cuda_mem_info, METH_VARARGS, "(free_bytes, total_bytes) of a device"},
+    {"plan_bytes", core_plan_bytes, METH_VARARGS,
+     "plan_bytes(config, device, max_tokens) -> (weight_bytes, workspace_bytes)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "_core", "C engine of rjepa_latent (see docs/internals.md).", -1,
+    core_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    import_array();
+    PyObject *errors = PyImport_ImportModule("rjepa_latent.errors");
+    if (!errors) return NULL;
+    DeviceError = PyObject_GetAttrString(errors, "DeviceError");
+    DeviceMemoryError = PyObject_GetAttrString(errors, "DeviceMemoryError");
+    Py_DECREF(errors);
+    if (!DeviceError || !DeviceMemoryError) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&HostBufferType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    Py_INCREF(&EngineType);
+    Py_INCREF(&HostBufferType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "HostBuffer", (PyObject *)&HostBufferType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

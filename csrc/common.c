@@ -1,0 +1,244 @@
+/* common.c - errors, dtypes, conversions, tensor shapes and sizes.
+ *
+ * Design choices:
+ * - The last error is thread-local: the binding reads it on the thread that
+ *   called the failing function, so concurrent engines never mix messages.
+ *   Each message ends with "(file:line)" of the place that detected it.
+ * - Conversions are bit-exact C (no intrinsics) so the CPU and CUDA builds
+ *   agree on what a bf16/f16 checkpoint value is.
+ * - Shapes and byte counts are derived here from the config only, so the
+ *   binding can plan memory (plan_bytes) without creating a model.
+ */
+#include "common.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---- errors ------------------------------------------------------------ */
+
+static _Thread_local char rl_err_msg[1024];
+
+rl_status rl_error_set(rl_status st, const char *file, int line, const char *fmt, ...)
+{
+    char body[896];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(body, sizeof body, fmt, ap);
+    va_end(ap);
+    snprintf(rl_err_msg, sizeof rl_err_msg, "%s (%s:%d)", body, file, line);
+    return st;
+}
+
+const char *rl_last_error(void) { return rl_err_msg; }
+
+/* ---- dtypes ------------------------------------------------------------ */
+
+size_t rl_dtype_size(rl_dtype dt)
+{
+    switch (dt) {
+    case RL_F32: return 4;
+    case RL_BF16: return 2;
+    case RL_F16: return 2;
+    }
+    return 0;
+}
+
+const char *rl_dtype_name(rl_dtype dt)
+{
+    switch (dt) {
+    case RL_F32: return "float32";
+    case RL_BF16: return "bfloat16";
+    case RL_F16: return "float16";
+    }
+    return "?";
+}
+
+static float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+float rl_bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+uint16_t rl_f32_to_bf16(float f)
+{
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)          /* NaN: keep it quiet NaN */
+        return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);              /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+float rl_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f)                               /* inf / NaN */
+        return bits_to_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {                                /* zero / subnormal: man * 2^-24 */
+        float v = (float)man * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+uint16_t rl_f32_to_f16(float f)
+{
+    uint32_t u = f32_to_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;    /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;   /* rounds to >= 65520: inf */
+    if (a < 0x38800000u) {                         /* below 2^-14: subnormal */
+        /* value * 2^24 rounded to nearest even integer = the mantissa */
+        float v = bits_to_f32(a) * 0x1p24f;
+        float r = nearbyintf(v);
+        return sign | (uint16_t)r;
+    }
+    uint32_t m = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+    return sign | (uint16_t)(m >> 13);
+}
+
+void rl_convert_to_f32(float *dst, const void *src, rl_dtype src_dtype, size_t n)
+{
+    if (src_dtype == RL_F32) {
+        memcpy(dst, src, n * 4);
+    } else if (src_dtype == RL_BF16) {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < n; i++) dst[i] = rl_bf16_to_f32(s[i]);
+    } else {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < n; i++) dst[i] = rl_f16_to_f32(s[i]);
+    }
+}
+
+/* ---- tensor kinds and shapes ------------------------------------------- */
+
+static const char *const kind_names[RL_T_COUNT] = {
+    "embed", "final_norm", "rope_inv_freq", "attn_norm", "q", "k", "v",
+    "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "o", "o_bias", "ffn_norm",
+    "gate", "up", "down", "gate_bias", "up_bias", "down_bias",
+};
+
+const char *rl_tensor_kind_name(rl_tensor_kind kind)
+{
+    return ((int)kind >= 0 && kind < RL_T_COUNT) ? kind_names[kind] : "?";
+}
+
+int rl_tensor_kind_from_name(const char *name)
+{
+    for (int k = 0; k < RL_T_COUNT; k++)
+        if (strcmp(name, kind_names[k]) == 0) return k;
+    return -1;
+}
+
+int rl_tensor_kind_is_global(rl_tensor_kind kind)
+{
+    return kind == RL_T_EMBED || kind == RL_T_FINAL_NORM || kind == RL_T_ROPE_INV_FREQ;
+}
+
+static int shape1(int64_t shape[2], int64_t a) { shape[0] = a; shape[1] = 0; return 1; }
+static int shape2(int64_t shape[2], int64_t a, int64_t b) { shape[0] = a; shape[1] = b; return 2; }
+
+int rl_tensor_shape(const rl_config *c, rl_tensor_kind kind, int64_t shape[2])
+{
+    int64_t d = c->hidden_size, ff = c->intermediate_size, hd = c->head_dim;
+    int64_t q = c->num_heads * hd, kv = c->num_kv_heads * hd;
+    shape[0] = shape[1] = 0;
+    switch (kind) {
+    case RL_T_EMBED: return shape2(shape, c->vocab_size, d);
+    case RL_T_FINAL_NORM: return c->max_layer == c->num_layers ? shape1(shape, d) : 0;
+    case RL_T_ROPE_INV_FREQ: return shape1(shape, hd / 2);
+    case RL_T_ATTN_NORM: return shape1(shape, d);
+    case RL_T_Q: return shape2(shape, q, d);
+    case RL_T_K: return shape2(shape, kv, d);
+    case RL_T_V: return shape2(shape, kv, d);
+    case RL_T_Q_BIAS: return c->attn_qkv_bias ? shape1(shape, q) : 0;
+    case RL_T_K_BIAS: return c->attn_qkv_bias ? shape1(shape, kv) : 0;
+    case RL_T_V_BIAS: return c->attn_qkv_bias ? shape1(shape, kv) : 0;
+    case RL_T_Q_NORM: return c->qk_norm ? shape1(shape, hd) : 0;
+    case RL_T_K_NORM: return c->qk_norm ? shape1(shape, hd) : 0;
+    case RL_T_O: return shape2(shape, d, q);
+    case RL_T_O_BIAS: return c->attn_o_bias ? shape1(shape, d) : 0;
+    case RL_T_FFN_NORM: return shape1(shape, d);
+    case RL_T_GATE: return shape2(shape, ff, d);
+    case RL_T_UP: return shape2(shape, ff, d);
+    case RL_T_DOWN: return shape2(shape, d, ff);
+    case RL_T_GATE_BIAS: return c->mlp_bias ? shape1(shape, ff) : 0;
+    case RL_T_UP_BIAS: return c->mlp_bias ? shape1(shape, ff) : 0;
+    case RL_T_DOWN_BIAS: return c->mlp_bias ? shape1(shape, d) : 0;
+    case RL_T_COUNT: break;
+    }
+    return 0;
+}
+
+int64_t rl_config_loaded_layers(const rl_config *cfg)
+{
+    /* hidden-state index k needs decoder layers 0..k-1 */
+    return cfg->max_layer < cfg->num_layers ? cfg->max_layer : cfg->num_layers;
+}
+
+/* Limit on every dimension: keeps products in int64 and GEMM sizes in int32. */
+#define RL_DIM_MAX ((int64_t)1 << 30)
+
+rl_status rl_config_validate(const rl_config *c)
+{
+    const struct { const char *name; int64_t v; } dims[] = {
+        {"vocab_size", c->vocab_size}, {"hidden_size", c->hidden_size},
+        {"intermediate_size", c->intermediate_size}, {"num_layers", c->num_layers},
+        {"num_heads", c->num_heads}, {"num_kv_heads", c->num_kv_heads},
+        {"head_dim", c->head_dim},
+    };
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].v <= 0 || dims[i].v > RL_DIM_MAX)
+            return RL_FAIL(RL_ERR_INVALID, "config: %s must be in [1, %lld], got %lld",
+                           dims[i].name, (long long)RL_DIM_MAX, (long long)dims[i].v);
+    if (c->num_heads % c->num_kv_heads != 0)
+        return RL_FAIL(RL_ERR_INVALID, "config: num_heads (%lld) must be a multiple of "
+                       "num_kv_heads (%lld)", (long long)c->num_heads, (long long)c->num_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return RL_FAIL(RL_ERR_INVALID, "config: head_dim must be even, got %lld",
+                       (long long)c->head_dim);
+    if ((c->num_heads + 2 * c->num_kv_heads) * c->head_dim > RL_DIM_MAX)
+        return RL_FAIL(RL_ERR_INVALID, "config: (num_heads + 2*num_kv_heads) * head_dim is too large");
+    if (c->max_layer < 0 || c->max_layer > c->num_layers)
+        return RL_FAIL(RL_ERR_INVALID, "config: max_layer must be in [0, num_layers=%lld], got %lld",
+                       (long long)c->num_layers, (long long)c->max_layer);
+    if (!(c->rms_norm_eps >= 0.0) || !isfinite(c->rms_norm_eps))
+        return RL_FAIL(RL_ERR_INVALID, "config: rms_norm_eps must be finite and >= 0, got %g",
+                       c->rms_norm_eps);
+    return RL_OK;
+}
+
+/* ---- sizes ------------------------------------------------------------- */
+
+static size_t tensor_elems(const rl_config *c, rl_tensor_kind kind)
+{
+    int64_t s[2];
+    int nd = rl_tensor_shape(c, kind, s);
+    if (nd == 0) return 0;
+    return (size_t)s[0] * (size_t)(nd == 2 ? s[1] : 1);
+}
+
+size_t rl_weights_bytes(const rl_config *c, rl_dtype wdt)
+{
+    size_t es = rl_dtype_size(wdt), per_layer = 0;
+    for (int k = RL_T_ATTN_NORM; k < RL_T_COUNT; k++) per_layer += tensor_elems(c, (rl_tensor_kind)k);
+    size_t bytes = es * (tensor_elems(c, RL_T_EMBED) + tensor_elems(c, RL_T_FINAL_NORM));
+    bytes += 4 * tensor_elems(c, RL_T_ROPE_INV_FREQ);        /* inv_freq is f32 */
+    bytes += es * per_layer * (size_t)rl_config_loaded_layers(c);
+    return bytes;
+}
+
+size_t rl_workspace_bytes(const rl_config *c, rl_dtype act, rl_dtype res, int64_t max_tokens)
+{
+    size_t T = (size_t)max_tokens, a = rl_dtype_size(act), r = rl_dtype_size(res);
+    size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    size_t hd = (size_t)c->head_dim, nh = (size_t)c->num_heads, nkv = (size_t)c->num_kv_heads;
+    size_t wide = d > ff ? d : ff;
+    size_t bytes = T * d * r * 2                       /* x, normed_out            */
+                 + T * (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff) * a /* h qkv attn gu */
+                 + T * d * 4;                          /* pooled                   */
+    bytes += 4 * (T + (T + 1) + T + 2 * T);            /* tokens cu positions spans */
+    return bytes;
+}

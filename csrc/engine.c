@@ -1,0 +1,548 @@
+/* engine.c - model lifetime and the forward pass, written once over the
+ * backend op table (engine.h). No backend-specific code lives here.
+ *
+ * Design choices:
+ * - Every weight buffer is allocated at rl_model_create (so a model that does
+ *   not fit fails at once, before any copy); rl_model_set_tensor converts one
+ *   checkpoint tensor into its slot, Q/K/V and gate/up into fused buffers.
+ * - A batch is validated completely on the host before any device work; each
+ *   error names the argument, the index and the offending value.
+ * - Positions and absolute spans are computed on the host and uploaded.
+ * - The forward stops after the deepest requested layer. After each hidden
+ *   state index that was asked for, its spans are pooled into workspace
+ *   memory and downloaded into the result (once per occurrence in `layers`).
+ *   More spans than the workspace holds are pooled in chunks.
+ */
+#include "common.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct rl_model {
+    rl_config cfg;
+    rl_backend *be;
+    int64_t n_loaded;      /* decoder layers loaded and run: rl_config_loaded_layers */
+    rl_weights w;
+    rl_workspace ws;
+    int32_t *host_pos;     /* [max_tokens]    host scratch: positions               */
+    int32_t *host_spans;   /* [max_tokens, 2] host scratch: absolute spans of a chunk */
+};
+
+/* ---- weights ------------------------------------------------------------ */
+
+static rl_status alloc_weight(rl_model *m, void **ptr, size_t elems, rl_dtype dt)
+{
+    size_t bytes = elems * rl_dtype_size(dt);
+    RL_TRY(m->be->alloc(m->be, ptr, bytes));
+    m->w.bytes += bytes;
+    return RL_OK;
+}
+
+static rl_status alloc_layer(rl_model *m, rl_layer_weights *lw)
+{
+    const rl_config *c = &m->cfg;
+    rl_dtype wd = m->be->weight_dtype;
+    size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    size_t hd = (size_t)c->head_dim, q = (size_t)c->num_heads * hd;
+    size_t qkv = q + 2 * (size_t)c->num_kv_heads * hd;
+    RL_TRY(alloc_weight(m, &lw->attn_norm, d, wd));
+    RL_TRY(alloc_weight(m, &lw->wqkv, qkv * d, wd));
+    if (c->attn_qkv_bias) RL_TRY(alloc_weight(m, &lw->bqkv, qkv, wd));
+    if (c->qk_norm) {
+        RL_TRY(alloc_weight(m, &lw->q_norm, hd, wd));
+        RL_TRY(alloc_weight(m, &lw->k_norm, hd, wd));
+    }
+    RL_TRY(alloc_weight(m, &lw->wo, d * q, wd));
+    if (c->attn_o_bias) RL_TRY(alloc_weight(m, &lw->bo, d, wd));
+    RL_TRY(alloc_weight(m, &lw->ffn_norm, d, wd));
+    RL_TRY(alloc_weight(m, &lw->wgu, 2 * ff * d, wd));
+    if (c->mlp_bias) {
+        RL_TRY(alloc_weight(m, &lw->bgu, 2 * ff, wd));
+        RL_TRY(alloc_weight(m, &lw->bdown, d, wd));
+    }
+    RL_TRY(alloc_weight(m, &lw->wdown, d * ff, wd));
+    return RL_OK;
+}
+
+static void free_ptr(rl_backend *be, void **p)
+{
+    if (*p) be->free(be, *p);
+    *p = NULL;
+}
+
+static void free_weights(rl_model *m)
+{
+    rl_backend *be = m->be;
+    free_ptr(be, &m->w.embed);
+    free_ptr(be, &m->w.final_norm);
+    free_ptr(be, (void **)&m->w.inv_freq);
+    if (m->w.layers) {
+        for (int64_t l = 0; l < m->n_loaded; l++) {
+            rl_layer_weights *lw = &m->w.layers[l];
+            void **ps[] = {&lw->attn_norm, &lw->wqkv, &lw->bqkv, &lw->q_norm, &lw->k_norm,
+                           &lw->wo, &lw->bo, &lw->ffn_norm, &lw->wgu, &lw->bgu, &lw->wdown,
+                           &lw->bdown};
+            for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free_ptr(be, ps[i]);
+        }
+    }
+    free(m->w.layers);
+    free(m->w.filled);
+    memset(&m->w, 0, sizeof m->w);
+}
+
+/* Fails with RL_ERR_DEVICE_MEMORY when the backend knows its free memory and
+ * `need` bytes do not fit. */
+static rl_status check_fits(rl_model *m, size_t need, const char *what, const char *advice)
+{
+    size_t free_b = 0, total_b = 0;
+    if (m->be->mem_info(m->be, &free_b, &total_b) != RL_OK || total_b == 0) return RL_OK;
+    if (need > free_b)
+        return RL_FAIL(RL_ERR_DEVICE_MEMORY, "%s need %.1f MiB on %s but only %.1f MiB of %.1f MiB "
+                       "are free; %s", what, need / 1048576.0, m->be->name, free_b / 1048576.0,
+                       total_b / 1048576.0, advice);
+    return RL_OK;
+}
+
+static rl_status alloc_weights(rl_model *m)
+{
+    const rl_config *c = &m->cfg;
+    rl_dtype wd = m->be->weight_dtype;
+    RL_TRY(check_fits(m, rl_weights_bytes(c, wd), "the model weights",
+                      "lower max_layer or use a smaller model"));
+    m->w.layers = calloc((size_t)(m->n_loaded > 0 ? m->n_loaded : 1), sizeof *m->w.layers);
+    m->w.filled = calloc((size_t)RL_T_COUNT * (size_t)(1 + m->n_loaded), 1);
+    if (!m->w.layers || !m->w.filled) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+    RL_TRY(alloc_weight(m, &m->w.embed, (size_t)c->vocab_size * (size_t)c->hidden_size, wd));
+    if (c->max_layer == c->num_layers)
+        RL_TRY(alloc_weight(m, &m->w.final_norm, (size_t)c->hidden_size, wd));
+    RL_TRY(alloc_weight(m, (void **)&m->w.inv_freq, (size_t)c->head_dim / 2, RL_F32));
+    for (int64_t l = 0; l < m->n_loaded; l++) RL_TRY(alloc_layer(m, &m->w.layers[l]));
+    return RL_OK;
+}
+
+rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out)
+{
+    *out = NULL;
+    if (!be) return RL_FAIL(RL_ERR_INVALID, "no backend");
+    rl_status st = cfg ? rl_config_validate(cfg) : RL_FAIL(RL_ERR_INVALID, "no config");
+    if (st != RL_OK) { be->destroy(be); return st; }
+    rl_model *m = calloc(1, sizeof *m);
+    if (!m) { be->destroy(be); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
+    m->cfg = *cfg;
+    m->be = be;
+    m->n_loaded = rl_config_loaded_layers(cfg);
+    st = alloc_weights(m);
+    if (st != RL_OK) { rl_model_free(m); return st; }
+    *out = m;
+    return RL_OK;
+}
+
+/* Destination of one tensor: buffer, element offset and dtype. */
+static void *tensor_dest(rl_model *m, rl_tensor_kind kind, int64_t layer, size_t *off)
+{
+    const rl_config *c = &m->cfg;
+    size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    size_t q = (size_t)(c->num_heads * c->head_dim), kv = (size_t)(c->num_kv_heads * c->head_dim);
+    *off = 0;
+    if (kind == RL_T_EMBED) return m->w.embed;
+    if (kind == RL_T_FINAL_NORM) return m->w.final_norm;
+    if (kind == RL_T_ROPE_INV_FREQ) return m->w.inv_freq;
+    rl_layer_weights *lw = &m->w.layers[layer];
+    switch (kind) {
+    case RL_T_ATTN_NORM: return lw->attn_norm;
+    case RL_T_Q: return lw->wqkv;
+    case RL_T_K: *off = q * d; return lw->wqkv;
+    case RL_T_V: *off = (q + kv) * d; return lw->wqkv;
+    case RL_T_Q_BIAS: return lw->bqkv;
+    case RL_T_K_BIAS: *off = q; return lw->bqkv;
+    case RL_T_V_BIAS: *off = q + kv; return lw->bqkv;
+    case RL_T_Q_NORM: return lw->q_norm;
+    case RL_T_K_NORM: return lw->k_norm;
+    case RL_T_O: return lw->wo;
+    case RL_T_O_BIAS: return lw->bo;
+    case RL_T_FFN_NORM: return lw->ffn_norm;
+    case RL_T_GATE: return lw->wgu;
+    case RL_T_UP: *off = ff * d; return lw->wgu;
+    case RL_T_DOWN: return lw->wdown;
+    case RL_T_GATE_BIAS: return lw->bgu;
+    case RL_T_UP_BIAS: *off = ff; return lw->bgu;
+    case RL_T_DOWN_BIAS: return lw->bdown;
+    default: return NULL;
+    }
+}
+
+static void format_shape(char *buf, size_t n, const int64_t *shape, int ndim)
+{
+    if (ndim == 1) snprintf(buf, n, "[%lld]", (long long)shape[0]);
+    else if (ndim == 2) snprintf(buf, n, "[%lld, %lld]", (long long)shape[0], (long long)shape[1]);
+    else snprintf(buf, n, "(%d dimensions)", ndim);
+}
+
+static void format_tensor(char *buf, size_t n, rl_tensor_kind kind, int64_t layer)
+{
+    if (rl_tensor_kind_is_global(kind)) snprintf(buf, n, "'%s'", rl_tensor_kind_name(kind));
+    else snprintf(buf, n, "'%s' of layer %lld", rl_tensor_kind_name(kind), (long long)layer);
+}
+
+rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, const void *src,
+                              rl_dtype src_dtype, const int64_t *shape, int ndim)
+{
+    const rl_config *c = &m->cfg;
+    if ((int)kind < 0 || kind >= RL_T_COUNT)
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: unknown tensor kind %d", (int)kind);
+    int global = rl_tensor_kind_is_global(kind);
+    if (global) layer = 0;
+    char name[64];
+    format_tensor(name, sizeof name, kind, layer);
+    if (!global && (layer < 0 || layer >= m->n_loaded))
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: layer %lld of %s is not loaded "
+                       "(loaded layers: 0..%lld, num_layers=%lld, max_layer=%lld)",
+                       (long long)layer, rl_tensor_kind_name(kind), (long long)m->n_loaded - 1,
+                       (long long)c->num_layers, (long long)c->max_layer);
+    if (src_dtype != RL_F32 && src_dtype != RL_BF16 && src_dtype != RL_F16)
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s has unknown dtype %d", name, (int)src_dtype);
+    if (!src || !shape) return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s has no data", name);
+    int64_t want[2];
+    int wnd = rl_tensor_shape(c, kind, want);
+    if (wnd == 0)
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s is not used by this config "
+                       "(attn_qkv_bias=%d attn_o_bias=%d mlp_bias=%d qk_norm=%d, final_norm only "
+                       "when max_layer == num_layers)", name, c->attn_qkv_bias, c->attn_o_bias,
+                       c->mlp_bias, c->qk_norm);
+    if (ndim != wnd || shape[0] != want[0] || (ndim == 2 && shape[1] != want[1])) {
+        char got_s[64], want_s[64];
+        format_shape(got_s, sizeof got_s, shape, ndim);
+        format_shape(want_s, sizeof want_s, want, wnd);
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s has shape %s, expected %s", name, got_s, want_s);
+    }
+    size_t off, n = (size_t)want[0] * (size_t)(wnd == 2 ? want[1] : 1);
+    void *dst = tensor_dest(m, kind, layer, &off);
+    rl_dtype dst_dtype = kind == RL_T_ROPE_INV_FREQ ? RL_F32 : m->be->weight_dtype;
+    RL_TRY(m->be->upload(m->be, dst, dst_dtype, off, src, src_dtype, n));
+    m->w.filled[(size_t)(global ? 0 : 1 + layer) * RL_T_COUNT + kind] = 1;
+    return RL_OK;
+}
+
+rl_status rl_model_check_complete(const rl_model *m)
+{
+    int64_t s[2];
+    for (int64_t slot = 0; slot <= m->n_loaded; slot++)
+        for (int k = 0; k < RL_T_COUNT; k++) {
+            if (rl_tensor_kind_is_global((rl_tensor_kind)k) != (slot == 0)) continue;
+            if (!rl_tensor_shape(&m->cfg, (rl_tensor_kind)k, s)) continue;
+            if (m->w.filled[(size_t)slot * RL_T_COUNT + k]) continue;
+            char name[64];
+            format_tensor(name, sizeof name, (rl_tensor_kind)k, slot - 1);
+            return RL_FAIL(RL_ERR_STATE, "tensor %s was never set", name);
+        }
+    return RL_OK;
+}
+
+/* ---- workspace ---------------------------------------------------------- */
+
+static void free_workspace(rl_model *m)
+{
+    rl_backend *be = m->be;
+    rl_workspace *ws = &m->ws;
+    void **ps[] = {&ws->x, &ws->h, &ws->qkv, &ws->attn, &ws->gu, &ws->normed_out,
+                   (void **)&ws->tokens, (void **)&ws->cu_seqlens, (void **)&ws->positions,
+                   (void **)&ws->spans, (void **)&ws->pooled};
+    for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free_ptr(be, ps[i]);
+    memset(ws, 0, sizeof *ws);
+    free(m->host_pos);
+    free(m->host_spans);
+    m->host_pos = m->host_spans = NULL;
+}
+
+static rl_status ws_alloc(rl_model *m, void **p, size_t bytes)
+{
+    RL_TRY(m->be->alloc(m->be, p, bytes));
+    m->ws.bytes += bytes;
+    return RL_OK;
+}
+
+static rl_status alloc_workspace(rl_model *m, int64_t max_tokens)
+{
+    const rl_config *c = &m->cfg;
+    rl_workspace *ws = &m->ws;
+    size_t T = (size_t)max_tokens, d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
+    size_t hd = (size_t)c->head_dim, nh = (size_t)c->num_heads, nkv = (size_t)c->num_kv_heads;
+    size_t a = rl_dtype_size(m->be->act_dtype), r = rl_dtype_size(m->be->res_dtype);
+    RL_TRY(check_fits(m, rl_workspace_bytes(c, m->be->act_dtype, m->be->res_dtype, max_tokens),
+                      "the workspace buffers", "lower max_batch_tokens"));
+    RL_TRY(ws_alloc(m, &ws->x, T * d * r));
+    RL_TRY(ws_alloc(m, &ws->h, T * (d > ff ? d : ff) * a));
+    RL_TRY(ws_alloc(m, &ws->qkv, T * (nh + 2 * nkv) * hd * a));
+    RL_TRY(ws_alloc(m, &ws->attn, T * nh * hd * a));
+    RL_TRY(ws_alloc(m, &ws->gu, T * 2 * ff * a));
+    RL_TRY(ws_alloc(m, &ws->normed_out, T * d * r));
+    RL_TRY(ws_alloc(m, (void **)&ws->tokens, T * 4));
+    RL_TRY(ws_alloc(m, (void **)&ws->cu_seqlens, (T + 1) * 4));
+    RL_TRY(ws_alloc(m, (void **)&ws->positions, T * 4));
+    RL_TRY(ws_alloc(m, (void **)&ws->spans, T * 2 * 4));
+    RL_TRY(ws_alloc(m, (void **)&ws->pooled, T * d * 4));
+    m->host_pos = malloc(T * 4);
+    m->host_spans = malloc(T * 2 * 4);
+    if (!m->host_pos || !m->host_spans) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+    ws->max_tokens = max_tokens;
+    return RL_OK;
+}
+
+rl_status rl_model_reserve(rl_model *m, int64_t max_tokens)
+{
+    if (max_tokens < 1 || max_tokens > (int64_t)1 << 30)
+        return RL_FAIL(RL_ERR_INVALID, "max_tokens must be in [1, 2^30], got %lld",
+                       (long long)max_tokens);
+    free_workspace(m);
+    rl_status st = alloc_workspace(m, max_tokens);
+    if (st != RL_OK) free_workspace(m);
+    return st;
+}
+
+/* ---- batch validation --------------------------------------------------- */
+
+static rl_status validate_seqs(const rl_model *m, const rl_batch *b)
+{
+    if (b->n_tokens < 1) return RL_FAIL(RL_ERR_INVALID, "tokens is empty (T=0)");
+    if (b->n_tokens > m->ws.max_tokens)
+        return RL_FAIL(RL_ERR_INVALID, "tokens has %lld tokens, more than max_tokens=%lld "
+                       "(call reserve with a larger max_tokens)", (long long)b->n_tokens,
+                       (long long)m->ws.max_tokens);
+    if (!b->tokens || !b->cu_seqlens) return RL_FAIL(RL_ERR_INVALID, "tokens or cu_seqlens is NULL");
+    if (b->n_seqs < 1)
+        return RL_FAIL(RL_ERR_INVALID, "cu_seqlens must have B+1 >= 2 entries, got %lld",
+                       (long long)b->n_seqs + 1);
+    const int32_t *cu = b->cu_seqlens;
+    if (cu[0] != 0) return RL_FAIL(RL_ERR_INVALID, "cu_seqlens[0] must be 0, got %d", cu[0]);
+    for (int64_t i = 0; i < b->n_seqs; i++)
+        if (cu[i + 1] <= cu[i])
+            return RL_FAIL(RL_ERR_INVALID, "cu_seqlens[%lld]=%d is not greater than "
+                           "cu_seqlens[%lld]=%d: sequence %lld is empty or offsets decrease",
+                           (long long)i + 1, cu[i + 1], (long long)i, cu[i], (long long)i);
+    if (cu[b->n_seqs] != b->n_tokens)
+        return RL_FAIL(RL_ERR_INVALID, "cu_seqlens[%lld]=%d must equal the number of tokens %lld",
+                       (long long)b->n_seqs, cu[b->n_seqs], (long long)b->n_tokens);
+    int64_t V = m->cfg.vocab_size;
+    for (int64_t t = 0; t < b->n_tokens; t++)
+        if (b->tokens[t] < 0 || b->tokens[t] >= V)
+            return RL_FAIL(RL_ERR_INVALID, "tokens[%lld]=%d is out of range [0, vocab_size=%lld)",
+                           (long long)t, b->tokens[t], (long long)V);
+    return RL_OK;
+}
+
+static rl_status validate_outputs(const rl_model *m, const rl_batch *b)
+{
+    if (b->n_layers < 1 || !b->layers) return RL_FAIL(RL_ERR_INVALID, "layers is empty");
+    for (int64_t i = 0; i < b->n_layers; i++)
+        if (b->layers[i] < 0 || b->layers[i] > m->cfg.max_layer)
+            return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
+                           (long long)i, b->layers[i], (long long)m->cfg.max_layer);
+    if (b->pooling != RL_POOL_MEAN && b->pooling != RL_POOL_FIRST && b->pooling != RL_POOL_LAST)
+        return RL_FAIL(RL_ERR_INVALID, "pooling %d is unknown (mean=0, first=1, last=2)",
+                       (int)b->pooling);
+    if (b->n_spans < 0) return RL_FAIL(RL_ERR_INVALID, "n_spans is negative");
+    if (b->n_spans > 0 && (!b->spans || !b->span_seq))
+        return RL_FAIL(RL_ERR_INVALID, "spans or span_seq is NULL");
+    for (int64_t i = 0; i < b->n_spans; i++) {
+        int32_t s = b->span_seq[i], st = b->spans[2 * i], en = b->spans[2 * i + 1];
+        if (s < 0 || s >= b->n_seqs)
+            return RL_FAIL(RL_ERR_INVALID, "span_seq[%lld]=%d is out of range [0, %lld)",
+                           (long long)i, s, (long long)b->n_seqs);
+        int32_t len = b->cu_seqlens[s + 1] - b->cu_seqlens[s];
+        if (st < 0 || en > len || st >= en)
+            return RL_FAIL(RL_ERR_INVALID, "spans[%lld]=[%d, %d) is %s (sequence %d has %d tokens; "
+                           "need 0 <= start < end <= %d)", (long long)i, st, en,
+                           st >= en ? "empty or reversed" : "out of range", s, len, len);
+    }
+    return RL_OK;
+}
+
+/* ---- forward ------------------------------------------------------------ */
+
+typedef struct {
+    const rl_batch *b;
+    rl_result *res;
+    int spans_resident;    /* all spans fit the workspace and were uploaded once */
+} fwd_state;
+
+static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        int32_t base = b->cu_seqlens[b->span_seq[s0 + i]];
+        m->host_spans[2 * i] = base + b->spans[2 * (s0 + i)];
+        m->host_spans[2 * i + 1] = base + b->spans[2 * (s0 + i) + 1];
+    }
+    return m->be->upload_i32(m->be, m->ws.spans, m->host_spans, (size_t)(2 * n));
+}
+
+/* Pools `src` over every span into each result slot that asks for hidden index k. */
+static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *src, rl_dtype dt)
+{
+    const rl_batch *b = fs->b;
+    int wanted = 0;
+    for (int64_t p = 0; p < b->n_layers; p++) wanted |= b->layers[p] == k;
+    if (!wanted || b->n_spans == 0) return RL_OK;
+    rl_backend *be = m->be;
+    int64_t d = m->cfg.hidden_size, S = b->n_spans, chunk = m->ws.max_tokens;
+    for (int64_t s0 = 0; s0 < S; s0 += chunk) {
+        int64_t n = S - s0 < chunk ? S - s0 : chunk;
+        if (!fs->spans_resident) RL_TRY(upload_span_chunk(m, b, s0, n));
+        RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->pooling, m->ws.pooled));
+        for (int64_t p = 0; p < b->n_layers; p++)
+            if (b->layers[p] == k)
+                RL_TRY(be->download_f32(be, fs->res->data + ((size_t)p * S + s0) * d,
+                                        m->ws.pooled, (size_t)(n * d)));
+    }
+    return RL_OK;
+}
+
+static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64_t T)
+{
+    const rl_config *c = &m->cfg;
+    rl_backend *be = m->be;
+    rl_workspace *ws = &m->ws;
+    const rl_layer_weights *lw = &m->w.layers[l];
+    int64_t d = c->hidden_size, ff = c->intermediate_size, hd = c->head_dim;
+    int64_t nh = c->num_heads, nkv = c->num_kv_heads, nqkv = (nh + 2 * nkv) * hd;
+    float eps = (float)c->rms_norm_eps;
+    RL_TRY(be->rmsnorm(be, ws->x, lw->attn_norm, ws->h, be->act_dtype, T, d, eps));
+    RL_TRY(be->gemm(be, seg, ws->h, lw->wqkv, lw->bqkv, ws->qkv, T, nqkv, d, 0));
+    RL_TRY(be->qk_norm_rope(be, seg, ws->qkv, T, nh, nkv, hd, lw->q_norm, lw->k_norm, eps,
+                            m->w.inv_freq));
+    RL_TRY(be->attention(be, seg, ws->qkv, ws->attn, T, nh, nkv, hd, (float)(1.0 / sqrt((double)hd))));
+    RL_TRY(be->gemm(be, seg, ws->attn, lw->wo, lw->bo, ws->x, T, d, nh * hd, 1));
+    RL_TRY(be->rmsnorm(be, ws->x, lw->ffn_norm, ws->h, be->act_dtype, T, d, eps));
+    RL_TRY(be->gemm(be, seg, ws->h, lw->wgu, lw->bgu, ws->gu, T, 2 * ff, d, 0));
+    RL_TRY(be->swiglu(be, ws->gu, ws->h, T, ff));
+    RL_TRY(be->gemm(be, seg, ws->h, lw->wdown, lw->bdown, ws->x, T, d, ff, 1));
+    return RL_OK;
+}
+
+/* Uploads tokens, offsets and positions; fills the segment description. */
+static rl_status upload_batch(rl_model *m, const rl_batch *b, rl_segments *seg)
+{
+    rl_backend *be = m->be;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < b->n_seqs; s++) {
+        int32_t lo = b->cu_seqlens[s], hi = b->cu_seqlens[s + 1];
+        for (int32_t t = lo; t < hi; t++) m->host_pos[t] = t - lo;
+        if (hi - lo > max_len) max_len = hi - lo;
+    }
+    RL_TRY(be->upload_i32(be, m->ws.tokens, b->tokens, (size_t)b->n_tokens));
+    RL_TRY(be->upload_i32(be, m->ws.cu_seqlens, b->cu_seqlens, (size_t)b->n_seqs + 1));
+    RL_TRY(be->upload_i32(be, m->ws.positions, m->host_pos, (size_t)b->n_tokens));
+    seg->cu_seqlens_host = b->cu_seqlens;
+    seg->cu_seqlens_dev = m->ws.cu_seqlens;
+    seg->positions_dev = m->ws.positions;
+    seg->n_seqs = b->n_seqs;
+    seg->max_seqlen = max_len;
+    return RL_OK;
+}
+
+static rl_status forward_run(rl_model *m, fwd_state *fs)
+{
+    const rl_batch *b = fs->b;
+    rl_backend *be = m->be;
+    rl_workspace *ws = &m->ws;
+    const rl_config *c = &m->cfg;
+    rl_segments seg;
+    RL_TRY(upload_batch(m, b, &seg));
+    fs->spans_resident = b->n_spans <= ws->max_tokens;
+    if (fs->spans_resident && b->n_spans > 0) RL_TRY(upload_span_chunk(m, b, 0, b->n_spans));
+
+    int64_t deepest = 0, T = b->n_tokens;
+    for (int64_t p = 0; p < b->n_layers; p++) if (b->layers[p] > deepest) deepest = b->layers[p];
+    RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x));
+    RL_TRY(pool_index(m, fs, 0, ws->x, be->res_dtype));
+    int64_t n_run = deepest < c->num_layers ? deepest : c->num_layers;
+    for (int64_t l = 0; l < n_run; l++) {
+        RL_TRY(run_layer(m, &seg, l, T));
+        if (l + 1 < c->num_layers) RL_TRY(pool_index(m, fs, l + 1, ws->x, be->res_dtype));
+    }
+    if (deepest == c->num_layers) {
+        RL_TRY(be->rmsnorm(be, ws->x, m->w.final_norm, ws->normed_out, be->res_dtype, T,
+                           c->hidden_size, (float)c->rms_norm_eps));
+        RL_TRY(pool_index(m, fs, c->num_layers, ws->normed_out, be->res_dtype));
+    }
+    return be->sync(be);
+}
+
+rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
+{
+    memset(res, 0, sizeof *res);
+    if (!b) return RL_FAIL(RL_ERR_INVALID, "no batch");
+    RL_TRY(rl_model_check_complete(m));
+    if (m->ws.max_tokens == 0)
+        return RL_FAIL(RL_ERR_STATE, "no workspace: call reserve(max_tokens) before forward");
+    RL_TRY(validate_seqs(m, b));
+    RL_TRY(validate_outputs(m, b));
+
+    size_t bytes = (size_t)b->n_layers * (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
+    void *data = NULL;
+    RL_TRY(m->be->host_alloc(m->be, &data, bytes > 0 ? bytes : 4));
+    res->data = data;
+    res->n_layers = b->n_layers;
+    res->n_spans = b->n_spans;
+    res->hidden = m->cfg.hidden_size;
+    res->pinned = 1;
+    fwd_state fs = {b, res, 0};
+    rl_status st = forward_run(m, &fs);
+    if (st != RL_OK) rl_result_free(m, res);
+    return st;
+}
+
+void rl_result_free(rl_model *m, rl_result *res)
+{
+    if (res->data) m->be->host_free(m->be, res->data);
+    memset(res, 0, sizeof *res);
+}
+
+/* ---- accessors and teardown --------------------------------------------- */
+
+const rl_config *rl_model_config(const rl_model *m) { return &m->cfg; }
+rl_backend *rl_model_backend(rl_model *m) { return m->be; }
+size_t rl_model_weight_bytes(const rl_model *m) { return m->w.bytes; }
+size_t rl_model_workspace_bytes(const rl_model *m) { return m->ws.bytes; }
+int64_t rl_model_max_tokens(const rl_model *m) { return m->ws.max_tokens; }
+
+static rl_status check_resident(rl_model *m, const void *p, rl_tensor_kind kind, int64_t layer)
+{
+    if (!p || m->be->is_resident(m->be, p)) return RL_OK;
+    char name[64];
+    format_tensor(name, sizeof name, kind, layer);
+    return RL_FAIL(RL_ERR_DEVICE, "weight %s is not in %s memory", name, m->be->name);
+}
+
+rl_status rl_model_verify_resident(rl_model *m)
+{
+    RL_TRY(check_resident(m, m->w.embed, RL_T_EMBED, 0));
+    RL_TRY(check_resident(m, m->w.final_norm, RL_T_FINAL_NORM, 0));
+    RL_TRY(check_resident(m, m->w.inv_freq, RL_T_ROPE_INV_FREQ, 0));
+    for (int64_t l = 0; l < m->n_loaded; l++) {
+        const rl_layer_weights *lw = &m->w.layers[l];
+        RL_TRY(check_resident(m, lw->attn_norm, RL_T_ATTN_NORM, l));
+        RL_TRY(check_resident(m, lw->wqkv, RL_T_Q, l));
+        RL_TRY(check_resident(m, lw->bqkv, RL_T_Q_BIAS, l));
+        RL_TRY(check_resident(m, lw->q_norm, RL_T_Q_NORM, l));
+        RL_TRY(check_resident(m, lw->k_norm, RL_T_K_NORM, l));
+        RL_TRY(check_resident(m, lw->wo, RL_T_O, l));
+        RL_TRY(check_resident(m, lw->bo, RL_T_O_BIAS, l));
+        RL_TRY(check_resident(m, lw->ffn_norm, RL_T_FFN_NORM, l));
+        RL_TRY(check_resident(m, lw->wgu, RL_T_GATE, l));
+        RL_TRY(check_resident(m, lw->bgu, RL_T_GATE_BIAS, l));
+        RL_TRY(check_resident(m, lw->wdown, RL_T_DOWN, l));
+        RL_TRY(check_resident(m, lw->bdown, RL_T_DOWN_BIAS, l));
+    }
+    return RL_OK;
+}
+
+void rl_model_free(rl_model *m)
+{
+    if (!m) return;
+    free_workspace(m);
+    free_weights(m);
+    if (m->be) m->be->destroy(m->be);
+    free(m);
+}

@@ -1,0 +1,382 @@
+/* ops_cpu.c - the CPU backend: fp32 storage and compute, OpenBLAS GEMM,
+ * OpenMP for everything else.
+ *
+ * Design choices:
+ * - Packing must be bitwise neutral: a sequence gives the same bits alone or
+ *   anywhere in a packed batch. OpenBLAS results for a row depend on M, so
+ *   GEMMs run once per sequence (never over the whole packed batch); every
+ *   other op computes a row/head/span from that row's data only, in a fixed
+ *   order, with no reduction split across threads.
+ * - Numerics follow HF transformers in fp32: RMSNorm x * 1/sqrt(mean(x^2)+eps)
+ *   * w, rotate_half RoPE with cos/sin of (pos * inv_freq) in fp32, softmax in
+ *   fp32 with the max subtracted, silu(g) = g / (1 + exp(-g)).
+ * - No allocation per token: per-thread scratch (attention scores, pooling
+ *   sums) and the RoPE cos/sin table live in the backend and only grow.
+ */
+#define _POSIX_C_SOURCE 200809L   /* posix_memalign */
+#include "common.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    int n_threads;
+    float *scores;          /* [n_threads, scores_len] attention scratch           */
+    int64_t scores_len;
+    double *sums;           /* [n_threads, sums_len] mean-pool accumulators        */
+    int64_t sums_len;
+    float *rope;            /* [rope_npos, 2, rope_half]: cos then sin per position */
+    float *rope_inv;        /* [rope_half] inv_freq the table was built from        */
+    int64_t rope_npos, rope_half;
+} cpu_impl;
+
+static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
+
+/* Below this many elements an op runs on one thread (fork/join costs more). */
+#define PAR_MIN 16384
+
+/* ---- memory ------------------------------------------------------------- */
+
+static rl_status cpu_alloc(rl_backend *be, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    if (posix_memalign(ptr, 64, bytes ? bytes : 64) != 0) {
+        *ptr = NULL;
+        return RL_FAIL(RL_ERR_NOMEM, "cannot allocate %.1f MiB of host memory", bytes / 1048576.0);
+    }
+    return RL_OK;
+}
+
+static void cpu_free(rl_backend *be, void *ptr) { free(ptr); }
+
+static rl_status cpu_upload(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t off,
+                            const void *src, rl_dtype src_dtype, size_t n)
+{
+    if (dst_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "the CPU backend stores float32 only, asked for %s",
+                       rl_dtype_name(dst_dtype));
+    float *d = (float *)dst + off;
+    size_t es = rl_dtype_size(src_dtype);
+    int nt = impl_of(be)->n_threads;
+    /* chunks of 64K elements converted in parallel (large embeddings) */
+    int64_t chunks = (int64_t)((n + 65535) / 65536);
+#pragma omp parallel for num_threads(nt) schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        size_t lo = (size_t)c * 65536, len = n - lo < 65536 ? n - lo : 65536;
+        rl_convert_to_f32(d + lo, (const char *)src + lo * es, src_dtype, len);
+    }
+    return RL_OK;
+}
+
+static rl_status cpu_upload_i32(rl_backend *be, int32_t *dst, const int32_t *src, size_t n)
+{
+    memcpy(dst, src, n * 4);
+    return RL_OK;
+}
+
+static rl_status cpu_download_f32(rl_backend *be, float *dst, const float *src, size_t n)
+{
+    memcpy(dst, src, n * 4);
+    return RL_OK;
+}
+
+static rl_status cpu_sync(rl_backend *be) { return RL_OK; }
+
+static rl_status cpu_mem_info(rl_backend *be, size_t *free_b, size_t *total_b)
+{
+    *free_b = *total_b = 0;
+    return RL_OK;
+}
+
+static int cpu_is_resident(rl_backend *be, const void *ptr) { return 1; }
+
+/* ---- elementwise / row ops ---------------------------------------------- */
+
+static rl_status cpu_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                           int64_t d, void *x)
+{
+    const float *tab = table;
+    float *out = x;
+#pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (T * d > PAR_MIN)
+    for (int64_t t = 0; t < T; t++)
+        memcpy(out + t * d, tab + (int64_t)tokens[t] * d, (size_t)d * 4);
+    return RL_OK;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over one row of n (sum of squares in double). */
+static void rms_row(const float *x, const float *w, float *y, int64_t n, float eps)
+{
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * inv);
+}
+
+static rl_status cpu_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
+                             rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+{
+    if (out_dtype != RL_F32) return RL_FAIL(RL_ERR_INVALID, "CPU rmsnorm: output must be float32");
+#pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (rows * d > PAR_MIN)
+    for (int64_t r = 0; r < rows; r++)
+        rms_row((const float *)x + r * d, w, (float *)y + r * d, d, eps);
+    return RL_OK;
+}
+
+static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+                          const void *bias, void *y, int64_t M, int64_t N, int64_t K, int accumulate)
+{
+    const float *X = x, *W = w, *B = bias;
+    float *Y = y;
+    /* once per sequence: OpenBLAS rounding of a row depends on M */
+    for (int64_t s = 0; s < seg->n_seqs; s++) {
+        int64_t r0 = seg->cu_seqlens_host[s], m = seg->cu_seqlens_host[s + 1] - r0;
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)N,
+                          (blasint)K, 1.0f, X + r0 * K, (blasint)K, W, (blasint)K,
+                          accumulate ? 1.0f : 0.0f, Y + r0 * N, (blasint)N);
+    }
+    if (B) {
+#pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (M * N > PAR_MIN)
+        for (int64_t r = 0; r < M; r++) {
+            float *row = Y + r * N;
+            for (int64_t j = 0; j < N; j++) row[j] += B[j];
+        }
+    }
+    return RL_OK;
+}
+
+/* Builds cos/sin of pos * inv_freq for pos < npos (fp32, as HF does). The
+ * table is rebuilt only when inv_freq changes or longer sequences come. */
+static rl_status rope_table(cpu_impl *im, const float *inv_freq, int64_t half, int64_t npos)
+{
+    int same = im->rope && im->rope_half == half &&
+               memcmp(im->rope_inv, inv_freq, (size_t)half * 4) == 0;
+    if (same && npos <= im->rope_npos) return RL_OK;
+    if (same && npos < 2 * im->rope_npos) npos = 2 * im->rope_npos;
+    float *tab = malloc((size_t)npos * 2 * (size_t)half * 4);
+    float *inv = malloc((size_t)half * 4);
+    if (!tab || !inv) { free(tab); free(inv); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
+    memcpy(inv, inv_freq, (size_t)half * 4);
+#pragma omp parallel for num_threads(im->n_threads) schedule(static) if (npos * half > PAR_MIN)
+    for (int64_t p = 0; p < npos; p++)
+        for (int64_t i = 0; i < half; i++) {
+            float ang = (float)p * inv[i];
+            tab[(p * 2) * half + i] = cosf(ang);
+            tab[(p * 2 + 1) * half + i] = sinf(ang);
+        }
+    free(im->rope);
+    free(im->rope_inv);
+    im->rope = tab;
+    im->rope_inv = inv;
+    im->rope_half = half;
+    im->rope_npos = npos;
+    return RL_OK;
+}
+
+/* HF rotate_half: out_i = x_i cos - x_{i+h} sin, out_{i+h} = x_{i+h} cos + x_i sin. */
+static void rope_head(float *x, const float *cs, const float *sn, int64_t half)
+{
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+                                  int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
+                                  const void *k_norm, float eps, const float *inv_freq)
+{
+    cpu_impl *im = impl_of(be);
+    int64_t half = hd / 2, W = (nh + 2 * nkv) * hd;
+    RL_TRY(rope_table(im, inv_freq, half, seg->max_seqlen));
+    const int32_t *pos = seg->positions_dev;
+    const float *tab = im->rope;
+#pragma omp parallel for num_threads(im->n_threads) schedule(static) if (T * W > PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = tab + (int64_t)pos[t] * 2 * half, *sn = cs + half;
+        float *row = (float *)qkv + t * W;
+        for (int64_t h = 0; h < nh + nkv; h++) {   /* q heads, then k heads */
+            float *x = row + h * hd;
+            const float *nw = h < nh ? q_norm : k_norm;
+            if (nw) rms_row(x, nw, x, hd, eps);
+            rope_head(x, cs, sn, half);
+        }
+    }
+    return RL_OK;
+}
+
+/* Dot product with 8 independent accumulators (vectorizable, fixed order). */
+static float dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    for (; i < n; i++) acc[0] += a[i] * b[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Causal attention of one head of one sequence of n tokens. */
+static void attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
+                        int64_t W, int64_t Wo, int64_t hd, float scale, float *sc)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const float *qi = q + i * W;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= i; j++) {
+            float s = dot(qi, k + j * W, hd) * scale;
+            sc[j] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j <= i; j++) {
+            float e = expf(sc[j] - mx);
+            sc[j] = e;
+            sum += e;
+        }
+        float inv = 1.0f / sum;
+        float *oi = o + i * Wo;
+        for (int64_t c = 0; c < hd; c++) oi[c] = 0.0f;
+        for (int64_t j = 0; j <= i; j++) {
+            float p = sc[j] * inv;
+            const float *vj = v + j * W;
+            for (int64_t c = 0; c < hd; c++) oi[c] += p * vj[c];
+        }
+    }
+}
+
+static rl_status grow_scratch(cpu_impl *im, int64_t scores_len, int64_t sums_len)
+{
+    if (scores_len > im->scores_len) {
+        float *p = realloc(im->scores, (size_t)im->n_threads * (size_t)scores_len * 4);
+        if (!p) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+        im->scores = p;
+        im->scores_len = scores_len;
+    }
+    if (sums_len > im->sums_len) {
+        double *p = realloc(im->sums, (size_t)im->n_threads * (size_t)sums_len * 8);
+        if (!p) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+        im->sums = p;
+        im->sums_len = sums_len;
+    }
+    return RL_OK;
+}
+
+static int thread_id(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const void *qkv, void *out,
+                               int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale)
+{
+    cpu_impl *im = impl_of(be);
+    RL_TRY(grow_scratch(im, seg->max_seqlen, 0));
+    const float *QKV = qkv;
+    float *O = out;
+    int64_t W = (nh + 2 * nkv) * hd, Wo = nh * hd, group = nh / nkv, B = seg->n_seqs;
+    const int32_t *cu = seg->cu_seqlens_host;
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (T > 1)
+    for (int64_t job = 0; job < B * nh; job++) {
+        int64_t s = job / nh, h = job % nh, kvh = h / group, r0 = cu[s], n = cu[s + 1] - r0;
+        const float *base = QKV + r0 * W;
+        attend_head(base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
+                    O + r0 * Wo + h * hd, n, W, Wo, hd, scale,
+                    im->scores + (int64_t)thread_id() * im->scores_len);
+    }
+    return RL_OK;
+}
+
+static rl_status cpu_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+{
+    const float *G = gu;
+    float *O = out;
+#pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (T * ff > PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = G + t * 2 * ff, *u = g + ff;
+        float *o = O + t * ff;
+        for (int64_t i = 0; i < ff; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    return RL_OK;
+}
+
+static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+                          const int32_t *spans, int64_t S, rl_pool mode, float *out)
+{
+    cpu_impl *im = impl_of(be);
+    if (src_dtype != RL_F32) return RL_FAIL(RL_ERR_INVALID, "CPU pool: source must be float32");
+    RL_TRY(grow_scratch(im, 0, d));
+    const float *X = x;
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 4) if (S > 1)
+    for (int64_t s = 0; s < S; s++) {
+        int64_t lo = spans[2 * s], hi = spans[2 * s + 1];
+        float *o = out + s * d;
+        if (mode == RL_POOL_FIRST) { memcpy(o, X + lo * d, (size_t)d * 4); continue; }
+        if (mode == RL_POOL_LAST) { memcpy(o, X + (hi - 1) * d, (size_t)d * 4); continue; }
+        double *acc = im->sums + (int64_t)thread_id() * im->sums_len;
+        for (int64_t c = 0; c < d; c++) acc[c] = 0.0;
+        for (int64_t r = lo; r < hi; r++) {
+            const float *row = X + r * d;
+            for (int64_t c = 0; c < d; c++) acc[c] += row[c];
+        }
+        for (int64_t c = 0; c < d; c++) o[c] = (float)(acc[c] / (double)(hi - lo));
+    }
+    return RL_OK;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+static void cpu_destroy(rl_backend *be)
+{
+    if (!be) return;
+    cpu_impl *im = impl_of(be);
+    if (im) {
+        free(im->scores);
+        free(im->sums);
+        free(im->rope);
+        free(im->rope_inv);
+        free(im);
+    }
+    free(be);
+}
+
+rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
+{
+    *out = NULL;
+    if (n_threads < 0) return RL_FAIL(RL_ERR_INVALID, "n_threads must be >= 0, got %d", n_threads);
+    if (n_threads == 0) {
+#ifdef _OPENMP
+        n_threads = omp_get_num_procs();
+#else
+        n_threads = 1;
+#endif
+    }
+    rl_backend *be = calloc(1, sizeof *be);
+    cpu_impl *im = calloc(1, sizeof *im);
+    if (!be || !im) { free(be); free(im); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
+    im->n_threads = n_threads;
+    scipy_openblas_set_num_threads(n_threads);
+#ifdef _OPENMP
+    omp_set_num_threads(n_threads);
+#endif
+    *be = (rl_backend){
+        .name = "cpu", .weight_dtype = RL_F32, .act_dtype = RL_F32, .res_dtype = RL_F32,
+        .impl = im, .alloc = cpu_alloc, .free = cpu_free, .host_alloc = cpu_alloc,
+        .host_free = cpu_free, .upload = cpu_upload, .upload_i32 = cpu_upload_i32,
+        .download_f32 = cpu_download_f32, .sync = cpu_sync, .mem_info = cpu_mem_info,
+        .is_resident = cpu_is_resident, .embed = cpu_embed, .rmsnorm = cpu_rmsnorm,
+        .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,
+        .swiglu = cpu_swiglu, .pool = cpu_pool, .destroy = cpu_destroy,
+    };
+    *out = be;
+    return RL_OK;
+}
