@@ -1,0 +1,477 @@
+"""`extract_dataset` and the `rjepa-latent extract` subcommand: records ->
+tokens -> planned batches -> engine -> shards, resumable, with progress.
+
+Design choices:
+- Three threads, one job each, joined by bounded queues: a producer reads
+  nothing new (records are parsed up front, which is cheap and needed for
+  duplicate-id detection) but tokenizes and plans the next shards
+  (`encode_batch` runs in Rust without the GIL); the calling thread runs
+  the engine (`Model.extract` releases the GIL); a writer thread converts,
+  checksums, writes and fsyncs shards. So tokenization and disk I/O overlap
+  with compute, and end-to-end tokens/s stays close to the bare engine's.
+- One `Model.extract` call per planned batch, with the plan's budget, so the
+  engine packs exactly the planned batch.
+- The configuration (model fingerprint, layers, pooling, dtype, template,
+  format, max tokens, tokenizer, input files, shard size, device kind) is
+  checked against the run directory before anything is written; a finished
+  run returns at once.
+- Throughput of each full batch is compared with the running median of the
+  previous ones; a batch below half of it raises a `ThroughputWarning` that
+  names the usual causes (memory pressure, offload, thermal throttling).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import re
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS,
+                   ErrorRecord, Record, Template, read_records)
+from .plan import part_shards, plan_batches, shard_ranges
+from .store import DTYPES, RunStore, convert_latents
+from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
+
+POOLINGS = ("mean", "first", "last")
+DEFAULT_SHARD_SIZE = 1000
+
+
+class ThroughputWarning(RuntimeWarning):
+    """A batch ran at less than half the running median throughput."""
+
+
+# ------------------------------------------------------------ options
+
+def parse_part(part: Any) -> tuple[int, int]:
+    """'i/n' or (i, n) -> (i, n) with 0 <= i < n."""
+    if isinstance(part, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
+        if not m:
+            raise ValueError(f"part must look like i/n (e.g. 0/4), got {part!r}")
+        part = (int(m.group(1)), int(m.group(2)))
+    i, n = part
+    if n <= 0 or not 0 <= i < n:
+        raise ValueError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
+    return int(i), int(n)
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int, max_layer: int) -> list[int]:
+    """HF hidden_states indices (negative count from the end) -> absolute, in the given order."""
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layers must be integers, got {layer!r}")
+        a = int(layer) + (num_layers + 1 if layer < 0 else 0)
+        if not 0 <= a <= max_layer:
+            raise ValueError(f"layer {layer} is out of range for this model (0..{max_layer}, "
+                             f"or -{num_layers + 1}..-1)")
+        out.append(a)
+    if not out:
+        raise ValueError("layers is empty")
+    return out
+
+
+def input_fingerprint(paths: Sequence[Path]) -> list[dict]:
+    """Name, size and sha256 of each input file (the dataset's identity)."""
+    out = []
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {str(p)!r} does not exist or is not a file")
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        out.append({"name": p.name, "bytes": p.stat().st_size, "sha256": h.hexdigest()})
+    return out
+
+
+# ------------------------------------------------------------ health
+
+class ThroughputWatch:
+    """Warns when a full batch runs below half the running median tokens/s."""
+
+    def __init__(self, budget: int, window: int = 64, min_batches: int = 8):
+        self.budget = budget
+        self.rates: deque[float] = deque(maxlen=window)
+        self.min_batches = min_batches
+        self.quiet_until = 0
+        self.batches = 0
+        self.warnings = 0
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.batches += 1
+        if tokens < self.budget // 2 or seconds <= 0:
+            return  # small batches (a shard's tail) are slow by nature
+        rate = tokens / seconds
+        if len(self.rates) >= self.min_batches:
+            median = statistics.median(self.rates)
+            if rate < 0.5 * median and self.batches >= self.quiet_until:
+                self.warnings += 1
+                self.quiet_until = self.batches + 50  # at most one warning per 50 batches
+                warnings.warn(
+                    f"batch {self.batches} ran at {rate:,.0f} tokens/s, below half the running "
+                    f"median ({median:,.0f} tokens/s); likely causes: memory pressure (swapping), "
+                    "model weights offloaded or paged out, thermal throttling, or another process "
+                    "using the device", ThroughputWarning, stacklevel=2)
+        self.rates.append(rate)
+
+
+# ------------------------------------------------------------ threads
+
+class _Worker(threading.Thread):
+    """A daemon thread that records its exception for the main thread."""
+
+    def __init__(self, target, name: str):
+        super().__init__(name=name, daemon=True)
+        self._fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as e:  # re-raised in the main thread
+            self.error = e
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, worker: _Worker) -> Any:
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if worker.error is not None:
+                raise worker.error
+            if not worker.is_alive():
+                raise RuntimeError(f"{worker.name} thread ended unexpectedly")
+
+
+def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_tokens: int | None,
+                engine_limit: int | None, budget: int) -> dict:
+    """Tokenize and plan one shard: items (input order), errors, batches."""
+    recs = records[rng[0]:rng[1]]
+    done = tokenize_records(tok, [r for r in recs if isinstance(r, Record)], max_tokens)
+    errors = [r for r in recs if isinstance(r, ErrorRecord)] + [t for t in done if isinstance(t, ErrorRecord)]
+    items: list[Item] = []
+    for t in done:
+        if not isinstance(t, Item):
+            continue
+        if engine_limit is not None and len(t.ids) > engine_limit:
+            errors.append(ErrorRecord(t.index, t.id, t.source, t.line,
+                                      f"text has {len(t.ids)} tokens, more than the engine's batch "
+                                      f"budget {engine_limit} on this device; raise --max-batch-tokens"))
+            continue
+        items.append(t)
+    items.sort(key=lambda it: it.index)
+    return {"index": k, "records": rng, "items": items, "errors": errors,
+            "batches": plan_batches([len(it.ids) for it in items], budget)}
+
+
+# ------------------------------------------------------------ the API
+
+def _load_model(model: Any, device: str | None, max_batch_tokens: int | None, threads: int | None):
+    if isinstance(model, (str, os.PathLike)):
+        from .model import Model
+        return Model(model, device=device, max_batch_tokens=max_batch_tokens, threads=threads)
+    for attr in ("extract", "tokenizer", "fingerprint", "num_layers", "hidden_size", "max_layer", "config"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be a path or an rjepa_latent.Model, got {type(model).__name__}")
+    return model
+
+
+def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: Any,
+                    out: str | os.PathLike, *, format: str = "auto", layers: Sequence[int] = (-2,),
+                    pooling: str = "mean", dtype: str = "float32", template: str | None = None,
+                    step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
+                    max_tokens: int | None = None, max_batch_tokens: int | None = None,
+                    shard_size: int = DEFAULT_SHARD_SIZE, part: Any = (0, 1), strict: bool = False,
+                    progress: bool = True, device: str | None = None, threads: int | None = None) -> dict:
+    """Extract step latents of the records in `inputs` into the run directory `out`.
+
+    `model` is an `rjepa_latent.Model` or a checkpoint path (loaded with
+    `device`, `max_batch_tokens`, `threads`). Resumes an interrupted run with
+    the same options; refuses (StoreError) a directory made with other options.
+    Returns a summary dict (items, steps, errors, tokens, wall_s, tokens_per_s,
+    engine_tokens_per_s, ...). With `strict`, raises ValueError at the end if
+    any record could not be processed.
+    """
+    t_start = time.perf_counter()
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("inputs is empty: give at least one .jsonl or .json file")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)} for a store of step latents, "
+                         f"got {pooling!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    for name, v in (("max_tokens", max_tokens), ("max_batch_tokens", max_batch_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    part = parse_part(part)
+    tmpl = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
+    fingerprint = input_fingerprint(paths)
+
+    m = _load_model(model, device, max_batch_tokens, threads)
+    lays = resolve_layers(layers, m.num_layers, m.max_layer)
+    tok = prepare_tokenizer(m.tokenizer)
+    if max_tokens is None:
+        max_tokens = m.config.get("max_position_embeddings")
+    budget = max_batch_tokens or getattr(m, "max_batch_tokens", None) or 4096
+    dev = str(getattr(m, "device", "cpu"))
+    config = {
+        "model_fingerprint": m.fingerprint, "model_type": m.config.get("model_type"),
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "layers": lays,
+        "pooling": pooling, "dtype": dtype, "format": format, **tmpl.to_json(), "step_regex": step_regex,
+        "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
+        "dataset_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+        "shard_size": shard_size, "device_kind": "cpu" if dev == "cpu" else "cuda",
+    }
+    store = RunStore(out, config, part)  # refuses a clashing directory, touching nothing
+    if store.is_complete():
+        return _summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True)
+
+    records = list(read_records(paths, format, tmpl, step_regex))
+    store.prepare(len(records))
+    done = store.done()
+    ranges = shard_ranges(len(records), shard_size)
+    pending = [k for k in part_shards(len(ranges), part) if k not in done]
+    engine_limit = None if dev == "cpu" else getattr(m, "max_batch_tokens", None)
+    runner = _Runner(m, store, lays, pooling, dtype, budget, progress,
+                     total=sum(ranges[k][1] - ranges[k][0] for k in pending))
+    runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, engine_limit, budget))
+    summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
+                       noop=False, tokens_run=runner.tokens)
+    summary["throughput_warnings"] = runner.watch.warnings
+    if strict and summary["errors"]:
+        raise ValueError(f"{summary['errors']} records could not be processed (strict); "
+                         f"see {Path(out) / 'errors.jsonl'}")
+    return summary
+
+
+class _Runner:
+    """Runs the engine over planned shards with a tokenizer and a writer thread."""
+
+    def __init__(self, m, store: RunStore, layers: list[int], pooling: str, dtype: str, budget: int,
+                 progress: bool, total: int):
+        self.m, self.store, self.layers, self.pooling, self.dtype = m, store, layers, pooling, dtype
+        self.budget = budget
+        self.watch = ThroughputWatch(budget)
+        self.compute_s = 0.0
+        self.tokens = 0
+        self.progress, self.total = progress, total
+
+    def run(self, pending: list[int], work) -> None:
+        if not pending:
+            return
+        stop = threading.Event()
+        plans: queue.Queue = queue.Queue(maxsize=2)
+        writes: queue.Queue = queue.Queue(maxsize=1)
+
+        def produce() -> None:
+            for k in pending:
+                if not _put(plans, work(k), stop):
+                    return
+
+        def write() -> None:
+            while True:
+                job = writes.get()
+                if job is None:
+                    return
+                self.store.write_shard(*_convert(job, self.dtype))
+
+        producer, writer = _Worker(produce, "tokenizer"), _Worker(write, "writer")
+        producer.start()
+        writer.start()
+        bar = self._bar()
+        t0 = time.perf_counter()
+        try:
+            for _ in pending:
+                shard = _get(plans, producer)
+                job = self._compute(shard, bar, t0)
+                if not _put_checked(writes, job, writer):
+                    break
+            _put_checked(writes, None, writer)
+            while writer.is_alive():
+                writer.join(0.1)
+            if writer.error is not None:
+                raise writer.error
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.close()
+
+    def _bar(self):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.total, unit="item", desc="extract", dynamic_ncols=True, file=sys.stderr)
+
+    def _compute(self, shard: dict, bar, t0: float) -> tuple:
+        items: list[Item] = shard["items"]
+        results: list[np.ndarray | None] = [None] * len(items)
+        for batch in shard["batches"]:
+            seqs = [items[i].ids for i in batch]
+            n_tok = int(sum(len(s) for s in seqs))
+            t = time.perf_counter()
+            res = self.m.extract(seqs, spans=[items[i].spans for i in batch], layers=self.layers,
+                                 pooling=self.pooling, max_batch_tokens=max(self.budget, n_tok))
+            dt = time.perf_counter() - t
+            self.compute_s += dt
+            self.tokens += n_tok
+            self.watch.record(n_tok, dt)
+            for i, r in zip(batch, res):
+                results[i] = r
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s",
+                                    refresh=False)
+        if bar is not None:
+            bar.update(len(shard["errors"]))
+        return shard["index"], tuple(shard["records"]), items, results, shard["errors"]
+
+
+def _convert(job: tuple, dtype: str) -> tuple:
+    """(in the writer thread) results -> stored dtype; unrepresentable items become errors."""
+    index, records, items, results, errors = job
+    good, lats, errors = [], [], list(errors)
+    for it, r in zip(items, results):
+        lat, reason = convert_latents(np.asarray(r, dtype=np.float32), dtype)
+        if reason is None:
+            good.append(it)
+            lats.append(lat)
+        else:
+            errors.append(ErrorRecord(it.index, it.id, it.source, it.line, reason))
+    errors.sort(key=lambda e: e.index)
+    return index, records, good, lats, [e.to_json() for e in errors]
+
+
+def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> bool:
+    while True:
+        if worker.error is not None:
+            raise worker.error
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            if not worker.is_alive():
+                raise RuntimeError("writer thread ended unexpectedly")
+
+
+def _summary(store: RunStore, part: tuple[int, int], pending: list[int], compute_s: float, wall_s: float,
+             noop: bool, tokens_run: int = 0) -> dict:
+    if store.num_records is None:  # a finished run: the manifest says everything
+        store.num_records = store.stored_num_records()
+    entries = store.done()
+    mine = [entries[k] for k in part_shards(store.num_shards, part) if k in entries]
+    return {
+        "out": str(store.out), "part": f"{part[0]}/{part[1]}", "noop": noop,
+        "complete": store.is_complete(), "shards_written": len(pending), "shards_total": len(mine),
+        "items": sum(s["items"] for s in mine), "steps": sum(s["steps"] for s in mine),
+        "errors": sum(len(s["errors"]) for s in mine), "tokens": sum(s["tokens"] for s in mine),
+        "tokens_this_run": tokens_run, "wall_s": wall_s, "compute_s": compute_s,
+        "tokens_per_s": tokens_run / wall_s if wall_s > 0 else 0.0,
+        "engine_tokens_per_s": tokens_run / compute_s if compute_s > 0 else 0.0,
+    }
+
+
+# ------------------------------------------------------------ CLI
+
+def _unescape(s: str) -> str:
+    """Command-line convenience: \\n, \\t and \\\\ in --template / --step-separator."""
+    return re.sub(r"\\(n|t|\\)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], s)
+
+
+def _layers_arg(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {s!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="+", metavar="DATA", help=".jsonl or .json (array) files of records")
+    p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
+    p.add_argument("--layers", type=_layers_arg, default=[-2],
+                   help="comma-separated hidden_states indices, e.g. --layers=-2 or --layers=8,16 (default -2)")
+    p.add_argument("--pooling", default="mean", choices=POOLINGS)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--template", default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
+                   help="text template with {question} and {steps} (default '{question}\\n{steps}')")
+    p.add_argument("--step-separator", default="\\n", help="between steps (default '\\n')")
+    p.add_argument("--step-regex", default=DEFAULT_STEP_REGEX,
+                   help=f"step marker of --format text (default {DEFAULT_STEP_REGEX!r})")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longer texts are errors (default: the model's context)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one batch")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="input records per shard")
+    p.add_argument("--part", default="0/1", help="worker i of n: i/n (default 0/1)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if visible)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_model() -> str:
+    try:
+        from .default_model import default_model_path
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.default_model":
+            raise
+        raise SystemExit("rjepa-latent extract: --model is required (no default model in this build)") from None
+    return default_model_path()
+
+
+def run(args: argparse.Namespace) -> int:
+    model = args.model or _default_model()
+    summary = extract_dataset(
+        args.data, model, args.out, format=args.format, layers=args.layers, pooling=args.pooling,
+        dtype=args.dtype, template=_unescape(args.template), step_separator=_unescape(args.step_separator),
+        step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
+        shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
+        device=args.device, threads=args.threads)
+    print(format_summary(summary))
+    if args.strict and summary["errors"]:
+        print(f"rjepa-latent extract: {summary['errors']} records could not be processed "
+              f"(see {Path(args.out) / 'errors.jsonl'}); --strict", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    if s["noop"]:
+        return (f"{s['out']}: already complete ({s['items']} items, {s['steps']} steps, "
+                f"{s['errors']} errors); nothing to do")
+    ratio = s["tokens_per_s"] / s["engine_tokens_per_s"] if s["engine_tokens_per_s"] else 0.0
+    return (f"{s['out']} [{s['part']}]: {s['items']} items, {s['steps']} steps, {s['errors']} errors; "
+            f"{s['shards_written']} shards written this run ({s['tokens_this_run']:,} tokens) in "
+            f"{s['wall_s']:.1f} s: {s['tokens_per_s']:,.0f} tokens/s end to end, "
+            f"{s['engine_tokens_per_s']:,.0f} in the engine ({ratio:.0%}); "
+            f"{'complete' if s['complete'] else 'not complete yet'}")

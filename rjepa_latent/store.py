@@ -1,0 +1,461 @@
+"""The run directory: latent shards, per-item metadata, manifest, errors; atomic,
+resumable, shared by `--part` workers; and `open_latents`, its zero-copy reader.
+
+Layout (the output-store contract of DESIGN.md; details in docs/formats.md):
+  manifest.json                      config, shard list with counts + sha256, complete flag
+  manifest.part-IIIII-of-NNNNN.json  one per `--part` worker (n > 1) while it works
+  shard-KKKKK.safetensors            latents [n_layers, n_steps, hidden], step_offsets, token_spans
+  shard-KKKKK.jsonl                  one line per item, same order
+  errors.jsonl                       records that could not be processed (derived from the manifest)
+
+Design choices:
+- Shard k holds the good records among input records [k*S, (k+1)*S): its
+  content depends only on the input bytes and the configuration, never on
+  batching, timing or which worker made it, so a resumed run, a `--part`
+  run and an uninterrupted run produce the same bytes.
+- Every file is written to a hidden temporary name, fsynced, renamed, and
+  the directory fsynced; the manifest (which lists shard files with sizes and
+  sha256) is written after the shard's files, so whatever is listed is
+  complete. Files not listed are recomputed on resume. Nothing run-dependent
+  (times, host names, paths) goes into any file.
+- A record's errors live in its shard's manifest entry, so errors.jsonl is
+  a pure function of the manifests and can be rewritten at any time.
+- Safetensors files are written by hand (header JSON + raw little-endian
+  payload) so bfloat16 needs no framework and bytes are fully under control.
+  The reader parses the header itself and returns np.frombuffer views over
+  an mmap of the file: zero-copy for float32 and float16. NumPy has no
+  bfloat16, so bf16 stores give float32 copies via `.latents` and the raw
+  uint16 view via `.raw_latents`.
+- Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
+  step (mid-write, after fsync, after rename, after the directory fsync), so
+  tests can kill deterministically at many distinct instants.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import signal
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import StoreError
+
+FORMAT = "rjepa-latent"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+_PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
+_OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5}\.(safetensors|jsonl)|errors\.jsonl"
+                       r"|\..+\.tmp-\d+-\d+)$")
+_MAX_HEADER = 100 * 1024 * 1024
+
+# ------------------------------------------------------------ atomic writes
+
+_kill_at = int(os.environ.get("RJEPA_TEST_KILL_AT", "0") or 0)
+_write_steps = 0
+
+
+def _checkpoint() -> None:
+    """Test hook: die here at the RJEPA_TEST_KILL_AT-th write step."""
+    global _write_steps
+    if _kill_at:
+        _write_steps += 1
+        if _write_steps == _kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, chunks: Iterable, tag: str) -> dict:
+    """Write `chunks` (bytes or C-contiguous arrays) to `path` atomically.
+
+    Returns {"bytes": size, "sha256": hex digest}.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    h = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as f:
+        for i, chunk in enumerate(chunks):
+            buf = chunk.reshape(-1).view(np.uint8) if isinstance(chunk, np.ndarray) else chunk
+            f.write(buf)
+            h.update(buf)
+            size += len(buf)
+            if i == 0:
+                f.flush()
+                _checkpoint()  # a torn temporary file
+        f.flush()
+        os.fsync(f.fileno())
+    _checkpoint()
+    os.replace(tmp, path)
+    _checkpoint()
+    _fsync_dir(path.parent)
+    _checkpoint()
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+# ------------------------------------------------------------ safetensors
+
+
+def safetensors_chunks(tensors: list[tuple[str, str, np.ndarray]]) -> list:
+    """Chunks of a safetensors file: 8-byte header size, JSON header, payloads.
+
+    `tensors` = [(name, safetensors dtype, C-contiguous array)], written in this
+    order; put 8-byte types first so every payload stays aligned.
+    """
+    header: dict = {"__metadata__": {"format": FORMAT, "format_version": str(FORMAT_VERSION)}}
+    offset = 0
+    for name, st_dtype, arr in tensors:
+        header[name] = {"dtype": st_dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)  # payload starts 8-byte aligned
+    return [struct.pack("<Q", len(text)) + text] + [np.ascontiguousarray(a) for _, _, a in tensors]
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Parse a safetensors file and return read-only views over its mmap."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise StoreError(f"{path}: too short to be a safetensors file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    (n,) = struct.unpack("<Q", mm[:8])
+    if n > _MAX_HEADER or 8 + n > size:
+        raise StoreError(f"{path}: header length {n} is out of bounds")
+    try:
+        header = json.loads(bytes(mm[8:8 + n]))
+    except ValueError as e:
+        raise StoreError(f"{path}: header is not JSON: {e}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if dtype is None or end - start != count * np.dtype(dtype).itemsize or 8 + n + end > size:
+            raise StoreError(f"{path}: tensor {name!r} has an invalid dtype, size or offsets")
+        out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
+    return out
+
+
+def bf16_from_f32(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even (inputs are finite)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
+def f32_from_bf16(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.uint32) << 16).view(np.float32)
+
+
+def convert_latents(lat: np.ndarray, dtype: str) -> tuple[np.ndarray | None, str | None]:
+    """float32 latents -> stored dtype; (None, reason) when not representable."""
+    if not np.isfinite(lat).all():
+        return None, "latents contain NaN or infinity (the model overflowed in float32)"
+    if dtype == "float32":
+        return lat, None
+    if dtype == "float16":
+        peak = float(np.abs(lat).max()) if lat.size else 0.0
+        if peak > 65504.0:
+            return None, (f"latents overflow float16 (largest magnitude {peak:.4g} > 65504); "
+                          "use --dtype bfloat16 or float32")
+        return lat.astype(np.float16), None
+    return bf16_from_f32(lat), None
+
+# ------------------------------------------------------------ run directory
+
+
+def part_manifest_name(part: tuple[int, int]) -> str:
+    i, n = part
+    return MANIFEST if n == 1 else f"manifest.part-{i:05d}-of-{n:05d}.json"
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: cannot read the manifest: {e}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise StoreError(f"{path}: not an rjepa-latent manifest")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: format version {obj.get('format_version')} is not {FORMAT_VERSION}")
+    return obj
+
+
+def read_manifests(out: Path) -> dict[str, dict]:
+    """All manifests in `out` by file name (manifest.json and part manifests)."""
+    if not out.is_dir():
+        return {}
+    names = sorted(p.name for p in out.iterdir() if p.name == MANIFEST or _PART_MANIFEST.match(p.name))
+    return {name: _load_json(out / name) for name in names}
+
+
+def config_differences(stored: dict, requested: dict) -> list[str]:
+    lines = []
+    for key in sorted(set(stored) | set(requested)):
+        if stored.get(key) != requested.get(key):
+            lines.append(f"  {key}: stored {stored.get(key)!r}, requested {requested.get(key)!r}")
+    return lines
+
+
+class RunStore:
+    """Writer side of a run directory for one worker (`part` = (i, n))."""
+
+    def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1)):
+        self.out = Path(out)
+        self.config = config
+        self.part = part
+        self.tag = f"{part[0]}-{part[1]}"
+        self.manifest_name = part_manifest_name(part)
+        self._check_directory()
+        self.manifests = read_manifests(self.out)
+        for name, m in self.manifests.items():
+            diff = config_differences(m["config"], config)
+            if diff:
+                raise StoreError(f"{self.out} holds a run with a different configuration ({name}); "
+                                 "nothing was changed. Differences:\n" + "\n".join(diff) +
+                                 "\nUse another --out, or the options of the stored run.")
+        self.num_records: int | None = None
+        self.own: dict[int, dict] = {}
+        mine = self.manifests.get(self.manifest_name)
+        if mine is not None:
+            self.own = {s["index"]: s for s in mine["shards"]}
+
+    def _check_directory(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise StoreError(f"--out {self.out} exists and is not a directory")
+        if self.out.is_dir():
+            foreign = sorted(p.name for p in self.out.iterdir() if not _OWN_FILE.match(p.name))
+            if foreign:
+                raise StoreError(f"--out {self.out} holds files that are not from rjepa-latent "
+                                 f"({', '.join(foreign[:5])}); use an empty or new directory")
+
+    def done(self) -> dict[int, dict]:
+        """Shards listed by any manifest (their files verified by size)."""
+        entries: dict[int, dict] = {}
+        for m in self.manifests.values():
+            for s in m["shards"]:
+                entries.setdefault(s["index"], s)
+        for s in entries.values():
+            for fname, info in s["files"].items():
+                p = self.out / fname
+                if not p.is_file() or p.stat().st_size != info["bytes"]:
+                    raise StoreError(f"{p} is listed in the manifest but missing or of the wrong size; "
+                                     "the directory was modified outside rjepa-latent")
+        return entries
+
+    def stored_num_records(self) -> int | None:
+        for m in self.manifests.values():
+            return m["num_records"]
+        return None
+
+    def is_complete(self) -> bool:
+        m = self.manifests.get(MANIFEST)
+        return bool(m and m["complete"])
+
+    def prepare(self, num_records: int) -> None:
+        """Create the directory and drop this worker's stale temporary files."""
+        self.num_records = num_records
+        self.out.mkdir(parents=True, exist_ok=True)
+        solo = self.part[1] == 1  # a single run owns the whole directory
+        for p in self.out.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(f".tmp-{self.tag}") or (solo and ".tmp-" in p.name)):
+                p.unlink()
+        if not self.manifests.get(self.manifest_name):
+            self._write_manifests()
+
+    @property
+    def num_shards(self) -> int:
+        s = self.config["shard_size"]
+        return (self.num_records + s - 1) // s
+
+    def write_shard(self, index: int, records: tuple[int, int], items: list, latents: list[np.ndarray],
+                    errors: list[dict]) -> dict:
+        """Write shard `index` (items in input order, latents already in the stored dtype)."""
+        name = f"shard-{index:05d}"
+        nl, d = len(self.config["layers"]), self.config["hidden_size"]
+        st_dtype, np_dtype = DTYPES[self.config["dtype"]]
+        counts = [lat.shape[1] for lat in latents]
+        offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        spans = (np.concatenate([it.spans for it in items]) if items else np.zeros((0, 2), np.int32)).astype(np.int32)
+        lat = (np.concatenate(latents, axis=1) if latents else np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
+        st = atomic_write(self.out / f"{name}.safetensors", safetensors_chunks(
+            [("step_offsets", "I64", offsets), ("token_spans", "I32", spans), ("latents", st_dtype, lat)]), self.tag)
+        rows = [{"id": it.id, "num_steps": int(c), "num_tokens": int(len(it.ids)), "text": it.text,
+                 "source": it.source, "line": it.line, **it.meta} for it, c in zip(items, counts)]
+        js = atomic_write(self.out / f"{name}.jsonl", [_jsonl_bytes(rows)], self.tag)
+        entry = {"index": index, "records": list(records), "items": len(items), "steps": int(offsets[-1]),
+                 "tokens": int(sum(len(it.ids) for it in items)), "errors": errors,
+                 "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
+        self.own[index] = entry
+        self._write_manifests()
+        return entry
+
+    def _manifest(self, shards: dict[int, dict], complete: bool, part: tuple[int, int] | None) -> dict:
+        listed = [shards[k] for k in sorted(shards)]
+        m = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
+             "num_records": self.num_records, "num_shards": self.num_shards, "complete": complete,
+             "totals": {key: sum(s[key] for s in listed) for key in ("items", "steps", "tokens")}
+             | {"errors": sum(len(s["errors"]) for s in listed)},
+             "shards": listed}
+        if part is not None:
+            m["part"] = list(part)
+        return m
+
+    def _write_manifests(self) -> None:
+        """Write this worker's manifest; then the merged manifest.json and
+        errors.jsonl when this is a single run or all shards are now done."""
+        if self.part[1] == 1:
+            union = {**self._others(), **self.own}
+            complete = len(union) == self.num_shards
+            self._put_manifest(MANIFEST, self._manifest(union, complete, None))
+            self._put_errors(union)
+            return
+        from .plan import part_shards
+        # other workers progress concurrently: re-read their manifests (atomic renames)
+        self.manifests.update({k: v for k, v in read_manifests(self.out).items() if k != self.manifest_name})
+        union = self.done()
+        mine = part_shards(self.num_shards, self.part)
+        own_complete = all(k in self.own or k in union for k in mine)
+        self._put_manifest(self.manifest_name, self._manifest(self.own, own_complete, self.part))
+        union = {**union, **self.own}
+        if len(union) == self.num_shards:
+            self._put_manifest(MANIFEST, self._manifest(union, True, None))
+            self._put_errors(union)
+
+    def _others(self) -> dict[int, dict]:
+        return {k: v for k, v in self.done().items() if k not in self.own}
+
+    def _put_manifest(self, name: str, manifest: dict) -> None:
+        atomic_write(self.out / name, [_json_bytes(manifest)], self.tag)
+        self.manifests[name] = manifest
+
+    def _put_errors(self, shards: dict[int, dict]) -> None:
+        rows = [e for k in sorted(shards) for e in shards[k]["errors"]]
+        atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], self.tag)
+
+# ------------------------------------------------------------ reader
+
+
+class LatentItem:
+    """One stored item: `id`, `latents` [n_layers, n_steps, hidden], `token_spans`
+    [n_steps, 2], `meta` (its shard-jsonl line)."""
+
+    def __init__(self, raw: np.ndarray, token_spans: np.ndarray, meta: dict, bf16: bool):
+        self.raw_latents = raw
+        self.token_spans = token_spans
+        self.meta = meta
+        self._bf16 = bf16
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def latents(self) -> np.ndarray:
+        """Zero-copy view (float32/float16 stores); a float32 copy for bfloat16 stores."""
+        return f32_from_bf16(self.raw_latents) if self._bf16 else self.raw_latents
+
+    def __repr__(self) -> str:
+        return f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)})"
+
+
+class LatentStore:
+    """Read side of a run directory; see `open_latents`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a directory")
+        manifests = read_manifests(self.path)
+        if not manifests:
+            raise StoreError(f"{self.path} has no manifest.json: not an rjepa-latent run directory "
+                             "(or no shard finished yet)")
+        first = next(iter(manifests.values()))
+        self.config = first["config"]
+        self.num_records = first["num_records"]
+        shards: dict[int, dict] = {}
+        for m in manifests.values():
+            if m["config"] != self.config:
+                raise StoreError(f"{self.path}: manifests disagree on the configuration")
+            for s in m["shards"]:
+                shards.setdefault(s["index"], s)
+        self.shards = [shards[k] for k in sorted(shards)]
+        self.complete = len(self.shards) == first["num_shards"]
+        self.errors = [e for s in self.shards for e in s["errors"]]
+        self.dtype = self.config["dtype"]
+        self._meta: list[list[dict]] = []
+        self._where: list[tuple[int, int]] = []
+        for si, s in enumerate(self.shards):
+            jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
+            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+            if len(rows) != s["items"]:
+                raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
+            self._meta.append(rows)
+            self._where.extend((si, j) for j in range(len(rows)))
+        self.ids = [row["id"] for rows in self._meta for row in rows]
+        self._pos = {i: p for p, i in enumerate(self.ids)}
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _shard_arrays(self, si: int) -> dict[str, np.ndarray]:
+        if si not in self._arrays:
+            self._arrays[si] = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors")
+        return self._arrays[si]
+
+    def __getitem__(self, key: int | str) -> LatentItem:
+        if isinstance(key, str):
+            if key not in self._pos:
+                raise KeyError(f"no item with id {key!r}")
+            pos = self._pos[key]
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            pos = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= pos < len(self):
+                raise IndexError(f"item index {key} out of range for {len(self)} items")
+        else:
+            raise TypeError(f"index by position (int) or id (str), not {type(key).__name__}")
+        si, j = self._where[pos]
+        arr = self._shard_arrays(si)
+        a, b = int(arr["step_offsets"][j]), int(arr["step_offsets"][j + 1])
+        return LatentItem(arr["latents"][:, a:b, :], arr["token_spans"][a:b], self._meta[si][j],
+                          self.dtype == "bfloat16")
+
+    def __iter__(self) -> Iterator[LatentItem]:
+        for p in range(len(self)):
+            yield self[p]
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "partial"
+        return f"LatentStore({str(self.path)!r}, {len(self)} items, {len(self.errors)} errors, {state})"
+
+
+def open_latents(path: str | Path) -> LatentStore:
+    """Open a run directory (complete or partial: finished shards only) for reading."""
+    return LatentStore(path)
