@@ -20,6 +20,21 @@ ROOT = Path(__file__).resolve().parent
 CUDA_ARCHS = ("80", "90", "90a")
 
 
+def nvcc_top(nvcc):
+    """The toolkit root nvcc itself uses (its TOP), or None."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            top = Path(line.split("TOP=", 1)[1].strip().strip('"')).resolve()
+            if (top / "include" / "cuda_runtime_api.h").exists():
+                return str(top)
+    return None
+
+
 def find_cuda_home():
     """Directory of the CUDA toolkit, or None (CPU-only build)."""
     mode = os.environ.get("RJEPA_CUDA", "").strip()
@@ -30,6 +45,8 @@ def find_cuda_home():
         nvcc = shutil.which("nvcc")
         if nvcc:
             home = str(Path(nvcc).resolve().parent.parent)
+            if not (Path(home) / "include" / "cuda_runtime_api.h").exists():
+                home = nvcc_top(nvcc) or home  # nvcc on PATH may be a wrapper script
     if home and (Path(home) / "bin" / "nvcc").exists():
         return home
     if mode == "1":
