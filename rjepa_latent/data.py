@@ -154,11 +154,28 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
             if not raw.strip():
                 continue  # blank lines are not records
             try:
-                yield lineno, json.loads(raw.decode("utf-8")), None
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield lineno, None, f"line is not valid UTF-8: {e}"
+                continue
+            try:
+                yield lineno, json.loads(text), None
             except ValueError as e:
-                yield lineno, None, f"invalid JSON: {e}"
+                yield lineno, text, f"invalid JSON: {e}"  # the raw text, to salvage the id
+
+
+_ID_IN_BROKEN = re.compile(r'"(?:id|cot_id)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def _salvage_id(raw: object) -> str | None:
+    """Best effort: the id of a record whose JSON is broken, for its error line."""
+    m = _ID_IN_BROKEN.search(raw) if isinstance(raw, str) else None
+    if not m:
+        return None
+    try:
+        return str(json.loads(m.group(1)))
+    except ValueError:
+        return None
 
 
 def _record_id(obj: dict) -> str | None:
@@ -291,6 +308,7 @@ def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Templ
             rid = None
             try:
                 if parse_error:
+                    rid = _salvage_id(obj)
                     raise _BadRecord(parse_error)
                 rid = _record_id(obj) if isinstance(obj, dict) else None
                 rid, text, ranges, meta = _convert(obj, fmt, template, marker)

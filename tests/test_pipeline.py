@@ -1,0 +1,165 @@
+"""extract_dataset / `rjepa-latent extract` end to end with the real engine on
+a tiny random llama: stored latents re-derived independently from HF
+transformers over the stored spans; every bad-record kind lands in
+errors.jsonl; dtypes; --part workers; refusal of clashing configurations;
+a finished run is a no-op."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+import rjepa_latent as rl
+from rjepa_latent.cli import main as cli_main
+from rjepa_latent.store import bf16_from_f32
+from test_tokenize import ADVERSARIAL
+
+BAD_LINES = [
+    '{"id": "broken", "steps": [',
+    '{"id": "nosteps", "steps": "x"}',
+    '{"id": "empty", "steps": []}',
+    '{"id": "emptystep", "steps": ["a", ""]}',
+    '{"id": "scripts", "steps": ["duplicate id"]}',
+    json.dumps({"id": "too_long", "question": "Q", "steps": [" ".join(["word"] * 1200)]}),
+    '{"what": 1}',
+]
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return rl.Model(tiny_model_dir("llama"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in ADVERSARIAL]
+    lines[3:3] = BAD_LINES[:4]
+    lines += ["", BAD_LINES[4], BAD_LINES[5], BAD_LINES[6]]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def snapshot(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_latents_match_hf_and_errors_are_kept(model, data, tmp_path, tiny_model_dir, hf_states):
+    out = tmp_path / "run"
+    s = rl.extract_dataset(data, model, out, layers=(1, -1), shard_size=4, max_batch_tokens=700, progress=False)
+    assert s["complete"] and s["items"] == len(ADVERSARIAL) and s["errors"] == len(BAD_LINES)
+    store = rl.open_latents(out)
+    assert store.ids == [r["id"] for r in ADVERSARIAL]  # input order, whatever the batching
+    errors = {e["id"]: e for e in store.errors}
+    assert store.errors == [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in store.errors] == [4, 5, 6, 7, 15, 16, 17]
+    assert "invalid JSON" in errors["broken"]["reason"] and "duplicate id 'scripts'" in errors["scripts"]["reason"]
+    assert "more than --max-tokens 1024" in errors["too_long"]["reason"]
+    assert "cannot tell the format" in errors[None]["reason"]
+
+    tok = Tokenizer.from_file(str(tiny_model_dir("llama") / "tokenizer.json"))
+    worst = 0.0
+    for item in store:
+        ids = tok.encode(item.meta["text"]).ids  # re-tokenize the stored text independently
+        assert item.meta["num_tokens"] == len(ids) and item.meta["num_steps"] == len(item.token_spans)
+        hs = hf_states(tiny_model_dir("llama"), ids)[[1, 3]]  # layers (1, -1) of a 3-layer model
+        ref = np.stack([hs[:, a:b].mean(axis=1) for a, b in item.token_spans], axis=1)
+        assert item.latents.shape == ref.shape and item.latents.dtype == np.float32
+        worst = max(worst, float(np.abs(item.latents - ref).max() / np.abs(ref).max()))
+    assert worst < 2e-5, worst
+
+
+def test_dtypes_and_poolings(model, data, tmp_path):
+    ref = tmp_path / "f32"
+    rl.extract_dataset(data, model, ref, shard_size=5, progress=False, pooling="last")
+    rl.extract_dataset(data, model, tmp_path / "f16", shard_size=5, progress=False, pooling="last", dtype="float16")
+    rl.extract_dataset(data, model, tmp_path / "bf16", shard_size=5, progress=False, pooling="last", dtype="bfloat16")
+    a, h, b = (rl.open_latents(tmp_path / n) for n in ("f32", "f16", "bf16"))
+    for x, y, z in zip(a, h, b):
+        assert y.latents.dtype == np.float16 and np.array_equal(y.latents, x.latents.astype(np.float16))
+        assert np.array_equal(z.raw_latents, bf16_from_f32(x.latents)) and z.latents.dtype == np.float32
+    with pytest.raises(ValueError, match="pooling"):
+        rl.extract_dataset(data, model, tmp_path / "x", pooling="none", progress=False)
+    with pytest.raises(ValueError, match="layer 7"):
+        rl.extract_dataset(data, model, tmp_path / "x", layers=(7,), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_noop_and_refusal_touch_nothing(model, data, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    rl.extract_dataset(data, model, out, shard_size=4, progress=False)
+    before = snapshot(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    t = time.perf_counter()
+    s = rl.extract_dataset(data, model, out, shard_size=4, progress=False)
+    assert s["noop"] and s["complete"] and time.perf_counter() - t < 2.0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    clashes = [
+        (dict(dtype="float16"), "dtype"), (dict(layers=(1,)), "layers"), (dict(pooling="first"), "pooling"),
+        (dict(template="Q: {question}\n{steps}"), "template"), (dict(max_tokens=500), "max_tokens"),
+        (dict(shard_size=3), "shard_size"),
+    ]
+    for kw, key in clashes:
+        with pytest.raises(rl.StoreError, match=rf"(?s)different configuration.*{key}: stored"):
+            rl.extract_dataset(data, model, out, **{"shard_size": 4, **kw}, progress=False)
+    other = rl.Model(tiny_model_dir("qwen2"), device="cpu")
+    with pytest.raises(rl.StoreError, match="model_fingerprint: stored"):
+        rl.extract_dataset(data, other, out, shard_size=4, progress=False)
+    changed = tmp_path / data.name
+    changed.write_bytes(data.read_bytes() + b'{"id": "new", "steps": ["n"]}\n')
+    with pytest.raises(rl.StoreError, match="inputs: stored"):
+        rl.extract_dataset(changed, model, out, shard_size=4, progress=False)
+    assert snapshot(out) == before
+
+
+def _gsm8k_head(tmp_path: Path, n: int) -> Path:
+    if not GSM8K.is_file():
+        pytest.skip(f"{GSM8K} is absent")
+    p = tmp_path / "gsm8k_head.jsonl"
+    with open(GSM8K, "rb") as f:
+        p.write_bytes(b"".join(next(f) for _ in range(n)))
+    return p
+
+
+def test_parts_union_equals_single_run(model, data, tmp_path):
+    single, parts = tmp_path / "single", tmp_path / "parts"
+    rl.extract_dataset(data, model, single, shard_size=2, progress=False)
+    for i in (2, 0, 1):
+        s = rl.extract_dataset(data, model, parts, shard_size=2, part=f"{i}/3", progress=False)
+        assert s["complete"] == (i == 1)  # the last worker to finish merges manifest.json
+    a, b = snapshot(single), snapshot(parts)
+    extra = sorted(set(b) - set(a))
+    assert extra == [f"manifest.part-0000{i}-of-00003.json" for i in range(3)]
+    assert {k: b[k] for k in a} == a  # shards, manifest.json and errors.jsonl byte-identical
+    assert rl.open_latents(parts).ids == rl.open_latents(single).ids
+
+
+@pytest.mark.slow
+def test_concurrent_part_processes(tmp_path, tiny_model_dir):
+    src = _gsm8k_head(tmp_path, 40)
+    args = [str(src), "--model", str(tiny_model_dir("llama")), "--shard-size", "4", "--layers=1",
+            "--device", "cpu", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(rl.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-m", "rjepa_latent.cli", "extract", *args, "--out",
+                               str(tmp_path / "parts"), "--part", f"{i}/2"], env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert cli_main(["extract", *args, "--out", str(tmp_path / "single")]) == 0
+    a, b = snapshot(tmp_path / "single"), snapshot(tmp_path / "parts")
+    assert {k: b[k] for k in a} == a
+
+
+def test_cli_strict_and_summary(data, tmp_path, tiny_model_dir, capsys):
+    args = ["extract", str(data), "--model", str(tiny_model_dir("llama")), "--device", "cpu",
+            "--no-progress", "--layers=-2", "--template", r"Question: {question}\nSteps:\n{steps}"]
+    assert cli_main([*args, "--out", str(tmp_path / "a"), "--strict"]) == 1
+    out = capsys.readouterr()
+    assert f"{len(ADVERSARIAL)} items" in out.out and f"{len(BAD_LINES)} records could not" in out.err
+    assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0
+    item = rl.open_latents(tmp_path / "b")["markers"]
+    assert item.meta["text"].startswith("Question: Step 1: not a step\nSteps:\nStep 2: inside")
