@@ -11,7 +11,8 @@
  *   2. the sonames libcublas.so.13, .so.12, .so (LD_LIBRARY_PATH, ld cache,
  *      or a copy already loaded into the process, e.g. by torch);
  *   3. pip's nvidia-cublas layout next to this extension and in the running
- *      interpreter's prefix: <site-packages>/nvidia/cu13/lib,
+ *      interpreter's prefix (as started, i.e. a venv's, then the resolved
+ *      binary's, then $VIRTUAL_ENV): <site-packages>/nvidia/cu13/lib,
  *      <site-packages>/nvidia/cublas/lib (cu12 wheels);
  *   4. $CUDA_HOME/lib64, /usr/local/cuda/lib64.
  * libcublas.so carries RPATH $ORIGIN, so its libcublasLt is found beside it.
@@ -75,10 +76,13 @@ static int try_python_prefix(rl_cublas_api *api, const char *prefix)
     while (!found && (e = readdir(d)) != NULL) {
         if (strncmp(e->d_name, "python3", 7) != 0)
             continue;
-        char site[850];
-        n = snprintf(site, sizeof site, "%s/%s/site-packages", libdir, e->d_name);
-        if (n > 0 && (size_t)n < sizeof site)
-            found = try_site_packages(api, site);
+        static const char *const kinds[] = {"site-packages", "dist-packages"};
+        for (size_t k = 0; k < 2 && !found; k++) {
+            char site[850];
+            n = snprintf(site, sizeof site, "%s/%s/%s", libdir, e->d_name, kinds[k]);
+            if (n > 0 && (size_t)n < sizeof site)
+                found = try_site_packages(api, site);
+        }
     }
     closedir(d);
     return found;
@@ -96,6 +100,34 @@ static void parent_of_dir_of(const char *path, char *out, size_t cap)
         }
         *slash = '\0';
     }
+}
+
+/* The interpreter as it was started (argv[0], symlinks not resolved, so a
+ * venv's bin/python3 -> its venv), looked up on PATH when it has no '/'. */
+static int interpreter_path(char *out, size_t cap)
+{
+    char arg0[1024];
+    FILE *f = fopen("/proc/self/cmdline", "rb");
+    if (!f)
+        return 0;
+    size_t n = fread(arg0, 1, sizeof arg0 - 1, f);
+    fclose(f);
+    arg0[n] = '\0'; /* cmdline is NUL-separated: this is argv[0] */
+    if (!arg0[0])
+        return 0;
+    if (strchr(arg0, '/')) {
+        snprintf(out, cap, "%s", arg0);
+        return 1;
+    }
+    const char *path = getenv("PATH");
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path ? path : "");
+    for (char *save = NULL, *d = strtok_r(buf, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
+        int m = snprintf(out, cap, "%s/%s", d, arg0);
+        if (m > 0 && (size_t)m < cap && access(out, X_OK) == 0)
+            return 1;
+    }
+    return 0;
 }
 
 static int try_env_dirs(rl_cublas_api *api, const char *env)
@@ -136,8 +168,14 @@ static int find_library(rl_cublas_api *api)
         if (dir[0] && try_site_packages(api, dir))
             return 1;
     }
-    /* the interpreter's prefix: <prefix>/bin/python3 -> <prefix> */
+    /* the interpreter's prefix: <prefix>/bin/python3 -> <prefix>, first as
+     * started (a venv), then the resolved binary (a system install) */
     char exe[1024];
+    if (interpreter_path(exe, sizeof exe)) {
+        parent_of_dir_of(exe, dir, sizeof dir);
+        if (dir[0] && try_python_prefix(api, dir))
+            return 1;
+    }
     ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
     if (n > 0) {
         exe[n] = '\0';
