@@ -22,6 +22,9 @@
  *   residual with beta=1 (residual add fused); a bias is written into y
  *   first (bf16 out) or added to it (f32 out), then beta=1, so the sum is
  *   rounded once.
+ * - Attention runs on tensor cores (mma.sync) unless RJEPA_ATTN=fma is set
+ *   when the backend is created (the f32 CUDA-core kernel; see
+ *   cuda_kernels.cu).
  * - cuBLAS is dlopen()ed at creation (cublas_loader.c); its 32 MiB
  *   workspace is the only device memory outside weights and workspace
  *   (RL_CUDA_EXTRA_BYTES covers it and the handle's own allocations).
@@ -49,6 +52,7 @@ typedef struct {
     void *stage[2];                 /* pinned host, STAGE_BYTES each, lazily */
     cudaEvent_t stage_done[2];      /* recorded after the DMA out of stage[i] */
     int stage_next;
+    int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
 } cuda_impl;
 
 static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
@@ -401,7 +405,7 @@ static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const vo
         return RL_FAIL(RL_ERR_INVALID, "CUDA attention: head_dim %lld is not supported (16, 32, "
                        "64, 80, 96, 128, 256 are)", (long long)hd);
     CU_CHECK(rl_k_attention(impl_of(be)->stream, qkv, out, seg->cu_seqlens_dev, seg->n_seqs,
-                            seg->max_seqlen, nh, nkv, hd, scale));
+                            seg->max_seqlen, nh, nkv, hd, scale, impl_of(be)->attn_mma));
     return RL_OK;
 }
 
@@ -500,6 +504,8 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
         return RL_FAIL(RL_ERR_NOMEM, "out of host memory creating the CUDA backend");
     }
     im->device = device_index;
+    const char *attn = getenv("RJEPA_ATTN"); /* "fma": the CUDA-core attention kernel */
+    im->attn_mma = !(attn && strcmp(attn, "fma") == 0);
     snprintf(im->name, sizeof im->name, "cuda:%d", device_index);
     be->impl = im;
     be->name = im->name;

@@ -86,7 +86,7 @@ cudaError_t rl_k_qk_norm_rope(cudaStream_t s, uint16_t *qkv, int64_t T, int64_t 
 int rl_k_attention_supports(int64_t hd);
 cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
-                           int64_t nh, int64_t nkv, int64_t hd, float scale);
+                           int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma);
 cudaError_t rl_k_swiglu(cudaStream_t s, const uint16_t *gu, uint16_t *out, int64_t T, int64_t ff);
 cudaError_t rl_k_pool(cudaStream_t s, const void *x, int x_f32, int64_t d, const int32_t *spans,
                       int64_t S, int mode, float *out);

@@ -5,12 +5,20 @@
 // - bf16 storage, f32 arithmetic everywhere; one rounding per output.
 // - Memory-bound row kernels (embed, rmsnorm, swiglu, pool) read 16-byte
 //   vectors when the row length allows it and fall back to scalars.
-// - Attention is a tiled, flash-style kernel on CUDA cores (f32 FMA, not
-//   tensor cores): one block per (sequence, 64-query tile, head), K/V tiles
-//   of the GQA kv head staged in shared memory as bf16, online softmax in
-//   base 2 (q pre-scaled by scale*log2 e). 2-4 threads share a query row,
-//   each owning interleaved 8-wide chunks of the head dim (conflict-free
-//   16-byte shared loads); partial dot products meet by warp shuffles.
+// - Attention: two tiled, flash-style kernels with the same grid, one block
+//   per (sequence, 64-query tile, head), K/V tiles of the GQA kv head staged
+//   in shared memory as bf16, causal online softmax in base 2, f32
+//   accumulation:
+//   * k_attention_mma (default): bf16 tensor cores via mma.sync m16n8k16
+//     (sm_80+), FlashAttention-2 register layout: 4 warps x 16 query rows;
+//     S = Q K^T from Q fragments in registers and K rows in padded shared
+//     memory; P (bf16, as in FA2) reuses S's accumulator layout as the A
+//     operand of O += P V, V fragments via ldmatrix.trans. Rows padded by
+//     16 bytes: conflict-free fragment loads.
+//   * k_attention (RJEPA_ATTN=fma): f32 FMA on CUDA cores, P kept in f32.
+//     2-4 threads share a query row, each owning interleaved 8-wide chunks of
+//     the head dim (conflict-free 16-byte shared loads); partial dot products
+//     meet by warp shuffles. Simple, the fallback and cross-check.
 //   Attention is <1% of the FLOPs at 150-400 tokens per sequence.
 // - Launchers return cudaGetLastError() right after the launch so every
 //   launch is checked by the caller's CU_CHECK.
@@ -333,6 +341,207 @@ cudaError_t launch_attention(cudaStream_t s, const bf16 *qkv, bf16 *out, const i
     return cudaGetLastError();
 }
 
+// ---- varlen causal attention on tensor cores (mma.sync m16n8k16 bf16) ------
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): g = lane / 4, t = lane % 4.
+//   A 16x16 row-major: reg0 = (row g,   cols 2t, 2t+1), reg1 = (row g+8, cols 2t..),
+//                      reg2 = (row g,   cols 2t+8..),   reg3 = (row g+8, cols 2t+8..)
+//   B 16x8 (k x n):    reg0 = (k 2t, 2t+1; n g),        reg1 = (k 2t+8, 2t+9; n g)
+//   C 16x8 f32:        c0,c1 = (row g, cols 2t, 2t+1),  c2,c3 = (row g+8, same cols)
+// The low 16 bits of a register hold the element with the smaller index.
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two 8x8 b16 matrices, transposed: lanes 0-7 give the row addresses of the
+// first, lanes 8-15 of the second; lane l gets (row 2(l%4), 2(l%4)+1; col l/4).
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t &r0, uint32_t &r1, const bf16 *p)
+{
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(addr)
+                 : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi)
+{
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (low half) = lo
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const bf16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+
+template <int HD>
+struct MmaCfg {
+    static constexpr int BQ = 64;             // query rows per block: 4 warps x 16
+    static constexpr int THREADS = 128;
+    static constexpr int BK = HD <= 128 ? 64 : 32; // keys per shared tile
+    static constexpr int LDS = HD + 8;        // padded row (elements): +16 bytes
+    static constexpr int KS = HD / 16;        // k-steps of Q K^T
+    static constexpr int NT = BK / 8;         // key n-tiles of S
+    static constexpr int DT = HD / 8;         // dim n-tiles of O
+    static_assert(HD % 16 == 0, "head dim must be a multiple of 16");
+    static_assert(2 * BK * LDS * 2 <= 48 * 1024, "static shared memory limit");
+};
+
+template <int HD>
+__global__ void __launch_bounds__(MmaCfg<HD>::THREADS)
+k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
+                const int32_t *__restrict__ cu_seqlens, int nh, int nkv, float scale_log2)
+{
+    using C = MmaCfg<HD>;
+    __shared__ __align__(16) bf16 sK[C::BK * C::LDS];
+    __shared__ __align__(16) bf16 sV[C::BK * C::LDS];
+
+    const int b = blockIdx.x, h = blockIdx.z;
+    const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
+    const int q0 = blockIdx.y * C::BQ;
+    if (q0 >= len) return; // whole block leaves together
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8; // this thread's two query rows
+    const int64_t stride = (int64_t)(nh + 2 * nkv) * HD;
+    const int kvh = h / (nh / nkv);
+
+    // Q fragments, all k-steps, straight from global (rows past the end: 0)
+    uint32_t qa[C::KS][4];
+    {
+        const bf16 *q_r0 = qkv + (int64_t)(start + r0) * stride + (int64_t)h * HD;
+        const bf16 *q_r1 = qkv + (int64_t)(start + r1) * stride + (int64_t)h * HD;
+        const bool v0 = r0 < len, v1 = r1 < len;
+#pragma unroll
+        for (int ks = 0; ks < C::KS; ks++) {
+            const int c = ks * 16 + 2 * t;
+            qa[ks][0] = v0 ? ld_u32(q_r0 + c) : 0u;
+            qa[ks][1] = v1 ? ld_u32(q_r1 + c) : 0u;
+            qa[ks][2] = v0 ? ld_u32(q_r0 + c + 8) : 0u;
+            qa[ks][3] = v1 ? ld_u32(q_r1 + c + 8) : 0u;
+        }
+    }
+    float o[C::DT][4];
+#pragma unroll
+    for (int i = 0; i < C::DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; // l: this lane's partial sums
+
+    const int kv_end = min(len, q0 + C::BQ);           // causal: keys <= last query
+    const int warp_last_q = q0 + warp * 16 + 15;
+    const bf16 *kbase = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
+    const bf16 *vbase = kbase + (int64_t)nkv * HD;
+
+    for (int k0 = 0; k0 < kv_end; k0 += C::BK) {
+        __syncthreads(); // the previous tile is no longer read
+        for (int i = tid; i < C::BK * (HD / 8); i += C::THREADS) {
+            const int j = i / (HD / 8), c = (i % (HD / 8)) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (k0 + j < kv_end) {
+                kv = *reinterpret_cast<const uint4 *>(kbase + (int64_t)(k0 + j) * stride + c);
+                vv = *reinterpret_cast<const uint4 *>(vbase + (int64_t)(k0 + j) * stride + c);
+            }
+            *reinterpret_cast<uint4 *>(sK + j * C::LDS + c) = kv;
+            *reinterpret_cast<uint4 *>(sV + j * C::LDS + c) = vv;
+        }
+        __syncthreads();
+        if (k0 > warp_last_q) continue; // warp-uniform: every key of this tile is masked
+
+        // S = Q K^T for BK keys: NT n-tiles of 8 keys
+        float sc[C::NT][4];
+#pragma unroll
+        for (int nt = 0; nt < C::NT; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16 *krow = sK + (nt * 8 + g) * C::LDS + 2 * t;
+#pragma unroll
+            for (int ks = 0; ks < C::KS; ks++)
+                mma_bf16_16816(sc[nt], qa[ks], ld_u32(krow + ks * 16), ld_u32(krow + ks * 16 + 8));
+        }
+        // scale to base 2, causal + tile-end mask, row maxima (rows r0: c0,c1; r1: c2,c3)
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < C::NT; nt++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = k0 + nt * 8 + 2 * t + (i & 1);
+                const int row = i < 2 ? r0 : r1;
+                const float v = (key <= row && key < kv_end) ? sc[nt][i] * scale_log2 : -INFINITY;
+                sc[nt][i] = v;
+                if (i < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) { // the 4 lanes of a row
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float ref0 = mx0 == -INFINITY ? 0.0f : mx0, ref1 = mx1 == -INFINITY ? 0.0f : mx1;
+        const float corr0 = exp2f(m0 - ref0), corr1 = exp2f(m1 - ref1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= corr0;
+        l1 *= corr1;
+#pragma unroll
+        for (int dt = 0; dt < C::DT; dt++) {
+            o[dt][0] *= corr0; o[dt][1] *= corr0;
+            o[dt][2] *= corr1; o[dt][3] *= corr1;
+        }
+        // P = exp2(S - m): f32 row sums, bf16 A fragments (S's C layout = PV's A layout)
+        uint32_t pa[C::NT / 2][4];
+#pragma unroll
+        for (int nt = 0; nt < C::NT; nt++) {
+            const float p0 = exp2f(sc[nt][0] - ref0), p1 = exp2f(sc[nt][1] - ref0);
+            const float p2 = exp2f(sc[nt][2] - ref1), p3 = exp2f(sc[nt][3] - ref1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16x2(p0, p1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16x2(p2, p3);
+        }
+        // O += P V: V[key][dim] is B (k = key, n = dim), loaded transposed
+#pragma unroll
+        for (int kk = 0; kk < C::NT / 2; kk++) {
+            const bf16 *vrow = sV + (kk * 16 + (lane & 15)) * C::LDS;
+#pragma unroll
+            for (int dt = 0; dt < C::DT; dt++) {
+                uint32_t b0, b1;
+                ldmatrix_x2_trans(b0, b1, vrow + dt * 8);
+                mma_bf16_16816(o[dt], pa[kk], b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    bf16 *o_r0 = out + (int64_t)(start + r0) * nh * HD + (int64_t)h * HD + 2 * t;
+    bf16 *o_r1 = out + (int64_t)(start + r1) * nh * HD + (int64_t)h * HD + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < C::DT; dt++) {
+        if (r0 < len)
+            *reinterpret_cast<uint32_t *>(o_r0 + dt * 8) = pack_bf16x2(o[dt][0] * inv0, o[dt][1] * inv0);
+        if (r1 < len)
+            *reinterpret_cast<uint32_t *>(o_r1 + dt * 8) = pack_bf16x2(o[dt][2] * inv1, o[dt][3] * inv1);
+    }
+}
+
+template <int HD>
+cudaError_t launch_attention_mma(cudaStream_t s, const bf16 *qkv, bf16 *out, const int32_t *cu,
+                                 int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
+                                 float scale)
+{
+    using C = MmaCfg<HD>;
+    const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
+    if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
+    dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
+    k_attention_mma<HD><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, scale * kLog2e);
+    return cudaGetLastError();
+}
+
 // ---- SwiGLU: out[t, j] = silu(gu[t, j]) * gu[t, ff + j] --------------------
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
@@ -450,13 +659,25 @@ int rl_k_attention_supports(int64_t hd)
 
 cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
-                           int64_t nh, int64_t nkv, int64_t hd, float scale)
+                           int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma)
 {
     if (n_seqs <= 0 || max_seqlen <= 0) return cudaSuccess;
     if (!aligned16(qkv) || !aligned16(out) || nkv <= 0 || nh % nkv != 0)
         return cudaErrorInvalidValue;
     const bf16 *q = reinterpret_cast<const bf16 *>(qkv);
     bf16 *o = reinterpret_cast<bf16 *>(out);
+    if (use_mma) {
+        switch (hd) {
+        case 16: return launch_attention_mma<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 32: return launch_attention_mma<32>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 64: return launch_attention_mma<64>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 80: return launch_attention_mma<80>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 96: return launch_attention_mma<96>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 128: return launch_attention_mma<128>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 256: return launch_attention_mma<256>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        default: return cudaErrorInvalidValue;
+        }
+    }
     switch (hd) {
     case 16: return launch_attention<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
     case 32: return launch_attention<32>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
