@@ -189,7 +189,7 @@ def mem_info() -> tuple[int, int]:
     return _core.cuda_mem_info(0) if DEV == "cuda" else (0, 0)
 
 
-def bench_ours(torch, path: Path, loads: dict, shape: dict, attn: str = "mma") -> tuple[dict, dict]:
+def bench_ours(torch, path: Path, loads: dict, shape: dict, attn: str) -> tuple[dict, dict]:
     """Load + extract every workload; attn picks the attention kernel
     (RJEPA_ATTN, read when the CUDA backend is created)."""
     import rjepa_latent as rl
@@ -311,7 +311,8 @@ def rel_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 # ---- report --------------------------------------------------------------------------
 
 def table(r: dict) -> str:
-    lines = [f"device: {r['device']}   cuBLAS bf16 GEMM 8192^3: {r['gemm_tflops']:.0f} TFLOP/s",
+    lines = [f"device: {r['device']}   cuBLAS bf16 GEMM 8192^3: {r['gemm_tflops']:.0f} TFLOP/s   "
+             f"attention kernel: {r['attention_kernel']}",
              f"checkpoint: {r['checkpoint_gb']:.1f} GB written in {r['write_s']:.1f} s; load: ours "
              f"{r['ours']['load_s']:.1f} s, HF {r.get('hf', {}).get('load_s', float('nan')):.1f} s",
              f"ours device memory: {r['ours']['device_bytes_used'] / 2**30:.1f} GiB "
@@ -370,9 +371,11 @@ def main() -> int:
     r["workloads"] = {k: {"texts": len(w["seqs"]), "tokens": w["tokens"], "mean_len": w["mean_len"]}
                       for k, w in loads.items()}
     print(f"GEMM {r['gemm_tflops']:.0f} TFLOP/s; checkpoint {r['checkpoint_gb']:.1f} GB", flush=True)
-    r["ours"], ours_pooled = bench_ours(torch, path, loads, shape)
+    attn = os.environ.get("RJEPA_ATTN", "mma")  # gpu_check.sh may have chosen "fma"
+    r["attention_kernel"] = attn
+    r["ours"], ours_pooled = bench_ours(torch, path, loads, shape, attn)
     print(json.dumps(r["ours"], default=str), flush=True)
-    if not args.quick:  # the f32 CUDA-core attention kernel, for comparison
+    if not args.quick and attn != "fma":  # the f32 CUDA-core attention kernel, for comparison
         r["ours_fma"], fma_pooled = bench_ours(torch, path, loads, shape, "fma")
         r["mma_vs_fma_rel_err"] = {k: rel_err(ours_pooled[k], fma_pooled[k]) for k in loads}
         print(json.dumps(r["ours_fma"], default=str), flush=True)
