@@ -298,7 +298,7 @@ def test_missing_and_unexpected_tensors_all_named(llama_dir, tmp_path):
         rl.Model(tmp_path / "m", device="cpu")
     msg = str(e.value)
     for name in drop:
-        assert name in msg.split("unexpected")[0]
+        assert name in msg.split("unexpected tensors:")[0].split("missing tensors:")[1]
     assert "model.layers.1.mlp.extra.weight" in msg and "model.layers.7.mlp.up_proj" in msg
     assert "lm_head" not in msg
 
