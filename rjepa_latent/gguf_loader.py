@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -360,8 +361,11 @@ def build_tokenizer(meta: _Metadata, path: str):
         return None
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ModelFormatError(f"{path}: tokenizer model {kind!r} is not supported "
-                               "(supported: 'gpt2' byte-level BPE)")
+        # the weights are still usable with token ids from elsewhere
+        warnings.warn(f"{path}: tokenizer model {kind!r} is not supported (supported: 'gpt2' "
+                      "byte-level BPE); the model loads without a tokenizer (m.tokenizer is None)",
+                      UserWarning, stacklevel=4)
+        return None
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise ModelFormatError(f"{path}: tokenizer.ggml.merges is missing for a BPE tokenizer")

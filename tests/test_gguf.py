@@ -116,7 +116,7 @@ def _add(w, name: str, arr: np.ndarray, qtype: str) -> None:
 def write_gguf(path: Path, qtype: str = "F32", *, arch: str = "llama", add_bos: bool = False,
                pre: str = "default", ff: int = FF, skip: tuple[str, ...] = (),
                skip_meta: tuple[str, ...] = (), override: dict | None = None,
-               types: dict | None = None, seed: int = 0) -> Path:
+               types: dict | None = None, seed: int = 0, tok_model: str = "gpt2") -> Path:
     """A tiny llama GGUF with 2-D weights in `qtype` (norms F32). `skip` leaves
     tensors out, `skip_meta` metadata keys, `override` replaces tensors (float32,
     any shape), `types` stores some tensors in another type."""
@@ -137,7 +137,7 @@ def write_gguf(path: Path, qtype: str = "F32", *, arch: str = "llama", add_bos: 
     for key, add in meta.items():
         if key not in skip_meta:
             add()
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tok_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_merges(merges)
@@ -303,6 +303,16 @@ def test_tokenizer_ids_match_hf_synthetic(gguf_file, kw):
         assert ours.encode(text).ids == ref(text)["input_ids"], text
     if kw.get("add_bos"):
         assert ours.encode("hi").ids[0] == 1
+
+
+def test_unsupported_tokenizer_loads_without_tokenizer(tmp_path, gguf_file):
+    p = write_gguf(tmp_path / "m.gguf", "F32", tok_model="llama")
+    with pytest.warns(UserWarning, match="'llama' is not supported"):
+        m = rl.Model(p, device="cpu")
+    assert m.tokenizer is None
+    ids = np.arange(3, 20, dtype=np.int32)
+    ref = rl.Model(gguf_file("F32"), device="cpu").hidden_states(ids)
+    np.testing.assert_array_equal(m.hidden_states(ids), ref)
 
 
 def test_tokenizer_offsets_cover_text(gguf_file):
