@@ -169,7 +169,7 @@ def _get(q: queue.Queue, worker: _Worker) -> Any:
 
 
 def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_tokens: int | None,
-                engine_limit: int | None, budget: int) -> dict:
+                limits: list[tuple[int, str]], budget: int) -> dict:
     """Tokenize and plan one shard: items (input order), errors, batches."""
     recs = records[rng[0]:rng[1]]
     done = tokenize_records(tok, [r for r in recs if isinstance(r, Record)], max_tokens)
@@ -178,15 +178,36 @@ def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_tokens: in
     for t in done:
         if not isinstance(t, Item):
             continue
-        if engine_limit is not None and len(t.ids) > engine_limit:
-            errors.append(ErrorRecord(t.index, t.id, t.source, t.line,
-                                      f"text has {len(t.ids)} tokens, more than the engine's batch "
-                                      f"budget {engine_limit} on this device; raise --max-batch-tokens"))
+        reason = _engine_refusal(t, limits)
+        if reason:
+            errors.append(ErrorRecord(t.index, t.id, t.source, t.line, reason))
             continue
         items.append(t)
     items.sort(key=lambda it: it.index)
     return {"index": k, "records": rng, "items": items, "errors": errors,
             "batches": plan_batches([len(it.ids) for it in items], budget)}
+
+
+def _engine_limits(m: Any) -> list[tuple[int, str]]:
+    """Per-record limits of the engine, checked before a record reaches it, so
+    one record cannot abort a run: (limit, what it is)."""
+    limits = [(int(m.config["vocab_size"]), "vocab")] if m.config.get("vocab_size") else []
+    if str(getattr(m, "device", "cpu")) != "cpu" and getattr(m, "max_batch_tokens", None):
+        limits.append((int(m.max_batch_tokens), "the engine's batch budget on this device; raise --max-batch-tokens"))
+    if getattr(m, "sliding_window", None):
+        limits.append((int(m.sliding_window), "the model's sliding_window (not supported beyond it)"))
+    return limits
+
+
+def _engine_refusal(item: Item, limits: list[tuple[int, str]]) -> str | None:
+    for limit, what in limits:
+        if what == "vocab":
+            if item.ids.size and int(item.ids.max()) >= limit:
+                return (f"token id {int(item.ids.max())} is outside the model's vocabulary ({limit}): "
+                        "the tokenizer does not match the model")
+        elif len(item.ids) > limit:
+            return f"text has {len(item.ids)} tokens, more than {limit}, {what}"
+    return None
 
 
 # ------------------------------------------------------------ the API
@@ -254,20 +275,24 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     }
     store = RunStore(out, config, part)  # refuses a clashing directory, touching nothing
     if store.is_complete():
-        return _summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True)
+        return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
 
     records = list(read_records(paths, format, tmpl, step_regex))
     store.prepare(len(records))
     done = store.done()
     ranges = shard_ranges(len(records), shard_size)
     pending = [k for k in part_shards(len(ranges), part) if k not in done]
-    engine_limit = None if dev == "cpu" else getattr(m, "max_batch_tokens", None)
+    limits = _engine_limits(m)
     runner = _Runner(m, store, lays, pooling, dtype, budget, progress,
                      total=sum(ranges[k][1] - ranges[k][0] for k in pending))
-    runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, engine_limit, budget))
+    runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, limits, budget))
     summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
                        noop=False, tokens_run=runner.tokens)
     summary["throughput_warnings"] = runner.watch.warnings
+    return _strict(summary, strict, out)
+
+
+def _strict(summary: dict, strict: bool, out: Any) -> dict:
     if strict and summary["errors"]:
         raise ValueError(f"{summary['errors']} records could not be processed (strict); "
                          f"see {Path(out) / 'errors.jsonl'}")
@@ -300,7 +325,12 @@ class _Runner:
 
         def write() -> None:
             while True:
-                job = writes.get()
+                try:
+                    job = writes.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():  # the main thread failed: do not linger
+                        return
+                    continue
                 if job is None:
                     return
                 self.store.write_shard(*_convert(job, self.dtype))
@@ -415,6 +445,9 @@ def _layers_arg(s: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # let `--layers -2,8` read as a value, not an option (argparse only knows "-2")
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
     p.add_argument("data", nargs="+", metavar="DATA", help=".jsonl or .json (array) files of records")
     p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
     p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
@@ -450,6 +483,15 @@ def _default_model() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .errors import ModelFormatError, StoreError
+    try:
+        return _run(args)
+    except (StoreError, ModelFormatError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     model = args.model or _default_model()
     summary = extract_dataset(
         args.data, model, args.out, format=args.format, layers=args.layers, pooling=args.pooling,

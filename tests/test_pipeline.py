@@ -100,6 +100,8 @@ def test_noop_and_refusal_touch_nothing(model, data, tmp_path, tiny_model_dir):
     s = rl.extract_dataset(data, model, out, shard_size=4, progress=False)
     assert s["noop"] and s["complete"] and time.perf_counter() - t < 2.0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    with pytest.raises(ValueError, match=f"{len(BAD_LINES)} records could not be processed"):
+        rl.extract_dataset(data, model, out, shard_size=4, progress=False, strict=True)
     clashes = [
         (dict(dtype="float16"), "dtype"), (dict(layers=(1,)), "layers"), (dict(pooling="first"), "pooling"),
         (dict(template="Q: {question}\n{steps}"), "template"), (dict(max_tokens=500), "max_tokens"),
@@ -163,3 +165,12 @@ def test_cli_strict_and_summary(data, tmp_path, tiny_model_dir, capsys):
     assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0
     item = rl.open_latents(tmp_path / "b")["markers"]
     assert item.meta["text"].startswith("Question: Step 1: not a step\nSteps:\nStep 2: inside")
+
+
+def test_engine_limits_become_error_records():
+    from rjepa_latent.pipeline import _engine_refusal
+    from rjepa_latent.tokenize import Item
+    it = Item(0, "a", "abc", np.array([0, 5, 400], np.int32), np.array([[1, 3]], np.int32), {}, "f", 1)
+    assert "token id 400 is outside the model's vocabulary (320)" in _engine_refusal(it, [(320, "vocab")])
+    assert "3 tokens, more than 2, the window" in _engine_refusal(it, [(500, "vocab"), (2, "the window")])
+    assert _engine_refusal(it, [(401, "vocab"), (3, "x")]) is None
