@@ -91,9 +91,6 @@ class _Metadata:
         self.fields = reader.fields
         self.path = path
 
-    def has(self, key: str) -> bool:
-        return key in self.fields
-
     def get(self, key: str, default: Any = None) -> Any:
         field = self.fields.get(key)
         if field is None:
@@ -134,6 +131,9 @@ def _read_config(meta: _Metadata, path: str) -> dict:
         raise ModelFormatError(f"{path}: {p}rope.dimension_count={head_dim!r} must be a positive even integer")
     eps = meta.require(p + "attention.layer_norm_rms_epsilon", float)
     theta = meta.get(p + "rope.freq_base", 10000.0)
+    for key, value in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", theta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelFormatError(f"{path}: metadata {p}{key}={value!r} must be a positive number")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens else meta.get(p + "vocab_size")
     cfg = {
