@@ -128,7 +128,8 @@ def _read_config(meta: _Metadata, path: str) -> dict:
                                f"head_count={heads}")
     head_dim = meta.get(p + "rope.dimension_count", hidden // heads)
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-        raise ModelFormatError(f"{path}: {p}rope.dimension_count={head_dim!r} must be a positive even integer")
+        raise ModelFormatError(f"{path}: {p}rope.dimension_count={head_dim!r} must be a positive "
+                               "even integer")
     eps = meta.require(p + "attention.layer_norm_rms_epsilon", float)
     theta = meta.get(p + "rope.freq_base", 10000.0)
     for key, value in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", theta)):
