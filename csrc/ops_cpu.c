@@ -127,24 +127,40 @@ static rl_status cpu_rmsnorm(rl_backend *be, const void *x, const void *w, void 
     return RL_OK;
 }
 
+/* Columns of N each thread computes: depends on N and the thread count only
+ * (never on M), so a sequence gets the same split alone or packed. */
+static int64_t gemm_chunk(int64_t N, int nt)
+{
+    int64_t c = (N + nt - 1) / nt;
+    return (c + 15) / 16 * 16;
+}
+
 static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
                           const void *bias, void *y, int64_t M, int64_t N, int64_t K, int accumulate)
 {
     const float *X = x, *W = w, *B = bias;
     float *Y = y;
-    /* once per sequence: OpenBLAS rounding of a row depends on M */
-    for (int64_t s = 0; s < seg->n_seqs; s++) {
-        int64_t r0 = seg->cu_seqlens_host[s], m = seg->cu_seqlens_host[s + 1] - r0;
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)N,
-                          (blasint)K, 1.0f, X + r0 * K, (blasint)K, W, (blasint)K,
-                          accumulate ? 1.0f : 0.0f, Y + r0 * N, (blasint)N);
-    }
-    if (B) {
-#pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (M * N > PAR_MIN)
-        for (int64_t r = 0; r < M; r++) {
-            float *row = Y + r * N;
-            for (int64_t j = 0; j < N; j++) row[j] += B[j];
+    int nt = impl_of(be)->n_threads;
+    int64_t chunk = gemm_chunk(N, nt), n_chunks = (N + chunk - 1) / chunk;
+    const int32_t *cu = seg->cu_seqlens_host;
+    /* One region: thread c owns output columns [n0, n0+nn) of every sequence.
+     * OpenBLAS runs single-threaded inside it (one thread pool, no two pools
+     * spinning against each other). Once per sequence: OpenBLAS rounding of
+     * a row depends on M. */
+#pragma omp parallel for num_threads(nt) schedule(static) if (n_chunks > 1)
+    for (int64_t c = 0; c < n_chunks; c++) {
+        int64_t n0 = c * chunk, nn = N - n0 < chunk ? N - n0 : chunk;
+        for (int64_t s = 0; s < seg->n_seqs; s++) {
+            int64_t r0 = cu[s], m = cu[s + 1] - r0;
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)nn,
+                              (blasint)K, 1.0f, X + r0 * K, (blasint)K, W + n0 * K, (blasint)K,
+                              accumulate ? 1.0f : 0.0f, Y + r0 * N + n0, (blasint)N);
         }
+        if (B)
+            for (int64_t r = 0; r < M; r++) {
+                float *row = Y + r * N;
+                for (int64_t j = n0; j < n0 + nn; j++) row[j] += B[j];
+            }
     }
     return RL_OK;
 }
@@ -210,43 +226,38 @@ static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *
     return RL_OK;
 }
 
-/* Dot product with 8 independent accumulators (vectorizable, fixed order). */
-static float dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
-    for (; i < n; i++) acc[0] += a[i] * b[i];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+/* Query rows per attention block: scores of a block are one [ATT_BLK, keys]
+ * GEMM, the output one [ATT_BLK, hd] GEMM. */
+#define ATT_BLK 64
 
-/* Causal attention of one head of one sequence of n tokens. */
+/* Causal attention of one head of one sequence of n tokens (rows strided by
+ * W in qkv, Wo in out); P is [ATT_BLK, n] scratch. Softmax in fp32 with the
+ * row max subtracted; masked entries are exact zeros. */
 static void attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
-                        int64_t W, int64_t Wo, int64_t hd, float scale, float *sc)
+                        int64_t W, int64_t Wo, int64_t hd, float scale, float *P)
 {
-    for (int64_t i = 0; i < n; i++) {
-        const float *qi = q + i * W;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j <= i; j++) {
-            float s = dot(qi, k + j * W, hd) * scale;
-            sc[j] = s;
-            if (s > mx) mx = s;
+    for (int64_t i0 = 0; i0 < n; i0 += ATT_BLK) {
+        int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK, nk = i0 + mb;
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)mb, (blasint)nk,
+                          (blasint)hd, scale, q + i0 * W, (blasint)W, k, (blasint)W, 0.0f, P,
+                          (blasint)nk);
+        for (int64_t r = 0; r < mb; r++) {
+            float *p = P + r * nk;
+            int64_t last = i0 + r;                  /* keys 0..last are visible */
+            float mx = p[0];
+            for (int64_t j = 1; j <= last; j++) mx = p[j] > mx ? p[j] : mx;
+            float sum = 0.0f;
+            for (int64_t j = 0; j <= last; j++) {
+                p[j] = expf(p[j] - mx);
+                sum += p[j];
+            }
+            float inv = 1.0f / sum;
+            for (int64_t j = 0; j <= last; j++) p[j] *= inv;
+            for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j <= i; j++) {
-            float e = expf(sc[j] - mx);
-            sc[j] = e;
-            sum += e;
-        }
-        float inv = 1.0f / sum;
-        float *oi = o + i * Wo;
-        for (int64_t c = 0; c < hd; c++) oi[c] = 0.0f;
-        for (int64_t j = 0; j <= i; j++) {
-            float p = sc[j] * inv;
-            const float *vj = v + j * W;
-            for (int64_t c = 0; c < hd; c++) oi[c] += p * vj[c];
-        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)mb, (blasint)hd,
+                          (blasint)nk, 1.0f, P, (blasint)nk, v, (blasint)W, 0.0f, o + i0 * Wo,
+                          (blasint)Wo);
     }
 }
 
@@ -280,7 +291,7 @@ static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const voi
                                int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale)
 {
     cpu_impl *im = impl_of(be);
-    RL_TRY(grow_scratch(im, seg->max_seqlen, 0));
+    RL_TRY(grow_scratch(im, ATT_BLK * seg->max_seqlen, 0));
     const float *QKV = qkv;
     float *O = out;
     int64_t W = (nh + 2 * nkv) * hd, Wo = nh * hd, group = nh / nkv, B = seg->n_seqs;
@@ -364,7 +375,8 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
     cpu_impl *im = calloc(1, sizeof *im);
     if (!be || !im) { free(be); free(im); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
     im->n_threads = n_threads;
-    scipy_openblas_set_num_threads(n_threads);
+    /* all parallelism is OpenMP's: OpenBLAS runs inside our threads */
+    scipy_openblas_set_num_threads(1);
 #ifdef _OPENMP
     omp_set_num_threads(n_threads);
 #endif
