@@ -211,7 +211,9 @@ def bench_ours(torch, path: Path, loads: dict, shape: dict, attn: str) -> tuple[
         dt = time.perf_counter() - t0
         flops = model_flops(shape, w["seqs"], shape["num_hidden_layers"] - 1)
         out[name] = {"seconds": dt, "tokens_per_s": w["tokens"] / dt, "tflops": flops / dt / 1e12}
-        pooled[name] = [a[0] for a in res[:8]]
+        # copies: the result arrays keep their engine (and its device memory) alive
+        pooled[name] = [a[0].copy() for a in res[:8]]
+        del res
     out["device_bytes_after_run"] = free0 - mem_info()[0]
     m.close()
     del m
