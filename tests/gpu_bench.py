@@ -334,7 +334,8 @@ def table(r: dict) -> str:
                      f"{r.get('pooled_rel_err', {}).get(name, float('nan')):>10.2e}")
     if "ours_fma" in r:
         lines.append("attention on CUDA cores (RJEPA_ATTN=fma): " + ", ".join(
-            f"{k} {r['ours_fma'][k]['tokens_per_s']:.0f} tok/s" for k in ("gsm8k_like", "math_like"))
+            f"{k} {r['ours_fma'][k]['tokens_per_s']:.0f} tok/s"
+            for k in ("gsm8k_like", "math_like"))
             + f"; load {r['ours_fma']['load_s']:.1f} s")
     lines.append("goals: >= 2.5x HF best, MFU >= 60% of the measured GEMM rate, load < 15 s")
     return "\n".join(lines)
@@ -372,7 +373,8 @@ def main() -> int:
              "math_like": make_workload(rng, n, 400, shape["vocab_size"])}
     r["workloads"] = {k: {"texts": len(w["seqs"]), "tokens": w["tokens"], "mean_len": w["mean_len"]}
                       for k, w in loads.items()}
-    print(f"GEMM {r['gemm_tflops']:.0f} TFLOP/s; checkpoint {r['checkpoint_gb']:.1f} GB", flush=True)
+    print(f"GEMM {r['gemm_tflops']:.0f} TFLOP/s; checkpoint {r['checkpoint_gb']:.1f} GB",
+          flush=True)
     attn = os.environ.get("RJEPA_ATTN", "mma")  # gpu_check.sh may have chosen "fma"
     r["attention_kernel"] = attn
     r["ours"], ours_pooled = bench_ours(torch, path, loads, shape, attn)

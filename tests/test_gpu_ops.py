@@ -184,12 +184,13 @@ def assert_close(got: np.ndarray, ref: np.ndarray, rel: float, what: str,
                  floor: float = 2.0 ** -6) -> None:
     """Elementwise |got - ref| <= rel * (|ref| + floor * rms(ref)), no NaN."""
     assert got.shape == ref.shape
-    assert np.isfinite(got).all(), f"{what}: {np.count_nonzero(~np.isfinite(got))} non-finite values"
+    bad = np.count_nonzero(~np.isfinite(got))
+    assert bad == 0, f"{what}: {bad} non-finite values"
     scale = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2))) or 1.0
     err = np.abs(got.astype(np.float64) - ref)
     bound = rel * (np.abs(ref) + floor * scale)
-    bad = err > bound
-    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} elements off, worst "
+    off = err > bound
+    assert not off.any(), (f"{what}: {off.sum()} of {off.size} elements off, worst "
                            f"{err.max():.3g} (ref rms {scale:.3g})")
 
 
@@ -203,7 +204,8 @@ def test_embed(devs, rng, d):
     tokens = rng.integers(0, V, T).astype(np.int32)
     outs = []
     for dev in (gpu, cpu):
-        tp, tb, x = dev.put_i32(tokens), dev.put(table, dev.b.weight_dtype), dev.empty(T * d, RL_F32)
+        tp, tb = dev.put_i32(tokens), dev.put(table, dev.b.weight_dtype)
+        x = dev.empty(T * d, RL_F32)
         dev.check(dev.b.embed(dev.bp, tp, T, tb, d, x))
         outs.append(dev.get(x, T * d, RL_F32).reshape(T, d))
     np.testing.assert_array_equal(outs[0], table[tokens])
