@@ -97,6 +97,7 @@ static int cpu_is_resident(rl_backend *be, const void *ptr) { return 1; }
 
 /* ---- elementwise / row ops ---------------------------------------------- */
 
+
 static rl_status cpu_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
                            int64_t d, void *x)
 {
@@ -246,11 +247,9 @@ static void attend_head(const float *q, const float *k, const float *v, float *o
             int64_t last = i0 + r;                  /* keys 0..last are visible */
             float mx = p[0];
             for (int64_t j = 1; j <= last; j++) mx = p[j] > mx ? p[j] : mx;
+            for (int64_t j = 0; j <= last; j++) p[j] = expf(p[j] - mx);
             float sum = 0.0f;
-            for (int64_t j = 0; j <= last; j++) {
-                p[j] = expf(p[j] - mx);
-                sum += p[j];
-            }
+            for (int64_t j = 0; j <= last; j++) sum += p[j];   /* in order */
             float inv = 1.0f / sum;
             for (int64_t j = 0; j <= last; j++) p[j] *= inv;
             for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
