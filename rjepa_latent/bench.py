@@ -14,7 +14,8 @@ HF: the base model (no LM head, which would only slow HF down), fp32,
 `output_hidden_states=True`, batches of --hf-batch right-padded sequences
 with an attention mask, under `torch.inference_mode`, pooling done in torch;
 measured both in input order and sorted by length (less padding). Warm-up
-runs are excluded; both use --threads threads. Tokens/s counts real tokens.
+runs are excluded; both use --threads threads; each runner's best of
+--repeats interleaved rounds is kept. Tokens/s counts real tokens.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gsm8k", default=str(DEFAULT_GSM8K),
                    help="GSM8K jsonl for realistic lengths (synthetic lengths if missing)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test, no timing)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="interleaved timed rounds, best of each runner kept (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
@@ -102,11 +105,7 @@ def build_checkpoint(shape: dict, directory: str, seed: int):
     return model.model  # the base model for HF runs: no LM head
 
 
-def run_engine(directory: str, seqs, spans, args) -> tuple[float, list[np.ndarray]]:
-    from .model import Model
-    m = Model(directory, device="cpu", threads=args.threads,
-              max_batch_tokens=args.max_batch_tokens)
-    m.extract(seqs[:4], spans[:4], layers=(-2,))  # warm-up
+def run_engine(m, seqs, spans) -> tuple[float, list[np.ndarray]]:
     t0 = time.perf_counter()
     out = m.extract(seqs, spans, layers=(-2,), pooling="mean")
     return time.perf_counter() - t0, out
@@ -136,7 +135,6 @@ def run_hf(model, seqs, spans, args, sort: bool) -> tuple[float, list[np.ndarray
 
     out: list = [None] * len(seqs)
     with torch.inference_mode():
-        one(batches[0][:2])  # warm-up
         t0 = time.perf_counter()
         for batch in batches:
             for i, res in zip(batch, one(batch)):
@@ -170,11 +168,22 @@ def run(args: argparse.Namespace) -> int:
     steps = gsm8k_workload(args.gsm8k, n) if use_gsm8k else synthetic_workload(n, args.seed)
     seqs, spans = make_inputs(steps, shape["vocab_size"], args.seed)
     tokens = sum(len(s) for s in seqs)
+    from .model import Model
     with tempfile.TemporaryDirectory(prefix="rjepa-bench-") as d:
         hf_model = build_checkpoint(shape, d, args.seed)
-        t_eng, ours = run_engine(d, seqs, spans, args)
-    t_hf, ref = run_hf(hf_model, seqs, spans, args, sort=False)
-    t_hfs, _ = run_hf(hf_model, seqs, spans, args, sort=True)
+        engine = Model(d, device="cpu", threads=args.threads,
+                       max_batch_tokens=args.max_batch_tokens)
+    # warm-up (excluded), then the best of --repeats interleaved rounds, so a
+    # burst of load from other processes does not favour either side
+    run_engine(engine, seqs[:4], spans[:4])
+    run_hf(hf_model, seqs[:2], spans[:2], args, sort=False)
+    t_eng = t_hf = t_hfs = float("inf")
+    for _ in range(args.repeats):
+        t, ours = run_engine(engine, seqs, spans)
+        t_eng = min(t_eng, t)
+        t, ref = run_hf(hf_model, seqs, spans, args, sort=False)
+        t_hf = min(t_hf, t)
+        t_hfs = min(t_hfs, run_hf(hf_model, seqs, spans, args, sort=True)[0])
     res = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
         "model": "tiny llama" if args.tiny else "SmolLM2-135M-shaped llama (random weights)",
@@ -187,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "speedup_vs_hf": t_hf / t_eng, "speedup_vs_hf_sorted": t_hfs / t_eng,
         "max_rel_err_vs_hf": worst_rel_err(ours, ref),
         "max_batch_tokens": args.max_batch_tokens, "hf_batch": args.hf_batch,
+        "repeats": args.repeats, "load_average": os.getloadavg()[0],
     }
     print(format_table(res))
     if args.json:
@@ -201,7 +211,8 @@ def format_table(r: dict) -> str:
              r["speedup_vs_hf"]),
             (f"HF transformers fp32, batch {r['hf_batch']}, length-sorted",
              r["hf_sorted_tokens_per_s"], r["speedup_vs_hf_sorted"])]
-    lines = [f"machine: {r['machine']}; threads: {r['threads']}", f"model: {r['model']}",
+    lines = [f"machine: {r['machine']}; threads: {r['threads']}; load average at the end: "
+             f"{r['load_average']:.1f}", f"model: {r['model']}",
              f"workload: {r['workload']}", "",
              f"| {'runner':50s} | {'tokens/s':>9s} | {'engine speedup':>14s} |",
              f"|{'-' * 52}|{'-' * 11}|{'-' * 16}|"]
