@@ -116,7 +116,8 @@ def _add(w, name: str, arr: np.ndarray, qtype: str) -> None:
 def write_gguf(path: Path, qtype: str = "F32", *, arch: str = "llama", add_bos: bool = False,
                pre: str = "default", ff: int = FF, skip: tuple[str, ...] = (),
                skip_meta: tuple[str, ...] = (), override: dict | None = None,
-               types: dict | None = None, seed: int = 0, tok_model: str = "gpt2") -> Path:
+               types: dict | None = None, seed: int = 0, tok_model: str = "gpt2",
+               extra_meta: dict | None = None) -> Path:
     """A tiny llama GGUF with 2-D weights in `qtype` (norms F32). `skip` leaves
     tensors out, `skip_meta` metadata keys, `override` replaces tensors (float32,
     any shape), `types` stores some tensors in another type."""
@@ -137,6 +138,8 @@ def write_gguf(path: Path, qtype: str = "F32", *, arch: str = "llama", add_bos: 
     for key, add in meta.items():
         if key not in skip_meta:
             add()
+    for key, value in (extra_meta or {}).items():
+        w.add_string(key, value) if isinstance(value, str) else w.add_float32(key, value)
     w.add_tokenizer_model(tok_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -500,3 +503,65 @@ def test_gguf_path_kept_out_of_hf_loader(gguf_file, tmp_path):
     shutil.copy(gguf_file("F32"), d / "model.gguf")
     with pytest.raises(rl.ModelFormatError):
         rl.Model(d, device="cpu")
+
+
+# ----------------------------------------------------------------- RoPE variants
+
+def _hf_llama(rope_scaling: dict | None, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(_vocab()[0]), hidden_size=D, intermediate_size=FF,
+                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      rope_scaling=rope_scaling, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.5 * torch.randn_like(p))
+    return model
+
+
+def _gguf_from_hf(model, path: Path, rope_meta: dict, rope_freqs: np.ndarray | None) -> Path:
+    """The HF model's weights as a GGUF file, as llama.cpp's converter writes them."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    hf = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+          "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    override = {"token_embd.weight": sd["model.embed_tokens.weight"],
+                "output_norm.weight": sd["model.norm.weight"]}
+    for i in range(LAYERS):
+        for short, name in hf.items():
+            w = sd[f"model.layers.{i}.{name}.weight"]
+            if short in ("attn_q", "attn_k"):
+                w = llama_cpp_permute(w, HEADS if short == "attn_q" else KV_HEADS)
+            override[f"blk.{i}.{short}.weight"] = w
+    if rope_freqs is not None:
+        override["rope_freqs.weight"] = rope_freqs.astype(np.float32)
+    return write_gguf(path, "F32", override=override, extra_meta=rope_meta)
+
+
+@pytest.mark.parametrize("variant", ["llama3_freq_factors", "linear"])
+def test_rope_scaling_variants_match_hf(variant, tmp_path):
+    """llama.cpp stores llama3 scaling as per-frequency factors (rope_freqs.weight:
+    default inv_freq / scaled inv_freq) and linear scaling as metadata; both must
+    reproduce HF's scaled model."""
+    if variant == "linear":
+        hf = _hf_llama({"rope_type": "linear", "factor": 4.0})
+        meta, freqs = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, None
+    else:
+        hf = _hf_llama({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        base = _hf_llama(None).model.rotary_emb.inv_freq.numpy()
+        meta, freqs = {}, base / hf.model.rotary_emb.inv_freq.numpy()
+        assert np.ptp(freqs) > 1.0  # the scaling really changes some frequencies
+    path = _gguf_from_hf(hf, tmp_path / "m.gguf", meta, freqs)
+    m = rl.Model(path, device="cpu")
+    ids = np.random.default_rng(2).integers(0, m.config["vocab_size"], 120).tolist()
+    errs = rel_errors(m.hidden_states(np.array(ids, np.int32)), _hf_states(hf, ids))
+    assert max(errs) <= TOL, errs
+    plain = rl.Model(_gguf_from_hf(hf, tmp_path / "plain.gguf", {}, None), device="cpu")
+    assert np.abs(plain.hidden_states(np.array(ids, np.int32), layers=[-1])
+                  - m.hidden_states(np.array(ids, np.int32), layers=[-1])).max() > 1e-3
