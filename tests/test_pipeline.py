@@ -174,3 +174,16 @@ def test_engine_limits_become_error_records():
     assert "token id 400 is outside the model's vocabulary (320)" in _engine_refusal(it, [(320, "vocab")])
     assert "3 tokens, more than 2, the window" in _engine_refusal(it, [(500, "vocab"), (2, "the window")])
     assert _engine_refusal(it, [(401, "vocab"), (3, "x")]) is None
+
+
+def test_throughput_watch_warns_below_half_median():
+    from rjepa_latent.pipeline import ThroughputWarning, ThroughputWatch
+    w = ThroughputWatch(budget=1000, min_batches=4)
+    with pytest.warns(ThroughputWarning, match="memory pressure.*offloaded.*thermal") as rec:
+        for _ in range(6):
+            w.record(1000, 0.1)  # 10k tokens/s
+        w.record(100, 1.0)       # a small tail batch: slow by nature, ignored
+        w.record(1000, 0.15)     # 6.7k: not below half
+        w.record(1000, 0.3)      # 3.3k: below half the median -> one warning
+        w.record(1000, 0.3)      # rate-limited
+    assert len(rec) == 1 and w.warnings == 1 and "batch 9 ran at 3,333 tokens/s" in str(rec[0].message)

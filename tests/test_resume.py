@@ -21,7 +21,7 @@ import pytest
 import rjepa_latent as rl
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-N_RECORDS, SHARD = 64, 8
+N_RECORDS, SHARD = 200, 10
 SEED = int(os.environ.get("RJEPA_RESUME_SEED", "20261125"))
 
 pytestmark = pytest.mark.slow
