@@ -479,7 +479,11 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     RL_TRY(validate_seqs(m, b));
     RL_TRY(validate_outputs(m, b));
 
-    size_t bytes = (size_t)b->n_layers * (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
+    size_t per_layer = (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
+    if (per_layer > 0 && (size_t)b->n_layers > ((size_t)1 << 62) / per_layer)
+        return RL_FAIL(RL_ERR_NOMEM, "result of %lld layers x %lld spans is too large",
+                       (long long)b->n_layers, (long long)b->n_spans);
+    size_t bytes = (size_t)b->n_layers * per_layer;
     void *data = NULL;
     RL_TRY(m->be->host_alloc(m->be, &data, bytes > 0 ? bytes : 4));
     res->data = data;

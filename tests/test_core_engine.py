@@ -430,6 +430,15 @@ def test_engine_errors_carry_file_and_line(base):
         base[2].forward(*{**GOOD, "layers": [7]}.values())
 
 
+def test_no_spans_gives_empty_result_and_bool_ids_are_refused(base):
+    _, _, eng = base
+    out = eng.forward(GOOD["tokens"], GOOD["cu_seqlens"], [0, 2], np.zeros((0, 2), np.int32),
+                      np.zeros(0, np.int32), "mean")
+    assert out.shape == (2, 0, 48) and isinstance(out.base, _core.HostBuffer)
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        eng.forward(np.ones(5, bool), *list(GOOD.values())[1:])
+
+
 def test_int64_and_unsigned_ids_accepted(base):
     _, _, eng = base
     want = eng.forward(*GOOD.values())
