@@ -541,3 +541,29 @@ def test_plan_bytes_and_memory_report(base):
     info = _core.build_info()
     assert info["version"] == "0.1.0" and info["blas"].startswith("scipy-openblas32 OpenBLAS")
     assert info["openmp"] is True
+
+
+def test_random_batches_never_crash(base):
+    """Random (mostly invalid) batches: each call returns a correct-shaped
+    result or raises ValueError/TypeError; the process never crashes."""
+    cfg, _, eng = base
+    rng = np.random.default_rng(11)
+    ok = 0
+    for _ in range(400):
+        T = int(rng.integers(0, 12))
+        B = int(rng.integers(0, 4))
+        tokens = rng.integers(-3, cfg["vocab_size"] + 3, T)
+        cu = np.sort(rng.integers(-1, T + 2, B + 1))
+        if rng.random() < 0.5 and B >= 1:
+            cu[0], cu[-1] = 0, T
+        S = int(rng.integers(0, 4))
+        spans = rng.integers(-2, 8, (S, 2))
+        span_seq = rng.integers(-1, B + 1, S)
+        layers = rng.integers(-1, 5, int(rng.integers(0, 3)))
+        try:
+            out = eng.forward(tokens, cu, layers, spans, span_seq, "mean")
+        except (ValueError, TypeError):
+            continue
+        ok += 1
+        assert out.shape == (len(layers), S, cfg["hidden_size"]) and np.isfinite(out).all()
+    assert ok > 0
