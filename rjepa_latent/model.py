@@ -151,8 +151,8 @@ def _resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> l
     return out
 
 
-def _as_ids(seq: Any, i: int, vocab: int) -> np.ndarray:
-    name = f"seqs[{i}]"
+def _as_ids(seq: Any, i: int, vocab: int, name: str | None = None) -> np.ndarray:
+    name = name or f"seqs[{i}]"
     arr = np.asarray(seq)
     if arr.dtype == object:
         raise TypeError(f"{name} is not a sequence of ints")
@@ -256,6 +256,7 @@ class Model:
         """float32 [n_layers, T, hidden] for one sequence; layers None = 0..max_layer."""
         if layers is None:
             layers = range(self.max_layer + 1)
+        ids = _as_ids(ids, 0, self.config["vocab_size"], name="ids")  # messages name `ids`
         return self.extract([ids], None, layers, "none")[0]
 
     def extract(self, seqs: Sequence[Any], spans: Sequence[Any] | None = None,

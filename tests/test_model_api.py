@@ -192,6 +192,13 @@ def test_bad_spans(llama, spans, match):
         llama.extract([seq(10)], spans)
 
 
+def test_hidden_states_names_ids(llama):
+    with pytest.raises(ValueError, match=r"ids\[1\] = 999"):
+        llama.hidden_states([1, 999])
+    with pytest.raises(TypeError, match=r"^ids must hold integer"):
+        llama.hidden_states([0.5])
+
+
 def test_float_spans_are_type_error(llama):
     with pytest.raises(TypeError, match=r"spans\[0\].*float64"):
         llama.extract([seq(10)], [np.array([[0.0, 2.0]])])
