@@ -142,6 +142,29 @@ static int parse_dtype(const char *s, rl_dtype *dt)
     return 0;
 }
 
+/* Engine storage dtype for a device: "float32" (CPU, or CUDA's fp32 mode)
+ * or "bfloat16" (CUDA only); NULL means the device's default (CPU float32,
+ * CUDA bfloat16). -1 with ValueError otherwise. */
+static int parse_engine_dtype(const char *s, int device_idx, rl_dtype *dt)
+{
+    if (!s) {
+        *dt = device_idx < 0 ? RL_F32 : RL_BF16;
+        return 0;
+    }
+    if (strcmp(s, "float32") == 0) *dt = RL_F32;
+    else if (strcmp(s, "bfloat16") == 0) *dt = RL_BF16;
+    else {
+        PyErr_Format(PyExc_ValueError, "dtype must be 'float32' or 'bfloat16', got '%s'", s);
+        return -1;
+    }
+    if (device_idx < 0 && *dt != RL_F32) {
+        PyErr_Format(PyExc_ValueError, "dtype '%s' is not available on device 'cpu' (the CPU "
+                     "engine computes in 'float32' only)", s);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_kind(const char *s, rl_tensor_kind *kind)
 {
     int k = rl_tensor_kind_from_name(s);
@@ -265,11 +288,12 @@ static int engine_ready(EngineObject *self)
 
 static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"config", "device", "n_threads", NULL};
+    static char *kwlist[] = {"config", "device", "n_threads", "dtype", NULL};
     PyObject *cfg_obj;
-    const char *device;
+    const char *device, *dtype_s = NULL;
     int n_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|i", kwlist, &cfg_obj, &device, &n_threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|iz", kwlist, &cfg_obj, &device, &n_threads,
+                                     &dtype_s))
         return -1;
     if (self->m) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialized");
@@ -279,6 +303,8 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     if (parse_config(cfg_obj, &cfg) < 0) return -1;
     int idx = parse_device(device);
     if (idx == -2) return -1;
+    rl_dtype dt;
+    if (parse_engine_dtype(dtype_s, idx, &dt) < 0) return -1;
     if (n_threads < 0) {
         PyErr_Format(PyExc_ValueError, "n_threads must be >= 0, got %d", n_threads);
         return -1;
@@ -291,7 +317,7 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     rl_model *m = NULL;
     rl_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = idx < 0 ? rl_backend_cpu_create(n_threads, &be) : rl_backend_cuda_create(idx, &be);
+    st = idx < 0 ? rl_backend_cpu_create(n_threads, &be) : rl_backend_cuda_create_ex(idx, dt, &be);
     if (st == RL_OK) st = rl_model_create(&cfg, be, &m);
     Py_END_ALLOW_THREADS
     if (st != RL_OK) { raise_status(st); return -1; }
@@ -520,6 +546,12 @@ static PyObject *engine_get_device(EngineObject *self, void *c)
 {
     return engine_ready(self) ? PyUnicode_FromString(self->device) : NULL;
 }
+static PyObject *engine_get_dtype(EngineObject *self, void *c)
+{
+    if (!engine_ready(self)) return NULL;
+    return PyUnicode_FromString(rl_model_backend(self->m)->weight_dtype == RL_F32 ? "float32"
+                                                                                : "bfloat16");
+}
 static PyObject *engine_get_weight_bytes(EngineObject *self, void *c)
 {
     return engine_ready(self) ? PyLong_FromSize_t(rl_model_weight_bytes(self->m)) : NULL;
@@ -548,6 +580,7 @@ static PyMethodDef engine_methods[] = {
 static PyGetSetDef engine_getset[] = {
     {"max_tokens", (getter)engine_get_max_tokens, NULL, "workspace capacity in tokens", NULL},
     {"device", (getter)engine_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
+    {"dtype", (getter)engine_get_dtype, NULL, "storage dtype of weights and GEMM operands", NULL},
     {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
     {"workspace_bytes", (getter)engine_get_workspace_bytes, NULL, "bytes held by the workspace", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -559,7 +592,9 @@ static PyTypeObject EngineType = {
     .tp_basicsize = sizeof(EngineObject),
     .tp_dealloc = (destructor)engine_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(config: dict, device: str, n_threads: int = 0): one model on one device.",
+    .tp_doc = "Engine(config: dict, device: str, n_threads: int = 0, dtype: str | None = None): "
+              "one model on one device; dtype 'float32' or 'bfloat16' (CUDA only), None: the "
+              "device's default (CPU float32, CUDA bfloat16).",
     .tp_methods = engine_methods,
     .tp_getset = engine_getset,
     .tp_init = (initproc)engine_init,
@@ -618,19 +653,23 @@ static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
     return Py_BuildValue("(KK)", (unsigned long long)free_b, (unsigned long long)total_b);
 }
 
-static PyObject *core_plan_bytes(PyObject *mod, PyObject *args)
+static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"config", "device", "max_tokens", "dtype", NULL};
     PyObject *cfg_obj;
-    const char *device;
+    const char *device, *dtype_s = NULL;
     long long max_tokens;
-    if (!PyArg_ParseTuple(args, "OsL", &cfg_obj, &device, &max_tokens)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OsL|z", kwlist, &cfg_obj, &device, &max_tokens,
+                                     &dtype_s))
+        return NULL;
     rl_config cfg;
     if (parse_config(cfg_obj, &cfg) < 0) return NULL;
     int idx = parse_device(device);
     if (idx == -2) return NULL;
+    rl_dtype wd;   /* weights and GEMM operands; the residual is f32 everywhere */
+    if (parse_engine_dtype(dtype_s, idx, &wd) < 0) return NULL;
     if (max_tokens < 1)
         return PyErr_Format(PyExc_ValueError, "max_tokens must be >= 1, got %lld", max_tokens);
-    rl_dtype wd = idx < 0 ? RL_F32 : RL_BF16;   /* CPU: fp32 everywhere; CUDA: bf16 storage */
     size_t w = rl_weights_bytes(&cfg, wd);
     size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
@@ -641,8 +680,8 @@ static PyMethodDef core_methods[] = {
     {"cuda_device_count", core_cuda_device_count, METH_NOARGS, "usable CUDA devices (0 if none)"},
     {"cuda_check_device", core_cuda_check_device, METH_VARARGS, "raise DeviceError if unusable"},
     {"cuda_mem_info", core_cuda_mem_info, METH_VARARGS, "(free_bytes, total_bytes) of a device"},
-    {"plan_bytes", core_plan_bytes, METH_VARARGS,
-     "plan_bytes(config, device, max_tokens) -> (weight_bytes, workspace_bytes)"},
+    {"plan_bytes", (PyCFunction)(void (*)(void))core_plan_bytes, METH_VARARGS | METH_KEYWORDS,
+     "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,12 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
     return RL_FAIL(RL_ERR_DEVICE, RL_NO_CUDA_MSG);
 }
 
+rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend **out)
+{
+    (void)dtype;
+    return rl_backend_cuda_create(device_index, out);
+}
+
 int rl_cuda_compiled(void) { return 0; }
 
 rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes)

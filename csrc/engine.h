@@ -8,7 +8,9 @@
  * Design choices:
  * - The forward pass (engine.c) is written once, over a backend op table
  *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM, ops_cpu.c) and a CUDA
- *   backend (bf16 storage, fp32 accumulation, the .cu files in kernels/) implement it.
+ *   backend (bf16 storage, fp32 accumulation, the .cu files in kernels/;
+ *   or all-fp32 when created with rl_backend_cuda_create_ex(.., RL_F32, ..))
+ *   implement it.
  * - The caller supplies weights tensor by tensor (rl_model_set_tensor) from
  *   any host buffer (an mmap'd safetensors file, a dequantized GGUF tensor);
  *   the engine converts them into its own storage in one pass. Q/K/V and
@@ -211,6 +213,11 @@ struct rl_backend {
  * NULL and the message says why (e.g. "CUDA is not built in"). */
 rl_status rl_backend_cpu_create(int n_threads, rl_backend **out);
 rl_status rl_backend_cuda_create(int device_index, rl_backend **out);
+/* The same with a storage dtype: RL_BF16 (what rl_backend_cuda_create
+ * makes: bf16 weights and GEMM operands, f32 residual) or RL_F32 (everything
+ * f32, fp32 GEMMs without TF32: the parity reference); RL_ERR_INVALID
+ * otherwise. */
+rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend **out);
 int rl_cuda_compiled(void);
 /* free/total bytes of a CUDA device without creating a backend. */
 rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes);

@@ -6,6 +6,11 @@
  * Design choices:
  * - Storage: weights and GEMM operands bf16, residual stream and pooled
  *   rows f32, rope inv_freq f32. All accumulation in f32.
+ * - fp32 mode (rl_backend_cuda_create_ex(.., RL_F32, ..)): weights and GEMM
+ *   operands f32 as well, GEMMs as cublasGemmEx with f32 A/B/C, compute
+ *   CUBLAS_COMPUTE_32F and CUBLAS_DEFAULT_MATH (no TF32: what torch does
+ *   with allow_tf32 = False), attention on the f32 FMA kernel. It is the
+ *   precision reference (parity with HF fp32 on the GPU), not the fast path.
  * - One non-blocking compute stream per backend; every copy and kernel is
  *   enqueued on it, so the op sequence of engine.c needs no other ordering.
  *   download_f32 (results) synchronizes it: that is where asynchronous
@@ -53,6 +58,7 @@ typedef struct {
     cudaEvent_t stage_done[2];      /* recorded after the DMA out of stage[i] */
     int stage_next;
     int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
+    int f32;                        /* fp32 mode: weights and act are f32 */
 } cuda_impl;
 
 static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
@@ -344,7 +350,7 @@ static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, co
 {
     if (T == 0) return RL_OK;
     RL_TRY(enter(be));
-    CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, d, x));
+    CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, impl_of(be)->f32, d, x));
     return RL_OK;
 }
 
@@ -355,7 +361,8 @@ static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void
         return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: output dtype %s unsupported",
                        rl_dtype_name(out_dtype));
     if (rows == 0) return RL_OK;
-    CU_CHECK(rl_k_rmsnorm(impl_of(be)->stream, x, w, y, out_dtype == RL_F32, rows, d, eps));
+    CU_CHECK(rl_k_rmsnorm(impl_of(be)->stream, x, w, impl_of(be)->f32, y, out_dtype == RL_F32,
+                          rows, d, eps));
     return RL_OK;
 }
 
@@ -371,15 +378,18 @@ static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x
                        (long long)M, (long long)N, (long long)K);
     const float alpha = 1.0f;
     float beta = accumulate ? 1.0f : 0.0f;
+    /* y is f32 when accumulating into the residual and always in fp32 mode */
+    const int y_f32 = accumulate || im->f32;
     if (bias) {
-        CU_CHECK(rl_k_bias_rows(im->stream, y, accumulate, bias, M, N, accumulate));
+        CU_CHECK(rl_k_bias_rows(im->stream, y, y_f32, bias, im->f32, M, N, accumulate));
         beta = 1.0f;
     }
-    const int ctype = accumulate ? RL_CUDA_R_32F : RL_CUDA_R_16BF;
+    /* fp32 mode: f32 A/B/C, COMPUTE_32F under the handle's DEFAULT_MATH = no TF32 */
+    const int abtype = im->f32 ? RL_CUDA_R_32F : RL_CUDA_R_16BF;
+    const int ctype = y_f32 ? RL_CUDA_R_32F : RL_CUDA_R_16BF;
     BLAS_CHECK(im, im->blas.gemm_ex(im->handle, RL_CUBLAS_OP_T, RL_CUBLAS_OP_N, (int)N, (int)M,
-                                    (int)K, &alpha, w, RL_CUDA_R_16BF, (int)K, x, RL_CUDA_R_16BF,
-                                    (int)K, &beta, y, ctype, (int)N, RL_CUBLAS_COMPUTE_32F,
-                                    RL_CUBLAS_GEMM_DEFAULT));
+                                    (int)K, &alpha, w, abtype, (int)K, x, abtype, (int)K, &beta, y,
+                                    ctype, (int)N, RL_CUBLAS_COMPUTE_32F, RL_CUBLAS_GEMM_DEFAULT));
     return RL_OK;
 }
 
@@ -391,8 +401,8 @@ static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void 
     if ((q_norm == NULL) != (k_norm == NULL))
         return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: q_norm and k_norm must both be set "
                        "or both be NULL");
-    CU_CHECK(rl_k_qk_norm_rope(impl_of(be)->stream, qkv, T, nh, nkv, hd, q_norm, k_norm, eps,
-                               inv_freq, seg->positions_dev));
+    CU_CHECK(rl_k_qk_norm_rope(impl_of(be)->stream, qkv, impl_of(be)->f32, T, nh, nkv, hd,
+                               q_norm, k_norm, eps, inv_freq, seg->positions_dev));
     return RL_OK;
 }
 
@@ -404,15 +414,16 @@ static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const vo
     if (!rl_k_attention_supports(hd))
         return RL_FAIL(RL_ERR_INVALID, "CUDA attention: head_dim %lld is not supported (16, 32, "
                        "64, 80, 96, 128, 256 are)", (long long)hd);
-    CU_CHECK(rl_k_attention(impl_of(be)->stream, qkv, out, seg->cu_seqlens_dev, seg->n_seqs,
-                            seg->max_seqlen, nh, nkv, hd, scale, impl_of(be)->attn_mma));
+    CU_CHECK(rl_k_attention(impl_of(be)->stream, qkv, out, impl_of(be)->f32, seg->cu_seqlens_dev,
+                            seg->n_seqs, seg->max_seqlen, nh, nkv, hd, scale,
+                            impl_of(be)->attn_mma));
     return RL_OK;
 }
 
 static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
 {
     if (T == 0) return RL_OK;
-    CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, T, ff));
+    CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, impl_of(be)->f32, T, ff));
     return RL_OK;
 }
 
@@ -451,10 +462,10 @@ static void cuda_destroy(rl_backend *be)
     free(be);
 }
 
-static void fill_table(rl_backend *be)
+static void fill_table(rl_backend *be, rl_dtype dtype)
 {
-    be->weight_dtype = RL_BF16;
-    be->act_dtype = RL_BF16;
+    be->weight_dtype = dtype;
+    be->act_dtype = dtype;
     be->res_dtype = RL_F32;
     be->alloc = cuda_alloc;
     be->free = cuda_free;
@@ -492,9 +503,12 @@ static rl_status init_impl(cuda_impl *im)
     return RL_OK;
 }
 
-rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
+rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend **out)
 {
     *out = NULL;
+    if (dtype != RL_BF16 && dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA backend dtype must be bf16 or f32, got %s",
+                       rl_dtype_name(dtype));
     RL_TRY(check_device(device_index));
     rl_backend *be = calloc(1, sizeof *be);
     cuda_impl *im = calloc(1, sizeof *im);
@@ -506,10 +520,11 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
     im->device = device_index;
     const char *attn = getenv("RJEPA_ATTN"); /* "fma": the CUDA-core attention kernel */
     im->attn_mma = !(attn && strcmp(attn, "fma") == 0);
+    im->f32 = dtype == RL_F32;
     snprintf(im->name, sizeof im->name, "cuda:%d", device_index);
     be->impl = im;
     be->name = im->name;
-    fill_table(be);
+    fill_table(be, dtype);
     rl_status st = init_impl(im);
     if (st != RL_OK) {
         cuda_destroy(be); /* keeps the message: destroy records no error */
@@ -517,6 +532,11 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
     }
     *out = be;
     return RL_OK;
+}
+
+rl_status rl_backend_cuda_create(int device_index, rl_backend **out)
+{
+    return rl_backend_cuda_create_ex(device_index, RL_BF16, out);
 }
 
 #else  /* !RL_WITH_CUDA: csrc/cuda_stub.c provides the stand-ins */

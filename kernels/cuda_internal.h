@@ -11,8 +11,11 @@
  *   kernels, behind extern "C" launchers that return the cudaError_t of the
  *   launch (cudaGetLastError right after it).
  *
- * All tensors here are bf16 (stored as uint16_t bit patterns), except the
- * residual stream and pooled outputs (f32) and rope inv_freq (f32).
+ * In the default mode all tensors here are bf16 (stored as uint16_t bit
+ * patterns), except the residual stream and pooled outputs (f32) and rope
+ * inv_freq (f32). In the fp32 mode (rl_backend_cuda_create_ex with RL_F32)
+ * weights and GEMM operands are f32 too; the launchers take void pointers
+ * and an f32 flag for the element type of weights / activations.
  */
 #ifndef RL_CUDA_INTERNAL_H
 #define RL_CUDA_INTERNAL_H
@@ -72,22 +75,26 @@ void rl_cublas_unload(rl_cublas_api *api);
 /* ---- kernel launchers (cuda_kernels.cu) ------------------------------- */
 /* Each enqueues on `s` and returns cudaGetLastError() of the launch. */
 
-cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const uint16_t *table,
-                       int64_t d, float *x);
-cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const uint16_t *w, void *y,
+/* f32 / table_f32 / w_f32 / bias_f32: that operand is float, else bf16. */
+cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const void *table,
+                       int table_f32, int64_t d, float *x);
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int w_f32, void *y,
                          int out_f32, int64_t rows, int64_t d, float eps);
-/* y[M, N] (bf16 or f32) = bias broadcast (bf16 [N]) ; add=1: y += bias (f32 y only) */
-cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const uint16_t *bias, int64_t M,
-                           int64_t N, int add);
-cudaError_t rl_k_qk_norm_rope(cudaStream_t s, uint16_t *qkv, int64_t T, int64_t nh, int64_t nkv,
-                              int64_t hd, const uint16_t *q_norm, const uint16_t *k_norm,
+/* y[M, N] (bf16 or f32) = bias broadcast ([N]) ; add=1: y += bias (f32 y only);
+ * an f32 bias needs an f32 y */
+cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const void *bias, int bias_f32,
+                           int64_t M, int64_t N, int add);
+cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *qkv, int f32, int64_t T, int64_t nh,
+                              int64_t nkv, int64_t hd, const void *q_norm, const void *k_norm,
                               float eps, const float *inv_freq, const int32_t *positions);
 /* Head dims the attention kernel is instantiated for; 1 if `hd` is one. */
 int rl_k_attention_supports(int64_t hd);
-cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
+/* f32: q/k/v and out are float (always the FMA kernel); else bf16, on
+ * tensor cores when use_mma */
+cudaError_t rl_k_attention(cudaStream_t s, const void *qkv, void *out, int f32,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
                            int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma);
-cudaError_t rl_k_swiglu(cudaStream_t s, const uint16_t *gu, uint16_t *out, int64_t T, int64_t ff);
+cudaError_t rl_k_swiglu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff);
 cudaError_t rl_k_pool(cudaStream_t s, const void *x, int x_f32, int64_t d, const int32_t *spans,
                       int64_t S, int mode, float *out);
 

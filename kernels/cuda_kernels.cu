@@ -3,6 +3,11 @@
 //
 // Design choices:
 // - bf16 storage, f32 arithmetic everywhere; one rounding per output.
+// - The fp32 mode of the backend (rl_backend_cuda_create_ex(.., RL_F32, ..))
+//   runs the same kernels templated over the element type T (bf16 or
+//   float): to_f / from_f convert, and only the bf16 instantiations take the
+//   16-byte vector paths. Attention in fp32 is the FMA kernel (k_attention
+//   with T = float); the tensor-core kernel is bf16 only.
 // - Memory-bound row kernels (embed, rmsnorm, swiglu, pool) read 16-byte
 //   vectors when the row length allows it and fall back to scalars.
 // - Attention: two tiled, flash-style kernels with the same grid, one block
@@ -55,6 +60,36 @@ __device__ __forceinline__ uint4 pack8(const float *f)
     return v;
 }
 
+__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(float v) { return v; }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+
+// 8 consecutive elements (16-byte aligned) <-> f32: one uint4 of bf16 or two of float
+__device__ __forceinline__ void load8(const bf16 *p, float *f)
+{
+    unpack8(*reinterpret_cast<const uint4 *>(p), f);
+}
+__device__ __forceinline__ void load8(const float *p, float *f)
+{
+    const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void store8(bf16 *p, const float *f)
+{
+    *reinterpret_cast<uint4 *>(p) = pack8(f);
+}
+__device__ __forceinline__ void store8(float *p, const float *f)
+{
+    reinterpret_cast<float4 *>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+
 __device__ __forceinline__ float warp_sum(float v)
 {
 #pragma unroll
@@ -92,30 +127,28 @@ inline unsigned grid_for(int64_t n, int threads, int64_t cap = 65536)
 
 // ---- embedding gather: x[t, :] = f32(table[tokens[t], :]) -----------------
 
-__global__ void k_embed(const int32_t *__restrict__ tokens, const bf16 *__restrict__ table,
+template <typename T>
+__global__ void k_embed(const int32_t *__restrict__ tokens, const T *__restrict__ table,
                         int64_t d, float *__restrict__ x, int vec)
 {
     const int64_t t = blockIdx.x;
-    const bf16 *src = table + (int64_t)tokens[t] * d;
+    const T *src = table + (int64_t)tokens[t] * d;
     float *dst = x + t * d;
-    if (vec) {
-        const uint4 *s = reinterpret_cast<const uint4 *>(src);
-        float4 *o = reinterpret_cast<float4 *>(dst);
+    if (vec) { // 8 elements at a time (f32 table: two float4)
         for (int64_t i = threadIdx.x; i < d / 8; i += blockDim.x) {
             float f[8];
-            unpack8(s[i], f);
-            o[2 * i] = make_float4(f[0], f[1], f[2], f[3]);
-            o[2 * i + 1] = make_float4(f[4], f[5], f[6], f[7]);
+            load8(src + 8 * i, f);
+            store8(dst + 8 * i, f);
         }
     } else {
-        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = to_f(src[i]);
     }
 }
 
 // ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w, one block per row ------
 
-template <bool OUT_F32>
-__global__ void k_rmsnorm(const float *__restrict__ x, const bf16 *__restrict__ w, void *y,
+template <bool OUT_F32, typename W>
+__global__ void k_rmsnorm(const float *__restrict__ x, const W *__restrict__ w, void *y,
                           int64_t d, float eps, int vec)
 {
     const int64_t row = blockIdx.x;
@@ -132,7 +165,7 @@ __global__ void k_rmsnorm(const float *__restrict__ x, const bf16 *__restrict__ 
     }
     const float inv = rsqrtf(block_sum(ss) / (float)d + eps);
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] * inv * __bfloat162float(w[i]);
+        float v = xr[i] * inv * to_f(w[i]);
         if (OUT_F32)
             static_cast<float *>(y)[row * d + i] = v;
         else
@@ -141,19 +174,21 @@ __global__ void k_rmsnorm(const float *__restrict__ x, const bf16 *__restrict__ 
 }
 
 // ---- bias rows: y[m, n] = bias[n] (bf16 or f32 y), or y[m, n] += bias[n] (f32)
+// (bias B: bf16, or f32 in the fp32 mode where y is always f32)
 
-__global__ void k_bias_rows(void *y, int y_f32, const bf16 *__restrict__ bias, int64_t M,
+template <typename B>
+__global__ void k_bias_rows(void *y, int y_f32, const B *__restrict__ bias, int64_t M,
                             int64_t N, int add)
 {
     const int64_t total = M * N;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
-        const float b = __bfloat162float(bias[i % N]);
+        const float b = to_f(bias[i % N]);
         if (y_f32) {
             float *yf = static_cast<float *>(y);
             yf[i] = add ? yf[i] + b : b;
         } else {
-            static_cast<bf16 *>(y)[i] = bias[i % N];
+            static_cast<bf16 *>(y)[i] = from_f<bf16>(b); // exact for a bf16 bias
         }
     }
 }
@@ -162,8 +197,9 @@ __global__ void k_bias_rows(void *y, int y_f32, const bf16 *__restrict__ bias, i
 // One block per token, one warp per head (q heads then k heads, which are
 // contiguous in a qkv row). HF rotate_half: pairs (i, i + hd/2).
 
-__global__ void k_qk_norm_rope(bf16 *qkv, int64_t nh, int64_t nkv, int64_t hd,
-                               const bf16 *__restrict__ q_norm, const bf16 *__restrict__ k_norm,
+template <typename T>
+__global__ void k_qk_norm_rope(T *qkv, int64_t nh, int64_t nkv, int64_t hd,
+                               const T *__restrict__ q_norm, const T *__restrict__ k_norm,
                                float eps, const float *__restrict__ inv_freq,
                                const int32_t *__restrict__ positions)
 {
@@ -172,13 +208,13 @@ __global__ void k_qk_norm_rope(bf16 *qkv, int64_t nh, int64_t nkv, int64_t hd,
     const int64_t stride = (nh + 2 * nkv) * hd, half = hd / 2;
     const float pos = (float)positions[t];
     for (int64_t head = warp; head < nh + nkv; head += nwarps) {
-        bf16 *v = qkv + t * stride + head * hd;
-        const bf16 *nw = head < nh ? q_norm : k_norm;
+        T *v = qkv + t * stride + head * hd;
+        const T *nw = head < nh ? q_norm : k_norm;
         float inv = 1.0f;
         if (nw) {
             float ss = 0.0f;
             for (int64_t i = lane; i < hd; i += 32) {
-                float a = __bfloat162float(v[i]);
+                float a = to_f(v[i]);
                 ss += a * a;
             }
             inv = rsqrtf(warp_sum(ss) / (float)hd + eps);
@@ -186,43 +222,48 @@ __global__ void k_qk_norm_rope(bf16 *qkv, int64_t nh, int64_t nkv, int64_t hd,
         // every lane has read what it needs (the shuffle above orders it);
         // each lane now reads and writes only its own pairs
         for (int64_t i = lane; i < half; i += 32) {
-            float x1 = __bfloat162float(v[i]), x2 = __bfloat162float(v[i + half]);
+            float x1 = to_f(v[i]), x2 = to_f(v[i + half]);
             if (nw) {
-                x1 = x1 * inv * __bfloat162float(nw[i]);
-                x2 = x2 * inv * __bfloat162float(nw[i + half]);
+                x1 = x1 * inv * to_f(nw[i]);
+                x2 = x2 * inv * to_f(nw[i + half]);
             }
             float s, c;
             sincosf(pos * inv_freq[i], &s, &c);
-            v[i] = __float2bfloat16_rn(x1 * c - x2 * s);
-            v[i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
+            v[i] = from_f<T>(x1 * c - x2 * s);
+            v[i + half] = from_f<T>(x2 * c + x1 * s);
         }
     }
 }
 
 // ---- varlen causal attention with GQA -------------------------------------
 
-template <int HD>
+template <int HD, typename T>
 struct AttnCfg {
     static constexpr int NCHUNK = HD / 8;                       // 8-wide chunks per row
     static constexpr int TPR = NCHUNK % 4 == 0 ? 4 : (NCHUNK % 2 == 0 ? 2 : 1); // threads/row
     static constexpr int CPT = NCHUNK / TPR;                    // chunks per thread
     static constexpr int BQ = 64;                               // query rows per block
     static constexpr int THREADS = BQ * TPR;
-    static constexpr int BK = 8192 / HD < 64 ? 8192 / HD : 64;  // keys per smem tile (32 KB K+V)
     static constexpr int JB = 16;                               // keys per softmax update
+    // keys per smem tile: 32 KB of K+V, at most 64, a multiple of JB (for
+    // bf16 this is min(8192 / HD, 64) for every supported HD)
+    static constexpr int BK_FIT = 16384 / (int)sizeof(T) / HD / JB * JB;
+    static constexpr int BK = BK_FIT < 64 ? BK_FIT : 64;
+    static constexpr int U4 = 8 * (int)sizeof(T) / 16;         // uint4 per 8-wide chunk
+    static_assert(BK >= JB, "key tile too small");
     static_assert(HD % 8 == 0, "head dim must be a multiple of 8");
     static_assert(BK % JB == 0, "key tile must be a multiple of the softmax block");
     static_assert(32 % TPR == 0, "a query row's threads must sit in one warp");
 };
 
-template <int HD>
-__global__ void __launch_bounds__(AttnCfg<HD>::THREADS)
-k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
+template <int HD, typename T>
+__global__ void __launch_bounds__(AttnCfg<HD, T>::THREADS)
+k_attention(const T *__restrict__ qkv, T *__restrict__ out,
             const int32_t *__restrict__ cu_seqlens, int nh, int nkv, float scale_log2)
 {
-    using C = AttnCfg<HD>;
-    __shared__ __align__(16) bf16 sK[C::BK * HD];
-    __shared__ __align__(16) bf16 sV[C::BK * HD];
+    using C = AttnCfg<HD, T>;
+    __shared__ __align__(16) T sK[C::BK * HD];
+    __shared__ __align__(16) T sV[C::BK * HD];
 
     const int b = blockIdx.x, h = blockIdx.z;
     const int start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
@@ -237,12 +278,15 @@ k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
 
     float q[C::CPT * 8], o[C::CPT * 8];
     {
-        const bf16 *qrow = qkv + (int64_t)(start + (valid ? qi : 0)) * stride + (int64_t)h * HD;
+        const T *qrow = qkv + (int64_t)(start + (valid ? qi : 0)) * stride + (int64_t)h * HD;
 #pragma unroll
         for (int c = 0; c < C::CPT; c++) {
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (valid) v = *reinterpret_cast<const uint4 *>(qrow + (c * C::TPR + g) * 8);
-            unpack8(v, q + c * 8);
+            if (valid) {
+                load8(qrow + (c * C::TPR + g) * 8, q + c * 8);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) q[c * 8 + e] = 0.0f;
+            }
         }
 #pragma unroll
         for (int e = 0; e < C::CPT * 8; e++) {
@@ -254,20 +298,23 @@ k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
 
     const int kv_end = min(len, q0 + C::BQ);                  // causal: keys <= last query
     const int warp_last_q = q0 + ((tid >> 5) + 1) * (32 / C::TPR) - 1;
-    const bf16 *kbase = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
-    const bf16 *vbase = kbase + (int64_t)nkv * HD;
+    const T *kbase = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
+    const T *vbase = kbase + (int64_t)nkv * HD;
 
     for (int k0 = 0; k0 < kv_end; k0 += C::BK) {
         __syncthreads(); // the previous tile is no longer read
         for (int i = tid; i < C::BK * C::NCHUNK; i += C::THREADS) {
             const int j = i / C::NCHUNK, c = i % C::NCHUNK;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (k0 + j < kv_end) {
-                kv = *reinterpret_cast<const uint4 *>(kbase + (int64_t)(k0 + j) * stride + c * 8);
-                vv = *reinterpret_cast<const uint4 *>(vbase + (int64_t)(k0 + j) * stride + c * 8);
+#pragma unroll
+            for (int u = 0; u < C::U4; u++) { // one 8-wide chunk: U4 uint4 words
+                uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+                if (k0 + j < kv_end) {
+                    kv = reinterpret_cast<const uint4 *>(kbase + (int64_t)(k0 + j) * stride + c * 8)[u];
+                    vv = reinterpret_cast<const uint4 *>(vbase + (int64_t)(k0 + j) * stride + c * 8)[u];
+                }
+                reinterpret_cast<uint4 *>(sK)[i * C::U4 + u] = kv;
+                reinterpret_cast<uint4 *>(sV)[i * C::U4 + u] = vv;
             }
-            reinterpret_cast<uint4 *>(sK)[i] = kv;
-            reinterpret_cast<uint4 *>(sV)[i] = vv;
         }
         __syncthreads();
         const int nk = min(C::BK, kv_end - k0);
@@ -276,12 +323,12 @@ k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
             float s[C::JB];
 #pragma unroll
             for (int jj = 0; jj < C::JB; jj++) {
-                const uint4 *krow = reinterpret_cast<const uint4 *>(sK + (j0 + jj) * HD);
+                const T *krow = sK + (j0 + jj) * HD;
                 float acc = 0.0f;
 #pragma unroll
                 for (int c = 0; c < C::CPT; c++) {
                     float kf[8];
-                    unpack8(krow[c * C::TPR + g], kf);
+                    load8(krow + (c * C::TPR + g) * 8, kf);
 #pragma unroll
                     for (int e = 0; e < 8; e++) acc = fmaf(q[c * 8 + e], kf[e], acc);
                 }
@@ -303,11 +350,11 @@ k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
             for (int jj = 0; jj < C::JB; jj++) {
                 const float p = exp2f(s[jj] - mref);
                 l += p;
-                const uint4 *vrow = reinterpret_cast<const uint4 *>(sV + (j0 + jj) * HD);
+                const T *vrow = sV + (j0 + jj) * HD;
 #pragma unroll
                 for (int c = 0; c < C::CPT; c++) {
                     float vf[8];
-                    unpack8(vrow[c * C::TPR + g], vf);
+                    load8(vrow + (c * C::TPR + g) * 8, vf);
 #pragma unroll
                     for (int e = 0; e < 8; e++) o[c * 8 + e] = fmaf(p, vf[e], o[c * 8 + e]);
                 }
@@ -317,27 +364,27 @@ k_attention(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
     }
     if (valid) {
         const float inv_l = 1.0f / l;
-        bf16 *orow = out + (int64_t)(start + qi) * nh * HD + (int64_t)h * HD;
+        T *orow = out + (int64_t)(start + qi) * nh * HD + (int64_t)h * HD;
 #pragma unroll
         for (int c = 0; c < C::CPT; c++) {
             float f[8];
 #pragma unroll
             for (int e = 0; e < 8; e++) f[e] = o[c * 8 + e] * inv_l;
-            *reinterpret_cast<uint4 *>(orow + (c * C::TPR + g) * 8) = pack8(f);
+            store8(orow + (c * C::TPR + g) * 8, f);
         }
     }
 }
 
-template <int HD>
-cudaError_t launch_attention(cudaStream_t s, const bf16 *qkv, bf16 *out, const int32_t *cu,
+template <int HD, typename T>
+cudaError_t launch_attention(cudaStream_t s, const T *qkv, T *out, const int32_t *cu,
                              int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
                              float scale)
 {
-    using C = AttnCfg<HD>;
+    using C = AttnCfg<HD, T>;
     const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
     if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
     dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
-    k_attention<HD><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, scale * kLog2e);
+    k_attention<HD, T><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, scale * kLog2e);
     return cudaGetLastError();
 }
 
@@ -546,7 +593,8 @@ cudaError_t launch_attention_mma(cudaStream_t s, const bf16 *qkv, bf16 *out, con
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-__global__ void k_swiglu(const bf16 *__restrict__ gu, bf16 *__restrict__ out, int64_t T,
+template <typename E>
+__global__ void k_swiglu(const E *__restrict__ gu, E *__restrict__ out, int64_t T,
                          int64_t ff, int vec)
 {
     const int64_t step = (int64_t)gridDim.x * blockDim.x;
@@ -555,18 +603,17 @@ __global__ void k_swiglu(const bf16 *__restrict__ gu, bf16 *__restrict__ out, in
         for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += step) {
             const int64_t t = i / per_row, j = (i % per_row) * 8;
             float g[8], u[8], r[8];
-            unpack8(*reinterpret_cast<const uint4 *>(gu + t * 2 * ff + j), g);
-            unpack8(*reinterpret_cast<const uint4 *>(gu + t * 2 * ff + ff + j), u);
+            load8(gu + t * 2 * ff + j, g);
+            load8(gu + t * 2 * ff + ff + j, u);
 #pragma unroll
             for (int e = 0; e < 8; e++) r[e] = silu_mul(g[e], u[e]);
-            *reinterpret_cast<uint4 *>(out + t * ff + j) = pack8(r);
+            store8(out + t * ff + j, r);
         }
     } else {
         const int64_t total = T * ff;
         for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += step) {
             const int64_t t = i / ff, j = i % ff;
-            out[i] = __float2bfloat16_rn(silu_mul(__bfloat162float(gu[t * 2 * ff + j]),
-                                                  __bfloat162float(gu[t * 2 * ff + ff + j])));
+            out[i] = from_f<E>(silu_mul(to_f(gu[t * 2 * ff + j]), to_f(gu[t * 2 * ff + ff + j])));
         }
     }
 }
@@ -602,50 +649,88 @@ __global__ void k_pool(const T *__restrict__ x, int64_t d, const int32_t *__rest
     }
 }
 
+// The FMA kernel for element type T, dispatched on the head dim.
+template <typename T>
+cudaError_t attention_fma(cudaStream_t s, const T *q, T *o, const int32_t *cu,
+                                 int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
+                                 int64_t hd, float scale)
+{
+    switch (hd) {
+    case 16: return launch_attention<16, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 32: return launch_attention<32, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 64: return launch_attention<64, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 80: return launch_attention<80, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 96: return launch_attention<96, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 128: return launch_attention<128, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 256: return launch_attention<256, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
 } // namespace
 
 // ---- launchers -------------------------------------------------------------
 
 extern "C" {
 
-cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const uint16_t *table,
-                       int64_t d, float *x)
+cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const void *table,
+                       int table_f32, int64_t d, float *x)
 {
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int vec = d % 8 == 0 && aligned16(table) && aligned16(x);
-    k_embed<<<(unsigned)T, 128, 0, s>>>(tokens, reinterpret_cast<const bf16 *>(table), d, x, vec);
+    if (table_f32)
+        k_embed<float><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const float *>(table), d,
+                                                    x, vec);
+    else
+        k_embed<bf16><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const bf16 *>(table), d, x,
+                                                   vec);
     return cudaGetLastError();
 }
 
-cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const uint16_t *w, void *y, int out_f32,
-                         int64_t rows, int64_t d, float eps)
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int w_f32, void *y,
+                         int out_f32, int64_t rows, int64_t d, float eps)
 {
     if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int vec = d % 4 == 0 && aligned16(x);
-    const bf16 *wb = reinterpret_cast<const bf16 *>(w);
-    if (out_f32)
-        k_rmsnorm<true><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
+    const bf16 *wb = static_cast<const bf16 *>(w);
+    const float *wf = static_cast<const float *>(w);
+    if (w_f32 && out_f32)
+        k_rmsnorm<true, float><<<(unsigned)rows, 256, 0, s>>>(x, wf, y, d, eps, vec);
+    else if (w_f32)
+        k_rmsnorm<false, float><<<(unsigned)rows, 256, 0, s>>>(x, wf, y, d, eps, vec);
+    else if (out_f32)
+        k_rmsnorm<true, bf16><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
     else
-        k_rmsnorm<false><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
+        k_rmsnorm<false, bf16><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
     return cudaGetLastError();
 }
 
-cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const uint16_t *bias, int64_t M,
-                           int64_t N, int add)
+cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const void *bias, int bias_f32,
+                           int64_t M, int64_t N, int add)
 {
-    k_bias_rows<<<grid_for(M * N, 256), 256, 0, s>>>(y, y_f32, reinterpret_cast<const bf16 *>(bias),
-                                                     M, N, add);
+    if (bias_f32 && !y_f32) return cudaErrorInvalidValue; // no f32 bias into bf16 y
+    if (bias_f32)
+        k_bias_rows<float><<<grid_for(M * N, 256), 256, 0, s>>>(
+            y, y_f32, static_cast<const float *>(bias), M, N, add);
+    else
+        k_bias_rows<bf16><<<grid_for(M * N, 256), 256, 0, s>>>(
+            y, y_f32, static_cast<const bf16 *>(bias), M, N, add);
     return cudaGetLastError();
 }
 
-cudaError_t rl_k_qk_norm_rope(cudaStream_t s, uint16_t *qkv, int64_t T, int64_t nh, int64_t nkv,
-                              int64_t hd, const uint16_t *q_norm, const uint16_t *k_norm,
+cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *qkv, int f32, int64_t T, int64_t nh,
+                              int64_t nkv, int64_t hd, const void *q_norm, const void *k_norm,
                               float eps, const float *inv_freq, const int32_t *positions)
 {
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    k_qk_norm_rope<<<(unsigned)T, 128, 0, s>>>(
-        reinterpret_cast<bf16 *>(qkv), nh, nkv, hd, reinterpret_cast<const bf16 *>(q_norm),
-        reinterpret_cast<const bf16 *>(k_norm), eps, inv_freq, positions);
+    if (f32)
+        k_qk_norm_rope<float><<<(unsigned)T, 128, 0, s>>>(
+            static_cast<float *>(qkv), nh, nkv, hd, static_cast<const float *>(q_norm),
+            static_cast<const float *>(k_norm), eps, inv_freq, positions);
+    else
+        k_qk_norm_rope<bf16><<<(unsigned)T, 128, 0, s>>>(
+            static_cast<bf16 *>(qkv), nh, nkv, hd, static_cast<const bf16 *>(q_norm),
+            static_cast<const bf16 *>(k_norm), eps, inv_freq, positions);
     return cudaGetLastError();
 }
 
@@ -657,15 +742,18 @@ int rl_k_attention_supports(int64_t hd)
     }
 }
 
-cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
+cudaError_t rl_k_attention(cudaStream_t s, const void *qkv, void *out, int f32,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
                            int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma)
 {
     if (n_seqs <= 0 || max_seqlen <= 0) return cudaSuccess;
     if (!aligned16(qkv) || !aligned16(out) || nkv <= 0 || nh % nkv != 0)
         return cudaErrorInvalidValue;
-    const bf16 *q = reinterpret_cast<const bf16 *>(qkv);
-    bf16 *o = reinterpret_cast<bf16 *>(out);
+    if (f32) // fp32 mode: the FMA kernel on f32 q/k/v (tensor cores are bf16 only)
+        return attention_fma<float>(s, static_cast<const float *>(qkv), static_cast<float *>(out),
+                                    cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, scale);
+    const bf16 *q = static_cast<const bf16 *>(qkv);
+    bf16 *o = static_cast<bf16 *>(out);
     if (use_mma) {
         switch (hd) {
         case 16: return launch_attention_mma<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
@@ -678,24 +766,19 @@ cudaError_t rl_k_attention(cudaStream_t s, const uint16_t *qkv, uint16_t *out,
         default: return cudaErrorInvalidValue;
         }
     }
-    switch (hd) {
-    case 16: return launch_attention<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 32: return launch_attention<32>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 64: return launch_attention<64>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 80: return launch_attention<80>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 96: return launch_attention<96>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 128: return launch_attention<128>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    case 256: return launch_attention<256>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-    default: return cudaErrorInvalidValue;
-    }
+    return attention_fma<bf16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, scale);
 }
 
-cudaError_t rl_k_swiglu(cudaStream_t s, const uint16_t *gu, uint16_t *out, int64_t T, int64_t ff)
+cudaError_t rl_k_swiglu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff)
 {
     const int vec = ff % 8 == 0 && aligned16(gu) && aligned16(out);
     const int64_t n = vec ? T * (ff / 8) : T * ff;
-    k_swiglu<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<const bf16 *>(gu),
-                                               reinterpret_cast<bf16 *>(out), T, ff, vec);
+    if (f32)
+        k_swiglu<float><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const float *>(gu),
+                                                          static_cast<float *>(out), T, ff, vec);
+    else
+        k_swiglu<bf16><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const bf16 *>(gu),
+                                                         static_cast<bf16 *>(out), T, ff, vec);
     return cudaGetLastError();
 }
 
