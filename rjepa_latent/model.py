@@ -10,6 +10,9 @@ Design choices:
   request that cannot be met raises DeviceError, never falls back; on CUDA
   the bytes needed are compared with free memory before anything is
   allocated; after load every weight is verified to be device memory.
+- `dtype` (storage of weights and GEMM operands): None means "bfloat16" on
+  CUDA and "float32" on the CPU; "float32" on CUDA is the fp32 reference mode
+  (no TF32); the CPU engine is fp32 only.
 - `extract` packs sequences greedily, in input order, into batches under a
   token budget; per-sequence results are views into each batch's result
   array (the core-allocated owner stays alive through them: still zero-copy).
@@ -62,6 +65,21 @@ def resolve_device(device: str | None) -> str:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """The engine dtype for a resolved device: None -> the device's default."""
+    if dtype is None:
+        return "float32" if device == "cpu" else "bfloat16"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (or None), got {dtype!r}")
+    if device == "cpu" and dtype != "float32":
+        raise ValueError(f"dtype {dtype!r} is not available on device 'cpu' (the CPU engine "
+                         f"computes in 'float32' only)")
+    return dtype
+
+
 def _open_source(path: str | os.PathLike, max_layer: int | None) -> CheckpointSource:
     path = os.fspath(path)
     if path.lower().endswith(".gguf"):
@@ -72,9 +90,9 @@ def _open_source(path: str | os.PathLike, max_layer: int | None) -> CheckpointSo
     return load_hf(path, max_layer)
 
 
-def _plan(eng_cfg: dict, device: str, max_batch_tokens: int) -> dict:
-    weight, workspace = _core.plan_bytes(eng_cfg, device, int(max_batch_tokens))
-    plan = {"device": device, "max_batch_tokens": int(max_batch_tokens),
+def _plan(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str) -> dict:
+    weight, workspace = _core.plan_bytes(eng_cfg, device, int(max_batch_tokens), dtype=dtype)
+    plan = {"device": device, "dtype": dtype, "max_batch_tokens": int(max_batch_tokens),
             "max_layer": eng_cfg["max_layer"], "weight_bytes": int(weight),
             "workspace_bytes": int(workspace), "total_bytes": int(weight) + int(workspace)}
     if device.startswith("cuda:"):
@@ -107,11 +125,13 @@ def _default_tokens(device: str, max_batch_tokens: int | None) -> int:
 
 def memory_plan(path: str | os.PathLike, device: str | None = None,
                 max_batch_tokens: int | None = None,
-                layers: Sequence[int] | None = None) -> dict:
+                layers: Sequence[int] | None = None, dtype: str | None = None) -> dict:
     """Bytes a Model would allocate (weights of the layers needed for `layers`,
     default all, plus the workspace for `max_batch_tokens`), from the config
-    only: no weights are read. On CUDA also `free_bytes`, `total_device_bytes`."""
+    only: no weights are read. On CUDA also `free_bytes`, `total_device_bytes`.
+    `dtype` as for Model."""
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = os.fspath(path)
     if path.lower().endswith(".gguf"):
         src = _open_source(path, None)
@@ -123,7 +143,8 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
         cfg, _ = load_hf_config(path)
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(_resolve_layers(layers, n, n))
-    return _plan(engine_config(cfg, max_layer), device, _default_tokens(device, max_batch_tokens))
+    return _plan(engine_config(cfg, max_layer), device, _default_tokens(device, max_batch_tokens),
+                 dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -196,9 +217,10 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, device: str | None = None,
                  max_layer: int | None = None, max_batch_tokens: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, dtype: str | None = None) -> None:
         self._engine = None
         self.device = resolve_device(device)
+        self.dtype: str = resolve_dtype(dtype, self.device)
         self.max_batch_tokens = _default_tokens(self.device, max_batch_tokens)
         src = _open_source(path, max_layer)
         try:
@@ -215,8 +237,8 @@ class Model:
         self.fingerprint: str = src.fingerprint
         self.sliding_window: int | None = src.sliding_window
         if self.device != "cpu":
-            _check_fits(_plan(src.engine_config, self.device, self.max_batch_tokens))
-        engine = _core.Engine(src.engine_config, self.device, int(threads or 0))
+            _check_fits(_plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype))
+        engine = _core.Engine(src.engine_config, self.device, int(threads or 0), dtype=self.dtype)
         for kind, layer, buf, dtype, shape in src.tensors():
             engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
@@ -248,7 +270,7 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({c['model_type']}, layers={self.num_layers}, hidden={self.hidden_size}, "
-                f"device={self.device!r}, max_layer={self.max_layer})")
+                f"device={self.device!r}, dtype={self.dtype!r}, max_layer={self.max_layer})")
 
     # -- compute -----------------------------------------------------------
 
