@@ -2,13 +2,13 @@
 tokens -> planned batches -> engine -> shards, resumable, with progress.
 
 Design choices:
-- Three threads, one job each, joined by bounded queues: a producer reads
-  nothing new (records are parsed up front, which is cheap and needed for
-  duplicate-id detection) but tokenizes and plans the next shards
-  (`encode_batch` runs in Rust without the GIL); the calling thread runs
-  the engine (`Model.extract` releases the GIL); a writer thread converts,
-  checksums, writes and fsyncs shards. So tokenization and disk I/O overlap
-  with compute, and end-to-end tokens/s stays close to the bare engine's.
+- Records are parsed up front (cheap, and needed for duplicate ids and shard
+  boundaries). Then three threads, one job each, joined by bounded queues:
+  a producer tokenizes and plans the next shards (`encode_batch` runs in
+  Rust without the GIL); the calling thread runs the engine
+  (`Model.extract` releases the GIL); a writer thread converts, checksums,
+  writes and fsyncs shards. So tokenization and disk I/O overlap with
+  compute, and end-to-end tokens/s stays close to the bare engine's.
 - One `Model.extract` call per planned batch, with the plan's budget, so the
   engine packs exactly the planned batch.
 - The configuration (model fingerprint, layers, pooling, dtype, template,

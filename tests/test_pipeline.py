@@ -98,7 +98,7 @@ def test_noop_and_refusal_touch_nothing(model, data, tmp_path, tiny_model_dir):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     t = time.perf_counter()
     s = rl.extract_dataset(data, model, out, shard_size=4, progress=False)
-    assert s["noop"] and s["complete"] and time.perf_counter() - t < 2.0
+    assert s["noop"] and s["complete"] and time.perf_counter() - t < 5.0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     with pytest.raises(ValueError, match=f"{len(BAD_LINES)} records could not be processed"):
         rl.extract_dataset(data, model, out, shard_size=4, progress=False, strict=True)
