@@ -146,6 +146,7 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
       tests/test_gpu_model.py > "$OUT/pytest_model.log" 2>&1
   rc=$?
   grep -E "^(llama|mistral|qwen)|layer [0-9]+:" "$OUT/pytest_model.log" > /tmp/rjepa_parity.txt
+  grep -E "^fp32 " "$OUT/pytest_model.log" > /tmp/rjepa_parity_fp32.txt
   tail -25 "$OUT/pytest_model.log"
   if [ $rc = 0 ] && ! grep -q "SKIPPED" "$OUT/pytest_model.log"; then stage model ok "$(counts "$OUT/pytest_model.log")"
   elif [ $rc = 0 ]; then stage model SKIP "$(counts "$OUT/pytest_model.log")"
@@ -172,5 +173,7 @@ fi
   cat /tmp/rjepa_ptxas_summary.txt 2>/dev/null | sed -E 's/ +/ /g' | cut -c1-150
   if [ -s /tmp/rjepa_parity.txt ]; then echo "--- parity (rel err to fp32 HF: ours vs HF bf16, deepest layer)"; \
      awk '/^[a-z]/{arch=$1} /layer/{last[arch]=$0} END{for (a in last) print a ": " last[a]}' /tmp/rjepa_parity.txt; fi
+  if [ -s /tmp/rjepa_parity_fp32.txt ]; then echo "--- fp32 parity (rel err to fp32 HF, worst layer; bound 1e-4)"; \
+     cut -c1-110 /tmp/rjepa_parity_fp32.txt; fi
   if [ -f "$OUT/bench.log" ]; then echo "--- benchmark"; sed -n '/^device:/,$p' "$OUT/bench.log"; fi
 } | tee "$OUT/summary.txt"

@@ -9,9 +9,12 @@ own bf16 run's error to the same reference (sdpa, as users run it). SLACK =
 quality; our engine keeps the residual stream in f32 and rounds less than
 HF's bf16 path, so it is normally well below 1.0x.
 
-The CUDA backend stores bf16 only; the fp32 <= 1e-4 criterion of the issue is
-checked on the same GPU reference with our CPU engine (fp32), which also
-validates the reference itself.
+fp32 criterion (issue 4): our CUDA engine in its fp32 mode (dtype="float32":
+f32 storage, f32 GEMMs without TF32) is within 1e-4 relative error of the same
+HF fp32 reference on every layer; our CPU engine (fp32) is held to the same
+bound, which also validates the reference itself. The HF fp32 reference is
+computed once per architecture (on fresh random sequences) and shared by the
+bf16 and fp32 tests.
 
 Models: the tiny fixtures of conftest.py (head_dim 16 / 32) plus larger
 head_dim 64 / 128 variants built here (GQA 4:1 and 2:1, Qwen2 biases, Qwen3
@@ -30,6 +33,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 SLACK = 1.1
+FP32_REL = 1e-4
 CONFTEST_ARCHS = ("llama", "llama3_rope", "llama_bias", "mistral", "qwen2", "qwen3", "llama_bf16")
 WIDE_ARCHS = ("qwen3_hd128", "qwen2_hd128", "llama_hd64")
 
@@ -122,14 +126,32 @@ def _seqs(rng: np.random.Generator, lens: list[int], vocab: int = 320) -> list[n
 LENS = [1, 17, 63, 64, 65, 150, 300]
 
 
+@pytest.fixture(scope="module")
+def hf_reference(model_dir) -> Callable[[str], tuple]:
+    """arch -> (directory, seqs, HF fp32 eager states on the GPU), once per arch."""
+    @functools.lru_cache(maxsize=None)
+    def get(arch: str) -> tuple:
+        torch = _require_gpu()
+        d = model_dir(arch)
+        seqs = _seqs(np.random.default_rng(), LENS + ([700] if arch in WIDE_ARCHS else []))
+        return d, seqs, _hf_states(torch, d, seqs, bf16=False)
+    return get
+
+
+def _fp32_table(columns: dict[str, np.ndarray]) -> str:
+    """Rows "  L<k>: name err ..." (not "layer <k>:", which gpu_check.sh's
+    bf16 summary collects)."""
+    names = list(columns)
+    rows = [f"  L{k}: " + "  ".join(f"{n} {columns[n][k]:.3e}" for n in names)
+            for k in range(len(columns[names[0]]))]
+    return "\n".join(rows)
+
+
 @pytest.mark.parametrize("arch", CONFTEST_ARCHS + WIDE_ARCHS)
-def test_parity_with_hf_bf16(model_dir, arch):
+def test_parity_with_hf_bf16(hf_reference, arch):
     torch = _require_gpu()
     import rjepa_latent as rl
-    rng = np.random.default_rng()
-    d = model_dir(arch)
-    seqs = _seqs(rng, LENS + ([700] if arch in WIDE_ARCHS else []))
-    ref = _hf_states(torch, d, seqs, bf16=False)
+    d, seqs, ref = hf_reference(arch)
     hf16 = _hf_states(torch, d, seqs, bf16=True)
     gpu = rl.Model(d, device="cuda:0")
     ours = [gpu.hidden_states(s) for s in seqs]
@@ -139,10 +161,27 @@ def test_parity_with_hf_bf16(model_dir, arch):
                       for k, (a, b) in enumerate(zip(e_ours, e_hf)))
     print(f"{arch}\n{table}")
     assert (e_ours <= SLACK * e_hf + 1e-7).all(), f"{arch}: bf16 error above HF's:\n{table}"
-    # fp32 criterion, on the same GPU reference: our CPU engine
+
+
+@pytest.mark.parametrize("arch", CONFTEST_ARCHS + WIDE_ARCHS)
+def test_parity_with_hf_fp32(hf_reference, arch):
+    """Our CUDA fp32 mode and our CPU engine vs HF fp32 (TF32 off) on the GPU:
+    <= FP32_REL relative error on every layer."""
+    _require_gpu()
+    import rjepa_latent as rl
+    d, seqs, ref = hf_reference(arch)
+    gpu = rl.Model(d, device="cuda:0", dtype="float32")
+    assert gpu.dtype == "float32"
+    ours = [gpu.hidden_states(s) for s in seqs]
+    assert all(np.isfinite(o).all() for o in ours), "non-finite hidden states"
+    e_gpu = _rel_per_layer(ours, ref)
     cpu = rl.Model(d, device="cpu")
     e_cpu = _rel_per_layer([cpu.hidden_states(s) for s in seqs], ref)
-    assert (e_cpu <= 1e-4).all(), f"{arch}: CPU fp32 vs HF fp32 on GPU: {e_cpu}"
+    table = _fp32_table({"cuda-fp32": e_gpu, "cpu-fp32": e_cpu})
+    # "fp32 <arch>": a line gpu_check.sh's summary picks up (worst layer)
+    print(f"fp32 {arch}: worst layer cuda {e_gpu.max():.3e} cpu {e_cpu.max():.3e}\n{table}")
+    assert (e_gpu <= FP32_REL).all(), f"{arch}: CUDA fp32 vs HF fp32 on GPU:\n{table}"
+    assert (e_cpu <= FP32_REL).all(), f"{arch}: CPU fp32 vs HF fp32 on GPU:\n{table}"
 
 
 @pytest.mark.parametrize("arch", ("qwen3", "qwen3_hd128", "llama_hd64"))
@@ -198,7 +237,16 @@ def test_device_contract(model_dir):
     assert plan["free_bytes"] > 0 and plan["total_device_bytes"] >= plan["free_bytes"]
     m._engine.verify_resident()
     m.close()
-    del m
+    # the fp32 mode: its own plan (f32 weights), still all on the device
+    m32 = rl.Model(d, device="cuda:0", max_batch_tokens=4096, dtype="float32")
+    plan32 = rl.memory_plan(d, "cuda:0", max_batch_tokens=4096, dtype="float32")
+    rep32 = m32.memory_report()
+    assert (rep32["weight_bytes"], rep32["workspace_bytes"]) == \
+        (plan32["weight_bytes"], plan32["workspace_bytes"])
+    assert plan32["weight_bytes"] > 1.9 * plan["weight_bytes"]
+    m32._engine.verify_resident()
+    m32.close()
+    del m, m32
     gc.collect()  # engines of earlier tests must not be freed during the measurement
 
     free_before = _core.cuda_mem_info(0)[0]

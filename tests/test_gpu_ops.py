@@ -11,6 +11,11 @@ entry point is needed in the binding. For each op:
 - the CUDA result (bf16 storage, f32 math) must equal the CPU result (f32)
   within bf16 rounding of the output (f32 outputs: within f32 summation-order
   differences).
+The mode-dependent ops run for both CUDA storage dtypes (the `devs` fixture
+is parametrized): bf16 (the default backend) and f32 (the fp32 reference
+mode, rl_backend_cuda_create_ex(.., RL_F32, ..)), where every output must
+match the CPU within F32_REL: tight enough that a TF32 GEMM or a bf16
+rounding anywhere fails.
 Skips cleanly when CUDA is not compiled in or no device is visible.
 """
 from __future__ import annotations
@@ -26,6 +31,9 @@ pytestmark = pytest.mark.gpu
 RL_F32, RL_BF16, RL_F16 = 0, 1, 2
 POOL_MEAN, POOL_FIRST, POOL_LAST = 0, 1, 2
 BF16_EPS = 2.0 ** -8  # one rounding of a bf16 output, relative
+# fp32 mode: relative to |ref| + F32_FLOOR * rms(ref) (f32 summation order,
+# sincosf/expf ulps); TF32 (2^-11 per product) or bf16 (2^-9) are far above
+F32_REL, F32_FLOOR = 1e-4, 0.5
 
 VP, ST, I64 = C.c_void_p, C.c_int, C.c_int64
 FN = C.CFUNCTYPE
@@ -73,11 +81,13 @@ def _lib():
     if _core.cuda_device_count() == 0:
         pytest.skip("no CUDA device")
     lib = C.CDLL(_core.__file__)
-    for sym in ("rl_backend_cuda_create", "rl_backend_cpu_create", "rl_last_error"):
+    for sym in ("rl_backend_cuda_create", "rl_backend_cuda_create_ex", "rl_backend_cpu_create",
+                "rl_last_error"):
         if not hasattr(lib, sym):
             pytest.skip(f"{sym} is not exported by _core")
     lib.rl_last_error.restype = C.c_char_p
     lib.rl_backend_cuda_create.argtypes = [C.c_int, C.POINTER(C.POINTER(Backend))]
+    lib.rl_backend_cuda_create_ex.argtypes = [C.c_int, C.c_int, C.POINTER(C.POINTER(Backend))]
     lib.rl_backend_cpu_create.argtypes = [C.c_int, C.POINTER(C.POINTER(Backend))]
     return lib
 
@@ -98,15 +108,21 @@ def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
 class Dev:
     """One backend (CUDA or CPU) with helpers to move f32 arrays in and out."""
 
-    def __init__(self, lib, kind: str) -> None:
+    def __init__(self, lib, kind: str, dtype: int = RL_BF16) -> None:
+        """kind "cuda" (storage `dtype`: RL_BF16 default, RL_F32) or "cpu"."""
         self.lib = lib
         ptr = C.POINTER(Backend)()
-        st = (lib.rl_backend_cuda_create(0, C.byref(ptr)) if kind == "cuda"
-              else lib.rl_backend_cpu_create(2, C.byref(ptr)))
+        if kind == "cpu":
+            st = lib.rl_backend_cpu_create(2, C.byref(ptr))
+        elif dtype == RL_BF16:  # the plain constructor: the default mode
+            st = lib.rl_backend_cuda_create(0, C.byref(ptr))
+        else:
+            st = lib.rl_backend_cuda_create_ex(0, dtype, C.byref(ptr))
         assert st == 0, lib.rl_last_error().decode()
         self.b = ptr.contents
         self.bp = C.cast(ptr, VP)
         self.kind = kind
+        self.dtype = dtype if kind == "cuda" else RL_F32
         self.bufs: list[int] = []
 
     def check(self, st: int) -> None:
@@ -163,14 +179,25 @@ class Dev:
         self.b.destroy(self.bp)
 
 
-@pytest.fixture
-def devs(monkeypatch) -> Iterator[tuple[Dev, Dev]]:
+def _pair(monkeypatch, dtype: int) -> Iterator[tuple[Dev, Dev]]:
     lib = _lib()
     monkeypatch.delenv("RJEPA_ATTN", raising=False)  # the default kernels
-    gpu, cpu = Dev(lib, "cuda"), Dev(lib, "cpu")
+    gpu, cpu = Dev(lib, "cuda", dtype), Dev(lib, "cpu")
     yield gpu, cpu
     gpu.close()
     cpu.close()
+
+
+@pytest.fixture(params=[RL_BF16, RL_F32], ids=["bf16", "f32"])
+def devs(request, monkeypatch) -> Iterator[tuple[Dev, Dev]]:
+    """(CUDA backend in each storage mode, CPU backend)."""
+    yield from _pair(monkeypatch, request.param)
+
+
+@pytest.fixture
+def devs_bf16(monkeypatch) -> Iterator[tuple[Dev, Dev]]:
+    """For the tests that do not depend on the mode: the default backend only."""
+    yield from _pair(monkeypatch, RL_BF16)
 
 
 @pytest.fixture
@@ -194,7 +221,30 @@ def assert_close(got: np.ndarray, ref: np.ndarray, rel: float, what: str,
                            f"{err.max():.3g} (ref rms {scale:.3g})")
 
 
+def assert_out(gpu: Dev, got: np.ndarray, ref: np.ndarray, bf16_rel: float, what: str,
+               floor: float = 2.0 ** -6) -> None:
+    """assert_close with the bound of the GPU's mode: `bf16_rel` (and `floor`)
+    for bf16 outputs, F32_REL / F32_FLOOR in the fp32 mode."""
+    if gpu.b.act_dtype == RL_F32:
+        assert_close(got, ref, F32_REL, f"{what} [f32 mode]", floor=F32_FLOOR)
+    else:
+        assert_close(got, ref, bf16_rel, what, floor=floor)
+
+
 # ---- ops ----------------------------------------------------------------------
+
+def test_storage_dtypes(devs):
+    gpu, _ = devs
+    want = RL_F32 if gpu.dtype == RL_F32 else RL_BF16
+    assert (gpu.b.weight_dtype, gpu.b.act_dtype, gpu.b.res_dtype) == (want, want, RL_F32)
+
+
+def test_create_ex_refuses_other_dtypes():
+    lib = _lib()
+    ptr = C.POINTER(Backend)()
+    assert lib.rl_backend_cuda_create_ex(0, RL_F16, C.byref(ptr)) == 1  # RL_ERR_INVALID
+    assert not ptr and b"bf16 or f32" in lib.rl_last_error()
+
 
 @pytest.mark.parametrize("d", [64, 100, 4096])
 def test_embed(devs, rng, d):
@@ -225,7 +275,10 @@ def test_rmsnorm(devs, rng, d, out_f32):
         xp, wp, y = dev.put(x, RL_F32), dev.put(w, dev.b.weight_dtype), dev.empty(rows * d, odt)
         dev.check(dev.b.rmsnorm(dev.bp, xp, wp, y, odt, rows, d, 1e-6))
         outs.append(dev.get(y, rows * d, odt).reshape(rows, d))
-    assert_close(outs[0], outs[1], 1e-5 if out_f32 else BF16_EPS, "rmsnorm")
+    if out_f32:
+        assert_close(outs[0], outs[1], 1e-5, "rmsnorm")
+    else:
+        assert_out(gpu, outs[0], outs[1], BF16_EPS, "rmsnorm")
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 64, 64), (37, 96, 200), (300, 256, 128), (5, 24, 8)])
@@ -252,7 +305,13 @@ def test_gemm(devs, rng, M, N, K, accumulate, with_bias):
         ref = ref + y0
     # f32 outputs: tensor-core f32 accumulation differs from sgemm's order only
     assert_close(outs[1], ref.astype(np.float32), 1e-3, "cpu gemm vs numpy")
-    assert_close(outs[0], outs[1], 1e-3 if accumulate else BF16_EPS, "gemm")
+    if accumulate:
+        assert_close(outs[0], outs[1], 1e-3, "gemm")
+    else:
+        assert_out(gpu, outs[0], outs[1], BF16_EPS, "gemm")
+    if gpu.dtype == RL_F32:  # fp32 mode: f32 GEMM (no TF32) against the f64 product
+        assert_close(outs[0], ref.astype(np.float32), F32_REL, "gemm [f32 mode] vs numpy",
+                     floor=F32_FLOOR)
 
 
 def rope_inv_freq(hd: int, theta: float = 10000.0) -> np.ndarray:
@@ -280,7 +339,7 @@ def test_qk_norm_rope(devs, rng, nh, nkv, hd, qk_norm):
         outs.append(dev.get(p, T * W, dev.b.act_dtype).reshape(T, W))
     v0 = (nh + nkv) * hd
     np.testing.assert_array_equal(outs[0][:, v0:], qkv[:, v0:])  # v untouched
-    assert_close(outs[0], outs[1], 2 * BF16_EPS, "qk_norm_rope")
+    assert_out(gpu, outs[0], outs[1], 2 * BF16_EPS, "qk_norm_rope")
 
 
 ATTN_CASES = [
@@ -299,10 +358,11 @@ ATTN_CASES = [
 @pytest.mark.parametrize("hd,nh,nkv,lens", ATTN_CASES)
 def test_attention(devs, rng, monkeypatch, kernel, hd, nh, nkv, lens):
     """Both kernels: tensor cores (default; P rounded to bf16 as in FA2) and
-    f32 FMA (RJEPA_ATTN=fma; only the output is rounded)."""
-    _, cpu = devs
+    f32 FMA (RJEPA_ATTN=fma; only the output is rounded). The fp32 mode runs
+    the FMA kernel on f32 q/k/v whatever RJEPA_ATTN says."""
+    gpu0, cpu = devs
     monkeypatch.setenv("RJEPA_ATTN", kernel)  # read when a backend is created
-    gpu = Dev(cpu.lib, "cuda")
+    gpu = Dev(cpu.lib, "cuda", gpu0.dtype)
     T, W = sum(lens), (nh + 2 * nkv) * hd
     qkv = rng.standard_normal((T, W)).astype(np.float32)
     qkv[:, : nh * hd] *= 3.0  # sharper softmax than unit scores
@@ -315,7 +375,10 @@ def test_attention(devs, rng, monkeypatch, kernel, hd, nh, nkv, lens):
         dev.check(dev.b.attention(dev.bp, C.byref(seg), p, o, T, nh, nkv, hd, scale))
         outs.append(dev.get(o, T * nh * hd, dev.b.act_dtype).reshape(T, nh * hd))
     gpu.close()
-    if kernel == "fma":
+    if gpu.dtype == RL_F32:
+        assert_close(outs[0], outs[1], F32_REL, f"attention [f32 mode, RJEPA_ATTN={kernel}]",
+                     floor=F32_FLOOR)
+    elif kernel == "fma":
         assert_close(outs[0], outs[1], 2 * BF16_EPS, "attention (fma)")
     else:
         # bf16 P: errors ~2^-9 of sum(p |v|), not of |out|: a floor of rms/2
@@ -324,8 +387,8 @@ def test_attention(devs, rng, monkeypatch, kernel, hd, nh, nkv, lens):
         assert rel < 5e-3, f"attention (mma): relative error {rel:.3g}"
 
 
-def test_attention_unsupported_head_dim_is_an_error(devs):
-    gpu, _ = devs
+def test_attention_unsupported_head_dim_is_an_error(devs_bf16):
+    gpu, _ = devs_bf16
     seg, _cu = gpu.segments([4])
     p, o = gpu.empty(4 * 3 * 24, RL_BF16), gpu.empty(4 * 24, RL_BF16)
     st = gpu.b.attention(gpu.bp, C.byref(seg), p, o, 4, 1, 1, 24, 0.2)
@@ -342,13 +405,13 @@ def test_swiglu(devs, rng, ff):
         p, o = dev.put(gu, dev.b.act_dtype), dev.empty(T * ff, dev.b.act_dtype)
         dev.check(dev.b.swiglu(dev.bp, p, o, T, ff))
         outs.append(dev.get(o, T * ff, dev.b.act_dtype).reshape(T, ff))
-    assert_close(outs[0], outs[1], BF16_EPS, "swiglu")
+    assert_out(gpu, outs[0], outs[1], BF16_EPS, "swiglu")
 
 
 @pytest.mark.parametrize("mode", [POOL_MEAN, POOL_FIRST, POOL_LAST])
 @pytest.mark.parametrize("d", [64, 100])
-def test_pool(devs, rng, mode, d):
-    gpu, cpu = devs
+def test_pool(devs_bf16, rng, mode, d):
+    gpu, cpu = devs_bf16
     T = 300
     x = rng.standard_normal((T, d)).astype(np.float32)
     spans = np.array([[0, 1], [0, 300], [5, 6], [10, 250], [299, 300], [17, 40]], np.int32)
@@ -369,10 +432,10 @@ def test_pool(devs, rng, mode, d):
 
 
 @pytest.mark.parametrize("src_dtype", [RL_F32, RL_F16, RL_BF16])
-def test_upload_conversions(devs, rng, src_dtype):
+def test_upload_conversions(devs_bf16, rng, src_dtype):
     """Host f32/f16/bf16 -> device bf16 at an element offset, and -> f32; one
     tensor larger than the 32 MiB staging buffer (several chunks)."""
-    gpu, _ = devs
+    gpu, _ = devs_bf16
     for n in (1001, 17_000_000):
         vals = rng.standard_normal(n).astype(np.float32)
         if src_dtype == RL_F16:
@@ -395,8 +458,8 @@ def test_upload_conversions(devs, rng, src_dtype):
             np.testing.assert_array_equal(gpu.get(q, n, RL_F32), exact)
 
 
-def test_residency_and_mem_info(devs):
-    gpu, _ = devs
+def test_residency_and_mem_info(devs_bf16):
+    gpu, _ = devs_bf16
     p = gpu.alloc(1 << 20)
     assert gpu.b.is_resident(gpu.bp, p) == 1
     host = np.zeros(16, np.float32)
