@@ -138,7 +138,7 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """Yield (line, parsed value, parse error) for each record of one file."""
     if path.suffix.lower() == ".json":
         try:
-            with open(path, "r", encoding="utf-8") as f:
+            with open(path, "r", encoding="utf-8-sig") as f:  # a BOM is not an error
                 value = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:
             yield 1, None, f"file is not valid JSON: {e}"
@@ -154,7 +154,7 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
             if not raw.strip():
                 continue  # blank lines are not records
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield lineno, None, f"line is not valid UTF-8: {e}"
                 continue

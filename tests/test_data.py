@@ -130,3 +130,12 @@ def test_bad_json_file_and_missing_file(tmp_path):
         list(read_records([tmp_path / "nope.jsonl"]))
     with pytest.raises(ValueError, match="format"):
         list(read_records([p], fmt="csv"))
+
+
+def test_utf8_bom_and_crlf_lines(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"id": "a", "steps": ["x"]}\r\n\r\n{"id": "b", "steps": ["y"]}\r\n')
+    assert [(r.id, r.line) for r in read_records([p])] == [("a", 1), ("b", 3)]
+    q = tmp_path / "bom.json"
+    q.write_bytes(b'\xef\xbb\xbf[{"id": "c", "steps": ["z"]}]')
+    assert [r.id for r in read_records([q])] == ["c"]
