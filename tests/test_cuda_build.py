@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,3 +140,26 @@ def test_not_compiled_in_message() -> None:
     assert core.cuda_device_count() == 0
     with pytest.raises(DeviceError, match="not (compiled|built) in"):
         core.cuda_check_device(0)
+
+
+def test_cuda_create_ex_dtype_and_device_checks() -> None:
+    """rl_backend_cuda_create_ex (the fp32 mode's constructor) through ctypes:
+    a dtype other than bf16/f32 is RL_ERR_INVALID before any device check; a
+    valid one fails cleanly with RL_ERR_DEVICE where no device can be used."""
+    import ctypes as C
+    core = _core()
+    lib = C.CDLL(core.__file__)
+    lib.rl_last_error.restype = C.c_char_p
+    create_ex = lib.rl_backend_cuda_create_ex
+    create_ex.argtypes = [C.c_int, C.c_int, C.POINTER(C.c_void_p)]
+    out = C.c_void_p(1)
+    rl_f32, rl_f16, err_invalid, err_device = 0, 2, 1, 3
+    if not core.build_info()["cuda"]:
+        assert create_ex(0, rl_f32, C.byref(out)) == err_device and not out.value
+        assert b"not built in" in lib.rl_last_error()
+        return
+    assert create_ex(0, rl_f16, C.byref(out)) == err_invalid and not out.value
+    assert b"bf16 or f32" in lib.rl_last_error()
+    if core.cuda_device_count() == 0:
+        assert create_ex(0, rl_f32, C.byref(out)) == err_device and not out.value
+        assert re.search(rb"no CUDA (driver|device)", lib.rl_last_error())
