@@ -135,6 +135,9 @@ def test_parts_union_equals_single_run(model, data, tmp_path):
     for i in (2, 0, 1):
         s = rl.extract_dataset(data, model, parts, shard_size=2, part=f"{i}/3", progress=False)
         assert s["complete"] == (i == 1)  # the last worker to finish merges manifest.json
+        if i == 2:  # a reader sees the finished shards of the workers so far
+            part_ids = rl.open_latents(parts).ids
+            assert not rl.open_latents(parts).complete and 0 < len(part_ids) < len(ADVERSARIAL)
     a, b = snapshot(single), snapshot(parts)
     extra = sorted(set(b) - set(a))
     assert extra == [f"manifest.part-0000{i}-of-00003.json" for i in range(3)]
