@@ -80,6 +80,23 @@ __device__ __forceinline__ void load8(const float *p, float *f)
     f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
     f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
+// load8, or zeros when !valid (p is not read then)
+__device__ __forceinline__ void load8_or_zero(const bf16 *p, bool valid, float *f)
+{
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (valid) v = *reinterpret_cast<const uint4 *>(p);
+    unpack8(v, f);
+}
+__device__ __forceinline__ void load8_or_zero(const float *p, bool valid, float *f)
+{
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+    if (valid) {
+        a = reinterpret_cast<const float4 *>(p)[0];
+        b = reinterpret_cast<const float4 *>(p)[1];
+    }
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
 __device__ __forceinline__ void store8(bf16 *p, const float *f)
 {
     *reinterpret_cast<uint4 *>(p) = pack8(f);
@@ -281,12 +298,7 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
         const T *qrow = qkv + (int64_t)(start + (valid ? qi : 0)) * stride + (int64_t)h * HD;
 #pragma unroll
         for (int c = 0; c < C::CPT; c++) {
-            if (valid) {
-                load8(qrow + (c * C::TPR + g) * 8, q + c * 8);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; e++) q[c * 8 + e] = 0.0f;
-            }
+            load8_or_zero(qrow + (c * C::TPR + g) * 8, valid, q + c * 8);
         }
 #pragma unroll
         for (int e = 0; e < C::CPT * 8; e++) {
