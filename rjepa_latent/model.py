@@ -142,7 +142,7 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
             raise FileNotFoundError(f"model directory {path!r} does not exist")
         cfg, _ = load_hf_config(path)
     n = cfg["num_layers"]
-    max_layer = n if layers is None else max(_resolve_layers(layers, n, n))
+    max_layer = n if layers is None else max(resolve_layers(layers, n, n))
     return _plan(engine_config(cfg, max_layer), device, _default_tokens(device, max_batch_tokens),
                  dtype)
 
@@ -151,7 +151,9 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
 # argument validation
 
 
-def _resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> list[int]:
+def resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> list[int]:
+    """HF hidden_states indices (negatives count from the end, -1 = L) -> absolute, in the
+    given order; out of range or deeper than max_layer is a ValueError naming the index."""
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     out = []
@@ -290,7 +292,7 @@ class Model:
         engine = self._eng()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-        lays = np.asarray(_resolve_layers(layers, self.num_layers, self.max_layer), np.int32)
+        lays = np.asarray(resolve_layers(layers, self.num_layers, self.max_layer), np.int32)
         if isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iuf":
             raise TypeError("seqs must be a list of sequences, not one 1-D array "
                             "(wrap it: [ids])")

@@ -43,6 +43,7 @@ from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE,
 from .plan import part_shards, plan_batches, shard_ranges
 from .store import DTYPES, RunStore, convert_latents
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
+from .model import Model, resolve_layers
 
 POOLINGS = ("mean", "first", "last")
 DEFAULT_SHARD_SIZE = 1000
@@ -65,24 +66,6 @@ def parse_part(part: Any) -> tuple[int, int]:
     if n <= 0 or not 0 <= i < n:
         raise ValueError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
     return int(i), int(n)
-
-
-def resolve_layers(layers: Sequence[int], num_layers: int, max_layer: int) -> list[int]:
-    """HF hidden_states indices (negative count from the end) -> absolute, in the given order."""
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layers must be integers, got {layer!r}")
-        a = int(layer) + (num_layers + 1 if layer < 0 else 0)
-        if not 0 <= a <= max_layer:
-            raise ValueError(f"layer {layer} is out of range for this model (0..{max_layer}, "
-                             f"or -{num_layers + 1}..-1)")
-        out.append(a)
-    if not out:
-        raise ValueError("layers is empty")
-    return out
 
 
 def input_fingerprint(paths: Sequence[Path]) -> list[dict]:
@@ -214,7 +197,6 @@ def _engine_refusal(item: Item, limits: list[tuple[int, str]]) -> str | None:
 
 def _load_model(model: Any, device: str | None, max_batch_tokens: int | None, threads: int | None):
     if isinstance(model, (str, os.PathLike)):
-        from .model import Model
         return Model(model, device=device, max_batch_tokens=max_batch_tokens, threads=threads)
     for attr in ("extract", "tokenizer", "fingerprint", "num_layers", "hidden_size", "max_layer", "config"):
         if not hasattr(model, attr):

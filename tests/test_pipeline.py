@@ -86,7 +86,7 @@ def test_dtypes_and_poolings(model, data, tmp_path):
         assert np.array_equal(z.raw_latents, bf16_from_f32(x.latents)) and z.latents.dtype == np.float32
     with pytest.raises(ValueError, match="pooling"):
         rl.extract_dataset(data, model, tmp_path / "x", pooling="none", progress=False)
-    with pytest.raises(ValueError, match="layer 7"):
+    with pytest.raises(ValueError, match="layer index 7 is out of range"):
         rl.extract_dataset(data, model, tmp_path / "x", layers=(7,), progress=False)
     assert not (tmp_path / "x").exists()
 
