@@ -35,6 +35,7 @@ from .errors import DeviceError, DeviceMemoryError
 
 POOLINGS = ("mean", "first", "last", "none")
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+MIN_AUTO_BATCH_TOKENS = 512   # below this a GPU batch is too small to be worth running
 # headroom left free on a GPU for the CUDA context, cuBLAS workspace and the
 # allocator's rounding (the plan itself is exact)
 CUDA_HEADROOM_BYTES = 512 * 1024 * 1024
@@ -224,6 +225,7 @@ class Model:
         self.device = resolve_device(device)
         self.dtype: str = resolve_dtype(dtype, self.device)
         self.max_batch_tokens = _default_tokens(self.device, max_batch_tokens)
+        self._auto_batch_tokens = max_batch_tokens is None
         src = _open_source(path, max_layer)
         try:
             self._load(src, threads)
@@ -239,7 +241,13 @@ class Model:
         self.fingerprint: str = src.fingerprint
         self.sliding_window: int | None = src.sliding_window
         if self.device != "cpu":
-            _check_fits(_plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype))
+            plan = _plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype)
+            # left unset, max_batch_tokens is what fits: halve the default until it does
+            while self._auto_batch_tokens and self.max_batch_tokens > MIN_AUTO_BATCH_TOKENS \
+                    and plan["total_bytes"] + CUDA_HEADROOM_BYTES > plan["free_bytes"]:
+                self.max_batch_tokens //= 2
+                plan = _plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype)
+            _check_fits(plan)
         engine = _core.Engine(src.engine_config, self.device, int(threads or 0), dtype=self.dtype)
         for kind, layer, buf, dtype, shape in src.tensors():
             engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
