@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     steps = gsm8k_workload(args.gsm8k, n) if use_gsm8k else synthetic_workload(n, args.seed)
     seqs, spans = make_inputs(steps, shape["vocab_size"], args.seed)
     tokens = sum(len(s) for s in seqs)
+    from ._native import build_info
     from .model import Model
     with tempfile.TemporaryDirectory(prefix="rjepa-bench-") as d:
         hf_model = build_checkpoint(shape, d, args.seed)
@@ -186,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         t_hfs = min(t_hfs, run_hf(hf_model, seqs, spans, args, sort=True)[0])
     res = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
+        "blas": build_info()["blas"],
         "model": "tiny llama" if args.tiny else "SmolLM2-135M-shaped llama (random weights)",
         "workload": f"{n} sequences, {tokens} tokens (mean {tokens / n:.0f}), "
                     f"{sum(len(s) for s in spans)} steps, lengths from "
@@ -212,7 +214,7 @@ def format_table(r: dict) -> str:
             (f"HF transformers fp32, batch {r['hf_batch']}, length-sorted",
              r["hf_sorted_tokens_per_s"], r["speedup_vs_hf_sorted"])]
     lines = [f"machine: {r['machine']}; threads: {r['threads']}; load average at the end: "
-             f"{r['load_average']:.1f}", f"model: {r['model']}",
+             f"{r['load_average']:.1f}", f"BLAS: {r['blas']}", f"model: {r['model']}",
              f"workload: {r['workload']}", "",
              f"| {'runner':50s} | {'tokens/s':>9s} | {'engine speedup':>14s} |",
              f"|{'-' * 52}|{'-' * 11}|{'-' * 16}|"]
