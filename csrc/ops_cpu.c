@@ -33,6 +33,8 @@ typedef struct {
     float *rope;            /* [rope_npos, 2, rope_half]: cos then sin per position */
     float *rope_inv;        /* [rope_half] inv_freq the table was built from        */
     int64_t rope_npos, rope_half;
+    int64_t *jobs;          /* [jobs_len, 2] GEMM jobs: sequence, first column     */
+    int64_t jobs_len;
 } cpu_impl;
 
 static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
@@ -128,12 +130,28 @@ static rl_status cpu_rmsnorm(rl_backend *be, const void *x, const void *w, void 
     return RL_OK;
 }
 
-/* Columns of N each thread computes: depends on N and the thread count only
- * (never on M), so a sequence gets the same split alone or packed. */
-static int64_t gemm_chunk(int64_t N, int nt)
+static rl_status grow_jobs(cpu_impl *im, int64_t n)
 {
-    int64_t c = (N + nt - 1) / nt;
-    return (c + 15) / 16 * 16;
+    if (n <= im->jobs_len) return RL_OK;
+    int64_t *p = realloc(im->jobs, (size_t)n * 2 * sizeof *p);
+    if (!p) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+    im->jobs = p;
+    im->jobs_len = n;
+    return RL_OK;
+}
+
+/* GEMM jobs. A sequence of fewer than GEMM_SPLIT_ROWS tokens is one job over
+ * all N columns; a longer one is split into jobs of GEMM_COLS columns. OpenBLAS
+ * rounding of an output element depends on the call's M and N, so both the
+ * split rule and the chunk width depend on the sequence alone: never on the
+ * packing (results bitwise equal alone or packed) and never on the thread
+ * count (a run resumed on a machine with other cores gives the same bytes). */
+#define GEMM_SPLIT_ROWS 256
+#define GEMM_COLS 256
+
+static int64_t gemm_jobs_of(int64_t m, int64_t N)
+{
+    return m < GEMM_SPLIT_ROWS ? 1 : (N + GEMM_COLS - 1) / GEMM_COLS;
 }
 
 static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
@@ -141,28 +159,36 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
 {
     const float *X = x, *W = w, *B = bias;
     float *Y = y;
-    int nt = impl_of(be)->n_threads;
-    int64_t chunk = gemm_chunk(N, nt), n_chunks = (N + chunk - 1) / chunk;
+    cpu_impl *im = impl_of(be);
     const int32_t *cu = seg->cu_seqlens_host;
-    /* One region: thread c owns output columns [n0, n0+nn) of every sequence.
-     * OpenBLAS runs single-threaded inside it (one thread pool, no two pools
-     * spinning against each other). Once per sequence: OpenBLAS rounding of
-     * a row depends on M. */
-#pragma omp parallel for num_threads(nt) schedule(static) if (n_chunks > 1)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        int64_t n0 = c * chunk, nn = N - n0 < chunk ? N - n0 : chunk;
-        for (int64_t s = 0; s < seg->n_seqs; s++) {
-            int64_t r0 = cu[s], m = cu[s + 1] - r0;
-            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)nn,
-                              (blasint)K, 1.0f, X + r0 * K, (blasint)K, W + n0 * K, (blasint)K,
-                              accumulate ? 1.0f : 0.0f, Y + r0 * N + n0, (blasint)N);
+    /* job j of the batch -> (sequence, first column); built on the host */
+    int64_t n_jobs = 0;
+    for (int64_t s = 0; s < seg->n_seqs; s++) n_jobs += gemm_jobs_of(cu[s + 1] - cu[s], N);
+    RL_TRY(grow_jobs(im, n_jobs));
+    for (int64_t s = 0, j = 0; s < seg->n_seqs; s++) {
+        int64_t k = gemm_jobs_of(cu[s + 1] - cu[s], N);
+        for (int64_t c = 0; c < k; c++, j++) {
+            im->jobs[2 * j] = s;
+            im->jobs[2 * j + 1] = k == 1 ? 0 : c * GEMM_COLS;
         }
+    }
+    /* OpenBLAS runs single-threaded inside (one thread pool, not two spinning
+     * against each other) */
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (n_jobs > 1)
+    for (int64_t j = 0; j < n_jobs; j++) {
+        int64_t s = im->jobs[2 * j], n0 = im->jobs[2 * j + 1];
+        int64_t r0 = cu[s], m = cu[s + 1] - r0;
+        int64_t nn = gemm_jobs_of(m, N) == 1 ? N : (N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)nn,
+                          (blasint)K, 1.0f, X + r0 * K, (blasint)K, W + n0 * K, (blasint)K,
+                          accumulate ? 1.0f : 0.0f, Y + r0 * N + n0, (blasint)N);
         if (B)
-            for (int64_t r = 0; r < M; r++) {
+            for (int64_t r = r0; r < r0 + m; r++) {
                 float *row = Y + r * N;
-                for (int64_t j = n0; j < n0 + nn; j++) row[j] += B[j];
+                for (int64_t c = n0; c < n0 + nn; c++) row[c] += B[c];
             }
     }
+    (void)M;
     return RL_OK;
 }
 
@@ -354,6 +380,7 @@ static void cpu_destroy(rl_backend *be)
         free(im->sums);
         free(im->rope);
         free(im->rope_inv);
+        free(im->jobs);
         free(im);
     }
     free(be);
