@@ -42,6 +42,9 @@ static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
 /* Below this many elements an op runs on one thread (fork/join costs more). */
 #define PAR_MIN 16384
 
+/* Upper bound on n_threads (far above any core count this runs on). */
+#define RL_CPU_MAX_THREADS 1024
+
 /* ---- memory ------------------------------------------------------------- */
 
 static rl_status cpu_alloc(rl_backend *be, void **ptr, size_t bytes)
@@ -389,7 +392,11 @@ static void cpu_destroy(rl_backend *be)
 rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
 {
     *out = NULL;
-    if (n_threads < 0) return RL_FAIL(RL_ERR_INVALID, "n_threads must be >= 0, got %d", n_threads);
+    /* libgomp exits (or crashes) when it cannot create a requested team,
+     * so an absurd thread count must be refused here, not attempted */
+    if (n_threads < 0 || n_threads > RL_CPU_MAX_THREADS)
+        return RL_FAIL(RL_ERR_INVALID, "n_threads must be in [0, %d] (0: one per core), got %d",
+                       RL_CPU_MAX_THREADS, n_threads);
     if (n_threads == 0) {
 #ifdef _OPENMP
         n_threads = omp_get_num_procs();

@@ -514,6 +514,15 @@ def test_config_and_device_arguments():
         _core.Engine(make_config(), "gpu")
 
 
+def test_absurd_thread_count_is_refused():
+    # libgomp exits or crashes when it cannot create a team (70000 threads
+    # segfaulted the process): the count is refused at creation instead
+    with pytest.raises(ValueError, match=r"n_threads must be in \[0, 1024\]"):
+        _core.Engine(make_config(), "cpu", 70000)
+    with pytest.raises(ValueError, match="n_threads must be"):
+        _core.Engine(make_config(), "cpu", -1)
+
+
 def test_cuda_requests_without_cuda():
     if _core.build_info()["cuda"]:
         pytest.skip("CUDA is compiled in")
