@@ -226,8 +226,12 @@ static PyArrayObject *as_int32(PyObject *obj, const char *name, int ndim)
                      dn ? dn : Py_None);
         Py_XDECREF(dn);
     } else if (tn == NPY_INT32 || PyArray_SIZE(a) == 0 || check_int32_range(a, name) == 0) {
+        /* always a private copy: the engine validates these values and then
+         * uses them as offsets with the GIL released, so another thread
+         * writing the caller's array in between must not reach the engine */
         out = (PyArrayObject *)PyArray_FROMANY((PyObject *)a, NPY_INT32, ndim, ndim,
-                                               NPY_ARRAY_CARRAY | NPY_ARRAY_FORCECAST);
+                                               NPY_ARRAY_CARRAY | NPY_ARRAY_FORCECAST |
+                                               NPY_ARRAY_ENSURECOPY);
     }
     Py_DECREF(a);
     return out;

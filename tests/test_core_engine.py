@@ -380,6 +380,45 @@ def test_threads_share_one_engine_safely(base):
     assert not bad
 
 
+def test_caller_arrays_written_during_forward_cannot_corrupt_it():
+    """forward validates ids and offsets, then uses them with the GIL released:
+    the engine must work on private copies. Before the binding copied them, a
+    thread flipping cu_seqlens / an id to huge values segfaulted the process
+    within seconds (heap overflow in the positions scratch, out-of-range
+    embedding row). Probabilistic by nature: 1.5 s of racing."""
+    import threading
+    import time
+    cfg = make_config(num_layers=1, max_layer=1)
+    eng = make_engine(cfg, make_weights(cfg), max_tokens=64, n_threads=1)
+    toks = (np.arange(60) % cfg["vocab_size"]).astype(np.int32)
+    cu = np.array([0, 30, 60], dtype=np.int32)
+    spans, seq = np.array([[0, 30]], dtype=np.int32), np.array([0], dtype=np.int32)
+    want = eng.forward(toks, cu, [1], spans, seq, "mean")
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            cu[1] = 2_000_000_000
+            cu[1] = 30
+            toks[5] = 10 ** 9
+            toks[5] = 5
+
+    t = threading.Thread(target=flip)
+    t.start()
+    results = []
+    try:
+        t_end = time.monotonic() + 1.5
+        while time.monotonic() < t_end:
+            try:
+                results.append(eng.forward(toks, cu, [1], spans, seq, "mean"))
+            except ValueError:
+                pass  # a copy taken mid-flip is refused, never used
+    finally:
+        stop.set()
+        t.join()
+    assert results and all(np.array_equal(r, want) for r in results)
+
+
 # ---- bad arguments ----------------------------------------------------------
 
 GOOD = dict(tokens=[1, 2, 3, 4, 5], cu_seqlens=[0, 2, 5], layers=[1], spans=[[0, 2], [1, 3]],
