@@ -335,6 +335,10 @@ class _Runner:
                 raise writer.error
         finally:
             stop.set()
+            # let the writer finish the shard it holds (even on Ctrl-C): what it
+            # wrote is listed in the manifest and need not be recomputed
+            while writer.is_alive():
+                writer.join(0.1)
             if bar is not None:
                 bar.close()
 
@@ -471,6 +475,10 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, ModelFormatError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished shards are listed; run the same command to resume
+        print(f"\nrjepa-latent extract: interrupted; {args.out} keeps every finished shard: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -190,3 +190,26 @@ def test_throughput_watch_warns_below_half_median():
         w.record(1000, 0.3)      # 3.3k: below half the median -> one warning
         w.record(1000, 0.3)      # rate-limited
     assert len(rec) == 1 and w.warnings == 1 and "batch 9 ran at 3,333 tokens/s" in str(rec[0].message)
+
+
+def test_cli_ctrl_c_exits_130_and_resumes_byte_identical(data, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from rjepa_latent import pipeline
+    args = ["extract", str(data), "--model", str(tiny_model_dir("llama")), "--device", "cpu",
+            "--no-progress", "--shard-size", "4"]
+    assert cli_main([*args, "--out", str(tmp_path / "ref")]) == 0
+    compute = pipeline._Runner._compute
+
+    def interrupted(self, shard, bar, t0):
+        if shard["index"] == 1:  # Ctrl-C while the engine runs shard 1
+            raise KeyboardInterrupt
+        return compute(self, shard, bar, t0)
+
+    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+    assert rl.open_latents(tmp_path / "run").shards[0]["index"] == 0  # the writer finished shard 0
+    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert snapshot(tmp_path / "run") == snapshot(tmp_path / "ref")
