@@ -325,6 +325,13 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     if (st == RL_OK) st = rl_model_create(&cfg, be, &m);
     Py_END_ALLOW_THREADS
     if (st != RL_OK) { raise_status(st); return -1; }
+    if (self->m) {   /* another thread's __init__ finished first: keep its model */
+        Py_BEGIN_ALLOW_THREADS
+        rl_model_free(m);
+        Py_END_ALLOW_THREADS
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialized");
+        return -1;
+    }
     self->m = m;
     snprintf(self->device, sizeof self->device, "%s", rl_model_backend(m)->name);
     return 0;
