@@ -212,22 +212,37 @@ rl_status rl_config_validate(const rl_config *c)
 
 /* ---- sizes ------------------------------------------------------------- */
 
+/* Byte counts saturate at SIZE_MAX instead of wrapping: every dimension may
+ * be up to 2^30, so a product of three (or a sum over layers) can pass 2^64,
+ * and a wrapped count would make an impossible plan look small. */
+static size_t sat_mul(size_t a, size_t b)
+{
+    size_t r;
+    return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+static size_t sat_add(size_t a, size_t b)
+{
+    size_t r;
+    return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
 static size_t tensor_elems(const rl_config *c, rl_tensor_kind kind)
 {
     int64_t s[2];
     int nd = rl_tensor_shape(c, kind, s);
     if (nd == 0) return 0;
-    return (size_t)s[0] * (size_t)(nd == 2 ? s[1] : 1);
+    return (size_t)s[0] * (size_t)(nd == 2 ? s[1] : 1);   /* <= 2^60: no overflow */
 }
 
 size_t rl_weights_bytes(const rl_config *c, rl_dtype wdt)
 {
     size_t es = rl_dtype_size(wdt), per_layer = 0;
-    for (int k = RL_T_ATTN_NORM; k < RL_T_COUNT; k++) per_layer += tensor_elems(c, (rl_tensor_kind)k);
-    size_t bytes = es * (tensor_elems(c, RL_T_EMBED) + tensor_elems(c, RL_T_FINAL_NORM));
-    bytes += 4 * tensor_elems(c, RL_T_ROPE_INV_FREQ);        /* inv_freq is f32 */
-    bytes += es * per_layer * (size_t)rl_config_loaded_layers(c);
-    return bytes;
+    for (int k = RL_T_ATTN_NORM; k < RL_T_COUNT; k++)
+        per_layer = sat_add(per_layer, tensor_elems(c, (rl_tensor_kind)k));
+    size_t bytes = sat_mul(es, tensor_elems(c, RL_T_EMBED) + tensor_elems(c, RL_T_FINAL_NORM));
+    bytes = sat_add(bytes, 4 * tensor_elems(c, RL_T_ROPE_INV_FREQ));   /* inv_freq is f32 */
+    return sat_add(bytes, sat_mul(sat_mul(es, per_layer), (size_t)rl_config_loaded_layers(c)));
 }
 
 size_t rl_workspace_bytes(const rl_config *c, rl_dtype act, rl_dtype res, int64_t max_tokens)
@@ -236,9 +251,10 @@ size_t rl_workspace_bytes(const rl_config *c, rl_dtype act, rl_dtype res, int64_
     size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     size_t hd = (size_t)c->head_dim, nh = (size_t)c->num_heads, nkv = (size_t)c->num_kv_heads;
     size_t wide = d > ff ? d : ff;
-    size_t bytes = T * d * r * 2                       /* x, normed_out            */
-                 + T * (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff) * a /* h qkv attn gu */
-                 + T * d * 4;                          /* pooled                   */
-    bytes += 4 * (T + (T + 1) + T + 2 * T);            /* tokens cu positions spans */
-    return bytes;
+    /* per token: x, normed_out (res); h, qkv, attn, gu (act); pooled (f32);
+     * tokens, cu_seqlens, positions, spans (i32); the +1 of cu_seqlens below.
+     * Each term is <= 2^33 (dims <= 2^30, (nh+2nkv)*hd <= 2^30). */
+    size_t per_token = d * r * 2 + (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff) * a + d * 4
+                     + 4 * 5;
+    return sat_add(sat_mul(T, per_token), 4);
 }

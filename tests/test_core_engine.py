@@ -591,6 +591,23 @@ def test_plan_bytes_and_memory_report(base):
     assert info["openmp"] is True
 
 
+def test_plan_bytes_saturate_instead_of_wrapping():
+    # every dimension is valid (<= 2^30) but the byte counts pass 2^64; they
+    # used to wrap around (to 9e15 here), which can make a plan look small
+    huge = make_config(vocab_size=1000, hidden_size=2 ** 30, intermediate_size=2 ** 30,
+                       num_layers=2 ** 20, max_layer=2 ** 20, num_heads=8, num_kv_heads=8,
+                       head_dim=2 ** 24)
+    assert _core.plan_bytes(huge, "cpu", 2 ** 30) == (2 ** 64 - 1, 2 ** 64 - 1)
+    # below the limit the counts are exact: 4 bytes x (embed + final norm +
+    # inv_freq + per layer: 2 norms, q/k/v/o, gate/up/down)
+    cfg = make_config(hidden_size=2 ** 20, intermediate_size=2 ** 22, num_layers=2 ** 12,
+                      max_layer=2 ** 12, num_heads=8, num_kv_heads=8, head_dim=2 ** 16)
+    d, ff, q = 2 ** 20, 2 ** 22, 8 * 2 ** 16
+    layer = 2 * d + 4 * q * d + 3 * ff * d
+    want = 4 * (97 * d + d + 2 ** 15 + 2 ** 12 * layer)
+    assert _core.plan_bytes(cfg, "cpu", 1)[0] == want
+
+
 def test_random_batches_never_crash(base):
     """Random (mostly invalid) batches: each call returns a correct-shaped
     result or raises ValueError/TypeError; the process never crashes."""
