@@ -39,6 +39,7 @@ import os
 import re
 import signal
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,6 +57,7 @@ _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5}\.(safetensors|jsonl)|errors\.jsonl"
                        r"|\..+\.tmp-\d+-\d+)$")
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_OPEN_SHARDS = 16  # shards a reader keeps mapped (one file descriptor each)
 
 # ------------------------------------------------------------ atomic writes
 
@@ -420,15 +422,22 @@ class LatentStore:
             self._where.extend((si, j) for j in range(len(rows)))
         self.ids = [row["id"] for rows in self._meta for row in rows]
         self._pos = {i: p for p, i in enumerate(self.ids)}
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        # each open shard holds an mmap and so a file descriptor: keep only the
+        # most recently used ones (a shard's mmap lives on while views of it do)
+        self._arrays: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _shard_arrays(self, si: int) -> dict[str, np.ndarray]:
-        if si not in self._arrays:
-            self._arrays[si] = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors")
-        return self._arrays[si]
+        if si in self._arrays:
+            self._arrays.move_to_end(si)
+            return self._arrays[si]
+        arrays = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors")
+        self._arrays[si] = arrays
+        if len(self._arrays) > MAX_OPEN_SHARDS:
+            self._arrays.popitem(last=False)
+        return arrays
 
     def __getitem__(self, key: int | str) -> LatentItem:
         if isinstance(key, str):

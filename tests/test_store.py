@@ -113,3 +113,19 @@ def test_clashing_config_and_foreign_files_are_refused_untouched(tmp_path):
         RunStore(tmp_path / "file", CONFIG)
     with pytest.raises(StoreError, match="no manifest"):
         open_latents(tmp_path)
+
+
+def test_reader_keeps_a_bounded_number_of_shard_files_open(tmp_path):
+    import os
+    from rjepa_latent.store import MAX_OPEN_SHARDS
+    n = 3 * MAX_OPEN_SHARDS
+    st = RunStore(tmp_path / "run", {**CONFIG, "shard_size": 1})
+    st.prepare(n)
+    for k in range(n):
+        st.write_shard(k, (k, k + 1), fake_items(1, k), [np.full((2, 2, 8), k, np.float32)], [])
+    s = open_latents(tmp_path / "run")
+    fds = len(os.listdir("/proc/self/fd"))
+    first = s[0].latents  # a view outlives its shard's eviction from the cache
+    assert [float(it.latents.mean()) for it in s] == list(range(n))
+    assert len(os.listdir("/proc/self/fd")) <= fds + MAX_OPEN_SHARDS + 1  # one mmap (fd) per cached shard
+    assert (first == 0).all() and float(s[0].latents.mean()) == 0.0
