@@ -472,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
     from .errors import ModelFormatError, StoreError
     try:
         return _run(args)
-    except (StoreError, ModelFormatError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (StoreError, ModelFormatError, ValueError, OSError, RuntimeError) as e:  # OSError: --out unwritable, disk full
         print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # finished shards are listed; run the same command to resume

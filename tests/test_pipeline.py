@@ -213,3 +213,11 @@ def test_cli_ctrl_c_exits_130_and_resumes_byte_identical(data, tmp_path, tiny_mo
     monkeypatch.setattr(pipeline._Runner, "_compute", compute)
     assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
     assert snapshot(tmp_path / "run") == snapshot(tmp_path / "ref")
+
+
+def test_cli_unwritable_out_is_a_clear_error(data, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["extract", str(data), "--model", str(tiny_model_dir("llama")), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Not a directory" in err and "Traceback" not in err
