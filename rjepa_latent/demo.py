@@ -142,6 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .default_model import DefaultModelMissing
+    from .errors import ModelFormatError, StoreError
     from .pipeline import format_summary
     t0 = time.perf_counter()
     try:
@@ -149,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
     except DefaultModelMissing as e:
         print(f"rjepa-latent demo: {e}", file=sys.stderr)
         return 2
+    except (StoreError, ModelFormatError, ValueError, OSError, RuntimeError) as e:  # bad options, unwritable --out
+        print(f"rjepa-latent demo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nrjepa-latent demo: interrupted; run it again to resume", file=sys.stderr)
+        return 130
     print(format_summary(s))
     print(f"model: {s['model']}")
     print(f"latents: {s['run_dir']}  (open with rjepa_latent.open_latents)")

@@ -176,3 +176,16 @@ def test_readme_main_command(tmp_path):
                             "import rjepa_latent; print(rjepa_latent.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert str(env_dir) in where.stdout, where
+
+
+def test_demo_cli_bad_options_are_one_line_errors(tmp_path, capsys):
+    from rjepa_latent import cli
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "x"), "--limit", "0", "--no-progress"]) == 2
+    assert cli.main(["demo", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "nope"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--limit must be a positive" in err and "does not exist" in err and "Traceback" not in err
+    _needs_default_model()
+    assert cli.main(["demo", "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert "Not a directory" in capsys.readouterr().err
