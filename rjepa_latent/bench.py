@@ -39,16 +39,27 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
+def _positive(s: str) -> int:
+    """argparse type: an int >= 1 (0 rounds or sequences would leave nothing to time)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for both (default 2)")
-    p.add_argument("--n-seqs", type=int, default=64, help="sequences to run (default 64)")
-    p.add_argument("--max-batch-tokens", type=int, default=2048,
+    p.add_argument("--threads", type=_positive, default=2, help="CPU threads for both (default 2)")
+    p.add_argument("--n-seqs", type=_positive, default=64, help="sequences to run (default 64)")
+    p.add_argument("--max-batch-tokens", type=_positive, default=2048,
                    help="token budget of this engine's packed batches (default 2048)")
-    p.add_argument("--hf-batch", type=int, default=8, help="HF batch size (default 8)")
+    p.add_argument("--hf-batch", type=_positive, default=8, help="HF batch size (default 8)")
     p.add_argument("--gsm8k", default=str(DEFAULT_GSM8K),
                    help="GSM8K jsonl for realistic lengths (synthetic lengths if missing)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test, no timing)")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=_positive, default=2,
                    help="interleaved timed rounds, best of each runner kept (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")

@@ -256,6 +256,14 @@ def test_bench_tiny_smoke(tmp_path, capsys):
     assert "speedup vs HF" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("opt", ["--repeats", "--n-seqs", "--max-batch-tokens", "--hf-batch", "--threads"])
+def test_bench_refuses_non_positive_counts(opt, capsys):
+    from rjepa_latent.cli import main
+    with pytest.raises(SystemExit) as e:  # argparse: usage error, exit 2, before any work
+        main(["bench", "--tiny", opt, "0"])
+    assert e.value.code == 2 and f"{opt}: expected a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_device_memory_error_names_needed_free_and_what_to_lower():
     from rjepa_latent.model import _check_fits
     plan = {"device": "cuda:0", "max_batch_tokens": 65536, "max_layer": 28,
