@@ -173,9 +173,29 @@ def _salvage_id(raw: object) -> str | None:
     if not m:
         return None
     try:
-        return str(json.loads(m.group(1)))
-    except ValueError:
+        rid = str(json.loads(m.group(1)))
+        rid.encode("utf-8")  # a lone surrogate escape could not be written to errors.jsonl
+        return rid
+    except (ValueError, UnicodeEncodeError):
         return None
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_unicode(obj: object) -> None:
+    """JSON may escape lone UTF-16 surrogates (\\ud800); such strings are not
+    Unicode text: the tokenizer and the UTF-8 output files cannot take them."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRecord(f"record contains a lone UTF-16 surrogate (\\u{ord(e.object[e.start]):04x} escape), "
+                         "which is not valid Unicode text") from None
 
 
 def _record_id(obj: dict) -> str | None:
@@ -311,6 +331,7 @@ def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Templ
                     rid = _salvage_id(obj)
                     raise _BadRecord(parse_error)
                 rid = _record_id(obj) if isinstance(obj, dict) else None
+                _check_unicode(obj)
                 rid, text, ranges, meta = _convert(obj, fmt, template, marker)
                 rid = rid if rid is not None else f"{path.stem}:{line}"
                 if rid in seen:
@@ -318,5 +339,7 @@ def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Templ
                 seen[rid] = f"{path.name}:{line}"
                 yield Record(index, rid, text, ranges, meta, path.name, line)
             except _BadRecord as e:
+                if rid is not None and not _utf8_ok(rid):
+                    rid = None  # errors.jsonl is UTF-8
                 yield ErrorRecord(index, rid, path.name, line, str(e))
             index += 1

@@ -139,3 +139,20 @@ def test_utf8_bom_and_crlf_lines(tmp_path):
     q = tmp_path / "bom.json"
     q.write_bytes(b'\xef\xbb\xbf[{"id": "c", "steps": ["z"]}]')
     assert [r.id for r in read_records([q])] == ["c"]
+
+
+def test_lone_surrogate_escapes_are_error_records(tmp_path):
+    # valid JSON, but not Unicode text: the tokenizer raised TypeError and aborted the run
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"id": "a", "steps": ["x \\ud800 y", "z"]}\n'
+                 '{"id": "b\\udc00", "steps": ["ok", "fine"]}\n'
+                 '{"id": "c", "steps": ["ok", "fine"], "note": "\\udfff"}\n'
+                 '{"id": "d", "steps": ["smile \\ud83d\\ude00", "fine"]}\n'
+                 '{"id": "e\\ud800", "steps": [\n', encoding="ascii")
+    recs = list(read_records([p]))
+    assert [type(r).__name__ for r in recs] == ["ErrorRecord", "ErrorRecord", "ErrorRecord", "Record", "ErrorRecord"]
+    assert [r.id for r in recs] == ["a", None, "c", "d", None]  # ids that are not Unicode are dropped
+    assert all("lone UTF-16 surrogate (\\ud800" in r.reason for r in recs[:1])
+    assert "\\udc00" in recs[1].reason and "\\udfff" in recs[2].reason and "invalid JSON" in recs[4].reason
+    for r in recs:
+        json.dumps(r.to_json() if isinstance(r, ErrorRecord) else r.text, ensure_ascii=False).encode("utf-8")
