@@ -74,6 +74,10 @@ def input_fingerprint(paths: Sequence[Path]) -> list[dict]:
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"input file {str(p)!r} does not exist or is not a file")
+        try:  # the name goes into UTF-8 JSON files (manifest, shard metadata)
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"input file name {p.name!r} is not valid UTF-8; rename the file") from None
         h = hashlib.sha256()
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

@@ -221,3 +221,11 @@ def test_cli_unwritable_out_is_a_clear_error(data, tmp_path, tiny_model_dir, cap
                      "--no-progress", "--out", str(tmp_path / "afile" / "run")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Not a directory" in err and "Traceback" not in err
+
+
+def test_non_utf8_input_file_name_is_a_clear_error(model, data, tmp_path):
+    odd = tmp_path / os.fsdecode(b"d\xff.jsonl")
+    odd.write_bytes(data.read_bytes())
+    with pytest.raises(ValueError, match="is not valid UTF-8; rename the file"):
+        rl.extract_dataset(odd, model, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
