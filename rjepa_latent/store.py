@@ -415,7 +415,9 @@ class LatentStore:
         self._where: list[tuple[int, int]] = []
         for si, s in enumerate(self.shards):
             jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
-            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+            # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
+            # which json.dumps leaves unescaped inside strings
+            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").split("\n") if line]
             if len(rows) != s["items"]:
                 raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
             self._meta.append(rows)

@@ -129,3 +129,14 @@ def test_reader_keeps_a_bounded_number_of_shard_files_open(tmp_path):
     assert [float(it.latents.mean()) for it in s] == list(range(n))
     assert len(os.listdir("/proc/self/fd")) <= fds + MAX_OPEN_SHARDS + 1  # one mmap (fd) per cached shard
     assert (first == 0).all() and float(s[0].latents.mean()) == 0.0
+
+
+def test_reader_keeps_line_separators_inside_texts(tmp_path):
+    # json.dumps leaves U+2028/U+2029/U+0085 unescaped; str.splitlines() split rows at them
+    st = RunStore(tmp_path / "run", CONFIG)
+    st.prepare(2)
+    items = fake_items(2, 0)
+    items[0].text = "a\u2028b\u2029c\x85d\x1ce"
+    st.write_shard(0, (0, 2), items, [np.zeros((2, 2, 8), np.float32)] * 2, [])
+    s = open_latents(tmp_path / "run")
+    assert s.ids == ["r0", "r1"] and s["r0"].meta["text"] == "a\u2028b\u2029c\x85d\x1ce"
