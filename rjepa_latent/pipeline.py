@@ -265,15 +265,19 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
 
     records = list(read_records(paths, format, tmpl, step_regex))
     store.prepare(len(records))
-    done = store.done()
-    ranges = shard_ranges(len(records), shard_size)
-    pending = [k for k in part_shards(len(ranges), part) if k not in done]
-    limits = _engine_limits(m)
-    runner = _Runner(m, store, lays, pooling, dtype, budget, progress,
-                     total=sum(ranges[k][1] - ranges[k][0] for k in pending))
-    runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, limits, budget))
-    summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
-                       noop=False, tokens_run=runner.tokens)
+    try:
+        done = store.done()
+        ranges = shard_ranges(len(records), shard_size)
+        pending = [k for k in part_shards(len(ranges), part) if k not in done]
+        limits = _engine_limits(m)
+        runner = _Runner(m, store, lays, pooling, dtype, budget, progress,
+                         total=sum(ranges[k][1] - ranges[k][0] for k in pending))
+        runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, limits,
+                                                  budget))
+        summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
+                           noop=False, tokens_run=runner.tokens)
+    finally:
+        store.close()
     summary["throughput_warnings"] = runner.watch.warnings
     return _strict(summary, strict, out)
 

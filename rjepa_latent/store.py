@@ -32,6 +32,7 @@ Design choices:
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
@@ -284,11 +285,35 @@ class RunStore:
         self.num_records = num_records
         self.out.mkdir(parents=True, exist_ok=True)
         solo = self.part[1] == 1  # a single run owns the whole directory
+        self._lock_directory(solo)
         for p in self.out.iterdir():
             if p.name.startswith(".") and (p.name.endswith(f".tmp-{self.tag}") or (solo and ".tmp-" in p.name)):
                 p.unlink()
         if not self.manifests.get(self.manifest_name):
             self._write_manifests()
+
+    def _lock_directory(self, solo: bool) -> None:
+        """Held until close() or process exit: a single run locks the directory
+        exclusively, `--part` workers share it, so two runs that would delete
+        each other's temporary files cannot write to one directory at once."""
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if solo else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.out} is in use by another rjepa-latent run (a single run "
+                             f"cannot share a directory; --part workers can share one only with "
+                             f"each other); wait for it to finish or stop it") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Releases the directory lock (the files are complete already)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def num_shards(self) -> int:

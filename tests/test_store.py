@@ -140,3 +140,26 @@ def test_reader_keeps_line_separators_inside_texts(tmp_path):
     st.write_shard(0, (0, 2), items, [np.zeros((2, 2, 8), np.float32)] * 2, [])
     s = open_latents(tmp_path / "run")
     assert s.ids == ["r0", "r1"] and s["r0"].meta["text"] == "a\u2028b\u2029c\x85d\x1ce"
+
+
+def test_two_runs_cannot_write_one_directory_at_once(tmp_path):
+    """A single run locks its directory; a second single run (or a --part worker)
+    is refused instead of deleting the first one's temporary files."""
+    from rjepa_latent.errors import StoreError
+    from rjepa_latent.store import RunStore
+    cfg = {"shard_size": 2}
+    first = RunStore(tmp_path / "run", cfg)
+    first.prepare(4)
+    with pytest.raises(StoreError, match="in use by another rjepa-latent run"):
+        RunStore(tmp_path / "run", cfg).prepare(4)
+    with pytest.raises(StoreError, match="in use"):
+        RunStore(tmp_path / "run", cfg, (0, 2)).prepare(4)
+    first.close()
+    again = RunStore(tmp_path / "run", cfg)
+    again.prepare(4)   # free once the first run is done
+    again.close()
+    a, b = RunStore(tmp_path / "parts", cfg, (0, 2)), RunStore(tmp_path / "parts", cfg, (1, 2))
+    a.prepare(4)
+    b.prepare(4)       # --part workers share a directory
+    a.close()
+    b.close()
