@@ -16,6 +16,7 @@
 #include "common.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,21 +73,39 @@ static void free_ptr(rl_backend *be, void **p)
     *p = NULL;
 }
 
+/* Every buffer of a layer, with the tensor kind that names it in messages:
+ * one list for freeing and for the residency check. */
+static const struct { size_t offset; rl_tensor_kind kind; } LAYER_BUFFERS[] = {
+    {offsetof(rl_layer_weights, attn_norm), RL_T_ATTN_NORM},
+    {offsetof(rl_layer_weights, wqkv), RL_T_Q},
+    {offsetof(rl_layer_weights, bqkv), RL_T_Q_BIAS},
+    {offsetof(rl_layer_weights, q_norm), RL_T_Q_NORM},
+    {offsetof(rl_layer_weights, k_norm), RL_T_K_NORM},
+    {offsetof(rl_layer_weights, wo), RL_T_O},
+    {offsetof(rl_layer_weights, bo), RL_T_O_BIAS},
+    {offsetof(rl_layer_weights, ffn_norm), RL_T_FFN_NORM},
+    {offsetof(rl_layer_weights, wgu), RL_T_GATE},
+    {offsetof(rl_layer_weights, bgu), RL_T_GATE_BIAS},
+    {offsetof(rl_layer_weights, wdown), RL_T_DOWN},
+    {offsetof(rl_layer_weights, bdown), RL_T_DOWN_BIAS},
+};
+#define N_LAYER_BUFFERS (sizeof LAYER_BUFFERS / sizeof LAYER_BUFFERS[0])
+
+static void **layer_buffer(rl_layer_weights *lw, size_t i)
+{
+    return (void **)((char *)lw + LAYER_BUFFERS[i].offset);
+}
+
 static void free_weights(rl_model *m)
 {
     rl_backend *be = m->be;
     free_ptr(be, &m->w.embed);
     free_ptr(be, &m->w.final_norm);
     free_ptr(be, (void **)&m->w.inv_freq);
-    if (m->w.layers) {
-        for (int64_t l = 0; l < m->n_loaded; l++) {
-            rl_layer_weights *lw = &m->w.layers[l];
-            void **ps[] = {&lw->attn_norm, &lw->wqkv, &lw->bqkv, &lw->q_norm, &lw->k_norm,
-                           &lw->wo, &lw->bo, &lw->ffn_norm, &lw->wgu, &lw->bgu, &lw->wdown,
-                           &lw->bdown};
-            for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free_ptr(be, ps[i]);
-        }
-    }
+    if (m->w.layers)
+        for (int64_t l = 0; l < m->n_loaded; l++)
+            for (size_t i = 0; i < N_LAYER_BUFFERS; i++)
+                free_ptr(be, layer_buffer(&m->w.layers[l], i));
     free(m->w.layers);
     free(m->w.filled);
     memset(&m->w, 0, sizeof m->w);
@@ -524,21 +543,9 @@ rl_status rl_model_verify_resident(rl_model *m)
     RL_TRY(check_resident(m, m->w.embed, RL_T_EMBED, 0));
     RL_TRY(check_resident(m, m->w.final_norm, RL_T_FINAL_NORM, 0));
     RL_TRY(check_resident(m, m->w.inv_freq, RL_T_ROPE_INV_FREQ, 0));
-    for (int64_t l = 0; l < m->n_loaded; l++) {
-        const rl_layer_weights *lw = &m->w.layers[l];
-        RL_TRY(check_resident(m, lw->attn_norm, RL_T_ATTN_NORM, l));
-        RL_TRY(check_resident(m, lw->wqkv, RL_T_Q, l));
-        RL_TRY(check_resident(m, lw->bqkv, RL_T_Q_BIAS, l));
-        RL_TRY(check_resident(m, lw->q_norm, RL_T_Q_NORM, l));
-        RL_TRY(check_resident(m, lw->k_norm, RL_T_K_NORM, l));
-        RL_TRY(check_resident(m, lw->wo, RL_T_O, l));
-        RL_TRY(check_resident(m, lw->bo, RL_T_O_BIAS, l));
-        RL_TRY(check_resident(m, lw->ffn_norm, RL_T_FFN_NORM, l));
-        RL_TRY(check_resident(m, lw->wgu, RL_T_GATE, l));
-        RL_TRY(check_resident(m, lw->bgu, RL_T_GATE_BIAS, l));
-        RL_TRY(check_resident(m, lw->wdown, RL_T_DOWN, l));
-        RL_TRY(check_resident(m, lw->bdown, RL_T_DOWN_BIAS, l));
-    }
+    for (int64_t l = 0; l < m->n_loaded; l++)
+        for (size_t i = 0; i < N_LAYER_BUFFERS; i++)
+            RL_TRY(check_resident(m, *layer_buffer(&m->w.layers[l], i), LAYER_BUFFERS[i].kind, l));
     return RL_OK;
 }
 
