@@ -355,7 +355,7 @@ class Model:
         for i, (a, s) in enumerate(zip(ids, spans)):
             need = max(a.size, len(s))
             if need > budget:
-                self._grow_for(i, need, budget)
+                self._check_seq_budget(i, need, budget)
             if cur and max(tok + a.size, nsp + len(s)) > budget:
                 batches.append(cur)
                 cur, tok, nsp = [], 0, 0
@@ -366,7 +366,9 @@ class Model:
             batches.append(cur)
         return batches
 
-    def _grow_for(self, i: int, need: int, budget: int) -> None:
+    def _check_seq_budget(self, i: int, need: int, budget: int) -> None:
+        """A sequence over the budget: fine on the CPU (_run grows the
+        workspace), refused on CUDA (its workspace was sized and checked at load)."""
         if self.device != "cpu":
             raise ValueError(f"seqs[{i}] needs {need} tokens of workspace, more than "
                              f"max_batch_tokens={budget} reserved on {self.device}; load the "
@@ -380,7 +382,7 @@ class Model:
         sp = np.concatenate(spans) if len(spans) > 1 else spans[0]
         seq_of = np.repeat(np.arange(len(ids), dtype=np.int32), [len(s) for s in spans])
         need = max(tokens.size, sp.shape[0])
-        if need > engine.max_tokens:  # only reached on the CPU (see _grow_for)
+        if need > engine.max_tokens:  # only reached on the CPU (see _check_seq_budget)
             engine.reserve(need)
         res = engine.forward(np.ascontiguousarray(tokens, np.int32), cu, layers,
                              np.ascontiguousarray(sp, np.int32), seq_of, mode)
