@@ -239,25 +239,25 @@ static PyArrayObject *as_int32(PyObject *obj, const char *name, int ndim)
 
 /* ---- HostBuffer: owner of one result ------------------------------------- */
 
-typedef struct EngineObject EngineObject;
-
+/* Holds only its own allocation (and the function that frees it): a result
+ * keeps neither the Engine nor its weights alive, so Engine.close() returns
+ * the model's memory while results are still in use. */
 typedef struct {
     PyObject_HEAD
-    EngineObject *engine;   /* keeps the model (and its backend) alive */
     rl_result res;
 } HostBufferObject;
 
-struct EngineObject {
+typedef struct {
     PyObject_HEAD
-    rl_model *m;
+    rl_model *m;            /* NULL before __init__ and once closed */
+    int closed;
     PyThread_type_lock lock;
     char device[32];
-};
+} EngineObject;
 
 static void hostbuffer_dealloc(HostBufferObject *self)
 {
-    if (self->engine && self->res.data) rl_result_free(self->engine->m, &self->res);
-    Py_XDECREF(self->engine);
+    if (self->res.data) rl_result_free(&self->res);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -272,19 +272,23 @@ static PyTypeObject HostBufferType = {
 
 /* ---- Engine -------------------------------------------------------------- */
 
-#define ENGINE_CALL(self, st, expr)                         \
-    do {                                                    \
-        Py_BEGIN_ALLOW_THREADS                              \
-        PyThread_acquire_lock((self)->lock, WAIT_LOCK);     \
-        st = (expr);                                        \
-        PyThread_release_lock((self)->lock);                \
-        Py_END_ALLOW_THREADS                                \
+/* Runs `expr` without the GIL under the engine's lock. The model is
+ * re-checked under the lock: close() from another thread may have run
+ * between engine_ready and here. */
+#define ENGINE_CALL(self, st, expr)                                          \
+    do {                                                                     \
+        Py_BEGIN_ALLOW_THREADS                                               \
+        PyThread_acquire_lock((self)->lock, WAIT_LOCK);                      \
+        st = (self)->m ? (expr) : RL_FAIL(RL_ERR_STATE, "this Engine is closed"); \
+        PyThread_release_lock((self)->lock);                                 \
+        Py_END_ALLOW_THREADS                                                 \
     } while (0)
 
 static int engine_ready(EngineObject *self)
 {
     if (!self->m) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialized");
+        PyErr_SetString(PyExc_RuntimeError, self->closed ? "this Engine is closed"
+                                                         : "Engine is not initialized");
         return 0;
     }
     return 1;
@@ -337,15 +341,29 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Frees weights, workspace and backend now, waiting for a call in flight.
+ * Results already returned stay valid (they own their memory). */
+static void engine_release(EngineObject *self)
+{
+    Py_BEGIN_ALLOW_THREADS
+    if (self->lock) PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    rl_model *m = self->m;
+    self->m = NULL;
+    if (m) self->closed = 1;
+    rl_model_free(m);
+    if (self->lock) PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+}
+
+static PyObject *engine_close(EngineObject *self, PyObject *unused)
+{
+    engine_release(self);
+    Py_RETURN_NONE;
+}
+
 static void engine_dealloc(EngineObject *self)
 {
-    if (self->m) {
-        rl_model *m = self->m;
-        self->m = NULL;
-        Py_BEGIN_ALLOW_THREADS
-        rl_model_free(m);
-        Py_END_ALLOW_THREADS
-    }
+    engine_release(self);
     if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -463,12 +481,10 @@ static int parse_pooling(const char *s, rl_pool *p)
 }
 
 /* Wraps a result in an ndarray whose base is a new HostBuffer (takes res). */
-static PyObject *result_to_array(EngineObject *self, rl_result *res)
+static PyObject *result_to_array(rl_result *res)
 {
     HostBufferObject *owner = PyObject_New(HostBufferObject, &HostBufferType);
-    if (!owner) { rl_result_free(self->m, res); return NULL; }
-    Py_INCREF(self);
-    owner->engine = self;
+    if (!owner) { rl_result_free(res); return NULL; }
     owner->res = *res;
     npy_intp dims[3] = {(npy_intp)res->n_layers, (npy_intp)res->n_spans, (npy_intp)res->hidden};
     PyObject *arr = PyArray_SimpleNewFromData(3, dims, NPY_FLOAT32, res->data);
@@ -519,7 +535,7 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     rl_status st;
     ENGINE_CALL(self, st, rl_model_forward(self->m, &b, &res));
     if (st != RL_OK) raise_status(st);
-    else ret = result_to_array(self, &res);
+    else ret = result_to_array(&res);
 done:
     for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
     return ret;
@@ -528,10 +544,10 @@ done:
 static PyObject *engine_memory_report(EngineObject *self, PyObject *unused)
 {
     if (!engine_ready(self)) return NULL;
-    rl_backend *be = rl_model_backend(self->m);
     size_t free_b = 0, total_b = 0;
     rl_status st;
-    ENGINE_CALL(self, st, be->mem_info(be, &free_b, &total_b));
+    ENGINE_CALL(self, st, rl_model_backend(self->m)->mem_info(rl_model_backend(self->m), &free_b,
+                                                              &total_b));
     if (st != RL_OK) return raise_status(st);
     return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K}", "device", self->device,
                          "weight_bytes", (unsigned long long)rl_model_weight_bytes(self->m),
@@ -563,6 +579,12 @@ static PyObject *engine_get_dtype(EngineObject *self, void *c)
     return PyUnicode_FromString(rl_model_backend(self->m)->weight_dtype == RL_F32 ? "float32"
                                                                                 : "bfloat16");
 }
+static PyObject *engine_get_kernel(EngineObject *self, void *c)
+{
+    if (!engine_ready(self)) return NULL;
+    const char *k = rl_model_backend(self->m)->kernel;
+    return PyUnicode_FromString(k ? k : "");
+}
 static PyObject *engine_get_weight_bytes(EngineObject *self, void *c)
 {
     return engine_ready(self) ? PyLong_FromSize_t(rl_model_weight_bytes(self->m)) : NULL;
@@ -583,6 +605,8 @@ static PyMethodDef engine_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]"},
     {"memory_report", (PyCFunction)engine_memory_report, METH_NOARGS, "weight/workspace/free/total bytes"},
+    {"close", (PyCFunction)engine_close, METH_NOARGS,
+     "free weights, workspace and device now (results already returned stay valid)"},
     {"verify_resident", (PyCFunction)engine_verify_resident, METH_NOARGS,
      "raise DeviceError if a weight is not in device memory"},
     {NULL, NULL, 0, NULL},
@@ -592,6 +616,8 @@ static PyGetSetDef engine_getset[] = {
     {"max_tokens", (getter)engine_get_max_tokens, NULL, "workspace capacity in tokens", NULL},
     {"device", (getter)engine_get_device, NULL, "'cpu' or 'cuda:N'", NULL},
     {"dtype", (getter)engine_get_dtype, NULL, "storage dtype of weights and GEMM operands", NULL},
+    {"kernel", (getter)engine_get_kernel, NULL,
+     "what decides the result bits besides the weights (BLAS and core; GPU arch and cuBLAS)", NULL},
     {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
     {"workspace_bytes", (getter)engine_get_workspace_bytes, NULL, "bytes held by the workspace", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -686,7 +712,41 @@ static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
 }
 
+/* Every tensor the engine needs under `config` (its max_layer included), in
+ * feed order: [(kind, layer, shape)]. The one definition of model structure
+ * that both checkpoint loaders follow. */
+static PyObject *core_tensor_layout(PyObject *mod, PyObject *args)
+{
+    PyObject *cfg_obj;
+    if (!PyArg_ParseTuple(args, "O", &cfg_obj)) return NULL;
+    rl_config cfg;
+    if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    int64_t n_loaded = rl_config_loaded_layers(&cfg);
+    for (int64_t slot = 0; slot <= n_loaded; slot++)
+        for (int k = 0; k < RL_T_COUNT; k++) {
+            if (rl_tensor_kind_is_global((rl_tensor_kind)k) != (slot == 0)) continue;
+            int64_t s[2];
+            int nd = rl_tensor_shape(&cfg, (rl_tensor_kind)k, s);
+            if (nd == 0) continue;
+            PyObject *shape = nd == 1 ? Py_BuildValue("(L)", (long long)s[0])
+                                      : Py_BuildValue("(LL)", (long long)s[0], (long long)s[1]);
+            PyObject *row = shape ? Py_BuildValue("(sLN)", rl_tensor_kind_name((rl_tensor_kind)k),
+                                                  (long long)(slot ? slot - 1 : 0), shape) : NULL;
+            if (!row || PyList_Append(out, row) < 0) {
+                Py_XDECREF(row);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(row);
+        }
+    return out;
+}
+
 static PyMethodDef core_methods[] = {
+    {"tensor_layout", core_tensor_layout, METH_VARARGS,
+     "tensor_layout(config) -> [(kind, layer, shape)]: every tensor the engine needs"},
     {"build_info", core_build_info, METH_NOARGS, "version, blas, cuda, cuda_arch, openmp"},
     {"cuda_device_count", core_cuda_device_count, METH_NOARGS, "usable CUDA devices (0 if none)"},
     {"cuda_check_device", core_cuda_check_device, METH_VARARGS, "raise DeviceError if unusable"},

@@ -509,16 +509,16 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     res->n_layers = b->n_layers;
     res->n_spans = b->n_spans;
     res->hidden = m->cfg.hidden_size;
-    res->pinned = 1;
+    res->release = m->be->host_release;
     fwd_state fs = {b, res, 0};
     rl_status st = forward_run(m, &fs);
-    if (st != RL_OK) rl_result_free(m, res);
+    if (st != RL_OK) rl_result_free(res);
     return st;
 }
 
-void rl_result_free(rl_model *m, rl_result *res)
+void rl_result_free(rl_result *res)
 {
-    if (res->data) m->be->host_free(m->be, res->data);
+    if (res->data && res->release) res->release(res->data);
     memset(res, 0, sizeof *res);
 }
 

@@ -136,7 +136,8 @@ typedef struct {
 typedef struct {
     float *data;                /* [nl, S, d] f32, owned by the result       */
     int64_t n_layers, n_spans, hidden;
-    int pinned;                 /* allocated with the backend's host_alloc   */
+    void (*release)(void *data);/* frees data; needs neither the model nor its
+                                   backend, so a result outlives both       */
 } rl_result;
 
 /* ---- the backend op table --------------------------------------------- */
@@ -158,6 +159,9 @@ typedef struct rl_segments {
 typedef struct rl_backend rl_backend;
 struct rl_backend {
     const char *name;              /* "cpu" or "cuda:N"                       */
+    const char *kernel;            /* what decides the result bits besides the
+                                      weights: BLAS build and core type, or GPU
+                                      arch and cuBLAS version                 */
     rl_dtype weight_dtype, act_dtype, res_dtype;
     void *impl;                    /* backend private state                   */
 
@@ -165,7 +169,8 @@ struct rl_backend {
     rl_status (*alloc)(rl_backend *be, void **ptr, size_t bytes);
     void (*free)(rl_backend *be, void *ptr);
     rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes); /* pinned on CUDA */
-    void (*host_free)(rl_backend *be, void *ptr);
+    /* frees what host_alloc returned; uses no backend state (results hold it) */
+    void (*host_release)(void *ptr);
     /* host src (src_dtype, n elems) -> backend dst at element offset, in weight_dtype
        (or f32 when dst_dtype says so) */
     rl_status (*upload)(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
@@ -291,7 +296,7 @@ rl_status rl_model_reserve(rl_model *m, int64_t max_tokens);
 /* Runs the forward up to the deepest requested layer and pools.
  * On success *res holds a freshly allocated result (free with rl_result_free). */
 rl_status rl_model_forward(rl_model *m, const rl_batch *batch, rl_result *res);
-void rl_result_free(rl_model *m, rl_result *res);
+void rl_result_free(rl_result *res);
 const rl_config *rl_model_config(const rl_model *m);
 rl_backend *rl_model_backend(rl_model *m);
 size_t rl_model_weight_bytes(const rl_model *m);

@@ -17,7 +17,9 @@
 #include "common.h"
 
 #include <cblas.h>
+#include <malloc.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -35,6 +37,7 @@ typedef struct {
     int64_t rope_npos, rope_half;
     int64_t *jobs;          /* [jobs_len, 2] GEMM jobs: sequence, first column     */
     int64_t jobs_len;
+    char kernel[192];       /* rl_backend.kernel: the BLAS build and its core type  */
 } cpu_impl;
 
 static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
@@ -58,6 +61,7 @@ static rl_status cpu_alloc(rl_backend *be, void **ptr, size_t bytes)
 }
 
 static void cpu_free(rl_backend *be, void *ptr) { free(ptr); }
+static void cpu_host_release(void *ptr) { free(ptr); }
 
 static rl_status cpu_upload(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t off,
                             const void *src, rl_dtype src_dtype, size_t n)
@@ -387,6 +391,12 @@ static void cpu_destroy(rl_backend *be)
         free(im);
     }
     free(be);
+#ifdef __GLIBC__
+    /* glibc keeps freed heap pages (its mmap threshold grows after the load's
+     * temporaries are freed, so weights can land on the heap): hand them back
+     * so that closing a model returns its memory to the OS */
+    malloc_trim(0);
+#endif
 }
 
 rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
@@ -413,10 +423,14 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
 #ifdef _OPENMP
     omp_set_num_threads(n_threads);
 #endif
+    /* the core type is what OpenBLAS picked for this CPU (or OPENBLAS_CORETYPE):
+     * another core type rounds GEMMs differently */
+    snprintf(im->kernel, sizeof im->kernel, "%s; core %s", scipy_openblas_get_config(),
+             scipy_openblas_get_corename());
     *be = (rl_backend){
-        .name = "cpu", .weight_dtype = RL_F32, .act_dtype = RL_F32, .res_dtype = RL_F32,
+        .name = "cpu", .kernel = im->kernel, .weight_dtype = RL_F32, .act_dtype = RL_F32, .res_dtype = RL_F32,
         .impl = im, .alloc = cpu_alloc, .free = cpu_free, .host_alloc = cpu_alloc,
-        .host_free = cpu_free, .upload = cpu_upload, .upload_i32 = cpu_upload_i32,
+        .host_release = cpu_host_release, .upload = cpu_upload, .upload_i32 = cpu_upload_i32,
         .download_f32 = cpu_download_f32, .sync = cpu_sync, .mem_info = cpu_mem_info,
         .is_resident = cpu_is_resident, .embed = cpu_embed, .rmsnorm = cpu_rmsnorm,
         .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,

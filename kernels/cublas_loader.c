@@ -221,6 +221,7 @@ rl_status rl_cublas_load(rl_cublas_api *api)
     RL_RESOLVE(set_workspace, "cublasSetWorkspace_v2");
     RL_RESOLVE(set_math_mode, "cublasSetMathMode");
     RL_RESOLVE(gemm_ex, "cublasGemmEx");
+    RL_RESOLVE(get_version, "cublasGetVersion_v2");
     *(void **)(&api->status_string) = dlsym(api->lib, "cublasGetStatusString");
     return RL_OK;
 }

@@ -59,6 +59,7 @@ typedef struct {
     int stage_next;
     int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
     int f32;                        /* fp32 mode: weights and act are f32 */
+    char kernel[96];                /* "sm_90 cuBLAS 130100" (rl_backend.kernel) */
 } cuda_impl;
 
 static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
@@ -209,10 +210,9 @@ static rl_status cuda_host_alloc(rl_backend *be, void **ptr, size_t bytes)
     return RL_OK;
 }
 
-/* Needs no backend state: results may outlive the backend's other parts. */
-static void cuda_host_free(rl_backend *be, void *ptr)
+/* Needs no backend state: results outlive the backend. */
+static void cuda_host_release(void *ptr)
 {
-    (void)be;
     if (ptr) (void)cudaFreeHost(ptr);
 }
 
@@ -470,7 +470,7 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->alloc = cuda_alloc;
     be->free = cuda_free;
     be->host_alloc = cuda_host_alloc;
-    be->host_free = cuda_host_free;
+    be->host_release = cuda_host_release;
     be->upload = cuda_upload;
     be->upload_i32 = cuda_upload_i32;
     be->download_f32 = cuda_download_f32;
@@ -500,6 +500,11 @@ static rl_status init_impl(cuda_impl *im)
     BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH));
     CU_CHECK(cudaMalloc(&im->blas_ws, BLAS_WORKSPACE_BYTES));
     BLAS_CHECK(im, im->blas.set_workspace(im->handle, im->blas_ws, BLAS_WORKSPACE_BYTES));
+    int major = 0, minor = 0, version = 0;
+    CU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, im->device));
+    CU_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, im->device));
+    BLAS_CHECK(im, im->blas.get_version(im->handle, &version));
+    snprintf(im->kernel, sizeof im->kernel, "sm_%d%d cuBLAS %d", major, minor, version);
     return RL_OK;
 }
 
@@ -524,6 +529,7 @@ rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend
     snprintf(im->name, sizeof im->name, "cuda:%d", device_index);
     be->impl = im;
     be->name = im->name;
+    be->kernel = im->kernel;
     fill_table(be, dtype);
     rl_status st = init_impl(im);
     if (st != RL_OK) {

@@ -65,6 +65,7 @@ typedef struct {
                                 const void *B, int Btype, int ldb, const void *beta, void *C,
                                 int Ctype, int ldc, int compute_type, int algo);
     const char *(*status_string)(rl_cublas_status st); /* may be NULL */
+    rl_cublas_status (*get_version)(rl_cublas_handle h, int *version);
 } rl_cublas_api;
 
 /* Finds and opens libcublas (see cublas_loader.c for the search order);

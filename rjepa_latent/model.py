@@ -259,7 +259,10 @@ class Model:
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Frees weights and workspace (arrays already returned stay valid)."""
+        """Frees weights and workspace now, on any device; arrays already
+        returned stay valid (each owns its own memory)."""
+        if self._engine is not None:
+            self._engine.close()
         self._engine = None
 
     def __enter__(self) -> "Model":
