@@ -5,6 +5,7 @@ Data flows once: data -> tokenize -> plan -> _core -> store; see docs/.
 from .errors import DeviceError, DeviceMemoryError, ModelFormatError, StoreError
 from ._native import build_info
 from .model import Model, memory_plan
+from .parity import check_parity
 from .pipeline import extract_dataset
 from .store import open_latents
 
@@ -12,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError", "build_info",
-    "Model", "memory_plan",
+    "Model", "memory_plan", "check_parity",
     "extract_dataset", "open_latents",
 ]
