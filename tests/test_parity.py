@@ -155,3 +155,18 @@ def test_default_gguf_model_passes(capsys, tmp_path):
     j = json.loads(out.read_text())
     assert j["passed"] and len(j["layers"]) == 31 and j["model"].endswith(".gguf")
     assert max(r["worst_rel_err"] for r in j["layers"]) < parity.GGUF_BOUND
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_parity_passes(tiny_model_dir, dtype):
+    """On a GPU: the bf16 engine within 1.1x HF's own bf16 error, fp32 within 1e-4."""
+    if rl._native._core.cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    pytest.importorskip("torch")
+    res = rl.check_parity(tiny_model_dir("qwen3"), device="cuda", dtype=dtype, texts=RECORDS)
+    assert res.passed, res.table()
+    if dtype == "bfloat16":
+        assert all(lp.hf_bf16_rel_err is not None and lp.bound > 0 for lp in res.layers)
+    else:
+        assert all(lp.bound == parity.CUDA_FP32_BOUND for lp in res.layers)
