@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "extract": ("rjepa_latent.pipeline", "extract step latents of a dataset into a run directory"),
     "bench": ("rjepa_latent.bench", "benchmark this engine against HF transformers"),
     "parity": ("rjepa_latent.parity", "compare this engine with HF transformers on a model, layer by layer"),
+    "export": ("rjepa_latent.readers", "write a run as Parquet or flat .npy arrays for training"),
     "demo": ("rjepa_latent.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
 }
 

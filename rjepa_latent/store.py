@@ -136,13 +136,15 @@ def safetensors_chunks(tensors: list[tuple[str, str, np.ndarray]]) -> list:
     return [struct.pack("<Q", len(text)) + text] + [np.ascontiguousarray(a) for _, _, a in tensors]
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Parse a safetensors file and return read-only views over its mmap."""
+def read_safetensors(path: Path, writable: bool = False) -> dict[str, np.ndarray]:
+    """Parse a safetensors file and return views over its mmap: read-only, or
+    with `writable` copy-on-write (still zero-copy; a write changes a private
+    page, never the file), which torch.from_numpy needs."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise StoreError(f"{path}: too short to be a safetensors file")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
     (n,) = struct.unpack("<Q", mm[:8])
     if n > _MAX_HEADER or 8 + n > size:
         raise StoreError(f"{path}: header length {n} is out of bounds")
@@ -405,8 +407,12 @@ class LatentItem:
 
     @property
     def latents(self) -> np.ndarray:
-        """Zero-copy view (float32/float16 stores); a float32 copy for bfloat16 stores."""
-        return f32_from_bf16(self.raw_latents) if self._bf16 else self.raw_latents
+        """Zero-copy view: float32 / float16, or `ml_dtypes.bfloat16` for bfloat16
+        stores (NumPy has no bfloat16 of its own; `.astype(np.float32)` widens)."""
+        if self._bf16:
+            import ml_dtypes
+            return self.raw_latents.view(ml_dtypes.bfloat16)
+        return self.raw_latents
 
     def __repr__(self) -> str:
         return f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)})"
@@ -415,8 +421,9 @@ class LatentItem:
 class LatentStore:
     """Read side of a run directory; see `open_latents`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writable: bool = False):
         self.path = Path(path)
+        self.writable = writable
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a directory")
         manifests = read_manifests(self.path)
@@ -456,11 +463,23 @@ class LatentStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _shard_arrays(self, si: int) -> dict[str, np.ndarray]:
+    def shard_meta(self, si: int) -> list[dict]:
+        """Metadata rows of the si-th stored shard (in shard order)."""
+        return self._meta[si]
+
+    def to_hf_dataset(self, layer: int = -2):
+        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer`,
+        num_steps, num_tokens, carried metadata (rjepa_latent.readers)."""
+        from .readers import to_hf_dataset
+        return to_hf_dataset(self, layer)
+
+    def shard_arrays(self, si: int) -> dict[str, np.ndarray]:
+        """latents, step_offsets, token_spans of the si-th stored shard (views of its mmap)."""
         if si in self._arrays:
             self._arrays.move_to_end(si)
             return self._arrays[si]
-        arrays = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors")
+        arrays = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors",
+                                  self.writable)
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)
@@ -478,7 +497,7 @@ class LatentStore:
         else:
             raise TypeError(f"index by position (int) or id (str), not {type(key).__name__}")
         si, j = self._where[pos]
-        arr = self._shard_arrays(si)
+        arr = self.shard_arrays(si)
         a, b = int(arr["step_offsets"][j]), int(arr["step_offsets"][j + 1])
         return LatentItem(arr["latents"][:, a:b, :], arr["token_spans"][a:b], self._meta[si][j],
                           self.dtype == "bfloat16")
@@ -492,6 +511,8 @@ class LatentStore:
         return f"LatentStore({str(self.path)!r}, {len(self)} items, {len(self.errors)} errors, {state})"
 
 
-def open_latents(path: str | Path) -> LatentStore:
-    """Open a run directory (complete or partial: finished shards only) for reading."""
-    return LatentStore(path)
+def open_latents(path: str | Path, writable: bool = False) -> LatentStore:
+    """Open a run directory (complete or partial: finished shards only) for
+    reading; `writable` maps shards copy-on-write (arrays that may be written
+    in memory, the files never change)."""
+    return LatentStore(path, writable)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -83,7 +84,8 @@ def test_dtypes_and_poolings(model, data, tmp_path):
     a, h, b = (rl.open_latents(tmp_path / n) for n in ("f32", "f16", "bf16"))
     for x, y, z in zip(a, h, b):
         assert y.latents.dtype == np.float16 and np.array_equal(y.latents, x.latents.astype(np.float16))
-        assert np.array_equal(z.raw_latents, bf16_from_f32(x.latents)) and z.latents.dtype == np.float32
+        assert np.array_equal(z.raw_latents, bf16_from_f32(x.latents)) and z.latents.dtype == ml_dtypes.bfloat16
+        assert np.shares_memory(z.latents, z.raw_latents)   # zero-copy, never raw uint16 only
     with pytest.raises(ValueError, match="pooling"):
         rl.extract_dataset(data, model, tmp_path / "x", pooling="none", progress=False)
     with pytest.raises(ValueError, match="layer index 7 is out of range"):

@@ -1,0 +1,218 @@
+"""A run directory as the formats training code reads: Arrow tables, HF
+`datasets`, Parquet files, flat `.npy` arrays; and `rjepa-latent export`.
+
+Layout of every table (one row per record):
+  id         string
+  latents    list<fixed_size_list<float32, hidden>>   [num_steps, hidden] of one layer
+  num_steps  int64
+  num_tokens int64
+  ...        every carried metadata field of the record
+This is the layout HF `datasets` reads (its `Array2D` and Ray's / pyarrow's
+tensor extension types are not interchangeable between them), and pyarrow
+reads it back without a copy. The latents column is built over the shard's
+memory map: no copy until a writer needs one.
+
+Stored dtypes: float32 and float16 stay themselves (Arrow halffloat for
+float16). Arrow has no bfloat16: bf16 runs store uint16 with the field
+metadata {"dtype": "bfloat16"}; `bf16_view` re-views such values as
+`ml_dtypes.bfloat16`. HF `datasets` reads that column as integers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .store import LatentStore, open_latents
+
+_INSTALL = {"pyarrow": "pip install 'rjepa_latent[parquet]'  (pyarrow)",
+            "datasets": "pip install 'rjepa_latent[datasets]'  (HF datasets)"}
+FIXED_COLUMNS = ("id", "num_steps", "num_tokens")
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"this needs {module}: {_INSTALL.get(module, 'pip install ' + module)}") from None
+
+
+def stored_layer(store: LatentStore, layer: int) -> int:
+    """Position in the run's stored layers of hidden-state index `layer`
+    (negatives count from the end, as everywhere: -1 = the final norm)."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer must be an int, got {layer!r}")
+    n = int(store.config["num_layers"])
+    stored = [int(x) for x in store.config["layers"]]
+    absolute = int(layer) + (n + 1 if layer < 0 else 0)
+    if absolute not in stored:
+        raise ValueError(f"layer {layer} (hidden-state index {absolute}) is not in this run; it stores "
+                         f"layers {stored} (of 0..{n})")
+    return stored.index(absolute)
+
+
+def check_pooling(store: LatentStore, pooling: str | None) -> None:
+    have = store.config.get("pooling")
+    if pooling is not None and pooling != have:
+        raise ValueError(f"pooling {pooling!r} is not in this run; it stores {have!r}")
+
+
+def shards(store: LatentStore, pos: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
+    """Per shard: (latents [total_steps, hidden] of stored layer `pos`, step
+    offsets int64 [items + 1], metadata rows)."""
+    for si in range(len(store.shards)):
+        arrays = store.shard_arrays(si)
+        yield arrays["latents"][pos], np.asarray(arrays["step_offsets"], np.int64), store.shard_meta(si)
+
+
+def bf16_view(values: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> the same memory as ml_dtypes.bfloat16."""
+    ml = _need("ml_dtypes")
+    return values.view(ml.bfloat16)
+
+
+def _metadata_columns(rows: list[dict], pa) -> dict[str, Any]:
+    names: list[str] = []
+    for r in rows:
+        names.extend(k for k in r if k not in FIXED_COLUMNS and k not in names)
+    out = {}
+    for k in names:
+        values = [r.get(k) for r in rows]
+        try:
+            out[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types: keep them as JSON text
+            out[k] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
+    return out
+
+
+def arrow_table(store: LatentStore, layer: int = -2):
+    """The run as one pyarrow Table (layout in the module docstring)."""
+    pa = _need("pyarrow")
+    pos = stored_layer(store, layer)
+    hidden = int(store.config["hidden_size"])
+    bf16 = store.config["dtype"] == "bfloat16"
+    pieces, rows = [], []
+    for lat, offsets, meta in shards(store, pos):
+        flat = np.ascontiguousarray(lat).reshape(-1)
+        values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
+        steps = pa.FixedSizeListArray.from_arrays(values, hidden)
+        pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
+        rows.extend(meta)
+    field_meta = {"dtype": "bfloat16"} if bf16 else None
+    if pieces:
+        latents = pa.chunked_array(pieces)
+    else:
+        value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
+        latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
+    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents,
+            "num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
+            "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
+            **_metadata_columns(rows, pa)}
+    fields = [pa.field(k, v.type, metadata=field_meta if k == "latents" else None) for k, v in cols.items()]
+    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
+                                        "pooling": store.config.get("pooling"),
+                                        "dtype": store.config["dtype"],
+                                        "model_fingerprint": store.config.get("model_fingerprint")})}
+    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=meta))
+
+
+def to_hf_dataset(store: LatentStore, layer: int = -2):
+    """A `datasets.Dataset` of the run (columns as in arrow_table)."""
+    ds = _need("datasets")
+    return ds.Dataset(arrow_table(store, layer))
+
+
+def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
+                   row_group_rows: int = 1024) -> dict:
+    """One Parquet file, one row per record, written without dictionary
+    encoding (latent floats do not repeat) in row groups of `row_group_rows`."""
+    pa = _need("pyarrow")
+    import pyarrow.parquet as pq
+    table = arrow_table(store, layer)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_rows, use_dictionary=False,
+                       compression="zstd")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    del pa
+    return {"out": str(out), "rows": table.num_rows, "bytes": out.stat().st_size}
+
+
+def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int] | None = None) -> dict:
+    """A directory of flat arrays a training loop memory-maps:
+    `latents.layer-K.npy` [total_steps, hidden] per layer (K the hidden-state
+    index), `step_offsets.npy` int64 [records + 1], `items.jsonl` (one line of
+    metadata per record, same order). bf16 runs are written as uint16 bits."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = [int(x) for x in store.config["layers"]]
+    wanted = stored if layers is None else [stored[stored_layer(store, k)] for k in layers]
+    total = sum(int(s["steps"]) for s in store.shards)
+    hidden = int(store.config["hidden_size"])
+    files = []
+    offsets = None
+    for k in wanted:
+        pos = stored.index(k)
+        name = out / f"latents.layer-{k}.npy"
+        first = store.shard_arrays(0)["latents"] if store.shards else None
+        dtype = first.dtype if first is not None else np.float32
+        arr = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(total, hidden))
+        at, offs, rows = 0, [0], []
+        for lat, o, meta in shards(store, pos):
+            arr[at:at + lat.shape[0]] = lat
+            offs.extend((o[1:] + at).tolist())
+            at += lat.shape[0]
+            rows.extend(meta)
+        arr.flush()
+        del arr
+        files.append(name.name)
+        offsets = np.array(offs, np.int64)
+    np.save(out / "step_offsets.npy", offsets if offsets is not None else np.zeros(1, np.int64))
+    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+        for si in range(len(store.shards)):
+            for row in store.shard_meta(si):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"out": str(out), "files": files + ["step_offsets.npy", "items.jsonl"], "steps": total}
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    if hasattr(p, "_negative_number_matcher"):   # `--layer -2` is a value
+        import re
+        p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$")
+    p.add_argument("run", metavar="RUN", help="run directory of `rjepa-latent extract`")
+    p.add_argument("--format", required=True, choices=["parquet", "npy"])
+    p.add_argument("--out", required=True, help="a .parquet file, or a directory for npy")
+    p.add_argument("--layer", default=None,
+                   help="hidden-state index (parquet: one, default the run's first; npy: comma-separated, default all)")
+    p.add_argument("--row-group-rows", type=int, default=1024, help="parquet rows per row group")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import StoreError
+    try:
+        store = open_latents(args.run)
+        layers = None if args.layer is None else [int(x) for x in str(args.layer).split(",") if x.strip()]
+        if args.format == "parquet":
+            layer = layers[0] if layers else int(store.config["layers"][0])
+            if layers and len(layers) > 1:
+                raise ValueError("--format parquet takes one --layer")
+            res = export_parquet(store, args.out, layer, args.row_group_rows)
+            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {layer})")
+        else:
+            res = export_npy(store, args.out, layers)
+            print(f"{res['out']}: {', '.join(res['files'])} ({res['steps']} steps)")
+    except (StoreError, ValueError, TypeError, ImportError, OSError) as e:
+        print(f"rjepa-latent export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
