@@ -1,0 +1,142 @@
+"""Read throughput of every reader of a run directory, from a warm page cache.
+
+    python tests/bench_readers.py [--records 20000] [--hidden 576] [--repeats 3]
+
+Builds (once, cached under $TMPDIR/rjepa-bench-readers-*) a run of N
+synthetic chains of thought (1-6 steps each) extracted with a random
+2-layer Llama of the given hidden size, exports it to Parquet and npy, then
+times a full pass over all latents with each reader, twice per repeat (the
+first pass warms the page cache; the second is reported). Prints records/s
+and GB/s of latent bytes per reader, median and spread over the repeats.
+Not a test: numbers depend on the machine; run it on a quiet one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_run(root: Path, n: int, hidden: int) -> Path:
+    import torch
+    import transformers as T
+    from conftest import make_tokenizer
+    import rjepa_latent as rl
+    run = root / "run"
+    if (run / "manifest.json").exists() and rl.open_latents(run).complete:
+        return run
+    model_dir = root / "model"
+    if not (model_dir / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                            vocab_size=320, max_position_embeddings=1024)
+        T.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+        make_tokenizer(model_dir / "tokenizer.json")
+    data = root / "data.jsonl"
+    rng = np.random.default_rng(0)
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(n):
+            steps = [f"Step {k}: {int(rng.integers(100))} + {int(rng.integers(100))} apples."
+                     for k in range(int(rng.integers(1, 7)))]
+            f.write(json.dumps({"id": f"r{i}", "question": f"Question {i}?", "steps": steps}) + "\n")
+    rl.extract_dataset(data, str(model_dir), run, layers=[-2], shard_size=1000, progress=True,
+                       device="cpu")
+    return run
+
+
+def timed(fn) -> tuple[float, int | None]:
+    """Seconds of the second of two passes (the first warms the page cache and
+    Python's imports), and the units it counted (None: records)."""
+    fn()
+    t = time.perf_counter()
+    units = fn()
+    return time.perf_counter() - t, units
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=int, default=20000)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.records <= 0 or args.repeats <= 0 or args.hidden % 64:
+        p.error("--records and --repeats must be positive, --hidden a multiple of 64")
+    import rjepa_latent as rl
+    from rjepa_latent import readers
+    root = Path(tempfile.gettempdir()) / f"rjepa-bench-readers-{args.records}-{args.hidden}"
+    root.mkdir(exist_ok=True)
+    run = build_run(root, args.records, args.hidden)
+    store = rl.open_latents(run)
+    n = len(store)
+    nbytes = sum(int(s["steps"]) for s in store.shards) * args.hidden * 4
+    pq_path, npy_dir = root / "run.parquet", root / "npy"
+    if not pq_path.exists():
+        readers.export_parquet(store, pq_path)
+    if not (npy_dir / "items.jsonl").exists():
+        readers.export_npy(store, npy_dir)
+
+    def open_latents_pass():
+        s = 0.0
+        for it in rl.open_latents(run):
+            s += float(it.latents[0, 0, 0])
+        return s
+
+    def torch_pass():
+        from rjepa_latent.torch import LatentDataset
+        ds = LatentDataset(run, layer=-2)
+        for i in range(len(ds)):
+            ds[i]["latents"].sum()
+
+    def step_pairs_pass():
+        from rjepa_latent.torch import StepPairs
+        sp = StepPairs(run, layer=-2)
+        for i in range(len(sp)):
+            sp[i]["z_t"]
+        return len(sp)
+
+    def hf_pass():
+        ds = rl.open_latents(run).to_hf_dataset(layer=-2).with_format("numpy")
+        for batch in ds.iter(batch_size=256):
+            for lat in batch["latents"]:
+                np.asarray(lat).sum()
+
+    def parquet_pass():
+        import pyarrow.parquet as pq
+        t = pq.read_table(pq_path, columns=["latents"])
+        t.column("latents").combine_chunks().values.values.to_numpy(zero_copy_only=True).sum()
+
+    def npy_pass():
+        flat = np.load(npy_dir / "latents.layer-1.npy", mmap_mode="r")
+        offs = np.load(npy_dir / "step_offsets.npy")
+        for k in range(len(offs) - 1):
+            flat[offs[k]:offs[k + 1]].sum()
+
+    passes = {"open_latents (per record)": open_latents_pass, "torch LatentDataset": torch_pass,
+              "torch StepPairs (per pair)": step_pairs_pass, "HF datasets numpy (256/batch)": hf_pass,
+              "Parquet pyarrow (whole column)": parquet_pass, "npy memmap (per record)": npy_pass}
+    print(f"run: {n} records, {nbytes / 1e9:.3f} GB of float32 latents (hidden {args.hidden}); "
+          f"{os.cpu_count()} CPUs; median of {args.repeats} warm passes (spread min-max)")
+    print(f"{'reader':34s} {'items/s':>12s} {'GB/s':>8s}  spread (items/s)")
+    for name, fn in passes.items():
+        runs = [timed(fn) for _ in range(args.repeats)]
+        ts = [t for t, _ in runs]
+        units = runs[0][1] or n     # StepPairs counts pairs; the rest records
+        med = statistics.median(ts)
+        # GB/s: every latent byte is read once by each pass (pairs read each step twice)
+        print(f"{name:34s} {units / med:12,.0f} {nbytes / med / 1e9:8.2f}  "
+              f"{units / max(ts):,.0f}-{units / min(ts):,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
