@@ -810,6 +810,16 @@ def test_gguf_sliding_window_metadata_is_enforced(tmp_path):
         m.hidden_states(np.arange(9, dtype=np.int32))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_read_config_without_weights(family_files, family):
+    from rjepa_latent.checkpoint import read_config
+    path, _ = family_files(family, "Q8_0")
+    cfg = read_config(path)
+    src = load_gguf(path)
+    assert cfg == src.config and cfg["vocab_size"] == len(_vocab()[0])
+    src.close()
+
+
 def test_unsupported_gguf_architecture_lists_families(tmp_path):
     p = write_gguf(tmp_path / "m.gguf", "F32", arch="mistral")
     _expect_error(p, "GGUF architecture 'mistral' is not supported", "llama, qwen2, qwen3")

@@ -15,25 +15,44 @@ from .mistral import Mistral
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
 
-FAMILIES: tuple[type[Family], ...] = (Llama, Mistral, Qwen2, Qwen3)
+FAMILIES: list[type[Family]] = []
+BY_MODEL_TYPE: dict[str, type[Family]] = {}
+BY_HF_ARCHITECTURE: dict[str, type[Family]] = {}
+BY_GGUF_ARCHITECTURE: dict[str, type[Family]] = {}
 
 
-def _index(attr: str) -> dict[str, type[Family]]:
-    out: dict[str, type[Family]] = {}
-    for fam in FAMILIES:
-        values = getattr(fam, attr)
-        for v in (values if isinstance(values, tuple) else (values,)):
-            if v is None:
-                continue
-            if v in out:
-                raise ValueError(f"{attr} {v!r} is claimed by {out[v].name} and {fam.name}")
-            out[v] = fam
-    return out
+def register(family: type[Family]) -> type[Family]:
+    """Adds a family to the lookups (usable as a class decorator). A name,
+    model_type or architecture already claimed by another family is an error;
+    so is a family whose name tables do not name every tensor kind."""
+    claims = [(BY_MODEL_TYPE, v) for v in family.hf_model_types]
+    claims += [(BY_HF_ARCHITECTURE, v) for v in family.hf_architectures]
+    if family.gguf_architecture is not None:
+        claims.append((BY_GGUF_ARCHITECTURE, family.gguf_architecture))
+    if family.name in {f.name for f in FAMILIES}:
+        raise ValueError(f"family {family.name!r} is already registered")
+    for index, value in claims:
+        if value in index:
+            raise ValueError(f"{value!r} is claimed by {index[value].name} and {family.name}")
+    if set(family.HF_NAMES) != set(family.GGUF_NAMES):
+        raise ValueError(f"{family.name}: HF_NAMES and GGUF_NAMES name different kinds")
+    for index, value in claims:
+        index[value] = family
+    FAMILIES.append(family)
+    return family
 
 
-BY_MODEL_TYPE = _index("hf_model_types")
-BY_HF_ARCHITECTURE = _index("hf_architectures")
-BY_GGUF_ARCHITECTURE = _index("gguf_architecture")
+def unregister(family: type[Family]) -> None:
+    """Removes a registered family (for tests of a family added at run time)."""
+    FAMILIES.remove(family)
+    for index in (BY_MODEL_TYPE, BY_HF_ARCHITECTURE, BY_GGUF_ARCHITECTURE):
+        for key in [k for k, v in index.items() if v is family]:
+            del index[key]
+
+
+for _family in (Llama, Mistral, Qwen2, Qwen3):
+    register(_family)
+
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 SUPPORTED_GGUF_ARCHITECTURES = tuple(BY_GGUF_ARCHITECTURE)
 
@@ -41,7 +60,7 @@ SUPPORTED_GGUF_ARCHITECTURES = tuple(BY_GGUF_ARCHITECTURE)
 def for_model_type(model_type, where: str) -> type[Family]:
     fam = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if fam is None:
-        raise unsupported("model_type", model_type, list(SUPPORTED_MODEL_TYPES), where)
+        raise unsupported("model_type", model_type, list(BY_MODEL_TYPE), where)
     return fam
 
 
@@ -57,10 +76,10 @@ def for_hf_config(raw: dict, where: str) -> type[Family]:
 def for_gguf_architecture(arch, where: str) -> type[Family]:
     fam = BY_GGUF_ARCHITECTURE.get(arch) if isinstance(arch, str) else None
     if fam is None:
-        raise unsupported("GGUF architecture", arch, list(SUPPORTED_GGUF_ARCHITECTURES), where)
+        raise unsupported("GGUF architecture", arch, list(BY_GGUF_ARCHITECTURE), where)
     return fam
 
 
 __all__ = ["FAMILIES", "FLAGS", "Family", "Llama", "Mistral", "Qwen2", "Qwen3",
            "SUPPORTED_MODEL_TYPES", "SUPPORTED_GGUF_ARCHITECTURES", "for_model_type",
-           "for_hf_config", "for_gguf_architecture"]
+           "for_hf_config", "for_gguf_architecture", "register", "unregister"]
