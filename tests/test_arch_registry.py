@@ -78,6 +78,16 @@ def test_register_refuses_a_second_claim():
         arch.register(Dup)
     assert "dup" not in arch.BY_MODEL_TYPE
 
+    class NoNorm(arch.Qwen3):
+        name = "nonorm"
+        hf_model_types = ("nonorm",)
+        hf_architectures = ()
+        gguf_architecture = None
+        GGUF_NAMES = {k: v for k, v in arch.Qwen3.GGUF_NAMES.items() if k != "q_norm"}
+    with pytest.raises(ValueError, match="nonorm.GGUF_NAMES names no q_norm"):
+        arch.register(NoNorm)
+    assert "nonorm" not in arch.BY_MODEL_TYPE
+
 
 # ------------------------------------------------------------------ HF config mapping
 

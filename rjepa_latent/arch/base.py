@@ -138,3 +138,82 @@ def _lookup(reverse: dict[str, str], name: str) -> tuple[str, int] | None:
 def unsupported(what: str, value: Any, supported: list[str], where: str) -> ModelFormatError:
     return ModelFormatError(f"{where}: {what} {value!r} is not supported "
                             f"(supported: {', '.join(supported)})")
+
+
+# ---------------------------------------------------------------------------
+# the registry
+
+FAMILIES: list[type[Family]] = []
+BY_MODEL_TYPE: dict[str, type[Family]] = {}
+BY_HF_ARCHITECTURE: dict[str, type[Family]] = {}
+BY_GGUF_ARCHITECTURE: dict[str, type[Family]] = {}
+
+
+_KINDS: set[str] = set()
+
+
+def engine_kinds() -> set[str]:
+    """Every tensor kind the C core knows: its layout with every flag set."""
+    if not _KINDS:
+        from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
+        from .. import _core
+        cfg = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_layers": 1,
+               "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "max_layer": 1,
+               "rms_norm_eps": 1e-6, **{flag: 1 for flag in FLAGS}}
+        _KINDS.update(kind for kind, _, _ in _core.tensor_layout(cfg))
+    return _KINDS
+
+
+def register(family: type[Family]) -> type[Family]:
+    """Adds a family to the lookups (usable as a class decorator). A name,
+    model_type or architecture already claimed by another family is an error;
+    so is a family whose name tables do not name every tensor kind of the
+    engine (`engine_kinds`)."""
+    claims = [(BY_MODEL_TYPE, v) for v in family.hf_model_types]
+    claims += [(BY_HF_ARCHITECTURE, v) for v in family.hf_architectures]
+    if family.gguf_architecture is not None:
+        claims.append((BY_GGUF_ARCHITECTURE, family.gguf_architecture))
+    if family.name in {f.name for f in FAMILIES}:
+        raise ValueError(f"family {family.name!r} is already registered")
+    for index, value in claims:
+        if value in index:
+            raise ValueError(f"{value!r} is claimed by {index[value].name} and {family.name}")
+    for table in ("HF_NAMES", "GGUF_NAMES"):
+        missing = engine_kinds() - family.COMPUTED - set(getattr(family, table))
+        if missing:
+            raise ValueError(f"{family.name}.{table} names no {', '.join(sorted(missing))}")
+    for index, value in claims:
+        index[value] = family
+    FAMILIES.append(family)
+    return family
+
+
+def unregister(family: type[Family]) -> None:
+    """Removes a registered family (for tests of a family added at run time)."""
+    FAMILIES.remove(family)
+    for index in (BY_MODEL_TYPE, BY_HF_ARCHITECTURE, BY_GGUF_ARCHITECTURE):
+        for key in [k for k, v in index.items() if v is family]:
+            del index[key]
+
+
+def for_model_type(model_type, where: str) -> type[Family]:
+    fam = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if fam is None:
+        raise unsupported("model_type", model_type, list(BY_MODEL_TYPE), where)
+    return fam
+
+
+def for_hf_config(raw: dict, where: str) -> type[Family]:
+    """By `model_type`; a config without one is looked up by `architectures`."""
+    if raw.get("model_type") is None:
+        for name in raw.get("architectures") or ():
+            if isinstance(name, str) and name in BY_HF_ARCHITECTURE:
+                return BY_HF_ARCHITECTURE[name]
+    return for_model_type(raw.get("model_type"), where)
+
+
+def for_gguf_architecture(arch, where: str) -> type[Family]:
+    fam = BY_GGUF_ARCHITECTURE.get(arch) if isinstance(arch, str) else None
+    if fam is None:
+        raise unsupported("GGUF architecture", arch, list(BY_GGUF_ARCHITECTURE), where)
+    return fam

@@ -9,13 +9,14 @@ are this family; llama.cpp also writes Mistral models as `llama`.
 """
 from __future__ import annotations
 
-from .base import Family
+from .base import Family, register
 
 
 def _layer(names: dict[str, str], prefix: str) -> dict[str, str]:
     return {kind: prefix + "{layer}." + short for kind, short in names.items()}
 
 
+@register
 class Llama(Family):
     name = "llama"
     hf_model_types = ("llama",)

@@ -9,9 +9,11 @@ and no llama.cpp version writes it, so it is refused rather than guessed.
 """
 from __future__ import annotations
 
+from .base import register
 from .llama import Llama
 
 
+@register
 class Mistral(Llama):
     name = "mistral"
     hf_model_types = ("mistral",)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import register
 from .mistral import Mistral
 
 
+@register
 class Qwen2(Mistral):
     name = "qwen2"
     hf_model_types = ("qwen2",)

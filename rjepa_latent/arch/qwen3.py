@@ -4,13 +4,16 @@ differ from hidden/heads.
 
 GGUF: architecture `qwen3`, `blk.N.attn_{q,k}_norm.weight`, no biases, q/k
 not permuted; `head_dim` is `qwen3.attention.key_length` (read for every
-family, see gguf_loader), not hidden/heads as HF's GGUF loader assumes.
+family, see gguf_loader). HF's GGUF loader does not map that key for qwen3
+(it keeps Qwen3Config's default head_dim, and refuses such files).
 """
 from __future__ import annotations
 
+from .base import register
 from .qwen2 import Qwen2
 
 
+@register
 class Qwen3(Qwen2):
     name = "qwen3"
     hf_model_types = ("qwen3",)
