@@ -208,9 +208,8 @@ def engine_config(public: dict, max_layer: int) -> dict:
         "intermediate_size": public["intermediate_size"], "num_layers": public["num_layers"],
         "num_heads": public["num_heads"], "num_kv_heads": public["num_kv_heads"],
         "head_dim": public["head_dim"], "max_layer": int(max_layer),
-        "rms_norm_eps": public["rms_norm_eps"], "attn_qkv_bias": int(public["attn_qkv_bias"]),
-        "attn_o_bias": int(public["attn_o_bias"]), "mlp_bias": int(public["mlp_bias"]),
-        "qk_norm": int(public["qk_norm"]),
+        "rms_norm_eps": public["rms_norm_eps"],
+        **{flag: int(public[flag]) for flag in arch.FLAGS},
     }
 
 

@@ -50,6 +50,13 @@ def test_unknown_family_names_file_value_and_supported(value):
         arch.for_gguf_architecture(value, "f.gguf")
 
 
+def test_config_without_model_type_found_by_architectures():
+    cfg, _ = config_from_dict({**RAW, "architectures": ["Qwen2ForCausalLM"]}, "x")
+    assert cfg["model_type"] == "qwen2" and cfg["attn_qkv_bias"]
+    with pytest.raises(rl.ModelFormatError, match="model_type None is not supported"):
+        config_from_dict({**RAW, "architectures": ["GPT2LMHeadModel"]}, "x")
+
+
 def test_mistral_has_no_gguf_architecture_of_its_own():
     """llama.cpp writes Mistral as `llama`; a `mistral` GGUF is refused, not guessed."""
     assert arch.Mistral.gguf_architecture is None
