@@ -104,9 +104,11 @@ def _pos_int(value: Any, key: str, where: str) -> int:
     return value
 
 
-def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
-    """(rope_theta, normalized llama3 scaling dict or None). Handles both the
-    transformers<5 fields (`rope_theta`, `rope_scaling`) and `rope_parameters`."""
+def _rope_settings(raw: dict, family: type[arch.Family],
+                   where: str) -> tuple[float, dict | None]:
+    """(rope_theta, normalized llama3 scaling dict or None); the RoPE types a
+    family accepts are its `ROPE_TYPES`. Handles both the transformers<5
+    fields (`rope_theta`, `rope_scaling`) and `rope_parameters`."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
@@ -121,11 +123,11 @@ def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
     if partial not in (None, 1, 1.0):
         raise ModelFormatError(f"{where}: partial_rotary_factor={partial!r} is not supported")
     rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type not in family.ROPE_TYPES:
+        raise ModelFormatError(f"{where}: rope scaling type {rope_type!r} is not supported "
+                               f"(supported: {', '.join(family.ROPE_TYPES)})")
     if rope_type == "default":
         return float(theta), None
-    if rope_type != "llama3":
-        raise ModelFormatError(
-            f"{where}: rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
     out = {"rope_type": "llama3"}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         out[key] = float(_req(merged, key, where + " rope_scaling"))
@@ -185,7 +187,7 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     eps = raw.get("rms_norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelFormatError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
-    theta, scaling = _rope_settings(raw, where)
+    theta, scaling = _rope_settings(raw, family, where)
     flags = family.hf_flags(raw)
     public = {
         "model_type": family.name, "hidden_size": d, "intermediate_size": ff,
@@ -399,11 +401,6 @@ def read_checkpoint_headers(directory: str) -> dict[str, TensorInfo]:
 
 # ---------------------------------------------------------------------------
 # name mapping and shape checks
-
-def map_name(name: str, family: type[arch.Family] = arch.Llama) -> tuple[str, int] | None:
-    """HF tensor name -> (engine kind, layer) or None if not a decoder tensor."""
-    return family.hf_kind(name)
-
 
 def match_tensors(cfg: dict, tensors: dict[str, TensorInfo],
                   where: str) -> dict[tuple[str, int], TensorInfo]:

@@ -162,8 +162,8 @@ def _read_config(meta: _Metadata, tensors: dict[str, Any], path: str) -> dict:
                                "positive integer")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens else meta.get(keys["vocab_size"])
-    if vocab is None and "token_embd.weight" in tensors:
-        vocab = _numpy_shape(tensors["token_embd.weight"])[0]
+    if vocab is None and family.gguf_name("embed", 0) in tensors:
+        vocab = _numpy_shape(tensors[family.gguf_name("embed", 0)])[0]
     cfg = {
         "model_type": family.name,
         "hidden_size": hidden,
@@ -303,8 +303,9 @@ class GGUFFile:
         self._tensors = self._index_tensors()
         self.config = _read_config(meta, self._tensors, path)
         self.family = arch.for_model_type(self.config["model_type"], path)
-        if "token_embd.weight" not in self._tensors:
-            raise ModelFormatError(f"{path}: tensor 'token_embd.weight' is missing")
+        embed = self.family.gguf_name("embed", 0)
+        if embed not in self._tensors:  # the vocabulary size may have to come from it
+            raise ModelFormatError(f"{path}: tensor {embed!r} is missing")
         n_layers = self.config["num_layers"]
         if n_layers > len(self._tensors):
             raise ModelFormatError(f"{path}: block_count={n_layers} but the file has only "

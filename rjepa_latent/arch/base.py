@@ -14,7 +14,9 @@ What a family holds:
   `hf_architectures` (config.json `architectures` entries),
   `gguf_architecture` (`general.architecture`, None: not read from GGUF).
 - HF config mapping: `hf_flags(raw)` (the engine's structural flags from
-  config.json keys and their defaults), `hf_sliding_window(raw)`.
+  config.json keys and their defaults), `hf_sliding_window(raw)`,
+  `ROPE_TYPES` (the RoPE variants accepted; the frequencies of each are
+  computed by checkpoint.rope_inv_freq, the same for every family).
 - GGUF metadata mapping: `GGUF_KEYS` (public field -> key under
   `<gguf_architecture>.`), `GGUF_FLAGS` (the structural flags, which GGUF
   does not store: they follow from the architecture).
@@ -57,6 +59,7 @@ class Family:
     gguf_permuted_qk: bool = False
 
     COMPUTED: frozenset[str] = frozenset({"rope_inv_freq"})
+    ROPE_TYPES: tuple[str, ...] = ("default",)
     HF_NAMES: dict[str, str] = {}
     HF_OPTIONAL_PREFIX: str = ""
     HF_IGNORED: tuple[str, ...] = ()

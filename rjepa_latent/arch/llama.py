@@ -23,6 +23,7 @@ class Llama(Family):
     hf_architectures = ("LlamaForCausalLM",)
     gguf_architecture = "llama"
     gguf_permuted_qk = True
+    ROPE_TYPES = ("default", "llama3")
 
     HF_NAMES = {
         "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
