@@ -129,7 +129,7 @@ def _reverse(cls: type, table: str) -> dict[str, str]:
 
 
 def _lookup(reverse: dict[str, str], name: str) -> tuple[str, int] | None:
-    if name in reverse:  # a global tensor (no layer number)
+    if name in reverse and "{layer}" not in name:  # a global tensor (no layer number)
         return reverse[name], 0
     canon = _canonical(name)
     kind = reverse.get(canon)
@@ -182,6 +182,7 @@ def register(family: type[Family]) -> type[Family]:
         if value in index:
             raise ValueError(f"{value!r} is claimed by {index[value].name} and {family.name}")
     for table in ("HF_NAMES", "GGUF_NAMES"):
+        _reverse(family, table)  # two kinds under one name is an error here already
         missing = engine_kinds() - family.COMPUTED - set(getattr(family, table))
         if missing:
             raise ValueError(f"{family.name}.{table} names no {', '.join(sorted(missing))}")
