@@ -1,9 +1,13 @@
 """HF checkpoint directories -> a validated tensor feed for the C engine.
 
 What it does:
-- `load_hf_config`: config.json (llama, mistral, qwen2, qwen3) -> a public
-  config dict (what users and the store see) and the engine config dict (the
-  `rl_config` field names that `_core.Engine` takes).
+- `load_hf_config`: config.json -> a public config dict (what users and the
+  store see) and the engine config dict (the `rl_config` field names that
+  `_core.Engine` takes). What differs between families (llama, mistral,
+  qwen2, qwen3) comes from their registry unit (`rjepa_latent.arch`).
+- `tensor_layout`: which tensors the engine needs under a config and their
+  shapes, asked of the C core (`_core.tensor_layout`), the one place that
+  knows; both loaders read exactly that list, in that order.
 - `rope_inv_freq`: the RoPE inverse frequencies exactly as HF computes them
   (float32 arithmetic, `llama3` scaling included); the engine takes them as a
   tensor so it never re-derives RoPE variants in C.
@@ -14,6 +18,8 @@ What it does:
   names and shapes are checked against the config before data is read; all
   missing and all unexpected tensors are reported at once; tensors of layers
   that can never be requested under `max_layer` are not read at all.
+- `open_checkpoint` (.gguf file or HF directory -> CheckpointSource) and
+  `read_config` (the public config only, no weights).
 
 Design choices: files are mmap'd read-only and handed to the engine as
 zero-copy slices (the engine converts to its storage dtype in one pass, so
@@ -27,15 +33,16 @@ import json
 import math
 import mmap
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
+from . import _core, arch
 from .errors import ModelFormatError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = arch.SUPPORTED_MODEL_TYPES
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # safetensors dtype -> (bytes per element, engine dtype name or None if unusable)
@@ -97,9 +104,11 @@ def _pos_int(value: Any, key: str, where: str) -> int:
     return value
 
 
-def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
-    """(rope_theta, normalized llama3 scaling dict or None). Handles both the
-    transformers<5 fields (`rope_theta`, `rope_scaling`) and `rope_parameters`."""
+def _rope_settings(raw: dict, family: type[arch.Family],
+                   where: str) -> tuple[float, dict | None]:
+    """(rope_theta, normalized llama3 scaling dict or None); the RoPE types a
+    family accepts are its `ROPE_TYPES`. Handles both the transformers<5
+    fields (`rope_theta`, `rope_scaling`) and `rope_parameters`."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
@@ -114,11 +123,11 @@ def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
     if partial not in (None, 1, 1.0):
         raise ModelFormatError(f"{where}: partial_rotary_factor={partial!r} is not supported")
     rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type not in family.ROPE_TYPES:
+        raise ModelFormatError(f"{where}: rope scaling type {rope_type!r} is not supported "
+                               f"(supported: {', '.join(family.ROPE_TYPES)})")
     if rope_type == "default":
         return float(theta), None
-    if rope_type != "llama3":
-        raise ModelFormatError(
-            f"{where}: rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
     out = {"rope_type": "llama3"}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         out[key] = float(_req(merged, key, where + " rope_scaling"))
@@ -130,14 +139,9 @@ def _rope_settings(raw: dict, where: str) -> tuple[float, dict | None]:
     return float(theta), out
 
 
-def _sliding_window(raw: dict, model_type: str, where: str) -> int | None:
+def _sliding_window(raw: dict, family: type[arch.Family], where: str) -> int | None:
     """The attention window that would apply, or None for full attention."""
-    sw = raw.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-        layer_types = raw.get("layer_types") or []
-        uses = bool(raw.get("use_sliding_window")) or "sliding_attention" in layer_types
-        if not uses:
-            return None
+    sw = family.hf_sliding_window(raw)
     if sw is None:
         return None
     return _pos_int(sw, "sliding_window", where)
@@ -163,11 +167,7 @@ def load_hf_config(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     """The mapping of load_hf_config for an already-parsed config dict."""
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelFormatError(
-            f"{where}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    family = arch.for_hf_config(raw, where)
     d = _pos_int(_req(raw, "hidden_size", where), "hidden_size", where)
     ff = _pos_int(_req(raw, "intermediate_size", where), "intermediate_size", where)
     n_layers = _pos_int(_req(raw, "num_hidden_layers", where), "num_hidden_layers", where)
@@ -187,36 +187,47 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     eps = raw.get("rms_norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelFormatError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
-    theta, scaling = _rope_settings(raw, where)
-    attention_bias = bool(raw.get("attention_bias", False))
-    qkv_bias = {"qwen2": True, "mistral": False}.get(model_type, attention_bias)
-    o_bias = {"qwen2": False, "mistral": False}.get(model_type, attention_bias)
-    mlp_bias = bool(raw.get("mlp_bias", False)) if model_type == "llama" else False
-    qk_norm = model_type == "qwen3"
+    theta, scaling = _rope_settings(raw, family, where)
+    flags = family.hf_flags(raw)
     public = {
-        "model_type": model_type, "hidden_size": d, "intermediate_size": ff,
+        "model_type": family.name, "hidden_size": d, "intermediate_size": ff,
         "num_layers": n_layers, "num_heads": nh, "num_kv_heads": nkv, "head_dim": hd,
         "vocab_size": vocab, "rms_norm_eps": float(eps), "rope_theta": theta,
         "rope_scaling": scaling,
         "max_position_embeddings": raw.get("max_position_embeddings"),
-        "sliding_window": _sliding_window(raw, model_type, where),
-        "attn_qkv_bias": qkv_bias, "attn_o_bias": o_bias, "mlp_bias": mlp_bias,
-        "qk_norm": qk_norm, "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "sliding_window": _sliding_window(raw, family, where),
+        **{flag: bool(flags[flag]) for flag in arch.FLAGS},
+        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
     }
     return public, engine_config(public, n_layers)
 
 
 def engine_config(public: dict, max_layer: int) -> dict:
-    """Engine (`rl_config`) dict from the public config."""
+    """Engine (`rl_config`) dict from the public config: flags and numbers,
+    never a family name."""
     return {
         "vocab_size": public["vocab_size"], "hidden_size": public["hidden_size"],
         "intermediate_size": public["intermediate_size"], "num_layers": public["num_layers"],
         "num_heads": public["num_heads"], "num_kv_heads": public["num_kv_heads"],
         "head_dim": public["head_dim"], "max_layer": int(max_layer),
-        "rms_norm_eps": public["rms_norm_eps"], "attn_qkv_bias": int(public["attn_qkv_bias"]),
-        "attn_o_bias": int(public["attn_o_bias"]), "mlp_bias": int(public["mlp_bias"]),
-        "qk_norm": int(public["qk_norm"]),
+        "rms_norm_eps": public["rms_norm_eps"],
+        **{flag: int(public[flag]) for flag in arch.FLAGS},
     }
+
+
+def tensor_layout(public: dict, max_layer: int) -> list[tuple[str, int, tuple[int, ...]]]:
+    """[(kind, layer, HF-order shape)] of every tensor the engine needs under
+    the config and max_layer, in feed order, as the C core states it (the
+    final norm only at max_layer == L, layers 0..min(max_layer, L)-1).
+    With max_layer = L it is what a complete checkpoint holds (plus the
+    kinds the loader computes, `Family.COMPUTED`)."""
+    return [(kind, int(layer), tuple(int(x) for x in shape))
+            for kind, layer, shape in _core.tensor_layout(engine_config(public, max_layer))]
+
+
+def family_of(public: dict) -> type[arch.Family]:
+    """The registry unit of a public config (its `model_type`)."""
+    return arch.for_model_type(public["model_type"], "config")
 
 
 def rope_inv_freq(cfg: dict) -> np.ndarray:
@@ -391,98 +402,41 @@ def read_checkpoint_headers(directory: str) -> dict[str, TensorInfo]:
 # ---------------------------------------------------------------------------
 # name mapping and shape checks
 
-_GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
-    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
-    "self_attn.v_proj.bias": "v_bias", "self_attn.o_proj.bias": "o_bias",
-    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
-    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up", "mlp.down_proj.weight": "down",
-    "mlp.gate_proj.bias": "gate_bias", "mlp.up_proj.bias": "up_bias",
-    "mlp.down_proj.bias": "down_bias",
-}
-_LAYER_RE = re.compile(r"^layers\.(0|[1-9][0-9]*)\.(.+)$")
-_IGNORED_RE = re.compile(r"^(lm_head\.weight|(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq)$")
-
-
-def tensor_shape(cfg: dict, kind: str) -> tuple[int, ...] | None:
-    """HF shape of an engine tensor kind under the public config, or None when
-    the config does not use that kind (mirrors rl_tensor_shape)."""
-    d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q, kv = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed": (cfg["vocab_size"], d), "final_norm": (d,), "rope_inv_freq": (hd // 2,),
-        "attn_norm": (d,), "ffn_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d),
-        "o": (d, q), "gate": (ff, d), "up": (ff, d), "down": (d, ff),
-    }
-    if cfg["attn_qkv_bias"]:
-        shapes.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
-    if cfg["attn_o_bias"]:
-        shapes["o_bias"] = (d,)
-    if cfg["qk_norm"]:
-        shapes.update(q_norm=(hd,), k_norm=(hd,))
-    if cfg["mlp_bias"]:
-        shapes.update(gate_bias=(ff,), up_bias=(ff,), down_bias=(d,))
-    return shapes.get(kind)
-
-
-def map_name(name: str) -> tuple[str, int] | None:
-    """HF tensor name -> (engine kind, layer) or None if not a decoder tensor."""
-    short = name[len("model."):] if name.startswith("model.") else name
-    if short in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[short], 0
-    m = _LAYER_RE.match(short)
-    if m and m.group(2) in _LAYER_NAMES:
-        return _LAYER_NAMES[m.group(2)], int(m.group(1))
-    return None
-
-
-def _expected(cfg: dict) -> set[tuple[str, int]]:
-    kinds = [k for k in set(_LAYER_NAMES.values()) if tensor_shape(cfg, k) is not None]
-    out = {("embed", 0), ("final_norm", 0)}
-    out.update((k, i) for i in range(cfg["num_layers"]) for k in kinds)
-    return out
-
-
-def _hf_name(kind: str, layer: int) -> str:
-    for short, k in _GLOBAL_NAMES.items():
-        if k == kind:
-            return "model." + short
-    short = next(s for s, k in _LAYER_NAMES.items() if k == kind)
-    return f"model.layers.{layer}.{short}"
-
-
 def match_tensors(cfg: dict, tensors: dict[str, TensorInfo],
                   where: str) -> dict[tuple[str, int], TensorInfo]:
-    """Maps checkpoint tensors to (kind, layer) and checks them against the
-    config: all missing, unexpected, duplicate-after-mapping, wrong-shape and
+    """Maps checkpoint tensors to (kind, layer) and checks them against what
+    the engine needs under the config with all layers (`tensor_layout`): all
+    missing, unexpected, duplicate-after-mapping, wrong-shape and
     unusable-dtype tensors are reported in one ModelFormatError."""
-    expected = _expected(cfg)
+    family = family_of(cfg)
+    if cfg["num_layers"] > len(tensors):
+        raise ModelFormatError(f"{where}: num_hidden_layers={cfg['num_layers']} but the "
+                               f"checkpoint holds only {len(tensors)} tensors")
+    expected = {(kind, layer): shape for kind, layer, shape in tensor_layout(cfg, cfg["num_layers"])
+                if kind not in family.COMPUTED}
     found: dict[tuple[str, int], TensorInfo] = {}
     problems: list[str] = []
     unexpected = []
     for name, info in sorted(tensors.items()):
-        key = map_name(name)
+        key = family.hf_kind(name)
         if key is None or key not in expected:
-            if not _IGNORED_RE.match(name):
+            if not family.hf_ignored(name):
                 unexpected.append(name)
             continue
         if key in found:
             problems.append(f"tensors {found[key].name!r} and {name!r} are the same weight")
             continue
         found[key] = info
-        want = tensor_shape(cfg, key[0])
+        want = expected[key]
         if info.shape != want:
             problems.append(f"tensor {name!r} in {info.file} has shape {list(info.shape)}, "
                             f"expected {list(want)}")
         if SAFETENSORS_DTYPES[info.dtype][1] is None:
             problems.append(f"tensor {name!r} in {info.file} has unsupported dtype {info.dtype} "
                             f"(supported: F32, BF16, F16)")
-    missing = sorted(expected - set(found), key=lambda k: (k[1], k[0]))
+    missing = sorted(set(expected) - set(found), key=lambda k: (k[1], k[0]))
     if missing:
-        problems.append("missing tensors: " + ", ".join(_hf_name(k, i) for k, i in missing))
+        problems.append("missing tensors: " + ", ".join(family.hf_name(k, i) for k, i in missing))
     if unexpected:
         problems.append("unexpected tensors: " + ", ".join(unexpected))
     if problems:
@@ -530,21 +484,17 @@ def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
                maps: dict[str, mmap.mmap]) -> Callable[[], Iterator[TensorRecord]]:
-    """The tensor feed over the mmap'd files: only tensors of layers below
-    max_layer (and the final norm when max_layer == L) are touched."""
-    n_loaded = min(max_layer, cfg["num_layers"])
-
-    def wanted(kind: str, layer: int) -> bool:
-        if kind == "final_norm":
-            return max_layer == cfg["num_layers"]
-        return kind == "embed" or layer < n_loaded
+    """The tensor feed over the mmap'd files: exactly `tensor_layout(cfg,
+    max_layer)`, so tensors the engine will not use are never touched."""
+    layout = tensor_layout(cfg, max_layer)
 
     def feed() -> Iterator[TensorRecord]:
-        inv = rope_inv_freq(cfg)
-        yield "rope_inv_freq", 0, inv, "float32", inv.shape
-        for (kind, layer), info in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            if not wanted(kind, layer):
+        for kind, layer, shape in layout:
+            if kind == "rope_inv_freq":
+                inv = rope_inv_freq(cfg)
+                yield kind, layer, inv, "float32", inv.shape
                 continue
+            info = found[(kind, layer)]
             if info.file not in maps:
                 with open(info.file, "rb") as f:
                     maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -584,3 +534,34 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
         tokenizer=_load_tokenizer(directory), fingerprint=fingerprint(cfg, tensors),
         sliding_window=cfg["sliding_window"],
         tensor_feed=_mmap_feed(cfg, found, resolved, maps), on_close=close)
+
+
+def _is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
+    """A path ending in .gguf -> the GGUF loader, anything else -> an HF
+    directory. A missing path is FileNotFoundError, a malformed one
+    ModelFormatError."""
+    path = os.fspath(path)
+    if _is_gguf(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+        from .gguf_loader import load_gguf
+        return load_gguf(path, max_layer)
+    return load_hf(path, max_layer)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The public config of a checkpoint (as `open_checkpoint(path).config`)
+    without reading or validating any weights: for memory plans."""
+    path = os.fspath(path)
+    if _is_gguf(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+        from .gguf_loader import read_gguf_config
+        return read_gguf_config(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    return load_hf_config(path)[0]

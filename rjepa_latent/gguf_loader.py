@@ -1,23 +1,32 @@
 """GGUF checkpoints (the llama.cpp format) as a second input to `Model`.
 
-`load_gguf(path, max_layer)` opens a Llama-architecture GGUF file with the
-`gguf` package's memory-mapped reader and returns a checkpoint source with the
-same interface as an HF directory's (`rjepa_latent.checkpoint`): a public
-`config`, the engine's `engine_config`, a `tokenizers.Tokenizer` rebuilt from
-the file's metadata, a `fingerprint`, and `tensors()` that feeds the engine one
-tensor at a time.
+`load_gguf(path, max_layer)` opens a GGUF file of a registered architecture
+(`rjepa_latent.arch`: llama, qwen2, qwen3) with the `gguf` package's
+memory-mapped reader and returns a checkpoint source with the same interface
+as an HF directory's (`rjepa_latent.checkpoint`): a public `config`, the
+engine's `engine_config`, a `tokenizers.Tokenizer` rebuilt from the file's
+metadata, a `fingerprint`, and `tensors()` that feeds the engine one tensor
+at a time. `read_gguf_config(path)` reads the config only.
 
 Design choices:
 - Everything is validated before any tensor is dequantized: architecture,
   metadata, tensor names, GGML types, shapes and byte sizes, so a corrupt or
   unsupported file fails fast with a `ModelFormatError` naming the problem.
+- Which tensors are read, and their shapes, is `checkpoint.tensor_layout`
+  (the C core's answer) under the config; names, metadata keys and the q/k
+  permutation come from the family's registry unit. Nothing here names a
+  family.
 - Weights are dequantized to float32 one tensor at a time (`gguf.quants`), so
   at most one dequantized tensor is alive besides the engine's own copy.
 - GGUF lists dimensions innermost first (ne0 = columns); numpy order is the
   reverse, which is what the engine and HF use.
 - llama.cpp's converter interleaves the rows of attn_q / attn_k within each
-  head (so that its RoPE rotates adjacent pairs); the engine uses HF's
-  rotate-half RoPE, so those rows are put back in HF order here.
+  head for some architectures (`Family.gguf_permuted_qk`; its RoPE rotates
+  adjacent pairs); the engine uses HF's rotate-half RoPE, so those rows are
+  put back in HF order here.
+- `head_dim` is `<arch>.attention.key_length` when present (Qwen3 writes it;
+  it may differ from hidden/heads), else `rope.dimension_count`, else
+  hidden/heads; a rotary dimension other than head_dim is refused.
 - The tokenizer follows HF transformers' GGUF conversion (byte-level BPE,
   control tokens special, user-defined tokens added whole, the pre-tokenizer
   split regex chosen by `tokenizer.ggml.pre`) so ids match
@@ -32,21 +41,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .checkpoint import CheckpointSource, engine_config, resolve_max_layer, rope_inv_freq
+from . import arch
+from .checkpoint import (CheckpointSource, engine_config, resolve_max_layer, rope_inv_freq,
+                         tensor_layout)
 from .errors import ModelFormatError
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF per-layer tensor name -> engine tensor kind
-_LAYER_KINDS = {
-    "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
-    "attn_output": "o", "ffn_norm": "ffn_norm", "ffn_gate": "gate",
-    "ffn_up": "up", "ffn_down": "down",
-}
-# tensors a llama GGUF may carry that the engine never needs (LM head)
-_IGNORED = ("output.weight",)
+SUPPORTED_ARCHITECTURES = arch.SUPPORTED_GGUF_ARCHITECTURES
+# kinds whose rows llama.cpp permutes, with the config field giving their head count
+_PERMUTED = {"q": "num_heads", "k": "num_kv_heads", "q_bias": "num_heads",
+             "k_bias": "num_kv_heads"}
 
 # token types of llama.cpp's vocabulary (tokenizer.ggml.token_type)
 _TOKEN_CONTROL = 3
@@ -58,8 +63,16 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_PRE_SPLITS = {name: _LLAMA3_SPLIT for name in (
-    "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")}
+# Qwen2's public pre-tokenizer pattern (single digits, unlike Llama 3's 1-3)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {
+    **{name: _LLAMA3_SPLIT for name in (
+        "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")},
+    **{name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")},
+}
 
 
 def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
@@ -69,8 +82,19 @@ def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> Checkpoi
     `tensors()` is iterated."""
     g = GGUFFile(os.fspath(path), max_layer)
     return CheckpointSource(config=g.config, engine_config=engine_config(g.config, g.max_layer),
-                            tokenizer=g.tokenizer, fingerprint=g.fingerprint, sliding_window=None,
+                            tokenizer=g.tokenizer, fingerprint=g.fingerprint,
+                            sliding_window=g.config["sliding_window"],
                             tensor_feed=g.tensors, on_close=g.close)
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The public config of a GGUF file from its metadata and tensor table
+    only: no tensor is validated or read, no tokenizer is built."""
+    path = os.fspath(path)
+    reader = _open_reader(path)
+    names = {t.name: t for t in reader.tensors}
+    cfg = _read_config(_Metadata(reader, path), names, path)
+    return cfg
 
 
 def _open_reader(path: str):
@@ -113,47 +137,50 @@ class _Metadata:
         return value
 
 
-def _read_config(meta: _Metadata, path: str) -> dict:
-    """Public config (HF-like names) from llama.* metadata."""
-    arch = meta.require("general.architecture", str)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported "
-                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    p = arch + "."
-    hidden = meta.require(p + "embedding_length", int)
-    heads = meta.require(p + "attention.head_count", int)
-    kv_heads = meta.get(p + "attention.head_count_kv", heads)
+def _read_config(meta: _Metadata, tensors: dict[str, Any], path: str) -> dict:
+    """Public config (HF-like names) from `<arch>.*` metadata, keys as the
+    architecture's registry unit names them."""
+    family = arch.for_gguf_architecture(meta.require("general.architecture", str), path)
+    p = family.gguf_architecture + "."
+    keys = {field: p + key for field, key in family.GGUF_KEYS.items()}
+    hidden = meta.require(keys["hidden_size"], int)
+    heads = meta.require(keys["num_heads"], int)
+    kv_heads = meta.get(keys["num_kv_heads"], heads)
     if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
-        raise ModelFormatError(f"{path}: {p}attention.head_count_kv={kv_heads!r} must divide "
+        raise ModelFormatError(f"{path}: {keys['num_kv_heads']}={kv_heads!r} must divide "
                                f"head_count={heads}")
-    head_dim = meta.get(p + "rope.dimension_count", hidden // heads)
-    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-        raise ModelFormatError(f"{path}: {p}rope.dimension_count={head_dim!r} must be a positive "
-                               "even integer")
-    eps = meta.require(p + "attention.layer_norm_rms_epsilon", float)
-    theta = meta.get(p + "rope.freq_base", 10000.0)
-    for key, value in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", theta)):
+    head_dim = _head_dim(meta, keys, hidden // heads, path)
+    eps = meta.require(keys["rms_norm_eps"], float)
+    theta = meta.get(keys["rope_theta"], 10000.0)
+    for key, value in ((keys["rms_norm_eps"], eps), (keys["rope_theta"], theta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ModelFormatError(f"{path}: metadata {p}{key}={value!r} must be a positive number")
+            raise ModelFormatError(f"{path}: metadata {key}={value!r} must be a positive number")
+    window = meta.get(keys["sliding_window"])
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window <= 0):
+        raise ModelFormatError(f"{path}: metadata {keys['sliding_window']}={window!r} must be a "
+                               "positive integer")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else meta.get(p + "vocab_size")
+    vocab = len(tokens) if tokens else meta.get(keys["vocab_size"])
+    if vocab is None and family.gguf_name("embed", 0) in tensors:
+        vocab = _numpy_shape(tensors[family.gguf_name("embed", 0)])[0]
     cfg = {
-        "model_type": arch,
+        "model_type": family.name,
         "hidden_size": hidden,
-        "intermediate_size": meta.require(p + "feed_forward_length", int),
-        "num_layers": meta.require(p + "block_count", int),
+        "intermediate_size": meta.require(keys["intermediate_size"], int),
+        "num_layers": meta.require(keys["num_layers"], int),
         "num_heads": heads,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
-        "vocab_size": vocab,  # None: taken from token_embd below
+        "vocab_size": vocab,
         "rms_norm_eps": float(eps),
         "rope_theta": float(theta),
-        "max_position_embeddings": meta.get(p + "context_length"),
+        "max_position_embeddings": meta.get(keys["max_position_embeddings"]),
         "rope_scaling": None,  # llama3-style scaling comes as the rope_freqs tensor
-        "rope_linear_factor": _read_rope_linear_factor(meta, p, path),
-        "sliding_window": None,
-        "attn_qkv_bias": False, "attn_o_bias": False, "mlp_bias": False, "qk_norm": False,
-        "tie_word_embeddings": True,
+        "rope_linear_factor": _read_rope_linear_factor(meta, keys, path),
+        "sliding_window": window,
+        **{flag: bool(family.GGUF_FLAGS[flag]) for flag in arch.FLAGS},
+        "tie_word_embeddings": family.GGUF_LM_HEAD not in tensors,
         "format": "gguf",
         "gguf_file_type": meta.get("general.file_type"),
         "name": meta.get("general.name"),
@@ -161,34 +188,34 @@ def _read_config(meta: _Metadata, path: str) -> dict:
     return cfg
 
 
-def _read_rope_linear_factor(meta: _Metadata, p: str, path: str) -> float | None:
+def _head_dim(meta: _Metadata, keys: dict[str, str], default: int, path: str) -> int:
+    """key_length, else the rotary dimension, else hidden/heads (llama.cpp's
+    own order); value_length and the rotary dimension must equal it."""
+    rope_dim = meta.get(keys["rope_dim"])
+    head_dim = meta.get(keys["head_dim"], rope_dim if rope_dim is not None else default)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ModelFormatError(f"{path}: head dimension {head_dim!r} (metadata {keys['head_dim']} "
+                               f"or {keys['rope_dim']}) must be a positive even integer")
+    for key in ("value_dim", "rope_dim"):
+        value = meta.get(keys[key], head_dim)
+        if value != head_dim:
+            raise ModelFormatError(f"{path}: metadata {keys[key]}={value!r} differs from the head "
+                                   f"dimension {head_dim} (partial rotary / distinct value heads "
+                                   "are not supported)")
+    return head_dim
+
+
+def _read_rope_linear_factor(meta: _Metadata, keys: dict[str, str], path: str) -> float | None:
     """Only linear scaling changes a plain rope here; llama3-style factors come
-    as the `rope_freqs.weight` tensor (applied in `_rope_inv_freq`)."""
-    kind = meta.get(p + "rope.scaling.type")
+    as the rope-frequency tensor (applied in `_rope_inv_freq`)."""
+    kind = meta.get(keys["rope_scaling_type"])
     if kind in (None, "none"):
         return None
-    factor = meta.get(p + "rope.scaling.factor")
+    factor = meta.get(keys["rope_scaling_factor"])
     if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
         return float(factor)
     raise ModelFormatError(f"{path}: rope scaling type {kind!r} (factor {factor!r}) is not supported "
                            "(supported: none, linear, llama3 frequency factors)")
-
-
-def _expected_shapes(cfg: dict, n_load: int, with_final_norm: bool) -> dict[str, tuple[str, int, tuple]]:
-    """GGUF tensor name -> (engine kind, layer, numpy shape) for what is loaded."""
-    d, ff = cfg["hidden_size"], cfg["intermediate_size"]
-    q_rows = cfg["num_heads"] * cfg["head_dim"]
-    kv_rows = cfg["num_kv_heads"] * cfg["head_dim"]
-    out = {"token_embd.weight": ("embed", 0, (cfg["vocab_size"], d))}
-    if with_final_norm:
-        out["output_norm.weight"] = ("final_norm", 0, (d,))
-    per_layer = {"attn_norm": (d,), "attn_q": (q_rows, d), "attn_k": (kv_rows, d),
-                 "attn_v": (kv_rows, d), "attn_output": (d, q_rows), "ffn_norm": (d,),
-                 "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
-    for layer in range(n_load):
-        for short, shape in per_layer.items():
-            out[f"blk.{layer}.{short}.weight"] = (_LAYER_KINDS[short], layer, shape)
-    return out
 
 
 def _numpy_shape(t: Any) -> tuple:
@@ -273,21 +300,18 @@ class GGUFFile:
         self.path = path
         self._reader = _open_reader(path)
         meta = _Metadata(self._reader, path)
-        self.config = _read_config(meta, path)
         self._tensors = self._index_tensors()
-        embd = self._tensors.get("token_embd.weight")
-        if embd is None:
-            raise ModelFormatError(f"{path}: tensor 'token_embd.weight' is missing")
-        if self.config["vocab_size"] is None:
-            self.config["vocab_size"] = _numpy_shape(embd)[0]
+        self.config = _read_config(meta, self._tensors, path)
+        self.family = arch.for_model_type(self.config["model_type"], path)
+        embed = self.family.gguf_name("embed", 0)
+        if embed not in self._tensors:  # the vocabulary size may have to come from it
+            raise ModelFormatError(f"{path}: tensor {embed!r} is missing")
         n_layers = self.config["num_layers"]
-        if n_layers * len(_LAYER_KINDS) > len(self._tensors):
+        if n_layers > len(self._tensors):
             raise ModelFormatError(f"{path}: block_count={n_layers} but the file has only "
                                    f"{len(self._tensors)} tensors")
         self.max_layer = resolve_max_layer(max_layer, n_layers)
-        # the final norm only exists as hidden state L; layers >= max_layer are never run
-        self._n_load = min(self.max_layer, n_layers)
-        self._expected = _expected_shapes(self.config, self._n_load, self.max_layer == n_layers)
+        self._layout = tensor_layout(self.config, self.max_layer)
         self._validate()
         self.tokenizer = build_tokenizer(meta, path)
         self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
@@ -302,37 +326,50 @@ class GGUFFile:
 
     def _validate(self) -> None:
         """Names, types, shapes and sizes of every tensor that will be loaded,
-        and no tensor the engine would silently ignore."""
-        n_layers = self.config["num_layers"]
-        known = set(_expected_shapes(self.config, n_layers, True)) | set(_IGNORED) | {"rope_freqs.weight"}
-        unexpected = sorted(set(self._tensors) - known)
+        and no tensor the engine would silently ignore. What the file must
+        hold is the layout of all layers; what is checked and read, the
+        layout under max_layer."""
+        fam, n_layers = self.family, self.config["num_layers"]
+        expected = {fam.gguf_name(kind, layer) for kind, layer, _ in
+                    tensor_layout(self.config, n_layers) if kind not in fam.COMPUTED}
+        unexpected = sorted(n for n in self._tensors if n not in expected
+                            and n != fam.GGUF_ROPE_FREQS and not fam.gguf_ignored(n))
         if unexpected:
-            raise ModelFormatError(f"{self.path}: unexpected tensors for a llama model: "
-                                   f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        missing = [n for n in self._expected if n not in self._tensors]
+            raise ModelFormatError(f"{self.path}: unexpected tensors for a "
+                                   f"{fam.gguf_architecture} model: {', '.join(unexpected[:5])}"
+                                   f"{' ...' if len(unexpected) > 5 else ''}")
+        missing = [fam.gguf_name(kind, layer) for kind, layer, _ in self._layout
+                   if kind not in fam.COMPUTED and fam.gguf_name(kind, layer) not in self._tensors]
         if missing:
             raise ModelFormatError(f"{self.path}: missing tensors: {', '.join(missing[:5])}"
                                    f"{' ...' if len(missing) > 5 else ''}")
-        for name, (_, _, shape) in self._expected.items():
-            _check_tensor(self._tensors[name], shape, self.path)
-        freqs = self._tensors.get("rope_freqs.weight")
+        for kind, layer, shape in self._layout:
+            if kind not in fam.COMPUTED:
+                _check_tensor(self._tensors[fam.gguf_name(kind, layer)], shape, self.path)
+        freqs = self._tensors.get(fam.GGUF_ROPE_FREQS) if fam.GGUF_ROPE_FREQS else None
         if freqs is not None:
             _check_tensor(freqs, (self.config["head_dim"] // 2,), self.path)
 
     def tensors(self) -> Iterator[tuple[str, int, np.ndarray, str, tuple]]:
-        """(kind, layer, buffer, dtype, shape) for the engine, one dequantized
-        float32 tensor at a time."""
-        freqs = self._tensors.get("rope_freqs.weight")
-        factors = _dequantize(freqs, (self.config["head_dim"] // 2,)) if freqs is not None else None
-        inv = _rope_inv_freq(self.config, factors)
-        yield "rope_inv_freq", 0, inv, "float32", inv.shape
-        heads = {"q": self.config["num_heads"], "k": self.config["num_kv_heads"]}
-        for name, (kind, layer, shape) in self._expected.items():
-            arr = _dequantize(self._tensors[name], shape)
-            if kind in heads:
-                arr = _unpermute_rows(arr, heads[kind])
+        """(kind, layer, buffer, dtype, shape) for the engine in layout order,
+        one dequantized float32 tensor at a time."""
+        fam = self.family
+        for kind, layer, shape in self._layout:
+            if kind == "rope_inv_freq":
+                inv = self._rope_inv_freq()
+                yield kind, layer, inv, "float32", inv.shape
+                continue
+            arr = _dequantize(self._tensors[fam.gguf_name(kind, layer)], shape)
+            if fam.gguf_permuted_qk and kind in _PERMUTED:
+                arr = _unpermute_rows(arr, self.config[_PERMUTED[kind]])
             yield kind, layer, arr, "float32", shape
             del arr  # keep at most one dequantized tensor alive
+
+    def _rope_inv_freq(self) -> np.ndarray:
+        name = self.family.GGUF_ROPE_FREQS
+        freqs = self._tensors.get(name) if name else None
+        factors = _dequantize(freqs, (self.config["head_dim"] // 2,)) if freqs is not None else None
+        return _rope_inv_freq(self.config, factors)
 
     def close(self) -> None:
         """Drop the memory map (tensors already handed to the engine stay valid)."""

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -565,3 +566,260 @@ def test_rope_scaling_variants_match_hf(variant, tmp_path):
     plain = rl.Model(_gguf_from_hf(hf, tmp_path / "plain.gguf", {}, None), device="cpu")
     assert np.abs(plain.hidden_states(np.array(ids, np.int32), layers=[-1])
                   - m.hidden_states(np.array(ids, np.int32), layers=[-1])).max() > 1e-3
+
+
+# ----------------------------------------------------------------- other families
+#
+# Qwen2 / Qwen3 (and Mistral, which llama.cpp writes as architecture `llama`)
+# GGUF files written from tiny random HF models the way llama.cpp's converter
+# writes them: tensor names from gguf-py's own HF -> GGUF name map (not from
+# our registry), metadata keys `<arch>.*`, `attention.key_length` when the HF
+# config has a `head_dim`, q/k rows permuted only for `llama`, 1-D tensors in
+# F32. The reference is HF transformers on an HF safetensors checkpoint of the
+# same dequantized weights (so Qwen3's head_dim does not depend on HF's GGUF
+# config mapping, which has no key_length for qwen3).
+
+FAMILY_WORST: dict[tuple[str, str], float] = {}
+# rms_norm_eps exactly representable in float32, so the GGUF file (which
+# stores float32) and the HF config mean the same eps and the two loaders of
+# ours must agree bitwise
+EPS = 2.0 ** -17
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_family_worst():
+    yield
+    if FAMILY_WORST:
+        print("\nGGUF vs HF on the dequantized weights, worst max|ours-HF|/max|HF| over layers:")
+        for (fam, qtype), err in sorted(FAMILY_WORST.items()):
+            print(f"  {fam:10s} {qtype:5s} {err:.2e}")
+
+
+def _family_hf_model(family: str, vocab: int, seed: int):
+    import torch
+    import transformers as T
+    base = dict(vocab_size=vocab, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=EPS,
+                max_position_embeddings=512, attn_implementation="eager")
+    cfg = {
+        "qwen2": lambda: T.Qwen2Config(**base, rope_theta=1e6, use_sliding_window=False,
+                                       tie_word_embeddings=False),
+        # head_dim 32 != hidden / heads = 16
+        "qwen3": lambda: T.Qwen3Config(**base, head_dim=32, rope_theta=1e6,
+                                       use_sliding_window=False, tie_word_embeddings=True),
+        "qwen3_hd16": lambda: T.Qwen3Config(**base, head_dim=16, tie_word_embeddings=False),
+        "mistral": lambda: T.MistralConfig(**base, sliding_window=None, tie_word_embeddings=False),
+    }[family]()
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.5 * noise)
+    return model
+
+
+def _stored(arr: np.ndarray, qtype: str) -> tuple[np.ndarray, Any, np.ndarray]:
+    """(bytes or array to write, raw_dtype, what a reader dequantizes it to)."""
+    if arr.ndim == 1 or qtype == "F32":
+        return arr, None, arr
+    if qtype == "F16":
+        half = arr.astype(np.float16)
+        return half, None, half.astype(np.float32)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    data = gguf.quants.quantize(arr, t)
+    return data, t, gguf.quants.dequantize(data, t).reshape(arr.shape).astype(np.float32)
+
+
+def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "default",
+                      skip: tuple[str, ...] = (), extra_meta: dict | None = None) -> dict:
+    """`model` as a GGUF file of architecture `arch`; returns the HF state dict
+    of the dequantized weights (HF row order)."""
+    cfg = model.config
+    raw = cfg.to_dict()
+    tokens, merges, ttypes = _vocab()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if raw.get("head_dim") is not None:
+        w.add_key_length(raw["head_dim"])
+        w.add_value_length(raw["head_dim"])
+    if arch == "llama":
+        w.add_rope_dimension_count(raw.get("head_dim") or cfg.hidden_size // cfg.num_attention_heads)
+    for key, value in (extra_meta or {}).items():
+        w.add_uint32(key, value) if isinstance(value, int) else w.add_string(key, value)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(ttypes)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    deq = {}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        arr = tensor.detach().numpy().astype(np.float32)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
+        data, raw_dtype, deq[hf_name] = _stored(arr, qtype)
+        short = name.split(".")[-2]
+        if arch == "llama" and short in heads and data.ndim == 2:
+            data = llama_cpp_permute(data, heads[short])  # rows only: blocks stay intact
+        if name not in skip:
+            w.add_tensor(name, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return deq
+
+
+FAMILY_CASES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_hd16": "qwen3", "mistral": "llama"}
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory):
+    """family_files(family, qtype) -> (gguf path, HF dir of the dequantized weights)."""
+    root = tmp_path_factory.mktemp("family_gguf")
+    cache: dict = {}
+
+    def get(family: str, qtype: str) -> tuple[Path, Path]:
+        if (family, qtype) not in cache:
+            import torch
+            model = _family_hf_model(family, len(_vocab()[0]), seed=len(cache) + 10)
+            d = root / f"{family}-{qtype}"
+            path = d / "model.gguf"
+            deq = write_family_gguf(model, path, FAMILY_CASES[family], qtype,
+                                    pre="qwen2" if family.startswith("qwen") else "default")
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in deq.items()}, strict=False)
+            model.save_pretrained(d / "hf")
+            cache[(family, qtype)] = (path, d / "hf")
+        return cache[(family, qtype)]
+    return get
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_family_gguf_every_layer_matches_hf(family_files, family, qtype):
+    from conftest import hf_hidden_states
+    path, hf_dir = family_files(family, qtype)
+    m = rl.Model(path, device="cpu")
+    ref_model = rl.Model(hf_dir, device="cpu")
+    c = m.config
+    assert c["model_type"] == family and m.num_layers == LAYERS
+    assert c["head_dim"] == (32 if family == "qwen3" else 16)
+    assert (c["attn_qkv_bias"], c["qk_norm"]) == (family == "qwen2", family == "qwen3")
+    assert m.config["tie_word_embeddings"] == (family == "qwen3")
+    rng = np.random.default_rng(4)
+    worst = 0.0
+    for n in (1, 9, 130):
+        ids = rng.integers(0, c["vocab_size"], n).astype(np.int32)
+        ours = m.hidden_states(ids)
+        # the GGUF loader feeds the engine exactly the HF loader's weights
+        np.testing.assert_array_equal(ours, ref_model.hidden_states(ids))
+        ref = hf_hidden_states(hf_dir, ids)
+        assert np.abs(ref[1:]).mean() > 0.1
+        worst = max(worst, *rel_errors(ours, ref))
+    FAMILY_WORST[(family, qtype)] = worst
+    assert worst <= TOL, (family, qtype, worst)
+
+
+@pytest.mark.parametrize("family,qtype", [("qwen3_hd16", "F32"), ("mistral", "F32"),
+                                          ("mistral", "Q4_1")])
+def test_family_gguf_variants_match_hf(family_files, family, qtype):
+    """Qwen3 with head_dim = hidden/heads; Mistral written as `llama` (q/k
+    permuted), which is the llama network and loads as model_type llama."""
+    from conftest import hf_hidden_states
+    path, hf_dir = family_files(family, qtype)
+    m = rl.Model(path, device="cpu")
+    assert m.config["model_type"] == ("llama" if family == "mistral" else "qwen3")
+    ids = np.random.default_rng(5).integers(0, m.config["vocab_size"], 150).astype(np.int32)
+    errs = rel_errors(m.hidden_states(ids), hf_hidden_states(hf_dir, ids))
+    FAMILY_WORST[(family, qtype)] = max(errs)
+    assert max(errs) <= TOL, errs
+
+
+def test_family_gguf_max_layer(family_files):
+    path, _ = family_files("qwen3", "Q8_0")
+    src = load_gguf(path, max_layer=2)
+    fed = [(k, layer) for k, layer, *_ in src.tensors()]
+    src.close()
+    assert ("final_norm", 0) not in fed and ("q_norm", 1) in fed and ("k_norm", 0) in fed
+    assert {layer for k, layer in fed if k not in ("embed", "rope_inv_freq")} == {0, 1}
+    full, part = rl.Model(path, device="cpu"), rl.Model(path, device="cpu", max_layer=2)
+    ids = np.arange(2, 40, dtype=np.int32)
+    np.testing.assert_array_equal(part.hidden_states(ids), full.hidden_states(ids, layers=[0, 1, 2]))
+
+
+def test_qwen2_tokenizer_matches_hf(family_files):
+    """tokenizer.ggml.pre = "qwen2": Qwen2's split (digits one by one), as HF's
+    GGUF tokenizer builds it."""
+    path, _ = family_files("qwen2", "F32")
+    ours, ref = load_gguf(path, max_layer=0).tokenizer, _hf_tokenizer(path)
+    for text in TEXTS:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+    # the split really is Qwen2's: a merged digit pair of the vocabulary is not used
+    llama3 = load_gguf(write_gguf(path.parent / "l3" / "m.gguf", "F32", pre="llama-bpe"),
+                       max_layer=0).tokenizer
+    digits = "12 + 30 = 42"
+    assert ours.encode(digits).ids != llama3.encode(digits).ids
+    assert all(len(ours.decode([i]).strip()) <= 1 for i in ours.encode("1234567890").ids)
+
+
+@pytest.mark.parametrize("family,name", [("qwen2", "blk.1.attn_k.bias"),
+                                         ("qwen3", "blk.2.attn_q_norm.weight")])
+def test_family_gguf_missing_tensor_named(tmp_path, family, name):
+    model = _family_hf_model(family, len(_vocab()[0]), seed=3)
+    p = tmp_path / "m.gguf"
+    write_family_gguf(model, p, family, "F32", skip=(name,))
+    _expect_error(p, "missing", name)
+
+
+def test_qwen_bias_in_llama_file_is_unexpected(tmp_path):
+    """The same bias tensors are expected in a qwen2 file and refused in a llama one."""
+    model = _family_hf_model("qwen2", len(_vocab()[0]), seed=3)
+    p = tmp_path / "m.gguf"
+    write_family_gguf(model, p, "llama", "F32")
+    _expect_error(p, "unexpected", "blk.0.attn_q.bias", "llama")
+
+
+def test_key_length_disagreeing_with_rope_dim_is_refused(tmp_path):
+    model = _family_hf_model("qwen3", len(_vocab()[0]), seed=3)
+    p = tmp_path / "m.gguf"
+    write_family_gguf(model, p, "qwen3", "F32", extra_meta={"qwen3.rope.dimension_count": 16})
+    _expect_error(p, "qwen3.rope.dimension_count=16", "head dimension 32")
+
+
+def test_gguf_sliding_window_metadata_is_enforced(tmp_path):
+    model = _family_hf_model("qwen2", len(_vocab()[0]), seed=3)
+    p = tmp_path / "m.gguf"
+    write_family_gguf(model, p, "qwen2", "F32", extra_meta={"qwen2.attention.sliding_window": 8})
+    m = rl.Model(p, device="cpu")
+    assert m.sliding_window == 8
+    m.hidden_states(np.arange(8, dtype=np.int32))
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        m.hidden_states(np.arange(9, dtype=np.int32))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_read_config_without_weights(family_files, family):
+    from rjepa_latent.checkpoint import read_config
+    path, _ = family_files(family, "Q8_0")
+    cfg = read_config(path)
+    src = load_gguf(path)
+    assert cfg == src.config and cfg["vocab_size"] == len(_vocab()[0])
+    src.close()
+
+
+def test_unsupported_gguf_architecture_lists_families(tmp_path):
+    p = write_gguf(tmp_path / "m.gguf", "F32", arch="mistral")
+    _expect_error(p, "GGUF architecture 'mistral' is not supported", "llama, qwen2, qwen3")
