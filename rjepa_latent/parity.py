@@ -258,18 +258,92 @@ def load_reference(path: str, torch, dtype, where: str, n_layers: int | None):
         if getattr(cfg, "layer_types", None):
             cfg.layer_types = cfg.layer_types[:n_layers]
         kw["config"] = cfg
-    import logging
-    level = T.logging.get_verbosity()
-    T.logging.set_verbosity(logging.ERROR)   # "weights not used" for the layers left out
-    bars = T.utils.logging.is_progress_bar_enabled()
-    T.utils.logging.disable_progress_bar()
-    try:
+    with _quiet_transformers(T):
         model = T.AutoModelForCausalLM.from_pretrained(src, **kw)
-    finally:
-        T.logging.set_verbosity(level)
-        if bars:
-            T.utils.logging.enable_progress_bar()
     return model.to(where).eval()
+
+
+def load_reference_from_weights(path: str, torch, dtype, where: str, n_layers: int | None):
+    """HF transformers' model class filled with the weights as this package
+    reads them (dequantized GGUF tensors, HF names from the family's registry
+    unit) and its RoPE frequencies. For GGUF files transformers' own loader
+    cannot read (e.g. Qwen3 with head_dim != hidden/heads): the comparison then
+    checks the forward pass, not the reading of the file."""
+    import transformers as T
+    from . import arch
+    from .checkpoint import open_checkpoint
+    src = open_checkpoint(path, None if n_layers is None else n_layers)
+    try:
+        c = src.config
+        family = arch.for_model_type(c["model_type"], path)
+        kwargs = {"hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"],
+                  "num_hidden_layers": n_layers or c["num_layers"], "num_attention_heads": c["num_heads"],
+                  "num_key_value_heads": c["num_kv_heads"], "head_dim": c["head_dim"],
+                  "vocab_size": c["vocab_size"], "rms_norm_eps": c["rms_norm_eps"],
+                  "rope_theta": c["rope_theta"], "tie_word_embeddings": True,
+                  "max_position_embeddings": c.get("max_position_embeddings") or 4096,
+                  "attention_bias": bool(c["attn_o_bias"]), "mlp_bias": bool(c["mlp_bias"])}
+        flags = family.hf_flags(kwargs)
+        if any(bool(flags[f]) != bool(c[f]) for f in arch.FLAGS):
+            raise ValueError(f"{path}: its flags cannot be expressed as a transformers config")
+        cfg = T.AutoConfig.for_model(family.hf_model_types[0], **kwargs)
+        cfg._attn_implementation = "eager" if dtype == torch.float32 else "sdpa"
+        with _quiet_transformers(T):
+            model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        state, inv_freq = {}, None
+        for kind, layer, buf, _, shape in src.tensors():
+            t = torch.from_numpy(np.array(buf, dtype=np.float32).reshape(shape))  # a copy: buf is reused
+            if kind == "rope_inv_freq":
+                inv_freq = t
+            else:
+                state[family.hf_name(kind, layer)] = t
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        unused = [k for k in missing if not k.startswith("lm_head") and k != "model.norm.weight"]
+        if unexpected or unused:
+            raise ValueError(f"{path}: weights do not fit transformers' model: missing {unused[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name.endswith("inv_freq"):
+                    buffer.copy_(inv_freq)
+    finally:
+        src.close()
+    return model.to(dtype=dtype, device=where).eval()
+
+
+class _quiet_transformers:
+    """transformers without its progress bars and 'weights not used' notes
+    (expected when only the first layers are loaded)."""
+
+    def __init__(self, T):
+        self.T = T
+
+    def __enter__(self):
+        import logging
+        self.level = self.T.logging.get_verbosity()
+        self.bars = self.T.utils.logging.is_progress_bar_enabled()
+        self.T.logging.set_verbosity(logging.ERROR)
+        self.T.utils.logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        self.T.logging.set_verbosity(self.level)
+        if self.bars:
+            self.T.utils.logging.enable_progress_bar()
+
+
+def _reference(path: str, torch, dtype, where: str, n_layers: int | None, notes: list[str]):
+    """transformers reading the file itself; for a GGUF file it cannot read,
+    transformers' model class on this package's reading of the weights."""
+    try:
+        return load_reference(path, torch, dtype, where, n_layers)
+    except Exception as e:  # transformers' GGUF loader raises many kinds
+        if not path.lower().endswith(".gguf"):
+            raise
+        note = (f"transformers cannot read this GGUF file ({type(e).__name__}: {str(e)[:120]}); "
+                "the reference is transformers' model class on the weights as rjepa_latent reads them")
+        if note not in notes:
+            notes.append(note)
+        return load_reference_from_weights(path, torch, dtype, where, n_layers)
 
 
 def _hf_states(model, torch, items: list, layers: list[int], where: str) -> list[np.ndarray]:
@@ -341,12 +415,12 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
         raise MemoryError(f"the HF fp32 reference needs about {need / 2**30:.1f} GiB but only "
                           f"{avail / 2**30:.1f} GiB is available; check fewer layers (--layers) "
                           "so fewer decoder layers are loaded")
-    ref_model = load_reference(path, torch, torch.float32, where, keep)
+    ref_model = _reference(path, torch, torch.float32, where, keep, notes)
     ref = _hf_states(ref_model, torch, items, lays, where)
     del ref_model
     hf16 = None
     if eng_dtype == "bfloat16":
-        m16 = load_reference(path, torch, torch.bfloat16, dev, keep)
+        m16 = _reference(path, torch, torch.bfloat16, dev, keep, notes)
         hf16 = _hf_states(m16, torch, items, lays, dev)
         del m16
     if on_cuda:
