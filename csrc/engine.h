@@ -156,6 +156,19 @@ typedef struct rl_segments {
     int64_t max_seqlen;
 } rl_segments;
 
+/* What a backend can run, known without a device and before any weight is
+ * allocated: rl_model_create checks a config against it first
+ * (rl_backend_check_config), so an unsupported model fails at once naming
+ * what is unsupported and what is. */
+typedef struct rl_backend_caps {
+    unsigned dtypes;            /* storage dtypes it can be created with: bits 1u << rl_dtype */
+    unsigned poolings;          /* bits 1u << rl_pool                               */
+    const int16_t *head_dims;   /* head dims the attention kernel runs, ascending;
+                                   NULL: any even head_dim                          */
+    int n_head_dims;
+    int64_t max_heads;          /* most query heads per layer; 0: no limit          */
+} rl_backend_caps;
+
 typedef struct rl_backend rl_backend;
 struct rl_backend {
     const char *name;              /* "cpu" or "cuda:N"                       */
@@ -212,7 +225,22 @@ struct rl_backend {
                       const int32_t *spans_abs, int64_t S, rl_pool mode, float *out);
 
     void (*destroy)(rl_backend *be);
+
+    /* what this backend supports (static storage; never NULL) */
+    const rl_backend_caps *caps;
 };
+
+/* Capabilities of the backend device_index would create: -1 the CPU, >= 0
+ * CUDA (needs no driver or device: it is what the compiled kernels support).
+ * RL_ERR_DEVICE when CUDA is not built in. */
+rl_status rl_backend_caps_get(int device_index, rl_backend_caps *out);
+/* RL_OK if `caps` can run `cfg` with weights stored in `dtype`, else
+ * RL_ERR_INVALID naming the unsupported value and the supported ones;
+ * `who` ("cpu", "cuda:0") starts the message. */
+rl_status rl_caps_check_config(const rl_backend_caps *caps, const char *who, const rl_config *cfg,
+                               rl_dtype dtype);
+/* The same for an existing backend (its caps and weight dtype). */
+rl_status rl_backend_check_config(const rl_backend *be, const rl_config *cfg);
 
 /* Backend constructors. device_index is ignored for CPU. On failure *out is
  * NULL and the message says why (e.g. "CUDA is not built in"). */
@@ -224,8 +252,26 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out);
  * otherwise. */
 rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend **out);
 int rl_cuda_compiled(void);
+/* The CUDA backend's capabilities (rl_backend_caps_get(N >= 0) answers with
+ * them); RL_ERR_DEVICE when CUDA is not built in. */
+rl_status rl_cuda_caps(rl_backend_caps *out);
 /* free/total bytes of a CUDA device without creating a backend. */
 rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes);
+/* The process-wide pool of pinned host blocks that CUDA results live in
+ * (kernels/cuda_backend.c): a result's block goes back to it when the result
+ * is freed, up to cap_bytes of cached blocks; beyond that it is freed. */
+typedef struct rl_pinned_pool_stats {
+    size_t cap_bytes;       /* most bytes kept cached (RJEPA_PINNED_POOL_MB)  */
+    size_t cached_bytes;    /* bytes of free blocks kept for reuse now        */
+    size_t live_bytes;      /* bytes of blocks held by results now            */
+    uint64_t reused;        /* allocations served from the pool               */
+    uint64_t allocated;     /* allocations that called cudaHostAlloc          */
+    uint64_t freed;         /* releases that called cudaFreeHost (over the cap) */
+} rl_pinned_pool_stats;
+/* A snapshot of the pool (all zeros when CUDA is not built in). */
+void rl_cuda_pinned_pool_stats(rl_pinned_pool_stats *out);
+/* Frees every cached block now (blocks held by results are not touched). */
+void rl_cuda_pinned_pool_trim(void);
 /* Number of usable CUDA devices: 0 when not compiled in, no driver or no
  * device (never fails). */
 int rl_cuda_device_count(void);
