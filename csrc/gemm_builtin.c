@@ -45,8 +45,20 @@ static void pack_panel(float *P, const float *B, int64_t ldb, int transb, int64_
     }
 }
 
+/* Wider vectors where the CPU has them (chosen at load time by ifunc). Every
+ * clone performs the same IEEE operations per output in the same order (no
+ * FMA: AVX2 does not imply it, and -ffp-contract=off), so all give the same
+ * bits; only the number of outputs per instruction differs
+ * (tests/test_core_builtin_gemm.py compares with a build without clones,
+ * -DRL_NO_TILE_CLONES). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(RL_NO_TILE_CLONES)
+#define RL_TILE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RL_TILE_CLONES
+#endif
+
 /* C[m0..m0+mr, n0..n0+nr) from A rows and a packed panel. */
-static void tile(const float *A, int64_t lda, const float *P, int64_t K, int64_t m0, int64_t mr,
+RL_TILE_CLONES static void tile(const float *A, int64_t lda, const float *P, int64_t K, int64_t m0, int64_t mr,
                  int64_t n0, int64_t nr, float alpha, float beta, float *C, int64_t ldc)
 {
     float acc[MR][NR];
