@@ -663,7 +663,8 @@ static PyMethodDef engine_methods[] = {
      "set_tensor(kind, layer, data, dtype, shape): copy one checkpoint tensor in"},
     {"check_complete", (PyCFunction)engine_check_complete, METH_NOARGS,
      "raise RuntimeError naming the first tensor never set"},
-    {"reserve", (PyCFunction)engine_reserve, METH_VARARGS, "reserve(max_tokens): (re)allocate the workspace"},
+    {"reserve", (PyCFunction)engine_reserve, METH_VARARGS,
+     "reserve(max_tokens): (re)allocate the workspace with a capacity of max_tokens tokens"},
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]"},
     {"memory_report", (PyCFunction)engine_memory_report, METH_NOARGS, "weight/workspace/free/total bytes"},
@@ -867,8 +868,9 @@ static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
      * plans for CUDA (its capabilities are then unknown) */
     rl_status st = check_caps(idx, &cfg, wd);
     if (st != RL_OK && st != RL_ERR_DEVICE) return raise_status(S, st);
-    if (max_tokens < 1)
-        return PyErr_Format(PyExc_ValueError, "max_tokens must be >= 1, got %lld", max_tokens);
+    if (max_tokens < 1 || max_tokens > (1LL << 30))   /* rl_model_reserve's range */
+        return PyErr_Format(PyExc_ValueError, "max_tokens must be in [1, 2^30], got %lld",
+                            max_tokens);
     size_t w = rl_weights_bytes(&cfg, wd);
     size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
@@ -923,7 +925,9 @@ static PyMethodDef core_methods[] = {
      "cuda_pinned_pool(trim=False) -> {cap_bytes, cached_bytes, live_bytes, reused, allocated, "
      "freed}: the pinned pool CUDA results live in (trim: free its cached blocks first)"},
     {"plan_bytes", (PyCFunction)(void (*)(void))core_plan_bytes, METH_VARARGS | METH_KEYWORDS,
-     "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes)"},
+     "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes) of "
+     "an engine with a workspace of max_tokens tokens; ValueError if that backend cannot run "
+     "config"},
     {NULL, NULL, 0, NULL},
 };
 

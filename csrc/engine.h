@@ -7,7 +7,8 @@
  *
  * Design choices:
  * - The forward pass (engine.c) is written once, over a backend op table
- *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM, ops_cpu.c) and a CUDA
+ *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM or the builtin C GEMM of
+ *   gemm_builtin.c, ops_cpu.c) and a CUDA
  *   backend (bf16 storage, fp32 accumulation, the .cu files in kernels/;
  *   or all-fp32 when created with rl_backend_cuda_create_ex(.., RL_F32, ..))
  *   implement it.
@@ -17,8 +18,15 @@
  *   gate/up are stored fused so each is one GEMM.
  * - Every failure returns an rl_status and records a message with the failing
  *   expression, file and line (rl_last_error); nothing exits or aborts.
- * - Results live in memory allocated for them (rl_result, pinned on CUDA),
- *   never in reusable scratch, so the binding can hand them out zero-copy.
+ * - Results live in memory allocated for them (rl_result; on CUDA a pinned
+ *   block of a process-wide pool), never in reusable scratch, so the binding
+ *   can hand them out zero-copy.
+ * - A backend states what it supports (rl_backend_caps) before any weight is
+ *   allocated; rl_model_create refuses a config it cannot run.
+ * - max_tokens means one thing throughout (rl_model_reserve, rl_workspace,
+ *   rl_workspace_bytes): the workspace capacity in tokens, i.e. the most
+ *   tokens one forward takes; it is also how many spans are pooled at once
+ *   (more are pooled in chunks of max_tokens).
  */
 #ifndef RL_ENGINE_H
 #define RL_ENGINE_H
@@ -306,7 +314,7 @@ typedef struct rl_weights {
 } rl_weights;
 
 typedef struct rl_workspace {
-    int64_t max_tokens;          /* T capacity                               */
+    int64_t max_tokens;          /* T: capacity in tokens (0: not reserved)  */
     void *x;                     /* [T, d]            res_dtype residual     */
     void *h;                     /* [T, max(d, ff)]   act_dtype normed / swiglu out */
     void *qkv;                   /* [T, (nh+2nkv)*hd] act_dtype              */
@@ -316,20 +324,22 @@ typedef struct rl_workspace {
     int32_t *tokens;             /* [T]                                      */
     int32_t *cu_seqlens;         /* [T+1]                                    */
     int32_t *positions;          /* [T]                                      */
-    int32_t *spans;              /* [T, 2] absolute spans (S <= T checked)   */
-    float *pooled;               /* [T, d] f32 pooled rows of one layer      */
+    int32_t *spans;              /* [T, 2] absolute spans of one chunk of <= T */
+    float *pooled;               /* [T, d] f32 pooled rows of that chunk     */
     size_t bytes;                /* backend bytes held by the workspace      */
 } rl_workspace;
 
 typedef struct rl_model rl_model;
 
 /* Bytes the weights of `cfg` take in a backend storing `weight_dtype`, and
- * the workspace for max_tokens tokens with the given activation dtypes. */
+ * the workspace of capacity max_tokens tokens with the given activation
+ * dtypes. */
 size_t rl_weights_bytes(const rl_config *cfg, rl_dtype weight_dtype);
 size_t rl_workspace_bytes(const rl_config *cfg, rl_dtype act_dtype, rl_dtype res_dtype,
                           int64_t max_tokens);
 
-/* Takes ownership of `be` (also on failure). Validates cfg. */
+/* Takes ownership of `be` (also on failure). Validates cfg, checks it against
+ * the backend's capabilities, then allocates every weight buffer. */
 rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out);
 /* Copies (converting) one tensor. `layer` is ignored for global kinds.
  * The shape must equal rl_tensor_shape's. */
@@ -337,7 +347,8 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
                               rl_dtype src_dtype, const int64_t *shape, int ndim);
 /* Checks every needed tensor was set (names the first missing one). */
 rl_status rl_model_check_complete(const rl_model *m);
-/* (Re)allocates the workspace for batches of up to max_tokens tokens. */
+/* (Re)allocates the workspace with a capacity of max_tokens tokens (1..2^30):
+ * a forward takes batches of up to max_tokens tokens. */
 rl_status rl_model_reserve(rl_model *m, int64_t max_tokens);
 /* Runs the forward up to the deepest requested layer and pools.
  * On success *res holds a freshly allocated result (free with rl_result_free). */
@@ -347,7 +358,7 @@ const rl_config *rl_model_config(const rl_model *m);
 rl_backend *rl_model_backend(rl_model *m);
 size_t rl_model_weight_bytes(const rl_model *m);
 size_t rl_model_workspace_bytes(const rl_model *m);
-int64_t rl_model_max_tokens(const rl_model *m);
+int64_t rl_model_max_tokens(const rl_model *m);   /* workspace capacity in tokens (0: none) */
 /* RL_OK if every weight pointer is resident on the backend's device. */
 rl_status rl_model_verify_resident(rl_model *m);
 void rl_model_free(rl_model *m);
