@@ -221,10 +221,13 @@ static rl_status scope_enter(dev_scope *sc, int device)
     return RL_OK;
 }
 
-/* Gives the thread back the device (and context) it had before scope_enter.
- * A thread that had no context gets none back, unless the device it reported
- * already has a live primary context (then that one, which is what
- * cudaGetDevice reported): restoring never creates a context. */
+/* Gives the thread back the context it had before scope_enter, exactly (a
+ * thread that had none gets none back), and the device cudaGetDevice
+ * reported. Restoring never creates a context: for a thread that had none,
+ * the reported device is set again (cudaSetDevice, then no context) only if
+ * that device's primary context is live already; otherwise the runtime may
+ * go on reporting the last device set on this thread (torch's MaybeSetDevice
+ * makes the same choice). */
 static void scope_leave(const dev_scope *sc)
 {
     if (!sc->changed) return;
@@ -238,8 +241,7 @@ static void scope_leave(const dev_scope *sc)
         if (cu_device_get(&dev, sc->prev) == 0 && cu_primary_state(dev, &flags, &active) == 0 &&
             active)
             (void)cudaSetDevice(sc->prev);
-        else
-            (void)cu_ctx_set(NULL);
+        (void)cu_ctx_set(NULL);
     }
     (void)cudaGetLastError(); /* a failed restore must not surface in a later call */
 }
