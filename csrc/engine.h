@@ -189,8 +189,12 @@ struct rl_backend {
     /* memory */
     rl_status (*alloc)(rl_backend *be, void **ptr, size_t bytes);
     void (*free)(rl_backend *be, void *ptr);
-    rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes); /* pinned on CUDA */
-    /* frees what host_alloc returned; uses no backend state (results hold it) */
+    /* host memory for a result: malloc'd on the CPU, a pinned block of the
+       process-wide pool on CUDA (rl_pinned_pool_stats) */
+    rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes);
+    /* frees (or gives back to the pool) what host_alloc returned; thread-safe and
+       uses no backend state, so a result may call it after its model and backend
+       are gone */
     void (*host_release)(void *ptr);
     /* host src (src_dtype, n elems) -> backend dst at element offset, in weight_dtype
        (or f32 when dst_dtype says so) */

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from rjepa_latent import _native  # noqa: F401  (loads OpenBLAS, then _core)
+from rjepa_latent import _native  # noqa: F401  (loads _core and the BLAS it needs)
 from rjepa_latent import _core
 from rjepa_latent.errors import DeviceError
 

@@ -15,6 +15,8 @@ import ctypes as C
 import gc
 import importlib
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -318,3 +320,47 @@ def test_caps_get_and_check_in_c(lib):
         assert st == 0 and caps.dtypes == 0b011 and caps.n_head_dims == 7
     else:
         assert st == 3 and b"not built in" in lib.rl_last_error()
+
+
+# ---- loading: the OpenBLAS build with a stale rpath ------------------------------
+
+STALE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    if sys.argv[2] == "hide":
+        sys.modules["scipy_openblas32"] = None      # as if the wheel were not installed
+    try:
+        import rjepa_latent as rl
+    except ImportError as e:
+        print("ImportError", e)
+        raise SystemExit(0)
+    assert rl.__file__.startswith(sys.argv[1])
+    print("loaded", "scipy_openblas32" in sys.modules, rl.build_info()["blas"][:16])
+""")
+
+
+def test_openblas_build_with_a_stale_rpath_loads_through_the_wheel(tmp_path):
+    """_native imports _core directly; only when the OpenBLAS it links is not
+    found (an rpath that no longer holds) does it open the library from the
+    installed scipy_openblas32 wheel and retry, and without the wheel it says
+    what to do."""
+    if not _core.build_info()["blas"].startswith("scipy-openblas32"):
+        pytest.skip("this build links no OpenBLAS")
+    pkg = tmp_path / "pkg"
+    shutil.copytree(ROOT / "rjepa_latent", pkg / "rjepa_latent",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (so,) = (pkg / "rjepa_latent").glob("_core*.so")
+    data = so.read_bytes()
+    key = b"scipy_openblas32/lib"
+    assert key in data
+    so.write_bytes(data.replace(key, b"scipy_openblasXX/lib"))   # same length: a stale path
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+    outs = []
+    for mode in ("plain", "hide"):
+        r = subprocess.run([sys.executable, "-c", STALE_SCRIPT, str(pkg), mode], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs[0] == "loaded True scipy-openblas32"
+    assert outs[1].startswith("ImportError rjepa_latent._core was built with OpenBLAS, which "
+                              "cannot be loaded") and "RJEPA_BLAS=builtin" in outs[1], outs[1]
