@@ -30,6 +30,7 @@
 
 #define MR 4
 #define NR 16
+#define STACK_K 256          /* panels of K <= STACK_K live on the stack (16 KiB) */
 
 /* Packs columns [n0, n0 + nr) of op(B) into P[K][NR], zero-padded to NR. */
 static void pack_panel(float *P, const float *B, int64_t ldb, int transb, int64_t K, int64_t n0,
@@ -51,15 +52,17 @@ static void pack_panel(float *P, const float *B, int64_t ldb, int transb, int64_
  * bits; only the number of outputs per instruction differs
  * (tests/test_core_builtin_gemm.py compares with a build without clones,
  * -DRL_NO_TILE_CLONES). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(RL_NO_TILE_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
+    !defined(RL_NO_TILE_CLONES)
 #define RL_TILE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RL_TILE_CLONES
 #endif
 
 /* C[m0..m0+mr, n0..n0+nr) from A rows and a packed panel. */
-RL_TILE_CLONES static void tile(const float *A, int64_t lda, const float *P, int64_t K, int64_t m0, int64_t mr,
-                 int64_t n0, int64_t nr, float alpha, float beta, float *C, int64_t ldc)
+RL_TILE_CLONES static void tile(const float *A, int64_t lda, const float *P, int64_t K,
+                                int64_t m0, int64_t mr, int64_t n0, int64_t nr, float alpha,
+                                float beta, float *C, int64_t ldc)
 {
     float acc[MR][NR];
     memset(acc, 0, sizeof acc);
@@ -111,7 +114,10 @@ int rl_gemm_builtin(int transb, int64_t M, int64_t N, int64_t K, float alpha, co
 #endif
 #pragma omp parallel num_threads(n_threads > 1 ? n_threads : 1) if (par) reduction(| : failed)
     {
-        float *P = malloc((size_t)(K > 0 ? K : 1) * NR * sizeof(float));
+        /* the panel: on the stack when small (attention's GEMMs, called per
+         * head and block), else on the heap */
+        float small[STACK_K * NR];
+        float *P = K <= STACK_K ? small : malloc((size_t)K * NR * sizeof(float));
         if (!P) failed = 1;
         /* every thread reaches the worksharing loop, also one whose malloc failed */
 #pragma omp for schedule(static)
@@ -122,7 +128,7 @@ int rl_gemm_builtin(int transb, int64_t M, int64_t N, int64_t K, float alpha, co
             for (int64_t m0 = 0; m0 < M; m0 += MR)
                 tile(A, lda, P, K, m0, M - m0 < MR ? M - m0 : MR, n0, nr, alpha, beta, C, ldc);
         }
-        free(P);
+        if (P != small) free(P);
     }
     return failed ? -1 : 0;
 }

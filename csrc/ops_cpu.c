@@ -216,7 +216,8 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
         }
     }
     /* the GEMM runs single-threaded inside each job (one thread pool, not two
-     * spinning against each other); a lone job may use every thread itself */
+     * spinning against each other); a lone job may use every thread itself
+     * with the builtin GEMM (OpenBLAS stays on one) */
     const int inner = n_jobs > 1 ? 1 : im->n_threads;
     int failed = 0;
 #pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (n_jobs > 1) \

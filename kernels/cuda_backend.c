@@ -316,11 +316,12 @@ static void cuda_free(rl_backend *be, void *ptr)
 
 /* Each block starts with a header (POOL_HDR bytes, so the data keeps 64-byte
  * alignment) saying its size class and the device it was allocated from.
- * Classes are 2^e * {4, 5, 6, 7} / 4 bytes from 4 KiB up: at most 25 % of a
- * block is unused. Blocks are cudaHostAllocPortable, so a block freed by one
+ * Classes are 2^e * {4, 5, 6, 7} / 4 bytes from 4 KiB up: a block is at most
+ * 25 % larger than asked for (header included). Blocks are cudaHostAllocPortable, so a block freed by one
  * device's engine serves another's. */
 #define POOL_HDR 64
-#define POOL_MAGIC 0x726c706bu            /* "rlpk" */
+#define POOL_MAGIC 0x726c706bu            /* "rlpk": held by a result */
+#define POOL_CACHED 0x726c6663u           /* "rlfc": in a free list (a second release is ignored) */
 #define POOL_MIN_SHIFT 12
 #define POOL_CLASSES (4 * (62 - POOL_MIN_SHIFT))
 #define POOL_DEFAULT_CAP ((size_t)512 << 20)
@@ -342,7 +343,7 @@ static uint64_t pool_reused, pool_allocated, pool_freed;
 
 static size_t class_bytes(int c)
 {
-    return ((size_t)(4 + c % 4) << (POOL_MIN_SHIFT + c / 4)) / 4;
+    return ((size_t)1 << (POOL_MIN_SHIFT + c / 4 - 2)) * (size_t)(4 + c % 4);
 }
 
 /* Smallest class holding n bytes, or -1 when none does. */
@@ -467,24 +468,29 @@ static void cuda_host_release(void *ptr)
 {
     if (!ptr) return;
     pool_block *b = (pool_block *)((char *)ptr - POOL_HDR);
-    if (b->magic != POOL_MAGIC || b->cls < 0 || b->cls >= POOL_CLASSES) return; /* not ours */
-    const size_t sz = class_bytes(b->cls);
     pthread_mutex_lock(&pool_mu);
+    /* not a block a result holds (released already, or not ours): ignored */
+    if (b->magic != POOL_MAGIC || b->cls < 0 || b->cls >= POOL_CLASSES) {
+        pthread_mutex_unlock(&pool_mu);
+        return;
+    }
+    const size_t sz = class_bytes(b->cls);
     pool_read_cap();
     pool_live -= sz;
     int keep = pool_cached + sz <= pool_cap;
     if (keep) {
+        b->magic = POOL_CACHED;
         b->next = pool_free_list[b->cls];
         pool_free_list[b->cls] = b;
         pool_cached += sz;
     } else {
+        b->magic = 0;
         pool_freed++;
     }
     pthread_mutex_unlock(&pool_mu);
     if (keep) return;
     dev_scope sc;
     if (scope_enter(&sc, b->device) != RL_OK) return;
-    b->magic = 0;
     (void)host_free_in(b);
     scope_leave(&sc);
 }
@@ -919,7 +925,8 @@ rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend
         scope_leave(&sc);
     }
     if (st != RL_OK) {
-        cuda_destroy(be); /* keeps the message: destroy records no error */
+        cuda_destroy(be); /* keeps the message: destroy records none (unless the device
+                             cannot even be made current, the same failure) */
         return st;
     }
     *out = be;

@@ -354,6 +354,22 @@ int main(void)
         be1->host_release(p);
     }
 
+    /* a second release of the same block is ignored (it is not put in the pool twice) */
+    {
+        rl_pinned_pool_stats a, b;
+        CHECK(be1->host_alloc(be1, &p, 1000) == RL_OK);
+        be1->host_release(p);
+        rl_cuda_pinned_pool_stats(&a);
+        be1->host_release(p);
+        rl_cuda_pinned_pool_stats(&b);
+        CHECK(a.cached_bytes == b.cached_bytes && a.live_bytes == b.live_bytes);
+        void *p2 = NULL, *p3 = NULL;
+        CHECK(be1->host_alloc(be1, &p2, 1000) == RL_OK && be1->host_alloc(be1, &p3, 1000) == RL_OK);
+        CHECK(p2 != p3);
+        be1->host_release(p2);
+        be1->host_release(p3);
+    }
+
     /* over the cap: releasing frees; trim empties the pool */
     rl_cuda_pinned_pool_trim();
     rl_cuda_pinned_pool_stats(&st);
