@@ -647,6 +647,13 @@ static PyObject *engine_get_kernel(EngineObject *self, void *c)
     const char *k = rl_model_backend(self->m)->kernel;
     return PyUnicode_FromString(k ? k : "");
 }
+static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device);
+
+static PyObject *engine_get_caps(EngineObject *self, void *c)
+{
+    if (!engine_ready(self)) return NULL;
+    return caps_to_dict(rl_model_backend(self->m)->caps, self->device);
+}
 static PyObject *engine_get_weight_bytes(EngineObject *self, void *c)
 {
     return engine_ready(self) ? PyLong_FromSize_t(rl_model_weight_bytes(self->m)) : NULL;
@@ -681,6 +688,8 @@ static PyGetSetDef engine_getset[] = {
     {"dtype", (getter)engine_get_dtype, NULL, "storage dtype of weights and GEMM operands", NULL},
     {"kernel", (getter)engine_get_kernel, NULL,
      "what decides the result bits besides the weights (BLAS and core; GPU arch and cuBLAS)", NULL},
+    {"caps", (getter)engine_get_caps, NULL,
+     "what this engine's backend supports (the dict of _core.backend_caps)", NULL},
     {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
     {"workspace_bytes", (getter)engine_get_workspace_bytes, NULL, "bytes held by the workspace", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -139,6 +139,11 @@ def test_cpu_caps():
     assert _core.backend_caps("cpu") == {
         "device": "cpu", "dtypes": ["float32"], "poolings": ["mean", "first", "last"],
         "head_dims": None, "max_heads": None}
+    eng = _core.Engine(TINY, "cpu", 1)
+    assert eng.caps == _core.backend_caps("cpu")
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = eng.caps
     _core.check_config(TINY, "cpu")
     with pytest.raises(ValueError, match=r"dtype 'bfloat16' is not available on device 'cpu' "
                                          r"\(its storage dtypes: 'float32'\)"):
