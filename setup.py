@@ -6,6 +6,12 @@ a CPU-only build, RJEPA_CUDA=1 makes a missing nvcc an error. RJEPA_WERROR=1
 (CI) turns compiler warnings into errors. cuBLAS is not linked: the CUDA
 backend loads it at run time (kernels/cublas_loader.c), so the extension
 imports on machines with the toolkit but no driver, GPU or cuBLAS.
+
+The CPU GEMM is OpenBLAS from the scipy-openblas32 wheel when that imports at
+build time. RJEPA_BLAS=builtin (or no scipy-openblas32) builds the plain-C
+GEMM of csrc/gemm_builtin.c instead (RL_BLAS_BUILTIN; exact fp32, one
+summation order) and links no BLAS; RJEPA_BLAS=openblas makes a missing
+scipy-openblas32 an error.
 """
 import os
 import shutil
@@ -57,7 +63,22 @@ def find_cuda_home():
 
 
 def openblas_paths():
-    import scipy_openblas32 as ob
+    """(include dir, lib dir, library name) of scipy-openblas32, or None for
+    the builtin C GEMM (RJEPA_BLAS=builtin, or the wheel is not installed)."""
+    mode = os.environ.get("RJEPA_BLAS", "").strip().lower()
+    if mode not in ("", "builtin", "openblas"):
+        sys.exit(f"RJEPA_BLAS must be 'builtin' or 'openblas', got {mode!r}")
+    if mode == "builtin":
+        return None
+    try:
+        import scipy_openblas32 as ob
+    except ImportError:
+        if mode == "openblas":
+            sys.exit("RJEPA_BLAS=openblas but scipy-openblas32 is not installed "
+                     "(pip install scipy-openblas32)")
+        print("rjepa_latent: scipy-openblas32 not found; building the builtin C GEMM "
+              "(RJEPA_BLAS=builtin)", file=sys.stderr)
+        return None
     return ob.get_include_dir(), ob.get_lib_dir(), ob.get_library()
 
 
@@ -67,8 +88,11 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         cuda_home = find_cuda_home()
         werror = os.environ.get("RJEPA_WERROR") == "1"
-        ext.extra_compile_args = ["-O3", "-std=c11", "-fopenmp", "-Wall", "-Wextra",
-                                  "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+        # -ffp-contract=off: no fused multiply-adds the source did not write
+        # (the builtin GEMM's bits must not depend on the target's FMA)
+        ext.extra_compile_args = ["-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", "-Wall",
+                                  "-Wextra", "-Wno-unused-parameter",
+                                  "-Wno-missing-field-initializers"]
         if werror:
             ext.extra_compile_args.append("-Werror")
         ext.extra_link_args = ["-fopenmp"]
@@ -112,9 +136,15 @@ class BuildExt(build_ext):
 
 def make_extension():
     import numpy as np
-    inc, libdir, lib = openblas_paths()
+    blas = openblas_paths()
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels").glob("*.c"))
+    macros = [("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")]
+    if blas is None:
+        return Extension("rjepa_latent._core", sources=sources,
+                         include_dirs=[str(ROOT / "csrc"), np.get_include()],
+                         define_macros=macros + [("RL_BLAS_BUILTIN", "1")])
+    inc, libdir, lib = blas
     return Extension(
         "rjepa_latent._core",
         sources=sources,
@@ -122,7 +152,7 @@ def make_extension():
         library_dirs=[libdir],
         libraries=[lib],
         runtime_library_dirs=[libdir],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")],
+        define_macros=macros,
     )
 
 

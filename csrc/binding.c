@@ -9,11 +9,18 @@
  *   rjepa_latent.errors.DeviceError / DeviceMemoryError) with the engine's
  *   message, which carries file:line.
  * - Every engine call that may take time runs with the GIL released, under
- *   a per-Engine lock: two threads never share one workspace.
+ *   a per-Engine lock: two threads never share one workspace. Frees and
+ *   device syncs (Engine.close and dealloc, a result's memory going back)
+ *   release the GIL too.
  * - forward returns an ndarray over memory allocated for that result only; a
- *   HostBuffer owner (holding a reference to its Engine) is the array's base
- *   and frees it, so results outlive the Engine object and are never views of
- *   reusable scratch.
+ *   HostBuffer owner, holding that allocation and the function that frees it
+ *   (nothing of the Engine), is the array's base, so results outlive the
+ *   Engine and its backend and are never views of reusable scratch.
+ * - Multi-phase init (PEP 489): the exception classes and both types live in
+ *   the module's state (types are heap types made from specs, each bound to
+ *   its module), so there is no process-global Python object; a second
+ *   module object (importlib.util.module_from_spec) is independent, and
+ *   importlib.reload keeps the executed module as it is.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,7 +28,6 @@
 #define PY_ARRAY_UNIQUE_SYMBOL rl_ARRAY_API
 #include <numpy/arrayobject.h>
 
-#include <cblas.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -31,17 +37,32 @@
 #define RL_CUDA_ARCHS ""
 #endif
 
-static PyObject *DeviceError, *DeviceMemoryError;
+/* Per-module state (m_size = sizeof(core_state)). */
+typedef struct {
+    PyObject *DeviceError;          /* rjepa_latent.errors.DeviceError        */
+    PyObject *DeviceMemoryError;    /* rjepa_latent.errors.DeviceMemoryError  */
+    PyTypeObject *EngineType;
+    PyTypeObject *HostBufferType;
+} core_state;
+
+static core_state *module_state(PyObject *mod) { return (core_state *)PyModule_GetState(mod); }
+
+/* The state of the module that made `obj`'s type (Engine and HostBuffer are
+ * final heap types bound to their module, so Py_TYPE is that exact type). */
+static core_state *object_state(PyObject *obj)
+{
+    return (core_state *)PyType_GetModuleState(Py_TYPE(obj));
+}
 
 /* Raises the exception of `st` with the engine's last message; returns NULL. */
-static PyObject *raise_status(rl_status st)
+static PyObject *raise_status(const core_state *S, rl_status st)
 {
     PyObject *exc = PyExc_RuntimeError;
     switch (st) {
     case RL_ERR_INVALID: exc = PyExc_ValueError; break;
     case RL_ERR_NOMEM: exc = PyExc_MemoryError; break;
-    case RL_ERR_DEVICE: case RL_ERR_CUDA: case RL_ERR_BLAS: exc = DeviceError; break;
-    case RL_ERR_DEVICE_MEMORY: exc = DeviceMemoryError; break;
+    case RL_ERR_DEVICE: case RL_ERR_CUDA: case RL_ERR_BLAS: exc = S->DeviceError; break;
+    case RL_ERR_DEVICE_MEMORY: exc = S->DeviceMemoryError; break;
     default: break;
     }
     PyErr_SetString(exc, rl_last_error());
@@ -79,7 +100,7 @@ static int get_flag_field(PyObject *cfg, const char *key, int *out)
     return 0;
 }
 
-static int parse_config(PyObject *obj, rl_config *c)
+static int parse_config(const core_state *S, PyObject *obj, rl_config *c)
 {
     if (!PyDict_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "config must be a dict, got %s", Py_TYPE(obj)->tp_name);
@@ -108,7 +129,7 @@ static int parse_config(PyObject *obj, rl_config *c)
         get_flag_field(obj, "qk_norm", &c->qk_norm))
         return -1;
     rl_status st = rl_config_validate(c);
-    if (st != RL_OK) { raise_status(st); return -1; }
+    if (st != RL_OK) { raise_status(S, st); return -1; }
     return 0;
 }
 
@@ -142,9 +163,10 @@ static int parse_dtype(const char *s, rl_dtype *dt)
     return 0;
 }
 
-/* Engine storage dtype for a device: "float32" (CPU, or CUDA's fp32 mode)
- * or "bfloat16" (CUDA only); NULL means the device's default (CPU float32,
- * CUDA bfloat16). -1 with ValueError otherwise. */
+/* Engine storage dtype for a device: "float32" or "bfloat16"; NULL means
+ * the device's default (CPU float32, CUDA bfloat16). -1 with ValueError
+ * otherwise. Whether the device stores it is the backend's capability
+ * (check_caps): the CPU refuses "bfloat16". */
 static int parse_engine_dtype(const char *s, int device_idx, rl_dtype *dt)
 {
     if (!s) {
@@ -157,12 +179,26 @@ static int parse_engine_dtype(const char *s, int device_idx, rl_dtype *dt)
         PyErr_Format(PyExc_ValueError, "dtype must be 'float32' or 'bfloat16', got '%s'", s);
         return -1;
     }
-    if (device_idx < 0 && *dt != RL_F32) {
-        PyErr_Format(PyExc_ValueError, "dtype '%s' is not available on device 'cpu' (the CPU "
-                     "engine computes in 'float32' only)", s);
-        return -1;
-    }
     return 0;
+}
+
+/* The device's name in messages ("cpu", "cuda:N"). */
+static void device_name(int idx, char *buf, size_t cap)
+{
+    if (idx < 0) snprintf(buf, cap, "cpu");
+    else snprintf(buf, cap, "cuda:%d", idx);
+}
+
+/* RL_OK when the backend of device `idx` can run `cfg` with `dt` storage;
+ * RL_ERR_INVALID naming what it cannot; RL_ERR_DEVICE when its
+ * capabilities are unknown (CUDA not built in). Needs no device. */
+static rl_status check_caps(int idx, const rl_config *cfg, rl_dtype dt)
+{
+    rl_backend_caps caps;
+    char name[32];
+    RL_TRY(rl_backend_caps_get(idx, &caps));
+    device_name(idx, name, sizeof name);
+    return rl_caps_check_config(&caps, name, cfg, dt);
 }
 
 static int parse_kind(const char *s, rl_tensor_kind *kind)
@@ -255,19 +291,34 @@ typedef struct {
     char device[32];
 } EngineObject;
 
+/* Frees the result without the GIL: on CUDA that may be cudaFreeHost (a
+ * device synchronization) when the pinned pool is full. */
 static void hostbuffer_dealloc(HostBufferObject *self)
 {
-    if (self->res.data) rl_result_free(&self->res);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->res.data) {
+        rl_result res = self->res;
+        memset(&self->res, 0, sizeof self->res);
+        Py_BEGIN_ALLOW_THREADS
+        rl_result_free(&res);
+        Py_END_ALLOW_THREADS
+    }
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);   /* instances of heap types hold their type */
 }
 
-static PyTypeObject HostBufferType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rjepa_latent._core.HostBuffer",
-    .tp_basicsize = sizeof(HostBufferObject),
-    .tp_dealloc = (destructor)hostbuffer_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Owner of memory the engine allocated for one forward result (an ndarray's base).",
+static PyType_Slot hostbuffer_slots[] = {
+    {Py_tp_dealloc, (void *)hostbuffer_dealloc},
+    {Py_tp_doc, (void *)"Owner of memory the engine allocated for one forward result (an "
+                        "ndarray's base); it holds nothing else."},
+    {0, NULL},
+};
+
+static PyType_Spec hostbuffer_spec = {
+    .name = "rjepa_latent._core.HostBuffer",
+    .basicsize = sizeof(HostBufferObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = hostbuffer_slots,
 };
 
 /* ---- Engine -------------------------------------------------------------- */
@@ -307,12 +358,16 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialized");
         return -1;
     }
+    core_state *S = object_state((PyObject *)self);
     rl_config cfg;
-    if (parse_config(cfg_obj, &cfg) < 0) return -1;
+    if (parse_config(S, cfg_obj, &cfg) < 0) return -1;
     int idx = parse_device(device);
     if (idx == -2) return -1;
     rl_dtype dt;
     if (parse_engine_dtype(dtype_s, idx, &dt) < 0) return -1;
+    /* what the backend cannot run fails here, before a device is touched */
+    rl_status cst = check_caps(idx, &cfg, dt);
+    if (cst != RL_OK) { raise_status(S, cst); return -1; }
     if (n_threads < 0) {
         PyErr_Format(PyExc_ValueError, "n_threads must be >= 0, got %d", n_threads);
         return -1;
@@ -328,7 +383,7 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     st = idx < 0 ? rl_backend_cpu_create(n_threads, &be) : rl_backend_cuda_create_ex(idx, dt, &be);
     if (st == RL_OK) st = rl_model_create(&cfg, be, &m);
     Py_END_ALLOW_THREADS
-    if (st != RL_OK) { raise_status(st); return -1; }
+    if (st != RL_OK) { raise_status(S, st); return -1; }
     if (self->m) {   /* another thread's __init__ finished first: keep its model */
         Py_BEGIN_ALLOW_THREADS
         rl_model_free(m);
@@ -363,9 +418,11 @@ static PyObject *engine_close(EngineObject *self, PyObject *unused)
 
 static void engine_dealloc(EngineObject *self)
 {
+    PyTypeObject *tp = Py_TYPE(self);
     engine_release(self);
     if (self->lock) PyThread_free_lock(self->lock);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);   /* instances of heap types hold their type */
 }
 
 static PyObject *engine_tensor_shape(EngineObject *self, PyObject *args, PyObject *kwds)
@@ -444,7 +501,7 @@ static PyObject *engine_set_tensor(EngineObject *self, PyObject *args, PyObject 
     rl_status st;
     ENGINE_CALL(self, st, rl_model_set_tensor(self->m, kind, layer, view.buf, dt, shape, ndim));
     PyBuffer_Release(&view);
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
 
@@ -453,7 +510,7 @@ static PyObject *engine_check_complete(EngineObject *self, PyObject *unused)
     if (!engine_ready(self)) return NULL;
     rl_status st;
     ENGINE_CALL(self, st, rl_model_check_complete(self->m));
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
 
@@ -464,7 +521,7 @@ static PyObject *engine_reserve(EngineObject *self, PyObject *args)
     if (!engine_ready(self)) return NULL;
     rl_status st;
     ENGINE_CALL(self, st, rl_model_reserve(self->m, max_tokens));
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
 
@@ -481,10 +538,15 @@ static int parse_pooling(const char *s, rl_pool *p)
 }
 
 /* Wraps a result in an ndarray whose base is a new HostBuffer (takes res). */
-static PyObject *result_to_array(rl_result *res)
+static PyObject *result_to_array(const core_state *S, rl_result *res)
 {
-    HostBufferObject *owner = PyObject_New(HostBufferObject, &HostBufferType);
-    if (!owner) { rl_result_free(res); return NULL; }
+    HostBufferObject *owner = PyObject_New(HostBufferObject, S->HostBufferType);
+    if (!owner) {
+        Py_BEGIN_ALLOW_THREADS
+        rl_result_free(res);
+        Py_END_ALLOW_THREADS
+        return NULL;
+    }
     owner->res = *res;
     npy_intp dims[3] = {(npy_intp)res->n_layers, (npy_intp)res->n_spans, (npy_intp)res->hidden};
     PyObject *arr = PyArray_SimpleNewFromData(3, dims, NPY_FLOAT32, res->data);
@@ -534,8 +596,8 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     rl_result res;
     rl_status st;
     ENGINE_CALL(self, st, rl_model_forward(self->m, &b, &res));
-    if (st != RL_OK) raise_status(st);
-    else ret = result_to_array(&res);
+    if (st != RL_OK) raise_status(object_state((PyObject *)self), st);
+    else ret = result_to_array(object_state((PyObject *)self), &res);
 done:
     for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
     return ret;
@@ -548,7 +610,7 @@ static PyObject *engine_memory_report(EngineObject *self, PyObject *unused)
     rl_status st;
     ENGINE_CALL(self, st, rl_model_backend(self->m)->mem_info(rl_model_backend(self->m), &free_b,
                                                               &total_b));
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K}", "device", self->device,
                          "weight_bytes", (unsigned long long)rl_model_weight_bytes(self->m),
                          "workspace_bytes", (unsigned long long)rl_model_workspace_bytes(self->m),
@@ -561,7 +623,7 @@ static PyObject *engine_verify_resident(EngineObject *self, PyObject *unused)
     if (!engine_ready(self)) return NULL;
     rl_status st;
     ENGINE_CALL(self, st, rl_model_verify_resident(self->m));
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
 
@@ -585,6 +647,13 @@ static PyObject *engine_get_kernel(EngineObject *self, void *c)
     const char *k = rl_model_backend(self->m)->kernel;
     return PyUnicode_FromString(k ? k : "");
 }
+static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device);
+
+static PyObject *engine_get_caps(EngineObject *self, void *c)
+{
+    if (!engine_ready(self)) return NULL;
+    return caps_to_dict(rl_model_backend(self->m)->caps, self->device);
+}
 static PyObject *engine_get_weight_bytes(EngineObject *self, void *c)
 {
     return engine_ready(self) ? PyLong_FromSize_t(rl_model_weight_bytes(self->m)) : NULL;
@@ -601,7 +670,8 @@ static PyMethodDef engine_methods[] = {
      "set_tensor(kind, layer, data, dtype, shape): copy one checkpoint tensor in"},
     {"check_complete", (PyCFunction)engine_check_complete, METH_NOARGS,
      "raise RuntimeError naming the first tensor never set"},
-    {"reserve", (PyCFunction)engine_reserve, METH_VARARGS, "reserve(max_tokens): (re)allocate the workspace"},
+    {"reserve", (PyCFunction)engine_reserve, METH_VARARGS,
+     "reserve(max_tokens): (re)allocate the workspace with a capacity of max_tokens tokens"},
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]"},
     {"memory_report", (PyCFunction)engine_memory_report, METH_NOARGS, "weight/workspace/free/total bytes"},
@@ -618,42 +688,139 @@ static PyGetSetDef engine_getset[] = {
     {"dtype", (getter)engine_get_dtype, NULL, "storage dtype of weights and GEMM operands", NULL},
     {"kernel", (getter)engine_get_kernel, NULL,
      "what decides the result bits besides the weights (BLAS and core; GPU arch and cuBLAS)", NULL},
+    {"caps", (getter)engine_get_caps, NULL,
+     "what this engine's backend supports (the dict of _core.backend_caps)", NULL},
     {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
     {"workspace_bytes", (getter)engine_get_workspace_bytes, NULL, "bytes held by the workspace", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rjepa_latent._core.Engine",
-    .tp_basicsize = sizeof(EngineObject),
-    .tp_dealloc = (destructor)engine_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(config: dict, device: str, n_threads: int = 0, dtype: str | None = None): "
-              "one model on one device; dtype 'float32' or 'bfloat16' (CUDA only), None: the "
-              "device's default (CPU float32, CUDA bfloat16).",
-    .tp_methods = engine_methods,
-    .tp_getset = engine_getset,
-    .tp_init = (initproc)engine_init,
-    .tp_new = PyType_GenericNew,
+static PyType_Slot engine_slots[] = {
+    {Py_tp_dealloc, (void *)engine_dealloc},
+    {Py_tp_doc, (void *)"Engine(config: dict, device: str, n_threads: int = 0, dtype: str | None "
+                        "= None): one model on one device; dtype 'float32' or 'bfloat16' (CUDA "
+                        "only), None: the device's default (CPU float32, CUDA bfloat16)."},
+    {Py_tp_methods, engine_methods},
+    {Py_tp_getset, engine_getset},
+    {Py_tp_init, (void *)engine_init},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {0, NULL},
+};
+
+/* Not a base type: Py_TYPE(self) is always the module's own Engine type
+ * (object_state relies on it). */
+static PyType_Spec engine_spec = {
+    .name = "rjepa_latent._core.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = engine_slots,
 };
 
 /* ---- module functions ---------------------------------------------------- */
 
 static PyObject *core_build_info(PyObject *mod, PyObject *unused)
 {
-    PyObject *blas = PyUnicode_FromFormat("scipy-openblas32 %s", scipy_openblas_get_config());
-    if (!blas) return NULL;
+    char blas[192];
+    rl_cpu_blas_name(blas, sizeof blas);
 #ifdef _OPENMP
     PyObject *omp = Py_True;
 #else
     PyObject *omp = Py_False;
 #endif
-    PyObject *d = Py_BuildValue("{s:s,s:N,s:O,s:s,s:O}", "version", "0.1.0", "blas", blas,
-                                "cuda", rl_cuda_compiled() ? Py_True : Py_False,
-                                "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "",
-                                "openmp", omp);
+    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:O}", "version", "0.1.0", "blas", blas,
+                         "cuda", rl_cuda_compiled() ? Py_True : Py_False,
+                         "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "", "openmp", omp);
+}
+
+static int append_str(PyObject *list, const char *str)
+{
+    PyObject *v = PyUnicode_FromString(str);
+    int rc = v ? PyList_Append(list, v) : -1;
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* {"device", "dtypes", "poolings", "head_dims" (None: any even), "max_heads"
+ * (None: no limit)} */
+static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device)
+{
+    static const char *const pools[] = {"mean", "first", "last"};
+    PyObject *dtypes = PyList_New(0), *poolings = PyList_New(0), *dims = NULL, *d = NULL;
+    if (!dtypes || !poolings) goto done;
+    for (int i = 0; i < 3; i++) {
+        if ((c->dtypes & (1u << i)) && append_str(dtypes, rl_dtype_name((rl_dtype)i)) < 0)
+            goto done;
+        if ((c->poolings & (1u << i)) && append_str(poolings, pools[i]) < 0) goto done;
+    }
+    if (c->head_dims) {
+        if (!(dims = PyList_New(c->n_head_dims))) goto done;
+        for (int i = 0; i < c->n_head_dims; i++) {
+            PyObject *v = PyLong_FromLong(c->head_dims[i]);
+            if (!v) goto done;
+            PyList_SET_ITEM(dims, i, v);
+        }
+    } else {
+        dims = Py_NewRef(Py_None);
+    }
+    d = Py_BuildValue("{s:s,s:O,s:O,s:O,s:N}", "device", device, "dtypes", dtypes, "poolings",
+                      poolings, "head_dims", dims, "max_heads",
+                      c->max_heads > 0 ? PyLong_FromLongLong(c->max_heads) : Py_NewRef(Py_None));
+done:
+    Py_XDECREF(dtypes);
+    Py_XDECREF(poolings);
+    Py_XDECREF(dims);
     return d;
+}
+
+static PyObject *core_backend_caps(PyObject *mod, PyObject *args)
+{
+    const char *device;
+    if (!PyArg_ParseTuple(args, "s", &device)) return NULL;
+    int idx = parse_device(device);
+    if (idx == -2) return NULL;
+    rl_backend_caps caps;
+    rl_status st = rl_backend_caps_get(idx, &caps);
+    if (st != RL_OK) return raise_status(module_state(mod), st);
+    char name[32];
+    device_name(idx, name, sizeof name);
+    return caps_to_dict(&caps, name);
+}
+
+static PyObject *core_check_config(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"config", "device", "dtype", NULL};
+    PyObject *cfg_obj;
+    const char *device, *dtype_s = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|z", kwlist, &cfg_obj, &device, &dtype_s))
+        return NULL;
+    core_state *S = module_state(mod);
+    rl_config cfg;
+    if (parse_config(S, cfg_obj, &cfg) < 0) return NULL;
+    int idx = parse_device(device);
+    if (idx == -2) return NULL;
+    rl_dtype dt;
+    if (parse_engine_dtype(dtype_s, idx, &dt) < 0) return NULL;
+    rl_status st = check_caps(idx, &cfg, dt);
+    if (st != RL_OK) return raise_status(S, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_cuda_pinned_pool(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"trim", NULL};
+    int trim = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &trim)) return NULL;
+    rl_pinned_pool_stats ps;
+    Py_BEGIN_ALLOW_THREADS
+    if (trim) rl_cuda_pinned_pool_trim();
+    rl_cuda_pinned_pool_stats(&ps);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "cap_bytes", (unsigned long long)ps.cap_bytes,
+                         "cached_bytes", (unsigned long long)ps.cached_bytes,
+                         "live_bytes", (unsigned long long)ps.live_bytes,
+                         "reused", (unsigned long long)ps.reused,
+                         "allocated", (unsigned long long)ps.allocated,
+                         "freed", (unsigned long long)ps.freed);
 }
 
 static PyObject *core_cuda_device_count(PyObject *mod, PyObject *unused)
@@ -673,7 +840,7 @@ static PyObject *core_cuda_check_device(PyObject *mod, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = rl_cuda_check_device(idx);
     Py_END_ALLOW_THREADS
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(module_state(mod), st);
     Py_RETURN_NONE;
 }
 
@@ -686,7 +853,7 @@ static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     st = rl_cuda_mem_info(idx, &free_b, &total_b);
     Py_END_ALLOW_THREADS
-    if (st != RL_OK) return raise_status(st);
+    if (st != RL_OK) return raise_status(module_state(mod), st);
     return Py_BuildValue("(KK)", (unsigned long long)free_b, (unsigned long long)total_b);
 }
 
@@ -699,14 +866,20 @@ static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OsL|z", kwlist, &cfg_obj, &device, &max_tokens,
                                      &dtype_s))
         return NULL;
+    core_state *S = module_state(mod);
     rl_config cfg;
-    if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+    if (parse_config(S, cfg_obj, &cfg) < 0) return NULL;
     int idx = parse_device(device);
     if (idx == -2) return NULL;
     rl_dtype wd;   /* weights and GEMM operands; the residual is f32 everywhere */
     if (parse_engine_dtype(dtype_s, idx, &wd) < 0) return NULL;
-    if (max_tokens < 1)
-        return PyErr_Format(PyExc_ValueError, "max_tokens must be >= 1, got %lld", max_tokens);
+    /* a plan the backend could not run is refused; a CPU-only build still
+     * plans for CUDA (its capabilities are then unknown) */
+    rl_status st = check_caps(idx, &cfg, wd);
+    if (st != RL_OK && st != RL_ERR_DEVICE) return raise_status(S, st);
+    if (max_tokens < 1 || max_tokens > (1LL << 30))   /* rl_model_reserve's range */
+        return PyErr_Format(PyExc_ValueError, "max_tokens must be in [1, 2^30], got %lld",
+                            max_tokens);
     size_t w = rl_weights_bytes(&cfg, wd);
     size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
@@ -720,7 +893,7 @@ static PyObject *core_tensor_layout(PyObject *mod, PyObject *args)
     PyObject *cfg_obj;
     if (!PyArg_ParseTuple(args, "O", &cfg_obj)) return NULL;
     rl_config cfg;
-    if (parse_config(cfg_obj, &cfg) < 0) return NULL;
+    if (parse_config(module_state(mod), cfg_obj, &cfg) < 0) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     int64_t n_loaded = rl_config_loaded_layers(&cfg);
@@ -748,37 +921,92 @@ static PyMethodDef core_methods[] = {
     {"tensor_layout", core_tensor_layout, METH_VARARGS,
      "tensor_layout(config) -> [(kind, layer, shape)]: every tensor the engine needs"},
     {"build_info", core_build_info, METH_NOARGS, "version, blas, cuda, cuda_arch, openmp"},
+    {"backend_caps", core_backend_caps, METH_VARARGS,
+     "backend_caps(device) -> {device, dtypes, poolings, head_dims, max_heads}: what the "
+     "backend of device supports (no device needed; DeviceError if CUDA is not built in)"},
+    {"check_config", (PyCFunction)(void (*)(void))core_check_config, METH_VARARGS | METH_KEYWORDS,
+     "check_config(config, device, dtype=None): ValueError naming what that backend cannot run"},
     {"cuda_device_count", core_cuda_device_count, METH_NOARGS, "usable CUDA devices (0 if none)"},
     {"cuda_check_device", core_cuda_check_device, METH_VARARGS, "raise DeviceError if unusable"},
     {"cuda_mem_info", core_cuda_mem_info, METH_VARARGS, "(free_bytes, total_bytes) of a device"},
+    {"cuda_pinned_pool", (PyCFunction)(void (*)(void))core_cuda_pinned_pool,
+     METH_VARARGS | METH_KEYWORDS,
+     "cuda_pinned_pool(trim=False) -> {cap_bytes, cached_bytes, live_bytes, reused, allocated, "
+     "freed}: the pinned pool CUDA results live in (trim: free its cached blocks first)"},
     {"plan_bytes", (PyCFunction)(void (*)(void))core_plan_bytes, METH_VARARGS | METH_KEYWORDS,
-     "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes)"},
+     "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes) of "
+     "an engine with a workspace of max_tokens tokens; ValueError if that backend cannot run "
+     "config"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef core_module = {
-    PyModuleDef_HEAD_INIT, "_core", "C engine of rjepa_latent (see docs/internals.md).", -1,
-    core_methods, NULL, NULL, NULL, NULL,
+/* ---- module lifetime (PEP 489) ------------------------------------------- */
+
+static int core_traverse(PyObject *mod, visitproc visit, void *arg)
+{
+    core_state *S = module_state(mod);
+    if (!S) return 0;
+    Py_VISIT(S->DeviceError);
+    Py_VISIT(S->DeviceMemoryError);
+    Py_VISIT(S->EngineType);
+    Py_VISIT(S->HostBufferType);
+    return 0;
+}
+
+static int core_clear(PyObject *mod)
+{
+    core_state *S = module_state(mod);
+    if (!S) return 0;
+    Py_CLEAR(S->DeviceError);
+    Py_CLEAR(S->DeviceMemoryError);
+    Py_CLEAR(S->EngineType);
+    Py_CLEAR(S->HostBufferType);
+    return 0;
+}
+
+static void core_free(void *mod) { (void)core_clear((PyObject *)mod); }
+
+/* Runs once per module object: NumPy's C API (a table of C pointers, the
+ * same for every module object), the exception classes, the types. */
+static int core_exec(PyObject *mod)
+{
+    core_state *S = module_state(mod);
+    if (_import_array() < 0) return -1;
+    PyObject *errors = PyImport_ImportModule("rjepa_latent.errors");
+    if (!errors) return -1;
+    S->DeviceError = PyObject_GetAttrString(errors, "DeviceError");
+    S->DeviceMemoryError = S->DeviceError ? PyObject_GetAttrString(errors, "DeviceMemoryError")
+                                          : NULL;
+    Py_DECREF(errors);
+    if (!S->DeviceError || !S->DeviceMemoryError) return -1;
+    S->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &engine_spec, NULL);
+    if (!S->EngineType) return -1;
+    S->HostBufferType = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &hostbuffer_spec, NULL);
+    if (!S->HostBufferType) return -1;
+    if (PyModule_AddType(mod, S->EngineType) < 0 || PyModule_AddType(mod, S->HostBufferType) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, (void *)core_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    /* NumPy does not support subinterpreters */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
 };
 
-PyMODINIT_FUNC PyInit__core(void)
-{
-    import_array();
-    PyObject *errors = PyImport_ImportModule("rjepa_latent.errors");
-    if (!errors) return NULL;
-    DeviceError = PyObject_GetAttrString(errors, "DeviceError");
-    DeviceMemoryError = PyObject_GetAttrString(errors, "DeviceMemoryError");
-    Py_DECREF(errors);
-    if (!DeviceError || !DeviceMemoryError) return NULL;
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&HostBufferType) < 0) return NULL;
-    PyObject *m = PyModule_Create(&core_module);
-    if (!m) return NULL;
-    Py_INCREF(&EngineType);
-    Py_INCREF(&HostBufferType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
-        PyModule_AddObject(m, "HostBuffer", (PyObject *)&HostBufferType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
-}
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_core",
+    .m_doc = "C engine of rjepa_latent (see docs/internals.md).",
+    .m_size = sizeof(core_state),
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }

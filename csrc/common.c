@@ -82,23 +82,6 @@ float rl_f16_to_f32(uint16_t h)
     return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
 }
 
-uint16_t rl_f32_to_f16(float f)
-{
-    uint32_t u = f32_to_bits(f);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;    /* NaN */
-    if (a >= 0x477ff000u) return sign | 0x7c00u;   /* rounds to >= 65520: inf */
-    if (a < 0x38800000u) {                         /* below 2^-14: subnormal */
-        /* value * 2^24 rounded to nearest even integer = the mantissa */
-        float v = bits_to_f32(a) * 0x1p24f;
-        float r = nearbyintf(v);
-        return sign | (uint16_t)r;
-    }
-    uint32_t m = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
-    return sign | (uint16_t)(m >> 13);
-}
-
 void rl_convert_to_f32(float *dst, const void *src, rl_dtype src_dtype, size_t n)
 {
     if (src_dtype == RL_F32) {

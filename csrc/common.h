@@ -2,9 +2,10 @@
  *
  * Not part of the engine.h contract (which a backend needs to implement);
  * these are conveniences built on it: dtype conversions (exact for
- * bf16/f16 -> f32, round-to-nearest-even for f32 -> bf16/f16), tensor kind
- * names (the same strings the binding accepts) and config validation (used by
- * rl_model_create and by the binding's plan_bytes).
+ * bf16/f16 -> f32, round-to-nearest-even for f32 -> bf16), tensor kind
+ * names (the same strings the binding accepts), config validation (used by
+ * rl_model_create and by the binding's plan_bytes) and what the CPU backend
+ * tells the binding.
  */
 #ifndef RL_COMMON_H
 #define RL_COMMON_H
@@ -14,7 +15,6 @@
 float rl_bf16_to_f32(uint16_t h);
 uint16_t rl_f32_to_bf16(float f);   /* round to nearest even, NaN stays NaN */
 float rl_f16_to_f32(uint16_t h);
-uint16_t rl_f32_to_f16(float f);    /* round to nearest even, overflow -> inf */
 /* dst[i] = (float)src[i] for i < n; src is f32, bf16 or f16. */
 void rl_convert_to_f32(float *dst, const void *src, rl_dtype src_dtype, size_t n);
 const char *rl_dtype_name(rl_dtype dt);
@@ -28,5 +28,10 @@ int rl_tensor_kind_is_global(rl_tensor_kind kind);
 
 /* RL_OK or RL_ERR_INVALID naming the bad field. */
 rl_status rl_config_validate(const rl_config *cfg);
+
+/* The CPU backend (ops_cpu.c): its capabilities (static storage), and the
+ * GEMM it was built with ("scipy-openblas32 <config>" or "builtin C GEMM"). */
+const rl_backend_caps *rl_cpu_caps(void);
+void rl_cpu_blas_name(char *buf, size_t cap);
 
 #endif /* RL_COMMON_H */

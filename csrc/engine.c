@@ -2,9 +2,12 @@
  * backend op table (engine.h). No backend-specific code lives here.
  *
  * Design choices:
- * - Every weight buffer is allocated at rl_model_create (so a model that does
- *   not fit fails at once, before any copy); rl_model_set_tensor converts one
- *   checkpoint tensor into its slot, Q/K/V and gate/up into fused buffers.
+ * - rl_model_create first checks the config against the backend's
+ *   capabilities (rl_backend_caps: storage dtypes, attention head dims,
+ *   poolings), then allocates every weight buffer (so a model the backend
+ *   cannot run or that does not fit fails at once, before any copy);
+ *   rl_model_set_tensor converts one checkpoint tensor into its slot, Q/K/V
+ *   and gate/up into fused buffers.
  * - A batch is validated completely on the host before any device work; each
  *   error names the argument, the index and the offending value.
  * - Positions and absolute spans are computed on the host and uploaded.
@@ -141,11 +144,84 @@ static rl_status alloc_weights(rl_model *m)
     return RL_OK;
 }
 
+/* ---- capabilities ------------------------------------------------------ */
+
+rl_status rl_backend_caps_get(int device_index, rl_backend_caps *out)
+{
+    memset(out, 0, sizeof *out);
+    if (device_index < 0) {
+        *out = *rl_cpu_caps();
+        return RL_OK;
+    }
+    return rl_cuda_caps(out);
+}
+
+static void list_bits(char *buf, size_t cap, unsigned bits, int n, const char *(*name)(int))
+{
+    size_t len = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n; i++)
+        if (bits & (1u << i)) {
+            int w = snprintf(buf + len, cap - len, "%s'%s'", len ? ", " : "", name(i));
+            if (w < 0 || (size_t)w >= cap - len) break;
+            len += (size_t)w;
+        }
+}
+
+static const char *dtype_name_of(int i) { return rl_dtype_name((rl_dtype)i); }
+
+static const char *pool_name_of(int i)
+{
+    static const char *const names[] = {"mean", "first", "last"};
+    return i >= 0 && i < 3 ? names[i] : "?";
+}
+
+rl_status rl_caps_check_config(const rl_backend_caps *caps, const char *who, const rl_config *cfg,
+                               rl_dtype dtype)
+{
+    char list[256];
+    if ((unsigned)dtype >= 32 || !(caps->dtypes & (1u << dtype))) {
+        list_bits(list, sizeof list, caps->dtypes, 3, dtype_name_of);
+        return RL_FAIL(RL_ERR_INVALID, "dtype '%s' is not available on device '%s' (its storage "
+                       "dtypes: %s)", rl_dtype_name(dtype), who, list);
+    }
+    if (caps->head_dims) {
+        int ok = 0;
+        size_t len = 0;
+        list[0] = '\0';
+        for (int i = 0; i < caps->n_head_dims; i++) {
+            ok |= caps->head_dims[i] == cfg->head_dim;
+            int w = snprintf(list + len, sizeof list - len, "%s%d", i ? ", " : "",
+                             (int)caps->head_dims[i]);
+            if (w > 0 && (size_t)w < sizeof list - len) len += (size_t)w;
+        }
+        if (!ok)
+            return RL_FAIL(RL_ERR_INVALID, "device '%s' cannot run this model: head_dim %lld is "
+                           "not supported by its attention kernel (supported head_dim: %s)", who,
+                           (long long)cfg->head_dim, list);
+    }
+    if (caps->max_heads > 0 && cfg->num_heads > caps->max_heads)
+        return RL_FAIL(RL_ERR_INVALID, "device '%s' cannot run this model: num_heads %lld is more "
+                       "than its attention kernel runs (at most %lld)", who,
+                       (long long)cfg->num_heads, (long long)caps->max_heads);
+    return RL_OK;
+}
+
+rl_status rl_backend_check_config(const rl_backend *be, const rl_config *cfg)
+{
+    if (!be->caps) return RL_FAIL(RL_ERR_INVALID, "backend %s states no capabilities", be->name);
+    return rl_caps_check_config(be->caps, be->name, cfg, be->weight_dtype);
+}
+
+/* ---- model -------------------------------------------------------------- */
+
 rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out)
 {
     *out = NULL;
     if (!be) return RL_FAIL(RL_ERR_INVALID, "no backend");
     rl_status st = cfg ? rl_config_validate(cfg) : RL_FAIL(RL_ERR_INVALID, "no config");
+    /* what the backend cannot run fails here, before any weight is allocated */
+    if (st == RL_OK) st = rl_backend_check_config(be, cfg);
     if (st != RL_OK) { be->destroy(be); return st; }
     rl_model *m = calloc(1, sizeof *m);
     if (!m) { be->destroy(be); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
@@ -358,9 +434,13 @@ static rl_status validate_outputs(const rl_model *m, const rl_batch *b)
         if (b->layers[i] < 0 || b->layers[i] > m->cfg.max_layer)
             return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
                            (long long)i, b->layers[i], (long long)m->cfg.max_layer);
-    if (b->pooling != RL_POOL_MEAN && b->pooling != RL_POOL_FIRST && b->pooling != RL_POOL_LAST)
-        return RL_FAIL(RL_ERR_INVALID, "pooling %d is unknown (mean=0, first=1, last=2)",
-                       (int)b->pooling);
+    unsigned pools = m->be->caps->poolings;
+    if ((unsigned)b->pooling >= 32 || !(pools & (1u << b->pooling))) {
+        char list[64];
+        list_bits(list, sizeof list, pools, 3, pool_name_of);
+        return RL_FAIL(RL_ERR_INVALID, "pooling %d is not supported by %s (it supports %s; "
+                       "ids: mean=0, first=1, last=2)", (int)b->pooling, m->be->name, list);
+    }
     if (b->n_spans < 0) return RL_FAIL(RL_ERR_INVALID, "n_spans is negative");
     if (b->n_spans > 0 && (!b->spans || !b->span_seq))
         return RL_FAIL(RL_ERR_INVALID, "spans or span_seq is NULL");

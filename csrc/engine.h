@@ -7,7 +7,8 @@
  *
  * Design choices:
  * - The forward pass (engine.c) is written once, over a backend op table
- *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM, ops_cpu.c) and a CUDA
+ *   (rl_backend). A CPU backend (fp32, OpenBLAS GEMM or the builtin C GEMM of
+ *   gemm_builtin.c, ops_cpu.c) and a CUDA
  *   backend (bf16 storage, fp32 accumulation, the .cu files in kernels/;
  *   or all-fp32 when created with rl_backend_cuda_create_ex(.., RL_F32, ..))
  *   implement it.
@@ -17,8 +18,15 @@
  *   gate/up are stored fused so each is one GEMM.
  * - Every failure returns an rl_status and records a message with the failing
  *   expression, file and line (rl_last_error); nothing exits or aborts.
- * - Results live in memory allocated for them (rl_result, pinned on CUDA),
- *   never in reusable scratch, so the binding can hand them out zero-copy.
+ * - Results live in memory allocated for them (rl_result; on CUDA a pinned
+ *   block of a process-wide pool), never in reusable scratch, so the binding
+ *   can hand them out zero-copy.
+ * - A backend states what it supports (rl_backend_caps) before any weight is
+ *   allocated; rl_model_create refuses a config it cannot run.
+ * - max_tokens means one thing throughout (rl_model_reserve, rl_workspace,
+ *   rl_workspace_bytes): the workspace capacity in tokens, i.e. the most
+ *   tokens one forward takes; it is also how many spans are pooled at once
+ *   (more are pooled in chunks of max_tokens).
  */
 #ifndef RL_ENGINE_H
 #define RL_ENGINE_H
@@ -156,6 +164,19 @@ typedef struct rl_segments {
     int64_t max_seqlen;
 } rl_segments;
 
+/* What a backend can run, known without a device and before any weight is
+ * allocated: rl_model_create checks a config against it first
+ * (rl_backend_check_config), so an unsupported model fails at once naming
+ * what is unsupported and what is. */
+typedef struct rl_backend_caps {
+    unsigned dtypes;            /* storage dtypes it can be created with: bits 1u << rl_dtype */
+    unsigned poolings;          /* bits 1u << rl_pool                               */
+    const int16_t *head_dims;   /* head dims the attention kernel runs, ascending;
+                                   NULL: any even head_dim                          */
+    int n_head_dims;
+    int64_t max_heads;          /* most query heads per layer; 0: no limit          */
+} rl_backend_caps;
+
 typedef struct rl_backend rl_backend;
 struct rl_backend {
     const char *name;              /* "cpu" or "cuda:N"                       */
@@ -168,8 +189,12 @@ struct rl_backend {
     /* memory */
     rl_status (*alloc)(rl_backend *be, void **ptr, size_t bytes);
     void (*free)(rl_backend *be, void *ptr);
-    rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes); /* pinned on CUDA */
-    /* frees what host_alloc returned; uses no backend state (results hold it) */
+    /* host memory for a result: malloc'd on the CPU, a pinned block of the
+       process-wide pool on CUDA (rl_pinned_pool_stats) */
+    rl_status (*host_alloc)(rl_backend *be, void **ptr, size_t bytes);
+    /* frees (or gives back to the pool) what host_alloc returned; thread-safe and
+       uses no backend state, so a result may call it after its model and backend
+       are gone */
     void (*host_release)(void *ptr);
     /* host src (src_dtype, n elems) -> backend dst at element offset, in weight_dtype
        (or f32 when dst_dtype says so) */
@@ -212,7 +237,22 @@ struct rl_backend {
                       const int32_t *spans_abs, int64_t S, rl_pool mode, float *out);
 
     void (*destroy)(rl_backend *be);
+
+    /* what this backend supports (static storage; never NULL) */
+    const rl_backend_caps *caps;
 };
+
+/* Capabilities of the backend device_index would create: -1 the CPU, >= 0
+ * CUDA (needs no driver or device: it is what the compiled kernels support).
+ * RL_ERR_DEVICE when CUDA is not built in. */
+rl_status rl_backend_caps_get(int device_index, rl_backend_caps *out);
+/* RL_OK if `caps` can run `cfg` with weights stored in `dtype`, else
+ * RL_ERR_INVALID naming the unsupported value and the supported ones;
+ * `who` ("cpu", "cuda:0") starts the message. */
+rl_status rl_caps_check_config(const rl_backend_caps *caps, const char *who, const rl_config *cfg,
+                               rl_dtype dtype);
+/* The same for an existing backend (its caps and weight dtype). */
+rl_status rl_backend_check_config(const rl_backend *be, const rl_config *cfg);
 
 /* Backend constructors. device_index is ignored for CPU. On failure *out is
  * NULL and the message says why (e.g. "CUDA is not built in"). */
@@ -224,8 +264,26 @@ rl_status rl_backend_cuda_create(int device_index, rl_backend **out);
  * otherwise. */
 rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend **out);
 int rl_cuda_compiled(void);
+/* The CUDA backend's capabilities (rl_backend_caps_get(N >= 0) answers with
+ * them); RL_ERR_DEVICE when CUDA is not built in. */
+rl_status rl_cuda_caps(rl_backend_caps *out);
 /* free/total bytes of a CUDA device without creating a backend. */
 rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes);
+/* The process-wide pool of pinned host blocks that CUDA results live in
+ * (kernels/cuda_backend.c): a result's block goes back to it when the result
+ * is freed, up to cap_bytes of cached blocks; beyond that it is freed. */
+typedef struct rl_pinned_pool_stats {
+    size_t cap_bytes;       /* most bytes kept cached (RJEPA_PINNED_POOL_MB)  */
+    size_t cached_bytes;    /* bytes of free blocks kept for reuse now        */
+    size_t live_bytes;      /* bytes of blocks held by results now            */
+    uint64_t reused;        /* allocations served from the pool               */
+    uint64_t allocated;     /* allocations that called cudaHostAlloc          */
+    uint64_t freed;         /* releases that called cudaFreeHost (over the cap) */
+} rl_pinned_pool_stats;
+/* A snapshot of the pool (all zeros when CUDA is not built in). */
+void rl_cuda_pinned_pool_stats(rl_pinned_pool_stats *out);
+/* Frees every cached block now (blocks held by results are not touched). */
+void rl_cuda_pinned_pool_trim(void);
 /* Number of usable CUDA devices: 0 when not compiled in, no driver or no
  * device (never fails). */
 int rl_cuda_device_count(void);
@@ -260,7 +318,7 @@ typedef struct rl_weights {
 } rl_weights;
 
 typedef struct rl_workspace {
-    int64_t max_tokens;          /* T capacity                               */
+    int64_t max_tokens;          /* T: capacity in tokens (0: not reserved)  */
     void *x;                     /* [T, d]            res_dtype residual     */
     void *h;                     /* [T, max(d, ff)]   act_dtype normed / swiglu out */
     void *qkv;                   /* [T, (nh+2nkv)*hd] act_dtype              */
@@ -270,20 +328,22 @@ typedef struct rl_workspace {
     int32_t *tokens;             /* [T]                                      */
     int32_t *cu_seqlens;         /* [T+1]                                    */
     int32_t *positions;          /* [T]                                      */
-    int32_t *spans;              /* [T, 2] absolute spans (S <= T checked)   */
-    float *pooled;               /* [T, d] f32 pooled rows of one layer      */
+    int32_t *spans;              /* [T, 2] absolute spans of one chunk of <= T */
+    float *pooled;               /* [T, d] f32 pooled rows of that chunk     */
     size_t bytes;                /* backend bytes held by the workspace      */
 } rl_workspace;
 
 typedef struct rl_model rl_model;
 
 /* Bytes the weights of `cfg` take in a backend storing `weight_dtype`, and
- * the workspace for max_tokens tokens with the given activation dtypes. */
+ * the workspace of capacity max_tokens tokens with the given activation
+ * dtypes. */
 size_t rl_weights_bytes(const rl_config *cfg, rl_dtype weight_dtype);
 size_t rl_workspace_bytes(const rl_config *cfg, rl_dtype act_dtype, rl_dtype res_dtype,
                           int64_t max_tokens);
 
-/* Takes ownership of `be` (also on failure). Validates cfg. */
+/* Takes ownership of `be` (also on failure). Validates cfg, checks it against
+ * the backend's capabilities, then allocates every weight buffer. */
 rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out);
 /* Copies (converting) one tensor. `layer` is ignored for global kinds.
  * The shape must equal rl_tensor_shape's. */
@@ -291,7 +351,8 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
                               rl_dtype src_dtype, const int64_t *shape, int ndim);
 /* Checks every needed tensor was set (names the first missing one). */
 rl_status rl_model_check_complete(const rl_model *m);
-/* (Re)allocates the workspace for batches of up to max_tokens tokens. */
+/* (Re)allocates the workspace with a capacity of max_tokens tokens (1..2^30):
+ * a forward takes batches of up to max_tokens tokens. */
 rl_status rl_model_reserve(rl_model *m, int64_t max_tokens);
 /* Runs the forward up to the deepest requested layer and pools.
  * On success *res holds a freshly allocated result (free with rl_result_free). */
@@ -301,7 +362,7 @@ const rl_config *rl_model_config(const rl_model *m);
 rl_backend *rl_model_backend(rl_model *m);
 size_t rl_model_weight_bytes(const rl_model *m);
 size_t rl_model_workspace_bytes(const rl_model *m);
-int64_t rl_model_max_tokens(const rl_model *m);
+int64_t rl_model_max_tokens(const rl_model *m);   /* workspace capacity in tokens (0: none) */
 /* RL_OK if every weight pointer is resident on the backend's device. */
 rl_status rl_model_verify_resident(rl_model *m);
 void rl_model_free(rl_model *m);

@@ -1,10 +1,12 @@
-/* ops_cpu.c - the CPU backend: fp32 storage and compute, OpenBLAS GEMM,
- * OpenMP for everything else.
+/* ops_cpu.c - the CPU backend: fp32 storage and compute, OpenBLAS GEMM
+ * (scipy-openblas32) or, in builds without it (RL_BLAS_BUILTIN), the plain-C
+ * GEMM of gemm_builtin.c; OpenMP for everything else.
  *
  * Design choices:
  * - Packing must be bitwise neutral: a sequence gives the same bits alone or
  *   anywhere in a packed batch. OpenBLAS results for a row depend on M, so
- *   GEMMs run once per sequence (never over the whole packed batch); every
+ *   GEMMs run once per sequence (never over the whole packed batch; the
+ *   builtin GEMM does not need this but runs the same jobs); every
  *   other op computes a row/head/span from that row's data only, in a fixed
  *   order, with no reduction split across threads.
  * - Numerics follow HF transformers in fp32: RMSNorm x * 1/sqrt(mean(x^2)+eps)
@@ -16,7 +18,11 @@
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign */
 #include "common.h"
 
+#ifdef RL_BLAS_BUILTIN
+#include "gemm_builtin.h"
+#else
 #include <cblas.h>
+#endif
 #include <malloc.h>
 #include <math.h>
 #include <stdio.h>
@@ -39,6 +45,36 @@ typedef struct {
     int64_t jobs_len;
     char kernel[192];       /* rl_backend.kernel: the BLAS build and its core type  */
 } cpu_impl;
+
+/* ---- GEMM --------------------------------------------------------------- */
+
+/* Row-major C[M, N] = alpha * A[M, K] op(B) + beta * C (op(B) = B^T for
+ * transb, B [N, K]; else B [K, N]); 0 or -1 (no scratch memory). OpenBLAS
+ * runs on one thread (rl_backend_cpu_create sets it); the builtin GEMM uses
+ * up to n_threads when called outside a parallel region. */
+static int sgemm(int transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                 int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
+                 int n_threads)
+{
+#ifdef RL_BLAS_BUILTIN
+    return rl_gemm_builtin(transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, n_threads);
+#else
+    (void)n_threads;
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transb ? CblasTrans : CblasNoTrans,
+                      (blasint)M, (blasint)N, (blasint)K, alpha, A, (blasint)lda, B, (blasint)ldb,
+                      beta, C, (blasint)ldc);
+    return 0;
+#endif
+}
+
+void rl_cpu_blas_name(char *buf, size_t cap)
+{
+#ifdef RL_BLAS_BUILTIN
+    snprintf(buf, cap, "builtin C GEMM");
+#else
+    snprintf(buf, cap, "scipy-openblas32 %s", scipy_openblas_get_config());
+#endif
+}
 
 static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
 
@@ -106,7 +142,6 @@ static int cpu_is_resident(rl_backend *be, const void *ptr) { return 1; }
 
 /* ---- elementwise / row ops ---------------------------------------------- */
 
-
 static rl_status cpu_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
                            int64_t d, void *x)
 {
@@ -152,7 +187,8 @@ static rl_status grow_jobs(cpu_impl *im, int64_t n)
  * rounding of an output element depends on the call's M and N, so both the
  * split rule and the chunk width depend on the sequence alone: never on the
  * packing (results bitwise equal alone or packed) and never on the thread
- * count (a run resumed on a machine with other cores gives the same bytes). */
+ * count (a run resumed on a machine with other cores gives the same bytes).
+ * (The builtin GEMM's rounding depends on neither; it runs the same jobs.) */
 #define GEMM_SPLIT_ROWS 256
 #define GEMM_COLS 256
 
@@ -179,23 +215,30 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
             im->jobs[2 * j + 1] = k == 1 ? 0 : c * GEMM_COLS;
         }
     }
-    /* OpenBLAS runs single-threaded inside (one thread pool, not two spinning
-     * against each other) */
-#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (n_jobs > 1)
+    /* the GEMM runs single-threaded inside each job (one thread pool, not two
+     * spinning against each other); a lone job may use every thread itself
+     * with the builtin GEMM (OpenBLAS stays on one) */
+    const int inner = n_jobs > 1 ? 1 : im->n_threads;
+    int failed = 0;
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (n_jobs > 1) \
+    reduction(| : failed)
     for (int64_t j = 0; j < n_jobs; j++) {
         int64_t s = im->jobs[2 * j], n0 = im->jobs[2 * j + 1];
         int64_t r0 = cu[s], m = cu[s + 1] - r0;
         int64_t nn = gemm_jobs_of(m, N) == 1 ? N : (N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS);
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)m, (blasint)nn,
-                          (blasint)K, 1.0f, X + r0 * K, (blasint)K, W + n0 * K, (blasint)K,
-                          accumulate ? 1.0f : 0.0f, Y + r0 * N + n0, (blasint)N);
+        if (sgemm(1, m, nn, K, 1.0f, X + r0 * K, K, W + n0 * K, K, accumulate ? 1.0f : 0.0f,
+                  Y + r0 * N + n0, N, inner) != 0) {
+            failed = 1;
+            continue;
+        }
         if (B)
             for (int64_t r = r0; r < r0 + m; r++) {
                 float *row = Y + r * N;
                 for (int64_t c = n0; c < n0 + nn; c++) row[c] += B[c];
             }
     }
-    (void)M;
+    (void)M;   /* the rows are the sequences' (seg), which sum to M */
+    if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (GEMM scratch)");
     return RL_OK;
 }
 
@@ -266,15 +309,14 @@ static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *
 
 /* Causal attention of one head of one sequence of n tokens (rows strided by
  * W in qkv, Wo in out); P is [ATT_BLK, n] scratch. Softmax in fp32 with the
- * row max subtracted; masked entries are exact zeros. */
-static void attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
+ * row max subtracted; masked entries are exact zeros. Runs on the calling
+ * thread; 0, or -1 when the GEMM found no scratch memory. */
+static int attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
                         int64_t W, int64_t Wo, int64_t hd, float scale, float *P)
 {
     for (int64_t i0 = 0; i0 < n; i0 += ATT_BLK) {
         int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK, nk = i0 + mb;
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)mb, (blasint)nk,
-                          (blasint)hd, scale, q + i0 * W, (blasint)W, k, (blasint)W, 0.0f, P,
-                          (blasint)nk);
+        if (sgemm(1, mb, nk, hd, scale, q + i0 * W, W, k, W, 0.0f, P, nk, 1) != 0) return -1;
         for (int64_t r = 0; r < mb; r++) {
             float *p = P + r * nk;
             int64_t last = i0 + r;                  /* keys 0..last are visible */
@@ -287,10 +329,9 @@ static void attend_head(const float *q, const float *k, const float *v, float *o
             for (int64_t j = 0; j <= last; j++) p[j] *= inv;
             for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
         }
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)mb, (blasint)hd,
-                          (blasint)nk, 1.0f, P, (blasint)nk, v, (blasint)W, 0.0f, o + i0 * Wo,
-                          (blasint)Wo);
+        if (sgemm(0, mb, hd, nk, 1.0f, P, nk, v, W, 0.0f, o + i0 * Wo, Wo, 1) != 0) return -1;
     }
+    return 0;
 }
 
 static rl_status grow_scratch(cpu_impl *im, int64_t scores_len, int64_t sums_len)
@@ -328,14 +369,17 @@ static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const voi
     float *O = out;
     int64_t W = (nh + 2 * nkv) * hd, Wo = nh * hd, group = nh / nkv, B = seg->n_seqs;
     const int32_t *cu = seg->cu_seqlens_host;
-#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (T > 1)
+    int failed = 0;
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (T > 1) \
+    reduction(| : failed)
     for (int64_t job = 0; job < B * nh; job++) {
         int64_t s = job / nh, h = job % nh, kvh = h / group, r0 = cu[s], n = cu[s + 1] - r0;
         const float *base = QKV + r0 * W;
-        attend_head(base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
-                    O + r0 * Wo + h * hd, n, W, Wo, hd, scale,
-                    im->scores + (int64_t)thread_id() * im->scores_len);
+        failed |= attend_head(base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
+                              O + r0 * Wo + h * hd, n, W, Wo, hd, scale,
+                              im->scores + (int64_t)thread_id() * im->scores_len) != 0;
     }
+    if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (attention GEMM scratch)");
     return RL_OK;
 }
 
@@ -378,6 +422,16 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
 
 /* ---- construction ------------------------------------------------------- */
 
+/* fp32 storage only; attention and pooling take any (even) head_dim, any
+ * number of heads and every pooling */
+static const rl_backend_caps CPU_CAPS = {
+    .dtypes = 1u << RL_F32,
+    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST),
+    .head_dims = NULL, .n_head_dims = 0, .max_heads = 0,
+};
+
+const rl_backend_caps *rl_cpu_caps(void) { return &CPU_CAPS; }
+
 static void cpu_destroy(rl_backend *be)
 {
     if (!be) return;
@@ -418,15 +472,20 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
     cpu_impl *im = calloc(1, sizeof *im);
     if (!be || !im) { free(be); free(im); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
     im->n_threads = n_threads;
-    /* all parallelism is OpenMP's: OpenBLAS runs inside our threads */
-    scipy_openblas_set_num_threads(1);
 #ifdef _OPENMP
     omp_set_num_threads(n_threads);
 #endif
+#ifdef RL_BLAS_BUILTIN
+    /* its bits depend on the operands alone (gemm_builtin.c) */
+    snprintf(im->kernel, sizeof im->kernel, "builtin C GEMM (fp32, fixed summation order)");
+#else
+    /* all parallelism is OpenMP's: OpenBLAS runs inside our threads */
+    scipy_openblas_set_num_threads(1);
     /* the core type is what OpenBLAS picked for this CPU (or OPENBLAS_CORETYPE):
      * another core type rounds GEMMs differently */
     snprintf(im->kernel, sizeof im->kernel, "%s; core %s", scipy_openblas_get_config(),
              scipy_openblas_get_corename());
+#endif
     *be = (rl_backend){
         .name = "cpu", .kernel = im->kernel, .weight_dtype = RL_F32, .act_dtype = RL_F32, .res_dtype = RL_F32,
         .impl = im, .alloc = cpu_alloc, .free = cpu_free, .host_alloc = cpu_alloc,
@@ -434,7 +493,7 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
         .download_f32 = cpu_download_f32, .sync = cpu_sync, .mem_info = cpu_mem_info,
         .is_resident = cpu_is_resident, .embed = cpu_embed, .rmsnorm = cpu_rmsnorm,
         .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,
-        .swiglu = cpu_swiglu, .pool = cpu_pool, .destroy = cpu_destroy,
+        .swiglu = cpu_swiglu, .pool = cpu_pool, .destroy = cpu_destroy, .caps = &CPU_CAPS,
     };
     *out = be;
     return RL_OK;

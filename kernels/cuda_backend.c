@@ -32,11 +32,25 @@
  *   cuda_kernels.cu).
  * - cuBLAS is dlopen()ed at creation (cublas_loader.c); its 32 MiB
  *   workspace is the only device memory outside weights and workspace
- *   (RL_CUDA_EXTRA_BYTES covers it and the handle's own allocations).
+ *   (the Python layer's CUDA_HEADROOM_BYTES, rjepa_latent/model.py, covers
+ *   it, the CUDA context and the handle's own allocations).
+ * - The calling thread's current device is its own: every entry point (the
+ *   op table and the rl_cuda_* functions) saves it, makes the backend's
+ *   device current, and restores it before returning (dev_scope below), so
+ *   engines on several GPUs share one process and torch's current device is
+ *   never changed behind its back.
+ * - Results live in pinned host blocks from one process-wide pool (size
+ *   classes, a mutex, a byte cap on what it keeps cached): a forward takes a
+ *   block instead of calling cudaHostAlloc, and host_release, which results
+ *   call whenever they die (the model and backend may be long gone), puts it
+ *   back or frees it when the pool is full. A result owns its block alone.
  */
 #ifdef RL_WITH_CUDA
+#define _GNU_SOURCE /* RTLD_NOLOAD, pthread */
 
+#include <dlfcn.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,29 +165,116 @@ static rl_status check_device(int index)
 
 rl_status rl_cuda_check_device(int device_index) { return check_device(device_index); }
 
-rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes)
+/* ---- the calling thread's current device -------------------------------- */
+
+/* The driver's context calls, taken from the libcuda that cudart has loaded
+ * (never linked: the extension imports without a driver). With them the
+ * thread's context is restored exactly, "none" included; without them the
+ * device is restored with cudaSetDevice. CUresult 0 is CUDA_SUCCESS. */
+typedef int (*cu_ctx_get_fn)(void **ctx);
+typedef int (*cu_ctx_set_fn)(void *ctx);
+typedef int (*cu_device_get_fn)(int *dev, int ordinal);
+typedef int (*cu_primary_state_fn)(int dev, unsigned *flags, int *active);
+static pthread_once_t ctx_api_once = PTHREAD_ONCE_INIT;
+static cu_ctx_get_fn cu_ctx_get;
+static cu_ctx_set_fn cu_ctx_set;
+static cu_device_get_fn cu_device_get;
+static cu_primary_state_fn cu_primary_state;
+
+static void resolve_ctx_api(void)
 {
-    *free_bytes = *total_bytes = 0;
-    RL_TRY(check_device(device_index));
-    CU_CHECK(cudaSetDevice(device_index));
+    void *h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);   /* loaded by cudart or not at all */
+    if (!h) return;
+    void *g = dlsym(h, "cuCtxGetCurrent"), *st = dlsym(h, "cuCtxSetCurrent");
+    void *dg = dlsym(h, "cuDeviceGet"), *ps = dlsym(h, "cuDevicePrimaryCtxGetState");
+    if (!g || !st || !dg || !ps) return;
+    *(void **)&cu_ctx_get = g;
+    *(void **)&cu_ctx_set = st;
+    *(void **)&cu_device_get = dg;
+    *(void **)&cu_primary_state = ps;
+}
+
+typedef struct {
+    int prev;          /* cudaGetDevice of the caller                         */
+    void *prev_ctx;    /* the caller's current context (NULL: none)           */
+    int have_ctx;      /* prev_ctx is known (driver calls resolved)           */
+    int changed;       /* entering changed the thread's device or context     */
+} dev_scope;
+
+/* Makes `device` current on the calling thread, remembering what was. Always
+ * called after a device check (so cudart has loaded libcuda). */
+static rl_status scope_enter(dev_scope *sc, int device)
+{
+    memset(sc, 0, sizeof *sc);
+    CU_CHECK(cudaGetDevice(&sc->prev));
+    (void)pthread_once(&ctx_api_once, resolve_ctx_api);
+    sc->have_ctx = cu_ctx_get && cu_ctx_get(&sc->prev_ctx) == 0;
+    /* also when it is current already: cheap, and it makes the device's
+     * primary context (the one our stream and handle belong to) current */
+    CU_CHECK(cudaSetDevice(device));
+    if (sc->have_ctx) {
+        void *now = NULL;
+        sc->changed = cu_ctx_get(&now) != 0 || now != sc->prev_ctx;
+    } else {
+        sc->changed = sc->prev != device;
+    }
+    return RL_OK;
+}
+
+/* Gives the thread back the context it had before scope_enter, exactly (a
+ * thread that had none gets none back), and the device cudaGetDevice
+ * reported. Restoring never creates a context: for a thread that had none,
+ * the reported device is set again (cudaSetDevice, then no context) only if
+ * that device's primary context is live already; otherwise the runtime may
+ * go on reporting the last device set on this thread (torch's MaybeSetDevice
+ * makes the same choice). */
+static void scope_leave(const dev_scope *sc)
+{
+    if (!sc->changed) return;
+    if (!sc->have_ctx) {
+        (void)cudaSetDevice(sc->prev);
+    } else if (sc->prev_ctx) {
+        (void)cu_ctx_set(sc->prev_ctx);
+    } else {
+        int dev = 0, active = 0;
+        unsigned flags = 0;
+        if (cu_device_get(&dev, sc->prev) == 0 && cu_primary_state(dev, &flags, &active) == 0 &&
+            active)
+            (void)cudaSetDevice(sc->prev);
+        (void)cu_ctx_set(NULL);
+    }
+    (void)cudaGetLastError(); /* a failed restore must not surface in a later call */
+}
+
+/* `return call` with `device` current for its duration. */
+#define ON_DEVICE(device, call)                                          \
+    do {                                                                 \
+        dev_scope sc_;                                                   \
+        RL_TRY(scope_enter(&sc_, (device)));                             \
+        rl_status on_st_ = (call);                                       \
+        scope_leave(&sc_);                                               \
+        return on_st_;                                                   \
+    } while (0)
+
+#define ON_BACKEND(be, call) ON_DEVICE(impl_of(be)->device, call)
+
+static rl_status mem_info_in(size_t *free_bytes, size_t *total_bytes)
+{
     CU_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
     return RL_OK;
 }
 
-/* Makes the backend's device current on the calling thread (cheap when it
- * already is); the binding may call from different Python threads. */
-static rl_status enter(rl_backend *be)
+rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_bytes)
 {
-    CU_CHECK(cudaSetDevice(impl_of(be)->device));
-    return RL_OK;
+    *free_bytes = *total_bytes = 0;
+    RL_TRY(check_device(device_index));
+    ON_DEVICE(device_index, mem_info_in(free_bytes, total_bytes));
 }
 
 /* ---- memory ------------------------------------------------------------ */
 
-static rl_status cuda_alloc(rl_backend *be, void **ptr, size_t bytes)
+static rl_status alloc_in(rl_backend *be, void **ptr, size_t bytes)
 {
-    *ptr = NULL;
-    RL_TRY(enter(be));
     if (bytes == 0) return RL_OK;
     cudaError_t e = cudaMalloc(ptr, bytes);
     if (e != cudaSuccess) {
@@ -189,20 +290,92 @@ static rl_status cuda_alloc(rl_backend *be, void **ptr, size_t bytes)
     return RL_OK;
 }
 
+static rl_status cuda_alloc(rl_backend *be, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    ON_BACKEND(be, alloc_in(be, ptr, bytes));
+}
+
+static rl_status free_in(void *ptr)
+{
+    (void)cudaFree(ptr);
+    (void)cudaGetLastError();
+    return RL_OK;
+}
+
 static void cuda_free(rl_backend *be, void *ptr)
 {
     if (!ptr) return;
-    (void)cudaSetDevice(impl_of(be)->device);
-    (void)cudaFree(ptr);
+    dev_scope sc;
+    if (scope_enter(&sc, impl_of(be)->device) != RL_OK) return;
+    (void)free_in(ptr);
+    scope_leave(&sc);
 }
 
-static rl_status cuda_host_alloc(rl_backend *be, void **ptr, size_t bytes)
+/* ---- the pinned host pool (results) --------------------------------------- */
+
+/* Each block starts with a header (POOL_HDR bytes, so the data keeps 64-byte
+ * alignment) saying its size class and the device it was allocated from.
+ * Classes are 2^e * {4, 5, 6, 7} / 4 bytes from 4 KiB up: a block is at most
+ * 25 % larger than asked for (header included). Blocks are cudaHostAllocPortable, so a block freed by one
+ * device's engine serves another's. */
+#define POOL_HDR 64
+#define POOL_MAGIC 0x726c706bu            /* "rlpk": held by a result */
+#define POOL_CACHED 0x726c6663u           /* "rlfc": in a free list (a second release is ignored) */
+#define POOL_MIN_SHIFT 12
+#define POOL_CLASSES (4 * (62 - POOL_MIN_SHIFT))
+#define POOL_DEFAULT_CAP ((size_t)512 << 20)
+
+typedef struct pool_block {
+    uint32_t magic;
+    int32_t cls;
+    int device;
+    struct pool_block *next;              /* free list link while cached */
+} pool_block;
+
+_Static_assert(sizeof(pool_block) <= POOL_HDR, "the pool header must fit before the data");
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pool_block *pool_free_list[POOL_CLASSES];
+static size_t pool_cap = (size_t)-1;      /* read from RJEPA_PINNED_POOL_MB at first use */
+static size_t pool_cached, pool_live;
+static uint64_t pool_reused, pool_allocated, pool_freed;
+
+static size_t class_bytes(int c)
 {
-    *ptr = NULL;
-    RL_TRY(enter(be));
-    cudaError_t e = cudaHostAlloc(ptr, bytes ? bytes : 1, cudaHostAllocDefault);
+    return ((size_t)1 << (POOL_MIN_SHIFT + c / 4 - 2)) * (size_t)(4 + c % 4);
+}
+
+/* Smallest class holding n bytes, or -1 when none does. */
+static int class_of(size_t n)
+{
+    if (n <= ((size_t)1 << POOL_MIN_SHIFT)) return 0;
+    int e = 63 - __builtin_clzll((unsigned long long)n);
+    size_t base = (size_t)1 << e;
+    size_t q = ((n - base) * 4 + base - 1) / base;   /* quarters above 2^e, rounded up */
+    if (q == 4) { e++; q = 0; }
+    int c = (e - POOL_MIN_SHIFT) * 4 + (int)q;
+    return c < POOL_CLASSES ? c : -1;
+}
+
+/* Under pool_mu. */
+static void pool_read_cap(void)
+{
+    if (pool_cap != (size_t)-1) return;
+    pool_cap = POOL_DEFAULT_CAP;
+    const char *env = getenv("RJEPA_PINNED_POOL_MB");
+    if (env && *env) {
+        char *end = NULL;
+        unsigned long long mb = strtoull(env, &end, 10);
+        if (end && *end == '\0' && mb < ((unsigned long long)1 << 40)) pool_cap = (size_t)mb << 20;
+    }
+}
+
+static rl_status host_alloc_in(void **base, size_t bytes)
+{
+    cudaError_t e = cudaHostAlloc(base, bytes, cudaHostAllocPortable);
     if (e != cudaSuccess) {
-        *ptr = NULL;
+        *base = NULL;
         (void)cudaGetLastError();
         return RL_FAIL(RL_ERR_NOMEM, "cudaHostAlloc of %zu bytes (pinned) failed: %s", bytes,
                        cudaGetErrorString(e));
@@ -210,11 +383,132 @@ static rl_status cuda_host_alloc(rl_backend *be, void **ptr, size_t bytes)
     return RL_OK;
 }
 
-/* Needs no backend state: results outlive the backend. */
+static rl_status host_free_in(void *base)
+{
+    (void)cudaFreeHost(base);
+    (void)cudaGetLastError();
+    return RL_OK;
+}
+
+/* Frees every cached block (the caller holds no lock). */
+static void pool_drain(void)
+{
+    pthread_mutex_lock(&pool_mu);
+    pool_block *all = NULL;
+    for (int c = 0; c < POOL_CLASSES; c++) {
+        while (pool_free_list[c]) {
+            pool_block *b = pool_free_list[c];
+            pool_free_list[c] = b->next;
+            pool_cached -= class_bytes(c);
+            b->next = all;
+            all = b;
+            pool_freed++;
+        }
+    }
+    pthread_mutex_unlock(&pool_mu);
+    while (all) {
+        pool_block *b = all;
+        all = b->next;
+        dev_scope sc;
+        if (scope_enter(&sc, b->device) == RL_OK) {
+            (void)host_free_in(b);
+            scope_leave(&sc);
+        }
+    }
+}
+
+static rl_status cuda_host_alloc(rl_backend *be, void **ptr, size_t bytes)
+{
+    *ptr = NULL;
+    const int device = impl_of(be)->device;
+    int c = bytes > SIZE_MAX - POOL_HDR ? -1 : class_of(bytes + POOL_HDR);
+    if (c < 0) return RL_FAIL(RL_ERR_NOMEM, "a result of %zu bytes is too large", bytes);
+    const size_t sz = class_bytes(c);
+    pthread_mutex_lock(&pool_mu);
+    pool_read_cap();
+    pool_block *b = pool_free_list[c];
+    if (b) {
+        pool_free_list[c] = b->next;
+        pool_cached -= sz;
+        pool_live += sz;
+        pool_reused++;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    if (!b) {
+        void *base = NULL;
+        dev_scope sc;
+        RL_TRY(scope_enter(&sc, device));
+        rl_status st = host_alloc_in(&base, sz);
+        scope_leave(&sc);
+        if (st != RL_OK) {      /* cached blocks of other sizes may be what is missing */
+            pool_drain();
+            RL_TRY(scope_enter(&sc, device));
+            st = host_alloc_in(&base, sz);
+            scope_leave(&sc);
+            if (st != RL_OK) return st;
+        }
+        b = base;
+        pthread_mutex_lock(&pool_mu);
+        pool_live += sz;
+        pool_allocated++;
+        pthread_mutex_unlock(&pool_mu);
+        b->device = device;
+    }
+    b->magic = POOL_MAGIC;
+    b->cls = c;
+    b->next = NULL;
+    *ptr = (char *)b + POOL_HDR;
+    return RL_OK;
+}
+
+/* Needs no backend state (results outlive the backend): the block goes back
+ * to the pool, or is freed on the device it came from when the pool holds
+ * its cap already. */
 static void cuda_host_release(void *ptr)
 {
-    if (ptr) (void)cudaFreeHost(ptr);
+    if (!ptr) return;
+    pool_block *b = (pool_block *)((char *)ptr - POOL_HDR);
+    pthread_mutex_lock(&pool_mu);
+    /* not a block a result holds (released already, or not ours): ignored */
+    if (b->magic != POOL_MAGIC || b->cls < 0 || b->cls >= POOL_CLASSES) {
+        pthread_mutex_unlock(&pool_mu);
+        return;
+    }
+    const size_t sz = class_bytes(b->cls);
+    pool_read_cap();
+    pool_live -= sz;
+    int keep = pool_cached + sz <= pool_cap;
+    if (keep) {
+        b->magic = POOL_CACHED;
+        b->next = pool_free_list[b->cls];
+        pool_free_list[b->cls] = b;
+        pool_cached += sz;
+    } else {
+        b->magic = 0;
+        pool_freed++;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    if (keep) return;
+    dev_scope sc;
+    if (scope_enter(&sc, b->device) != RL_OK) return;
+    (void)host_free_in(b);
+    scope_leave(&sc);
 }
+
+void rl_cuda_pinned_pool_stats(rl_pinned_pool_stats *out)
+{
+    pthread_mutex_lock(&pool_mu);
+    pool_read_cap();
+    out->cap_bytes = pool_cap;
+    out->cached_bytes = pool_cached;
+    out->live_bytes = pool_live;
+    out->reused = pool_reused;
+    out->allocated = pool_allocated;
+    out->freed = pool_freed;
+    pthread_mutex_unlock(&pool_mu);
+}
+
+void rl_cuda_pinned_pool_trim(void) { pool_drain(); }
 
 /* ---- uploads ----------------------------------------------------------- */
 
@@ -266,7 +560,7 @@ static void convert_chunk(void *dst, rl_dtype dst_dtype, const void *src, rl_dty
     }
 }
 
-static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype,
+static rl_status upload_in(rl_backend *be, void *dst, rl_dtype dst_dtype,
                              size_t dst_offset_elems, const void *src_host, rl_dtype src_dtype,
                              size_t n)
 {
@@ -275,7 +569,6 @@ static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype,
         return RL_FAIL(RL_ERR_INVALID, "CUDA upload: destination dtype %s is not stored on the "
                        "device (bf16 or f32 only)", rl_dtype_name(dst_dtype));
     if (n == 0) return RL_OK;
-    RL_TRY(enter(be));
     RL_TRY(ensure_staging(im));
     const size_t des = rl_dtype_size(dst_dtype), ses = rl_dtype_size(src_dtype);
     const size_t chunk = STAGE_BYTES / des;
@@ -297,18 +590,16 @@ static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype,
 /* Small per-batch arrays (tokens, offsets, spans). A pageable source is
  * staged by the driver before cudaMemcpyAsync returns, so the caller may
  * reuse it at once. */
-static rl_status cuda_upload_i32(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n)
+static rl_status upload_i32_in(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n)
 {
     if (n == 0) return RL_OK;
-    RL_TRY(enter(be));
     CU_CHECK(cudaMemcpyAsync(dst, src_host, n * sizeof(int32_t), cudaMemcpyHostToDevice,
                              impl_of(be)->stream));
     return RL_OK;
 }
 
-static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float *src, size_t n)
+static rl_status download_f32_in(rl_backend *be, float *dst_host, const float *src, size_t n)
 {
-    RL_TRY(enter(be));
     cuda_impl *im = impl_of(be);
     if (n) CU_CHECK(cudaMemcpyAsync(dst_host, src, n * sizeof(float), cudaMemcpyDeviceToHost,
                                     im->stream));
@@ -316,17 +607,15 @@ static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float 
     return RL_OK;
 }
 
-static rl_status cuda_sync(rl_backend *be)
+static rl_status sync_in(rl_backend *be)
 {
-    RL_TRY(enter(be));
     CU_CHECK(cudaStreamSynchronize(impl_of(be)->stream));
     return RL_OK;
 }
 
-static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
+static rl_status mem_info_be_in(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
 {
     *free_bytes = *total_bytes = 0;
-    RL_TRY(enter(be));
     CU_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
     return RL_OK;
 }
@@ -336,7 +625,11 @@ static int cuda_is_resident(rl_backend *be, const void *ptr)
     if (!ptr) return 0;
     struct cudaPointerAttributes a;
     memset(&a, 0, sizeof a);
-    if (cudaPointerGetAttributes(&a, ptr) != cudaSuccess) {
+    dev_scope sc;
+    if (scope_enter(&sc, impl_of(be)->device) != RL_OK) return 0;
+    cudaError_t e = cudaPointerGetAttributes(&a, ptr);
+    scope_leave(&sc);
+    if (e != cudaSuccess) {
         (void)cudaGetLastError();
         return 0;
     }
@@ -345,16 +638,15 @@ static int cuda_is_resident(rl_backend *be, const void *ptr)
 
 /* ---- ops --------------------------------------------------------------- */
 
-static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+static rl_status embed_in(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
                             int64_t d, void *x)
 {
     if (T == 0) return RL_OK;
-    RL_TRY(enter(be));
     CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, impl_of(be)->f32, d, x));
     return RL_OK;
 }
 
-static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
+static rl_status rmsnorm_in(rl_backend *be, const void *x, const void *w, void *y,
                               rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
 {
     if (out_dtype != RL_BF16 && out_dtype != RL_F32)
@@ -366,7 +658,7 @@ static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void
     return RL_OK;
 }
 
-static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+static rl_status gemm_in(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
                            const void *bias, void *y, int64_t M, int64_t N, int64_t K,
                            int accumulate)
 {
@@ -393,7 +685,7 @@ static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x
     return RL_OK;
 }
 
-static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+static rl_status qk_norm_rope_in(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                    int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
                                    const void *k_norm, float eps, const float *inv_freq)
 {
@@ -406,7 +698,7 @@ static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void 
     return RL_OK;
 }
 
-static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const void *qkv,
+static rl_status attention_in(rl_backend *be, const rl_segments *seg, const void *qkv,
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
                                 float scale)
 {
@@ -420,14 +712,14 @@ static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const vo
     return RL_OK;
 }
 
-static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+static rl_status swiglu_in(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
 {
     if (T == 0) return RL_OK;
     CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, impl_of(be)->f32, T, ff));
     return RL_OK;
 }
 
-static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+static rl_status pool_in(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
                            const int32_t *spans_abs, int64_t S, rl_pool mode, float *out)
 {
     if (src_dtype != RL_BF16 && src_dtype != RL_F32)
@@ -439,6 +731,76 @@ static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, in
     return RL_OK;
 }
 
+/* ---- the op table: each entry with the backend's device current -------- */
+
+static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
+                             const void *src_host, rl_dtype src_dtype, size_t n)
+{
+    ON_BACKEND(be, upload_in(be, dst, dst_dtype, dst_offset_elems, src_host, src_dtype, n));
+}
+
+static rl_status cuda_upload_i32(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n)
+{
+    ON_BACKEND(be, upload_i32_in(be, dst, src_host, n));
+}
+
+static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float *src, size_t n)
+{
+    ON_BACKEND(be, download_f32_in(be, dst_host, src, n));
+}
+
+static rl_status cuda_sync(rl_backend *be) { ON_BACKEND(be, sync_in(be)); }
+
+static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
+{
+    *free_bytes = *total_bytes = 0;
+    ON_BACKEND(be, mem_info_be_in(be, free_bytes, total_bytes));
+}
+
+static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                            int64_t d, void *x)
+{
+    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x));
+}
+
+static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
+                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+{
+    ON_BACKEND(be, rmsnorm_in(be, x, w, y, out_dtype, rows, d, eps));
+}
+
+static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+                           const void *bias, void *y, int64_t M, int64_t N, int64_t K,
+                           int accumulate)
+{
+    ON_BACKEND(be, gemm_in(be, seg, x, w, bias, y, M, N, K, accumulate));
+}
+
+static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+                                   int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
+                                   const void *k_norm, float eps, const float *inv_freq)
+{
+    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, eps, inv_freq));
+}
+
+static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const void *qkv,
+                                void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
+                                float scale)
+{
+    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale));
+}
+
+static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+{
+    ON_BACKEND(be, swiglu_in(be, gu, out, T, ff));
+}
+
+static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+                           const int32_t *spans_abs, int64_t S, rl_pool mode, float *out)
+{
+    ON_BACKEND(be, pool_in(be, x, src_dtype, d, spans_abs, S, mode, out));
+}
+
 /* ---- creation / destruction -------------------------------------------- */
 
 static void cuda_destroy(rl_backend *be)
@@ -446,7 +808,8 @@ static void cuda_destroy(rl_backend *be)
     if (!be) return;
     cuda_impl *im = impl_of(be);
     if (im) {
-        (void)cudaSetDevice(im->device);
+        dev_scope sc;
+        int entered = scope_enter(&sc, im->device) == RL_OK;
         if (im->stream) (void)cudaStreamSynchronize(im->stream);
         if (im->handle && im->blas.destroy) (void)im->blas.destroy(im->handle);
         if (im->blas_ws) (void)cudaFree(im->blas_ws);
@@ -457,9 +820,33 @@ static void cuda_destroy(rl_backend *be)
         if (im->stream) (void)cudaStreamDestroy(im->stream);
         rl_cublas_unload(&im->blas);
         (void)cudaGetLastError();
+        if (entered) scope_leave(&sc);
         free(im);
     }
     free(be);
+}
+
+/* bf16 or f32 storage; the head dims the attention kernels are instantiated
+ * for (rl_k_attention_supports); at most 65535 query heads (the attention
+ * grid's z dimension); every pooling. */
+static const int16_t CUDA_HEAD_DIMS[] = {16, 32, 64, 80, 96, 128, 256};
+static const rl_backend_caps CUDA_CAPS = {
+    .dtypes = (1u << RL_BF16) | (1u << RL_F32),
+    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST),
+    .head_dims = CUDA_HEAD_DIMS,
+    .n_head_dims = (int)(sizeof CUDA_HEAD_DIMS / sizeof CUDA_HEAD_DIMS[0]),
+    .max_heads = 65535,
+};
+
+rl_status rl_cuda_caps(rl_backend_caps *out)
+{
+    *out = CUDA_CAPS;
+    /* the list above and the kernels' own must agree */
+    for (int i = 0; i < CUDA_CAPS.n_head_dims; i++)
+        if (!rl_k_attention_supports(CUDA_HEAD_DIMS[i]))
+            return RL_FAIL(RL_ERR_DEVICE, "internal: the CUDA attention kernel lacks head_dim %d",
+                           (int)CUDA_HEAD_DIMS[i]);
+    return RL_OK;
 }
 
 static void fill_table(rl_backend *be, rl_dtype dtype)
@@ -485,12 +872,12 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->swiglu = cuda_swiglu;
     be->pool = cuda_pool;
     be->destroy = cuda_destroy;
+    be->caps = &CUDA_CAPS;
 }
 
 /* Stream, events, cuBLAS handle and workspace of a fresh backend. */
 static rl_status init_impl(cuda_impl *im)
 {
-    CU_CHECK(cudaSetDevice(im->device));
     CU_CHECK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
     for (int i = 0; i < 2; i++)
         CU_CHECK(cudaEventCreateWithFlags(&im->stage_done[i], cudaEventDisableTiming));
@@ -531,9 +918,15 @@ rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend
     be->name = im->name;
     be->kernel = im->kernel;
     fill_table(be, dtype);
-    rl_status st = init_impl(im);
+    dev_scope sc;
+    rl_status st = scope_enter(&sc, device_index);
+    if (st == RL_OK) {
+        st = init_impl(im);
+        scope_leave(&sc);
+    }
     if (st != RL_OK) {
-        cuda_destroy(be); /* keeps the message: destroy records no error */
+        cuda_destroy(be); /* keeps the message: destroy records none (unless the device
+                             cannot even be made current, the same failure) */
         return st;
     }
     *out = be;

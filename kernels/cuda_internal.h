@@ -2,8 +2,9 @@
  *
  * The backend is split by language:
  * - cuda_backend.c   (C, compiled with the engine sources when RL_WITH_CUDA):
- *   the rl_backend object, device checks, memory, uploads with host-side
- *   dtype conversion (OpenMP) into pinned staging buffers, GEMM via cuBLAS.
+ *   the rl_backend object, device checks and the current-device scope,
+ *   memory and the pinned result pool, uploads with host-side dtype
+ *   conversion (OpenMP) into pinned staging buffers, GEMM via cuBLAS.
  * - cublas_loader.c  (C): dlopen()s libcublas at backend creation and
  *   resolves the few entry points used, with our own typedefs and constants
  *   (no cuBLAS header or library is needed to build).
@@ -29,11 +30,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* Not in engine.h (the binding may declare them itself): the number of
- * visible devices (0 when no driver/device), and the device check alone. */
-int rl_cuda_device_count(void);
-rl_status rl_cuda_check_device(int device_index);
 
 /* ---- cuBLAS, loaded at run time (cublas_loader.c) --------------------- */
 

@@ -1,10 +1,14 @@
-"""Loads the compiled core. OpenBLAS (from the scipy-openblas32 wheel) is
-opened first with RTLD_GLOBAL so `_core` finds it wherever the package was
-installed (wheel, editable install, build tree)."""
+"""Loads the compiled core.
+
+A build with OpenBLAS (scipy-openblas32) links `libscipy_openblas.so` with an
+rpath to where the wheel was at build time. When that no longer holds (the
+package was installed elsewhere: a wheel, an editable install, a build tree)
+the first import fails, and the library is then opened from the installed
+wheel with RTLD_GLOBAL so that `_core` finds it. A build with the builtin C
+GEMM (`build_info()["blas"] == "builtin C GEMM"`) links no BLAS, and
+scipy_openblas32 is never imported for it."""
 import ctypes
 import os
-
-import scipy_openblas32 as _openblas
 
 # GNU OpenMP workers spin ~300k iterations after each parallel region. The
 # engine alternates many short OpenMP regions with single-threaded work, and
@@ -14,12 +18,31 @@ import scipy_openblas32 as _openblas
 # this when _core loads it, so it must be set first; a user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
-_blas_path = os.path.join(_openblas.get_lib_dir(), "lib" + _openblas.get_library() + ".so")
-ctypes.CDLL(_blas_path, mode=ctypes.RTLD_GLOBAL)
 
-from . import _core  # noqa: E402  (must follow the preload)
+def _load_core():
+    try:
+        from . import _core
+        return _core
+    except ImportError as exc:
+        if "openblas" not in str(exc):
+            raise
+        first = exc
+    try:
+        import scipy_openblas32 as openblas
+    except ImportError as exc:
+        raise ImportError(f"rjepa_latent._core was built with OpenBLAS, which cannot be loaded "
+                          f"({first}); install scipy-openblas32, or rebuild with "
+                          f"RJEPA_BLAS=builtin") from exc
+    path = os.path.join(openblas.get_lib_dir(), "lib" + openblas.get_library() + ".so")
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    from . import _core
+    return _core
+
+
+_core = _load_core()
 
 
 def build_info() -> dict:
-    """Version, BLAS, whether CUDA is compiled in and for which archs."""
+    """Version, BLAS ("scipy-openblas32 <config>" or "builtin C GEMM"),
+    whether CUDA is compiled in and for which archs, OpenMP."""
     return dict(_core.build_info())

@@ -97,7 +97,7 @@ def test_cublas_constants_match_headers(tmp_path: Path) -> None:
 
 
 def _core():
-    from rjepa_latent import _native  # noqa: F401  (loads OpenBLAS first)
+    from rjepa_latent import _native  # noqa: F401  (loads _core and the BLAS it needs)
     from rjepa_latent import _core
     return _core
 

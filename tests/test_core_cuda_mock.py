@@ -1,0 +1,444 @@
+"""The host-side logic of the CUDA backend, run without a GPU.
+
+kernels/cuda_backend.c is compiled (as it is for the real build) against a
+mock CUDA runtime and driver written below: host memory stands in for device
+memory, kernels and cuBLAS do nothing, and the mock keeps, per thread, the
+current device and context the way cudart/libcuda do. The mock is built as a
+shared library; once with the soname libcuda.so.1 (so the backend finds the
+driver's context calls, as it does next to a real cudart) and once without
+(the cudaSetDevice fallback). The C program then checks:
+
+- every entry point (create, alloc, upload, forward ops, download, free,
+  destroy, mem_info) runs with the backend's device current and gives the
+  calling thread its device and context back; a thread with no context gets
+  none back and no context is created on another device;
+- the pinned pool: results are served from it (cudaHostAlloc once per size
+  class), go back to it when released (also after the model and backend are
+  freed), are freed when the pool holds its cap, stay within 25 % of the
+  requested size, and survive 8 threads allocating and releasing at once
+  (each block used by one thread at a time, counters balanced at the end).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cuda_include() -> Path | None:
+    from test_cuda_build import _cuda_include as find
+    return find()
+
+
+MOCK_C = r"""
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "cuda_internal.h"
+
+/* ---- state: per thread device and context; primary contexts; counters ---- */
+#define NDEV 2
+typedef struct { int device; int active; } mock_ctx;
+static mock_ctx primary[NDEV] = {{0, 0}, {1, 0}};
+static __thread int cur_dev = 0;          /* cudart's per-thread device (default 0) */
+static __thread mock_ctx *cur_ctx = NULL; /* the driver's current context */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+long mock_host_allocs, mock_host_frees, mock_wrong_device, mock_portable_missing;
+int mock_expect_device = -1;              /* what the next device work must see */
+
+int mock_primary_active(int d) { return primary[d].active; }
+int mock_current_device(void) { return cur_dev; }
+void *mock_current_ctx(void) { return cur_ctx; }
+void mock_make_current(int d) { primary[d].active = 1; cur_ctx = &primary[d]; cur_dev = d; }
+
+static void seen(void)
+{
+    if (mock_expect_device >= 0 && (cur_dev != mock_expect_device || !cur_ctx ||
+                                    cur_ctx->device != mock_expect_device)) {
+        pthread_mutex_lock(&mu);
+        mock_wrong_device++;
+        pthread_mutex_unlock(&mu);
+    }
+}
+
+/* ---- runtime ---- */
+cudaError_t cudaGetDevice(int *d) { *d = cur_ctx ? cur_ctx->device : cur_dev; return cudaSuccess; }
+cudaError_t cudaSetDevice(int d)
+{
+    if (d < 0 || d >= NDEV) return cudaErrorInvalidDevice;
+    primary[d].active = 1;    /* like CUDA 12+: it initializes the primary context */
+    cur_ctx = &primary[d];
+    cur_dev = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDeviceCount(int *n) { *n = NDEV; return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d)
+{
+    *v = a == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
+    return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char *cudaGetErrorName(cudaError_t e) { return "mockError"; }
+const char *cudaGetErrorString(cudaError_t e) { return "mock error"; }
+cudaError_t cudaMemGetInfo(size_t *f, size_t *t) { seen(); *f = (size_t)64 << 30; *t = (size_t)80 << 30; return cudaSuccess; }
+cudaError_t cudaMalloc(void **p, size_t n)
+{
+    seen();
+    *p = NULL;
+    return posix_memalign(p, 256, n ? n : 1) ? cudaErrorMemoryAllocation : cudaSuccess;
+}
+cudaError_t cudaFree(void *p) { seen(); free(p); return cudaSuccess; }
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned int flags)
+{
+    *p = NULL;
+    if (posix_memalign(p, 4096, n ? n : 1)) return cudaErrorMemoryAllocation;
+    pthread_mutex_lock(&mu);
+    mock_host_allocs++;
+    pthread_mutex_unlock(&mu);
+    return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void *p)
+{
+    free(p);
+    pthread_mutex_lock(&mu);
+    mock_host_frees++;
+    pthread_mutex_unlock(&mu);
+    return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int f) { seen(); *s = (cudaStream_t)malloc(8); return cudaSuccess; }
+cudaError_t cudaStreamDestroy(cudaStream_t s) { seen(); free(s); return cudaSuccess; }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int f) { seen(); *e = (cudaEvent_t)malloc(8); return cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { free(e); return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t s) { seen(); return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { seen(); return cudaSuccess; }
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, enum cudaMemcpyKind k, cudaStream_t st)
+{
+    seen();
+    memcpy(d, s, n);
+    return cudaSuccess;
+}
+cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void *p)
+{
+    seen();
+    memset(a, 0, sizeof *a);
+    a->type = cudaMemoryTypeDevice;
+    a->device = cur_dev;
+    return cudaSuccess;
+}
+
+/* ---- driver context calls (found only when this library is libcuda.so.1) ---- */
+int cuCtxGetCurrent(void **c) { *c = cur_ctx; return 0; }
+int cuCtxSetCurrent(void *c) { cur_ctx = c; if (c) cur_dev = ((mock_ctx *)c)->device; return 0; }
+int cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; return 0; }
+int cuDevicePrimaryCtxGetState(int dev, unsigned *flags, int *active)
+{
+    *flags = 0;
+    *active = primary[dev].active;
+    return 0;
+}
+
+/* ---- kernels and cuBLAS: no work, but they must run on the right device ---- */
+cudaError_t rl_k_embed(cudaStream_t s, const int32_t *t, int64_t T, const void *tab, int f, int64_t d, float *x) { seen(); return cudaSuccess; }
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int wf, void *y, int of, int64_t r, int64_t d, float e) { seen(); return cudaSuccess; }
+cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int yf, const void *b, int bf, int64_t M, int64_t N, int add) { seen(); return cudaSuccess; }
+cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *q, int f, int64_t T, int64_t nh, int64_t nkv, int64_t hd, const void *qn, const void *kn, float e, const float *inv, const int32_t *pos) { seen(); return cudaSuccess; }
+int rl_k_attention_supports(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256; }
+cudaError_t rl_k_attention(cudaStream_t s, const void *q, void *o, int f, const int32_t *cu, int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float sc, int mma) { seen(); return cudaSuccess; }
+cudaError_t rl_k_swiglu(cudaStream_t s, const void *g, void *o, int f, int64_t T, int64_t ff) { seen(); return cudaSuccess; }
+cudaError_t rl_k_pool(cudaStream_t s, const void *x, int f, int64_t d, const int32_t *sp, int64_t S, int mode, float *out) { seen(); return cudaSuccess; }
+
+static rl_cublas_status b_create(rl_cublas_handle *h) { seen(); *h = (rl_cublas_handle)malloc(8); return 0; }
+static rl_cublas_status b_destroy(rl_cublas_handle h) { seen(); free(h); return 0; }
+static rl_cublas_status b_stream(rl_cublas_handle h, cudaStream_t s) { return 0; }
+static rl_cublas_status b_ws(rl_cublas_handle h, void *w, size_t n) { return 0; }
+static rl_cublas_status b_math(rl_cublas_handle h, int m) { return 0; }
+static rl_cublas_status b_gemm(rl_cublas_handle h, int ta, int tb, int m, int n, int k, const void *al,
+                               const void *A, int at, int lda, const void *B, int bt, int ldb,
+                               const void *be, void *C, int ct, int ldc, int comp, int algo) { seen(); return 0; }
+static rl_cublas_status b_version(rl_cublas_handle h, int *v) { *v = 130100; return 0; }
+rl_status rl_cublas_load(rl_cublas_api *api)
+{
+    memset(api, 0, sizeof *api);
+    api->create = b_create; api->destroy = b_destroy; api->set_stream = b_stream;
+    api->set_workspace = b_ws; api->set_math_mode = b_math; api->gemm_ex = b_gemm;
+    api->get_version = b_version;
+    return RL_OK;
+}
+void rl_cublas_unload(rl_cublas_api *api) { api->lib = NULL; }
+"""
+
+MAIN_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "common.h"
+
+extern long mock_host_allocs, mock_host_frees, mock_wrong_device;
+extern int mock_expect_device;
+int mock_primary_active(int d);
+int mock_current_device(void);
+void *mock_current_ctx(void);
+void mock_make_current(int d);
+
+static int failures;
+#define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #c, rl_last_error()); } } while (0)
+
+static rl_config tiny(void)
+{
+    rl_config c = {.vocab_size = 11, .hidden_size = 16, .intermediate_size = 32, .num_layers = 2,
+                   .num_heads = 2, .num_kv_heads = 1, .head_dim = 16, .max_layer = 2,
+                   .rms_norm_eps = 1e-6};
+    return c;
+}
+
+/* Loads and runs a tiny model on `be` (taken); returns its result. */
+static rl_result run_model(rl_backend *be, int dev, rl_model **keep)
+{
+    rl_result res = {0};
+    rl_config c = tiny();
+    rl_model *m = NULL;
+    mock_expect_device = dev;
+    CHECK(rl_model_create(&c, be, &m) == RL_OK);
+    if (!m) return res;
+    static float buf[11 * 64];
+    for (int k = 0; k < RL_T_COUNT; k++)
+        for (int64_t l = 0; l < (rl_tensor_kind_is_global((rl_tensor_kind)k) ? 1 : 2); l++) {
+            int64_t s[2];
+            int nd = rl_tensor_shape(&c, (rl_tensor_kind)k, s);
+            if (nd) CHECK(rl_model_set_tensor(m, (rl_tensor_kind)k, l, buf, RL_F32, s, nd) == RL_OK);
+        }
+    CHECK(rl_model_reserve(m, 16) == RL_OK);
+    int32_t tok[5] = {1, 2, 3, 4, 5}, cu[3] = {0, 2, 5}, layers[2] = {0, 2}, spans[4] = {0, 2, 0, 3},
+            seq[2] = {0, 1};
+    rl_batch b = {tok, 5, cu, 2, layers, 2, spans, seq, 2, RL_POOL_MEAN};
+    CHECK(rl_model_forward(m, &b, &res) == RL_OK);
+    CHECK(rl_model_verify_resident(m) == RL_OK);
+    size_t f, t;
+    CHECK(rl_model_backend(m)->mem_info(rl_model_backend(m), &f, &t) == RL_OK && t > 0);
+    *keep = m;
+    return res;
+}
+
+typedef struct { rl_backend *be; int id; long bad; } worker_arg;
+
+static void *worker(void *p)
+{
+    worker_arg *a = p;
+    unsigned seed = 1234u + (unsigned)a->id;
+    for (int i = 0; i < 3000; i++) {
+        size_t n = 1 + (size_t)(rand_r(&seed) % (300 * 1024));
+        unsigned char *q = NULL;
+        if (a->be->host_alloc(a->be, (void **)&q, n) != RL_OK || !q) { a->bad++; continue; }
+        memset(q, a->id, n);
+        if (i % 7 == 0) sched_yield();
+        for (size_t j = 0; j < n; j += 997) if (q[j] != (unsigned char)a->id) { a->bad++; break; }
+        if (q[n - 1] != (unsigned char)a->id) a->bad++;
+        a->be->host_release(q);
+    }
+    return NULL;
+}
+
+static void *fresh_thread(void *p)
+{
+    rl_backend *be = p;
+    /* no context current, device 0 has none: work on device 1 must leave both so */
+    int *out = calloc(4, sizeof *out);
+    void *d = NULL;
+    out[0] = be->alloc(be, &d, 1024) == RL_OK;
+    be->free(be, d);
+    out[1] = mock_current_ctx() == NULL;
+    out[2] = mock_primary_active(0);
+    return out;
+}
+
+int main(void)
+{
+    setenv("RJEPA_PINNED_POOL_MB", "8", 1);
+    void *drv = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    const int ctx_api = drv != NULL;
+    printf("ctx_api %d\n", ctx_api);
+
+    /* a fresh thread first (before anything made device 0's context) */
+    rl_backend *be1 = NULL;
+    {
+        pthread_t th;
+        /* creating the backend happens on this (main) thread, which has no context yet */
+        mock_expect_device = 1;
+        CHECK(rl_backend_cuda_create_ex(1, RL_BF16, &be1) == RL_OK);
+        if (ctx_api) {
+            CHECK(mock_current_ctx() == NULL);     /* none before, none after */
+            CHECK(!mock_primary_active(0));        /* and no context made on device 0 (the
+                                                      runtime may report device 1 now) */
+        } else {
+            CHECK(mock_current_device() == 0);     /* cudaSetDevice(0) restores the report */
+        }
+        pthread_create(&th, NULL, fresh_thread, be1);
+        int *r;
+        pthread_join(th, (void **)&r);
+        CHECK(r[0]);
+        if (ctx_api) CHECK(r[1] && !r[2]);
+        free(r);
+    }
+
+    /* a thread whose current device is 0 (like torch's) runs a model on device 1 */
+    mock_make_current(0);
+    void *ctx0 = mock_current_ctx();
+    rl_model *m1 = NULL;
+    rl_result r1 = run_model(be1, 1, &m1);
+    CHECK(mock_current_device() == 0 && mock_current_ctx() == ctx0);
+    CHECK(r1.data != NULL && r1.n_layers == 2 && r1.n_spans == 2);
+
+    /* and one on device 0 while device 1 is current */
+    rl_backend *be0 = NULL;
+    mock_make_current(1);
+    void *ctx1 = mock_current_ctx();
+    mock_expect_device = 0;
+    CHECK(rl_backend_cuda_create_ex(0, RL_F32, &be0) == RL_OK);
+    rl_model *m0 = NULL;
+    rl_result r0 = run_model(be0, 0, &m0);
+    CHECK(mock_current_device() == 1 && mock_current_ctx() == ctx1);
+    size_t fr, tot;
+    mock_expect_device = 0;
+    CHECK(rl_cuda_mem_info(0, &fr, &tot) == RL_OK && tot > 0);
+    CHECK(mock_current_device() == 1);
+    CHECK(mock_wrong_device == 0);
+
+    /* results outlive their model and backend; their blocks go back to the pool */
+    mock_expect_device = -1;
+    long allocs = mock_host_allocs, frees = mock_host_frees;
+    rl_model_free(m0);
+    rl_model_free(m1);
+    rl_pinned_pool_stats st;
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.live_bytes > 0 && st.cap_bytes == (size_t)8 << 20);
+    memset(r1.data, 1, (size_t)r1.n_layers * r1.n_spans * r1.hidden * 4);
+    rl_result_free(&r1);
+    rl_result_free(&r0);
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.live_bytes == 0 && st.cached_bytes > 0);
+    CHECK(mock_host_frees - frees == 4);            /* the two backends' staging buffers only */
+    (void)allocs;
+
+    /* a new backend reuses a cached block: no cudaHostAlloc for the result */
+    mock_make_current(0);
+    CHECK(rl_backend_cuda_create_ex(1, RL_BF16, &be1) == RL_OK);
+    void *p = NULL;
+    uint64_t reused = st.reused;
+    allocs = mock_host_allocs;
+    CHECK(be1->host_alloc(be1, &p, 2 * 16 * 4) == RL_OK && ((uintptr_t)p & 63) == 0);
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.reused == reused + 1 && mock_host_allocs == allocs);
+    be1->host_release(p);
+
+    /* size classes: live bytes within [n + header, 1.25 (n + header)] */
+    for (size_t n = 1; n < ((size_t)3 << 20); n = n * 3 + 7) {
+        rl_pinned_pool_stats a, b;
+        rl_cuda_pinned_pool_stats(&a);
+        CHECK(be1->host_alloc(be1, &p, n) == RL_OK);
+        rl_cuda_pinned_pool_stats(&b);
+        size_t got = b.live_bytes - a.live_bytes, need = n + 64;
+        CHECK(got >= need && (got <= need + need / 4 || got == 4096));
+        be1->host_release(p);
+    }
+
+    /* a second release of the same block is ignored (it is not put in the pool twice) */
+    {
+        rl_pinned_pool_stats a, b;
+        CHECK(be1->host_alloc(be1, &p, 1000) == RL_OK);
+        be1->host_release(p);
+        rl_cuda_pinned_pool_stats(&a);
+        be1->host_release(p);
+        rl_cuda_pinned_pool_stats(&b);
+        CHECK(a.cached_bytes == b.cached_bytes && a.live_bytes == b.live_bytes);
+        void *p2 = NULL, *p3 = NULL;
+        CHECK(be1->host_alloc(be1, &p2, 1000) == RL_OK && be1->host_alloc(be1, &p3, 1000) == RL_OK);
+        CHECK(p2 != p3);
+        be1->host_release(p2);
+        be1->host_release(p3);
+    }
+
+    /* over the cap: releasing frees; trim empties the pool */
+    rl_cuda_pinned_pool_trim();
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.cached_bytes == 0 && st.live_bytes == 0);
+    void *big[3];
+    for (int i = 0; i < 3; i++) CHECK(be1->host_alloc(be1, &big[i], (size_t)3 << 20) == RL_OK);
+    frees = mock_host_frees;
+    for (int i = 0; i < 3; i++) be1->host_release(big[i]);
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.cached_bytes <= st.cap_bytes && st.cached_bytes > 0);
+    CHECK(mock_host_frees - frees == 1);            /* 2 x 3.5 MiB cached, the third freed */
+
+    /* 8 threads at once */
+    pthread_t th[8];
+    worker_arg args[8];
+    for (int i = 0; i < 8; i++) {
+        args[i] = (worker_arg){be1, i + 1, 0};
+        pthread_create(&th[i], NULL, worker, &args[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(args[i].bad == 0);
+    }
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.live_bytes == 0 && st.cached_bytes <= st.cap_bytes);
+    CHECK(st.allocated == st.freed + 0 || st.cached_bytes > 0);
+    be1->destroy(be1);
+    rl_cuda_pinned_pool_trim();
+    rl_cuda_pinned_pool_stats(&st);
+    CHECK(st.cached_bytes == 0 && st.allocated == st.freed);
+    CHECK(mock_current_device() == 0);
+    CHECK(mock_wrong_device == 0);
+    printf("reused %llu allocated %llu freed %llu failures %d\n", (unsigned long long)st.reused,
+           (unsigned long long)st.allocated, (unsigned long long)st.freed, failures);
+    return failures != 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_inc() -> Path:
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h)")
+    return inc
+
+
+@pytest.mark.parametrize("soname", ["libcuda.so.1", "libmockcudart.so"])
+def test_cuda_backend_host_logic_on_a_mock_runtime(tmp_path, cuda_inc, soname):
+    cc = os.environ.get("CC", "cc")
+    (tmp_path / "mock.c").write_text(MOCK_C)
+    (tmp_path / "main.c").write_text(MAIN_C)
+    inc = [f"-I{cuda_inc}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}"]
+    lib = tmp_path / soname
+    r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-std=gnu11", "-DRL_WITH_CUDA", *inc,
+                        str(tmp_path / "mock.c"), "-o", str(lib), f"-Wl,-soname,{soname}",
+                        "-lpthread"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    srcs = [ROOT / "csrc" / f for f in ("common.c", "engine.c", "ops_cpu.c", "gemm_builtin.c")]
+    srcs.append(ROOT / "kernels" / "cuda_backend.c")
+    exe = tmp_path / "main"
+    r = subprocess.run([cc, "-O1", "-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+                        "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                        "-DRL_WITH_CUDA", "-DRL_BLAS_BUILTIN", *inc, *map(str, srcs),
+                        str(tmp_path / "main.c"), "-o", str(exe), str(lib),
+                        f"-Wl,-rpath,{tmp_path}", "-ldl", "-lpthread", "-lm"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == f"ctx_api {int(soname == 'libcuda.so.1')}"
+    assert "failures 0" in r.stdout
