@@ -299,14 +299,14 @@ def _as_spans(spans: Any, name: str, length: int, seq_name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Checked:
     """One sequence that `Model.check` accepted: int32 token ids [T], int32
     spans [S, 2] ([t, t+1) per token when `per_token`, for pooling "none")."""
     ids: np.ndarray
     spans: np.ndarray
     per_token: bool
-    model: "Model" = field(repr=False, compare=False)
+    model: "Model" = field(repr=False)
 
     @property
     def cost(self) -> int:
@@ -483,7 +483,11 @@ class Model:
             raise ValueError(f"a batch of {need} tokens of workspace is more than the {have} "
                              f"reserved on {self.device}; use max_batch_tokens <= {have}, or "
                              f"load the Model with a larger max_batch_tokens")
-        engine.reserve(need)
+        try:
+            engine.reserve(need)  # frees the old workspace first
+        except BaseException:
+            engine.reserve(have)  # so a failed growth leaves the Model as it was
+            raise
         try:
             yield
         finally:

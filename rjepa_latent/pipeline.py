@@ -4,9 +4,9 @@ tokens -> planned batches -> engine -> shards, resumable, with progress.
 Design choices:
 - Records are parsed up front (cheap, and needed for duplicate ids and shard
   boundaries). Then three threads, one job each, joined by bounded queues:
-  a producer tokenizes and plans the next shards (`encode_batch` runs in
-  Rust without the GIL); the calling thread runs the engine
-  (`Model.extract` releases the GIL); a writer thread converts, checksums,
+  a producer tokenizes, checks and plans the next shards (`encode_batch`
+  runs in Rust without the GIL); the calling thread runs the engine
+  (`Model.run_batch`: the core releases the GIL); a writer thread converts, checksums,
   writes and fsyncs shards. So tokenization and disk I/O overlap with
   compute, and end-to-end tokens/s stays close to the bare engine's.
 - The seam to the engine is the Model's (see model.py): every tokenized
