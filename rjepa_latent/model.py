@@ -2,8 +2,8 @@
 states / step-pooled latents as zero-copy NumPy arrays) and `memory_plan`.
 
 Design choices:
-- The seam to the engine is three methods, and nothing reaches `_core`
-  another way: `check` validates one sequence with its spans (the only place
+- The seam to the engine is three methods, and no forward pass reaches
+  `_core` another way: `check` validates one sequence with its spans (the only place
   token ids, spans, the sliding window and the CUDA workspace limit are
   checked), `resolve_layers` validates layer indices, and `run_batch` runs
   exactly one engine call over sequences `check` accepted. Packing is
@@ -49,10 +49,8 @@ import numpy as np
 from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from . import _core
 from .checkpoint import CheckpointSource, engine_config, load_hf, load_hf_config
-from .checkpoint import resolve_max_layer  # noqa: F401  (re-exported; used by others)
-from .errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError,  # noqa: F401
-                     SequenceError, SequenceLengthError, SequenceTypeError, SpanError,
-                     SpanTypeError, TokenIdError)
+from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
+                     SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
 
 # The one definition of the pooling names. A span pooling reduces each
