@@ -2,17 +2,20 @@
 
 Data flows once: data -> tokenize -> plan -> _core -> store; see docs/.
 """
-from .errors import DeviceError, DeviceMemoryError, ModelFormatError, StoreError
+from .errors import (DeviceError, DeviceMemoryError, InputError, LayerError, LayerTypeError,
+                     ModelFormatError, SequenceError, SequenceLengthError, SequenceTypeError,
+                     SpanError, SpanTypeError, StoreError, TokenIdError)
 from ._native import build_info
 from .model import Model, memory_plan
 from .parity import check_parity
 from .pipeline import extract_dataset
 from .store import open_latents
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # recorded in every run's configuration (package_version)
 
 __all__ = [
-    "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError", "build_info",
-    "Model", "memory_plan", "check_parity",
-    "extract_dataset", "open_latents",
+    "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError",
+    "InputError", "SequenceError", "SequenceTypeError", "TokenIdError", "SequenceLengthError",
+    "SpanError", "SpanTypeError", "LayerError", "LayerTypeError",
+    "build_info", "Model", "memory_plan", "check_parity", "extract_dataset", "open_latents",
 ]

@@ -19,18 +19,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (modname, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:  # a subcommand still under construction
-            if e.name != modname:
-                raise
-            continue
-        mod.add_arguments(p)
+        mod = importlib.import_module(modname)
+        mod.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         modules[name] = mod
     args = parser.parse_args(argv)
-    if args.command not in modules:
-        parser.error(f"subcommand {args.command!r} is not available in this build")
     return int(modules[args.command].run(args) or 0)
 
 

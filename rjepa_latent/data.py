@@ -288,7 +288,7 @@ def _metadata(obj: dict, fmt: str) -> dict:
     return meta
 
 
-def _convert(obj: object, fmt: str, template: Template, marker: re.Pattern):
+def _parse_record(obj: object, fmt: str, template: Template, marker: re.Pattern):
     """-> (id or None, text, step ranges, metadata); raises _BadRecord."""
     if not isinstance(obj, dict):
         raise _BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
@@ -332,7 +332,7 @@ def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Templ
                     raise _BadRecord(parse_error)
                 rid = _record_id(obj) if isinstance(obj, dict) else None
                 _check_unicode(obj)
-                rid, text, ranges, meta = _convert(obj, fmt, template, marker)
+                rid, text, ranges, meta = _parse_record(obj, fmt, template, marker)
                 rid = rid if rid is not None else f"{path.stem}:{line}"
                 if rid in seen:
                     raise _BadRecord(f"duplicate id {rid!r} (first seen at {seen[rid]})")

@@ -2,78 +2,114 @@
 states / step-pooled latents as zero-copy NumPy arrays) and `memory_plan`.
 
 Design choices:
-- All argument validation happens here, with messages that name the argument
-  and the offending value; the C core validates again (never trusts Python)
-  but its messages are the last line of defence, not the user interface.
-- The device contract of DESIGN.md: `device=None` picks cuda:0 when a CUDA
-  device is visible, else the CPU with a one-line warning; an explicit CUDA
-  request that cannot be met raises DeviceError, never falls back; on CUDA
-  the bytes needed are compared with free memory before anything is
+- The seam to the engine is three methods, and no forward pass reaches
+  `_core` another way: `check` validates one sequence with its spans (the only place
+  token ids, spans, the sliding window and the CUDA workspace limit are
+  checked), `resolve_layers` validates layer indices, and `run_batch` runs
+  exactly one engine call over sequences `check` accepted. Packing is
+  `plan.plan_batches` (the one packer, one cost rule). `extract` is check ->
+  plan -> run_batch; the pipeline does the same steps itself (it checks in
+  its tokenizer thread, so a bad record becomes an error line, not an abort).
+- Each kind of bad input has its own exception (errors.py: TokenIdError,
+  SpanError, LayerError, SequenceLengthError, ...), all ValueErrors (the
+  wrong-type variants also TypeErrors), with messages that name the argument
+  and the offending value. The C core validates again (it never trusts
+  Python) but its messages are the last line of defence.
+- The device contract of docs/design.md: `device=None` picks cuda:0 when a
+  CUDA device is visible, else the CPU with a one-line warning; an explicit
+  CUDA request that cannot be met raises DeviceError, never falls back; on
+  CUDA the bytes needed are compared with free memory before anything is
   allocated; after load every weight is verified to be device memory.
-- `dtype` (storage of weights and GEMM operands): None means "bfloat16" on
-  CUDA and "float32" on the CPU; "float32" on CUDA is the fp32 reference mode
-  (no TF32); the CPU engine is fp32 only.
-- `extract` packs sequences greedily, in input order, into batches under a
-  token budget; per-sequence results are views into each batch's result
-  array (the core-allocated owner stays alive through them: still zero-copy).
+- `dtype` of a Model is the engine's compute dtype (storage of weights and
+  GEMM operands): None means "bfloat16" on CUDA and "float32" on the CPU;
+  "float32" on CUDA is the fp32 reference mode (no TF32); the CPU engine is
+  fp32 only. (The `dtype` of `extract_dataset` is the stored dtype, another
+  thing.)
+- `max_batch_tokens` is the batch budget; the engine's workspace is reserved
+  for it at load. A call that needs more (one sequence longer than the budget,
+  or a larger per-call budget) grows the CPU workspace for that call only and
+  gives it back afterwards, so a call never changes the Model; on CUDA the
+  workspace was sized and checked against free memory at load, so more is
+  refused.
+- Per-sequence results are views into each batch's result array (the
+  core-allocated owner stays alive through them: still zero-copy).
 - `pooling="none"` is one [t, t+1) span per token with "first" pooling, the
   engine's single output path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from . import _core
 from .checkpoint import CheckpointSource, engine_config, load_hf, load_hf_config
-from .checkpoint import resolve_max_layer
-from .errors import DeviceError, DeviceMemoryError
+from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
+                     SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
+from .plan import batch_cost, plan_batches
 
-POOLINGS = ("mean", "first", "last", "none")
+# The one definition of the pooling names. A span pooling reduces each
+# [start, end) span to one vector (what a run directory stores); "none" keeps
+# every token (Model.extract / hidden_states only).
+SPAN_POOLINGS = ("mean", "first", "last")
+TOKEN_POOLING = "none"
+POOLINGS = (*SPAN_POOLINGS, TOKEN_POOLING)
+# compute dtypes of the engine (Model.dtype); not the stored dtypes (store.STORE_DTYPES)
+ENGINE_DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 MIN_AUTO_BATCH_TOKENS = 512   # below this a GPU batch is too small to be worth running
 # headroom left free on a GPU for the CUDA context, cuBLAS workspace and the
-# allocator's rounding (the plan itself is exact)
+# allocator's rounding (the memory plan itself is exact)
 CUDA_HEADROOM_BYTES = 512 * 1024 * 1024
+MAX_WORKSPACE_TOKENS = 1 << 30  # the engine's reserve() limit
 GiB = 1024 ** 3
+
+
+def backend_of(device: str) -> str:
+    """"cpu" or "cuda" for a resolved device string."""
+    return "cpu" if device == "cpu" else "cuda"
 
 
 # ---------------------------------------------------------------------------
 # devices
 
 
-def resolve_device(device: str | None) -> str:
-    """"cpu" or "cuda:N" per the device contract (may warn or raise)."""
+def _parse_device(device: str | None) -> str:
+    """"cpu" or "cuda:N" from the spelling alone (no device is needed)."""
     if device is None:
-        if _core.cuda_device_count() > 0:
-            return "cuda:0"
-        warnings.warn("rjepa_latent: no CUDA device visible; running on the CPU",
-                      UserWarning, stacklevel=3)
-        return "cpu"
+        return "cuda:0" if _core.cuda_device_count() > 0 else "cpu"
     if not isinstance(device, str):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "cpu":
         return "cpu"
     if device == "cuda":
-        device = "cuda:0"
+        return "cuda:0"
     if device.startswith("cuda:") and device[5:].isdigit():
-        _core.cuda_check_device(int(device[5:]))  # DeviceError with the reason
         return f"cuda:{int(device[5:])}"
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-DTYPES = ("float32", "bfloat16")
+def resolve_device(device: str | None) -> str:
+    """"cpu" or "cuda:N" per the device contract (may warn or raise)."""
+    resolved = _parse_device(device)
+    if device is None and resolved == "cpu":
+        warnings.warn("rjepa_latent: no CUDA device visible; running on the CPU",
+                      UserWarning, stacklevel=3)
+    if resolved != "cpu":
+        _core.cuda_check_device(int(resolved[5:]))  # DeviceError with the reason
+    return resolved
 
 
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """The engine dtype for a resolved device: None -> the device's default."""
+def resolve_engine_dtype(dtype: str | None, device: str) -> str:
+    """The engine's compute dtype for a resolved device: None -> the device's default."""
     if dtype is None:
         return "float32" if device == "cpu" else "bfloat16"
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ENGINE_DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16' (or None), got {dtype!r}")
     if device == "cpu" and dtype != "float32":
         raise ValueError(f"dtype {dtype!r} is not available on device 'cpu' (the CPU engine "
@@ -91,33 +127,62 @@ def _open_source(path: str | os.PathLike, max_layer: int | None) -> CheckpointSo
     return load_hf(path, max_layer)
 
 
-def _plan(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str) -> dict:
+# ---------------------------------------------------------------------------
+# memory plans (bytes a Model would allocate; not the batch plan of plan.py)
+
+
+def _plan_memory(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str) -> dict:
+    """Weight and workspace bytes from the config: arithmetic, no device needed."""
     weight, workspace = _core.plan_bytes(eng_cfg, device, int(max_batch_tokens), dtype=dtype)
-    plan = {"device": device, "dtype": dtype, "max_batch_tokens": int(max_batch_tokens),
+    return {"device": device, "dtype": dtype, "max_batch_tokens": int(max_batch_tokens),
             "max_layer": eng_cfg["max_layer"], "weight_bytes": int(weight),
             "workspace_bytes": int(workspace), "total_bytes": int(weight) + int(workspace)}
-    if device.startswith("cuda:"):
-        free, total = _core.cuda_mem_info(int(device[5:]))
-        plan.update(free_bytes=int(free), total_device_bytes=int(total))
-    return plan
 
 
-def _check_fits(plan: dict) -> None:
-    need = plan["total_bytes"] + CUDA_HEADROOM_BYTES
-    if need <= plan["free_bytes"]:
+def _device_memory_info(device: str) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device that exists; None on the CPU or without one."""
+    if device == "cpu":
+        return None
+    index = int(device[5:])
+    if _core.cuda_device_count() <= index:
+        return None
+    free, total = _core.cuda_mem_info(index)
+    return int(free), int(total)
+
+
+def _largest_fitting_batch(eng_cfg: dict, device: str, dtype: str, available: int) -> int:
+    """The largest max_batch_tokens whose weights + workspace fit in `available`
+    bytes (0: not even one token). plan_bytes grows with the token count."""
+    def need(t: int) -> int:
+        return sum(_core.plan_bytes(eng_cfg, device, t, dtype=dtype))
+    if need(1) > available:
+        return 0
+    lo, hi = 1, MAX_WORKSPACE_TOKENS
+    if need(hi) <= available:
+        return hi
+    while hi - lo > 1:  # need(lo) fits, need(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if need(mid) <= available else (lo, mid)
+    return lo
+
+
+def _check_fits(mem: dict) -> None:
+    need = mem["total_bytes"] + CUDA_HEADROOM_BYTES
+    if need <= mem["free_bytes"]:
         return
     raise DeviceMemoryError(
-        f"{plan['device']}: the model needs {need / GiB:.2f} GiB (weights "
-        f"{plan['weight_bytes'] / GiB:.2f} GiB up to layer {plan['max_layer']}, workspace "
-        f"{plan['workspace_bytes'] / GiB:.2f} GiB for max_batch_tokens="
-        f"{plan['max_batch_tokens']}, {CUDA_HEADROOM_BYTES / GiB:.2f} GiB headroom) but only "
-        f"{plan['free_bytes'] / GiB:.2f} GiB of {plan['total_device_bytes'] / GiB:.2f} GiB is "
+        f"{mem['device']}: the model needs {need / GiB:.2f} GiB (weights "
+        f"{mem['weight_bytes'] / GiB:.2f} GiB up to layer {mem['max_layer']}, workspace "
+        f"{mem['workspace_bytes'] / GiB:.2f} GiB for max_batch_tokens="
+        f"{mem['max_batch_tokens']}, {CUDA_HEADROOM_BYTES / GiB:.2f} GiB headroom) but only "
+        f"{mem['free_bytes'] / GiB:.2f} GiB of {mem['total_device_bytes'] / GiB:.2f} GiB is "
         f"free; lower max_batch_tokens, or max_layer to load fewer layers, or free the GPU")
 
 
-def _default_tokens(device: str, max_batch_tokens: int | None) -> int:
+def _check_batch_tokens(device: str, max_batch_tokens: int | None) -> int:
+    """max_batch_tokens as given (a positive int), or the device's default."""
     if max_batch_tokens is None:
-        return DEFAULT_MAX_BATCH_TOKENS["cpu" if device == "cpu" else "cuda"]
+        return DEFAULT_MAX_BATCH_TOKENS[backend_of(device)]
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, (int, np.integer)) \
             or max_batch_tokens <= 0:
         raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
@@ -126,13 +191,23 @@ def _default_tokens(device: str, max_batch_tokens: int | None) -> int:
 
 def memory_plan(path: str | os.PathLike, device: str | None = None,
                 max_batch_tokens: int | None = None,
-                layers: Sequence[int] | None = None, dtype: str | None = None) -> dict:
+                layers: Sequence[int] | None = None, dtype: str | None = None,
+                device_memory: int | None = None) -> dict:
     """Bytes a Model would allocate (weights of the layers needed for `layers`,
     default all, plus the workspace for `max_batch_tokens`), from the config
-    only: no weights are read. On CUDA also `free_bytes`, `total_device_bytes`.
-    `dtype` as for Model."""
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    only: no weights are read and no device is needed, `device="cuda"` included.
+    Where the CUDA device exists, also `free_bytes` and `total_device_bytes`.
+    `device_memory` (bytes) plans for a device of that size (one you may not
+    have); with it, or with a real device's free memory, `fits` and
+    `max_fitting_batch_tokens` say whether this plan fits and the largest
+    max_batch_tokens that would (headroom included on CUDA). `dtype` as for Model."""
+    device = _parse_device(device)
+    dtype = resolve_engine_dtype(dtype, device)
+    tokens = _check_batch_tokens(device, max_batch_tokens)
+    if device_memory is not None and (isinstance(device_memory, bool) or
+                                      not isinstance(device_memory, (int, np.integer)) or
+                                      device_memory <= 0):
+        raise ValueError(f"device_memory must be a positive int (bytes), got {device_memory!r}")
     path = os.fspath(path)
     if path.lower().endswith(".gguf"):
         src = _open_source(path, None)
@@ -144,71 +219,96 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
         cfg, _ = load_hf_config(path)
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(resolve_layers(layers, n, n))
-    return _plan(engine_config(cfg, max_layer), device, _default_tokens(device, max_batch_tokens),
-                 dtype)
+    eng_cfg = engine_config(cfg, max_layer)
+    mem = _plan_memory(eng_cfg, device, tokens, dtype)
+    info = _device_memory_info(device)
+    if info is not None:
+        mem.update(free_bytes=info[0], total_device_bytes=info[1])
+    available = int(device_memory) if device_memory is not None else \
+        (info[0] if info is not None else None)
+    if available is not None:
+        headroom = 0 if device == "cpu" else CUDA_HEADROOM_BYTES
+        if device_memory is not None:
+            mem["device_memory"] = int(device_memory)
+        mem.update(headroom_bytes=headroom, fits=mem["total_bytes"] + headroom <= available,
+                   max_fitting_batch_tokens=_largest_fitting_batch(
+                       eng_cfg, device, dtype, available - headroom))
+    return mem
 
 
 # ---------------------------------------------------------------------------
-# argument validation
+# argument validation: the one place each rule is written
 
 
 def resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> list[int]:
     """HF hidden_states indices (negatives count from the end, -1 = L) -> absolute, in the
-    given order; out of range or deeper than max_layer is a ValueError naming the index."""
+    given order; out of range or deeper than max_layer is a LayerError naming the index."""
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     out = []
     for x in layers:
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-            raise TypeError(f"layers must be ints, got {x!r}")
+            raise LayerTypeError(f"layers must be ints, got {x!r}")
         v = int(x) + (num_layers + 1 if x < 0 else 0)
         if not 0 <= v <= num_layers:
-            raise ValueError(f"layer index {x} is out of range: valid hidden-state indices are "
+            raise LayerError(f"layer index {x} is out of range: valid hidden-state indices are "
                              f"{-num_layers - 1}..{num_layers} (0 = embeddings, "
                              f"{num_layers} = final norm)")
         if v > max_layer:
-            raise ValueError(f"layer index {x} (= {v}) is deeper than this model's max_layer="
+            raise LayerError(f"layer index {x} (= {v}) is deeper than this model's max_layer="
                              f"{max_layer}; load the model with a larger max_layer")
         out.append(v)
     if not out:
-        raise ValueError("layers is empty")
+        raise LayerError("layers is empty")
     return out
 
 
-def _as_ids(seq: Any, i: int, vocab: int, name: str | None = None) -> np.ndarray:
-    name = name or f"seqs[{i}]"
+def _as_ids(seq: Any, vocab: int, name: str) -> np.ndarray:
     arr = np.asarray(seq)
     if arr.dtype == object:
-        raise TypeError(f"{name} is not a sequence of ints")
+        raise SequenceTypeError(f"{name} is not a sequence of ints")
     if arr.dtype.kind not in "iu":
         if arr.size == 0 and arr.dtype.kind == "f":
-            raise ValueError(f"{name} is empty")
-        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+            raise SequenceError(f"{name} is empty")
+        raise SequenceTypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise SequenceError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise SequenceError(f"{name} is empty")
     bad = np.flatnonzero((arr < 0) | (arr >= vocab))
     if bad.size:
         p = int(bad[0])
-        raise ValueError(f"{name}[{p}] = {int(arr[p])} is not a token id (vocab_size={vocab})")
-    return arr.astype(np.int32, copy=False)
+        raise TokenIdError(f"{name}[{p}] = {int(arr[p])} is not a token id (vocab_size={vocab})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def _as_spans(spans: Any, i: int, length: int) -> np.ndarray:
-    name = f"spans[{i}]"
+def _as_spans(spans: Any, name: str, length: int, seq_name: str) -> np.ndarray:
     arr = np.asarray(spans)
     if arr.size == 0:
-        raise ValueError(f"{name} holds no span")
+        raise SpanError(f"{name} holds no span")
     if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integer [start, end) pairs, got dtype {arr.dtype}")
+        raise SpanTypeError(f"{name} must hold integer [start, end) pairs, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"{name} must have shape [n, 2], got {arr.shape}")
+        raise SpanError(f"{name} must have shape [n, 2], got {arr.shape}")
     for j, (s, e) in enumerate(arr.tolist()):
         if not 0 <= s < e <= length:
             what = "is empty" if s == e else "is reversed" if s > e else "is out of range"
-            raise ValueError(f"{name}[{j}] = [{s}, {e}) {what} (sequence {i} has {length} tokens)")
-    return arr.astype(np.int32)
+            raise SpanError(f"{name}[{j}] = [{s}, {e}) {what} ({seq_name} has {length} tokens)")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class Checked:
+    """One sequence that `Model.check` accepted: int32 token ids [T], int32
+    spans [S, 2] ([t, t+1) per token when `per_token`, for pooling "none")."""
+    ids: np.ndarray
+    spans: np.ndarray
+    per_token: bool
+    model: "Model" = field(repr=False)
+
+    @property
+    def cost(self) -> int:
+        return batch_cost(self.ids.size, self.spans.shape[0])
 
 
 # ---------------------------------------------------------------------------
@@ -216,15 +316,16 @@ def _as_spans(spans: Any, i: int, length: int) -> np.ndarray:
 
 
 class Model:
-    """A checkpoint loaded on one device. See the module docstring and README."""
+    """A checkpoint loaded on one device. See the module docstring and docs/api.md."""
 
     def __init__(self, path: str | os.PathLike, device: str | None = None,
                  max_layer: int | None = None, max_batch_tokens: int | None = None,
                  threads: int | None = None, dtype: str | None = None) -> None:
         self._engine = None
         self.device = resolve_device(device)
-        self.dtype: str = resolve_dtype(dtype, self.device)
-        self.max_batch_tokens = _default_tokens(self.device, max_batch_tokens)
+        self.backend = backend_of(self.device)
+        self.dtype: str = resolve_engine_dtype(dtype, self.device)  # compute dtype
+        self.max_batch_tokens = _check_batch_tokens(self.device, max_batch_tokens)
         self._auto_batch_tokens = max_batch_tokens is None
         src = _open_source(path, max_layer)
         try:
@@ -241,26 +342,34 @@ class Model:
         self.fingerprint: str = src.fingerprint
         self.sliding_window: int | None = src.sliding_window
         if self.device != "cpu":
-            plan = _plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype)
+            def fitted() -> dict:
+                mem = _plan_memory(src.engine_config, self.device, self.max_batch_tokens,
+                                   self.dtype)
+                free, total = _core.cuda_mem_info(int(self.device[5:]))
+                return {**mem, "free_bytes": int(free), "total_device_bytes": int(total)}
+            mem = fitted()
             # left unset, max_batch_tokens is what fits: halve the default until it does
             while self._auto_batch_tokens and self.max_batch_tokens > MIN_AUTO_BATCH_TOKENS \
-                    and plan["total_bytes"] + CUDA_HEADROOM_BYTES > plan["free_bytes"]:
+                    and mem["total_bytes"] + CUDA_HEADROOM_BYTES > mem["free_bytes"]:
                 self.max_batch_tokens //= 2
-                plan = _plan(src.engine_config, self.device, self.max_batch_tokens, self.dtype)
-            _check_fits(plan)
+                mem = fitted()
+            _check_fits(mem)
         engine = _core.Engine(src.engine_config, self.device, int(threads or 0), dtype=self.dtype)
         for kind, layer, buf, dtype, shape in src.tensors():
             engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
         engine.reserve(self.max_batch_tokens)
         engine.verify_resident()
+        # what decides the result bits besides the weights (BLAS build and core type
+        # on the CPU; "sm_XY cuBLAS N" on CUDA): part of a run's identity
+        self.kernel: str = engine.kernel
         self._engine = engine
 
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Frees weights and workspace now, on any device; arrays already
-        returned stay valid (each owns its own memory)."""
+        """Frees the weights and the workspace now, on any device; arrays already
+        returned stay valid (each owns its own memory). Closing twice is harmless."""
         if self._engine is not None:
             self._engine.close()
         self._engine = None
@@ -280,10 +389,113 @@ class Model:
         """device, weight_bytes, workspace_bytes, free_bytes, total_bytes."""
         return dict(self._eng().memory_report())
 
+    @property
+    def workspace_tokens(self) -> int:
+        """Tokens the engine's workspace holds now (max_batch_tokens outside a call)."""
+        return int(self._eng().max_tokens)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({c['model_type']}, layers={self.num_layers}, hidden={self.hidden_size}, "
                 f"device={self.device!r}, dtype={self.dtype!r}, max_layer={self.max_layer})")
+
+    # -- the seam: check, resolve_layers, run_batch ----------------------------
+
+    def check(self, ids: Any, spans: Any = None, *, per_token: bool = False, name: str = "ids",
+              spans_name: str = "spans") -> Checked:
+        """Validate one sequence for this model: token ids (integers, 1-D, not
+        empty, in the vocabulary), its length (the sliding window; on CUDA the
+        reserved workspace) and its spans ([n, 2] integer [start, end) inside
+        the sequence; None = one span over it; `per_token`: one per token, for
+        pooling "none", and `spans` must be None). Raises the InputError
+        subclass of the mistake, naming `name` / `spans_name`. Thread-safe (reads
+        no engine state), so a pipeline may check in another thread."""
+        arr = _as_ids(ids, self.config["vocab_size"], name)
+        n = arr.size
+        w = self.sliding_window
+        if w is not None and n > w:
+            raise SequenceLengthError(
+                f"{name} has {n} tokens, more than this model's sliding_window={w}; "
+                f"sliding-window attention is not supported, so sequences must fit in the window")
+        if per_token:
+            if spans is not None:
+                raise SpanError("spans must be None with pooling='none'")
+            sp = np.stack([np.arange(n), np.arange(1, n + 1)], 1).astype(np.int32)
+        elif spans is None:
+            sp = np.array([[0, n]], np.int32)
+        else:
+            sp = _as_spans(spans, spans_name, n, name)
+        cost = batch_cost(n, sp.shape[0])
+        if self.device != "cpu" and cost > self.max_batch_tokens:
+            raise SequenceLengthError(
+                f"{name} needs {cost} tokens of workspace ({n} tokens, {sp.shape[0]} spans), "
+                f"more than max_batch_tokens={self.max_batch_tokens} reserved on {self.device}; "
+                f"load the Model with a larger max_batch_tokens")
+        return Checked(arr, sp, per_token, self)
+
+    def resolve_layers(self, layers: Iterable[int]) -> list[int]:
+        """Absolute hidden-state indices of `layers` for this model (LayerError if bad)."""
+        return resolve_layers(layers, self.num_layers, self.max_layer)
+
+    def run_batch(self, batch: Sequence[Checked], layers: Iterable[int],
+                  pooling: str = "mean") -> list[np.ndarray]:
+        """One engine call over exactly these checked sequences (a planned batch):
+        one float32 array per sequence, [n_layers, n_spans, hidden]. A batch larger
+        than the workspace grows it for this call on the CPU; on CUDA it is refused."""
+        engine = self._eng()
+        mode = self._pooling_mode(pooling)
+        lays = np.asarray(self.resolve_layers(layers), np.int32)
+        if not batch:
+            return []
+        for c in batch:
+            if not isinstance(c, Checked) or c.model is not self:
+                raise TypeError("run_batch takes sequences this Model's check() returned")
+            if c.per_token != (pooling == TOKEN_POOLING):
+                raise ValueError(f"a sequence checked with per_token={c.per_token} cannot run "
+                                 f"with pooling={pooling!r}")
+        tokens = np.concatenate([c.ids for c in batch]) if len(batch) > 1 else batch[0].ids
+        spans = np.concatenate([c.spans for c in batch]) if len(batch) > 1 else batch[0].spans
+        cu = np.zeros(len(batch) + 1, np.int32)
+        cu[1:] = np.cumsum([c.ids.size for c in batch])
+        counts = [c.spans.shape[0] for c in batch]
+        seq_of = np.repeat(np.arange(len(batch), dtype=np.int32), counts)
+        with self.workspace_for(batch_cost(tokens.size, spans.shape[0])):
+            res = engine.forward(tokens, cu, lays, spans, seq_of, mode)
+        if len(batch) == 1:
+            return [res]
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [res[:, bounds[k]:bounds[k + 1], :] for k in range(len(batch))]
+
+    @contextlib.contextmanager
+    def workspace_for(self, max_batch_tokens: int) -> Iterator[None]:
+        """Inside the block the workspace holds batches of cost `max_batch_tokens`:
+        on the CPU grown if needed and given back at the end (the Model is left as
+        it was); on CUDA (sized against free memory at load) more is a ValueError."""
+        engine = self._eng()
+        have = int(engine.max_tokens)
+        need = int(max_batch_tokens)
+        if need <= have:
+            yield
+            return
+        if self.device != "cpu":
+            raise ValueError(f"a batch of {need} tokens of workspace is more than the {have} "
+                             f"reserved on {self.device}; use max_batch_tokens <= {have}, or "
+                             f"load the Model with a larger max_batch_tokens")
+        try:
+            engine.reserve(need)  # frees the old workspace first
+        except BaseException:
+            engine.reserve(have)  # so a failed growth leaves the Model as it was
+            raise
+        try:
+            yield
+        finally:
+            engine.reserve(have)
+
+    @staticmethod
+    def _pooling_mode(pooling: str) -> str:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        return "first" if pooling == TOKEN_POOLING else pooling
 
     # -- compute -----------------------------------------------------------
 
@@ -291,105 +503,47 @@ class Model:
         """float32 [n_layers, T, hidden] for one sequence; layers None = 0..max_layer."""
         if layers is None:
             layers = range(self.max_layer + 1)
-        ids = _as_ids(ids, 0, self.config["vocab_size"], name="ids")  # messages name `ids`
-        return self.extract([ids], None, layers, "none")[0]
+        self._eng()
+        return self.run_batch([self.check(ids, per_token=True, name="ids")], layers,
+                              TOKEN_POOLING)[0]
 
     def extract(self, seqs: Sequence[Any], spans: Sequence[Any] | None = None,
                 layers: Sequence[int] = (-2,), pooling: str = "mean",
                 max_batch_tokens: int | None = None) -> list[np.ndarray]:
         """One float32 array per sequence: [n_layers, n_spans, hidden]
         (pooling "none": [n_layers, T, hidden]). spans[i] is [n_i, 2] of
-        [start, end) token positions; None = one span over the sequence."""
-        engine = self._eng()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-        lays = np.asarray(resolve_layers(layers, self.num_layers, self.max_layer), np.int32)
+        [start, end) token positions; None = one span over the sequence.
+        Sequences are packed in input order by plan.plan_batches under
+        `max_batch_tokens` (default: the Model's)."""
+        self._eng()
+        self._pooling_mode(pooling)
+        self.resolve_layers(layers)
         if isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iuf":
-            raise TypeError("seqs must be a list of sequences, not one 1-D array "
-                            "(wrap it: [ids])")
+            raise SequenceTypeError("seqs must be a list of sequences, not one 1-D array "
+                                    "(wrap it: [ids])")
         seqs = list(seqs)
         if not seqs:
             return []
-        ids = [_as_ids(s, i, self.config["vocab_size"]) for i, s in enumerate(seqs)]
-        self._check_window(ids)
-        sp = self._spans(ids, spans, pooling)
+        per_token = pooling == TOKEN_POOLING
+        if per_token and spans is not None:
+            raise SpanError("spans must be None with pooling='none'")
+        if spans is not None:
+            spans = list(spans)
+            if len(spans) != len(seqs):
+                raise SpanError(f"spans has {len(spans)} entries but seqs has {len(seqs)}; "
+                                f"give one [n, 2] array per sequence")
+        checked = [self.check(s, None if spans is None else spans[i], per_token=per_token,
+                              name=f"seqs[{i}]", spans_name=f"spans[{i}]")
+                   for i, s in enumerate(seqs)]
         budget = self.max_batch_tokens if max_batch_tokens is None else \
-            _default_tokens(self.device, max_batch_tokens)
-        if self.device != "cpu":  # the CUDA workspace was sized (and checked) at load
-            budget = min(budget, engine.max_tokens)
-        mode = "first" if pooling == "none" else pooling
-        out: list[np.ndarray] = []
-        for batch in self._batches(ids, sp, budget):
-            out.extend(self._run(engine, [ids[i] for i in batch], [sp[i] for i in batch],
-                                 lays, mode))
+            _check_batch_tokens(self.device, max_batch_tokens)
+        batches = plan_batches([c.ids.size for c in checked], budget,
+                               [c.spans.shape[0] for c in checked], longest_first=False)
+        out: list[np.ndarray] = [None] * len(checked)  # type: ignore[list-item]
+        largest = max(batch_cost(sum(checked[i].ids.size for i in b),
+                                 sum(checked[i].spans.shape[0] for i in b)) for b in batches)
+        with self.workspace_for(largest):  # grown at most once per call (CPU)
+            for b in batches:
+                for i, r in zip(b, self.run_batch([checked[i] for i in b], layers, pooling)):
+                    out[i] = r
         return out
-
-    def _check_window(self, ids: list[np.ndarray]) -> None:
-        w = self.sliding_window
-        for i, a in enumerate(ids):
-            if w is not None and a.size > w:
-                raise ValueError(f"seqs[{i}] has {a.size} tokens, more than this model's "
-                                 f"sliding_window={w}; sliding-window attention is not "
-                                 f"supported, so sequences must fit in the window")
-
-    def _spans(self, ids: list[np.ndarray], spans: Sequence[Any] | None,
-               pooling: str) -> list[np.ndarray]:
-        if pooling == "none":
-            if spans is not None:
-                raise ValueError("spans must be None with pooling='none'")
-            return [np.stack([np.arange(a.size), np.arange(1, a.size + 1)], 1).astype(np.int32)
-                    for a in ids]
-        if spans is None:
-            return [np.array([[0, a.size]], np.int32) for a in ids]
-        spans = list(spans)
-        if len(spans) != len(ids):
-            raise ValueError(f"spans has {len(spans)} entries but seqs has {len(ids)}; "
-                             f"give one [n, 2] array per sequence")
-        return [_as_spans(s, i, a.size) for i, (s, a) in enumerate(zip(spans, ids))]
-
-    def _batches(self, ids: list[np.ndarray], spans: list[np.ndarray],
-                 budget: int) -> list[list[int]]:
-        """Greedy packing in input order; a batch's cost is max(tokens, spans)
-        (the workspace holds both per token). A sequence alone over the budget
-        grows the workspace on the CPU and is refused on CUDA."""
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        tok = nsp = 0
-        for i, (a, s) in enumerate(zip(ids, spans)):
-            need = max(a.size, len(s))
-            if need > budget:
-                self._check_seq_budget(i, need, budget)
-            if cur and max(tok + a.size, nsp + len(s)) > budget:
-                batches.append(cur)
-                cur, tok, nsp = [], 0, 0
-            cur.append(i)
-            tok += a.size
-            nsp += len(s)
-        if cur:
-            batches.append(cur)
-        return batches
-
-    def _check_seq_budget(self, i: int, need: int, budget: int) -> None:
-        """A sequence over the budget: fine on the CPU (_run grows the
-        workspace), refused on CUDA (its workspace was sized and checked at load)."""
-        if self.device != "cpu":
-            raise ValueError(f"seqs[{i}] needs {need} tokens of workspace, more than "
-                             f"max_batch_tokens={budget} reserved on {self.device}; load the "
-                             f"Model with a larger max_batch_tokens")
-
-    def _run(self, engine: Any, ids: list[np.ndarray], spans: list[np.ndarray],
-             layers: np.ndarray, mode: str) -> list[np.ndarray]:
-        tokens = np.concatenate(ids) if len(ids) > 1 else ids[0]
-        cu = np.zeros(len(ids) + 1, np.int32)
-        cu[1:] = np.cumsum([a.size for a in ids])
-        sp = np.concatenate(spans) if len(spans) > 1 else spans[0]
-        seq_of = np.repeat(np.arange(len(ids), dtype=np.int32), [len(s) for s in spans])
-        need = max(tokens.size, sp.shape[0])
-        if need > engine.max_tokens:  # only reached on the CPU (see _check_seq_budget)
-            engine.reserve(need)
-        res = engine.forward(np.ascontiguousarray(tokens, np.int32), cu, layers,
-                             np.ascontiguousarray(sp, np.int32), seq_of, mode)
-        if len(ids) == 1:
-            return [res]
-        bounds = np.concatenate([[0], np.cumsum([len(s) for s in spans])])
-        return [res[:, bounds[k]:bounds[k + 1], :] for k in range(len(ids))]

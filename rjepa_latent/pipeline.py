@@ -4,17 +4,27 @@ tokens -> planned batches -> engine -> shards, resumable, with progress.
 Design choices:
 - Records are parsed up front (cheap, and needed for duplicate ids and shard
   boundaries). Then three threads, one job each, joined by bounded queues:
-  a producer tokenizes and plans the next shards (`encode_batch` runs in
-  Rust without the GIL); the calling thread runs the engine
-  (`Model.extract` releases the GIL); a writer thread converts, checksums,
+  a producer tokenizes, checks and plans the next shards (`encode_batch`
+  runs in Rust without the GIL); the calling thread runs the engine
+  (`Model.run_batch`: the core releases the GIL); a writer thread converts, checksums,
   writes and fsyncs shards. So tokenization and disk I/O overlap with
   compute, and end-to-end tokens/s stays close to the bare engine's.
-- One `Model.extract` call per planned batch, with the plan's budget, so the
-  engine packs exactly the planned batch.
-- The configuration (model fingerprint, layers, pooling, dtype, template,
-  format, max tokens, tokenizer, input files, shard size, device kind) is
+- The seam to the engine is the Model's (see model.py): every tokenized
+  record goes through `Model.check` in the tokenizer thread (a record the
+  engine cannot take becomes an error line, it never aborts the run), the
+  shard is packed by `plan.plan_batches` (the one packer), and the calling
+  thread gives each planned batch to `Model.run_batch`: one engine call per
+  planned batch, exactly that batch.
+- The caller's Model is left as it was: a batch budget or a record larger
+  than its workspace grows the (CPU) workspace for the run or the batch only
+  (`Model.workspace_for`); the run's own model is closed at the end.
+- The configuration (model fingerprint, layers, pooling, stored dtype,
+  template, format, longest text, tokenizer, input files, shard size, and the
+  engine identity: backend, compute dtype, kernel, package version) is
   checked against the run directory before anything is written; a finished
-  run returns at once.
+  run returns at once. `allow_kernel_change` lets a resume continue under
+  another kernel identity; each shard's entry records the kernel it was
+  computed with.
 - Throughput of each full batch is compared with the running median of the
   previous ones; a batch below half of it raises a `ThroughputWarning` that
   names the usual causes (memory pressure, offload, thermal throttling).
@@ -40,12 +50,12 @@ import numpy as np
 
 from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS,
                    ErrorRecord, Record, Template, read_records)
+from .errors import InputError, TokenIdError
+from .model import SPAN_POOLINGS, Model
 from .plan import part_shards, plan_batches, shard_ranges
-from .store import DTYPES, RunStore, convert_latents
+from .store import STORE_DTYPES, RunStore, convert_latents
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
-from .model import Model, resolve_layers
 
-POOLINGS = ("mean", "first", "last")
 DEFAULT_SHARD_SIZE = 1000
 
 
@@ -155,57 +165,49 @@ def _get(q: queue.Queue, worker: _Worker) -> Any:
                 raise RuntimeError(f"{worker.name} thread ended unexpectedly")
 
 
-def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_tokens: int | None,
-                limits: list[tuple[int, str]], budget: int) -> dict:
-    """Tokenize and plan one shard: items (input order), errors, batches."""
+def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_text_tokens: int | None,
+                m: Model, budget: int) -> dict:
+    """(in the tokenizer thread) Tokenize, check and plan one shard: items and
+    their checked sequences (input order), errors, planned batches."""
     recs = records[rng[0]:rng[1]]
-    done = tokenize_records(tok, [r for r in recs if isinstance(r, Record)], max_tokens)
+    done = tokenize_records(tok, [r for r in recs if isinstance(r, Record)], max_text_tokens)
     errors = [r for r in recs if isinstance(r, ErrorRecord)] + [t for t in done if isinstance(t, ErrorRecord)]
-    items: list[Item] = []
-    for t in done:
-        if not isinstance(t, Item):
-            continue
-        reason = _engine_refusal(t, limits)
-        if reason:
-            errors.append(ErrorRecord(t.index, t.id, t.source, t.line, reason))
-            continue
-        items.append(t)
-    items.sort(key=lambda it: it.index)
-    return {"index": k, "records": rng, "items": items, "errors": errors,
-            "batches": plan_batches([len(it.ids) for it in items], budget)}
+    good = []
+    for t in sorted((t for t in done if isinstance(t, Item)), key=lambda it: it.index):
+        try:
+            good.append((t, m.check(t.ids, t.spans, name="ids", spans_name="spans")))
+        except InputError as e:
+            errors.append(ErrorRecord(t.index, t.id, t.source, t.line, _refusal(e)))
+    checked = [c for _, c in good]
+    return {"index": k, "records": rng, "items": [t for t, _ in good], "checked": checked,
+            "errors": errors,
+            "batches": plan_batches([c.ids.size for c in checked], budget,
+                                    [c.spans.shape[0] for c in checked])}
 
 
-def _engine_limits(m: Any) -> list[tuple[int, str]]:
-    """Per-record limits of the engine, checked before a record reaches it, so
-    one record cannot abort a run: (limit, what it is)."""
-    limits = [(int(m.config["vocab_size"]), "vocab")] if m.config.get("vocab_size") else []
-    if str(getattr(m, "device", "cpu")) != "cpu" and getattr(m, "max_batch_tokens", None):
-        limits.append((int(m.max_batch_tokens), "the engine's batch budget on this device; raise --max-batch-tokens"))
-    if getattr(m, "sliding_window", None):
-        limits.append((int(m.sliding_window), "the model's sliding_window (not supported beyond it)"))
-    return limits
-
-
-def _engine_refusal(item: Item, limits: list[tuple[int, str]]) -> str | None:
-    for limit, what in limits:
-        if what == "vocab":
-            if item.ids.size and int(item.ids.max()) >= limit:
-                return (f"token id {int(item.ids.max())} is outside the model's vocabulary ({limit}): "
-                        "the tokenizer does not match the model")
-        elif len(item.ids) > limit:
-            return f"text has {len(item.ids)} tokens, more than {limit}, {what}"
-    return None
+def _refusal(e: InputError) -> str:
+    """The errors.jsonl reason of a tokenized record the engine cannot take."""
+    hint = "; the tokenizer does not match the model" if isinstance(e, TokenIdError) else ""
+    return f"the engine cannot take this record's tokens: {e}{hint}"
 
 
 # ------------------------------------------------------------ the API
 
-def _load_model(model: Any, device: str | None, max_batch_tokens: int | None, threads: int | None):
+def _load_model(model: Any, device: str | None, max_batch_tokens: int | None,
+                threads: int | None) -> tuple[Model, bool]:
+    """(the Model, whether this run loaded it and so closes it)."""
     if isinstance(model, (str, os.PathLike)):
-        return Model(model, device=device, max_batch_tokens=max_batch_tokens, threads=threads)
-    for attr in ("extract", "tokenizer", "fingerprint", "num_layers", "hidden_size", "max_layer", "config"):
-        if not hasattr(model, attr):
-            raise TypeError(f"model must be a path or an rjepa_latent.Model, got {type(model).__name__}")
-    return model
+        return Model(model, device=device, max_batch_tokens=max_batch_tokens, threads=threads), True
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a path or an rjepa_latent.Model, got {type(model).__name__}")
+    return model, False
+
+
+def engine_identity(m: Model) -> dict:
+    """The configuration fields that say which engine computed the bytes."""
+    from . import __version__
+    return {"engine_backend": m.backend, "engine_dtype": m.dtype, "engine_kernel": m.kernel,
+            "package_version": __version__}
 
 
 def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: Any,
@@ -214,66 +216,93 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
                     max_tokens: int | None = None, max_batch_tokens: int | None = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, part: Any = (0, 1), strict: bool = False,
-                    progress: bool = True, device: str | None = None, threads: int | None = None) -> dict:
+                    progress: bool = True, device: str | None = None, threads: int | None = None,
+                    allow_kernel_change: bool = False) -> dict:
     """Extract step latents of the records in `inputs` into the run directory `out`.
 
-    `model` is an `rjepa_latent.Model` or a checkpoint path (loaded with
-    `device`, `max_batch_tokens`, `threads`). Resumes an interrupted run with
-    the same options; refuses (StoreError) a directory made with other options.
-    Returns a summary dict (items, steps, errors, tokens, wall_s, tokens_per_s,
+    `model` is an `rjepa_latent.Model` (left as it was) or a checkpoint path
+    (loaded with `device`, `max_batch_tokens`, `threads`, closed at the end).
+    `dtype` is the stored dtype of the latents (not the engine's compute dtype,
+    which is the Model's); `max_tokens` is the longest text, in tokens, a record
+    may have (longer ones are errors; default the model's context);
+    `max_batch_tokens` is the batch budget (default the Model's). Resumes an
+    interrupted run with the same options; refuses (StoreError) a directory made
+    with other options or another engine (backend, compute dtype, kernel, package
+    version), except a different kernel with `allow_kernel_change`. Returns a
+    summary dict (items, steps, errors, tokens, wall_s, tokens_per_s,
     engine_tokens_per_s, ...). With `strict`, raises ValueError at the end if
     any record could not be processed.
     """
     t_start = time.perf_counter()
+    store_dtype, max_text_tokens = dtype, max_tokens  # one meaning per name from here on
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     if not paths:
         raise ValueError("inputs is empty: give at least one .jsonl or .json file")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)} for a store of step latents, "
-                         f"got {pooling!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if pooling not in SPAN_POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(SPAN_POOLINGS)} for a store of step "
+                         f"latents, got {pooling!r}")
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-    for name, v in (("max_tokens", max_tokens), ("max_batch_tokens", max_batch_tokens)):
+    for name, v in (("max_tokens", max_text_tokens), ("max_batch_tokens", max_batch_tokens)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     part = parse_part(part)
     tmpl = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
     fingerprint = input_fingerprint(paths)
 
-    m = _load_model(model, device, max_batch_tokens, threads)
-    lays = resolve_layers(layers, m.num_layers, m.max_layer)
+    m, owned = _load_model(model, device, max_batch_tokens, threads)
+    try:
+        return _extract(paths, m, out, fmt=format, layers=layers, pooling=pooling,
+                        store_dtype=store_dtype, tmpl=tmpl, step_regex=step_regex,
+                        max_text_tokens=max_text_tokens, budget=max_batch_tokens or m.max_batch_tokens,
+                        shard_size=shard_size, part=part, strict=strict, progress=progress,
+                        fingerprint=fingerprint, allow_kernel_change=allow_kernel_change,
+                        t_start=t_start)
+    finally:
+        if owned:
+            m.close()
+
+
+def _extract(paths: list[Path], m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
+             store_dtype: str, tmpl: Template, step_regex: str, max_text_tokens: int | None,
+             budget: int, shard_size: int, part: tuple[int, int], strict: bool, progress: bool,
+             fingerprint: list[dict], allow_kernel_change: bool, t_start: float) -> dict:
+    lays = m.resolve_layers(layers)
+    if m.backend != "cpu" and budget > m.max_batch_tokens:
+        raise ValueError(f"max_batch_tokens={budget} is more than the {m.max_batch_tokens} tokens "
+                         f"of workspace this Model reserved on {m.device}; load the Model with "
+                         f"max_batch_tokens={budget}, or pass a smaller one")
     tok = prepare_tokenizer(m.tokenizer)
-    if max_tokens is None:
-        max_tokens = m.config.get("max_position_embeddings")
-    budget = max_batch_tokens or getattr(m, "max_batch_tokens", None) or 4096
-    dev = str(getattr(m, "device", "cpu"))
+    if max_text_tokens is None:
+        max_text_tokens = m.config.get("max_position_embeddings")
     config = {
         "model_fingerprint": m.fingerprint, "model_type": m.config.get("model_type"),
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "layers": lays,
-        "pooling": pooling, "dtype": dtype, "format": format, **tmpl.to_json(), "step_regex": step_regex,
-        "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
+        "pooling": pooling, "dtype": store_dtype, "format": fmt, **tmpl.to_json(), "step_regex": step_regex,
+        "max_tokens": max_text_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
         "dataset_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
-        "shard_size": shard_size, "device_kind": "cpu" if dev == "cpu" else "cuda",
+        "shard_size": shard_size, **engine_identity(m),
     }
-    store = RunStore(out, config, part)  # refuses a clashing directory, touching nothing
+    # refuses a clashing directory, touching nothing
+    store = RunStore(out, config, part, allow_kernel_change=allow_kernel_change)
     if store.is_complete():
         return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
 
-    records = list(read_records(paths, format, tmpl, step_regex))
+    records = list(read_records(paths, fmt, tmpl, step_regex))
     store.prepare(len(records))
     try:
         done = store.done()
         ranges = shard_ranges(len(records), shard_size)
         pending = [k for k in part_shards(len(ranges), part) if k not in done]
-        limits = _engine_limits(m)
-        runner = _Runner(m, store, lays, pooling, dtype, budget, progress,
+        runner = _Runner(m, store, lays, pooling, store_dtype, budget, progress,
                          total=sum(ranges[k][1] - ranges[k][0] for k in pending))
-        runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_tokens, limits,
-                                                  budget))
+        with m.workspace_for(budget):  # a budget over the Model's: grown for this run only
+            runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_text_tokens,
+                                                      m, budget))
         summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
                            noop=False, tokens_run=runner.tokens)
     finally:
@@ -292,9 +321,10 @@ def _strict(summary: dict, strict: bool, out: Any) -> dict:
 class _Runner:
     """Runs the engine over planned shards with a tokenizer and a writer thread."""
 
-    def __init__(self, m, store: RunStore, layers: list[int], pooling: str, dtype: str, budget: int,
-                 progress: bool, total: int):
-        self.m, self.store, self.layers, self.pooling, self.dtype = m, store, layers, pooling, dtype
+    def __init__(self, m: Model, store: RunStore, layers: list[int], pooling: str, store_dtype: str,
+                 budget: int, progress: bool, total: int):
+        self.m, self.store, self.layers, self.pooling = m, store, layers, pooling
+        self.store_dtype = store_dtype
         self.budget = budget
         self.watch = ThroughputWatch(budget)
         self.compute_s = 0.0
@@ -323,7 +353,7 @@ class _Runner:
                     continue
                 if job is None:
                     return
-                self.store.write_shard(*_convert(job, self.dtype))
+                self.store.write_shard(*_finish_shard(job, self.store_dtype))
 
         producer, writer = _Worker(produce, "tokenizer"), _Worker(write, "writer")
         producer.start()
@@ -358,13 +388,12 @@ class _Runner:
 
     def _compute(self, shard: dict, bar, t0: float) -> tuple:
         items: list[Item] = shard["items"]
+        checked = shard["checked"]
         results: list[np.ndarray | None] = [None] * len(items)
-        for batch in shard["batches"]:
-            seqs = [items[i].ids for i in batch]
-            n_tok = int(sum(len(s) for s in seqs))
+        for batch in shard["batches"]:  # one engine call per planned batch, exactly that batch
+            n_tok = int(sum(checked[i].ids.size for i in batch))
             t = time.perf_counter()
-            res = self.m.extract(seqs, spans=[items[i].spans for i in batch], layers=self.layers,
-                                 pooling=self.pooling, max_batch_tokens=max(self.budget, n_tok))
+            res = self.m.run_batch([checked[i] for i in batch], self.layers, self.pooling)
             dt = time.perf_counter() - t
             self.compute_s += dt
             self.tokens += n_tok
@@ -380,12 +409,13 @@ class _Runner:
         return shard["index"], tuple(shard["records"]), items, results, shard["errors"]
 
 
-def _convert(job: tuple, dtype: str) -> tuple:
-    """(in the writer thread) results -> stored dtype; unrepresentable items become errors."""
+def _finish_shard(job: tuple, store_dtype: str) -> tuple:
+    """(in the writer thread) a computed shard -> write_shard's arguments: latents in the
+    stored dtype; items whose latents it cannot represent become errors."""
     index, records, items, results, errors = job
     good, lats, errors = [], [], list(errors)
     for it, r in zip(items, results):
-        lat, reason = convert_latents(np.asarray(r, dtype=np.float32), dtype)
+        lat, reason = convert_latents(np.asarray(r, dtype=np.float32), store_dtype)
         if reason is None:
             good.append(it)
             lats.append(lat)
@@ -448,20 +478,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
     p.add_argument("--layers", type=_layers_arg, default=[-2],
                    help="comma-separated hidden_states indices, e.g. --layers=-2 or --layers=8,16 (default -2)")
-    p.add_argument("--pooling", default="mean", choices=POOLINGS)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--pooling", default="mean", choices=SPAN_POOLINGS)
+    p.add_argument("--dtype", default="float32", choices=list(STORE_DTYPES),
+                   help="dtype of the stored latents (the engine computes in the Model's dtype)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
                    help="text template with {question} and {steps} (default '{question}\\n{steps}')")
     p.add_argument("--step-separator", default="\\n", help="between steps (default '\\n')")
     p.add_argument("--step-regex", default=DEFAULT_STEP_REGEX,
                    help=f"step marker of --format text (default {DEFAULT_STEP_REGEX!r})")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="longer texts are errors (default: the model's context)")
+                   help="longest text in tokens; longer ones are errors (default: the model's context)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one batch")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="input records per shard")
     p.add_argument("--part", default="0/1", help="worker i of n: i/n (default 0/1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if visible)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--allow-kernel-change", action="store_true",
+                   help="resume under another kernel identity (BLAS core / GPU + cuBLAS); each shard "
+                        "records the kernel it was computed with")
     p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -496,7 +530,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype, template=_unescape(args.template), step_separator=_unescape(args.step_separator),
         step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
         shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
-        device=args.device, threads=args.threads)
+        device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change)
     print(format_summary(summary))
     if args.strict and summary["errors"]:
         print(f"rjepa-latent extract: {summary['errors']} records could not be processed "

@@ -1,38 +1,58 @@
-"""Deterministic packing of tokenized items into batches under a token budget.
+"""The one packer: which sequences run together in one engine call.
 
 Design choices:
-- The packing window is one shard (the store's unit of work and of resume):
-  the items of a shard are sorted by length (longest first, ties by input
-  position) and packed greedily in that order into batches of at most
-  `max_batch_tokens` tokens. Sorting makes batches of similar lengths, which
-  is what the engine's packed forward likes; a window per shard means a
-  resumed run recomputes exactly the batches an uninterrupted run would, and
-  never needs items of a shard that is already stored.
-- The plan is a pure function of the lengths and the budget: no clock, no
+- One cost rule (`batch_cost`): a batch costs max(its tokens, its spans)
+  rows of the engine's workspace, which holds both per row. Everything that
+  packs (`Model.extract`, the pipeline) packs here with this rule, and a
+  batch's cost is what the engine's workspace must hold to run it.
+- Greedy: items are taken in order and a batch is closed only when the next
+  item would take it over `max_batch_tokens`. An item that alone costs more
+  than the budget gets a batch of its own; whether such a batch may run is
+  the caller's decision (`Model.check`: grown for the call on the CPU,
+  refused on CUDA).
+- The order is the input order (`Model.extract`) or longest first, ties by
+  input position (`longest_first=True`, the pipeline): sorting makes batches
+  of similar lengths, which the packed forward likes.
+- The pipeline's packing window is one shard (the store's unit of work and of
+  resume), so a resumed run recomputes exactly the batches an uninterrupted
+  run would, and never needs items of a shard that is already stored.
+- A plan is a pure function of the costs and the budget: no clock, no
   randomness, no dependence on which shards are already done.
-- An item longer than the budget gets a batch of its own (the engine is told
-  a budget large enough for it).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Return batches as lists of positions into `lengths`."""
-    if max_batch_tokens <= 0:
-        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def batch_cost(tokens: int, spans: int) -> int:
+    """Workspace rows (in tokens) an engine call over `tokens` tokens and `spans` spans needs."""
+    return max(int(tokens), int(spans))
+
+
+def plan_batches(tokens: Sequence[int], max_batch_tokens: int, spans: Sequence[int] | None = None,
+                 longest_first: bool = True) -> list[list[int]]:
+    """Batches as lists of positions into `tokens` (token count of each item;
+    `spans`: span count of each item, default none), each of cost at most
+    `max_batch_tokens` unless it is one item that costs more alone."""
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) \
+            or max_batch_tokens <= 0:
+        raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+    if spans is not None and len(spans) != len(tokens):
+        raise ValueError(f"spans has {len(spans)} counts but tokens has {len(tokens)}")
+    n_spans = spans if spans is not None else [0] * len(tokens)
+    order = range(len(tokens))
+    if longest_first:
+        order = sorted(order, key=lambda i: (-batch_cost(tokens[i], n_spans[i]), i))
     batches: list[list[int]] = []
     current: list[int] = []
-    used = 0
+    tok = nsp = 0
     for i in order:
-        n = lengths[i]
-        if current and used + n > max_batch_tokens:
+        if current and batch_cost(tok + tokens[i], nsp + n_spans[i]) > max_batch_tokens:
             batches.append(current)
-            current, used = [], 0
+            current, tok, nsp = [], 0, 0
         current.append(i)
-        used += n
+        tok += tokens[i]
+        nsp += n_spans[i]
     if current:
         batches.append(current)
     return batches

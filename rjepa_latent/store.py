@@ -1,7 +1,7 @@
 """The run directory: latent shards, per-item metadata, manifest, errors; atomic,
 resumable, shared by `--part` workers; and `open_latents`, its zero-copy reader.
 
-Layout (the output-store contract of DESIGN.md; details in docs/formats.md):
+Layout (the output-store contract of docs/design.md; details in docs/formats.md):
   manifest.json                      config, shard list with counts + sha256, complete flag
   manifest.part-IIIII-of-NNNNN.json  one per `--part` worker (n > 1) while it works
   shard-KKKKK.safetensors            latents [n_layers, n_steps, hidden], step_offsets, token_spans
@@ -26,6 +26,13 @@ Design choices:
   an mmap of the file: zero-copy for float32 and float16. NumPy has no
   bfloat16, so bf16 stores give float32 copies via `.latents` and the raw
   uint16 view via `.raw_latents`.
+- The configuration a resume must match includes the engine identity
+  (`ENGINE_IDENTITY`: backend, compute dtype, kernel, package version), which
+  decides the result bits as much as the model does. A run directory made
+  before these fields existed is refused with that reason. With
+  `allow_kernel_change` only the kernel may differ; the manifest keeps the
+  run's first configuration and every shard entry names the kernel that
+  computed it.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
   step (mid-write, after fsync, after rename, after the directory fsync), so
   tests can kill deterministically at many distinct instants.
@@ -52,7 +59,11 @@ FORMAT = "rjepa-latent"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
-DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+# dtypes latents are stored in (config "dtype"); not the engine's compute dtypes (model.ENGINE_DTYPES)
+STORE_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16),
+                "bfloat16": ("BF16", np.uint16)}
+# configuration fields naming the engine that computed the bytes
+ENGINE_IDENTITY = ("engine_backend", "engine_dtype", "engine_kernel", "package_version")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
 _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5}\.(safetensors|jsonl)|errors\.jsonl"
@@ -219,9 +230,9 @@ def read_manifests(out: Path) -> dict[str, dict]:
     return {name: _load_json(out / name) for name in names}
 
 
-def config_differences(stored: dict, requested: dict) -> list[str]:
+def config_differences(stored: dict, requested: dict, ignore: Iterable[str] = ()) -> list[str]:
     lines = []
-    for key in sorted(set(stored) | set(requested)):
+    for key in sorted((set(stored) | set(requested)) - set(ignore)):
         if stored.get(key) != requested.get(key):
             lines.append(f"  {key}: stored {stored.get(key)!r}, requested {requested.get(key)!r}")
     return lines
@@ -230,25 +241,41 @@ def config_differences(stored: dict, requested: dict) -> list[str]:
 class RunStore:
     """Writer side of a run directory for one worker (`part` = (i, n))."""
 
-    def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1)):
+    def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1),
+                 allow_kernel_change: bool = False):
         self.out = Path(out)
-        self.config = config
         self.part = part
         self.tag = f"{part[0]}-{part[1]}"
         self.manifest_name = part_manifest_name(part)
+        self.kernel = config.get("engine_kernel")  # what this process computes with
         self._check_directory()
         self.manifests = read_manifests(self.out)
+        self.config = config
         for name, m in self.manifests.items():
-            diff = config_differences(m["config"], config)
-            if diff:
-                raise StoreError(f"{self.out} holds a run with a different configuration ({name}); "
-                                 "nothing was changed. Differences:\n" + "\n".join(diff) +
-                                 "\nUse another --out, or the options of the stored run.")
+            self._check_config(name, m["config"], config, allow_kernel_change)
+            self.config = m["config"]  # the run's configuration (its kernel may differ, if allowed)
         self.num_records: int | None = None
         self.own: dict[int, dict] = {}
         mine = self.manifests.get(self.manifest_name)
         if mine is not None:
             self.own = {s["index"]: s for s in mine["shards"]}
+
+    def _check_config(self, name: str, stored: dict, requested: dict, allow_kernel_change: bool) -> None:
+        missing = [k for k in ENGINE_IDENTITY if k in requested and k not in stored]
+        if missing:
+            raise StoreError(
+                f"{self.out} holds a run ({name}) that does not record which engine computed it "
+                f"(no {', '.join(missing)}: written by an older rjepa-latent); resuming it could mix "
+                "bytes of different engines, so it is refused and nothing was changed. Extract into "
+                "a new --out (or delete this directory to start it again).")
+        diff = config_differences(stored, requested, ("engine_kernel",) if allow_kernel_change else ())
+        if diff:
+            only_kernel = [line.split(":")[0].strip() for line in diff] == ["engine_kernel"]
+            hint = ("\nOnly the kernel differs: allow_kernel_change=True (--allow-kernel-change) "
+                    "continues under it, recording each shard's kernel." if only_kernel else "")
+            raise StoreError(f"{self.out} holds a run with a different configuration ({name}); "
+                             "nothing was changed. Differences:\n" + "\n".join(diff) +
+                             "\nUse another --out, or the options of the stored run." + hint)
 
     def _check_directory(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -327,7 +354,7 @@ class RunStore:
         """Write shard `index` (items in input order, latents already in the stored dtype)."""
         name = f"shard-{index:05d}"
         nl, d = len(self.config["layers"]), self.config["hidden_size"]
-        st_dtype, np_dtype = DTYPES[self.config["dtype"]]
+        st_dtype, np_dtype = STORE_DTYPES[self.config["dtype"]]
         counts = [lat.shape[1] for lat in latents]
         offsets = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -341,6 +368,8 @@ class RunStore:
         entry = {"index": index, "records": list(records), "items": len(items), "steps": int(offsets[-1]),
                  "tokens": int(sum(len(it.ids) for it in items)), "errors": errors,
                  "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
+        if self.kernel is not None:
+            entry["kernel"] = self.kernel  # the kernel identity that computed this shard
         self.own[index] = entry
         self._write_manifests()
         return entry

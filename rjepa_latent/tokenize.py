@@ -4,12 +4,13 @@ Design choices:
 - The model's `tokenizers.Tokenizer` is used with its own special-token rules
   (`add_special_tokens=True`, e.g. a BOS token), on a private copy with
   truncation and padding switched off: a text is never silently cut.
-- Span rule (DESIGN.md): a token belongs to the FIRST step whose character
+- Span rule (docs/design.md): a token belongs to the FIRST step whose character
   range its offset range overlaps; tokens with an empty offset range (special
   tokens) belong to no step. A step's span is [first, last + 1) of its tokens.
   A step with no token is an error for that record.
-- A text with more tokens than `max_tokens` is an error for that record,
-  never truncated.
+- A text with more tokens than `max_text_tokens` (the pipeline's
+  `max_tokens` option: the longest text) is an error for that record, never
+  truncated.
 - `encode_batch` runs in Rust without the GIL, so tokenizing the next shard
   overlaps with the engine's compute in another thread.
 """
@@ -72,7 +73,8 @@ def step_spans(offsets: np.ndarray, steps: list[tuple[int, int]]) -> tuple[np.nd
     return spans, None
 
 
-def tokenize_records(tokenizer, records: list[Record], max_tokens: int | None) -> list[Item | ErrorRecord]:
+def tokenize_records(tokenizer, records: list[Record],
+                     max_text_tokens: int | None) -> list[Item | ErrorRecord]:
     """Tokenize good records (one batched call); bad ones become ErrorRecords."""
     if not records:
         return []
@@ -80,9 +82,9 @@ def tokenize_records(tokenizer, records: list[Record], max_tokens: int | None) -
     out: list[Item | ErrorRecord] = []
     for rec, enc in zip(records, encodings):
         n = len(enc.ids)
-        if max_tokens is not None and n > max_tokens:
+        if max_text_tokens is not None and n > max_text_tokens:
             out.append(ErrorRecord(rec.index, rec.id, rec.source, rec.line,
-                                   f"text has {n} tokens, more than --max-tokens {max_tokens} "
+                                   f"text has {n} tokens, more than --max-tokens {max_text_tokens} "
                                    "(the model's context by default); shorten or split the record"))
             continue
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(n, 2)

@@ -1,6 +1,7 @@
 """The Model API: device contract, memory plan/report, argument validation
-(each bad argument raises ValueError/TypeError naming it and the value),
-batching under max_batch_tokens, zero-copy results, no leak over many calls."""
+(each bad argument raises ValueError/TypeError naming it and the value; the
+class per kind of mistake is tested in test_seam_batches.py), batching under
+max_batch_tokens, zero-copy results, no leak over many calls."""
 from __future__ import annotations
 
 import json
@@ -118,13 +119,17 @@ def test_results_are_zero_copy_views_of_core_memory(llama):
     assert not np.shares_memory(single, llama.hidden_states(seq(5)))  # never scratch
 
 
-def test_long_sequence_grows_cpu_workspace(tiny_model_dir):
+def test_long_sequence_runs_on_cpu_and_leaves_the_workspace(tiny_model_dir):
     m = rl.Model(tiny_model_dir("llama"), device="cpu", max_batch_tokens=32)
     seqs = [seq(10), seq(100, 1), seq(20, 2)]
     out = m.extract(seqs, layers=(-2,), pooling="mean")
     ref = rl.Model(tiny_model_dir("llama"), device="cpu").extract(seqs, layers=(-2,))
     for a, b in zip(out, ref):
         np.testing.assert_array_equal(a, b)
+    # grown for the call only: the Model is as it was loaded
+    assert m.max_batch_tokens == m.workspace_tokens == 32
+    assert m.memory_report()["workspace_bytes"] == rl.memory_plan(
+        tiny_model_dir("llama"), device="cpu", max_batch_tokens=32)["workspace_bytes"]
 
 
 def test_many_spans_more_than_tokens(llama):

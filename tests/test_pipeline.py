@@ -5,6 +5,7 @@ errors.jsonl; dtypes; --part workers; refusal of clashing configurations;
 a finished run is a no-op."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -172,13 +173,30 @@ def test_cli_strict_and_summary(data, tmp_path, tiny_model_dir, capsys):
     assert item.meta["text"].startswith("Question: Step 1: not a step\nSteps:\nStep 2: inside")
 
 
-def test_engine_limits_become_error_records():
-    from rjepa_latent.pipeline import _engine_refusal
-    from rjepa_latent.tokenize import Item
-    it = Item(0, "a", "abc", np.array([0, 5, 400], np.int32), np.array([[1, 3]], np.int32), {}, "f", 1)
-    assert "token id 400 is outside the model's vocabulary (320)" in _engine_refusal(it, [(320, "vocab")])
-    assert "3 tokens, more than 2, the window" in _engine_refusal(it, [(500, "vocab"), (2, "the window")])
-    assert _engine_refusal(it, [(401, "vocab"), (3, "x")]) is None
+def test_records_the_engine_cannot_take_become_error_records(tmp_path, tiny_model_dir):
+    """The seam (Model.check) refuses a record whose tokens are outside the model's
+    vocabulary or longer than its sliding window; each becomes an errors.jsonl line
+    with the reason, the run goes on."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("mistral"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sliding_window"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_tokens([f"qqq{i}" for i in range(30)])  # ids 300..329, past vocab_size=320
+    tok.save(str(d / "tokenizer.json"))
+    recs = [{"id": "ok", "steps": ["she sold 48"]}, {"id": "oov", "steps": ["a qqq25 b"]},
+            {"id": "long", "steps": [" ".join(["clips"] * 20)]}]
+    src = tmp_path / "r.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = rl.extract_dataset(src, rl.Model(d, device="cpu"), tmp_path / "run", progress=False)
+    store = rl.open_latents(tmp_path / "run")
+    assert s["items"] == 1 and store.ids == ["ok"]
+    reasons = {e["id"]: e["reason"] for e in store.errors}
+    assert "ids[3] = 325 is not a token id (vocab_size=320)" in reasons["oov"]
+    assert "the tokenizer does not match the model" in reasons["oov"]
+    assert re.search(r"ids has \d+ tokens, more than this model's sliding_window=16", reasons["long"])
 
 
 def test_throughput_watch_warns_below_half_median():

@@ -54,7 +54,7 @@ def write(tmp_path, rows):
 def test_adversarial_spans_match_reference(tok, tmp_path):
     recs = list(read_records([write(tmp_path, ADVERSARIAL)]))
     assert all(isinstance(r, Record) for r in recs)
-    out = tokenize_records(tok, recs, max_tokens=None)
+    out = tokenize_records(tok, recs, max_text_tokens=None)
     by_id = {o.id: o for o in out}
     for rec in recs:
         enc = tok.encode(rec.text)
