@@ -48,7 +48,7 @@ import numpy as np
 
 from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from . import _core
-from .checkpoint import CheckpointSource, engine_config, load_hf, load_hf_config
+from .checkpoint import CheckpointSource, engine_config, open_checkpoint, read_config
 from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                      SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
@@ -115,16 +115,6 @@ def resolve_engine_dtype(dtype: str | None, device: str) -> str:
         raise ValueError(f"dtype {dtype!r} is not available on device 'cpu' (the CPU engine "
                          f"computes in 'float32' only)")
     return dtype
-
-
-def _open_source(path: str | os.PathLike, max_layer: int | None) -> CheckpointSource:
-    path = os.fspath(path)
-    if path.lower().endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-        from .gguf_loader import load_gguf
-        return load_gguf(path, max_layer)
-    return load_hf(path, max_layer)
 
 
 # ---------------------------------------------------------------------------
@@ -208,15 +198,7 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
                                       not isinstance(device_memory, (int, np.integer)) or
                                       device_memory <= 0):
         raise ValueError(f"device_memory must be a positive int (bytes), got {device_memory!r}")
-    path = os.fspath(path)
-    if path.lower().endswith(".gguf"):
-        src = _open_source(path, None)
-        cfg = src.config
-        src.close()
-    else:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model directory {path!r} does not exist")
-        cfg, _ = load_hf_config(path)
+    cfg = read_config(path)
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(resolve_layers(layers, n, n))
     eng_cfg = engine_config(cfg, max_layer)
@@ -327,7 +309,7 @@ class Model:
         self.dtype: str = resolve_engine_dtype(dtype, self.device)  # compute dtype
         self.max_batch_tokens = _check_batch_tokens(self.device, max_batch_tokens)
         self._auto_batch_tokens = max_batch_tokens is None
-        src = _open_source(path, max_layer)
+        src = open_checkpoint(path, max_layer)
         try:
             self._load(src, threads)
         finally:
