@@ -13,15 +13,17 @@ comment says what each mode compares and with which bounds.
 - test_cuda_ops (marked `gpu`; skipped cleanly without a CUDA device): every
   CUDA op in the bf16 and f32 storage modes against the CPU op.
 
-Both binaries are compiled once per session into a temporary directory. The
-BLAS is the one the extension build links: scipy-openblas32 when it is
-importable, else none (csrc's builtin GEMM). Knobs: CC (the C compiler),
+The binaries are compiled once per session into a temporary directory (or
+$RJEPA_OPS_BINDIR), from the sources, include dirs, macros and libraries of
+the Extension that setup.py defines (so the BLAS is the build's: OpenBLAS
+from scipy-openblas32, or what setup.py uses without it). Knobs: CC (the C compiler),
 RJEPA_TEST_CFLAGS (extra flags, split on spaces), RJEPA_CUDA_KERNELS_OBJ (an
 object of kernels/cuda_kernels.cu already built, e.g. by setup.py: skips the
 nvcc step), RJEPA_OPS_SEED (the seed; random otherwise, printed either way).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -43,13 +45,51 @@ OPS = ("backend", "memory", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attenti
 SKIP_RC = 77
 
 
+@functools.lru_cache(maxsize=None)
+def _setup_extension():
+    """The Extension that setup.py builds (sources, include dirs, macros,
+    libraries), captured by running setup.py with setuptools.setup replaced;
+    None if that fails. Its BLAS is the test's BLAS: scipy-openblas32, or
+    whatever setup.py uses in its place."""
+    import runpy
+
+    import setuptools
+    captured: dict = {}
+    real = setuptools.setup
+    setuptools.setup = lambda **kw: captured.update(kw)
+    try:
+        runpy.run_path(str(ROOT / "setup.py"))
+        (ext,) = captured["ext_modules"]
+        return ext
+    except Exception as e:  # noqa: BLE001  (fall back to the fixed recipe below)
+        print(f"test_backend_ops: setup.py's extension not captured ({e!r}); "
+              "using csrc/*.c and scipy-openblas32 if importable")
+        return None
+    finally:
+        setuptools.setup = real
+
+
 def _engine_sources() -> list[str]:
-    """Every C file of csrc/ but the Python binding."""
-    return sorted(str(p) for p in (ROOT / "csrc").glob("*.c") if p.name != "binding.c")
+    """The extension's C sources but the Python binding (kernels/*.c are
+    empty without RL_WITH_CUDA)."""
+    ext = _setup_extension()
+    if ext is not None:
+        srcs = [str(ROOT / s) for s in ext.sources if s.endswith(".c")]
+    else:
+        srcs = [str(p) for p in (ROOT / "csrc").glob("*.c")]
+    return sorted(s for s in srcs if Path(s).name != "binding.c")
 
 
 def _blas_flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags) of the BLAS the extension build uses."""
+    """(compile flags, link flags) of the extension build: its include dirs
+    and macros, its libraries and their run paths."""
+    ext = _setup_extension()
+    if ext is not None:
+        cflags = [f"-I{d}" for d in ext.include_dirs]
+        cflags += [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in ext.define_macros]
+        ldflags = [f"-L{d}" for d in ext.library_dirs] + [f"-l{x}" for x in ext.libraries]
+        ldflags += [f"-Wl,-rpath,{d}" for d in ext.runtime_library_dirs]
+        return cflags, ldflags
     try:
         import scipy_openblas32 as ob
     except ImportError:
@@ -94,6 +134,8 @@ def _compile(out: Path, cuda_home: Path | None, gencode: list[str] = CUDA_GENCOD
            "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-I", str(ROOT / "csrc"),
            *cflags, *os.environ.get("RJEPA_TEST_CFLAGS", "").split()]
     srcs = [str(TEST_C), *_engine_sources()]
+    if cuda_home:  # kernels/*.c again below, with RL_WITH_CUDA
+        srcs = [x for x in srcs if Path(x).parent.name != "kernels"]
     libs = []
     if cuda_home:
         objs = []
@@ -152,7 +194,8 @@ class _Builds:
 
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory) -> _Builds:
-    return _Builds(tmp_path_factory.mktemp("backend_ops"))
+    where = os.environ.get("RJEPA_OPS_BINDIR")  # gpu_check.sh: a known place for the sanitizer
+    return _Builds(Path(where) if where else tmp_path_factory.mktemp("backend_ops"))
 
 
 def _seed_args() -> list[str]:
