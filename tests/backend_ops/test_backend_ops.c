@@ -15,8 +15,8 @@
  * through its named field.
  *
  * cpu mode (CI, every push): the CPU backend against naive double-precision
- * references written here, on unrounded f32 inputs; plus the CPU contract
- * that packing is bitwise neutral (gemm, qk_norm_rope and attention of a
+ * references written here, on unrounded f32 inputs; plus the packing
+ * contract of docs/design.md, bitwise on the CPU (gemm, qk_norm_rope and attention of a
  * packed batch give, row for row, the bits of each sequence run alone), and
  * self-checks of the harness (a TF32-rounded GEMM, a bf16-rounded output, a
  * NaN, a one-ulp change must each fail the bound that is meant to catch it).
