@@ -413,6 +413,10 @@ def main() -> int:
     shape = QWEN3_8B
     if args.smoke:
         DEV, shape = "cpu", TINY
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: torch sees no CUDA device (--smoke checks this script on the CPU)",
+              file=sys.stderr)
+        return 2
     rng = np.random.default_rng(0)
     n = args.n_texts or (128 if args.quick else 512)
     r: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke)",

@@ -63,7 +63,8 @@ rc=$?
 cat "$OUT/env.txt"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 if [ $rc = 0 ] && [ -n "$GPU_NAME" ]; then stage env ok "$GPU_NAME"
-else stage env FAIL "rc=$rc: see env.txt (no GPU, no nvcc or no torch?)"; fi
+elif [ -z "$GPU_NAME" ]; then stage env FAIL "nvidia-smi names no GPU: see env.txt"
+else stage env FAIL "rc=$rc: see env.txt (nvcc or torch missing?)"; fi
 
 # cuBLAS for the loader (it would also find torch's nvidia wheel by itself) and
 # its headers for test_cuda_build.py's constants check

@@ -16,9 +16,9 @@
  *
  * cpu mode (CI, every push): the CPU backend against naive double-precision
  * references written here, on unrounded f32 inputs; plus the packing
- * contract of docs/design.md, bitwise on the CPU (gemm, qk_norm_rope and attention of a
- * packed batch give, row for row, the bits of each sequence run alone), and
- * self-checks of the harness (a TF32-rounded GEMM, a bf16-rounded output, a
+ * contract of docs/design.md, bitwise on the CPU (gemm, qk_norm_rope and
+ * attention of a packed batch give, row for row, the bits of each sequence
+ * run alone), and self-checks of the harness (a TF32-rounded GEMM, a bf16-rounded output, a
  * NaN, a one-ulp change must each fail the bound that is meant to catch it).
  *
  * cuda mode: every CUDA op against the CPU op on identical inputs, for the
