@@ -1,7 +1,7 @@
 """GPU benchmark: this engine vs HF transformers on a Qwen3-8B-shaped model.
 
 Run by tests/gpu_check.sh on a lent H100 (or by hand):
-    python3 tests/gpu_bench.py [--quick] [--json PATH] [--model-dir DIR]
+    python3 tests/gpu_bench.py [--quick] [--json PATH] [--model-dir DIR] [--prepare]
 
 What it measures, in one process, on one GPU:
 - the cuBLAS bf16 GEMM rate (torch matmul 8192^3, random data): the ceiling;
@@ -406,6 +406,9 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model on the CPU: checks this script, measures nothing")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only write (or find) the checkpoint, then exit: gpu_check.sh runs "
+                         "this in the background while it builds and tests")
     args = ap.parse_args()
     global DEV
     import torch
@@ -417,12 +420,16 @@ def main() -> int:
         print("gpu_bench: torch sees no CUDA device (--smoke checks this script on the CPU)",
               file=sys.stderr)
         return 2
+    path = Path(args.model_dir) if args.model_dir else checkpoint_dir(shape)
+    if args.prepare:
+        t = ensure_checkpoint(torch, path, shape)
+        print(f"checkpoint {path}: " + (f"written in {t:.1f} s" if t else "reused"))
+        return 0
     rng = np.random.default_rng(0)
     n = args.n_texts or (128 if args.quick else 512)
     r: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke)",
                "quick": args.quick, "n_texts": n, "shape": shape}
     r["gemm_tflops"] = gemm_rate(torch) / 1e12
-    path = Path(args.model_dir) if args.model_dir else checkpoint_dir(shape)
     if args.model_dir and (path / "config.json").exists() and not (path / "meta.json").exists():
         r["write_s"] = 0.0  # a checkpoint this script did not write: used as it is
     else:
