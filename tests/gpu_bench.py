@@ -26,7 +26,8 @@ What it measures, in one process, on one GPU:
 - HF at its best: length-sorted batches under a padded-token budget, the
   base model only (no logits), best of a few budgets;
 - a sanity check that both compute the same pooled latents (bf16 vs bf16).
-Load times are warm: the page cache holds the checkpoint just written or reused.
+Load times are warm: the checkpoint was just written or read on this machine
+(the page cache holds it unless memory ran short).
 Prints a table last; full results as JSON to --json or $OUT/gpu_bench.json.
 """
 from __future__ import annotations
@@ -421,19 +422,21 @@ def main() -> int:
               file=sys.stderr)
         return 2
     path = Path(args.model_dir) if args.model_dir else checkpoint_dir(shape)
+    if args.model_dir and (path / "config.json").exists() and not (path / "meta.json").exists():
+        write_s = 0.0  # a checkpoint this script did not write: used as it is, never replaced
+    elif args.prepare:
+        write_s = ensure_checkpoint(torch, path, shape)
+    else:
+        write_s = None  # written (or found) below, once the GEMM rate is measured
     if args.prepare:
-        t = ensure_checkpoint(torch, path, shape)
-        print(f"checkpoint {path}: " + (f"written in {t:.1f} s" if t else "reused"))
+        print(f"checkpoint {path}: " + (f"written in {write_s:.1f} s" if write_s else "reused"))
         return 0
     rng = np.random.default_rng(0)
     n = args.n_texts or (128 if args.quick else 512)
     r: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke)",
                "quick": args.quick, "n_texts": n, "shape": shape}
     r["gemm_tflops"] = gemm_rate(torch) / 1e12
-    if args.model_dir and (path / "config.json").exists() and not (path / "meta.json").exists():
-        r["write_s"] = 0.0  # a checkpoint this script did not write: used as it is
-    else:
-        r["write_s"] = ensure_checkpoint(torch, path, shape)
+    r["write_s"] = ensure_checkpoint(torch, path, shape) if write_s is None else write_s
     r["checkpoint_reused"] = r["write_s"] == 0.0
     r["checkpoint_dir"] = str(path)
     r["checkpoint_gb"] = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 1e9
