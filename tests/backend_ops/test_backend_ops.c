@@ -742,7 +742,7 @@ static int case_gemm(tctx *t, const tcase *c)
 static float *rope_inv_freq(int64_t hd, double theta)
 {
     float *inv = hf((size_t)(hd / 2));
-    for (int64_t i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(theta, (double)(2 * i) / hd));
+    for (int64_t i = 0; i < hd / 2; i++) inv[i] = (float)(1.0 / pow(theta, (double)(2 * i) / (double)hd));
     return inv;
 }
 
