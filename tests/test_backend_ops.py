@@ -132,9 +132,10 @@ def _compile(out: Path, cuda_home: Path | None, gencode: list[str] = CUDA_GENCOD
     out.mkdir(parents=True, exist_ok=True)
     exe = out / ("test_backend_ops_cuda" if cuda_home else "test_backend_ops_cpu")
     cflags, ldflags = _blas_flags()
-    cmd = [os.environ.get("CC", "cc"), "-O2", "-std=c11", "-fopenmp", "-Wall", "-Wextra",
-           "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-I", str(ROOT / "csrc"),
-           *cflags, *os.environ.get("RJEPA_TEST_CFLAGS", "").split()]
+    # setup.py's warnings; -ffp-contract=off: no fused multiply-add the source did not write
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-std=c11", "-fopenmp", "-ffp-contract=off",
+           "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+           "-I", str(ROOT / "csrc"), *cflags, *os.environ.get("RJEPA_TEST_CFLAGS", "").split()]
     srcs = [str(TEST_C), *_engine_sources()]
     if cuda_home:  # kernels/*.c again below, with RL_WITH_CUDA
         srcs = [x for x in srcs if Path(x).parent.name != "kernels"]
