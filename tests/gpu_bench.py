@@ -1,7 +1,7 @@
 """GPU benchmark: this engine vs HF transformers on a Qwen3-8B-shaped model.
 
 Run by tests/gpu_check.sh on a lent H100 (or by hand):
-    python3 tests/gpu_bench.py [--quick] [--json PATH] [--model-dir DIR]
+    python3 tests/gpu_bench.py [--quick] [--json PATH] [--model-dir DIR] [--prepare]
 
 What it measures, in one process, on one GPU:
 - the cuBLAS bf16 GEMM rate (torch matmul 8192^3, random data): the ceiling;
@@ -10,7 +10,10 @@ What it measures, in one process, on one GPU:
   151936, q/k norm; embeddings tied so no lm_head tensor is written, which
   changes no hidden state), written as sharded bf16 safetensors by this
   script (random bf16 drawn on the GPU, streamed to disk; no 16 GB torch model
-  is materialised);
+  is materialised) once per shape: it is cached under
+  $RJEPA_BENCH_CACHE (default <tmp>/rjepa_bench_cache) in a directory named
+  by a hash of the shape, written to a temporary name and renamed when
+  complete, and reused by later runs (--model-dir names another place);
 - two length distributions of token sequences: GSM8K-like (mean ~150) and
   MATH-like (mean ~400), each split into reasoning steps; the job is layer -2
   mean-pooled per step;
@@ -23,17 +26,21 @@ What it measures, in one process, on one GPU:
 - HF at its best: length-sorted batches under a padded-token budget, the
   base model only (no logits), best of a few budgets;
 - a sanity check that both compute the same pooled latents (bf16 vs bf16).
-The page cache holds the checkpoint just written, so load times are warm.
+Load times are warm: the checkpoint was just written or read on this machine
+(the page cache holds it unless memory ran short).
 Prints a table last; full results as JSON to --json or $OUT/gpu_bench.json.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +80,53 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                   (p + "mlp.down_proj.weight", (d, ff))]
     specs.append(("model.norm.weight", (d,)))
     return specs
+
+
+CHECKPOINT_FORMAT = 1  # bump when write_checkpoint changes what it writes
+
+
+def checkpoint_dir(shape: dict) -> Path:
+    """The cache directory of a shape's checkpoint (not created)."""
+    root = Path(os.environ.get("RJEPA_BENCH_CACHE") or
+                Path(tempfile.gettempdir()) / "rjepa_bench_cache")
+    key = json.dumps({"format": CHECKPOINT_FORMAT, "shape": shape}, sort_keys=True)
+    return root / f"qwen3_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def checkpoint_complete(path: Path, shape: dict) -> bool:
+    """True if `path` holds the complete checkpoint of `shape` written by
+    this script (its meta.json, written last, and every shard at its size)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("shape") == shape and meta.get("format") == CHECKPOINT_FORMAT and
+            all((path / f).is_file() and (path / f).stat().st_size == n
+                for f, n in meta.get("files", {}).items()))
+
+
+def ensure_checkpoint(torch, path: Path, shape: dict) -> float:
+    """Writes the checkpoint of `shape` at `path` unless it is there complete;
+    returns the seconds spent writing (0.0 when reused). Written under a
+    temporary name first, so a killed run never leaves a checkpoint that
+    looks complete."""
+    if checkpoint_complete(path, shape):
+        return 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(2 * math.prod(s) for _, s in tensor_specs(shape))
+    free = shutil.disk_usage(path.parent).free
+    if free < need * 1.02:
+        raise SystemExit(f"gpu_bench: {need / 1e9:.1f} GB needed for the checkpoint in "
+                         f"{path.parent}, {free / 1e9:.1f} GB free (set RJEPA_BENCH_CACHE)")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    seconds = write_checkpoint(torch, tmp, shape)
+    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    (tmp / "meta.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "shape": shape,
+                                               "files": files}))
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete one of an earlier run
+    os.replace(tmp, path)
+    return seconds
 
 
 def write_checkpoint(torch, out: Path, shape: dict) -> float:
@@ -315,7 +369,8 @@ def rel_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def table(r: dict) -> str:
     lines = [f"device: {r['device']}   cuBLAS bf16 GEMM 8192^3: {r['gemm_tflops']:.0f} TFLOP/s   "
              f"attention kernel: {r['attention_kernel']}",
-             f"checkpoint: {r['checkpoint_gb']:.1f} GB written in {r['write_s']:.1f} s; load: ours "
+             f"checkpoint: {r['checkpoint_gb']:.1f} GB "
+             f"{'reused' if r['checkpoint_reused'] else 'written in %.1f s' % r['write_s']}; load: ours "
              f"{r['ours']['load_s']:.1f} s, HF {r.get('hf', {}).get('load_s', float('nan')):.1f} s",
              f"ours device memory: {r['ours']['device_bytes_used'] / 2**30:.1f} GiB "
              f"(weights {r['ours']['memory_report']['weight_bytes'] / 2**30:.1f} GiB); "
@@ -345,11 +400,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer texts and HF settings")
     ap.add_argument("--n-texts", type=int, default=None, help="texts per workload (ours)")
-    ap.add_argument("--model-dir", default="/tmp/rjepa_qwen3_8b_random")
+    ap.add_argument("--model-dir", default=None,
+                    help="where the checkpoint is (written there if missing); default: "
+                         "the shape's directory in the cache")
     ap.add_argument("--json", default=None, help="where to write the full results")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model on the CPU: checks this script, measures nothing")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only write (or find) the checkpoint, then exit: gpu_check.sh runs "
+                         "this in the background while it builds and tests")
     args = ap.parse_args()
     global DEV
     import torch
@@ -357,17 +417,28 @@ def main() -> int:
     shape = QWEN3_8B
     if args.smoke:
         DEV, shape = "cpu", TINY
-        args.model_dir = args.model_dir + "_smoke"
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: torch sees no CUDA device (--smoke checks this script on the CPU)",
+              file=sys.stderr)
+        return 2
+    path = Path(args.model_dir) if args.model_dir else checkpoint_dir(shape)
+    if args.model_dir and (path / "config.json").exists() and not (path / "meta.json").exists():
+        write_s = 0.0  # a checkpoint this script did not write: used as it is, never replaced
+    elif args.prepare:
+        write_s = ensure_checkpoint(torch, path, shape)
+    else:
+        write_s = None  # written (or found) below, once the GEMM rate is measured
+    if args.prepare:
+        print(f"checkpoint {path}: " + (f"written in {write_s:.1f} s" if write_s else "reused"))
+        return 0
     rng = np.random.default_rng(0)
     n = args.n_texts or (128 if args.quick else 512)
     r: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke)",
                "quick": args.quick, "n_texts": n, "shape": shape}
     r["gemm_tflops"] = gemm_rate(torch) / 1e12
-    path = Path(args.model_dir)
-    if (path / "model.safetensors.index.json").exists():
-        r["write_s"] = 0.0
-    else:
-        r["write_s"] = write_checkpoint(torch, path, shape)
+    r["write_s"] = ensure_checkpoint(torch, path, shape) if write_s is None else write_s
+    r["checkpoint_reused"] = r["write_s"] == 0.0
+    r["checkpoint_dir"] = str(path)
     r["checkpoint_gb"] = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 1e9
     loads = {"gsm8k_like": make_workload(rng, n, 150, shape["vocab_size"]),
              "math_like": make_workload(rng, n, 400, shape["vocab_size"])}
