@@ -304,6 +304,7 @@ class Model:
                  max_layer: int | None = None, max_batch_tokens: int | None = None,
                  threads: int | None = None, dtype: str | None = None) -> None:
         self._engine = None
+        self.path: str = os.fspath(path)   # the checkpoint (its chat template, tokenizer files)
         self.device = resolve_device(device)
         self.backend = backend_of(self.device)
         self.dtype: str = resolve_engine_dtype(dtype, self.device)  # compute dtype
