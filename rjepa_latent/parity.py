@@ -380,10 +380,13 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     records = _records(texts, data, n_texts)
     notes: list[str] = []
 
-    m = Model(path, device=device, dtype=dtype, threads=threads)
+    from .checkpoint import read_config
+    cfg = read_config(path)
+    n_layers = cfg["num_layers"]
+    lays = resolve_layers(range(n_layers + 1) if layers is None else layers, n_layers, n_layers)
+    # only the layers up to the deepest requested one are loaded, here and in HF below
+    m = Model(path, device=device, dtype=dtype, threads=threads, max_layer=max(lays))
     try:
-        lays = resolve_layers(range(m.max_layer + 1) if layers is None else layers,
-                              m.num_layers, m.max_layer)
         tok = prepare_tokenizer(m.tokenizer)
         items = [t for t in tokenize_records(tok, records, None) if hasattr(t, "ids")]
         spans = _check_spans(tok, records, items)
@@ -404,8 +407,13 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     deepest = max(lays)
     keep = deepest + 1 if deepest < num_layers else None
     if keep is not None:
-        notes.append(f"HF loaded decoder layers 0..{keep - 1} only (deepest requested layer is {deepest})")
-    need = weight_bytes * 4 // (4 if eng_dtype == "float32" else 2) * (keep or num_layers) // max(num_layers, 1)
+        notes.append(f"decoder layers 0..{keep - 1} only were loaded in HF, 0..{deepest - 1} in this "
+                     f"engine (the deepest requested layer is {deepest})")
+    # HF in fp32 holds what this engine held (in fp32), one more decoder layer,
+    # and an LM head this engine never loads
+    elem = 4 if eng_dtype == "float32" else 2
+    per_layer = (weight_bytes - cfg["vocab_size"] * cfg["hidden_size"] * elem) // max(deepest, 1)
+    need = (weight_bytes + per_layer) * 4 // elem + cfg["vocab_size"] * cfg["hidden_size"] * 4
     avail = _available_bytes(torch, where)
     if on_cuda and need > avail:
         where = "cpu"

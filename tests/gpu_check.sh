@@ -3,7 +3,8 @@
 # lent H100/H200, with nothing prepared by hand: build in place for
 # sm_80/sm_90/sm_90a with warnings as errors, the C op test in cuda mode
 # (every CUDA op vs its CPU op, tests/backend_ops/), whole-model parity vs HF,
-# packing and the device contract (tests/test_gpu_model.py), then the
+# packing and the device contract (tests/test_gpu_model.py), the user's own
+# parity command (`rjepa-latent parity`, bf16 and fp32) on tiny models, then the
 # Qwen3-8B-shaped benchmark (tests/gpu_bench.py); a table of the stages last.
 #
 # Device-tool call (from a session whose task is lent a GPU):
@@ -189,6 +190,36 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   else stage model FAIL "$(counts "$OUT/model.log")"; fi
 fi
 
+# ---- parity: the user's own check (`rjepa-latent parity`) on tiny models, bf16 and fp32 ------
+if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ] && [ "$(left)" -gt 120 ]; then
+  TO 60 "$PY" - "$SCRATCH/tiny" >> "$OUT/model.log" 2>&1 <<'EOF'
+import pathlib, sys
+sys.path.insert(0, "tests")
+from conftest import build_tiny_model
+for arch in ("qwen3", "llama3_rope"):
+    build_tiny_model(arch, pathlib.Path(sys.argv[1]) / arch)
+EOF
+  prc=0
+  for arch in qwen3 llama3_rope; do
+    for dt in bfloat16 float32; do
+      echo "===== rjepa-latent parity --model <tiny $arch> --device cuda --dtype $dt =====" >> "$OUT/model.log"
+      TO "$(budget 60 60)" "$PY" -m rjepa_latent.cli parity --model "$SCRATCH/tiny/$arch" --device cuda \
+          --dtype "$dt" --json "$SCRATCH/parity-$arch-$dt.json" >> "$OUT/model.log" 2>&1 || prc=1
+    done
+  done
+  TO 30 "$PY" - "$SCRATCH" > "$SCRATCH/parity_cli.txt" 2>&1 <<'EOF'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("parity-*.json")):
+    j = json.loads(f.read_text())
+    worst = max(j["layers"], key=lambda r: r["worst_rel_err"] / r["bound"])
+    print(f"{f.stem[7:]:22s} {'PASS' if j['passed'] else 'FAIL'}  worst layer {worst['layer']}: "
+          f"{worst['worst_rel_err']:.2e} (bound {worst['bound']:.2e}); batch max diff "
+          f"{j['batch_invariance']['max_abs_diff']:.1e}")
+EOF
+  if [ $prc = 0 ]; then stage parity ok "rjepa-latent parity: $(grep -c PASS "$SCRATCH/parity_cli.txt") runs passed"
+  else stage parity FAIL "rjepa-latent parity: see model.log"; fi
+fi
+
 # ---- bench: Qwen3-8B shape, ours vs HF ----------------------------------------------------------
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
   if [ "$(left)" -lt 60 ]; then stage bench SKIP "only $(left) s left"
@@ -218,6 +249,8 @@ n_out=$(find "$OUT" -type f | wc -l)
      awk '/^[a-z]/{arch=$1} /layer/{last[arch]=$0} END{for (a in last) print a ": " last[a]}' "$SCRATCH/parity.txt"; fi
   if [ -s "$SCRATCH/parity_fp32.txt" ]; then echo "--- fp32 parity (rel err to fp32 HF, worst layer; bound 1e-4)"
      cut -c1-110 "$SCRATCH/parity_fp32.txt"; fi
+  if [ -s "$SCRATCH/parity_cli.txt" ]; then echo "--- rjepa-latent parity (tiny models, cuda)"
+     cat "$SCRATCH/parity_cli.txt"; fi
   if [ -f "$OUT/bench.log" ]; then echo "--- benchmark"; sed -n '/^device:/,$p' "$OUT/bench.log"; fi
   echo "--- stages"
   printf '%s\n' "${SUMMARY[@]}"
