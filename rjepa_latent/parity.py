@@ -336,8 +336,11 @@ def _reference(path: str, torch, dtype, where: str, n_layers: int | None, notes:
     transformers' model class on this package's reading of the weights."""
     try:
         return load_reference(path, torch, dtype, where, n_layers)
-    except Exception as e:  # transformers' GGUF loader raises many kinds
-        if not path.lower().endswith(".gguf"):
+    except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
+        # what transformers' GGUF loader raises for an architecture or shape it
+        # does not map; memory exhaustion is not that, and is never papered over
+        oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", ())
+        if not path.lower().endswith(".gguf") or isinstance(e, oom) or "out of memory" in str(e).lower():
             raise
         note = (f"transformers cannot read this GGUF file ({type(e).__name__}: {str(e)[:120]}); "
                 "the reference is transformers' model class on the weights as rjepa_latent reads them")

@@ -1,10 +1,13 @@
 """The one packer: which sequences run together in one engine call.
 
 Design choices:
-- One cost rule (`batch_cost`): a batch costs max(its tokens, its spans)
-  rows of the engine's workspace, which holds both per row. Everything that
-  packs (`Model.extract`, the pipeline) packs here with this rule, and a
-  batch's cost is what the engine's workspace must hold to run it.
+- One cost rule (`batch_cost`): a batch costs max(its tokens, its spans).
+  Tokens are rows of the engine's workspace; spans are pooled in chunks of
+  that many rows, so they need not fit it, but counting them also bounds a
+  batch's result (one row per span and layer) by the same budget, which keeps
+  per-call host memory predictable when spans overlap or outnumber tokens.
+  Everything that packs (`Model.extract`, the pipeline) packs here with this
+  rule.
 - Greedy: items are taken in order and a batch is closed only when the next
   item would take it over `max_batch_tokens`. An item that alone costs more
   than the budget gets a batch of its own; whether such a batch may run is
@@ -25,7 +28,7 @@ from typing import Sequence
 
 
 def batch_cost(tokens: int, spans: int) -> int:
-    """Workspace rows (in tokens) an engine call over `tokens` tokens and `spans` spans needs."""
+    """The budget an engine call over `tokens` tokens and `spans` spans uses (see module docstring)."""
     return max(int(tokens), int(spans))
 
 
