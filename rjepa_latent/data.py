@@ -560,15 +560,20 @@ def _question(obj: dict) -> str | None:
 
 
 def _detect_format(obj: dict) -> str:
-    if "steps" in obj:
+    """A null field counts as absent: a Parquet / Dataset row has every column,
+    with nulls where the record has no such field."""
+    def has(key: str) -> bool:
+        return obj.get(key) is not None
+    if has("steps"):
         return "cot"
-    if "answer" in obj and "question" in obj:
+    if has("answer") and has("question"):
         return "gsm8k"
-    if "text" in obj:
+    if has("text"):
         return "text"
-    if "messages" in obj:
+    if has("messages"):
         return "messages"
-    raise _BadRecord(f"cannot tell the format from the fields {sorted(obj)[:8]}: expected 'steps' (cot), "
+    present = sorted(k for k, v in obj.items() if v is not None)
+    raise _BadRecord(f"cannot tell the format from the fields {present[:8]}: expected 'steps' (cot), "
                      "'question'+'answer' (gsm8k), 'text' (text) or 'messages' (messages); or pass --format")
 
 
@@ -642,7 +647,7 @@ def _text(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
         raise _BadRecord("missing 'text' (a string)")
     if not text.strip():
         raise _BadRecord("'text' is empty")
-    if "step_ranges" in obj:
+    if obj.get("step_ranges") is not None:
         ranges = _given_ranges(obj, text)
         if opts.strip:
             text, where = strip_annotations(text)
