@@ -215,3 +215,31 @@ def test_chat_options_are_part_of_the_configuration(chat_model, tmp_path):
         with pytest.raises(rl.StoreError, match=rf"(?s)different configuration.*{key}: stored"):
             rl.extract_dataset(src, chat_model, out, progress=False, **kw)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_segmentation_and_step_ranges_inside_a_chat_render(tmp_path):
+    """(data level) a text record's segmented steps and a messages record under
+    --segment keep exact ranges in the rendered text, equal to transformers'."""
+    from rjepa_latent import chat as chat_mod
+    from rjepa_latent.data import Chat, ErrorRecord, read_records
+    from test_chat import _hf_render
+    c = Chat(chat_mod.ChatTemplate(QWEN3_STYLE, {"eos_token": "<|im_end|>"}), think=True)
+    text = "First, 48 / 2 = <<48/2=24>>24.  Then 48 + 24 = 72!\r\n\r\nSo 72."
+    conv = [{"role": "user", "content": "Q?"},
+            {"role": "assistant", "reasoning_content": "One. Two?\n\nThree.", "content": "3"}]
+    rows = [{"id": "t", "statement": "How many?", "text": text, "answer": "72"},  # question+answer: gsm8k
+            {"id": "r", "text": "abc def", "step_ranges": [[0, 3], [4, 7]]},
+            {"id": "m", "messages": conv},
+            {"id": "bad", "steps": ["x"], "answer": 72}]
+    src = write_jsonl(tmp_path / "r.jsonl", rows)
+    t, r, m, bad = list(read_records([src], segment="sentences", strip=True, chat=c))
+    stripped = "First, 48 / 2 = 24.  Then 48 + 24 = 72!\r\n\r\nSo 72."
+    hf = _hf_render(QWEN3_STYLE, [{"role": "user", "content": "How many?"},
+                                  {"role": "assistant", "reasoning_content": stripped, "content": "72"}],
+                    {"eos_token": "<|im_end|>"})
+    assert t.text == hf and [t.text[a:b] for a, b in t.steps] == ["First, 48 / 2 = 24.", "Then 48 + 24 = 72!",
+                                                                  "So 72."]
+    assert [r.text[a:b] for a, b in r.steps] == ["abc", "def"] and r.text.count("abc def") == 1
+    assert m.text == _hf_render(QWEN3_STYLE, conv, {"eos_token": "<|im_end|>"})
+    assert [m.text[a:b] for a, b in m.steps] == ["One.", "Two?", "Three."]
+    assert isinstance(bad, ErrorRecord) and "'answer' must be a string" in bad.reason
