@@ -36,6 +36,7 @@ import json
 import os
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -44,6 +45,7 @@ from .chat import ChatTemplate, ChatTemplateError, load_chat_template, steps_of_
 
 FORMATS = ("auto", "cot", "gsm8k", "text", "messages")
 SEGMENT_RULES = ("auto", "lines", "paragraphs", "sentences", "regex:PATTERN", "ranges")
+_NAMED_RULES = ("auto", "lines", "paragraphs", "sentences", "ranges")
 DATASET_SOURCE = "dataset"   # the source name of a datasets.Dataset's records
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DEFAULT_TEMPLATE = "{question}\n{steps}"
@@ -250,8 +252,7 @@ class Segmenter:
     _marker: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rule, str) or not (self.rule in SEGMENT_RULES[:-2] + ("ranges",)
-                                                  or self.rule.startswith("regex:")):
+        if not isinstance(self.rule, str) or not (self.rule in _NAMED_RULES or self.rule.startswith("regex:")):
             raise ValueError(f"segment {self.rule!r} is not one of {', '.join(SEGMENT_RULES)}")
         pattern = self.rule[len("regex:"):] if self.rule.startswith("regex:") else self.step_regex
         if not pattern:
@@ -300,7 +301,7 @@ def _given_ranges(obj: dict, text: str) -> list[tuple[int, int]]:
     return out
 
 
-def strip_annotations(text: str) -> tuple[str, Callable[[int], int]]:
+def remove_annotations(text: str) -> tuple[str, Callable[[int], int]]:
     """`text` without GSM8K calculator annotations (`<<48/2=24>>`), and the map
     from a character position in `text` to its position in the result (a
     position inside an annotation maps to where the annotation was)."""
@@ -347,8 +348,7 @@ class Chat:
         c = cls(load_chat_template(path), bool(think), system)
         question, steps, answer = _PROBE
         try:
-            c._render(question, "\n".join(steps), [(0, len(steps[0])), (len(steps[0]) + 1, len("\n".join(steps)))],
-                      answer)
+            c._render(question, *_joined(steps, "\n"), answer)
         except _BadRecord as e:
             options = ", ".join(o for o, on in (("--chat-think", think), ("--system", system)) if on)
             raise ChatTemplateError(f"the model's chat template cannot render a plain conversation"
@@ -453,17 +453,20 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, object, str | None]]:
         raise ValueError(f"input file {str(path)!r}: cannot read Parquet after row {line}: {e}") from None
 
 
-def _is_dataset(obj: object) -> bool:
-    mod = type(obj).__module__ or ""
-    if not mod.startswith("datasets"):
+def is_dataset(obj: object) -> bool:
+    """Whether `obj` is an HF datasets.Dataset (TypeError for the other datasets
+    containers, which have no one record order or no length)."""
+    datasets = sys.modules.get("datasets")   # not imported: it cannot be one
+    if datasets is None or isinstance(obj, (str, os.PathLike, list, tuple)):
         return False
-    import datasets
     if isinstance(obj, datasets.Dataset):
         return True
-    raise TypeError(f"a {type(obj).__name__} is not a datasets.Dataset: "
-                    + ("pick a split (ds['test'])" if isinstance(obj, datasets.DatasetDict) else
-                       "an IterableDataset has no length or fingerprint; materialize it "
-                       "(datasets.Dataset.from_generator or .from_list)"))
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(f"a {type(obj).__name__} holds several splits: pick one (ds['test'])")
+    if isinstance(obj, datasets.IterableDataset):
+        raise TypeError("an IterableDataset has no length or fingerprint; materialize it "
+                        "(datasets.Dataset.from_generator or .from_list)")
+    return False
 
 
 def _iter_dataset(ds) -> Iterator[tuple[int, object, str | None]]:
@@ -492,7 +495,7 @@ def dataset_fingerprint(ds) -> dict:
 def input_sources(inputs: Any) -> list[tuple[str, Callable[[], Iterator]]]:
     """(source name, row iterator factory) of each input: files (checked to exist;
     a Parquet file's footer checked) or one datasets.Dataset."""
-    if _is_dataset(inputs):
+    if is_dataset(inputs):
         return [(DATASET_SOURCE, lambda: _iter_dataset(inputs))]
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     for p in paths:
@@ -618,7 +621,7 @@ def _cot(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
         raise _BadRecord(f"'steps' must be a list of strings, got {type(steps).__name__}")
     _check_steps(steps)
     if opts.strip:
-        steps = [strip_annotations(s)[0] for s in steps]
+        steps = [remove_annotations(s)[0] for s in steps]
         for i, s in enumerate(steps, 1):
             if not s:
                 raise _BadRecord(f"step {i} is nothing but calculator annotations (--strip-annotations)")
@@ -629,7 +632,7 @@ def _gsm8k(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
     for key in ("question", "answer"):
         if not isinstance(obj.get(key), str):
             raise _BadRecord(f"gsm8k record needs a string '{key}'")
-    answer = strip_annotations(obj["answer"])[0] if opts.strip else obj["answer"]
+    answer = remove_annotations(obj["answer"])[0] if opts.strip else obj["answer"]
     if opts.segmenter.rule == "ranges":
         raise _BadRecord("--segment ranges needs a text record with 'step_ranges'; this is a gsm8k record")
     if opts.segmenter.rule == "auto":
@@ -650,7 +653,7 @@ def _text(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
     if obj.get("step_ranges") is not None:
         ranges = _given_ranges(obj, text)
         if opts.strip:
-            text, where = strip_annotations(text)
+            text, where = remove_annotations(text)
             ranges = [(where(a), where(b)) for a, b in ranges]
             for k, (a, b) in enumerate(ranges):
                 if a == b:
@@ -661,7 +664,7 @@ def _text(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
             raise _BadRecord("missing 'step_ranges' (--segment ranges): [[start, end], ...] character "
                              "ranges of the steps in 'text'")
         if opts.strip:
-            text = strip_annotations(text)[0]
+            text = remove_annotations(text)[0]
         if opts.segmenter.rule == "auto":
             ranges = _marker_ranges(text, opts.segmenter._marker)
         else:
@@ -719,11 +722,11 @@ def _parse_record(obj: object, fmt: str, opts: _Options):
 
 def read_records(inputs: Any, fmt: str = "auto", template: Template | None = None,
                  step_regex: str = DEFAULT_STEP_REGEX, *, segment: str | Segmenter = "auto",
-                 strip: bool = False, chat: Chat | None = None) -> Iterator[Record | ErrorRecord]:
+                 strip_annotations: bool = False, chat: Chat | None = None) -> Iterator[Record | ErrorRecord]:
     """Yield every record of `inputs` in order: a `Record` or an `ErrorRecord`.
 
     `inputs`: paths of .jsonl / .json / .parquet files, or a datasets.Dataset.
-    `segment`: a `Segmenter` rule for free texts; `strip`: remove GSM8K
+    `segment`: a `Segmenter` rule for free texts; `strip_annotations`: remove GSM8K
     calculator annotations; `chat`: render through a chat template.
     Duplicate ids (across all files) make every occurrence after the first an
     error. A missing file raises FileNotFoundError (that is not a bad record).
@@ -733,7 +736,7 @@ def read_records(inputs: Any, fmt: str = "auto", template: Template | None = Non
     if fmt == "messages" and chat is None:
         raise ValueError("format 'messages' is rendered through the model's chat template: pass --chat (chat=True)")
     segmenter = segment if isinstance(segment, Segmenter) else Segmenter(segment, step_regex)
-    opts = _Options(template or Template(), segmenter, bool(strip), chat)
+    opts = _Options(template or Template(), segmenter, bool(strip_annotations), chat)
     sources = input_sources(inputs)
     seen: dict[str, str] = {}
     index = 0

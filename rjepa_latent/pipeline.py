@@ -52,7 +52,7 @@ import numpy as np
 
 from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS, SEGMENT_RULES,
                    Chat, ErrorRecord, Record, Segmenter, Template, dataset_fingerprint, input_sources,
-                   read_records)
+                   is_dataset, read_records)
 from .errors import InputError, TokenIdError
 from .model import SPAN_POOLINGS, Model
 from .plan import part_shards, plan_batches, shard_ranges
@@ -250,9 +250,8 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     """
     t_start = time.perf_counter()
     store_dtype, max_text_tokens = dtype, max_tokens  # one meaning per name from here on
-    is_dataset = not isinstance(inputs, (str, os.PathLike, list, tuple)) and \
-        type(inputs).__module__.startswith("datasets")
-    paths = None if is_dataset else \
+    dataset = inputs if is_dataset(inputs) else None
+    paths = None if dataset is not None else \
         [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     if paths is not None and not paths:
         raise ValueError("inputs is empty: give at least one .jsonl, .json or .parquet file")
@@ -277,14 +276,14 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
         raise ValueError("system needs chat=True (--chat): it is a message of the chat template")
     tmpl = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
     segmenter = Segmenter(segment, step_regex)
-    input_sources(inputs if is_dataset else paths)  # missing files, unreadable Parquet: refused now
-    fingerprint = [dataset_fingerprint(inputs)] if is_dataset else input_fingerprint(paths)
+    input_sources(dataset if dataset is not None else paths)  # missing files, unreadable Parquet: refused now
+    fingerprint = [dataset_fingerprint(dataset)] if dataset is not None else input_fingerprint(paths)
     reading = {"segment": segmenter, "strip": bool(strip_annotations),
                "chat": (bool(chat_think), system) if chat else None}
 
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
-        return _extract(inputs if is_dataset else paths, m, out, fmt=format, layers=layers, pooling=pooling,
+        return _extract(dataset if dataset is not None else paths, m, out, fmt=format, layers=layers, pooling=pooling,
                         store_dtype=store_dtype, tmpl=tmpl, step_regex=step_regex, reading=reading,
                         max_text_tokens=max_text_tokens, budget=max_batch_tokens or m.max_batch_tokens,
                         shard_size=shard_size, part=part, strict=strict, progress=progress,
@@ -327,7 +326,7 @@ def _extract(paths: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int],
         return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
 
     records = list(read_records(paths, fmt, tmpl, step_regex, segment=reading["segment"],
-                                strip=reading["strip"], chat=chat))
+                                strip_annotations=reading["strip"], chat=chat))
     store.prepare(len(records))
     try:
         done = store.done()

@@ -232,7 +232,7 @@ def test_segmentation_and_step_ranges_inside_a_chat_render(tmp_path):
             {"id": "m", "messages": conv},
             {"id": "bad", "steps": ["x"], "answer": 72}]
     src = write_jsonl(tmp_path / "r.jsonl", rows)
-    t, r, m, bad = list(read_records([src], segment="sentences", strip=True, chat=c))
+    t, r, m, bad = list(read_records([src], segment="sentences", strip_annotations=True, chat=c))
     stripped = "First, 48 / 2 = 24.  Then 48 + 24 = 72!\r\n\r\nSo 72."
     hf = _hf_render(QWEN3_STYLE, [{"role": "user", "content": "How many?"},
                                   {"role": "assistant", "reasoning_content": stripped, "content": "72"}],
@@ -243,3 +243,58 @@ def test_segmentation_and_step_ranges_inside_a_chat_render(tmp_path):
     assert m.text == _hf_render(QWEN3_STYLE, conv, {"eos_token": "<|im_end|>"})
     assert [m.text[a:b] for a, b in m.steps] == ["One.", "Two?", "Three."]
     assert isinstance(bad, ErrorRecord) and "'answer' must be a string" in bad.reason
+
+
+def test_messages_from_parquet(tmp_path):
+    """A list<struct> messages column: Arrow's nulls for a struct field absent from a
+    message render as transformers renders the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from rjepa_latent import chat as chat_mod
+    from rjepa_latent.data import Chat, read_records
+    from test_chat import _hf_render
+    conv = [[{"role": "user", "content": "2+3?"},
+             {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3\nis 5."}],
+            [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "Add.\n2."}]]
+    pq.write_table(pa.table({"id": ["x", "y"], "messages": conv}), tmp_path / "m.parquet")
+    rows = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert rows[1]["messages"][1]["reasoning_content"] is None   # Arrow: the field is there, null
+    c = Chat(chat_mod.ChatTemplate(QWEN3_STYLE, {"eos_token": "<|im_end|>"}))
+    x, y = list(read_records([tmp_path / "m.parquet"], chat=c))
+    for rec, row in ((x, rows[0]), (y, rows[1])):
+        assert rec.text == _hf_render(QWEN3_STYLE, row["messages"], {"eos_token": "<|im_end|>"})
+    assert [x.text[a:b] for a, b in x.steps] == ["2 plus 3", "is 5."]
+    assert [y.text[a:b] for a, b in y.steps] == ["Add.", "2."]
+
+
+@pytest.mark.slow
+def test_gguf_model_chat_end_to_end(tmp_path):
+    """The default GGUF model (SmolLM2, its template in tokenizer.chat_template):
+    the text is transformers' rendering of that template, the special tokens are
+    single tokens, spans follow the span rule, latents equal Model.extract."""
+    from rjepa_latent import chat as chat_mod
+    from rjepa_latent.default_model import default_model_path
+    from test_chat import _hf_render
+    path = default_model_path()
+    tmpl = chat_mod.load_chat_template(path)
+    rows = RECORDS[:2]
+    src = write_jsonl(tmp_path / "r.jsonl", rows)
+    with rl.Model(path, device="cpu") as m:
+        rl.extract_dataset(src, m, tmp_path / "run", progress=False, chat=True, system=SYSTEM, layers=(-2,))
+        store = rl.open_latents(tmp_path / "run")
+        for rec in rows:
+            item = store[rec["id"]]
+            text = _hf_render(tmpl.source, _messages(rec, False, SYSTEM), tmpl.special_tokens)
+            assert item.meta["text"] == text
+            enc = m.tokenizer.encode(text, add_special_tokens=False)
+            assert enc.tokens[0] == "<|im_start|>" and item.meta["num_tokens"] == len(enc.ids)
+            a0 = text.rindex("<|im_start|>assistant")
+            ranges = []
+            for s in rec["steps"]:
+                a0 = text.index(s, a0)
+                ranges.append((a0, a0 + len(s)))
+                a0 += len(s)
+            spans, missing = step_spans(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), ranges)
+            assert missing is None and np.array_equal(item.token_spans, spans)
+            (ref,) = m.extract([np.asarray(enc.ids)], [spans], layers=(-2,))
+            assert np.array_equal(item.latents, ref)

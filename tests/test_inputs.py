@@ -13,7 +13,7 @@ import pytest
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.data import (ErrorRecord, Record, Segmenter, dataset_fingerprint, read_records,
-                               strip_annotations)
+                               remove_annotations)
 
 ROWS = [
     {"id": "7", "question": "Natalia sold 48 clips. Ünïcödé?", "steps": ["She sold 48 / 2 = 24.", "48 + 24 = 72"],
@@ -80,7 +80,7 @@ def test_a_dataset_reads_like_jsonl_in_its_own_order(tmp_path):
     got = list(read_records(view))
     assert [_key(r) for r in got] == j and [r.id for r in got] == ["z", "7", "dataset:3"]
     assert {r.source for r in got} == {"dataset"}
-    with pytest.raises(TypeError, match="pick a split"):
+    with pytest.raises(TypeError, match="pick one"):
         list(read_records(datasets.DatasetDict({"test": ds})))
     with pytest.raises(TypeError, match="IterableDataset"):
         list(read_records(ds.to_iterable_dataset()))
@@ -222,7 +222,7 @@ def test_strip_annotations_keeps_offsets_exact(tmp_path):
             {"id": "r", "text": text, "step_ranges": [[0, 35], [36, len(text)]]},
             {"id": "c", "steps": ["<<1+1=2>>2 apples", "<<3=3>>"]}]
     p = write_jsonl(tmp_path / "a.jsonl", rows)
-    g, t, r, c = list(read_records([p], strip=True))
+    g, t, r, c = list(read_records([p], strip_annotations=True))
     assert g.text == ("Q?\nJanet sells 16 - 3 - 4 = 9 duck eggs a day.\n"
                       "She makes 9 * 2 = $18 every day at the farmer’s market.\n#### 18")
     assert [g.text[a:b] for a, b in g.steps] == ["Janet sells 16 - 3 - 4 = 9 duck eggs a day.",
@@ -235,7 +235,7 @@ def test_strip_annotations_keeps_offsets_exact(tmp_path):
     assert isinstance(c, ErrorRecord) and "step 2 is nothing but calculator annotations" in c.reason
     g0, t0 = list(read_records([p]))[:2]      # without strip_annotations: unchanged
     assert "<<16-3-4=9>>9" in g0.text and t0.text == text
-    s, where = strip_annotations("a<<x>>b<<y>>c")
+    s, where = remove_annotations("a<<x>>b<<y>>c")
     assert s == "abc" and [where(i) for i in range(14)] == [0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3]
 
 
