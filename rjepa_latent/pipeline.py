@@ -233,7 +233,7 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     template, `chat_think` (implies `chat`) with the steps as the assistant's
     reasoning, `system` adds a system message (needs `chat`); a model without
     a usable template is refused (ChatTemplateError, a ValueError) before
-    anything is written.
+    the model is loaded and before anything is written.
 
     `model` is an `rjepa_latent.Model` (left as it was) or a checkpoint path
     (loaded with `device`, `max_batch_tokens`, `threads`, closed at the end).
@@ -276,14 +276,17 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
         raise ValueError("system needs chat=True (--chat): it is a message of the chat template")
     tmpl = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
     segmenter = Segmenter(segment, step_regex)
-    input_sources(dataset if dataset is not None else paths)  # missing files, unreadable Parquet: refused now
+    source = dataset if dataset is not None else paths
+    input_sources(source)  # missing files, unreadable Parquet: refused now
     fingerprint = [dataset_fingerprint(dataset)] if dataset is not None else input_fingerprint(paths)
-    reading = {"segment": segmenter, "strip": bool(strip_annotations),
-               "chat": (bool(chat_think), system) if chat else None}
+    chat_with = None
+    if chat and isinstance(model, (str, os.PathLike, Model)):  # refused before the model is loaded
+        chat_with = Chat.for_model(model.path if isinstance(model, Model) else model, chat_think, system)
+    reading = {"segment": segmenter, "strip": bool(strip_annotations), "chat": chat_with}
 
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
-        return _extract(dataset if dataset is not None else paths, m, out, fmt=format, layers=layers, pooling=pooling,
+        return _extract(source, m, out, fmt=format, layers=layers, pooling=pooling,
                         store_dtype=store_dtype, tmpl=tmpl, step_regex=step_regex, reading=reading,
                         max_text_tokens=max_text_tokens, budget=max_batch_tokens or m.max_batch_tokens,
                         shard_size=shard_size, part=part, strict=strict, progress=progress,
@@ -294,7 +297,7 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
             m.close()
 
 
-def _extract(paths: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
+def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
              store_dtype: str, tmpl: Template, step_regex: str, reading: dict, max_text_tokens: int | None,
              budget: int, shard_size: int, part: tuple[int, int], strict: bool, progress: bool,
              fingerprint: list[dict], allow_kernel_change: bool, t_start: float) -> dict:
@@ -304,9 +307,8 @@ def _extract(paths: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int],
                          f"of workspace this Model reserved on {m.device}; load the Model with "
                          f"max_batch_tokens={budget}, or pass a smaller one")
     tok = prepare_tokenizer(m.tokenizer)
-    chat = None
-    if reading["chat"] is not None:  # refused here, before the run directory is touched
-        chat = Chat.for_model(m.path, *reading["chat"])
+    chat = reading["chat"]
+    if chat is not None:
         tok = _TemplateTokens(tok)
     if max_text_tokens is None:
         max_text_tokens = m.config.get("max_position_embeddings")
@@ -325,7 +327,7 @@ def _extract(paths: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int],
     if store.is_complete():
         return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
 
-    records = list(read_records(paths, fmt, tmpl, step_regex, segment=reading["segment"],
+    records = list(read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
                                 strip_annotations=reading["strip"], chat=chat))
     store.prepare(len(records))
     try:
