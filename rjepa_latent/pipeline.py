@@ -319,8 +319,7 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         "max_tokens": max_text_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
         "dataset_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "shard_size": shard_size, **engine_identity(m),
-        "segment": reading["segment"].rule, "strip_annotations": reading["strip"],
-        **(chat.to_json() if chat else {"chat": False}),
+        **_reading_config(reading),
     }
     # refuses a clashing directory, touching nothing
     store = RunStore(out, config, part, allow_kernel_change=allow_kernel_change)
@@ -345,6 +344,20 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         store.close()
     summary["throughput_warnings"] = runner.watch.warnings
     return _strict(summary, strict, out)
+
+
+def _reading_config(reading: dict) -> dict:
+    """The configuration fields of segmentation, annotation stripping and chat, each
+    only when not the default: a run without them keeps the configuration (and
+    the manifest bytes) it had before these options existed."""
+    out: dict = {}
+    if reading["segment"].rule != "auto":
+        out["segment"] = reading["segment"].rule
+    if reading["strip"]:
+        out["strip_annotations"] = True
+    if reading["chat"] is not None:
+        out.update(reading["chat"].to_json())
+    return out
 
 
 class _TemplateTokens:

@@ -210,6 +210,12 @@ def test_chat_options_are_part_of_the_configuration(chat_model, tmp_path):
     rl.extract_dataset(src, chat_model, out, progress=False, chat=True)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert rl.extract_dataset(src, chat_model, out, progress=False, chat=True)["noop"]
+    plain = tmp_path / "plain"
+    rl.extract_dataset(src, chat_model, plain, progress=False)
+    assert not {"chat", "chat_think", "system", "segment", "strip_annotations"} & set(
+        rl.open_latents(plain).config)   # defaults are not recorded: configurations as before
+    with pytest.raises(rl.StoreError, match=r"chat: stored None, requested True"):
+        rl.extract_dataset(src, chat_model, plain, progress=False, chat=True)
     for kw, key in ((dict(), "chat"), (dict(chat_think=True), "chat_think"),
                     (dict(chat=True, system="S"), "system")):
         with pytest.raises(rl.StoreError, match=rf"(?s)different configuration.*{key}: stored"):
@@ -298,3 +304,16 @@ def test_gguf_model_chat_end_to_end(tmp_path):
             assert missing is None and np.array_equal(item.token_spans, spans)
             (ref,) = m.extract([np.asarray(enc.ids)], [spans], layers=(-2,))
             assert np.array_equal(item.latents, ref)
+
+
+def test_any_exception_inside_the_template_is_that_records_error(tmp_path):
+    from rjepa_latent import chat as chat_mod
+    from rjepa_latent.data import Chat, ErrorRecord, read_records
+    # compares a question holding "boom" with a number: a TypeError in that record only
+    t = chat_mod.ChatTemplate("{{ messages[0].content }}{% if 'boom' in messages[0].content %}"
+                              "{{ messages[0].content > 3 }}{% endif %}{{ messages[1].content }}")
+    src = write_jsonl(tmp_path / "r.jsonl", [{"id": "q", "question": "boom", "steps": ["s"]},
+                                             {"id": "ok", "question": "fine?", "steps": ["fine"]}])
+    q, ok = list(read_records([src], chat=Chat(t)))
+    assert isinstance(q, ErrorRecord) and "failed on this record: TypeError" in q.reason
+    assert ok.text == "fine?fine" and ok.text[slice(*ok.steps[0])] == "fine"

@@ -250,6 +250,8 @@ def test_cli_segment_and_strip_are_in_the_configuration(tmp_path, tiny_model_dir
     assert cli_main([*args, "--segment", "lines", "--strip-annotations"]) == 2
     assert "segment: stored 'sentences'" in capsys.readouterr().err
     assert cli_main([*args, "--segment", "sentences"]) == 2
-    assert "strip_annotations: stored True" in capsys.readouterr().err
+    assert "strip_annotations: stored True, requested None" in capsys.readouterr().err
+    assert cli_main([*args, "--strip-annotations"]) == 2
+    assert "segment: stored 'sentences', requested None" in capsys.readouterr().err
     assert cli_main([*args, "--segment", "words"]) == 2
     assert "is not one of" in capsys.readouterr().err
