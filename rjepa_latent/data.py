@@ -14,18 +14,40 @@ Design choices:
   construction (no searching for the step in the text afterwards).
 - Formats: `cot` {id, question?, steps}, `gsm8k` {question, answer} (steps =
   non-blank lines of answer), `text` {id, text} (steps start at a marker
-  regex); `auto` picks per record from its fields.
+  regex, or a `Segmenter` rule, or the record's own `step_ranges`),
+  `messages` {id, messages} (OpenAI chat format, needs a chat template);
+  `auto` picks per record from its fields.
+- Inputs: `.jsonl`, `.json` (an array) and `.parquet` files, or an HF
+  `datasets.Dataset`; Parquet and Dataset rows go through Arrow's own
+  `to_pylist`, so the field rules are the JSONL ones. A Dataset's identity
+  is a hash of its rows as read (`dataset_fingerprint`), not its
+  `_fingerprint` (random when `datasets` cannot hash a transform).
+- With a `Chat`, the text is the model's chat template rendered over
+  [system?, user: question, assistant: steps] (`chat.ChatTemplate.render_steps`
+  gives each step's exact range in it); a template that fails on one record
+  makes that record an error, one that fails on a plain conversation is
+  refused up front (`Chat.for_model`).
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
+import os
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-FORMATS = ("auto", "cot", "gsm8k", "text")
+from .chat import ChatTemplate, ChatTemplateError, load_chat_template, steps_of_messages
+
+FORMATS = ("auto", "cot", "gsm8k", "text", "messages")
+SEGMENT_RULES = ("auto", "lines", "paragraphs", "sentences", "regex:PATTERN", "ranges")
+_NAMED_RULES = ("auto", "lines", "paragraphs", "sentences", "ranges")
+DATASET_SOURCE = "dataset"   # the source name of a datasets.Dataset's records
+PARQUET_SUFFIXES = (".parquet", ".pq")
 DEFAULT_TEMPLATE = "{question}\n{steps}"
 DEFAULT_STEP_SEPARATOR = "\n"
 DEFAULT_STEP_REGEX = r"Step\s+\d+:"
@@ -35,7 +57,8 @@ QUESTION_FIELDS = ("question", "statement", "problem")
 # fields consumed to build the text; everything else scalar is carried as metadata
 _CONSUMED = {"cot": set(ID_FIELDS) | set(QUESTION_FIELDS) | {"steps"},
              "gsm8k": set(ID_FIELDS) | {"question", "answer"},
-             "text": set(ID_FIELDS) | {"text"}}
+             "text": set(ID_FIELDS) | {"text", "step_ranges"},
+             "messages": set(ID_FIELDS) | {"messages"}}
 # keys of the shard jsonl that carried fields must not overwrite
 RESERVED_META = ("id", "num_steps", "num_tokens", "text", "source", "line")
 
@@ -132,10 +155,244 @@ class Template:
         return "".join(out), ranges
 
 
+# ---------------------------------------------------------------- segmentation
+
+_LINE_BREAK = re.compile(r"\r\n|\n|\r")
+_ANNOTATION = re.compile(r"<<[^<>]*>>")   # a GSM8K calculator annotation: <<48/2=24>>
+# a sentence ends after . ! ? or … (then closing quotes/brackets) before whitespace or the
+# end of the text, or after a CJK full stop / exclamation / question mark (no space needed)
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]}\u00bb]*(?=\s|$)"
+                           r"|[\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]}\u00bb\u300d\u300f]*")
+
+
+def _trim(text: str, a: int, b: int) -> tuple[int, int] | None:
+    """[a, b) without its outer whitespace (str.strip's), None if nothing is left."""
+    part = text[a:b]
+    core = part.strip()
+    if not core:
+        return None
+    a += len(part) - len(part.lstrip())
+    return a, a + len(core)
+
+
+def _line_ranges(text: str) -> Iterator[tuple[int, int]]:
+    """Each line's [start, end) without its line break (\\r\\n, \\n or \\r)."""
+    pos = 0
+    for m in _LINE_BREAK.finditer(text):
+        yield pos, m.start()
+        pos = m.end()
+    yield pos, len(text)
+
+
+def _paragraph_ranges(text: str) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    open_ = False
+    for a, b in _line_ranges(text):
+        t = _trim(text, a, b)
+        if t is None:
+            open_ = False      # a blank (or whitespace-only) line ends the paragraph
+        elif open_:
+            out[-1][1] = t[1]
+        else:
+            out.append(list(t))
+            open_ = True
+    return [(a, b) for a, b in out]
+
+
+def _sentence_ranges(text: str) -> list[tuple[int, int]]:
+    out = []
+    for a, b in _paragraph_ranges(text):
+        start = a
+        for m in _SENTENCE_END.finditer(text, a, b):
+            t = _trim(text, start, m.end())
+            if t is not None:
+                out.append(t)
+            start = m.end()
+        t = _trim(text, start, b)
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def _marker_ranges(text: str, marker: re.Pattern) -> list[tuple[int, int]]:
+    """Steps start at each match of `marker` and run to the next one, trailing
+    whitespace excluded; text before the first match is context; no match: one
+    step over the text without its outer whitespace."""
+    starts = [m.start() for m in marker.finditer(text)]
+    if not starts:
+        t = _trim(text, 0, len(text))
+        return [t] if t else []
+    ends = starts[1:] + [len(text)]
+    out = [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, ends)]
+    for k, (a, b) in enumerate(out):
+        if a == b:
+            raise _BadRecord(f"step {k + 1} is empty: the step regex {marker.pattern!r} matched at "
+                             f"character {a} with nothing but whitespace before the next match")
+    return out
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    """How a free text (a `text` record's `text`, a `gsm8k` record's `answer`, a
+    `messages` record's last assistant turn) becomes steps.
+
+    `auto`: today's rule of each format (`text`: the `step_regex` markers;
+    `gsm8k`: the answer's non-blank lines as they are; `messages`: the trimmed
+    non-blank lines); `lines`: each non-blank line (`\\r\\n`, `\\n`, `\\r` end a
+    line); `paragraphs`: runs of non-blank lines separated by blank
+    (whitespace-only) lines; `sentences`: within each paragraph, a sentence
+    ends after `.`, `!`, `?` or `…` (plus closing quotes or brackets) followed
+    by whitespace or the end, or after `。`, `！`, `？`; `regex:PATTERN`: steps
+    start at each match of PATTERN (the `text` format's marker rule);
+    `ranges`: every record must give its own `step_ranges`. Every rule but
+    `auto` on gsm8k answers excludes each step's outer whitespace.
+    """
+    rule: str = "auto"
+    step_regex: str = DEFAULT_STEP_REGEX
+    _marker: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str) or not (self.rule in _NAMED_RULES or self.rule.startswith("regex:")):
+            raise ValueError(f"segment {self.rule!r} is not one of {', '.join(SEGMENT_RULES)}")
+        pattern = self.rule[len("regex:"):] if self.rule.startswith("regex:") else self.step_regex
+        if not pattern:
+            raise ValueError("segment 'regex:' needs a pattern after the colon")
+        try:
+            object.__setattr__(self, "_marker", re.compile(pattern))
+        except re.error as e:
+            what = "segment" if self.rule.startswith("regex:") else "step_regex"
+            raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+    def split(self, text: str) -> list[tuple[int, int]]:
+        """The steps' [start, end) ranges in `text` under an explicit rule (not auto, not ranges)."""
+        if self.rule == "lines":
+            out = [t for t in (_trim(text, a, b) for a, b in _line_ranges(text)) if t]
+        elif self.rule == "paragraphs":
+            out = _paragraph_ranges(text)
+        elif self.rule == "sentences":
+            out = _sentence_ranges(text)
+        else:
+            out = _marker_ranges(text, self._marker)
+        if not out:
+            raise _BadRecord(f"empty step list (--segment {self.rule} finds no step in a blank text)")
+        return out
+
+
+def _given_ranges(obj: dict, text: str) -> list[tuple[int, int]]:
+    """A record's own `step_ranges`: [[start, end), ...] in characters (code points) of
+    `text`, each non-empty and inside it, in order, not overlapping."""
+    given = obj["step_ranges"]
+    if not isinstance(given, list) or not given:
+        raise _BadRecord("'step_ranges' must be a non-empty list of [start, end] pairs")
+    out, prev = [], 0
+    for k, r in enumerate(given):
+        if not (isinstance(r, (list, tuple)) and len(r) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            raise _BadRecord(f"step_ranges[{k}] must be a pair of integers [start, end], got {r!r}")
+        a, b = r
+        if not 0 <= a < b <= len(text):
+            raise _BadRecord(f"step_ranges[{k}] = [{a}, {b}] is not a non-empty range inside 'text' "
+                             f"({len(text)} characters; ranges count code points, end excluded)")
+        if a < prev:
+            raise _BadRecord(f"step_ranges[{k}] = [{a}, {b}] starts before the end of step_ranges[{k - 1}] "
+                             f"({prev}): ranges must be in order and must not overlap")
+        out.append((a, b))
+        prev = b
+    return out
+
+
+def remove_annotations(text: str) -> tuple[str, Callable[[int], int]]:
+    """`text` without GSM8K calculator annotations (`<<48/2=24>>`), and the map
+    from a character position in `text` to its position in the result (a
+    position inside an annotation maps to where the annotation was)."""
+    cuts = [(m.start(), m.end()) for m in _ANNOTATION.finditer(text)]
+    if not cuts:
+        return text, lambda pos: pos
+    starts = [a for a, _ in cuts]
+    removed_before = [0]
+    for a, b in cuts:
+        removed_before.append(removed_before[-1] + b - a)
+    out = "".join(text[b0:a1] for (_, b0), (a1, _) in zip([(0, 0)] + cuts, cuts + [(len(text), 0)]))
+
+    def where(pos: int) -> int:
+        k = bisect.bisect_right(starts, pos) - 1     # the last annotation starting at or before pos
+        if k < 0:
+            return pos
+        a, b = cuts[k]
+        return a - removed_before[k] if pos < b else pos - removed_before[k + 1]
+    return out, where
+
+
+# ---------------------------------------------------------------- chat templates
+
+_PROBE = ("What is 1 + 1?", ["First step of the probe.", "Second step of the probe."], "2")
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Render records through a chat template: [system?, user: question,
+    assistant: steps]; with `think`, the steps are the assistant's reasoning
+    (`reasoning_content`) and the record's `answer` its content."""
+    template: ChatTemplate
+    think: bool = False
+    system: str | None = None
+
+    @classmethod
+    def for_model(cls, path: str | os.PathLike, think: bool = False, system: str | None = None) -> "Chat":
+        """The model's own template (`chat.load_chat_template`), refused up front
+        (ChatTemplateError) when it cannot render a plain conversation with these
+        options or does not show the steps (e.g. --chat-think with a template that
+        drops the reasoning)."""
+        if system is not None and (not isinstance(system, str) or not system):
+            raise ValueError(f"system must be a non-empty string, got {system!r}")
+        c = cls(load_chat_template(path), bool(think), system)
+        question, steps, answer = _PROBE
+        try:
+            c._render(question, *_joined(steps, "\n"), answer)
+        except _BadRecord as e:
+            options = ", ".join(o for o, on in (("--chat-think", think), ("--system", system)) if on)
+            raise ChatTemplateError(f"the model's chat template cannot render a plain conversation"
+                                    f"{' with ' + options if options else ''}: {e}") from None
+        return c
+
+    def to_json(self) -> dict:
+        ident = json.dumps({"source": self.template.source, "special_tokens": self.template.special_tokens},
+                           sort_keys=True, ensure_ascii=False)
+        return {"chat": True, "chat_think": self.think, "system": self.system,
+                "chat_template_sha256": hashlib.sha256(ident.encode("utf-8")).hexdigest()}
+
+    def _render(self, question: str | None, body: str, ranges: list[tuple[int, int]],
+                answer: str | None) -> tuple[str, list[tuple[int, int]]]:
+        msgs: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        msgs.append({"role": "user", "content": question or ""})
+        if self.think:
+            msgs.append({"role": "assistant", "reasoning_content": body, "content": answer or ""})
+        else:
+            msgs.append({"role": "assistant", "content": body})
+        return self.render_steps(msgs, len(msgs) - 1, "reasoning_content" if self.think else "content", ranges)
+
+    def render_steps(self, msgs: list[dict], idx: int, field_: str,
+                     ranges: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        try:
+            return self.template.render_steps(msgs, idx, field_, ranges)
+        except ChatTemplateError as e:
+            raise _BadRecord(str(e)) from None
+        except Exception as e:   # the template is foreign code: whatever it raises is this record's error
+            raise _BadRecord(f"{self.template.where}: the chat template failed on this record: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def _joined(steps: list[str], separator: str) -> tuple[str, list[tuple[int, int]]]:
+    return Template("{steps}", separator).render(None, steps)
+
+
 # ---------------------------------------------------------------- reading files
 
 def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """Yield (line, parsed value, parse error) for each record of one file."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        yield from _iter_parquet(path)
+        return
     if path.suffix.lower() == ".json":
         try:
             with open(path, "r", encoding="utf-8-sig") as f:  # a BOM is not an error
@@ -162,6 +419,91 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
                 yield lineno, json.loads(text), None
             except ValueError as e:
                 yield lineno, text, f"invalid JSON: {e}"  # the raw text, to salvage the id
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError("reading Parquet needs pyarrow: pip install 'rjepa_latent[parquet]'  (pyarrow)") from None
+    return pyarrow
+
+
+def _open_parquet(path: Path):
+    pa = _pyarrow()
+    try:
+        return pa.parquet.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"input file {str(path)!r} is not a readable Parquet file: {e}") from None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, object, str | None]]:
+    """Rows in file order (row groups in order), line = row index + 1; the
+    values are Arrow's `to_pylist` (struct -> dict, list -> list)."""
+    pa = _pyarrow()
+    pf = _open_parquet(path)
+    line = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                line += 1
+                yield line, row, None
+    except pa.ArrowException as e:   # damage inside the file: no row count to go on with
+        raise ValueError(f"input file {str(path)!r}: cannot read Parquet after row {line}: {e}") from None
+
+
+def is_dataset(obj: object) -> bool:
+    """Whether `obj` is an HF datasets.Dataset (TypeError for the other datasets
+    containers, which have no one record order or no length)."""
+    datasets = sys.modules.get("datasets")   # not imported: it cannot be one
+    if datasets is None or isinstance(obj, (str, os.PathLike, list, tuple)):
+        return False
+    if isinstance(obj, datasets.Dataset):
+        return True
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(f"a {type(obj).__name__} holds several splits: pick one (ds['test'])")
+    if isinstance(obj, datasets.IterableDataset):
+        raise TypeError("an IterableDataset has no length or fingerprint; materialize it "
+                        "(datasets.Dataset.from_generator or .from_list)")
+    return False
+
+
+def _iter_dataset(ds) -> Iterator[tuple[int, object, str | None]]:
+    """Rows of a datasets.Dataset in its order (selections and shuffles
+    included), as Arrow rows -> Python values (whatever `with_format` it has)."""
+    line = 0
+    for table in ds.with_format("arrow").iter(batch_size=1024):
+        for row in table.to_pylist():
+            line += 1
+            yield line, row, None
+
+
+def dataset_fingerprint(ds) -> dict:
+    """The identity of a datasets.Dataset: its row count and the sha256 of its
+    rows as read (JSON of each row's values, in order), so the same rows give
+    the same fingerprint whatever the cache, the chunking or the datasets version."""
+    h = hashlib.sha256()
+    n = 0
+    for _, row, _ in _iter_dataset(ds):
+        h.update(json.dumps(row, ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+        n += 1
+    return {"name": DATASET_SOURCE, "rows": n, "sha256": h.hexdigest()}
+
+
+def input_sources(inputs: Any) -> list[tuple[str, Callable[[], Iterator]]]:
+    """(source name, row iterator factory) of each input: files (checked to exist;
+    a Parquet file's footer checked) or one datasets.Dataset."""
+    if is_dataset(inputs):
+        return [(DATASET_SOURCE, lambda: _iter_dataset(inputs))]
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {str(p)!r} does not exist or is not a file")
+        if p.suffix.lower() in PARQUET_SUFFIXES:
+            _open_parquet(p)
+    return [(p.name, (lambda p=p: _iter_raw(p))) for p in paths]
 
 
 _ID_IN_BROKEN = re.compile(r'"(?:id|cot_id)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
@@ -191,8 +533,8 @@ def _utf8_ok(s: str) -> bool:
 def _check_unicode(obj: object) -> None:
     """JSON may escape lone UTF-16 surrogates (\\ud800); such strings are not
     Unicode text: the tokenizer and the UTF-8 output files cannot take them."""
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    try:  # default=repr: Parquet / Dataset rows may hold dates, decimals, bytes
+        json.dumps(obj, ensure_ascii=False, default=repr).encode("utf-8")
     except UnicodeEncodeError as e:
         raise _BadRecord(f"record contains a lone UTF-16 surrogate (\\u{ord(e.object[e.start]):04x} escape), "
                          "which is not valid Unicode text") from None
@@ -221,14 +563,21 @@ def _question(obj: dict) -> str | None:
 
 
 def _detect_format(obj: dict) -> str:
-    if "steps" in obj:
+    """A null field counts as absent: a Parquet / Dataset row has every column,
+    with nulls where the record has no such field."""
+    def has(key: str) -> bool:
+        return obj.get(key) is not None
+    if has("steps"):
         return "cot"
-    if "answer" in obj and "question" in obj:
+    if has("answer") and has("question"):
         return "gsm8k"
-    if "text" in obj:
+    if has("text"):
         return "text"
-    raise _BadRecord(f"cannot tell the format from the fields {sorted(obj)[:8]}: expected 'steps' (cot), "
-                     "'question'+'answer' (gsm8k) or 'text' (text); or pass --format")
+    if has("messages"):
+        return "messages"
+    present = sorted(k for k, v in obj.items() if v is not None)
+    raise _BadRecord(f"cannot tell the format from the fields {present[:8]}: expected 'steps' (cot), "
+                     "'question'+'answer' (gsm8k), 'text' (text) or 'messages' (messages); or pass --format")
 
 
 def _check_steps(steps: list[str]) -> None:
@@ -241,42 +590,115 @@ def _check_steps(steps: list[str]) -> None:
             raise _BadRecord(f"step {i} is an empty string")
 
 
-def _cot(obj: dict, template: Template) -> tuple[str, list[tuple[int, int]]]:
+@dataclass(frozen=True)
+class _Options:
+    template: Template
+    segmenter: Segmenter
+    strip: bool
+    chat: Chat | None
+
+    def render(self, question: str | None, steps: list[str], answer: str | None = None):
+        if self.chat is None:
+            return self.template.render(question, steps)
+        body, ranges = _joined(steps, self.template.step_separator)
+        return self.chat._render(question, body, ranges, answer)
+
+
+def _answer(obj: dict, opts: _Options) -> str | None:
+    """A cot record's final `answer` (the assistant's content with --chat-think)."""
+    if opts.chat is None or not opts.chat.think or obj.get("answer") is None:
+        return None
+    if not isinstance(obj["answer"], str):
+        raise _BadRecord(f"'answer' must be a string, got {type(obj['answer']).__name__}")
+    return obj["answer"]
+
+
+def _cot(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
     if "steps" not in obj:
         raise _BadRecord("missing 'steps' (a list of strings)")
     steps = obj["steps"]
     if not isinstance(steps, list):
         raise _BadRecord(f"'steps' must be a list of strings, got {type(steps).__name__}")
     _check_steps(steps)
-    return template.render(_question(obj), steps)
+    if opts.strip:
+        steps = [remove_annotations(s)[0] for s in steps]
+        for i, s in enumerate(steps, 1):
+            if not s:
+                raise _BadRecord(f"step {i} is nothing but calculator annotations (--strip-annotations)")
+    return opts.render(_question(obj), steps, _answer(obj, opts))
 
 
-_LINE_BREAK = re.compile(r"\r\n|\n|\r")
-
-
-def _gsm8k(obj: dict, template: Template) -> tuple[str, list[tuple[int, int]]]:
+def _gsm8k(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
     for key in ("question", "answer"):
         if not isinstance(obj.get(key), str):
             raise _BadRecord(f"gsm8k record needs a string '{key}'")
-    steps = [ln for ln in _LINE_BREAK.split(obj["answer"]) if ln.strip()]
-    if not steps:
-        raise _BadRecord("empty step list ('answer' has no non-blank line)")
-    return template.render(obj["question"], steps)
+    answer = remove_annotations(obj["answer"])[0] if opts.strip else obj["answer"]
+    if opts.segmenter.rule == "ranges":
+        raise _BadRecord("--segment ranges needs a text record with 'step_ranges'; this is a gsm8k record")
+    if opts.segmenter.rule == "auto":
+        steps = [ln for ln in _LINE_BREAK.split(answer) if ln.strip()]
+        if not steps:
+            raise _BadRecord("empty step list ('answer' has no non-blank line)")
+    else:
+        steps = [answer[a:b] for a, b in opts.segmenter.split(answer)]
+    return opts.render(obj["question"], steps)
 
 
-def _text(obj: dict, marker: re.Pattern) -> tuple[str, list[tuple[int, int]]]:
+def _text(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
     text = obj.get("text")
     if not isinstance(text, str):
         raise _BadRecord("missing 'text' (a string)")
     if not text.strip():
         raise _BadRecord("'text' is empty")
-    starts = [m.start() for m in marker.finditer(text)]
-    if not starts:
-        begin = len(text) - len(text.lstrip())
-        return text, [(begin, len(text.rstrip()))]
-    ends = starts[1:] + [len(text)]
-    # trailing whitespace (the newline before the next marker) belongs to no step
-    return text, [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, ends)]
+    if obj.get("step_ranges") is not None:
+        ranges = _given_ranges(obj, text)
+        if opts.strip:
+            text, where = remove_annotations(text)
+            ranges = [(where(a), where(b)) for a, b in ranges]
+            for k, (a, b) in enumerate(ranges):
+                if a == b:
+                    raise _BadRecord(f"step_ranges[{k}] is nothing but calculator annotations "
+                                     "(--strip-annotations)")
+    else:
+        if opts.segmenter.rule == "ranges":
+            raise _BadRecord("missing 'step_ranges' (--segment ranges): [[start, end], ...] character "
+                             "ranges of the steps in 'text'")
+        if opts.strip:
+            text = remove_annotations(text)[0]
+        if opts.segmenter.rule == "auto":
+            ranges = _marker_ranges(text, opts.segmenter._marker)
+        else:
+            ranges = opts.segmenter.split(text)
+        if not ranges:
+            raise _BadRecord("'text' is empty")
+    if opts.chat is None:
+        return text, ranges
+    return opts.chat._render(_question(obj), text, ranges, _answer(obj, opts))
+
+
+def _messages(obj: dict, opts: _Options) -> tuple[str, list[tuple[int, int]]]:
+    if opts.chat is None:
+        raise _BadRecord("a 'messages' record is rendered through the model's chat template: "
+                         "pass --chat (chat=True)")
+    if "messages" not in obj:
+        raise _BadRecord("missing 'messages' (a list of {role, content} objects)")
+    try:
+        msgs, idx, field_, ranges = steps_of_messages(obj["messages"])
+    except ChatTemplateError as e:
+        raise _BadRecord(str(e)) from None
+    if opts.segmenter.rule == "ranges":
+        raise _BadRecord("--segment ranges needs a text record with 'step_ranges'; this is a messages record")
+    if opts.segmenter.rule != "auto":
+        ranges = opts.segmenter.split(msgs[idx][field_])
+    if opts.chat.system:
+        if msgs[0]["role"] == "system":
+            raise _BadRecord("the record has its own system message and --system was given; drop one")
+        msgs.insert(0, {"role": "system", "content": opts.chat.system})
+        idx += 1
+    return opts.chat.render_steps(msgs, idx, field_, ranges)
+
+
+_BUILDERS = {"cot": _cot, "gsm8k": _gsm8k, "text": _text, "messages": _messages}
 
 
 def _metadata(obj: dict, fmt: str) -> dict:
@@ -288,43 +710,39 @@ def _metadata(obj: dict, fmt: str) -> dict:
     return meta
 
 
-def _parse_record(obj: object, fmt: str, template: Template, marker: re.Pattern):
+def _parse_record(obj: object, fmt: str, opts: _Options):
     """-> (id or None, text, step ranges, metadata); raises _BadRecord."""
     if not isinstance(obj, dict):
         raise _BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
     rid = _record_id(obj)
     f = _detect_format(obj) if fmt == "auto" else fmt
-    if f == "cot":
-        text, ranges = _cot(obj, template)
-    elif f == "gsm8k":
-        text, ranges = _gsm8k(obj, template)
-    else:
-        text, ranges = _text(obj, marker)
+    text, ranges = _BUILDERS[f](obj, opts)
     return rid, text, ranges, _metadata(obj, f)
 
 
-def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Template | None = None,
-                 step_regex: str = DEFAULT_STEP_REGEX) -> Iterator[Record | ErrorRecord]:
-    """Yield every record of `paths` in order: a `Record` or an `ErrorRecord`.
+def read_records(inputs: Any, fmt: str = "auto", template: Template | None = None,
+                 step_regex: str = DEFAULT_STEP_REGEX, *, segment: str | Segmenter = "auto",
+                 strip_annotations: bool = False, chat: Chat | None = None) -> Iterator[Record | ErrorRecord]:
+    """Yield every record of `inputs` in order: a `Record` or an `ErrorRecord`.
 
+    `inputs`: paths of .jsonl / .json / .parquet files, or a datasets.Dataset.
+    `segment`: a `Segmenter` rule for free texts; `strip_annotations`: remove GSM8K
+    calculator annotations; `chat`: render through a chat template.
     Duplicate ids (across all files) make every occurrence after the first an
     error. A missing file raises FileNotFoundError (that is not a bad record).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    template = template or Template()
-    try:
-        marker = re.compile(step_regex)
-    except re.error as e:
-        raise ValueError(f"step_regex {step_regex!r} is not a valid regular expression: {e}") from None
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {str(p)!r} does not exist or is not a file")
+    if fmt == "messages" and chat is None:
+        raise ValueError("format 'messages' is rendered through the model's chat template: pass --chat (chat=True)")
+    segmenter = segment if isinstance(segment, Segmenter) else Segmenter(segment, step_regex)
+    opts = _Options(template or Template(), segmenter, bool(strip_annotations), chat)
+    sources = input_sources(inputs)
     seen: dict[str, str] = {}
     index = 0
-    for path in paths:
-        for line, obj, parse_error in _iter_raw(path):
+    for name, rows in sources:
+        stem = name if name == DATASET_SOURCE else Path(name).stem
+        for line, obj, parse_error in rows():
             rid = None
             try:
                 if parse_error:
@@ -332,14 +750,14 @@ def read_records(paths: Iterable[str | Path], fmt: str = "auto", template: Templ
                     raise _BadRecord(parse_error)
                 rid = _record_id(obj) if isinstance(obj, dict) else None
                 _check_unicode(obj)
-                rid, text, ranges, meta = _parse_record(obj, fmt, template, marker)
-                rid = rid if rid is not None else f"{path.stem}:{line}"
+                rid, text, ranges, meta = _parse_record(obj, fmt, opts)
+                rid = rid if rid is not None else f"{stem}:{line}"
                 if rid in seen:
                     raise _BadRecord(f"duplicate id {rid!r} (first seen at {seen[rid]})")
-                seen[rid] = f"{path.name}:{line}"
-                yield Record(index, rid, text, ranges, meta, path.name, line)
+                seen[rid] = f"{name}:{line}"
+                yield Record(index, rid, text, ranges, meta, name, line)
             except _BadRecord as e:
                 if rid is not None and not _utf8_ok(rid):
                     rid = None  # errors.jsonl is UTF-8
-                yield ErrorRecord(index, rid, path.name, line, str(e))
+                yield ErrorRecord(index, rid, name, line, str(e))
             index += 1

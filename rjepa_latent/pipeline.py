@@ -19,7 +19,9 @@ Design choices:
   than its workspace grows the (CPU) workspace for the run or the batch only
   (`Model.workspace_for`); the run's own model is closed at the end.
 - The configuration (model fingerprint, layers, pooling, stored dtype,
-  template, format, longest text, tokenizer, input files, shard size, and the
+  template, format, segmentation, annotation stripping, chat options and the
+  chat template's hash, longest text, tokenizer, input files (or a Dataset's
+  row hash), shard size, and the
   engine identity: backend, compute dtype, kernel, package version) is
   checked against the run directory before anything is written; a finished
   run returns at once. `allow_kernel_change` lets a resume continue under
@@ -48,8 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS,
-                   ErrorRecord, Record, Template, read_records)
+from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS, SEGMENT_RULES,
+                   Chat, ErrorRecord, Record, Segmenter, Template, dataset_fingerprint, input_sources,
+                   is_dataset, read_records)
 from .errors import InputError, TokenIdError
 from .model import SPAN_POOLINGS, Model
 from .plan import part_shards, plan_batches, shard_ranges
@@ -217,8 +220,20 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     max_tokens: int | None = None, max_batch_tokens: int | None = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, part: Any = (0, 1), strict: bool = False,
                     progress: bool = True, device: str | None = None, threads: int | None = None,
-                    allow_kernel_change: bool = False) -> dict:
+                    allow_kernel_change: bool = False, segment: str = "auto",
+                    strip_annotations: bool = False, chat: bool = False, chat_think: bool = False,
+                    system: str | None = None) -> dict:
     """Extract step latents of the records in `inputs` into the run directory `out`.
+
+    `inputs` is a path or a list of paths of .jsonl / .json / .parquet files, or
+    a `datasets.Dataset`. `segment` is how free texts become steps
+    (`data.Segmenter`: auto, lines, paragraphs, sentences, regex:PATTERN,
+    ranges); `strip_annotations` removes GSM8K calculator annotations
+    (`<<48/2=24>>`). `chat` renders each record through the model's chat
+    template, `chat_think` (implies `chat`) with the steps as the assistant's
+    reasoning, `system` adds a system message (needs `chat`); a model without
+    a usable template is refused (ChatTemplateError, a ValueError) before
+    the model is loaded and before anything is written.
 
     `model` is an `rjepa_latent.Model` (left as it was) or a checkpoint path
     (loaded with `device`, `max_batch_tokens`, `threads`, closed at the end).
@@ -235,9 +250,11 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     """
     t_start = time.perf_counter()
     store_dtype, max_text_tokens = dtype, max_tokens  # one meaning per name from here on
-    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("inputs is empty: give at least one .jsonl or .json file")
+    dataset = inputs if is_dataset(inputs) else None
+    paths = None if dataset is not None else \
+        [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    if paths is not None and not paths:
+        raise ValueError("inputs is empty: give at least one .jsonl, .json or .parquet file")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if pooling not in SPAN_POOLINGS:
@@ -251,13 +268,26 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     part = parse_part(part)
+    chat = bool(chat or chat_think)
+    if chat and template is not None:
+        raise ValueError("template and chat exclude each other: with chat the model's chat template "
+                         "builds the text")
+    if system is not None and not chat:
+        raise ValueError("system needs chat=True (--chat): it is a message of the chat template")
     tmpl = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
-    fingerprint = input_fingerprint(paths)
+    segmenter = Segmenter(segment, step_regex)
+    source = dataset if dataset is not None else paths
+    input_sources(source)  # missing files, unreadable Parquet: refused now
+    fingerprint = [dataset_fingerprint(dataset)] if dataset is not None else input_fingerprint(paths)
+    chat_with = None
+    if chat and isinstance(model, (str, os.PathLike, Model)):  # refused before the model is loaded
+        chat_with = Chat.for_model(model.path if isinstance(model, Model) else model, chat_think, system)
+    reading = {"segment": segmenter, "strip": bool(strip_annotations), "chat": chat_with}
 
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
-        return _extract(paths, m, out, fmt=format, layers=layers, pooling=pooling,
-                        store_dtype=store_dtype, tmpl=tmpl, step_regex=step_regex,
+        return _extract(source, m, out, fmt=format, layers=layers, pooling=pooling,
+                        store_dtype=store_dtype, tmpl=tmpl, step_regex=step_regex, reading=reading,
                         max_text_tokens=max_text_tokens, budget=max_batch_tokens or m.max_batch_tokens,
                         shard_size=shard_size, part=part, strict=strict, progress=progress,
                         fingerprint=fingerprint, allow_kernel_change=allow_kernel_change,
@@ -267,8 +297,8 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
             m.close()
 
 
-def _extract(paths: list[Path], m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
-             store_dtype: str, tmpl: Template, step_regex: str, max_text_tokens: int | None,
+def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
+             store_dtype: str, tmpl: Template, step_regex: str, reading: dict, max_text_tokens: int | None,
              budget: int, shard_size: int, part: tuple[int, int], strict: bool, progress: bool,
              fingerprint: list[dict], allow_kernel_change: bool, t_start: float) -> dict:
     lays = m.resolve_layers(layers)
@@ -277,6 +307,9 @@ def _extract(paths: list[Path], m: Model, out: Any, *, fmt: str, layers: Sequenc
                          f"of workspace this Model reserved on {m.device}; load the Model with "
                          f"max_batch_tokens={budget}, or pass a smaller one")
     tok = prepare_tokenizer(m.tokenizer)
+    chat = reading["chat"]
+    if chat is not None:
+        tok = _TemplateTokens(tok)
     if max_text_tokens is None:
         max_text_tokens = m.config.get("max_position_embeddings")
     config = {
@@ -286,13 +319,15 @@ def _extract(paths: list[Path], m: Model, out: Any, *, fmt: str, layers: Sequenc
         "max_tokens": max_text_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
         "dataset_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "shard_size": shard_size, **engine_identity(m),
+        **_reading_config(reading),
     }
     # refuses a clashing directory, touching nothing
     store = RunStore(out, config, part, allow_kernel_change=allow_kernel_change)
     if store.is_complete():
         return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
 
-    records = list(read_records(paths, fmt, tmpl, step_regex))
+    records = list(read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
+                                strip_annotations=reading["strip"], chat=chat))
     store.prepare(len(records))
     try:
         done = store.done()
@@ -309,6 +344,35 @@ def _extract(paths: list[Path], m: Model, out: Any, *, fmt: str, layers: Sequenc
         store.close()
     summary["throughput_warnings"] = runner.watch.warnings
     return _strict(summary, strict, out)
+
+
+def _reading_config(reading: dict) -> dict:
+    """The configuration fields of segmentation, annotation stripping and chat, each
+    only when not the default: a run without them keeps the configuration (and
+    the manifest bytes) it had before these options existed."""
+    out: dict = {}
+    if reading["segment"].rule != "auto":
+        out["segment"] = reading["segment"].rule
+    if reading["strip"]:
+        out["strip_annotations"] = True
+    if reading["chat"] is not None:
+        out.update(reading["chat"].to_json())
+    return out
+
+
+class _TemplateTokens:
+    """A chat-rendered text holds its special tokens already (the template wrote
+    them): it is encoded without the tokenizer's own (no second BOS), as
+    transformers' apply_chat_template(tokenize=True) does."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def encode_batch(self, texts):
+        return self._tok.encode_batch(texts, add_special_tokens=False)
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
 
 
 def _strict(summary: dict, strict: bool, out: Any) -> dict:
@@ -472,7 +536,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # let `--layers -2,8` read as a value, not an option (argparse only knows "-2")
     if hasattr(p, "_negative_number_matcher"):
         p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
-    p.add_argument("data", nargs="+", metavar="DATA", help=".jsonl or .json (array) files of records")
+    p.add_argument("data", nargs="+", metavar="DATA", help=".jsonl, .json (array) or .parquet files of records")
     p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
     p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
@@ -481,11 +545,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default="mean", choices=SPAN_POOLINGS)
     p.add_argument("--dtype", default="float32", choices=list(STORE_DTYPES),
                    help="dtype of the stored latents (the engine computes in the Model's dtype)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
+    p.add_argument("--template", default=None,
                    help="text template with {question} and {steps} (default '{question}\\n{steps}')")
     p.add_argument("--step-separator", default="\\n", help="between steps (default '\\n')")
     p.add_argument("--step-regex", default=DEFAULT_STEP_REGEX,
                    help=f"step marker of --format text (default {DEFAULT_STEP_REGEX!r})")
+    p.add_argument("--segment", default="auto", metavar="RULE",
+                   help=f"how free texts become steps: {', '.join(SEGMENT_RULES)} (default auto: the "
+                        "format's own rule)")
+    p.add_argument("--strip-annotations", action="store_true",
+                   help="remove GSM8K calculator annotations (<<48/2=24>>) from the text")
+    p.add_argument("--chat", action="store_true", help="render each record through the model's chat template")
+    p.add_argument("--chat-think", action="store_true",
+                   help="--chat with the steps as the assistant's reasoning (e.g. Qwen3's <think> block) "
+                        "and the record's answer as its content")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with --chat)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="longest text in tokens; longer ones are errors (default: the model's context)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one batch")
@@ -527,7 +601,10 @@ def _run(args: argparse.Namespace) -> int:
     model = args.model or _default_model()
     summary = extract_dataset(
         args.data, model, args.out, format=args.format, layers=args.layers, pooling=args.pooling,
-        dtype=args.dtype, template=_unescape(args.template), step_separator=_unescape(args.step_separator),
+        dtype=args.dtype, template=None if args.template is None else _unescape(args.template),
+        step_separator=_unescape(args.step_separator), segment=args.segment,
+        strip_annotations=args.strip_annotations, chat=args.chat, chat_think=args.chat_think,
+        system=args.system,
         step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
         shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
         device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change)
