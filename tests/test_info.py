@@ -19,7 +19,8 @@ RECORDS = [{"id": f"r{i}", "question": f"Question {i}?", "steps": [f"Step one {i
            for i in range(7)]
 BAD = ['{"id": "broken", "steps": [', '{"id": "nosteps", "steps": "x"}',
        json.dumps({"id": "long1", "steps": [" ".join(["word"] * 1200)]}),
-       json.dumps({"id": "long2", "steps": [" ".join(["word"] * 1300)]})]
+       json.dumps({"id": "long2", "steps": [" ".join(["word"] * 1100)]}),
+       json.dumps({"id": "huge", "steps": ["word " * 100_000]})]  # refused from its length
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +48,23 @@ def test_complete_run(model, data, tmp_path, capsys):
     out = tmp_path / "run"
     rl.extract_dataset(data, model, out, shard_size=4, progress=False)
     r = inspect_run(out)
-    assert r["complete"] and r["records_done"] == r["records_total"] == 11
+    assert r["complete"] and r["records_done"] == r["records_total"] == 12
     assert (r["shards_done"], r["shards_total"]) == (3, 3)
-    assert r["items"] == 7 and r["errors"] == 4 and r["steps"] == 14
+    assert r["items"] == 7 and r["errors"] == 5 and r["steps"] == 14
     groups = {g["reason"]: g["count"] for g in r["errors_by_reason"]}
     # the two too-long texts (different token counts) are one reason
-    long_reason = [k for k in groups if "more than --max-tokens" in k]
+    long_reason = [k for k in groups if "tokens, more than --max-tokens" in k]
     assert len(long_reason) == 1 and groups[long_reason[0]] == 2, groups
-    assert sum(groups.values()) == 4 and len(groups) == 3
+    assert sum(groups.values()) == 5 and len(groups) == 4
     cfg = r["config"]
     assert cfg["model_fingerprint"] == model.fingerprint and cfg["model_type"] == "llama"
     assert cfg["layers"] == [2] and cfg["pooling"] == "mean" and cfg["dtype"] == "float32"
     assert cfg["engine_backend"] == "cpu" and cfg["package_version"] == rl.__version__
     assert cli_main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "status: complete" in text and "records: 11 of 11 done" in text
-    assert "shards: 3 of 3 done" in text and "errors: 4" in text and "2 x text has N tokens" in text
+    assert "status: complete" in text and "records: 12 of 12 done" in text
+    assert "shards: 3 of 3 done" in text and "errors: 5" in text and "2 x text has N tokens" in text
+    assert "1 x text has N characters" in text
     assert f"model_fingerprint: {model.fingerprint}" in text
     assert cli_main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(r))
@@ -73,7 +75,7 @@ def test_partial_and_part_runs(model, data, tmp_path, capsys):
     rl.extract_dataset(data, model, out, shard_size=2, part=(1, 3), progress=False)
     r = inspect_run(out)  # only worker 1 of 3 ran: shards 1 and 4 of 6
     assert not r["complete"] and (r["shards_done"], r["shards_total"]) == (2, 6)
-    assert r["records_done"] == 4 and r["records_total"] == 11
+    assert r["records_done"] == 4 and r["records_total"] == 12
     assert r["parts"] == [{"part": "1/3", "manifest": "manifest.part-00001-of-00003.json",
                            "shards_done": 2, "shards_total": 2, "complete": True}]
     assert cli_main(["info", str(out)]) == 0
@@ -82,7 +84,7 @@ def test_partial_and_part_runs(model, data, tmp_path, capsys):
     for i in (0, 2):
         rl.extract_dataset(data, model, out, shard_size=2, part=(i, 3), progress=False)
     r = inspect_run(out)
-    assert r["complete"] and r["records_done"] == 11 and r["shards_done"] == 6
+    assert r["complete"] and r["records_done"] == 12 and r["shards_done"] == 6
 
 
 def test_reason_group():
