@@ -152,3 +152,19 @@ def test_gguf_model_with_bad_table_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(rl.ModelFormatError, match=r"tensor 'blk\.1\.attn_k\.weight': data offset "
                                                   r"\d+ is not a multiple of general.alignment 32"):
         rl.Model(p, device="cpu")
+
+
+def test_10mb_step_through_extract_is_an_error_line_quickly(llama_dir, tmp_path):
+    """End to end: a record with a 10 MB step is refused from its length (the
+    tokenizer never sees it) and the other records are extracted."""
+    data = tmp_path / "big.jsonl"
+    data.write_text(json.dumps({"id": "big", "question": "Q", "steps": ["x" * (10 << 20)]}) + "\n" +
+                    json.dumps({"id": "ok", "question": "Q", "steps": ["fine", "done"]}) + "\n")
+    with rl.Model(llama_dir, device="cpu") as m:
+        t0 = time.perf_counter()
+        s = rl.extract_dataset(data, m, tmp_path / "run", progress=False)
+        dt = time.perf_counter() - t0
+    assert s["items"] == 1 and s["errors"] == 1
+    (err,) = rl.open_latents(tmp_path / "run").errors
+    assert err["id"] == "big" and "characters, so more than --max-tokens 1024" in err["reason"]
+    assert dt < 10, dt  # reading and hashing 10 MB; tokenizing it alone takes longer
