@@ -101,7 +101,7 @@ class BuildExt(build_ext):
         if cuda_home:
             print(f"rjepa_latent: CUDA toolkit found at {cuda_home}: compiling the CUDA backend "
                   f"(kernels/*.cu for {', '.join('sm_' + a for a in CUDA_ARCHS)}), which takes "
-                  "much longer than the CPU engine alone; to skip it, install with RJEPA_CUDA=0 "
+                  "much longer than the CPU engine alone (about a minute on 2 cores); to skip it, install with RJEPA_CUDA=0 "
                   "(e.g. RJEPA_CUDA=0 pip install .)", file=sys.stderr)
             objs = self.compile_cuda(cuda_home, werror)
             ext.extra_objects = list(ext.extra_objects or []) + objs

@@ -18,7 +18,8 @@ Design choices:
   `max_text_tokens` tokens, and is refused from its length alone, in O(1)
   time and memory, before it is tokenized. Proven for byte-level BPE
   (no normalizer; pre-tokenizers ByteLevel and Split that removes nothing;
-  no fused unknown tokens): each byte becomes one character of exactly one
+  no fused unknown tokens; no added token that strips the whitespace beside
+  it): each byte becomes one character of exactly one
   token, so a token covers at most as many characters of the text as its
   vocabulary string has characters (`L` = the longest vocabulary entry or
   added token, counted in bytes). A UTF-8 byte count alone bounds nothing
@@ -97,7 +98,8 @@ def _keeps_every_character(pre: Any) -> bool:
 def max_token_chars(tokenizer) -> int | None:
     """The most characters of a text one token can cover, where the
     tokenizer's structure proves such a bound (byte-level BPE, see the module
-    docstring), else None. Cached per tokenizer object."""
+    docstring), else None. Cached per tokenizer object: for the private
+    copies of `prepare_tokenizer`, which nothing changes afterwards."""
     hit = _max_token_chars_cache.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
@@ -113,6 +115,9 @@ def max_token_chars(tokenizer) -> int | None:
         # byte-level vocabulary strings spell one byte per character
         bound = max(len(k) for k in model["vocab"])
         for added in spec.get("added_tokens") or []:
+            if added.get("lstrip") or added.get("rstrip"):
+                bound = None  # such a token also absorbs any run of whitespace beside it
+                break
             bound = max(bound, len(str(added.get("content", "")).encode("utf-8")))
     if len(_max_token_chars_cache) >= 8:
         _max_token_chars_cache.clear()
@@ -141,57 +146,62 @@ def step_spans(offsets: np.ndarray, steps: list[tuple[int, int]]) -> tuple[np.nd
 
 def tokenize_records(tokenizer, records: list[Record],
                      max_text_tokens: int | None) -> list[Item | ErrorRecord]:
-    """Tokenize good records (one batched call); bad ones become ErrorRecords."""
+    """Tokenize good records (one batched call); bad ones become ErrorRecords.
+    The result is in the order of `records`."""
     if not records:
         return []
-    out: list[Item | ErrorRecord] = []
     per_token = max_token_chars(tokenizer) if max_text_tokens is not None else None
-    if per_token is not None:  # refused from the length alone, before any tokenizing
-        limit = max_text_tokens * per_token
-        fits = []
-        for rec in records:
-            if len(rec.text) <= limit:
-                fits.append(rec)
-                continue
-            out.append(ErrorRecord(rec.index, rec.id, rec.source, rec.line,
-                                   f"text has {len(rec.text)} characters, so more than --max-tokens "
-                                   f"{max_text_tokens} tokens (the model's context by default; a token "
-                                   f"of this tokenizer covers at most {per_token} characters); "
-                                   "shorten or split the record"))
-        records = fits
-    encodings = tokenizer.encode_batch([r.text for r in records]) if records else []
-    for rec, enc in zip(records, encodings):
-        n = len(enc.ids)
-        if max_text_tokens is not None and n > max_text_tokens:
-            out.append(ErrorRecord(rec.index, rec.id, rec.source, rec.line,
-                                   f"text has {n} tokens, more than --max-tokens {max_text_tokens} "
-                                   "(the model's context by default); shorten or split the record"))
-            continue
-        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(n, 2)
-        spans, missing = step_spans(offsets, rec.steps)
-        if missing is not None:
-            a, b = rec.steps[missing]
-            out.append(ErrorRecord(rec.index, rec.id, rec.source, rec.line,
-                                   f"step {missing + 1} has no token of its own (characters {a}:{b}, "
-                                   f"{rec.text[a:b][:40]!r}): the tokenizer merged it into a token of "
-                                   "an earlier step or the question"))
-            continue
-        out.append(Item(rec.index, rec.id, rec.text, np.asarray(enc.ids, dtype=np.int32), spans,
-                        rec.meta, rec.source, rec.line))
+    limit = max_text_tokens * per_token if per_token is not None else None
+    out: list[Item | ErrorRecord | None] = [None] * len(records)
+    todo = []
+    for i, rec in enumerate(records):
+        if limit is not None and len(rec.text) > limit:  # refused from its length, untokenized
+            out[i] = ErrorRecord(rec.index, rec.id, rec.source, rec.line,
+                                 f"text has {len(rec.text)} characters, so more than --max-tokens "
+                                 f"{max_text_tokens} tokens (the model's context by default; a token "
+                                 f"of this tokenizer covers at most {per_token} characters); "
+                                 "shorten or split the record")
+        else:
+            todo.append(i)
+    encodings = tokenizer.encode_batch([records[i].text for i in todo]) if todo else []
+    for i, enc in zip(todo, encodings):
+        out[i] = _item(records[i], enc, max_text_tokens)
     return out
 
 
-_prepared_cache: dict[int, tuple[Any, Any]] = {}
+def _item(rec: Record, enc, max_text_tokens: int | None) -> Item | ErrorRecord:
+    n = len(enc.ids)
+    if max_text_tokens is not None and n > max_text_tokens:
+        return ErrorRecord(rec.index, rec.id, rec.source, rec.line,
+                           f"text has {n} tokens, more than --max-tokens {max_text_tokens} "
+                           "(the model's context by default); shorten or split the record")
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(n, 2)
+    spans, missing = step_spans(offsets, rec.steps)
+    if missing is not None:
+        a, b = rec.steps[missing]
+        return ErrorRecord(rec.index, rec.id, rec.source, rec.line,
+                           f"step {missing + 1} has no token of its own (characters {a}:{b}, "
+                           f"{rec.text[a:b][:40]!r}): the tokenizer merged it into a token of "
+                           "an earlier step or the question")
+    return Item(rec.index, rec.id, rec.text, np.asarray(enc.ids, dtype=np.int32), spans,
+                rec.meta, rec.source, rec.line)
+
+
+_prepared_cache: dict[str, Any] = {}
 
 
 def _prepared(tokenizer):
-    hit = _prepared_cache.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    tok = prepare_tokenizer(tokenizer)
-    if len(_prepared_cache) >= 8:
-        _prepared_cache.clear()
-    _prepared_cache[id(tokenizer)] = (tokenizer, tok)
+    """The private copy (prepare_tokenizer) of a caller's tokenizer, cached by
+    the tokenizer's full serialization, so a tokenizer changed since the last
+    call gets a new copy (and a new bound)."""
+    spec = tokenizer.to_str()
+    key = hashlib.sha256(spec.encode("utf-8")).hexdigest()
+    tok = _prepared_cache.get(key)
+    if tok is None:
+        tok = prepare_tokenizer(tokenizer)
+        if len(_prepared_cache) >= 8:
+            _prepared_cache.clear()
+        _prepared_cache[key] = tok
     return tok
 
 
@@ -212,6 +222,10 @@ def encode_steps(model_or_tokenizer, question: str | None = None, steps: Sequenc
     the record cannot be used (a step without a token of its own, too long).
     """
     tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"the model {getattr(model_or_tokenizer, 'path', '')} has no tokenizer (no "
+                         "tokenizer.json next to the checkpoint, or none in the GGUF file); pass a "
+                         "tokenizers.Tokenizer instead")
     if not hasattr(tokenizer, "encode_batch"):
         raise TypeError("encode_steps takes an rjepa_latent.Model or a tokenizers.Tokenizer, got "
                         f"{type(model_or_tokenizer).__name__}")

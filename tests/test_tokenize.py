@@ -231,3 +231,38 @@ def test_encode_steps_errors(tok):
         rl.encode_steps("tokenizer.json", "Q", ["a"])
     with pytest.raises(ValueError, match="must contain \\{steps\\}"):
         rl.encode_steps(tok, "Q", ["a"], template="{question}")
+
+
+def test_no_bound_with_whitespace_stripping_added_tokens(tok):
+    from tokenizers import AddedToken
+    from rjepa_latent.tokenize import max_token_chars
+    import rjepa_latent as rl
+    t = Tokenizer.from_str(tok.to_str())
+    assert max_token_chars(prepare_tokenizer(t)) is not None
+    with pytest.raises(ValueError, match="506 characters, so more than --max-tokens 2 tokens"):
+        rl.encode_steps(t, None, [" " * 500 + "<mask>"], max_tokens=2)  # true: > 80 tokens here
+    t.add_special_tokens([AddedToken("<mask>", lstrip=True)])
+    assert max_token_chars(prepare_tokenizer(t)) is None
+    n = len(t.encode(" " * 500 + "<mask>", add_special_tokens=False).ids)
+    assert n == 1  # one token over 506 characters: a length bound would be wrong here
+    # encode_steps sees the changed tokenizer (no stale copy): one token now, within max_tokens=1
+    ids, spans, _ = rl.encode_steps(t, None, [" " * 500 + "<mask>"], max_tokens=2)
+    assert len(ids) == 2 and spans.tolist() == [[1, 2]]
+
+
+def test_order_kept_with_early_refusals(tok):
+    recs = [Record(i, f"r{i}", ("x" * 100_000 if i % 2 else f"text {i}"), [(0, 4)], {}, "f", i + 1)
+            for i in range(6)]
+    out = tokenize_records(tok, recs, 50)
+    assert [o.id for o in out] == [f"r{i}" for i in range(6)]
+    assert [isinstance(o, ErrorRecord) for o in out] == [False, True] * 3
+
+
+def test_encode_steps_model_without_tokenizer():
+    import rjepa_latent as rl
+
+    class Bare:
+        tokenizer = None
+        path = "m.gguf"
+    with pytest.raises(ValueError, match="m.gguf has no tokenizer"):
+        rl.encode_steps(Bare(), "Q", ["a"])
