@@ -212,8 +212,7 @@ class _Progress:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
-        from .errors import ModelFormatError  # noqa: F401  (a ValueError: caught above)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # ModelFormatError is a ValueError
         print(f"rjepa-latent bench: error: {e}", file=sys.stderr)
         return 2
 
