@@ -10,6 +10,7 @@ from .model import Model, memory_plan
 from .parity import check_parity
 from .pipeline import extract_dataset
 from .store import open_latents
+from .tokenize import encode_steps
 
 __version__ = "0.1.0"  # recorded in every run's configuration (package_version)
 
@@ -18,4 +19,5 @@ __all__ = [
     "InputError", "SequenceError", "SequenceTypeError", "TokenIdError", "SequenceLengthError",
     "SpanError", "SpanTypeError", "LayerError", "LayerTypeError",
     "build_info", "Model", "memory_plan", "check_parity", "extract_dataset", "open_latents",
+    "encode_steps",
 ]

@@ -1,21 +1,25 @@
-"""`rjepa-latent bench`: this engine vs HF transformers on the CPU, same run.
+"""`rjepa-latent bench`: this engine's throughput on the CPU, and HF
+transformers' on the same texts in the same run when torch is installed.
 
-Workload: a SmolLM2-135M-shaped Llama (576 hidden, 30 layers, 9 heads, 3 KV
-heads, intermediate 1536, vocab 49152, tied embeddings, rope_theta 1e5) with
-random weights, created with transformers in a temporary directory (nothing
-is downloaded). Sequences have GSM8K-like lengths: taken from GSM8K records
-(question + answer, ~4 characters per token, each answer line one step) when
-a GSM8K jsonl is found, else drawn from a fixed seeded distribution (mean
-~150 tokens, 40..400). Token ids are random. Output: layer -2 mean-pooled per
-step, the design's default job.
+Workload: the records of `--data` (default: the sample word problems shipped
+with the package, `rjepa_latent/samples/word_problems.jsonl`; any file
+`extract` takes), made into texts and step spans exactly as `extract` does
+(`data.Template`, `tokenize.tokenize_records`) with the model's tokenizer;
+`--n-seqs` of them, cycling through the records when there are fewer. A
+model without a tokenizer (`--tiny`, a bare GGUF) gets random token ids with
+~4 characters per token and one span per step. The job is layer `--layer`
+(default -2) mean-pooled per step, the design's default job.
 
-This engine: `Model.extract` with packed batches under --max-batch-tokens.
-HF: the base model (no LM head, which would only slow HF down), fp32,
-`output_hidden_states=True`, batches of --hf-batch right-padded sequences
-with an attention mask, under `torch.inference_mode`, pooling done in torch;
-measured both in input order and sorted by length (less padding). Warm-up
-runs are excluded; both use --threads threads; each runner's best of
---repeats interleaved rounds is kept. Tokens/s counts real tokens.
+This engine: `Model.extract` over packed batches under --max-batch-tokens.
+HF (only when torch and transformers import; otherwise the engine's numbers
+alone and the command that installs them): the same checkpoint loaded as
+`rjepa-latent parity` loads it (transformers' own reader, fp32), the base
+model (no LM head, which would only slow HF down), `output_hidden_states=True`,
+batches of --hf-batch right-padded sequences with an attention mask, under
+`torch.inference_mode`, pooling in torch; in input order and sorted by length
+(less padding). Warm-up runs are excluded; both use --threads threads; each
+runner's best of --repeats interleaved rounds is kept, so ratios compare
+numbers of the same run. Tokens/s counts real (unpadded) tokens.
 """
 from __future__ import annotations
 
@@ -23,20 +27,23 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                    tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
-                    max_position_embeddings=2048)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
             rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024)
-DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+HF_INSTALL_HINT = 'pip install torch "transformers>=4.45"'
+
+
+def default_data() -> str:
+    """The sample word problems shipped with the package."""
+    return str(files("rjepa_latent") / "samples" / "word_problems.jsonl")
 
 
 def _positive(s: str) -> int:
@@ -51,74 +58,66 @@ def _positive(s: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=2, help="CPU threads for both (default 2)")
-    p.add_argument("--n-seqs", type=_positive, default=64, help="sequences to run (default 64)")
+    p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
+    p.add_argument("--data", default=None,
+                   help="records to time, any file `extract` takes (default: the sample word "
+                        "problems shipped with the package)")
+    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1,
+                   help=f"CPU threads for both (default: all cores, {os.cpu_count()})")
+    p.add_argument("--n-seqs", type=_positive, default=64,
+                   help="sequences to run, cycling through the records (default 64)")
+    p.add_argument("--layer", type=int, default=-2, help="hidden-state index to pool (default -2)")
     p.add_argument("--max-batch-tokens", type=_positive, default=2048,
                    help="token budget of this engine's packed batches (default 2048)")
     p.add_argument("--hf-batch", type=_positive, default=8, help="HF batch size (default 8)")
-    p.add_argument("--gsm8k", default=str(DEFAULT_GSM8K),
-                   help="GSM8K jsonl for realistic lengths (synthetic lengths if missing)")
-    p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test, no timing)")
     p.add_argument("--repeats", type=_positive, default=2,
                    help="interleaved timed rounds, best of each runner kept (default 2)")
+    p.add_argument("--no-hf", action="store_true", help="time this engine only")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny random llama made with transformers (smoke test, no timing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 # -- workload ------------------------------------------------------------------
 
-def gsm8k_workload(path: str, n: int) -> list[list[int]]:
-    """Step token lengths [question, step1, ...] from GSM8K records (chars/4)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if len(out) == n:
-                break
-            rec = json.loads(line)
-            steps = [s for s in rec["answer"].split("\n") if s.strip()]
-            out.append([max(1, round(len(rec["question"]) / 4))] +
-                       [max(1, round(len(s) / 4)) for s in steps])
-    return out
-
-
-def synthetic_workload(n: int, seed: int) -> list[list[int]]:
-    """Seeded lengths with mean ~150 (40..400): a question then 2-8 steps."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        total = int(np.clip(rng.lognormal(np.log(135), 0.45), 40, 400))
-        k = int(rng.integers(2, 9))
-        cuts = np.sort(rng.choice(np.arange(1, total), size=k, replace=False))
-        out.append(np.diff(np.concatenate([[0], cuts, [total]])).tolist())
-    return out
-
-
-def make_inputs(step_lengths: list[list[int]], vocab: int,
-                seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Random token ids and step spans (the first segment is the question: no span)."""
-    rng = np.random.default_rng(seed + 1)
-    seqs, spans = [], []
-    for lengths in step_lengths:
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        seqs.append(rng.integers(0, vocab, int(bounds[-1])).astype(np.int32))
-        spans.append(np.stack([bounds[1:-1], bounds[2:]], 1).astype(np.int32))
-    return seqs, spans
+def load_workload(data: str, tokenizer, n: int, max_tokens: int | None, vocab: int,
+                  seed: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """(token ids, step spans, records used) of `n` sequences from `data`."""
+    from .data import ErrorRecord, read_records
+    from .tokenize import Item, prepare_tokenizer, tokenize_records
+    records = [r for r in read_records([data]) if not isinstance(r, ErrorRecord)]
+    if not records:
+        raise ValueError(f"{data}: no usable record (see `rjepa-latent extract` for the formats)")
+    if tokenizer is not None:
+        items = [t for t in tokenize_records(prepare_tokenizer(tokenizer), records, max_tokens)
+                 if isinstance(t, Item)]
+        if not items:
+            raise ValueError(f"{data}: no record could be tokenized into steps by this model's "
+                             "tokenizer (too long, or steps without a token of their own)")
+        pairs = [(it.ids, it.spans) for it in items]
+    else:  # no tokenizer: random ids, ~4 characters per token, one span per step
+        rng = np.random.default_rng(seed + 1)
+        pairs = []
+        for r in records:
+            spans, end = [], 0
+            for a, b in r.steps:
+                start = max(a // 4, end)
+                end = max(start + 1, -(-b // 4))
+                spans.append((start, end))
+            length = max(end, -(-len(r.text) // 4))
+            pairs.append((rng.integers(0, vocab, length).astype(np.int32),
+                          np.array(spans, dtype=np.int32)))
+    chosen = [pairs[i % len(pairs)] for i in range(n)]
+    return [c[0] for c in chosen], [c[1] for c in chosen], len(pairs)
 
 
 # -- the two runners ---------------------------------------------------------------
 
-def build_checkpoint(shape: dict, directory: str, seed: int):
-    import torch
-    import transformers as T
-    torch.manual_seed(seed)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**shape)).eval()
-    model.save_pretrained(directory)
-    return model.model  # the base model for HF runs: no LM head
-
-
-def run_engine(m, seqs, spans) -> tuple[float, list[np.ndarray]]:
+def run_engine(m, seqs, spans, layer: int) -> tuple[float, list[np.ndarray]]:
     t0 = time.perf_counter()
-    out = m.extract(seqs, spans, layers=(-2,), pooling="mean")
+    out = m.extract(seqs, spans, layers=(layer,), pooling="mean")
     return time.perf_counter() - t0, out
 
 
@@ -127,10 +126,10 @@ def hf_batches(n: int, lengths: list[int], size: int, sort: bool) -> list[list[i
     return [order[i:i + size] for i in range(0, n, size)]
 
 
-def run_hf(model, seqs, spans, args, sort: bool) -> tuple[float, list[np.ndarray]]:
-    import torch
+def run_hf(torch, model, seqs, spans, batch_size: int, layer: int,
+           sort: bool) -> tuple[float, list[np.ndarray]]:
     lengths = [len(s) for s in seqs]
-    batches = hf_batches(len(seqs), lengths, args.hf_batch, sort)
+    batches = hf_batches(len(seqs), lengths, batch_size, sort)
 
     def one(batch: list[int]) -> list[np.ndarray]:
         t = max(lengths[i] for i in batch)
@@ -140,7 +139,7 @@ def run_hf(model, seqs, spans, args, sort: bool) -> tuple[float, list[np.ndarray
             ids[r, :lengths[i]] = torch.from_numpy(seqs[i].astype(np.int64))
             mask[r, :lengths[i]] = 1
         states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        h = states.hidden_states[-2]
+        h = states.hidden_states[layer]
         return [torch.stack([h[r, s:e].mean(0) for s, e in spans[i].tolist()])[None].numpy()
                 for r, i in enumerate(batch)]
 
@@ -151,6 +150,36 @@ def run_hf(model, seqs, spans, args, sort: bool) -> tuple[float, list[np.ndarray
             for i, res in zip(batch, one(batch)):
                 out[i] = res
         return time.perf_counter() - t0, out
+
+
+def _import_hf():
+    """torch, or None when torch or transformers cannot be imported."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    return torch
+
+
+def build_tiny(directory: str, seed: int) -> None:
+    import torch
+    import transformers as T
+    torch.manual_seed(seed)
+    T.LlamaForCausalLM(T.LlamaConfig(**TINY)).eval().save_pretrained(directory)
+
+
+def load_hf(torch, path: str):
+    """The checkpoint as `rjepa-latent parity` loads it (fp32, CPU); its base model."""
+    from .parity import _reference
+    notes: list[str] = []
+    model = _reference(path, torch, torch.float32, "cpu", None, notes)
+    try:  # parity loads eager attention; users run HF's default, sdpa
+        model.set_attn_implementation("sdpa")
+    except Exception as e:  # older transformers, or a model without sdpa
+        notes.append(f"HF attention left at {model.config._attn_implementation!r} ({e})")
+    notes.append(f"HF attention: {model.config._attn_implementation}")
+    return model.model, notes
 
 
 # -- report --------------------------------------------------------------------------
@@ -167,50 +196,101 @@ def cpu_name() -> str:
 
 
 def worst_rel_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(a, b))
+    return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)) for x, y in zip(a, b))
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"bench [{time.perf_counter() - self.t0:5.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    torch.set_num_threads(args.threads)
-    shape = TINY if args.tiny else SMOLLM2_135M
-    n = 8 if args.tiny else args.n_seqs
-    use_gsm8k = os.path.isfile(args.gsm8k)
-    steps = gsm8k_workload(args.gsm8k, n) if use_gsm8k else synthetic_workload(n, args.seed)
-    seqs, spans = make_inputs(steps, shape["vocab_size"], args.seed)
-    tokens = sum(len(s) for s in seqs)
+    try:
+        return _run(args)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # ModelFormatError is a ValueError
+        print(f"rjepa-latent bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    say = _Progress(args.no_progress)
+    torch = None if args.no_hf else _import_hf()
+    if args.tiny and torch is None:
+        raise ImportError(f"--tiny makes its model with transformers, which cannot be imported "
+                          f"({HF_INSTALL_HINT}); give --model instead")
+    data = args.data or default_data()
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"--data {data}: no such file")
     from ._native import build_info
     from .model import Model
+    if torch is not None:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="rjepa-bench-") as d:
-        hf_model = build_checkpoint(shape, d, args.seed)
-        engine = Model(d, device="cpu", threads=args.threads,
-                       max_batch_tokens=args.max_batch_tokens)
+        if args.tiny:
+            build_tiny(d, args.seed)
+            path, model_name = d, "tiny random llama (smoke test)"
+        elif args.model:
+            path, model_name = args.model, args.model
+        else:
+            from .default_model import DEFAULT_MODEL_NAME, default_model_path
+            path, model_name = default_model_path(), DEFAULT_MODEL_NAME
+        say(f"loading {model_name} into this engine ({args.threads} threads)")
+        engine = Model(path, device="cpu", threads=args.threads, max_batch_tokens=args.max_batch_tokens)
+        layer = engine.resolve_layers([args.layer])[0]
+        seqs, spans, used = load_workload(data, engine.tokenizer, args.n_seqs,
+                                          engine.config.get("max_position_embeddings"),
+                                          engine.config["vocab_size"], args.seed)
+        tokens = int(sum(len(s) for s in seqs))
+        say(f"workload: {len(seqs)} sequences, {tokens} tokens from {Path(data).name}")
+        hf_model, notes = None, []
+        if torch is not None:
+            say("loading the same checkpoint into HF transformers (fp32)")
+            hf_model, notes = load_hf(torch, path)
     # warm-up (excluded), then the best of --repeats interleaved rounds, so a
     # burst of load from other processes does not favour either side
-    run_engine(engine, seqs[:4], spans[:4])
-    run_hf(hf_model, seqs[:2], spans[:2], args, sort=False)
+    say("warm-up")
+    run_engine(engine, seqs[:4], spans[:4], layer)
+    if hf_model is not None:
+        run_hf(torch, hf_model, seqs[:2], spans[:2], args.hf_batch, layer, sort=False)
     t_eng = t_hf = t_hfs = float("inf")
-    for _ in range(args.repeats):
-        t, ours = run_engine(engine, seqs, spans)
+    ours = ref = None
+    for k in range(args.repeats):
+        t, ours = run_engine(engine, seqs, spans, layer)
         t_eng = min(t_eng, t)
-        t, ref = run_hf(hf_model, seqs, spans, args, sort=False)
-        t_hf = min(t_hf, t)
-        t_hfs = min(t_hfs, run_hf(hf_model, seqs, spans, args, sort=True)[0])
+        say(f"round {k + 1}/{args.repeats}: rjepa_latent {tokens / t:,.0f} tokens/s")
+        if hf_model is not None:
+            t, ref = run_hf(torch, hf_model, seqs, spans, args.hf_batch, layer, sort=False)
+            t_hf = min(t_hf, t)
+            t2 = run_hf(torch, hf_model, seqs, spans, args.hf_batch, layer, sort=True)[0]
+            t_hfs = min(t_hfs, t2)
+            say(f"round {k + 1}/{args.repeats}: HF {tokens / t:,.0f} tokens/s (input order), "
+                f"{tokens / t2:,.0f} (length-sorted)")
+    engine.close()
     res = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
-        "blas": build_info()["blas"],
-        "model": "tiny llama" if args.tiny else "SmolLM2-135M-shaped llama (random weights)",
-        "workload": f"{n} sequences, {tokens} tokens (mean {tokens / n:.0f}), "
-                    f"{sum(len(s) for s in spans)} steps, lengths from "
-                    f"{'GSM8K test (chars/4)' if use_gsm8k else 'a seeded distribution'}, "
-                    f"layer -2 mean-pooled per step",
-        "engine_tokens_per_s": tokens / t_eng, "hf_tokens_per_s": tokens / t_hf,
-        "hf_sorted_tokens_per_s": tokens / t_hfs,
-        "speedup_vs_hf": t_hf / t_eng, "speedup_vs_hf_sorted": t_hfs / t_eng,
-        "max_rel_err_vs_hf": worst_rel_err(ours, ref),
+        "blas": build_info()["blas"], "model": model_name,
+        "workload": f"{len(seqs)} sequences from {used} records of {Path(data).name}, {tokens} tokens "
+                    f"(mean {tokens / len(seqs):.0f}), {sum(len(s) for s in spans)} steps, "
+                    f"layer {args.layer} mean-pooled per step",
+        "sequences": len(seqs), "tokens": tokens,
+        "engine_tokens_per_s": tokens / max(t_eng, 1e-9),
         "max_batch_tokens": args.max_batch_tokens, "hf_batch": args.hf_batch,
         "repeats": args.repeats, "load_average": os.getloadavg()[0],
     }
+    if hf_model is not None:
+        res.update({"hf_tokens_per_s": tokens / max(t_hf, 1e-9),
+                    "hf_sorted_tokens_per_s": tokens / max(t_hfs, 1e-9),
+                    "speedup_vs_hf": t_hf / t_eng, "speedup_vs_hf_sorted": t_hfs / t_eng,
+                    "max_rel_err_vs_hf": worst_rel_err(ours, ref), "hf_notes": notes})
+    else:
+        res["hf_skipped"] = ("--no-hf" if args.no_hf else
+                             f"torch or transformers cannot be imported; {HF_INSTALL_HINT} to "
+                             "compare with HF transformers in the same run")
     print(format_table(res))
     if args.json:
         with open(args.json, "w") as f:
@@ -219,18 +299,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(r: dict) -> str:
-    rows = [("rjepa_latent (packed, fp32)", r["engine_tokens_per_s"], 1.0),
-            (f"HF transformers fp32, batch {r['hf_batch']}, input order", r["hf_tokens_per_s"],
-             r["speedup_vs_hf"]),
-            (f"HF transformers fp32, batch {r['hf_batch']}, length-sorted",
-             r["hf_sorted_tokens_per_s"], r["speedup_vs_hf_sorted"])]
+    rows = [("rjepa_latent (packed, fp32)", r["engine_tokens_per_s"], 1.0)]
+    if "hf_tokens_per_s" in r:
+        rows += [(f"HF transformers fp32, batch {r['hf_batch']}, input order", r["hf_tokens_per_s"],
+                  r["speedup_vs_hf"]),
+                 (f"HF transformers fp32, batch {r['hf_batch']}, length-sorted",
+                  r["hf_sorted_tokens_per_s"], r["speedup_vs_hf_sorted"])]
     lines = [f"machine: {r['machine']}; threads: {r['threads']}; load average at the end: "
              f"{r['load_average']:.1f}", f"BLAS: {r['blas']}", f"model: {r['model']}",
              f"workload: {r['workload']}", "",
              f"| {'runner':50s} | {'tokens/s':>9s} | {'engine speedup':>14s} |",
              f"|{'-' * 52}|{'-' * 11}|{'-' * 16}|"]
     lines += [f"| {name:50s} | {tps:9.0f} | {rel:13.2f}x |" for name, tps, rel in rows]
-    lines += ["", f"speedup vs HF: {r['speedup_vs_hf']:.2f}x (input order), "
-                  f"{r['speedup_vs_hf_sorted']:.2f}x (length-sorted); "
-                  f"max relative error of the latents vs HF: {r['max_rel_err_vs_hf']:.1e}"]
+    if "hf_tokens_per_s" in r:
+        lines += ["", f"speedup vs HF: {r['speedup_vs_hf']:.2f}x (input order), "
+                      f"{r['speedup_vs_hf_sorted']:.2f}x (length-sorted), measured in this run; "
+                      f"max relative error of the latents vs HF: {r['max_rel_err_vs_hf']:.1e}"]
+        lines += [f"note: {n}" for n in r.get("hf_notes", [])]
+    else:
+        lines += ["", f"HF transformers not run: {r['hf_skipped']}"]
     return "\n".join(lines)

@@ -400,6 +400,37 @@ def read_checkpoint_headers(directory: str) -> dict[str, TensorInfo]:
 
 
 # ---------------------------------------------------------------------------
+# the config against the tensors present
+
+
+def check_config_sizes(cfg: dict, shapes: list[tuple[int, ...]], where: str,
+                       layers_key: str = "num_hidden_layers") -> None:
+    """Before the layout is computed or anything is allocated: the config's
+    sizes must be possible for the tensors actually present. Every decoder
+    layer has tensors of its own, so there are at least num_layers tensors;
+    every size (hidden, intermediate, vocab, heads x head_dim) is a dimension
+    of some required tensor, so none exceeds the largest dimension present.
+    This bounds every product of sizes by what the files hold (an absurd
+    num_layers or a size whose products overflow fails here, at once)."""
+    if cfg["num_layers"] > len(shapes):
+        raise ModelFormatError(f"{where}: {layers_key}={cfg['num_layers']} but the checkpoint holds "
+                               f"only {len(shapes)} tensors (each layer has several); the config "
+                               "does not describe these weights")
+    largest = max((max(s) for s in shapes if len(s)), default=1)
+    sizes = {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+             "vocab_size": cfg["vocab_size"], "head_dim": cfg["head_dim"],
+             "num_heads x head_dim": cfg["num_heads"] * cfg["head_dim"],
+             "num_kv_heads x head_dim": cfg["num_kv_heads"] * cfg["head_dim"]}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelFormatError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if value > largest:
+            raise ModelFormatError(f"{where}: {name}={value} is larger than every dimension of the "
+                                   f"checkpoint's tensors (the largest is {largest}); the config "
+                                   "does not describe these weights")
+
+
+# ---------------------------------------------------------------------------
 # name mapping and shape checks
 
 def match_tensors(cfg: dict, tensors: dict[str, TensorInfo],
@@ -409,9 +440,7 @@ def match_tensors(cfg: dict, tensors: dict[str, TensorInfo],
     missing, unexpected, duplicate-after-mapping, wrong-shape and
     unusable-dtype tensors are reported in one ModelFormatError."""
     family = family_of(cfg)
-    if cfg["num_layers"] > len(tensors):
-        raise ModelFormatError(f"{where}: num_hidden_layers={cfg['num_layers']} but the "
-                               f"checkpoint holds only {len(tensors)} tensors")
+    check_config_sizes(cfg, [t.shape for t in tensors.values()], where)
     expected = {(kind, layer): shape for kind, layer, shape in tensor_layout(cfg, cfg["num_layers"])
                 if kind not in family.COMPUTED}
     found: dict[tuple[str, int], TensorInfo] = {}

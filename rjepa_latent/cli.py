@@ -7,15 +7,38 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "extract": ("rjepa_latent.pipeline", "extract step latents of a dataset into a run directory"),
-    "bench": ("rjepa_latent.bench", "benchmark this engine against HF transformers"),
+    "info": ("rjepa_latent.info", "show what a run directory holds: progress, errors, configuration"),
+    "bench": ("rjepa_latent.bench", "benchmark this engine (and HF transformers, when installed)"),
     "parity": ("rjepa_latent.parity", "compare this engine with HF transformers on a model, layer by layer"),
     "export": ("rjepa_latent.readers", "write a run as Parquet or flat .npy arrays for training"),
     "demo": ("rjepa_latent.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
 }
 
 
+def version_text() -> str:
+    """`rjepa-latent --version`: the package version and how the core was built."""
+    from . import __version__, build_info
+    info = build_info()
+    cuda = (f"CUDA compiled in ({info['cuda_arch']})" if info.get("cuda")
+            else "CUDA not compiled in (CPU only)")
+    return (f"rjepa-latent {__version__}\n"
+            f"core: {info.get('blas', 'unknown BLAS')}; {cuda}; "
+            f"OpenMP {'on' if info.get('openmp') else 'off'}")
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and build (BLAS, CUDA) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rjepa-latent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (modname, help_text) in SUBCOMMANDS.items():

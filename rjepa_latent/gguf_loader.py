@@ -42,8 +42,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import arch
-from .checkpoint import (CheckpointSource, engine_config, resolve_max_layer, rope_inv_freq,
-                         tensor_layout)
+from .checkpoint import (CheckpointSource, check_config_sizes, engine_config, resolve_max_layer,
+                         rope_inv_freq, tensor_layout)
 from .errors import ModelFormatError
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
@@ -94,15 +94,73 @@ def read_gguf_config(path: str | os.PathLike) -> dict:
     reader = _open_reader(path)
     names = {t.name: t for t in reader.tensors}
     cfg = _read_config(_Metadata(reader, path), names, path)
+    check_config_sizes(cfg, [_numpy_shape(t) for t in names.values()], path,
+                       f"{arch.for_model_type(cfg['model_type'], path).gguf_architecture}.block_count")
     return cfg
 
 
-def _open_reader(path: str):
+def _check_tensor_table(reader: Any, start: int, fields: list, path: str) -> None:
+    """Each tensor's data: at a multiple of `general.alignment` (default 32)
+    from the data section's start, inside the file, overlapping no other
+    tensor. Checked on the tensor table before the reader maps any tensor."""
     import gguf
+    align = int(reader.alignment)
+    if align <= 0 or align & (align - 1):
+        raise ModelFormatError(f"{path}: general.alignment={align} is not a power of two")
+    size = len(reader.data)
+    spans = []
+    for field in fields:
+        try:
+            _, name_data, _, dims, raw_dtype, offset = field.parts
+            name = bytes(name_data).decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{path}: malformed tensor table entry ({e})") from None
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+        except (ValueError, KeyError):
+            raise ModelFormatError(f"{path}: tensor {name!r} has unknown GGML type id "
+                                   f"{int(raw_dtype[0])}") from None
+        elements = 1
+        for d in dims.tolist():
+            elements *= int(d)  # Python ints: no wrap-around
+        nbytes = -(-elements // block) * type_size
+        rel = int(offset[0])
+        if rel % align:
+            raise ModelFormatError(f"{path}: tensor {name!r}: data offset {rel} is not a multiple of "
+                                   f"general.alignment {align} (corrupt file)")
+        if start + rel + nbytes > size:
+            raise ModelFormatError(f"{path}: tensor {name!r}: data bytes [{start + rel}, "
+                                   f"{start + rel + nbytes}) lie outside the file of {size} bytes "
+                                   "(truncated or corrupt file)")
+        spans.append((rel, rel + nbytes, name))
+    spans.sort()
+    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ModelFormatError(f"{path}: tensor {b!r}: data [{b0}, {b1}) overlaps tensor {a!r} "
+                                   f"[{a0}, {a1}) (offsets relative to the data section; corrupt file)")
+
+
+def _reader_class(path: str):
+    import gguf
+
+    class CheckedReader(gguf.GGUFReader):
+        """gguf's reader, with the tensor table checked before tensors are mapped
+        (its `_build_tensors` hook, gguf >= 0.10)."""
+
+        def _build_tensors(self, start_offs, fields):
+            _check_tensor_table(self, int(start_offs), fields, path)
+            return super()._build_tensors(start_offs, fields)
+
+    return CheckedReader
+
+
+def _open_reader(path: str):
     if not os.path.isfile(path):
         raise ModelFormatError(f"GGUF file {path!r} does not exist")
     try:
-        return gguf.GGUFReader(path, "r")
+        return _reader_class(path)(path, "r")
+    except ModelFormatError:
+        raise
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError...
         raise ModelFormatError(f"{path}: not a readable GGUF file "
                                f"(corrupt, truncated or unsupported): {type(e).__name__}: {e}") from e
@@ -307,9 +365,8 @@ class GGUFFile:
         if embed not in self._tensors:  # the vocabulary size may have to come from it
             raise ModelFormatError(f"{path}: tensor {embed!r} is missing")
         n_layers = self.config["num_layers"]
-        if n_layers > len(self._tensors):
-            raise ModelFormatError(f"{path}: block_count={n_layers} but the file has only "
-                                   f"{len(self._tensors)} tensors")
+        check_config_sizes(self.config, [_numpy_shape(t) for t in self._tensors.values()], path,
+                           f"{self.family.gguf_architecture}.block_count")
         self.max_layer = resolve_max_layer(max_layer, n_layers)
         self._layout = tensor_layout(self.config, self.max_layer)
         self._validate()
