@@ -137,3 +137,34 @@ def test_per_token_output_equals_hf(arch, model_of, tiny_model_dir):
         assert err.max() <= TOL, (arch, len(s), err)
         np.testing.assert_array_equal(lo[0], o)
         np.testing.assert_array_equal(o, m.hidden_states(s, layers=layers))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_several_poolings_on_cuda(tiny_model_dir, dtype):
+    """On a CUDA device (skipped elsewhere): each slot of a pooling list equals
+    that pooling alone bit for bit; first / last / max select exactly the
+    engine's own per-token states; mean is their mean within f32 summation."""
+    from rjepa_latent import _core
+    if not rl.build_info()["cuda"] or _core.cuda_device_count() == 0:
+        pytest.skip("no CUDA device (or CUDA not compiled in)")
+    m = rl.Model(tiny_model_dir("qwen3"), device="cuda:0", dtype=dtype)
+    try:
+        seqs = [ids_of(n, seed=500 + n) for n in (5, 90, 200)]
+        spans = [np.array([[0, 1], [0, len(s)], [len(s) // 3, len(s) - 1]]) for s in seqs]
+        layers = [0, 1, -2, -1]
+        tok = m.extract(seqs, None, layers, "none")
+        many = m.extract(seqs, spans, layers, POOLINGS)
+        for q, p in enumerate(POOLINGS):
+            alone = m.extract(seqs, spans, layers, p)
+            for i, (t, sp) in enumerate(zip(tok, spans)):
+                np.testing.assert_array_equal(many[i][q], alone[i], err_msg=f"{p} seq {i}")
+                for j, (a, b) in enumerate(sp):
+                    got = many[i][q][:, j]
+                    if p == "mean":
+                        np.testing.assert_allclose(got, t[:, a:b].astype(np.float64).mean(1),
+                                                   rtol=1e-4, atol=1e-5)
+                    else:
+                        np.testing.assert_array_equal(got, numpy_pool(t[:, a:b], p))
+    finally:
+        m.close()
