@@ -587,8 +587,8 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     RL_TRY(validate_seqs(m, b));
     RL_TRY(validate_outputs(m, b));
 
-    /* n_layers and n_poolings are bounded by the workspace's size_t allocations and
-       RL_MAX_POOLINGS; their product with the per-layer bytes must not overflow */
+    /* P * nl cannot overflow (P <= RL_MAX_POOLINGS, nl counts an array in memory);
+       its product with the bytes of one [S, d] slot must not */
     size_t per_layer = (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
     size_t slots = (size_t)b->n_poolings * (size_t)b->n_layers;
     if (per_layer > 0 && slots > ((size_t)1 << 62) / per_layer)

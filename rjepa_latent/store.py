@@ -27,8 +27,8 @@ Design choices:
   payload) so bfloat16 needs no framework and bytes are fully under control.
   The reader parses the header itself and returns np.frombuffer views over
   an mmap of the file: zero-copy for float32 and float16. NumPy has no
-  bfloat16, so bf16 stores give float32 copies via `.latents` and the raw
-  uint16 view via `.raw_latents`.
+  bfloat16, so bf16 stores give `ml_dtypes.bfloat16` views of the same
+  memory via `.latents` and the raw uint16 view via `.raw_latents`.
 - The configuration a resume must match includes the engine identity
   (`ENGINE_IDENTITY`: backend, compute dtype, kernel, package version), which
   decides the result bits as much as the model does. A run directory made
