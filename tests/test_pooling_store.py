@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -174,7 +175,7 @@ def test_disk_check_prints_need_and_refuses(model, data, tmp_path, monkeypatch, 
 
     def short(path):
         calls.append(Path(path))
-        return shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - need + 1, need - 1)
+        return SimpleNamespace(total=10 ** 12, used=10 ** 12 - need + 1, free=need - 1)
     monkeypatch.setattr(shutil, "disk_usage", short)
     fresh = tmp_path / "new" / "run"
     with pytest.raises(StoreError, match=rf"not enough disk for a per-token run in {fresh}: it needs "
@@ -187,7 +188,7 @@ def test_disk_check_prints_need_and_refuses(model, data, tmp_path, monkeypatch, 
     # bf16 halves the need; with exactly the need free it runs
     need16 = tokens * (3 * 64 * 2 + 4)
     monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - need16, need16))
+                        lambda p: SimpleNamespace(total=10 ** 12, used=10 ** 12 - need16, free=need16))
     rl.extract_dataset(data, model, fresh, layers=(0, 1, -1), pooling="none", shard_size=5,
                        dtype="bfloat16", progress=False)
     assert rl.open_latents(fresh).complete
