@@ -525,20 +525,55 @@ static PyObject *engine_reserve(EngineObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static int parse_pooling(const char *s, rl_pool *p)
+static int parse_one_pooling(PyObject *o, rl_pool *p)
 {
-    if (strcmp(s, "mean") == 0) *p = RL_POOL_MEAN;
-    else if (strcmp(s, "first") == 0) *p = RL_POOL_FIRST;
-    else if (strcmp(s, "last") == 0) *p = RL_POOL_LAST;
-    else {
-        PyErr_Format(PyExc_ValueError, "pooling must be 'mean', 'first' or 'last', got '%s'", s);
+    const char *s = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    if (!s) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_UnicodeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "a pooling must be a str, got %s", Py_TYPE(o)->tp_name);
+        }
         return -1;
     }
+    int id = rl_pool_from_name(s);
+    if (id < 0) {
+        PyErr_Format(PyExc_ValueError, "pooling must be 'mean', 'first', 'last' or 'max', got "
+                     "'%s'", s);
+        return -1;
+    }
+    *p = (rl_pool)id;
     return 0;
 }
 
-/* Wraps a result in an ndarray whose base is a new HostBuffer (takes res). */
-static PyObject *result_to_array(const core_state *S, rl_result *res)
+/* `obj` is one pooling name (*n = 1, *many = 0) or a list / tuple of 1..RL_MAX_POOLINGS
+ * names (*many = 1: the result gets a leading poolings axis). */
+static int parse_poolings(PyObject *obj, rl_pool *out, int64_t *n, int *many)
+{
+    *many = !PyUnicode_Check(obj);
+    if (!*many) {
+        *n = 1;
+        return parse_one_pooling(obj, out);
+    }
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "pooling must be a str or a list / tuple of str, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(obj);
+    if (len < 1 || len > RL_MAX_POOLINGS) {
+        PyErr_Format(PyExc_ValueError, "pooling must list 1 to %d poolings, got %zd",
+                     RL_MAX_POOLINGS, len);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++)
+        if (parse_one_pooling(PySequence_Fast_GET_ITEM(obj, i), &out[i]) < 0) return -1;
+    *n = (int64_t)len;
+    return 0;
+}
+
+/* Wraps a result in an ndarray whose base is a new HostBuffer (takes res):
+ * [P, nl, S, d] with `many`, else [nl, S, d] (P = 1). */
+static PyObject *result_to_array(const core_state *S, rl_result *res, int many)
 {
     HostBufferObject *owner = PyObject_New(HostBufferObject, S->HostBufferType);
     if (!owner) {
@@ -548,8 +583,10 @@ static PyObject *result_to_array(const core_state *S, rl_result *res)
         return NULL;
     }
     owner->res = *res;
-    npy_intp dims[3] = {(npy_intp)res->n_layers, (npy_intp)res->n_spans, (npy_intp)res->hidden};
-    PyObject *arr = PyArray_SimpleNewFromData(3, dims, NPY_FLOAT32, res->data);
+    npy_intp dims[4] = {(npy_intp)res->n_poolings, (npy_intp)res->n_layers,
+                        (npy_intp)res->n_spans, (npy_intp)res->hidden};
+    PyObject *arr = many ? PyArray_SimpleNewFromData(4, dims, NPY_FLOAT32, res->data)
+                         : PyArray_SimpleNewFromData(3, dims + 1, NPY_FLOAT32, res->data);
     if (!arr) { Py_DECREF(owner); return NULL; }
     if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)owner) < 0) {  /* steals owner */
         Py_DECREF(arr);
@@ -561,18 +598,19 @@ static PyObject *result_to_array(const core_state *S, rl_result *res)
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"tokens", "cu_seqlens", "layers", "spans", "span_seq", "pooling", NULL};
-    PyObject *o[5];
-    const char *pool_s;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOs", kwlist, &o[0], &o[1], &o[2], &o[3],
-                                     &o[4], &pool_s))
+    PyObject *o[5], *pool_o;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO", kwlist, &o[0], &o[1], &o[2], &o[3],
+                                     &o[4], &pool_o))
         return NULL;
     if (!engine_ready(self)) return NULL;
     static const char *names[5] = {"tokens", "cu_seqlens", "layers", "spans", "span_seq"};
     static const int ndims[5] = {1, 1, 1, 2, 1};
     PyArrayObject *a[5] = {NULL};
     PyObject *ret = NULL;
-    rl_pool pool;
-    if (parse_pooling(pool_s, &pool) < 0) return NULL;
+    rl_pool pools[RL_MAX_POOLINGS];
+    int64_t n_pools;
+    int many;
+    if (parse_poolings(pool_o, pools, &n_pools, &many) < 0) return NULL;
     for (int i = 0; i < 5; i++)
         if (!(a[i] = as_int32(o[i], names[i], ndims[i]))) goto done;
     npy_intp S = PyArray_DIM(a[3], 0);
@@ -591,13 +629,13 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
         .cu_seqlens = PyArray_DATA(a[1]), .n_seqs = PyArray_DIM(a[1], 0) - 1,
         .layers = PyArray_DATA(a[2]), .n_layers = PyArray_DIM(a[2], 0),
         .spans = PyArray_DATA(a[3]), .span_seq = PyArray_DATA(a[4]), .n_spans = S,
-        .pooling = pool,
+        .poolings = pools, .n_poolings = n_pools,
     };
     rl_result res;
     rl_status st;
     ENGINE_CALL(self, st, rl_model_forward(self->m, &b, &res));
     if (st != RL_OK) raise_status(object_state((PyObject *)self), st);
-    else ret = result_to_array(object_state((PyObject *)self), &res);
+    else ret = result_to_array(object_state((PyObject *)self), &res, many);
 done:
     for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
     return ret;
@@ -673,7 +711,8 @@ static PyMethodDef engine_methods[] = {
     {"reserve", (PyCFunction)engine_reserve, METH_VARARGS,
      "reserve(max_tokens): (re)allocate the workspace with a capacity of max_tokens tokens"},
     {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]"},
+     "forward(tokens, cu_seqlens, layers, spans, span_seq, pooling) -> float32 [nl, S, d]; "
+     "pooling a list / tuple of names: [P, nl, S, d], each span pooled once per entry"},
     {"memory_report", (PyCFunction)engine_memory_report, METH_NOARGS, "weight/workspace/free/total bytes"},
     {"close", (PyCFunction)engine_close, METH_NOARGS,
      "free weights, workspace and device now (results already returned stay valid)"},
@@ -744,14 +783,13 @@ static int append_str(PyObject *list, const char *str)
  * (None: no limit)} */
 static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device)
 {
-    static const char *const pools[] = {"mean", "first", "last"};
     PyObject *dtypes = PyList_New(0), *poolings = PyList_New(0), *dims = NULL, *d = NULL;
     if (!dtypes || !poolings) goto done;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 3; i++)
         if ((c->dtypes & (1u << i)) && append_str(dtypes, rl_dtype_name((rl_dtype)i)) < 0)
             goto done;
-        if ((c->poolings & (1u << i)) && append_str(poolings, pools[i]) < 0) goto done;
-    }
+    for (int i = 0; i < RL_POOL_COUNT; i++)
+        if ((c->poolings & (1u << i)) && append_str(poolings, rl_pool_name(i)) < 0) goto done;
     if (c->head_dims) {
         if (!(dims = PyList_New(c->n_head_dims))) goto done;
         for (int i = 0; i < c->n_head_dims; i++) {

@@ -55,6 +55,20 @@ const char *rl_dtype_name(rl_dtype dt)
     return "?";
 }
 
+static const char *const POOL_NAMES[RL_POOL_COUNT] = {"mean", "first", "last", "max"};
+
+const char *rl_pool_name(int pool)
+{
+    return pool >= 0 && pool < RL_POOL_COUNT ? POOL_NAMES[pool] : "?";
+}
+
+int rl_pool_from_name(const char *name)
+{
+    for (int i = 0; i < RL_POOL_COUNT; i++)
+        if (strcmp(name, POOL_NAMES[i]) == 0) return i;
+    return -1;
+}
+
 static float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 

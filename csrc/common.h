@@ -26,6 +26,11 @@ int rl_tensor_kind_from_name(const char *name);
 /* 1 for embed, final_norm, rope_inv_freq (not per layer). */
 int rl_tensor_kind_is_global(rl_tensor_kind kind);
 
+/* "mean", "first", "last", "max" (the binding's pooling names); "?" if out of range. */
+const char *rl_pool_name(int pool);
+/* pooling of a name, or -1 if unknown. */
+int rl_pool_from_name(const char *name);
+
 /* RL_OK or RL_ERR_INVALID naming the bad field. */
 rl_status rl_config_validate(const rl_config *cfg);
 

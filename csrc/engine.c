@@ -13,8 +13,10 @@
  * - Positions and absolute spans are computed on the host and uploaded.
  * - The forward stops after the deepest requested layer. After each hidden
  *   state index that was asked for, its spans are pooled into workspace
- *   memory and downloaded into the result (once per occurrence in `layers`).
- *   More spans than the workspace holds are pooled in chunks.
+ *   memory once per requested pooling and downloaded into the result
+ *   [P, nl, S, d] (once per occurrence in `layers`), so several poolings
+ *   cost one forward. More spans than the workspace holds are pooled in
+ *   chunks.
  */
 #include "common.h"
 
@@ -170,11 +172,7 @@ static void list_bits(char *buf, size_t cap, unsigned bits, int n, const char *(
 
 static const char *dtype_name_of(int i) { return rl_dtype_name((rl_dtype)i); }
 
-static const char *pool_name_of(int i)
-{
-    static const char *const names[] = {"mean", "first", "last"};
-    return i >= 0 && i < 3 ? names[i] : "?";
-}
+static const char *pool_name_of(int i) { return rl_pool_name(i); }
 
 rl_status rl_caps_check_config(const rl_backend_caps *caps, const char *who, const rl_config *cfg,
                                rl_dtype dtype)
@@ -435,11 +433,19 @@ static rl_status validate_outputs(const rl_model *m, const rl_batch *b)
             return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
                            (long long)i, b->layers[i], (long long)m->cfg.max_layer);
     unsigned pools = m->be->caps->poolings;
-    if ((unsigned)b->pooling >= 32 || !(pools & (1u << b->pooling))) {
-        char list[64];
-        list_bits(list, sizeof list, pools, 3, pool_name_of);
-        return RL_FAIL(RL_ERR_INVALID, "pooling %d is not supported by %s (it supports %s; "
-                       "ids: mean=0, first=1, last=2)", (int)b->pooling, m->be->name, list);
+    if (b->n_poolings < 1 || b->n_poolings > RL_MAX_POOLINGS || !b->poolings)
+        return RL_FAIL(RL_ERR_INVALID, "n_poolings must be in [1, %d] with a poolings array, "
+                       "got %lld%s", RL_MAX_POOLINGS, (long long)b->n_poolings,
+                       b->poolings ? "" : " and NULL");
+    for (int64_t q = 0; q < b->n_poolings; q++) {
+        int id = (int)b->poolings[q];
+        if (id < 0 || id >= 32 || !(pools & (1u << id))) {
+            char list[64];
+            list_bits(list, sizeof list, pools, RL_POOL_COUNT, pool_name_of);
+            return RL_FAIL(RL_ERR_INVALID, "poolings[%lld]: pooling %d is not supported by %s (it "
+                           "supports %s; ids: mean=0, first=1, last=2, max=3)", (long long)q, id,
+                           m->be->name, list);
+        }
     }
     if (b->n_spans < 0) return RL_FAIL(RL_ERR_INVALID, "n_spans is negative");
     if (b->n_spans > 0 && (!b->spans || !b->span_seq))
@@ -476,7 +482,8 @@ static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, i
     return m->be->upload_i32(m->be, m->ws.spans, m->host_spans, (size_t)(2 * n));
 }
 
-/* Pools `src` over every span into each result slot that asks for hidden index k. */
+/* Pools `src` over every span, once per pooling, into each result slot
+ * [q, p] whose layer p asks for hidden index k. */
 static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *src, rl_dtype dt)
 {
     const rl_batch *b = fs->b;
@@ -484,15 +491,17 @@ static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *s
     for (int64_t p = 0; p < b->n_layers; p++) wanted |= b->layers[p] == k;
     if (!wanted || b->n_spans == 0) return RL_OK;
     rl_backend *be = m->be;
-    int64_t d = m->cfg.hidden_size, S = b->n_spans, chunk = m->ws.max_tokens;
+    int64_t d = m->cfg.hidden_size, S = b->n_spans, nl = b->n_layers, chunk = m->ws.max_tokens;
     for (int64_t s0 = 0; s0 < S; s0 += chunk) {
         int64_t n = S - s0 < chunk ? S - s0 : chunk;
         if (!fs->spans_resident) RL_TRY(upload_span_chunk(m, b, s0, n));
-        RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->pooling, m->ws.pooled));
-        for (int64_t p = 0; p < b->n_layers; p++)
-            if (b->layers[p] == k)
-                RL_TRY(be->download_f32(be, fs->res->data + ((size_t)p * S + s0) * d,
-                                        m->ws.pooled, (size_t)(n * d)));
+        for (int64_t q = 0; q < b->n_poolings; q++) {
+            RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q], m->ws.pooled));
+            for (int64_t p = 0; p < nl; p++)
+                if (b->layers[p] == k)
+                    RL_TRY(be->download_f32(be, fs->res->data + (((size_t)q * nl + p) * S + s0) * d,
+                                            m->ws.pooled, (size_t)(n * d)));
+        }
     }
     return RL_OK;
 }
@@ -578,14 +587,19 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     RL_TRY(validate_seqs(m, b));
     RL_TRY(validate_outputs(m, b));
 
+    /* P * nl cannot overflow (P <= RL_MAX_POOLINGS, nl counts an array in memory);
+       its product with the bytes of one [S, d] slot must not */
     size_t per_layer = (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
-    if (per_layer > 0 && (size_t)b->n_layers > ((size_t)1 << 62) / per_layer)
-        return RL_FAIL(RL_ERR_NOMEM, "result of %lld layers x %lld spans is too large",
-                       (long long)b->n_layers, (long long)b->n_spans);
-    size_t bytes = (size_t)b->n_layers * per_layer;
+    size_t slots = (size_t)b->n_poolings * (size_t)b->n_layers;
+    if (per_layer > 0 && slots > ((size_t)1 << 62) / per_layer)
+        return RL_FAIL(RL_ERR_NOMEM, "result of %lld poolings x %lld layers x %lld spans is too "
+                       "large", (long long)b->n_poolings, (long long)b->n_layers,
+                       (long long)b->n_spans);
+    size_t bytes = slots * per_layer;
     void *data = NULL;
     RL_TRY(m->be->host_alloc(m->be, &data, bytes > 0 ? bytes : 4));
     res->data = data;
+    res->n_poolings = b->n_poolings;
     res->n_layers = b->n_layers;
     res->n_spans = b->n_spans;
     res->hidden = m->cfg.hidden_size;

@@ -120,7 +120,15 @@ int64_t rl_config_loaded_layers(const rl_config *cfg);
 
 /* ---- pooling ---------------------------------------------------------- */
 
-typedef enum { RL_POOL_MEAN = 0, RL_POOL_FIRST = 1, RL_POOL_LAST = 2 } rl_pool;
+typedef enum {
+    RL_POOL_MEAN = 0,   /* mean of the span's rows, accumulated in >= f32              */
+    RL_POOL_FIRST = 1,  /* the span's first row                                        */
+    RL_POOL_LAST = 2,   /* the span's last row                                         */
+    RL_POOL_MAX = 3,    /* elementwise maximum of the span's rows (a NaN propagates)   */
+    RL_POOL_COUNT
+} rl_pool;
+/* Most poolings one forward computes (rl_batch.n_poolings). */
+#define RL_MAX_POOLINGS 16
 /* Pooling "none" is expressed by the caller as one [t, t+1) span per token
  * with RL_POOL_FIRST, so the engine has one output path. */
 
@@ -138,12 +146,14 @@ typedef struct {
                                    own sequence                              */
     const int32_t *span_seq;    /* [S] sequence index of each span           */
     int64_t n_spans;            /* S                                         */
-    rl_pool pooling;
+    const rl_pool *poolings;    /* [P] each span is pooled once per entry, in
+                                   this order, over each requested layer     */
+    int64_t n_poolings;         /* P, 1..RL_MAX_POOLINGS                     */
 } rl_batch;
 
 typedef struct {
-    float *data;                /* [nl, S, d] f32, owned by the result       */
-    int64_t n_layers, n_spans, hidden;
+    float *data;                /* [P, nl, S, d] f32, owned by the result    */
+    int64_t n_poolings, n_layers, n_spans, hidden;
     void (*release)(void *data);/* frees data; needs neither the model nor its
                                    backend, so a result outlives both       */
 } rl_result;
@@ -354,8 +364,9 @@ rl_status rl_model_check_complete(const rl_model *m);
 /* (Re)allocates the workspace with a capacity of max_tokens tokens (1..2^30):
  * a forward takes batches of up to max_tokens tokens. */
 rl_status rl_model_reserve(rl_model *m, int64_t max_tokens);
-/* Runs the forward up to the deepest requested layer and pools.
- * On success *res holds a freshly allocated result (free with rl_result_free). */
+/* Runs the forward up to the deepest requested layer and pools: after each
+ * requested layer, every span once per pooling. On success *res holds a
+ * freshly allocated result [P, nl, S, d] (free with rl_result_free). */
 rl_status rl_model_forward(rl_model *m, const rl_batch *batch, rl_result *res);
 void rl_result_free(rl_result *res);
 const rl_config *rl_model_config(const rl_model *m);

@@ -401,6 +401,8 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
 {
     cpu_impl *im = impl_of(be);
     if (src_dtype != RL_F32) return RL_FAIL(RL_ERR_INVALID, "CPU pool: source must be float32");
+    if ((unsigned)mode >= RL_POOL_COUNT)
+        return RL_FAIL(RL_ERR_INVALID, "CPU pool: unknown pooling %d", (int)mode);
     RL_TRY(grow_scratch(im, 0, d));
     const float *X = x;
 #pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 4) if (S > 1)
@@ -409,6 +411,16 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
         float *o = out + s * d;
         if (mode == RL_POOL_FIRST) { memcpy(o, X + lo * d, (size_t)d * 4); continue; }
         if (mode == RL_POOL_LAST) { memcpy(o, X + (hi - 1) * d, (size_t)d * 4); continue; }
+        if (mode == RL_POOL_MAX) {
+            /* a selection, so exact; x != x keeps a NaN once seen (as np.max does) */
+            memcpy(o, X + lo * d, (size_t)d * 4);
+            for (int64_t r = lo + 1; r < hi; r++) {
+                const float *row = X + r * d;
+                for (int64_t c = 0; c < d; c++)
+                    if (row[c] > o[c] || row[c] != row[c]) o[c] = row[c];
+            }
+            continue;
+        }
         double *acc = im->sums + (int64_t)thread_id() * im->sums_len;
         for (int64_t c = 0; c < d; c++) acc[c] = 0.0;
         for (int64_t r = lo; r < hi; r++) {
@@ -426,7 +438,8 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
  * number of heads and every pooling */
 static const rl_backend_caps CPU_CAPS = {
     .dtypes = 1u << RL_F32,
-    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST),
+    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST) |
+                (1u << RL_POOL_MAX),
     .head_dims = NULL, .n_head_dims = 0, .max_heads = 0,
 };
 

@@ -725,6 +725,8 @@ static rl_status pool_in(rl_backend *be, const void *x, rl_dtype src_dtype, int6
     if (src_dtype != RL_BF16 && src_dtype != RL_F32)
         return RL_FAIL(RL_ERR_INVALID, "CUDA pool: source dtype %s unsupported",
                        rl_dtype_name(src_dtype));
+    if ((unsigned)mode >= RL_POOL_COUNT)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA pool: unknown pooling %d", (int)mode);
     if (S == 0) return RL_OK;
     CU_CHECK(rl_k_pool(impl_of(be)->stream, x, src_dtype == RL_F32, d, spans_abs, S, (int)mode,
                        out));
@@ -832,7 +834,8 @@ static void cuda_destroy(rl_backend *be)
 static const int16_t CUDA_HEAD_DIMS[] = {16, 32, 64, 80, 96, 128, 256};
 static const rl_backend_caps CUDA_CAPS = {
     .dtypes = (1u << RL_BF16) | (1u << RL_F32),
-    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST),
+    .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST) |
+                (1u << RL_POOL_MAX),
     .head_dims = CUDA_HEAD_DIMS,
     .n_head_dims = (int)(sizeof CUDA_HEAD_DIMS / sizeof CUDA_HEAD_DIMS[0]),
     .max_heads = 65535,

@@ -630,7 +630,7 @@ __global__ void k_swiglu(const E *__restrict__ gu, E *__restrict__ out, int64_t 
     }
 }
 
-// ---- span pooling: out[s, :] = mean / first / last of rows [start, end) ---
+// ---- span pooling: out[s, :] = mean / first / last / max of rows [start, end)
 
 template <typename T>
 __device__ __forceinline__ float load_f(const T *p);
@@ -652,6 +652,13 @@ __global__ void k_pool(const T *__restrict__ x, int64_t d, const int32_t *__rest
             v = load_f(x + a * d + c);
         } else if (mode == RL_POOL_LAST) {
             v = load_f(x + (e - 1) * d + c);
+        } else if (mode == RL_POOL_MAX) {
+            // a selection (exact); v != v keeps a NaN once seen, as the CPU op does
+            v = load_f(x + a * d + c);
+            for (int64_t r = a + 1; r < e; r++) {
+                const float u = load_f(x + r * d + c);
+                if (u > v || u != u) v = u;
+            }
         } else {
             float acc = 0.0f;
             for (int64_t r = a; r < e; r++) acc += load_f(x + r * d + c);

@@ -35,6 +35,10 @@ Design choices:
   core-allocated owner stays alive through them: still zero-copy).
 - `pooling="none"` is one [t, t+1) span per token with "first" pooling, the
   engine's single output path.
+- `pooling` is one name (results [n_layers, n_spans, hidden]) or a sequence
+  of distinct span poolings (results [n_poolings, n_layers, n_spans, hidden]):
+  the engine pools every span once per pooling after each requested layer,
+  in the same forward, into one result array (`resolve_poolings`).
 """
 from __future__ import annotations
 
@@ -54,9 +58,9 @@ from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceErro
 from .plan import batch_cost, plan_batches
 
 # The one definition of the pooling names. A span pooling reduces each
-# [start, end) span to one vector (what a run directory stores); "none" keeps
-# every token (Model.extract / hidden_states only).
-SPAN_POOLINGS = ("mean", "first", "last")
+# [start, end) span to one vector; "none" keeps every token (one [t, t+1) span
+# per token). A run directory stores one or several span poolings, or "none".
+SPAN_POOLINGS = ("mean", "first", "last", "max")
 TOKEN_POOLING = "none"
 POOLINGS = (*SPAN_POOLINGS, TOKEN_POOLING)
 # compute dtypes of the engine (Model.dtype); not the stored dtypes (store.STORE_DTYPES)
@@ -245,6 +249,31 @@ def resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> li
     return out
 
 
+def resolve_poolings(pooling: Any) -> tuple[tuple[str, ...], bool]:
+    """(the pooling names, whether results get a leading poolings axis): one name
+    (a str) -> ((name,), False); a sequence of distinct span poolings -> (names,
+    True). "none" (every token) only alone. ValueError / TypeError naming the
+    mistake."""
+    if isinstance(pooling, str):
+        names, many = (pooling,), False
+    elif isinstance(pooling, (list, tuple)):
+        names, many = tuple(pooling), True
+    else:
+        raise TypeError(f"pooling must be a str or a list / tuple of str, got {pooling!r}")
+    if not names:
+        raise ValueError("pooling is empty: give one of " + ", ".join(POOLINGS))
+    for p in names:
+        if not isinstance(p, str) or p not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {p!r}")
+    dup = sorted({p for p in names if names.count(p) > 1})
+    if dup:
+        raise ValueError(f"pooling lists {', '.join(map(repr, dup))} more than once: {names!r}")
+    if TOKEN_POOLING in names and len(names) > 1:
+        raise ValueError(f"pooling {TOKEN_POOLING!r} (every token) cannot be combined with span "
+                         f"poolings; got {names!r}")
+    return names, many
+
+
 def _as_ids(seq: Any, vocab: int, name: str) -> np.ndarray:
     arr = np.asarray(seq)
     if arr.dtype == object:
@@ -421,19 +450,24 @@ class Model:
         return resolve_layers(layers, self.num_layers, self.max_layer)
 
     def run_batch(self, batch: Sequence[Checked], layers: Iterable[int],
-                  pooling: str = "mean") -> list[np.ndarray]:
+                  pooling: str | Sequence[str] = "mean") -> list[np.ndarray]:
         """One engine call over exactly these checked sequences (a planned batch):
-        one float32 array per sequence, [n_layers, n_spans, hidden]. A batch larger
-        than the workspace grows it for this call on the CPU; on CUDA it is refused."""
+        one float32 array per sequence, [n_layers, n_spans, hidden] (a sequence of
+        poolings: [n_poolings, n_layers, n_spans, hidden], all from one forward). A
+        batch larger than the workspace grows it for this call on the CPU; on CUDA
+        it is refused."""
         engine = self._eng()
-        mode = self._pooling_mode(pooling)
+        names, many = resolve_poolings(pooling)
+        per_token = names == (TOKEN_POOLING,)
+        mode: Any = ["first" if per_token else p for p in names] if many else \
+            ("first" if per_token else names[0])
         lays = np.asarray(self.resolve_layers(layers), np.int32)
         if not batch:
             return []
         for c in batch:
             if not isinstance(c, Checked) or c.model is not self:
                 raise TypeError("run_batch takes sequences this Model's check() returned")
-            if c.per_token != (pooling == TOKEN_POOLING):
+            if c.per_token != per_token:
                 raise ValueError(f"a sequence checked with per_token={c.per_token} cannot run "
                                  f"with pooling={pooling!r}")
         tokens = np.concatenate([c.ids for c in batch]) if len(batch) > 1 else batch[0].ids
@@ -447,7 +481,7 @@ class Model:
         if len(batch) == 1:
             return [res]
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        return [res[:, bounds[k]:bounds[k + 1], :] for k in range(len(batch))]
+        return [res[..., bounds[k]:bounds[k + 1], :] for k in range(len(batch))]
 
     @contextlib.contextmanager
     def workspace_for(self, max_batch_tokens: int) -> Iterator[None]:
@@ -474,12 +508,6 @@ class Model:
         finally:
             engine.reserve(have)
 
-    @staticmethod
-    def _pooling_mode(pooling: str) -> str:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-        return "first" if pooling == TOKEN_POOLING else pooling
-
     # -- compute -----------------------------------------------------------
 
     def hidden_states(self, ids: Any, layers: Sequence[int] | None = None) -> np.ndarray:
@@ -491,15 +519,17 @@ class Model:
                               TOKEN_POOLING)[0]
 
     def extract(self, seqs: Sequence[Any], spans: Sequence[Any] | None = None,
-                layers: Sequence[int] = (-2,), pooling: str = "mean",
+                layers: Sequence[int] = (-2,), pooling: str | Sequence[str] = "mean",
                 max_batch_tokens: int | None = None) -> list[np.ndarray]:
         """One float32 array per sequence: [n_layers, n_spans, hidden]
-        (pooling "none": [n_layers, T, hidden]). spans[i] is [n_i, 2] of
+        (pooling "none": [n_layers, T, hidden]); `pooling` a sequence of span
+        poolings, e.g. ("mean", "max", "last"): [n_poolings, n_layers, n_spans,
+        hidden], every pooling from the same forward. spans[i] is [n_i, 2] of
         [start, end) token positions; None = one span over the sequence.
         Sequences are packed in input order by plan.plan_batches under
         `max_batch_tokens` (default: the Model's)."""
         self._eng()
-        self._pooling_mode(pooling)
+        names, _ = resolve_poolings(pooling)
         self.resolve_layers(layers)
         if isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iuf":
             raise SequenceTypeError("seqs must be a list of sequences, not one 1-D array "
@@ -507,7 +537,7 @@ class Model:
         seqs = list(seqs)
         if not seqs:
             return []
-        per_token = pooling == TOKEN_POOLING
+        per_token = names == (TOKEN_POOLING,)
         if per_token and spans is not None:
             raise SpanError("spans must be None with pooling='none'")
         if spans is not None:

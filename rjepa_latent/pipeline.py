@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import statistics
 import sys
 import threading
@@ -53,8 +54,8 @@ import numpy as np
 from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS, SEGMENT_RULES,
                    Chat, ErrorRecord, Record, Segmenter, Template, dataset_fingerprint, input_sources,
                    is_dataset, read_records)
-from .errors import InputError, TokenIdError
-from .model import SPAN_POOLINGS, Model
+from .errors import InputError, StoreError, TokenIdError
+from .model import POOLINGS, TOKEN_POOLING, Model, resolve_poolings
 from .plan import part_shards, plan_batches, shard_ranges
 from .store import STORE_DTYPES, RunStore, convert_latents
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
@@ -169,7 +170,7 @@ def _get(q: queue.Queue, worker: _Worker) -> Any:
 
 
 def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_text_tokens: int | None,
-                m: Model, budget: int) -> dict:
+                m: Model, budget: int, per_token: bool = False) -> dict:
     """(in the tokenizer thread) Tokenize, check and plan one shard: items and
     their checked sequences (input order), errors, planned batches."""
     recs = records[rng[0]:rng[1]]
@@ -178,7 +179,8 @@ def _shard_work(k: int, rng: tuple[int, int], records: list, tok, max_text_token
     good = []
     for t in sorted((t for t in done if isinstance(t, Item)), key=lambda it: it.index):
         try:
-            good.append((t, m.check(t.ids, t.spans, name="ids", spans_name="spans")))
+            good.append((t, m.check(t.ids, None if per_token else t.spans, per_token=per_token,
+                                    name="ids", spans_name="spans")))
         except InputError as e:
             errors.append(ErrorRecord(t.index, t.id, t.source, t.line, _refusal(e)))
     checked = [c for _, c in good]
@@ -215,7 +217,8 @@ def engine_identity(m: Model) -> dict:
 
 def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: Any,
                     out: str | os.PathLike, *, format: str = "auto", layers: Sequence[int] = (-2,),
-                    pooling: str = "mean", dtype: str = "float32", template: str | None = None,
+                    pooling: str | Sequence[str] = "mean", dtype: str = "float32",
+                    template: str | None = None,
                     step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
                     max_tokens: int | None = None, max_batch_tokens: int | None = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, part: Any = (0, 1), strict: bool = False,
@@ -240,7 +243,10 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     `dtype` is the stored dtype of the latents (not the engine's compute dtype,
     which is the Model's); `max_tokens` is the longest text, in tokens, a record
     may have (longer ones are errors; default the model's context);
-    `max_batch_tokens` is the batch budget (default the Model's). Resumes an
+    `max_batch_tokens` is the batch budget (default the Model's). `pooling` is one
+    of mean, first, last, max, a sequence of them (all stored, from one forward;
+    the first is what `open_latents(out)[i].latents` returns), or "none" (every
+    token's hidden state; the disk it needs is checked first). Resumes an
     interrupted run with the same options; refuses (StoreError) a directory made
     with other options or another engine (backend, compute dtype, kernel, package
     version), except a different kernel with `allow_kernel_change`. Returns a
@@ -257,9 +263,8 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
         raise ValueError("inputs is empty: give at least one .jsonl, .json or .parquet file")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if pooling not in SPAN_POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(SPAN_POOLINGS)} for a store of step "
-                         f"latents, got {pooling!r}")
+    names, _ = resolve_poolings(pooling)   # ValueError / TypeError naming the mistake
+    pooling = names[0] if len(names) == 1 else list(names)   # one name is stored as a str
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
@@ -328,6 +333,10 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
 
     records = list(read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
                                 strip_annotations=reading["strip"], chat=chat))
+    per_token = pooling == TOKEN_POOLING
+    if per_token:   # refuses before anything is written when the disk lacks the room
+        _check_disk(Path(out), store, records, tok, max_text_tokens, shard_size, part,
+                    len(lays), m.hidden_size, store_dtype)
     store.prepare(len(records))
     try:
         done = store.done()
@@ -337,7 +346,7 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
                          total=sum(ranges[k][1] - ranges[k][0] for k in pending))
         with m.workspace_for(budget):  # a budget over the Model's: grown for this run only
             runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_text_tokens,
-                                                      m, budget))
+                                                      m, budget, per_token))
         summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
                            noop=False, tokens_run=runner.tokens)
     finally:
@@ -373,6 +382,42 @@ class _TemplateTokens:
 
     def to_str(self) -> str:
         return self._tok.to_str()
+
+
+def _check_disk(out: Path, store: RunStore, records: list, tok, max_text_tokens: int | None,
+                shard_size: int, part: tuple[int, int], n_layers: int, hidden: int,
+                store_dtype: str) -> int:
+    """A per-token run stores tokens x layers x hidden values (+ 4 bytes of step
+    index per token): counts the tokens of the shards still to do (tokenized
+    here, so records that fail tokenization count nothing), prints the need,
+    and raises StoreError when `shutil.disk_usage` of `out` (or its nearest
+    existing parent) has less free. Returns the bytes needed."""
+    done = store.done()
+    ranges = shard_ranges(len(records), shard_size)
+    tokens = 0
+    for k in part_shards(len(ranges), part):
+        if k in done:
+            continue
+        recs = [r for r in records[ranges[k][0]:ranges[k][1]] if isinstance(r, Record)]
+        tokens += sum(len(t.ids) for t in tokenize_records(tok, recs, max_text_tokens)
+                      if isinstance(t, Item))
+    itemsize = np.dtype(STORE_DTYPES[store_dtype][1]).itemsize
+    need = tokens * (n_layers * hidden * itemsize + 4)
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    gib = 1024 ** 3
+    print(f"rjepa-latent extract: per-token output: {tokens:,} tokens x {n_layers} layers x "
+          f"{hidden} hidden x {itemsize} bytes (+ 4 bytes of step index per token) = "
+          f"{need / gib:.3f} GiB; {free / gib:.3f} GiB free on {where}", file=sys.stderr)
+    if need > free:
+        raise StoreError(f"not enough disk for a per-token run in {out}: it needs {need:,} bytes "
+                         f"({need / gib:.3f} GiB: {tokens:,} tokens x {n_layers} layers x {hidden} "
+                         f"hidden in {store_dtype}) but {where} has {free:,} bytes free; free "
+                         f"space, or use another --out, fewer --layers or a smaller --dtype; "
+                         f"nothing was written")
+    return need
 
 
 def _strict(summary: dict, strict: bool, out: Any) -> dict:
@@ -532,6 +577,16 @@ def _layers_arg(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {s!r}") from None
 
 
+def _pooling_arg(s: str) -> str | list[str]:
+    """--pooling mean or --pooling mean,max,last (one name stays a str)."""
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    try:
+        resolve_poolings(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names[0] if len(names) == 1 else names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # let `--layers -2,8` read as a value, not an option (argparse only knows "-2")
     if hasattr(p, "_negative_number_matcher"):
@@ -542,7 +597,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
     p.add_argument("--layers", type=_layers_arg, default=[-2],
                    help="comma-separated hidden_states indices, e.g. --layers=-2 or --layers=8,16 (default -2)")
-    p.add_argument("--pooling", default="mean", choices=SPAN_POOLINGS)
+    p.add_argument("--pooling", default="mean", type=_pooling_arg,
+                   help=f"one of {', '.join(POOLINGS)}, or several comma-separated span poolings "
+                        "(e.g. mean,max,last: all stored, from one forward; the first is "
+                        "`.latents`); none stores every token's hidden state (default mean)")
     p.add_argument("--dtype", default="float32", choices=list(STORE_DTYPES),
                    help="dtype of the stored latents (the engine computes in the Model's dtype)")
     p.add_argument("--template", default=None,

@@ -4,9 +4,16 @@
 Layout of every table (one row per record):
   id         string
   latents    list<fixed_size_list<float32, hidden>>   [num_steps, hidden] of one layer
+                                                      and one pooling (`pooling=`,
+                                                      default the run's first)
   num_steps  int64
   num_tokens int64
   ...        every carried metadata field of the record
+Per-token runs (pooling "none") have the same table with `latents`
+[num_tokens, hidden] (a row per token, not per step) and one more column,
+`token_steps` list<int32> [num_tokens] (each token's step, -1 outside every
+step); `export_npy` writes `token_offsets.npy` and `token_steps.npy` in place
+of `step_offsets.npy`.
 This is the layout HF `datasets` reads (its `Array2D` and Ray's / pyarrow's
 tensor extension types are not interchangeable between them), and pyarrow
 reads it back without a copy. The latents column is built over the shard's
@@ -28,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .store import LatentStore, open_latents
+from .store import LatentStore, latents_tensor, open_latents
 
 _INSTALL = {"pyarrow": "pip install 'rjepa_latent[parquet]'  (pyarrow)",
             "datasets": "pip install 'rjepa_latent[datasets]'  (HF datasets)"}
@@ -56,18 +63,32 @@ def stored_layer(store: LatentStore, layer: int) -> int:
     return stored.index(absolute)
 
 
-def check_pooling(store: LatentStore, pooling: str | None) -> None:
-    have = store.config.get("pooling")
-    if pooling is not None and pooling != have:
-        raise ValueError(f"pooling {pooling!r} is not in this run; it stores {have!r}")
+def stored_pooling(store: LatentStore, pooling: str | None) -> str:
+    """The stored pooling `pooling` names (None: the run's first), else ValueError
+    naming what the run stores."""
+    if pooling is None:
+        return store.poolings[0]
+    if not isinstance(pooling, str) or pooling not in store.poolings:
+        raise ValueError(f"pooling {pooling!r} is not in this run; it stores "
+                         f"{', '.join(map(repr, store.poolings))}")
+    return pooling
 
 
-def shards(store: LatentStore, pos: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
-    """Per shard: (latents [total_steps, hidden] of stored layer `pos`, step
-    offsets int64 [items + 1], metadata rows)."""
+def row_offsets_name(store: LatentStore) -> str:
+    """The shard tensor of per-item row offsets: steps, or tokens in a per-token run."""
+    return "token_offsets" if store.per_token else "step_offsets"
+
+
+def shards(store: LatentStore, pos: int, pooling: str | None = None
+           ) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
+    """Per shard: (latents [total_rows, hidden] of stored layer `pos` and
+    `pooling` (default the run's first), row offsets int64 [items + 1], metadata
+    rows). Rows are steps, or tokens in a per-token run."""
+    name = latents_tensor(store.poolings, stored_pooling(store, pooling))
     for si in range(len(store.shards)):
         arrays = store.shard_arrays(si)
-        yield arrays["latents"][pos], np.asarray(arrays["step_offsets"], np.int64), store.shard_meta(si)
+        yield (arrays[name][pos], np.asarray(arrays[row_offsets_name(store)], np.int64),
+               store.shard_meta(si))
 
 
 def bf16_view(values: np.ndarray) -> np.ndarray:
@@ -90,18 +111,24 @@ def _metadata_columns(rows: list[dict], pa) -> dict[str, Any]:
     return out
 
 
-def arrow_table(store: LatentStore, layer: int = -2):
-    """The run as one pyarrow Table (layout in the module docstring)."""
+def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None):
+    """The run as one pyarrow Table (layout in the module docstring) of one layer
+    and one pooling (default the run's first)."""
     pa = _need("pyarrow")
     pos = stored_layer(store, layer)
+    pooling = stored_pooling(store, pooling)
     hidden = int(store.config["hidden_size"])
     bf16 = store.config["dtype"] == "bfloat16"
-    pieces, rows = [], []
-    for lat, offsets, meta in shards(store, pos):
+    pieces, rows, token_steps = [], [], []
+    for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
         flat = np.ascontiguousarray(lat).reshape(-1)
         values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
         steps = pa.FixedSizeListArray.from_arrays(values, hidden)
         pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
+        if store.per_token:
+            token_steps.append(pa.ListArray.from_arrays(
+                pa.array(offsets.astype(np.int32)),
+                pa.array(np.asarray(store.shard_arrays(si)["token_steps"], np.int32))))
         rows.extend(meta)
     field_meta = {"dtype": "bfloat16"} if bf16 else None
     if pieces:
@@ -109,31 +136,35 @@ def arrow_table(store: LatentStore, layer: int = -2):
     else:
         value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
         latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
-    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents,
-            "num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
-            "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
-            **_metadata_columns(rows, pa)}
+    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
+    if store.per_token:
+        cols["token_steps"] = pa.chunked_array(token_steps, type=pa.list_(pa.int32()))
+    cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
+                 "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
+                 **_metadata_columns(rows, pa)})
     fields = [pa.field(k, v.type, metadata=field_meta if k == "latents" else None) for k, v in cols.items()]
     meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
-                                        "pooling": store.config.get("pooling"),
+                                        "pooling": pooling,
+                                        "rows": "tokens" if store.per_token else "steps",
                                         "dtype": store.config["dtype"],
                                         "model_fingerprint": store.config.get("model_fingerprint")})}
     return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=meta))
 
 
-def to_hf_dataset(store: LatentStore, layer: int = -2):
+def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None):
     """A `datasets.Dataset` of the run (columns as in arrow_table)."""
     ds = _need("datasets")
-    return ds.Dataset(arrow_table(store, layer))
+    return ds.Dataset(arrow_table(store, layer, pooling))
 
 
 def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
-                   row_group_rows: int = 1024) -> dict:
+                   row_group_rows: int = 1024, pooling: str | None = None) -> dict:
     """One Parquet file, one row per record, written without dictionary
-    encoding (latent floats do not repeat) in row groups of `row_group_rows`."""
+    encoding (latent floats do not repeat) in row groups of `row_group_rows`;
+    one layer and one pooling (default the run's first)."""
     pa = _need("pyarrow")
     import pyarrow.parquet as pq
-    table = arrow_table(store, layer)
+    table = arrow_table(store, layer, pooling)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -147,27 +178,35 @@ def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
     return {"out": str(out), "rows": table.num_rows, "bytes": out.stat().st_size}
 
 
-def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int] | None = None) -> dict:
+def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int] | None = None,
+               pooling: str | None = None) -> dict:
     """A directory of flat arrays a training loop memory-maps:
     `latents.layer-K.npy` [total_steps, hidden] per layer (K the hidden-state
-    index), `step_offsets.npy` int64 [records + 1], `items.jsonl` (one line of
-    metadata per record, same order). bf16 runs are written as uint16 bits."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    index) of one pooling (default the run's first), `step_offsets.npy` int64
+    [records + 1], `items.jsonl` (one line of metadata per record, same order).
+    Per-token runs: `latents.layer-K.npy` [total_tokens, hidden],
+    `token_offsets.npy` int64 [records + 1] and `token_steps.npy` int32
+    [total_tokens] instead of step_offsets.npy. bf16 runs are written as uint16
+    bits."""
+    pooling = stored_pooling(store, pooling)
     stored = [int(x) for x in store.config["layers"]]
     wanted = stored if layers is None else [stored[stored_layer(store, k)] for k in layers]
-    total = sum(int(s["steps"]) for s in store.shards)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_key = "tokens" if store.per_token else "steps"
+    total = sum(int(s[rows_key]) for s in store.shards)
     hidden = int(store.config["hidden_size"])
+    tensor = latents_tensor(store.poolings, pooling)
     files = []
     offsets = None
     for k in wanted:
         pos = stored.index(k)
         name = out / f"latents.layer-{k}.npy"
-        first = store.shard_arrays(0)["latents"] if store.shards else None
+        first = store.shard_arrays(0)[tensor] if store.shards else None
         dtype = first.dtype if first is not None else np.float32
         arr = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(total, hidden))
         at, offs, rows = 0, [0], []
-        for lat, o, meta in shards(store, pos):
+        for lat, o, meta in shards(store, pos, pooling):
             arr[at:at + lat.shape[0]] = lat
             offs.extend((o[1:] + at).tolist())
             at += lat.shape[0]
@@ -176,12 +215,20 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
         del arr
         files.append(name.name)
         offsets = np.array(offs, np.int64)
-    np.save(out / "step_offsets.npy", offsets if offsets is not None else np.zeros(1, np.int64))
+    offsets_name = row_offsets_name(store) + ".npy"
+    np.save(out / offsets_name, offsets if offsets is not None else np.zeros(1, np.int64))
+    extra = [offsets_name]
+    if store.per_token:
+        steps = [np.asarray(store.shard_arrays(si)["token_steps"], np.int32)
+                 for si in range(len(store.shards))]
+        np.save(out / "token_steps.npy", np.concatenate(steps) if steps else np.zeros(0, np.int32))
+        extra.append("token_steps.npy")
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for si in range(len(store.shards)):
             for row in store.shard_meta(si):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"out": str(out), "files": files + ["step_offsets.npy", "items.jsonl"], "steps": total}
+    return {"out": str(out), "files": files + extra + ["items.jsonl"], rows_key: total,
+            "steps": sum(int(s["steps"]) for s in store.shards), "pooling": pooling}
 
 
 # ------------------------------------------------------------------ CLI
@@ -196,6 +243,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None,
                    help="hidden-state index (parquet: one, default the run's first; npy: comma-separated, default all)")
     p.add_argument("--row-group-rows", type=int, default=1024, help="parquet rows per row group")
+    p.add_argument("--pooling", default=None,
+                   help="which stored pooling to export (default the run's first)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,11 +256,14 @@ def run(args: argparse.Namespace) -> int:
             layer = layers[0] if layers else int(store.config["layers"][0])
             if layers and len(layers) > 1:
                 raise ValueError("--format parquet takes one --layer")
-            res = export_parquet(store, args.out, layer, args.row_group_rows)
-            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {layer})")
+            pooling = stored_pooling(store, args.pooling)
+            res = export_parquet(store, args.out, layer, args.row_group_rows, pooling)
+            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {layer}, "
+                  f"pooling {pooling})")
         else:
-            res = export_npy(store, args.out, layers)
-            print(f"{res['out']}: {', '.join(res['files'])} ({res['steps']} steps)")
+            res = export_npy(store, args.out, layers, args.pooling)
+            rows = f"{res['tokens']} tokens" if store.per_token else f"{res['steps']} steps"
+            print(f"{res['out']}: {', '.join(res['files'])} ({rows}, pooling {res['pooling']})")
     except (StoreError, ValueError, TypeError, ImportError, OSError) as e:
         print(f"rjepa-latent export: error: {e}", file=sys.stderr)
         return 2

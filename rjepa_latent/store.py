@@ -4,7 +4,10 @@ resumable, shared by `--part` workers; and `open_latents`, its zero-copy reader.
 Layout (the output-store contract of docs/design.md; details in docs/formats.md):
   manifest.json                      config, shard list with counts + sha256, complete flag
   manifest.part-IIIII-of-NNNNN.json  one per `--part` worker (n > 1) while it works
-  shard-KKKKK.safetensors            latents [n_layers, n_steps, hidden], step_offsets, token_spans
+  shard-KKKKK.safetensors            step_offsets, token_spans, latents [n_layers, n_steps, hidden]
+                                     of the first pooling, latents.<pooling> of each further one;
+                                     per-token runs (pooling "none"): token_offsets, token_steps,
+                                     latents [n_layers, n_tokens, hidden]
   shard-KKKKK.jsonl                  one line per item, same order
   errors.jsonl                       records that could not be processed (derived from the manifest)
 
@@ -24,8 +27,8 @@ Design choices:
   payload) so bfloat16 needs no framework and bytes are fully under control.
   The reader parses the header itself and returns np.frombuffer views over
   an mmap of the file: zero-copy for float32 and float16. NumPy has no
-  bfloat16, so bf16 stores give float32 copies via `.latents` and the raw
-  uint16 view via `.raw_latents`.
+  bfloat16, so bf16 stores give `ml_dtypes.bfloat16` views of the same
+  memory via `.latents` and the raw uint16 view via `.raw_latents`.
 - The configuration a resume must match includes the engine identity
   (`ENGINE_IDENTITY`: backend, compute dtype, kernel, package version), which
   decides the result bits as much as the model does. A run directory made
@@ -33,6 +36,11 @@ Design choices:
   `allow_kernel_change` only the kernel may differ; the manifest keeps the
   run's first configuration and every shard entry names the kernel that
   computed it.
+- Several poolings are stored as one tensor each, `latents` (the first, the
+  one `.latents` returns, so readers of one pooling are unchanged) and
+  `latents.<name>` (the others); the header's __metadata__ "poolings" and the
+  configuration's `pooling` (a name, or a list of names) say which. A
+  per-token run ("none") stores every token's row and each token's step.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
   step (mid-write, after fsync, after rename, after the directory fsync), so
   tests can kill deterministically at many distinct instants.
@@ -54,6 +62,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import StoreError
+from .model import TOKEN_POOLING
 
 FORMAT = "rjepa-latent"
 FORMAT_VERSION = 1
@@ -131,13 +140,36 @@ def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
 # ------------------------------------------------------------ safetensors
 
 
-def safetensors_chunks(tensors: list[tuple[str, str, np.ndarray]]) -> list:
+def run_poolings(config: dict) -> list[str]:
+    """The poolings a run stores, in order (config "pooling": one name or a list)."""
+    p = config.get("pooling", "mean")
+    return [p] if isinstance(p, str) else [str(x) for x in p]
+
+
+def latents_tensor(poolings: list[str], pooling: str) -> str:
+    """Name of the shard tensor holding `pooling` (`latents` for the first)."""
+    return "latents" if pooling == poolings[0] else f"latents.{pooling}"
+
+
+def token_steps_of(spans: np.ndarray, num_tokens: int) -> np.ndarray:
+    """int32 [num_tokens]: the step each token position belongs to (-1: none).
+    Step spans do not overlap (the span rule); where they would, the first wins."""
+    out = np.full(int(num_tokens), -1, np.int32)
+    for j, (a, b) in enumerate(np.asarray(spans).tolist()):
+        seg = out[a:b]
+        seg[seg < 0] = j
+    return out
+
+
+def safetensors_chunks(tensors: list[tuple[str, str, np.ndarray]], metadata: dict | None = None) -> list:
     """Chunks of a safetensors file: 8-byte header size, JSON header, payloads.
 
     `tensors` = [(name, safetensors dtype, C-contiguous array)], written in this
-    order; put 8-byte types first so every payload stays aligned.
+    order; put 8-byte types first so every payload stays aligned. `metadata`
+    (str -> str) joins the header's __metadata__.
     """
-    header: dict = {"__metadata__": {"format": FORMAT, "format_version": str(FORMAT_VERSION)}}
+    header: dict = {"__metadata__": {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                     **(metadata or {})}}
     offset = 0
     for name, st_dtype, arr in tensors:
         header[name] = {"dtype": st_dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
@@ -351,19 +383,40 @@ class RunStore:
 
     def write_shard(self, index: int, records: tuple[int, int], items: list, latents: list[np.ndarray],
                     errors: list[dict]) -> dict:
-        """Write shard `index` (items in input order, latents already in the stored dtype)."""
+        """Write shard `index` (items in input order, latents already in the stored
+        dtype: per item [n_layers, n_rows, hidden], or [n_poolings, n_layers,
+        n_rows, hidden] for a run of several poolings; rows are steps, or tokens
+        for a per-token run)."""
         name = f"shard-{index:05d}"
         nl, d = len(self.config["layers"]), self.config["hidden_size"]
         st_dtype, np_dtype = STORE_DTYPES[self.config["dtype"]]
-        counts = [lat.shape[1] for lat in latents]
+        poolings = run_poolings(self.config)
+        per_token = poolings == [TOKEN_POOLING]
+        lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
+        for it, lat in zip(items, lats):
+            rows_want = len(it.ids) if per_token else len(it.spans)
+            if lat.shape != (len(poolings), nl, rows_want, d):
+                raise StoreError(f"item {it.id!r}: latents of shape {tuple(lat.shape)}, the run stores "
+                                 f"{(len(poolings), nl, rows_want, d)} (poolings, layers, rows, hidden)")
+        steps = [len(it.spans) for it in items]
         offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
+        np.cumsum(steps, out=offsets[1:])
         spans = (np.concatenate([it.spans for it in items]) if items else np.zeros((0, 2), np.int32)).astype(np.int32)
-        lat = (np.concatenate(latents, axis=1) if latents else np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
+        tensors = [("step_offsets", "I64", offsets), ("token_spans", "I32", spans)]
+        if per_token:
+            tok_offsets = np.zeros(len(items) + 1, dtype=np.int64)
+            np.cumsum([len(it.ids) for it in items], out=tok_offsets[1:])
+            token_steps = (np.concatenate([token_steps_of(it.spans, len(it.ids)) for it in items])
+                           if items else np.zeros(0, np.int32))
+            tensors += [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
+        for q, p in enumerate(poolings):
+            lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
+                   np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
+            tensors.append((latents_tensor(poolings, p), st_dtype, lat))
         st = atomic_write(self.out / f"{name}.safetensors", safetensors_chunks(
-            [("step_offsets", "I64", offsets), ("token_spans", "I32", spans), ("latents", st_dtype, lat)]), self.tag)
+            tensors, {"poolings": ",".join(poolings)}), self.tag)
         rows = [{"id": it.id, "num_steps": int(c), "num_tokens": int(len(it.ids)), "text": it.text,
-                 "source": it.source, "line": it.line, **it.meta} for it, c in zip(items, counts)]
+                 "source": it.source, "line": it.line, **it.meta} for it, c in zip(items, steps)]
         js = atomic_write(self.out / f"{name}.jsonl", [_jsonl_bytes(rows)], self.tag)
         entry = {"index": index, "records": list(records), "items": len(items), "steps": int(offsets[-1]),
                  "tokens": int(sum(len(it.ids) for it in items)), "errors": errors,
@@ -421,30 +474,65 @@ class RunStore:
 
 
 class LatentItem:
-    """One stored item: `id`, `latents` [n_layers, n_steps, hidden], `token_spans`
-    [n_steps, 2], `meta` (its shard-jsonl line)."""
+    """One stored item: `id`, `latents` [n_layers, n_steps, hidden] of the run's
+    first pooling (per-token runs: [n_layers, n_tokens, hidden]), `pooled(name)`
+    for any stored pooling, `token_spans` [n_steps, 2], `token_steps`
+    [n_tokens], `meta` (its shard-jsonl line)."""
 
-    def __init__(self, raw: np.ndarray, token_spans: np.ndarray, meta: dict, bf16: bool):
-        self.raw_latents = raw
+    def __init__(self, raws: dict[str, np.ndarray], token_spans: np.ndarray, meta: dict, bf16: bool,
+                 token_steps: np.ndarray | None = None):
+        self._raws = raws                       # pooling -> zero-copy view, in run order
+        self.poolings = list(raws)
+        self.raw_latents = raws[self.poolings[0]]
         self.token_spans = token_spans
         self.meta = meta
         self._bf16 = bf16
+        self._token_steps = token_steps
 
     @property
     def id(self) -> str:
         return self.meta["id"]
 
     @property
-    def latents(self) -> np.ndarray:
-        """Zero-copy view: float32 / float16, or `ml_dtypes.bfloat16` for bfloat16
-        stores (NumPy has no bfloat16 of its own; `.astype(np.float32)` widens)."""
+    def per_token(self) -> bool:
+        """True for an item of a per-token run (pooling "none": a row per token)."""
+        return self.poolings == [TOKEN_POOLING]
+
+    def _view(self, raw: np.ndarray) -> np.ndarray:
         if self._bf16:
             import ml_dtypes
-            return self.raw_latents.view(ml_dtypes.bfloat16)
-        return self.raw_latents
+            return raw.view(ml_dtypes.bfloat16)
+        return raw
+
+    @property
+    def latents(self) -> np.ndarray:
+        """Zero-copy view of the run's first pooling: float32 / float16, or
+        `ml_dtypes.bfloat16` for bfloat16 stores (NumPy has no bfloat16 of its
+        own; `.astype(np.float32)` widens)."""
+        return self._view(self.raw_latents)
+
+    def raw_pooled(self, pooling: str) -> np.ndarray:
+        """Zero-copy stored view of one pooling (bfloat16: uint16 bits)."""
+        if pooling not in self._raws:
+            raise KeyError(f"pooling {pooling!r} is not in this run; it stores "
+                           f"{', '.join(map(repr, self.poolings))}")
+        return self._raws[pooling]
+
+    def pooled(self, pooling: str) -> np.ndarray:
+        """[n_layers, n_steps, hidden] of one stored pooling (zero-copy, as `latents`)."""
+        return self._view(self.raw_pooled(pooling))
+
+    @property
+    def token_steps(self) -> np.ndarray:
+        """int32 [num_tokens]: each token position's step index, -1 outside every
+        step (a zero-copy view in per-token runs; derived from token_spans otherwise)."""
+        if self._token_steps is None:
+            self._token_steps = token_steps_of(self.token_spans, int(self.meta["num_tokens"]))
+        return self._token_steps
 
     def __repr__(self) -> str:
-        return f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)})"
+        return (f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)}, "
+                f"poolings={self.poolings})")
 
 
 class LatentStore:
@@ -472,6 +560,8 @@ class LatentStore:
         self.complete = len(self.shards) == first["num_shards"]
         self.errors = [e for s in self.shards for e in s["errors"]]
         self.dtype = self.config["dtype"]
+        self.poolings = run_poolings(self.config)      # in order; the first is `.latents`
+        self.per_token = self.poolings == [TOKEN_POOLING]
         self._meta: list[list[dict]] = []
         self._where: list[tuple[int, int]] = []
         for si, s in enumerate(self.shards):
@@ -496,19 +586,29 @@ class LatentStore:
         """Metadata rows of the si-th stored shard (in shard order)."""
         return self._meta[si]
 
-    def to_hf_dataset(self, layer: int = -2):
-        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer`,
-        num_steps, num_tokens, carried metadata (rjepa_latent.readers)."""
+    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None):
+        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` and
+        `pooling` (default the run's first; per-token runs: [num_tokens, hidden]
+        and token_steps), num_steps, num_tokens, carried metadata
+        (rjepa_latent.readers)."""
         from .readers import to_hf_dataset
-        return to_hf_dataset(self, layer)
+        return to_hf_dataset(self, layer, pooling)
 
     def shard_arrays(self, si: int) -> dict[str, np.ndarray]:
-        """latents, step_offsets, token_spans of the si-th stored shard (views of its mmap)."""
+        """step_offsets, token_spans, latents (and latents.<pooling> of each further
+        pooling; per-token runs: token_offsets, token_steps) of the si-th stored
+        shard (views of its mmap)."""
         if si in self._arrays:
             self._arrays.move_to_end(si)
             return self._arrays[si]
-        arrays = read_safetensors(self.path / f"shard-{self.shards[si]['index']:05d}.safetensors",
-                                  self.writable)
+        path = self.path / f"shard-{self.shards[si]['index']:05d}.safetensors"
+        arrays = read_safetensors(path, self.writable)
+        want = [latents_tensor(self.poolings, p) for p in self.poolings] + \
+            (["token_offsets", "token_steps"] if self.per_token else [])
+        missing = [k for k in ["step_offsets", "token_spans", *want] if k not in arrays]
+        if missing:
+            raise StoreError(f"{path}: no tensor {', '.join(map(repr, missing))}, which this run's "
+                             f"pooling {self.config.get('pooling')!r} needs; the file is damaged")
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)
@@ -528,8 +628,13 @@ class LatentStore:
         si, j = self._where[pos]
         arr = self.shard_arrays(si)
         a, b = int(arr["step_offsets"][j]), int(arr["step_offsets"][j + 1])
-        return LatentItem(arr["latents"][:, a:b, :], arr["token_spans"][a:b], self._meta[si][j],
-                          self.dtype == "bfloat16")
+        ra, rb, token_steps = a, b, None
+        if self.per_token:
+            ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
+            token_steps = arr["token_steps"][ra:rb]
+        raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
+        return LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
+                          token_steps)
 
     def __iter__(self) -> Iterator[LatentItem]:
         for p in range(len(self)):

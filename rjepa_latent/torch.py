@@ -1,16 +1,22 @@
 """PyTorch datasets over a run directory (needs torch: pip install
 'rjepa_latent[torch]').
 
-- `LatentDataset(run, layer=-2)`: map-style, one record per item: a dict with
-  `id`, `latents` (torch.Tensor [num_steps, hidden], made without a copy over
-  a copy-on-write mapping of the shard, so it is writable and torch does not
-  warn), `num_steps`, `num_tokens` and the record's carried metadata.
+- `LatentDataset(run, layer=-2, pooling=None)`: map-style, one record per
+  item: a dict with `id`, `latents` (torch.Tensor [num_steps, hidden] of the
+  chosen stored pooling, default the run's first, made without a copy over a
+  copy-on-write mapping of the shard, so it is writable and torch does not
+  warn), `num_steps`, `num_tokens` and the record's carried metadata. On a
+  per-token run (pooling "none"): `latents` [num_tokens, hidden] (a row per
+  token) and `token_steps` (int32 [num_tokens], each token's step, -1 outside
+  every step), for SAE and probe training.
 - `collate_steps(items)`: pads `latents` to the longest record of the batch
-  ([B, max_steps, hidden]) and adds `mask` (bool [B, max_steps], True on real
-  steps); other fields become lists (or a tensor for `num_steps`).
-- `StepPairs(run, layer=-2, offset=1)`: every (z_t, z_{t+offset}) pair of
-  steps within one record, the unit a JEPA-style next-step predictor trains
-  on: a dict with `z_t`, `z_next`, `id`, `step` (= t).
+  ([B, max_rows, hidden]) and adds `mask` (bool [B, max_rows], True on real
+  rows); `token_steps` is padded with -1; other fields become lists (or a
+  tensor for `num_steps`, `num_tokens`).
+- `StepPairs(run, layer=-2, offset=1, pooling=None)`: every (z_t, z_{t+offset})
+  pair of steps within one record, the unit a JEPA-style next-step predictor
+  trains on: a dict with `z_t`, `z_next`, `id`, `step` (= t). Per-token runs
+  have no step latents: refused.
 
 Both datasets open the run lazily in each process, so they work with
 `DataLoader(num_workers > 0)` (what is pickled is the path and the options).
@@ -30,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - exercised by a test that hides torch
     raise ImportError("rjepa_latent.torch needs PyTorch: pip install 'rjepa_latent[torch]'") from None
 
-from .readers import check_pooling, stored_layer
+from .readers import stored_layer, stored_pooling
 from .store import LatentStore, open_latents
 
 
@@ -42,7 +48,8 @@ class _RunDataset(Dataset):
         store = open_latents(self.run)
         self.layer = layer
         self._pos = stored_layer(store, layer)
-        check_pooling(store, pooling)
+        self.pooling = stored_pooling(store, pooling)
+        self.per_token = store.per_token
         self._bf16 = store.config["dtype"] == "bfloat16"
         self._store: LatentStore | None = None
 
@@ -75,7 +82,9 @@ class LatentDataset(_RunDataset):
     def __getitem__(self, i: int) -> dict:
         item = self.store[i]
         out = {k: v for k, v in item.meta.items()}
-        out["latents"] = self._tensor(item.raw_latents[self._pos])
+        out["latents"] = self._tensor(item.raw_pooled(self.pooling)[self._pos])
+        if self.per_token:
+            out["token_steps"] = torch.from_numpy(item.token_steps)
         return out
 
 
@@ -92,8 +101,13 @@ def collate_steps(items: list[dict]) -> dict:
         out_lat[b, :x.shape[0]] = x
         mask[b, :x.shape[0]] = True
     out: dict[str, Any] = {"latents": out_lat, "mask": mask}
+    if "token_steps" in items[0]:
+        ts = torch.full((len(lats), steps), -1, dtype=torch.int32)
+        for b, it in enumerate(items):
+            ts[b, :it["token_steps"].shape[0]] = it["token_steps"]
+        out["token_steps"] = ts
     for k in items[0]:
-        if k == "latents":
+        if k in ("latents", "token_steps"):
             continue
         vals = [it.get(k) for it in items]
         out[k] = torch.tensor(vals) if k in ("num_steps", "num_tokens") else vals
@@ -108,6 +122,9 @@ class StepPairs(_RunDataset):
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 1:
             raise ValueError(f"offset must be a positive int, got {offset!r}")
         super().__init__(run, layer, pooling)
+        if self.per_token:
+            raise ValueError(f"{self.run} is a per-token run (pooling 'none'): it has no step "
+                             "latents to pair; use LatentDataset, or extract with a span pooling")
         self.offset = offset
         store = open_latents(self.run)
         counts = [max(int(row["num_steps"]) - offset, 0)
@@ -130,6 +147,6 @@ class StepPairs(_RunDataset):
         p = self._records[k]
         t = i - self._first[k]
         item = self.store[p]
-        lat = item.raw_latents[self._pos]
+        lat = item.raw_pooled(self.pooling)[self._pos]
         return {"z_t": self._tensor(lat[t]), "z_next": self._tensor(lat[t + self.offset]),
                 "id": item.id, "step": t}

@@ -223,7 +223,8 @@ static rl_result run_model(rl_backend *be, int dev, rl_model **keep)
     CHECK(rl_model_reserve(m, 16) == RL_OK);
     int32_t tok[5] = {1, 2, 3, 4, 5}, cu[3] = {0, 2, 5}, layers[2] = {0, 2}, spans[4] = {0, 2, 0, 3},
             seq[2] = {0, 1};
-    rl_batch b = {tok, 5, cu, 2, layers, 2, spans, seq, 2, RL_POOL_MEAN};
+    rl_pool mean = RL_POOL_MEAN;
+    rl_batch b = {tok, 5, cu, 2, layers, 2, spans, seq, 2, &mean, 1};
     CHECK(rl_model_forward(m, &b, &res) == RL_OK);
     CHECK(rl_model_verify_resident(m) == RL_OK);
     size_t f, t;

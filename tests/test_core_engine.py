@@ -129,7 +129,8 @@ def ref_pool(states: np.ndarray, spans, pooling: str) -> np.ndarray:
     out = []
     for a, b in spans:
         seg = states[:, a:b]
-        out.append({"mean": seg.mean(1), "first": seg[:, 0], "last": seg[:, -1]}[pooling])
+        out.append({"mean": seg.mean(1), "first": seg[:, 0], "last": seg[:, -1],
+                    "max": seg.max(1)}[pooling])
     return np.stack(out, 1)
 
 
@@ -181,7 +182,7 @@ def test_every_layer_matches_reference(variant):
         off += len(s)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "max"])
 def test_pooling_matches_reference(base, pooling):
     cfg, w, eng = base
     rng = np.random.default_rng(4)
@@ -204,6 +205,36 @@ def test_more_spans_than_max_tokens(base):
     want = ref_pool(ref_hidden_states(cfg, w, ids)[[1, 3]], spans, "mean")
     assert got.shape == (2, 30, cfg["hidden_size"])
     assert rel_err(got, want) < 2e-5
+    # several poolings, chunked: each chunk pooled once per pooling into its slot
+    many = run(eng, [ids], [1, 3], [spans], ["max", "mean"])
+    assert many.shape == (2, 2, 30, cfg["hidden_size"])
+    assert np.array_equal(many[1], got)
+    assert np.array_equal(many[0], run(eng, [ids], [1, 3], [spans], "max"))
+
+
+def test_several_poolings_in_one_forward(base):
+    """A pooling list gives [P, nl, S, d] in one array that owns its memory; slot
+    [q] holds, bit for bit, what that pooling alone gives; duplicates and a layer
+    asked twice are served too; packing stays bitwise neutral."""
+    cfg, w, eng = base
+    rng = np.random.default_rng(14)
+    seqs = [rng.integers(0, cfg["vocab_size"], n) for n in (13, 30, 1)]
+    spans = [[(0, 4), (4, 13), (2, 3)], [(0, 30), (10, 29), (29, 30)], [(0, 1)]]
+    layers = [3, 0, 2, 3]
+    poolings = ("mean", "max", "last", "first", "max")
+    got = run(eng, seqs, layers, spans, poolings)
+    assert got.shape == (5, 4, 7, cfg["hidden_size"]) and got.dtype == np.float32
+    assert got.flags.c_contiguous and got.flags.owndata is False and got.base is not None
+    assert type(got.base).__name__ == "HostBuffer"
+    for q, p in enumerate(poolings):
+        assert np.array_equal(got[q], run(eng, seqs, layers, spans, p)), p
+    want = np.concatenate([ref_pool(ref_hidden_states(cfg, w, s)[layers], sp, "max")
+                           for s, sp in zip(seqs, spans)], 1)
+    assert rel_err(got[1], want) < 2e-5
+    assert np.array_equal(run(eng, seqs, layers, spans, ["last"])[0], got[2])   # a list of one
+    alone = np.concatenate([run(eng, [s], layers, [sp], poolings) for s, sp in zip(seqs, spans)],
+                           2)
+    assert np.array_equal(got, alone)
 
 
 # ---- packing, layer order, early exit ---------------------------------------
@@ -449,7 +480,12 @@ BAD_FORWARD = [
     (dict(layers=[1, -1]), ValueError, r"layers\[1\]=-1 is out of range"),
     (dict(layers=[]), ValueError, r"layers is empty"),
     (dict(layers=[1.5]), TypeError, r"layers must be an integer array"),
-    (dict(pooling="max"), ValueError, r"pooling must be 'mean', 'first' or 'last', got 'max'"),
+    (dict(pooling="top"), ValueError, r"pooling must be 'mean', 'first', 'last' or 'max', got 'top'"),
+    (dict(pooling=["mean", "top"]), ValueError, r"pooling must be 'mean', 'first', 'last' or 'max', got 'top'"),
+    (dict(pooling=[]), ValueError, r"pooling must list 1 to 16 poolings, got 0"),
+    (dict(pooling=["mean"] * 17), ValueError, r"pooling must list 1 to 16 poolings, got 17"),
+    (dict(pooling=["mean", 3]), TypeError, r"a pooling must be a str, got int"),
+    (dict(pooling=None), TypeError, r"pooling must be a str or a list / tuple of str, got NoneType"),
     (dict(tokens=list(range(20)) * 20, cu_seqlens=[0, 400]), ValueError, r"more than max_tokens=256"),
 ]
 

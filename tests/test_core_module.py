@@ -137,7 +137,7 @@ def test_types_are_final_and_hostbuffer_not_constructible():
 
 def test_cpu_caps():
     assert _core.backend_caps("cpu") == {
-        "device": "cpu", "dtypes": ["float32"], "poolings": ["mean", "first", "last"],
+        "device": "cpu", "dtypes": ["float32"], "poolings": ["mean", "first", "last", "max"],
         "head_dims": None, "max_heads": None}
     eng = _core.Engine(TINY, "cpu", 1)
     assert eng.caps == _core.backend_caps("cpu")
@@ -177,7 +177,7 @@ def test_cuda_caps_known_without_a_device():
         return
     caps = _core.backend_caps("cuda:3")
     assert caps == {"device": "cuda:3", "dtypes": ["float32", "bfloat16"],
-                    "poolings": ["mean", "first", "last"],
+                    "poolings": ["mean", "first", "last", "max"],
                     "head_dims": [16, 32, 64, 80, 96, 128, 256], "max_heads": 65535}
     msg = (r"device 'cuda:0' cannot run this model: head_dim 24 is not supported by its "
            r"attention kernel \(supported head_dim: 16, 32, 64, 80, 96, 128, 256\)")
@@ -224,12 +224,12 @@ class Batch(C.Structure):
                 ("cu_seqlens", C.POINTER(C.c_int32)), ("n_seqs", C.c_int64),
                 ("layers", C.POINTER(C.c_int32)), ("n_layers", C.c_int64),
                 ("spans", C.POINTER(C.c_int32)), ("span_seq", C.POINTER(C.c_int32)),
-                ("n_spans", C.c_int64), ("pooling", C.c_int)]
+                ("n_spans", C.c_int64), ("poolings", C.POINTER(C.c_int)), ("n_poolings", C.c_int64)]
 
 
 class Result(C.Structure):
-    _fields_ = [("data", C.c_void_p), ("n_layers", C.c_int64), ("n_spans", C.c_int64),
-                ("hidden", C.c_int64), ("release", C.c_void_p)]
+    _fields_ = [("data", C.c_void_p), ("n_poolings", C.c_int64), ("n_layers", C.c_int64),
+                ("n_spans", C.c_int64), ("hidden", C.c_int64), ("release", C.c_void_p)]
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_model_create_checks_caps_before_allocating(lib):
     RL_ERR_INVALID at once; with a listed one it reaches the allocation
     (RL_ERR_NOMEM), so the check runs first."""
     dims = (C.c_int16 * 2)(32, 64)
-    fake = Caps(dtypes=1, poolings=7, head_dims=dims, n_head_dims=2, max_heads=0)
+    fake = Caps(dtypes=1, poolings=15, head_dims=dims, n_head_dims=2, max_heads=0)
     results = {}
     for hd in (48, 64):
         be = C.POINTER(Backend)()
@@ -297,17 +297,19 @@ def test_unsupported_pooling_id_fails_before_the_result_is_allocated(lib):
         spans = (C.c_int32 * 2)(0, 3)
         seq = (C.c_int32 * 1)(0)
         res = Result(data=123)
-        for pooling, want in ((0, 0), (2, 0), (3, 1), (-1, 1), (40, 1)):
-            b = Batch(tok, 3, cu, 1, layers, 1, spans, seq, 1, pooling)
+        for pooling, want in ((0, 0), (2, 0), (3, 0), (4, 1), (-1, 1), (40, 1)):
+            pools = (C.c_int * 1)(pooling)
+            b = Batch(tok, 3, cu, 1, layers, 1, spans, seq, 1, pools, 1)
             assert lib.rl_model_forward(m, C.byref(b), C.byref(res)) == want, pooling
             if want:
                 assert res.data is None    # nothing was allocated for it
                 assert (f"pooling {pooling} is not supported by cpu (it supports 'mean', "
-                        f"'first', 'last'") in lib.rl_last_error().decode()
+                        f"'first', 'last', 'max'") in lib.rl_last_error().decode()
             else:
                 out = np.ctypeslib.as_array(C.cast(res.data, C.POINTER(C.c_float)), (8,))
                 ref = emb.reshape(11, 8)[1:4]
-                assert np.allclose(out, ref.mean(0) if pooling == 0 else ref[-1])
+                want_out = {0: ref.mean(0), 2: ref[-1], 3: ref.max(0)}[pooling]
+                assert np.allclose(out, want_out)
                 lib.rl_result_free(C.byref(res))
     finally:
         lib.rl_model_free(m)
@@ -316,7 +318,7 @@ def test_unsupported_pooling_id_fails_before_the_result_is_allocated(lib):
 def test_caps_get_and_check_in_c(lib):
     caps = Caps()
     assert lib.rl_backend_caps_get(-1, C.byref(caps)) == 0
-    assert (caps.dtypes, caps.poolings, bool(caps.head_dims), caps.max_heads) == (1, 7, False, 0)
+    assert (caps.dtypes, caps.poolings, bool(caps.head_dims), caps.max_heads) == (1, 15, False, 0)
     assert lib.rl_caps_check_config(C.byref(caps), b"cpu", C.byref(_cfg()), 0) == 0
     assert lib.rl_caps_check_config(C.byref(caps), b"cpu", C.byref(_cfg()), 1) == 1
     assert b"its storage dtypes: 'float32'" in lib.rl_last_error()

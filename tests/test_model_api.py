@@ -222,8 +222,18 @@ def test_bad_layers(llama, layers, match):
 
 
 def test_bad_pooling_and_budget(llama):
-    with pytest.raises(ValueError, match=r"pooling must be one of mean, first, last, none.*'max'"):
-        llama.extract([seq(5)], pooling="max")
+    with pytest.raises(ValueError, match=r"pooling must be one of mean, first, last, max, none.*'top'"):
+        llama.extract([seq(5)], pooling="top")
+    with pytest.raises(ValueError, match=r"pooling must be one of .*'top'"):
+        llama.extract([seq(5)], pooling=("mean", "top"))
+    with pytest.raises(ValueError, match=r"pooling lists 'max' more than once"):
+        llama.extract([seq(5)], pooling=("max", "mean", "max"))
+    with pytest.raises(ValueError, match=r"pooling 'none' \(every token\) cannot be combined"):
+        llama.extract([seq(5)], pooling=("none", "mean"))
+    with pytest.raises(ValueError, match=r"pooling is empty"):
+        llama.extract([seq(5)], pooling=())
+    with pytest.raises(TypeError, match=r"pooling must be a str or a list / tuple of str"):
+        llama.extract([seq(5)], pooling={"mean"})
     with pytest.raises(ValueError, match=r"spans must be None with pooling='none'"):
         llama.extract([seq(5)], [[[0, 2]]], pooling="none")
     with pytest.raises(ValueError, match=r"max_batch_tokens must be a positive int, got 0"):

@@ -88,7 +88,7 @@ def test_dtypes_and_poolings(model, data, tmp_path):
         assert np.array_equal(z.raw_latents, bf16_from_f32(x.latents)) and z.latents.dtype == ml_dtypes.bfloat16
         assert np.shares_memory(z.latents, z.raw_latents)   # zero-copy, never raw uint16 only
     with pytest.raises(ValueError, match="pooling"):
-        rl.extract_dataset(data, model, tmp_path / "x", pooling="none", progress=False)
+        rl.extract_dataset(data, model, tmp_path / "x", pooling="top", progress=False)
     with pytest.raises(ValueError, match="layer index 7 is out of range"):
         rl.extract_dataset(data, model, tmp_path / "x", layers=(7,), progress=False)
     assert not (tmp_path / "x").exists()

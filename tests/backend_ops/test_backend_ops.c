@@ -384,8 +384,10 @@ static const tcase CASES[] = {
     POOL(64, RL_POOL_MEAN, RL_F32), POOL(64, RL_POOL_FIRST, RL_F32), POOL(64, RL_POOL_LAST, RL_F32),
     POOL(100, RL_POOL_MEAN, RL_F32), POOL(100, RL_POOL_FIRST, RL_F32),
     POOL(100, RL_POOL_LAST, RL_F32),
+    POOL(64, RL_POOL_MAX, RL_F32), POOL(100, RL_POOL_MAX, RL_F32),
     POOL(64, RL_POOL_MEAN, RL_BF16), POOL(64, RL_POOL_FIRST, RL_BF16),
     POOL(64, RL_POOL_LAST, RL_BF16), POOL(100, RL_POOL_MEAN, RL_BF16),
+    POOL(64, RL_POOL_MAX, RL_BF16), POOL(100, RL_POOL_MAX, RL_BF16),
 
     /* 17M elements: larger than the CUDA backend's 32 MiB staging buffer in
      * every dtype (several chunks), and than the CPU's 64K-element chunks */
@@ -414,7 +416,7 @@ static const char *dt_name(rl_dtype dt)
 
 static void case_name(const tcase *c, char *buf, size_t n)
 {
-    static const char *const pools[] = {"mean", "first", "last"};
+    static const char *const pools[] = {"mean", "first", "last", "max"};
     char lens[64];
     fmt_lens(c->lens, lens, sizeof lens);
     const char *op = OP_NAMES[c->op];
@@ -979,7 +981,10 @@ static int case_pool(tctx *t, const tcase *c)
             double acc = 0;
             if (c->pool == RL_POOL_FIRST) acc = x[lo * dim + i];
             else if (c->pool == RL_POOL_LAST) acc = x[(hi - 1) * dim + i];
-            else {
+            else if (c->pool == RL_POOL_MAX) {
+                acc = -INFINITY;
+                for (int64_t r = lo; r < hi; r++) acc = fmax(acc, x[r * dim + i]);
+            } else {
                 for (int64_t r = lo; r < hi; r++) acc += x[r * dim + i];
                 acc /= (double)(hi - lo);
             }
@@ -988,8 +993,8 @@ static int case_pool(tctx *t, const tcase *c)
     }
     float *got = hf((size_t)(S * dim));
     TRYI(run_pool(t->dut, x, c->src, T, dim, spans, S, c->pool, got));
-    /* first / last copy rows exactly; mean: cpu sums in double (one rounding),
-     * cuda in f32 over up to 300 rows */
+    /* first / last / max select rows or elements exactly; mean: cpu sums in double
+     * (one rounding), cuda in f32 over up to 300 rows */
     const bound mean_cpu = {1e-6, SMALL_FLOOR, 0}, mean_cuda = {1e-3, SMALL_FLOOR, 0};
     bound b = c->pool != RL_POOL_MEAN ? EXACT : t->cuda ? mean_cuda : mean_cpu;
     if (t->cuda && c->src == RL_F32) {
@@ -998,6 +1003,18 @@ static int case_pool(tctx *t, const tcase *c)
         check_f(t->r, "pool vs cpu", got, cpu, (size_t)(S * dim), b);
     }
     check(t->r, "pool vs f64", got, ref, (size_t)(S * dim), b); /* (the only reference for bf16) */
+    if (c->pool == RL_POOL_MAX) {
+        /* a NaN in row 20, column 3 propagates (as np.max does) into exactly the spans
+         * holding row 20; every other element keeps its bits */
+        const int64_t row = 20, col = 3;
+        x[row * dim + col] = NAN;
+        float *nan_got = hf((size_t)(S * dim));
+        TRYI(run_pool(t->dut, x, c->src, T, dim, spans, S, c->pool, nan_got));
+        for (int64_t s = 0; s < S; s++)
+            if (spans[2 * s] <= row && row < spans[2 * s + 1]) got[s * dim + col] = NAN;
+        check_bits(t->r, "max: a NaN propagates to its spans only", nan_got, got,
+                   (size_t)(S * dim));
+    }
     return 0;
 }
 
