@@ -326,11 +326,18 @@ static PyType_Spec hostbuffer_spec = {
 /* Runs `expr` without the GIL under the engine's lock. The model is
  * re-checked under the lock: close() from another thread may have run
  * between engine_ready and here. */
-#define ENGINE_CALL(self, st, expr)                                          \
+/* Runs `expr` without the GIL under the engine's lock, with `m` the model read
+ * once under that lock: close() detaches the model (under the GIL) and then
+ * takes the lock before freeing it, so a call in flight keeps a valid `m` and
+ * a call after close sees NULL. */
+#define ENGINE_CALL(self, st, m, expr)                                       \
     do {                                                                     \
         Py_BEGIN_ALLOW_THREADS                                               \
         PyThread_acquire_lock((self)->lock, WAIT_LOCK);                      \
-        st = (self)->m ? (expr) : RL_FAIL(RL_ERR_STATE, "this Engine is closed"); \
+        {                                                                    \
+            rl_model *m = (self)->m;                                         \
+            st = m ? (expr) : RL_FAIL(RL_ERR_STATE, "this Engine is closed"); \
+        }                                                                    \
         PyThread_release_lock((self)->lock);                                 \
         Py_END_ALLOW_THREADS                                                 \
     } while (0)
@@ -354,8 +361,9 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|iz", kwlist, &cfg_obj, &device, &n_threads,
                                      &dtype_s))
         return -1;
-    if (self->m) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialized");
+    if (self->m || self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, self->closed ? "this Engine is closed (create a new one)"
+                                                         : "Engine is already initialized");
         return -1;
     }
     core_state *S = object_state((PyObject *)self);
@@ -400,13 +408,17 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
  * Results already returned stay valid (they own their memory). */
 static void engine_release(EngineObject *self)
 {
-    Py_BEGIN_ALLOW_THREADS
-    if (self->lock) PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    /* detached while the GIL is held: getters and later calls see NULL from
+     * here on; a call in flight holds the lock and its own copy of the model */
     rl_model *m = self->m;
     self->m = NULL;
     if (m) self->closed = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (self->lock) {   /* wait for a call in flight to finish with it */
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        PyThread_release_lock(self->lock);
+    }
     rl_model_free(m);
-    if (self->lock) PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
 }
 
@@ -499,7 +511,7 @@ static PyObject *engine_set_tensor(EngineObject *self, PyObject *args, PyObject 
                             "its shape and dtype %s need %zu", kind_s, layer, view.len, dtype_s, need);
     }
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_set_tensor(self->m, kind, layer, view.buf, dt, shape, ndim));
+    ENGINE_CALL(self, st, m, rl_model_set_tensor(m, kind, layer, view.buf, dt, shape, ndim));
     PyBuffer_Release(&view);
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
@@ -509,7 +521,7 @@ static PyObject *engine_check_complete(EngineObject *self, PyObject *unused)
 {
     if (!engine_ready(self)) return NULL;
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_check_complete(self->m));
+    ENGINE_CALL(self, st, m, rl_model_check_complete(m));
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
@@ -520,7 +532,7 @@ static PyObject *engine_reserve(EngineObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "L", &max_tokens)) return NULL;
     if (!engine_ready(self)) return NULL;
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_reserve(self->m, max_tokens));
+    ENGINE_CALL(self, st, m, rl_model_reserve(m, max_tokens));
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
@@ -633,7 +645,7 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     };
     rl_result res;
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_forward(self->m, &b, &res));
+    ENGINE_CALL(self, st, m, rl_model_forward(m, &b, &res));
     if (st != RL_OK) raise_status(object_state((PyObject *)self), st);
     else ret = result_to_array(object_state((PyObject *)self), &res, many);
 done:
@@ -641,26 +653,34 @@ done:
     return ret;
 }
 
+/* weights, workspace, free and total bytes of one model (under the engine lock) */
+static rl_status memory_of(rl_model *m, size_t out[4])
+{
+    rl_backend *be = rl_model_backend(m);
+    out[0] = rl_model_weight_bytes(m);
+    out[1] = rl_model_workspace_bytes(m);
+    return be->mem_info(be, &out[2], &out[3]);
+}
+
 static PyObject *engine_memory_report(EngineObject *self, PyObject *unused)
 {
     if (!engine_ready(self)) return NULL;
-    size_t free_b = 0, total_b = 0;
+    size_t b[4] = {0, 0, 0, 0};
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_backend(self->m)->mem_info(rl_model_backend(self->m), &free_b,
-                                                              &total_b));
+    ENGINE_CALL(self, st, m, memory_of(m, b));
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K}", "device", self->device,
-                         "weight_bytes", (unsigned long long)rl_model_weight_bytes(self->m),
-                         "workspace_bytes", (unsigned long long)rl_model_workspace_bytes(self->m),
-                         "free_bytes", (unsigned long long)free_b,
-                         "total_bytes", (unsigned long long)total_b);
+                         "weight_bytes", (unsigned long long)b[0],
+                         "workspace_bytes", (unsigned long long)b[1],
+                         "free_bytes", (unsigned long long)b[2],
+                         "total_bytes", (unsigned long long)b[3]);
 }
 
 static PyObject *engine_verify_resident(EngineObject *self, PyObject *unused)
 {
     if (!engine_ready(self)) return NULL;
     rl_status st;
-    ENGINE_CALL(self, st, rl_model_verify_resident(self->m));
+    ENGINE_CALL(self, st, m, rl_model_verify_resident(m));
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }

@@ -39,7 +39,7 @@ import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from .chat import ChatTemplate, ChatTemplateError, load_chat_template, steps_of_messages
 

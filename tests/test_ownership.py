@@ -90,3 +90,48 @@ def test_tensor_layout_follows_the_final_norm_and_loaded_layer_rules():
     biased = rl._native._core.tensor_layout({**cfg, "max_layer": 1, "attn_qkv_bias": 1,
                                              "qk_norm": 1})
     assert ("q_bias", 0, (8,)) in biased and ("k_norm", 0, (4,)) in biased
+
+
+RACE_SCRIPT = textwrap.dedent("""
+    import sys, threading, numpy as np, rjepa_latent as rl
+    sys.path.insert(0, "tests")
+    from conftest import build_tiny_model
+    import pathlib, tempfile
+    d = build_tiny_model("llama", pathlib.Path(tempfile.mkdtemp()) / "m")
+    ids = np.arange(1, 40, dtype=np.int32)
+    for round in range(20):
+        m = rl.Model(d, device="cpu", threads=1)
+        eng = m._engine
+        stop = False
+        def hammer():
+            while not stop:
+                for call in (eng.memory_report, lambda: eng.max_tokens, lambda: eng.kernel,
+                             lambda: eng.weight_bytes, lambda: eng.caps,
+                             lambda: eng.tensor_shape("q", 0), lambda: m.hidden_states(ids, [1])):
+                    try:
+                        call()
+                    except RuntimeError as e:
+                        assert "closed" in str(e), e
+        ts = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in ts:
+            t.start()
+        m.close()
+        stop = True
+        for t in ts:
+            t.join()
+        try:
+            eng.__init__({"vocab_size": 8}, "cpu")
+            raise SystemExit("a closed Engine was initialized again")
+        except RuntimeError as e:
+            assert "closed" in str(e)
+    print("ok")
+""")
+
+
+def test_close_racing_other_threads_never_crashes():
+    """close() while other threads call the engine's methods and getters: each
+    call either works or says the engine is closed (a segfault fails the run)."""
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-c", RACE_SCRIPT], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
