@@ -603,12 +603,16 @@ class LatentStore:
             return self._arrays[si]
         path = self.path / f"shard-{self.shards[si]['index']:05d}.safetensors"
         arrays = read_safetensors(path, self.writable)
+        # a writable store maps the shard anew for every access (never cached):
+        # a write into one returned array then never shows in another one
         want = [latents_tensor(self.poolings, p) for p in self.poolings] + \
             (["token_offsets", "token_steps"] if self.per_token else [])
         missing = [k for k in ["step_offsets", "token_spans", *want] if k not in arrays]
         if missing:
             raise StoreError(f"{path}: no tensor {', '.join(map(repr, missing))}, which this run's "
                              f"pooling {self.config.get('pooling')!r} needs; the file is damaged")
+        if self.writable:
+            return arrays
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)
@@ -647,6 +651,7 @@ class LatentStore:
 
 def open_latents(path: str | Path, writable: bool = False) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
-    reading; `writable` maps shards copy-on-write (arrays that may be written
-    in memory, the files never change)."""
+    reading; `writable` maps a shard copy-on-write for each access (arrays
+    that may be written in memory, privately: the files and every other
+    returned array never change)."""
     return LatentStore(path, writable)

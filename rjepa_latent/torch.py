@@ -4,8 +4,9 @@
 - `LatentDataset(run, layer=-2, pooling=None)`: map-style, one record per
   item: a dict with `id`, `latents` (torch.Tensor [num_steps, hidden] of the
   chosen stored pooling, default the run's first, made without a copy over a
-  copy-on-write mapping of the shard, so it is writable and torch does not
-  warn), `num_steps`, `num_tokens` and the record's carried metadata. On a
+  private copy-on-write mapping of the shard made for that item: writable,
+  torch does not warn, and an in-place change of one item's tensor never shows
+  in the file or in any other item, or in the same item fetched again), `num_steps`, `num_tokens` and the record's carried metadata. On a
   per-token run (pooling "none"): `latents` [num_tokens, hidden] (a row per
   token) and `token_steps` (int32 [num_tokens], each token's step, -1 outside
   every step), for SAE and probe training.

@@ -177,3 +177,18 @@ def test_reader_errors(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ImportError, match=r"rjepa_latent\[parquet\]"):
         readers.arrow_table(rl.open_latents(runs["float32"]))
+
+
+def test_in_place_changes_never_reach_later_items(runs):
+    """Training code normalises tensors in place: the next epoch must see the stored values."""
+    ds = LatentDataset(runs["float32"], layer=-2)
+    ref = ds[0]["latents"].clone()
+    ds[0]["latents"].zero_()
+    assert torch.equal(ds[0]["latents"], ref)
+    sp = StepPairs(runs["float32"])
+    first = sp[0]["z_next"].clone()
+    sp[0]["z_next"].mul_(0)
+    assert torch.equal(sp[0]["z_next"], first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(ds[0]["latents"].numpy(), rl.open_latents(runs["float32"])[0].latents[0])
