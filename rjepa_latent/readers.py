@@ -187,12 +187,32 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
     Per-token runs: `latents.layer-K.npy` [total_tokens, hidden],
     `token_offsets.npy` int64 [records + 1] and `token_steps.npy` int32
     [total_tokens] instead of step_offsets.npy. bf16 runs are written as uint16
-    bits."""
+    bits. Written into a temporary directory beside `out` and renamed at the
+    end: an interrupted export leaves no `out`; an existing non-empty `out` is
+    refused (no stale files of an earlier export mixed in)."""
     pooling = stored_pooling(store, pooling)
     stored = [int(x) for x in store.config["layers"]]
     wanted = stored if layers is None else [stored[stored_layer(store, k)] for k in layers]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise ValueError(f"{final} exists and is not an empty directory; export into a new one")
+    out = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        res = _write_npy(store, out, stored, wanted, pooling)
+        if final.exists():
+            final.rmdir()
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    res["out"] = str(final)
+    return res
+
+
+def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[int],
+               pooling: str) -> dict:
     rows_key = "tokens" if store.per_token else "steps"
     total = sum(int(s[rows_key]) for s in store.shards)
     hidden = int(store.config["hidden_size"])
@@ -245,12 +265,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-group-rows", type=int, default=1024, help="parquet rows per row group")
     p.add_argument("--pooling", default=None,
                    help="which stored pooling to export (default the run's first)")
+    p.add_argument("--partial", action="store_true",
+                   help="export a run that is not complete (its finished shards only)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .errors import StoreError
     try:
         store = open_latents(args.run)
+        if not store.complete and not args.partial:
+            raise ValueError(f"{args.run} is not complete ({len(store.shards)} shards finished); "
+                             "finish it with `rjepa-latent extract` (the same command resumes), or "
+                             "pass --partial to export the finished shards only")
         layers = None if args.layer is None else [int(x) for x in str(args.layer).split(",") if x.strip()]
         if args.format == "parquet":
             layer = layers[0] if layers else int(store.config["layers"][0])
@@ -259,11 +285,12 @@ def run(args: argparse.Namespace) -> int:
             pooling = stored_pooling(store, args.pooling)
             res = export_parquet(store, args.out, layer, args.row_group_rows, pooling)
             print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {layer}, "
-                  f"pooling {pooling})")
+                  f"pooling {pooling}){'' if store.complete else '; partial run: finished shards only'}")
         else:
             res = export_npy(store, args.out, layers, args.pooling)
             rows = f"{res['tokens']} tokens" if store.per_token else f"{res['steps']} steps"
-            print(f"{res['out']}: {', '.join(res['files'])} ({rows}, pooling {res['pooling']})")
+            print(f"{res['out']}: {', '.join(res['files'])} ({rows}, pooling {res['pooling']})"
+                  f"{'' if store.complete else '; partial run: finished shards only'}")
     except (StoreError, ValueError, TypeError, ImportError, OSError) as e:
         print(f"rjepa-latent export: error: {e}", file=sys.stderr)
         return 2

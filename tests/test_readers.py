@@ -192,3 +192,28 @@ def test_in_place_changes_never_reach_later_items(runs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(ds[0]["latents"].numpy(), rl.open_latents(runs["float32"])[0].latents[0])
+
+
+def test_export_refuses_partial_runs_and_is_atomic(runs, tmp_path, capsys):
+    import shutil
+    from rjepa_latent.cli import main
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["float32"], partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    m["shards"] = m["shards"][:2]                     # as if interrupted after two shards
+    m["complete"] = False
+    (partial / "manifest.json").write_text(json.dumps(m))
+    assert not rl.open_latents(partial).complete
+    out = tmp_path / "p.parquet"
+    assert main(["export", str(partial), "--format", "parquet", "--out", str(out)]) == 2
+    assert "not complete" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(partial), "--format", "parquet", "--out", str(out), "--partial"]) == 0
+    assert "partial run" in capsys.readouterr().out
+    # npy: a bad layer leaves nothing behind, an existing non-empty directory is refused
+    npy = tmp_path / "npy"
+    assert main(["export", str(runs["float32"]), "--format", "npy", "--out", str(npy), "--layer", "0"]) == 2
+    assert not npy.exists() and not list(tmp_path.glob(".npy.tmp-*"))
+    npy.mkdir()
+    (npy / "old.npy").write_bytes(b"x")
+    assert main(["export", str(runs["float32"]), "--format", "npy", "--out", str(npy)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
