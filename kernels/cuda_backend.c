@@ -73,7 +73,7 @@ typedef struct {
     int stage_next;
     int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
     int f32;                        /* fp32 mode: weights and act are f32 */
-    char kernel[96];                /* "sm_90 cuBLAS 130100" (rl_backend.kernel) */
+    char kernel[96];                /* "sm_90 132 SMs cuBLAS 130100 attention mma" (rl_backend.kernel) */
 } cuda_impl;
 
 static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
@@ -890,11 +890,16 @@ static rl_status init_impl(cuda_impl *im)
     BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH));
     CU_CHECK(cudaMalloc(&im->blas_ws, BLAS_WORKSPACE_BYTES));
     BLAS_CHECK(im, im->blas.set_workspace(im->handle, im->blas_ws, BLAS_WORKSPACE_BYTES));
-    int major = 0, minor = 0, version = 0;
+    /* everything that picks other kernels (and so other result bits): the
+     * architecture, cuBLAS's version and its heuristics' input (the SM count),
+     * and which attention kernel runs */
+    int major = 0, minor = 0, sms = 0, version = 0;
     CU_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, im->device));
     CU_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, im->device));
+    CU_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, im->device));
     BLAS_CHECK(im, im->blas.get_version(im->handle, &version));
-    snprintf(im->kernel, sizeof im->kernel, "sm_%d%d cuBLAS %d", major, minor, version);
+    snprintf(im->kernel, sizeof im->kernel, "sm_%d%d %d SMs cuBLAS %d attention %s", major, minor,
+             sms, version, im->f32 || !im->attn_mma ? "fma" : "mma");
     return RL_OK;
 }
 

@@ -373,7 +373,7 @@ class Model:
         engine.reserve(self.max_batch_tokens)
         engine.verify_resident()
         # what decides the result bits besides the weights (BLAS build and core type
-        # on the CPU; "sm_XY cuBLAS N" on CUDA): part of a run's identity
+        # on the CPU; "sm_XY K SMs cuBLAS N attention mma|fma" on CUDA): part of a run's identity
         self.kernel: str = engine.kernel
         self._engine = engine
 
