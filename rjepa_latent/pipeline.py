@@ -324,6 +324,9 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         "max_tokens": max_text_tokens, "tokenizer_sha256": tokenizer_hash(tok), "inputs": fingerprint,
         "dataset_sha256": hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
         "shard_size": shard_size, **engine_identity(m),
+        # on CUDA a batch's composition changes bf16 bits (on the CPU it never
+        # does): the budget that decides it is part of the run there
+        **({"engine_batch_tokens": budget} if m.backend != "cpu" else {}),
         **_reading_config(reading),
     }
     # refuses a clashing directory, touching nothing
