@@ -476,8 +476,7 @@ class _Runner:
             for _ in pending:
                 shard = _get(plans, producer)
                 job = self._compute(shard, bar, t0)
-                if not _put_checked(writes, job, writer):
-                    break
+                _put_checked(writes, job, writer)
             _put_checked(writes, None, writer)
             while writer.is_alive():
                 writer.join(0.1)
@@ -537,13 +536,14 @@ def _finish_shard(job: tuple, store_dtype: str) -> tuple:
     return index, records, good, lats, [e.to_json() for e in errors]
 
 
-def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> bool:
+def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> None:
+    """Put `item` for `worker`, raising its error (or that it died) instead of waiting forever."""
     while True:
         if worker.error is not None:
             raise worker.error
         try:
             q.put(item, timeout=0.1)
-            return True
+            return
         except queue.Full:
             if not worker.is_alive():
                 raise RuntimeError("writer thread ended unexpectedly")
