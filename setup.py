@@ -14,6 +14,7 @@ summation order) and links no BLAS; RJEPA_BLAS=openblas makes a missing
 scipy-openblas32 an error.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,12 +141,24 @@ class BuildExt(build_ext):
         return objs
 
 
+def package_version() -> str:
+    """The one place the version is written is pyproject.toml; the core gets it
+    as RL_VERSION and rjepa_latent.__version__ reads it from the core, so a run's
+    recorded package_version is always that of the engine that computed it."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    if not m:
+        sys.exit("setup.py: no version = \"...\" line in pyproject.toml")
+    return m.group(1)
+
+
 def make_extension():
     import numpy as np
     blas = openblas_paths()
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels").glob("*.c"))
-    macros = [("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION")]
+    macros = [("NPY_NO_DEPRECATED_API", "NPY_1_20_API_VERSION"),
+              ("RL_VERSION", '"' + package_version() + '"')]
     if blas is None:
         return Extension("rjepa_latent._core", sources=sources,
                          include_dirs=[str(ROOT / "csrc"), np.get_include()],

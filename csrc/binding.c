@@ -33,6 +33,9 @@
 
 #include "common.h"
 
+#ifndef RL_VERSION
+#error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"
+#endif
 #ifndef RL_CUDA_ARCHS
 #define RL_CUDA_ARCHS ""
 #endif
@@ -786,7 +789,7 @@ static PyObject *core_build_info(PyObject *mod, PyObject *unused)
 #else
     PyObject *omp = Py_False;
 #endif
-    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:O}", "version", "0.1.0", "blas", blas,
+    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:O}", "version", RL_VERSION, "blas", blas,
                          "cuda", rl_cuda_compiled() ? Py_True : Py_False,
                          "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "", "openmp", omp);
 }

@@ -12,7 +12,9 @@ from .pipeline import extract_dataset
 from .store import open_latents
 from .tokenize import encode_steps
 
-__version__ = "0.1.0"  # recorded in every run's configuration (package_version)
+# pyproject.toml's version, compiled into the core (setup.py): recorded in
+# every run's configuration (package_version)
+__version__ = build_info()["version"]
 
 __all__ = [
     "DeviceError", "DeviceMemoryError", "ModelFormatError", "StoreError",

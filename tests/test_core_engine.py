@@ -623,7 +623,12 @@ def test_plan_bytes_and_memory_report(base):
     cuda_w, _ = _core.plan_bytes(cfg, "cuda:0", 100)   # bf16 storage, inv_freq f32
     assert cuda_w == 2 * (wb // 4 - cfg["head_dim"] // 2) + 4 * (cfg["head_dim"] // 2)
     info = _core.build_info()
-    assert info["version"] == "0.1.0"
+    import re
+    from pathlib import Path
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert info["version"] == re.search(r'^version = "(.*)"', pyproject, re.M).group(1)
+    import rjepa_latent
+    assert rjepa_latent.__version__ == info["version"]
     assert info["blas"].startswith("scipy-openblas32 OpenBLAS") or info["blas"] == "builtin C GEMM"
     assert ("builtin C GEMM" in eng.kernel) == (info["blas"] == "builtin C GEMM")
     assert info["openmp"] is True
