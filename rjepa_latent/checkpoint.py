@@ -498,17 +498,25 @@ def fingerprint(config: dict, tensors: dict[str, TensorInfo]) -> str:
     return h.hexdigest()
 
 
-def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
-    """max_layer as a hidden-state index 0..L (negatives count from the end)."""
-    if max_layer is None:
-        return num_layers
-    if isinstance(max_layer, bool) or not isinstance(max_layer, (int, np.integer)):
-        raise TypeError(f"max_layer must be an int, got {max_layer!r}")
-    value = int(max_layer) + (num_layers + 1 if max_layer < 0 else 0)
+def hidden_state_index(x: Any, num_layers: int, what: str = "layer index") -> int:
+    """The layer-index rule of docs/design.md, in its one place: an HF
+    hidden_states index (0 = embeddings, L = final norm; negatives count from
+    the end, -1 = L) -> 0..L. LayerTypeError for a non-int, LayerError when out
+    of range; `what` names the value in the message."""
+    from .errors import LayerError, LayerTypeError
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise LayerTypeError(f"{what} must be an int, got {x!r}")
+    value = int(x) + (num_layers + 1 if x < 0 else 0)
     if not 0 <= value <= num_layers:
-        raise ValueError(f"max_layer={max_layer} is out of range for a model with "
-                         f"{num_layers} layers (valid: {-num_layers - 1}..{num_layers})")
+        label = f"{what}={x}" if what.isidentifier() else f"{what} {x}"   # max_layer=4, layer index 4
+        raise LayerError(f"{label} is out of range: valid hidden-state indices are "
+                         f"{-num_layers - 1}..{num_layers} (0 = embeddings, {num_layers} = final norm)")
     return value
+
+
+def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
+    """max_layer as a hidden-state index 0..L (None: L)."""
+    return num_layers if max_layer is None else hidden_state_index(max_layer, num_layers, "max_layer")
 
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,

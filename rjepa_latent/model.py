@@ -52,7 +52,8 @@ import numpy as np
 
 from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from . import _core
-from .checkpoint import CheckpointSource, engine_config, open_checkpoint, read_config
+from .checkpoint import (CheckpointSource, engine_config, hidden_state_index, open_checkpoint,
+                         read_config)
 from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                      SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
@@ -235,11 +236,7 @@ def resolve_layers(layers: Iterable[int], num_layers: int, max_layer: int) -> li
     for x in layers:
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
             raise LayerTypeError(f"layers must be ints, got {x!r}")
-        v = int(x) + (num_layers + 1 if x < 0 else 0)
-        if not 0 <= v <= num_layers:
-            raise LayerError(f"layer index {x} is out of range: valid hidden-state indices are "
-                             f"{-num_layers - 1}..{num_layers} (0 = embeddings, "
-                             f"{num_layers} = final norm)")
+        v = hidden_state_index(x, num_layers)
         if v > max_layer:
             raise LayerError(f"layer index {x} (= {v}) is deeper than this model's max_layer="
                              f"{max_layer}; load the model with a larger max_layer")

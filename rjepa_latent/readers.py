@@ -52,14 +52,13 @@ def _need(module: str):
 def stored_layer(store: LatentStore, layer: int) -> int:
     """Position in the run's stored layers of hidden-state index `layer`
     (negatives count from the end, as everywhere: -1 = the final norm)."""
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise TypeError(f"layer must be an int, got {layer!r}")
+    from .checkpoint import hidden_state_index
     n = int(store.config["num_layers"])
     stored = [int(x) for x in store.config["layers"]]
-    absolute = int(layer) + (n + 1 if layer < 0 else 0)
+    absolute = hidden_state_index(layer, n, "layer")
     if absolute not in stored:
-        raise ValueError(f"layer {layer} (hidden-state index {absolute}) is not in this run; it stores "
-                         f"layers {stored} (of 0..{n})")
+        shown = f"layer {layer}" if absolute == layer else f"layer {layer} (= {absolute})"
+        raise ValueError(f"{shown} is not in this run; it stores layers {stored} (of 0..{n})")
     return stored.index(absolute)
 
 
