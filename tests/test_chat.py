@@ -152,3 +152,21 @@ def test_template_errors_are_clear():
     unsafe = chat.ChatTemplate("{{ ''.__class__.__mro__ }}")
     with pytest.raises(Exception):
         unsafe.render([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "smollm2_gguf"])
+def test_every_sample_record_renders_as_transformers_does(name):
+    """The package's 42 sample problems through each template (plain and, where
+    the template shows reasoning, --chat-think), against apply_chat_template."""
+    from rjepa_latent.demo import SAMPLES_DIR
+    t = _templates()[name]
+    rows = [json.loads(line) for line in (SAMPLES_DIR / "word_problems.jsonl").read_text().splitlines()]
+    assert len(rows) == 42
+    for think in ([False, True] if name == "qwen3" else [False]):
+        for r in rows:
+            msgs, idx, field, ranges = chat.step_messages(r.get("question"), r["steps"], think=think,
+                                                          answer=r.get("answer"), system="Be brief.")
+            text, found = t.render_steps(msgs, idx, field, ranges)
+            assert text == _hf_render(t.source, msgs, t.special_tokens)
+            assert [text[a:b] for a, b in found] == [s.strip() if name == "llama3" and not k else s
+                                                     for k, s in enumerate(r["steps"])]
