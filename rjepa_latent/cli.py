@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "info": ("rjepa_latent.info", "show what a run directory holds: progress, errors, configuration"),
     "bench": ("rjepa_latent.bench", "benchmark this engine (and HF transformers, when installed)"),
     "parity": ("rjepa_latent.parity", "compare this engine with HF transformers on a model, layer by layer"),
+    "verify": ("rjepa_latent.verify", "check a run directory's files against its manifest (every sha256)"),
     "export": ("rjepa_latent.readers", "write a run as Parquet or flat .npy arrays for training"),
     "demo": ("rjepa_latent.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
 }

@@ -57,7 +57,7 @@ from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE,
 from .errors import InputError, StoreError, TokenIdError
 from .model import POOLINGS, TOKEN_POOLING, Model, resolve_poolings
 from .plan import part_shards, plan_batches, shard_ranges
-from .store import STORE_DTYPES, RunStore, convert_latents
+from .store import ERRORS, STORE_DTYPES, RunStore, convert_latents, damage_report
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
 
 DEFAULT_SHARD_SIZE = 1000
@@ -225,7 +225,7 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     progress: bool = True, device: str | None = None, threads: int | None = None,
                     allow_kernel_change: bool = False, segment: str = "auto",
                     strip_annotations: bool = False, chat: bool = False, chat_think: bool = False,
-                    system: str | None = None) -> dict:
+                    system: str | None = None, repair: bool = False) -> dict:
     """Extract step latents of the records in `inputs` into the run directory `out`.
 
     `inputs` is a path or a list of paths of .jsonl / .json / .parquet files, or
@@ -253,6 +253,11 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     summary dict (items, steps, errors, tokens, wall_s, tokens_per_s,
     engine_tokens_per_s, ...). With `strict`, raises ValueError at the end if
     any record could not be processed.
+
+    Every resume checks the committed shards first (sizes, headers against the
+    manifest, sidecar sha256) and raises StoreError naming any damaged one;
+    `repair` also checks every payload sha256 and redoes exactly the damaged or
+    missing shards in place (summary "repaired"); a single run only (part 0/1).
     """
     t_start = time.perf_counter()
     store_dtype, max_text_tokens = dtype, max_tokens  # one meaning per name from here on
@@ -273,6 +278,9 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     part = parse_part(part)
+    if repair and part[1] != 1:
+        raise ValueError("repair runs as a single run (part 0/1, the default), after every --part "
+                         "worker stopped: it checks and redoes shards of all parts")
     chat = bool(chat or chat_think)
     if chat and template is not None:
         raise ValueError("template and chat exclude each other: with chat the model's chat template "
@@ -296,7 +304,7 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                         max_text_tokens=max_text_tokens, budget=max_batch_tokens or m.max_batch_tokens,
                         shard_size=shard_size, part=part, strict=strict, progress=progress,
                         fingerprint=fingerprint, allow_kernel_change=allow_kernel_change,
-                        t_start=t_start)
+                        t_start=t_start, repair=repair)
     finally:
         if owned:
             m.close()
@@ -305,7 +313,8 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
 def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int], pooling: str,
              store_dtype: str, tmpl: Template, step_regex: str, reading: dict, max_text_tokens: int | None,
              budget: int, shard_size: int, part: tuple[int, int], strict: bool, progress: bool,
-             fingerprint: list[dict], allow_kernel_change: bool, t_start: float) -> dict:
+             fingerprint: list[dict], allow_kernel_change: bool, t_start: float,
+             repair: bool = False) -> dict:
     lays = m.resolve_layers(layers)
     if m.backend != "cpu" and budget > m.max_batch_tokens:
         raise ValueError(f"max_batch_tokens={budget} is more than the {m.max_batch_tokens} tokens "
@@ -331,8 +340,18 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
     }
     # refuses a clashing directory, touching nothing
     store = RunStore(out, config, part, allow_kernel_change=allow_kernel_change)
-    if store.is_complete():
-        return _strict(_summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True), strict, out)
+    problems = store.check_committed(full=repair, progress=progress)   # see docs/formats.md
+    # errors.jsonl is derived, and stale after a kill between the manifest and it: rewritten below
+    damaged = {f: why for f, why in problems.items() if f != ERRORS}
+    if damaged and not repair:
+        raise StoreError(f"{out}: {len(damaged)} committed file(s) are damaged or missing, so the run "
+                         f"is not complete and nothing was changed:\n{damage_report(Path(out), damaged)}"
+                         "\nRun the same command with --repair to redo exactly those shards "
+                         f"(`rjepa-latent verify {out}` checks every sha256)")
+    repaired = store.forget(damaged)
+    if store.is_complete() and not problems:
+        summary = _summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True)
+        return _strict({**summary, "repaired": []}, strict, out)
 
     records = list(read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
                                 strip_annotations=reading["strip"], chat=chat))
@@ -350,11 +369,14 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         with m.workspace_for(budget):  # a budget over the Model's: grown for this run only
             runner.run(pending, lambda k: _shard_work(k, ranges[k], records, tok, max_text_tokens,
                                                       m, budget, per_token))
+        if problems:   # errors.jsonl is derived: rewritten whole once the shards are mended
+            store.rewrite_errors()
         summary = _summary(store, part, pending, runner.compute_s, time.perf_counter() - t_start,
                            noop=False, tokens_run=runner.tokens)
     finally:
         store.close()
     summary["throughput_warnings"] = runner.watch.warnings
+    summary["repaired"] = repaired
     return _strict(summary, strict, out)
 
 
@@ -631,6 +653,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-kernel-change", action="store_true",
                    help="resume under another kernel identity (BLAS core / GPU + cuBLAS); each shard "
                         "records the kernel it was computed with")
+    p.add_argument("--repair", action="store_true",
+                   help="check every committed file's sha256 and redo exactly the damaged or missing "
+                        "shards (a single run; the other options as for the run)")
     p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -668,7 +693,13 @@ def _run(args: argparse.Namespace) -> int:
         system=args.system,
         step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
         shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
-        device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change)
+        device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change,
+        repair=args.repair)
+    if args.repair:
+        fixed = summary.get("repaired", [])
+        print(f"rjepa-latent extract: --repair: every committed file checked; "
+              + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
+              file=sys.stderr)
     print(format_summary(summary))
     if args.strict and summary["errors"]:
         print(f"rjepa-latent extract: {summary['errors']} records could not be processed "

@@ -41,6 +41,15 @@ Design choices:
   `latents.<name>` (the others); the header's __metadata__ "poolings" and the
   configuration's `pooling` (a name, or a list of names) say which. A
   per-token run ("none") stores every token's row and each token's step.
+- Integrity (nothing damaged is served): every open of a shard checks its
+  size, its header against the manifest entry (dtypes, shapes, offsets, the
+  counts of items, steps, tokens and poolings) and the sha256 of its sidecar
+  (.jsonl, small); the payload sha256 is streamed only on request
+  (`verify_run`, `open_latents(verify=True)`, `rjepa-latent verify`,
+  `extract --repair`), since it costs a full read of the run. Every problem
+  is a StoreError naming the file. Sidecars are strict JSON: a non-finite
+  float in a carried field is written as null and its name listed in the
+  row's `nonfinite_fields`.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
   step (mid-write, after fsync, after rename, after the directory fsync), so
   tests can kill deterministically at many distinct instants.
@@ -55,6 +64,8 @@ import os
 import re
 import signal
 import struct
+import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -135,7 +146,19 @@ def _json_bytes(obj) -> bytes:
 
 
 def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    # allow_nan=False: a bare NaN / Infinity is not JSON; write_shard makes them null first
+    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows).encode("utf-8")
+
+
+def file_sha256(path: Path, on_bytes=None) -> str:
+    """sha256 of a file, streamed in 4 MiB blocks; `on_bytes(n)` after each block."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return h.hexdigest()
 
 # ------------------------------------------------------------ safetensors
 
@@ -188,25 +211,87 @@ def read_safetensors(path: Path, writable: bool = False) -> dict[str, np.ndarray
         if size < 8:
             raise StoreError(f"{path}: too short to be a safetensors file")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+    return _parse_safetensors(path, mm, size)[0]
+
+
+def _parse_safetensors(path: Path, mm, size: int) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors as views of `mm`, the header's __metadata__)."""
+    if size < 8:
+        raise StoreError(f"{path}: too short to be a safetensors file; the file is damaged")
     (n,) = struct.unpack("<Q", mm[:8])
     if n > _MAX_HEADER or 8 + n > size:
-        raise StoreError(f"{path}: header length {n} is out of bounds")
+        raise StoreError(f"{path}: header length {n} is out of bounds; the file is damaged")
     try:
         header = json.loads(bytes(mm[8:8 + n]))
     except ValueError as e:
-        raise StoreError(f"{path}: header is not JSON: {e}") from None
+        raise StoreError(f"{path}: header is not JSON ({e}); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: header is not a JSON object; the file is damaged")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+        try:
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise StoreError(f"{path}: tensor {name!r} has a malformed header entry; the file is damaged") from None
         count = int(np.prod(shape, dtype=np.int64))
-        if dtype is None or end - start != count * np.dtype(dtype).itemsize or 8 + n + end > size:
-            raise StoreError(f"{path}: tensor {name!r} has an invalid dtype, size or offsets")
+        if (dtype is None or min(shape, default=0) < 0 or start < 0
+                or end - start != count * np.dtype(dtype).itemsize or 8 + n + end > size):
+            raise StoreError(f"{path}: tensor {name!r} has an invalid dtype, size or offsets; "
+                             "the file is damaged")
         out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
+    meta = header.get("__metadata__", {})
+    return out, meta if isinstance(meta, dict) else {}
+
+
+def shard_layout(config: dict, entry: dict) -> list[tuple[str, str, tuple]]:
+    """[(tensor, safetensors dtype, shape)] a shard of this manifest entry holds, in file order."""
+    nl, d = len(config["layers"]), config["hidden_size"]
+    st_dtype = STORE_DTYPES[config["dtype"]][0]
+    items, steps, tokens = entry["items"], entry["steps"], entry["tokens"]
+    poolings = run_poolings(config)
+    per_token = poolings == [TOKEN_POOLING]
+    out = [("step_offsets", "I64", (items + 1,)), ("token_spans", "I32", (steps, 2))]
+    if per_token:
+        out += [("token_offsets", "I64", (items + 1,)), ("token_steps", "I32", (tokens,))]
+    rows = tokens if per_token else steps
+    out += [(latents_tensor(poolings, p), st_dtype, (nl, rows, d)) for p in poolings]
     return out
+
+
+def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, config: dict,
+                       entry: dict) -> None:
+    """Raise StoreError (naming `path`) unless the shard's header agrees with its
+    manifest entry: the tensors, their dtypes and shapes, the poolings, and the
+    offsets (monotone, from 0 to the entry's steps / tokens)."""
+    fix = "; the file is damaged: `rjepa-latent verify` lists every damaged shard, " \
+          "`rjepa-latent extract ... --repair` redoes them"
+    layout = shard_layout(config, entry)
+    names = [n for n, _, _ in layout]
+    if list(arrays) != names:
+        raise StoreError(f"{path}: holds tensors {list(arrays)}, the manifest's run stores {names}{fix}")
+    rev = {np.dtype(v): k for k, v in _ST_DTYPES.items()}   # uint16 -> BF16 (no U16 in a shard)
+    for name, st_dtype, shape in layout:
+        a = arrays[name]
+        got = rev.get(a.dtype, str(a.dtype))
+        if got != st_dtype or a.shape != shape:
+            raise StoreError(f"{path}: tensor {name!r} is {got} {list(a.shape)}, the manifest says "
+                             f"{st_dtype} {list(shape)} (items {entry['items']}, steps {entry['steps']}, "
+                             f"tokens {entry['tokens']}){fix}")
+    pool = meta.get("poolings")
+    if pool is not None and pool != ",".join(run_poolings(config)):
+        raise StoreError(f"{path}: header lists poolings {pool!r}, the run stores "
+                         f"{','.join(run_poolings(config))!r}{fix}")
+    ends = [("step_offsets", entry["steps"])]
+    if "token_offsets" in arrays:
+        ends.append(("token_offsets", entry["tokens"]))
+    for name, last in ends:
+        off = arrays[name]
+        if off[0] != 0 or off[-1] != last or (np.diff(off) < 0).any():
+            raise StoreError(f"{path}: {name} does not run from 0 to {last} in order{fix}")
 
 
 def bf16_from_f32(x: np.ndarray) -> np.ndarray:
@@ -415,8 +500,7 @@ class RunStore:
             tensors.append((latents_tensor(poolings, p), st_dtype, lat))
         st = atomic_write(self.out / f"{name}.safetensors", safetensors_chunks(
             tensors, {"poolings": ",".join(poolings)}), self.tag)
-        rows = [{"id": it.id, "num_steps": int(c), "num_tokens": int(len(it.ids)), "text": it.text,
-                 "source": it.source, "line": it.line, **it.meta} for it, c in zip(items, steps)]
+        rows = [_sidecar_row(it, int(c)) for it, c in zip(items, steps)]
         js = atomic_write(self.out / f"{name}.jsonl", [_jsonl_bytes(rows)], self.tag)
         entry = {"index": index, "records": list(records), "items": len(items), "steps": int(offsets[-1]),
                  "tokens": int(sum(len(it.ids) for it in items)), "errors": errors,
@@ -426,6 +510,28 @@ class RunStore:
         self.own[index] = entry
         self._write_manifests()
         return entry
+
+    def check_committed(self, full: bool = False, progress: bool = False) -> dict[str, str]:
+        """Problems of the committed (listed) shards and of errors.jsonl, as
+        {file name: what is wrong}; see `verify_run` (this runs it with the run's
+        manifests as loaded; `full` adds the payload sha256)."""
+        return _verify(self.out, self.manifests, full, progress)
+
+    def forget(self, files: Iterable[str]) -> list[int]:
+        """Drop the shards of `files` (damaged) from the manifests as loaded, so this
+        run recomputes them; the files on disk are replaced by write_shard, the
+        manifests rewritten after each. Returns the shard indices dropped."""
+        idx = sorted({int(m.group(1)) for f in files if (m := re.match(r"^shard-(\d{5})\.", f))})
+        for m in self.manifests.values():
+            m["shards"] = [s for s in m["shards"] if s["index"] not in idx]
+            m["complete"] = m["complete"] and not idx
+        for k in idx:
+            self.own.pop(k, None)
+        return idx
+
+    def rewrite_errors(self) -> None:
+        """Rewrite errors.jsonl from the manifests (it is derived from them)."""
+        self._put_errors(self.done())
 
     def _manifest(self, shards: dict[int, dict], complete: bool, part: tuple[int, int] | None) -> dict:
         listed = [shards[k] for k in sorted(shards)]
@@ -469,6 +575,109 @@ class RunStore:
     def _put_errors(self, shards: dict[int, dict]) -> None:
         rows = [e for k in sorted(shards) for e in shards[k]["errors"]]
         atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], self.tag)
+
+
+def _sidecar_row(it, num_steps: int) -> dict:
+    """An item's .jsonl line: strict JSON (a non-finite float in a carried field
+    becomes null, its name listed in `nonfinite_fields`); a carried field never
+    replaces a reserved key."""
+    row = {"id": it.id, "num_steps": num_steps, "num_tokens": int(len(it.ids)), "text": it.text,
+           "source": it.source, "line": it.line}
+    clash = sorted(set(it.meta) & (set(row) | {"nonfinite_fields"}))
+    if clash:
+        raise StoreError(f"item {it.id!r}: carried metadata field(s) {clash} would replace reserved "
+                         "sidecar keys (the reader renames them record_<name>); this is a bug")
+    nonfinite = []
+    for k, v in it.meta.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            nonfinite.append(k)
+            v = None
+        row[k] = v
+    if nonfinite:
+        row["nonfinite_fields"] = nonfinite
+    return row
+
+
+def _shard_problem(out: Path, config: dict, entry: dict, full: bool, on_bytes=None) -> dict[str, str]:
+    """{file: problem} of one listed shard: missing, size, sidecar sha256, header
+    vs manifest; with `full` the payload sha256 too."""
+    problems = {}
+    for fname, info in entry["files"].items():
+        p = out / fname
+        if not p.is_file():
+            problems[fname] = "missing"
+        elif p.stat().st_size != info["bytes"]:
+            problems[fname] = f"{p.stat().st_size} bytes, the manifest says {info['bytes']}"
+        elif (full or fname.endswith(".jsonl")) and file_sha256(p, on_bytes) != info["sha256"]:
+            problems[fname] = "sha256 differs from the manifest's (its content changed)"
+        elif fname.endswith(".safetensors"):
+            try:
+                with open(p, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                arrays, meta = _parse_safetensors(p, mm, info["bytes"])
+                check_shard_arrays(p, arrays, meta, config, entry)
+            except StoreError as e:
+                msg = str(e).split("; the file is damaged")[0]
+                problems[fname] = msg[len(f"{p}: "):] if msg.startswith(f"{p}: ") else msg
+            except ValueError as e:  # mmap of an empty file
+                problems[fname] = f"cannot be mapped ({e})"
+    return problems
+
+
+def listed_shards(manifests: dict[str, dict]) -> dict[int, dict]:
+    entries: dict[int, dict] = {}
+    for m in manifests.values():
+        for s in m["shards"]:
+            entries.setdefault(s["index"], s)
+    return entries
+
+
+def _verify(out: Path, manifests: dict[str, dict], full: bool, progress: bool) -> dict[str, str]:
+    if not manifests:
+        return {}
+    config = next(iter(manifests.values()))["config"]
+    entries = listed_shards(manifests)
+    total = sum(i["bytes"] for s in entries.values() for i in s["files"].values()) if full else 0
+    state = {"done": 0, "shown": 0.0}
+    show = progress and full and total > 256 * 1024 * 1024
+
+    def on_bytes(n: int) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if show and now - state["shown"] >= 1.0:
+            state["shown"] = now
+            print(f"rjepa-latent verify: {state['done'] / 2**30:.2f} / {total / 2**30:.2f} GiB hashed",
+                  file=sys.stderr, flush=True)
+    problems: dict[str, str] = {}
+    for k in sorted(entries):
+        problems.update(_shard_problem(out, config, entries[k], full, on_bytes))
+    m = manifests.get(MANIFEST)
+    if m is not None and m["complete"]:   # errors.jsonl is derived from the complete manifest
+        want = _jsonl_bytes(e for s in m["shards"] for e in s["errors"])
+        p = out / ERRORS
+        if not p.is_file() or p.read_bytes() != want:
+            problems[ERRORS] = "missing or not what the manifest's error lists give (it is derived from them)"
+    return problems
+
+
+def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> dict[str, str]:
+    """Check a run directory: every listed shard file present, of its size, its
+    header consistent with the manifest, its sidecar's sha256 (and with `full`,
+    the default, every payload's sha256, streamed); errors.jsonl equal to what
+    the complete manifest derives. Returns {file name: what is wrong} (empty:
+    all sound). Raises StoreError when the manifests cannot be read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"{path} is not a directory")
+    manifests = read_manifests(path)
+    if not manifests:
+        raise StoreError(f"{path} has no manifest.json: not an rjepa-latent run directory "
+                         "(or no shard finished yet)")
+    return _verify(path, manifests, full, progress)
+
+
+def damage_report(path: Path, problems: dict[str, str]) -> str:
+    return "\n".join(f"  {path / f}: {why}" for f, why in sorted(problems.items()))
 
 # ------------------------------------------------------------ reader
 
@@ -538,7 +747,7 @@ class LatentItem:
 class LatentStore:
     """Read side of a run directory; see `open_latents`."""
 
-    def __init__(self, path: str | Path, writable: bool = False):
+    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False):
         self.path = Path(path)
         self.writable = writable
         if not self.path.is_dir():
@@ -557,6 +766,12 @@ class LatentStore:
             for s in m["shards"]:
                 shards.setdefault(s["index"], s)
         self.shards = [shards[k] for k in sorted(shards)]
+        if verify:
+            bad = _verify(self.path, manifests, True, True)
+            if bad:
+                raise StoreError(f"{self.path}: {len(bad)} damaged or missing file(s):\n"
+                                 + damage_report(self.path, bad) + "\nrun the extract command "
+                                 "again with --repair to redo the damaged shards")
         self.complete = len(self.shards) == first["num_shards"]
         self.errors = [e for s in self.shards for e in s["errors"]]
         self.dtype = self.config["dtype"]
@@ -566,9 +781,7 @@ class LatentStore:
         self._where: list[tuple[int, int]] = []
         for si, s in enumerate(self.shards):
             jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
-            # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
-            # which json.dumps leaves unescaped inside strings
-            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").split("\n") if line]
+            rows = _read_sidecar(jsonl, s["files"].get(jsonl.name, {}))
             if len(rows) != s["items"]:
                 raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
             self._meta.append(rows)
@@ -601,16 +814,23 @@ class LatentStore:
         if si in self._arrays:
             self._arrays.move_to_end(si)
             return self._arrays[si]
-        path = self.path / f"shard-{self.shards[si]['index']:05d}.safetensors"
-        arrays = read_safetensors(path, self.writable)
+        entry = self.shards[si]
+        path = self.path / f"shard-{entry['index']:05d}.safetensors"
+        info = entry["files"].get(path.name, {})
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != info.get("bytes"):
+                    raise StoreError(f"{path}: {size} bytes, the manifest says {info.get('bytes')}; the "
+                                     "file is damaged: `rjepa-latent extract ... --repair` redoes it")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if self.writable else mmap.ACCESS_READ)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
+                             "manifest: `rjepa-latent extract ... --repair` redoes it") from None
+        arrays, meta = _parse_safetensors(path, mm, size)
+        check_shard_arrays(path, arrays, meta, self.config, entry)
         # a writable store maps the shard anew for every access (never cached):
         # a write into one returned array then never shows in another one
-        want = [latents_tensor(self.poolings, p) for p in self.poolings] + \
-            (["token_offsets", "token_steps"] if self.per_token else [])
-        missing = [k for k in ["step_offsets", "token_spans", *want] if k not in arrays]
-        if missing:
-            raise StoreError(f"{path}: no tensor {', '.join(map(repr, missing))}, which this run's "
-                             f"pooling {self.config.get('pooling')!r} needs; the file is damaged")
         if self.writable:
             return arrays
         self._arrays[si] = arrays
@@ -649,9 +869,34 @@ class LatentStore:
         return f"LatentStore({str(self.path)!r}, {len(self)} items, {len(self.errors)} errors, {state})"
 
 
-def open_latents(path: str | Path, writable: bool = False) -> LatentStore:
+def _read_sidecar(path: Path, info: dict) -> list[dict]:
+    """A shard's .jsonl rows, after checking its size and sha256 against the manifest."""
+    fix = "; `rjepa-latent extract ... --repair` redoes the shard"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the shard's metadata ({e.strerror}){fix}") from None
+    if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise StoreError(f"{path}: size or sha256 differs from the manifest's (the file was changed "
+                         f"after it was written){fix}")
+    rows = []
+    # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
+    # which json.dumps leaves unescaped inside strings
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise StoreError(f"{path}: line {n} is not JSON ({e}){fix}") from None
+    return rows
+
+
+def open_latents(path: str | Path, writable: bool = False, verify: bool = False) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
     reading; `writable` maps a shard copy-on-write for each access (arrays
     that may be written in memory, privately: the files and every other
-    returned array never change)."""
-    return LatentStore(path, writable)
+    returned array never change). Every shard's header is checked against the
+    manifest when it is first mapped, every sidecar's sha256 on open;
+    `verify` also hashes every payload first (a full read) and raises
+    StoreError listing each damaged or missing file."""
+    return LatentStore(path, writable, verify)

@@ -1,0 +1,186 @@
+"""Nothing damaged is served or counted as done: one flipped payload byte, a
+shard header edited F32 -> I32, an edited id, two sidecar lines swapped, a
+deleted shard file, an edited errors.jsonl are each found (by the reader, by
+`rjepa-latent verify`, by a resume), and `extract --repair` mends each, ending
+byte-identical to an untouched run. Sidecars are strict JSON."""
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import rjepa_latent as rl
+from rjepa_latent import StoreError
+from rjepa_latent.cli import main as cli_main
+from rjepa_latent.store import RunStore, verify_run
+
+SHARD = 3
+RECORDS = [{"id": f"r{i}", "question": f"What is {i} plus {i}?",
+            "steps": [f"Add {i} and {i}.", f"The sum is {2 * i}."]} for i in range(11)]
+
+
+def _strict_loads(line: str):
+    def refuse(name):
+        raise ValueError(f"bare {name} in a sidecar")
+    return json.loads(line, parse_constant=refuse)
+
+
+def snapshot(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return rl.Model(tiny_model_dir("llama"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("integrity")
+    lines = [json.dumps(r) for r in RECORDS]
+    lines[1] = '{"id": "broken", "steps": ['                       # an error record in shard 0
+    lines[7] = lines[7][:-1] + ', "score": NaN, "w": -Infinity, "ok": 1.5}'   # shard 2 carries NaN
+    data = root / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    ref = root / "reference"
+    s = rl.extract_dataset(data, model, ref, shard_size=SHARD, progress=False)
+    assert s["complete"] and s["errors"] == 1 and s["repaired"] == []
+    return SimpleNamespace(root=root, data=data, ref=ref, snap=snapshot(ref))
+
+
+def test_sidecars_are_strict_json_and_nonfinite_fields_are_null(run):
+    for p in sorted(run.ref.glob("shard-*.jsonl")):
+        for line in p.read_text().splitlines():
+            _strict_loads(line)   # raises on a bare NaN / Infinity
+    row = rl.open_latents(run.ref)["r7"].meta
+    assert row["score"] is None and row["w"] is None and row["ok"] == 1.5
+    assert row["nonfinite_fields"] == ["score", "w"]
+    assert "nonfinite_fields" not in rl.open_latents(run.ref)["r6"].meta
+    assert verify_run(run.ref) == {}
+
+
+def test_carried_field_never_replaces_a_reserved_key(tmp_path):
+    cfg = {"model_fingerprint": "abc", "layers": [1], "hidden_size": 4, "dtype": "float32",
+           "pooling": "mean", "shard_size": 2}
+    st = RunStore(tmp_path / "run", cfg)
+    st.prepare(2)
+    for bad in ({"id": "x"}, {"nonfinite_fields": []}):
+        it = SimpleNamespace(id="a", ids=np.arange(3, dtype=np.int32), text="t", source="f.jsonl", line=1,
+                             spans=np.array([[0, 3]], np.int32), meta=bad)
+        with pytest.raises(StoreError, match="reserved"):
+            st.write_shard(0, (0, 2), [it], [np.zeros((1, 1, 4), np.float32)], [])
+    st.close()
+
+
+def _flip_last_byte(p: Path):
+    b = bytearray(p.read_bytes())
+    b[-1] ^= 0x01          # the last byte of the last latents tensor: payload, same size
+    p.write_bytes(bytes(b))
+
+
+def _header_dtype(p: Path):
+    b = p.read_bytes()
+    old = b'"latents":{"dtype":"F32"'
+    assert b.count(old) == 1
+    p.write_bytes(b.replace(old, b'"latents":{"dtype":"I32"'))
+
+
+def _swap_lines(p: Path):
+    lines = p.read_bytes().split(b"\n")
+    lines[0], lines[1] = lines[1], lines[0]
+    p.write_bytes(b"\n".join(lines))
+
+
+def _edit_id(p: Path):
+    b = p.read_bytes()
+    p.write_bytes(b.replace(b'"id": "r4"', b'"id": "r9"', 1))
+
+
+DAMAGE = {   # kind: (file, how, found by every open / resume without hashing the payload)
+    "payload_byte": ("shard-00001.safetensors", _flip_last_byte, False),
+    "header_dtype": ("shard-00001.safetensors", _header_dtype, True),
+    "swapped_lines": ("shard-00001.jsonl", _swap_lines, True),
+    "edited_id": ("shard-00001.jsonl", _edit_id, True),
+    "deleted_shard": ("shard-00002.safetensors", lambda p: p.unlink(), True),
+    "deleted_sidecar": ("shard-00003.jsonl", lambda p: p.unlink(), True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damage_is_found_and_repaired(run, model, kind, capsys):
+    fname, damage, quick = DAMAGE[kind]
+    out = run.root / kind
+    shutil.copytree(run.ref, out)
+    damage(out / fname)
+    index = int(fname[6:11])
+
+    # the reader: never serves the damaged shard's bytes silently
+    if quick:
+        with pytest.raises(StoreError, match=fname.replace(".", r"\.")):
+            store = rl.open_latents(out)
+            for it in store:
+                it.latents
+    else:   # a payload flip is invisible to a header check; verify=True hashes it
+        with pytest.raises(StoreError, match=fname.replace(".", r"\.")):
+            rl.open_latents(out, verify=True)
+    if kind == "header_dtype":   # the old reader returned int32 arrays here
+        with pytest.raises(StoreError, match=r"'latents' is I32 .* manifest says F32"):
+            rl.open_latents(out)["r3"]
+
+    # rjepa-latent verify: exit 1, names the file
+    capsys.readouterr()
+    assert cli_main(["verify", str(out), "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert str(out / fname) in printed and "1 damaged or missing file" in printed
+
+    # a plain resume does not say "complete": it stops, pointing at --repair
+    if quick:
+        with pytest.raises(StoreError, match=r"(?s)damaged or missing.*--repair") as e:
+            rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False)
+        assert fname in str(e.value)
+
+    s = rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False, repair=True)
+    assert s["repaired"] == [index] and s["shards_written"] == 1 and s["complete"]
+    assert snapshot(out) == run.snap
+    assert cli_main(["verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_stale_errors_jsonl_is_found_and_rewritten(run, model, repair, capsys):
+    # what a kill between the complete manifest and errors.jsonl leaves (or an edit)
+    out = run.root / f"errors_edit_{repair}"
+    shutil.copytree(run.ref, out)
+    (out / "errors.jsonl").write_text("")
+    assert set(verify_run(out)) == {"errors.jsonl"}
+    assert cli_main(["verify", str(out)]) == 1
+    s = rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False, repair=repair)
+    assert not s["noop"] and s["repaired"] == [] and s["shards_written"] == 0
+    assert snapshot(out) == run.snap
+
+
+def test_repair_of_two_shards_through_the_cli(run, tiny_model_dir, capsys):
+    out = run.root / "cli_repair"
+    shutil.copytree(run.ref, out)
+    _flip_last_byte(out / "shard-00000.safetensors")
+    _swap_lines(out / "shard-00002.jsonl")
+    cmd = ["extract", str(run.data), "--model", str(tiny_model_dir("llama")), "--out", str(out),
+           "--shard-size", str(SHARD), "--device", "cpu", "--no-progress"]
+    assert cli_main(cmd) == 2                       # the sidecar swap stops a plain resume
+    assert "--repair" in capsys.readouterr().err
+    assert cli_main(cmd + ["--repair"]) == 0
+    assert "redid shard(s) 0, 2" in capsys.readouterr().err
+    assert snapshot(out) == run.snap
+    assert cli_main(cmd + ["--repair"]) == 0        # sound now: nothing redone
+    assert "no shard was damaged" in capsys.readouterr().err and snapshot(out) == run.snap
+
+
+def test_verify_cannot_run(tmp_path, capsys):
+    assert cli_main(["verify", str(tmp_path / "absent")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["verify", str(tmp_path / "empty")]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    assert cli_main(["verify", str(tmp_path / "bad")]) == 2
+    assert "manifest" in capsys.readouterr().err
