@@ -90,6 +90,7 @@ _OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5}\.(
                        r"|\..+\.tmp-\d+-\d+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 MAX_OPEN_SHARDS = 16  # shards a reader keeps mapped (one file descriptor each)
+VERIFY_PROGRESS_BYTES = 256 * 1024 * 1024  # a full verify of more shows a progress line
 
 # ------------------------------------------------------------ atomic writes
 
@@ -214,19 +215,23 @@ def read_safetensors(path: Path, writable: bool = False) -> dict[str, np.ndarray
     return _parse_safetensors(path, mm, size)[0]
 
 
+_DAMAGED = ("; the file is damaged: `rjepa-latent verify RUN` lists every damaged shard, "
+            "`rjepa-latent extract ... --repair` redoes them")
+
+
 def _parse_safetensors(path: Path, mm, size: int) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors as views of `mm`, the header's __metadata__)."""
     if size < 8:
-        raise StoreError(f"{path}: too short to be a safetensors file; the file is damaged")
+        raise StoreError(f"{path}: too short to be a safetensors file{_DAMAGED}")
     (n,) = struct.unpack("<Q", mm[:8])
     if n > _MAX_HEADER or 8 + n > size:
-        raise StoreError(f"{path}: header length {n} is out of bounds; the file is damaged")
+        raise StoreError(f"{path}: header length {n} is out of bounds{_DAMAGED}")
     try:
         header = json.loads(bytes(mm[8:8 + n]))
     except ValueError as e:
-        raise StoreError(f"{path}: header is not JSON ({e}); the file is damaged") from None
+        raise StoreError(f"{path}: header is not JSON ({e}){_DAMAGED}") from None
     if not isinstance(header, dict):
-        raise StoreError(f"{path}: header is not a JSON object; the file is damaged")
+        raise StoreError(f"{path}: header is not a JSON object{_DAMAGED}")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -236,12 +241,11 @@ def _parse_safetensors(path: Path, mm, size: int) -> tuple[dict[str, np.ndarray]
             start, end = (int(x) for x in info["data_offsets"])
             shape = tuple(int(x) for x in info["shape"])
         except (AttributeError, KeyError, TypeError, ValueError):
-            raise StoreError(f"{path}: tensor {name!r} has a malformed header entry; the file is damaged") from None
+            raise StoreError(f"{path}: tensor {name!r} has a malformed header entry{_DAMAGED}") from None
         count = int(np.prod(shape, dtype=np.int64))
         if (dtype is None or min(shape, default=0) < 0 or start < 0
                 or end - start != count * np.dtype(dtype).itemsize or 8 + n + end > size):
-            raise StoreError(f"{path}: tensor {name!r} has an invalid dtype, size or offsets; "
-                             "the file is damaged")
+            raise StoreError(f"{path}: tensor {name!r} has an invalid dtype, size or offsets{_DAMAGED}")
         out[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
     meta = header.get("__metadata__", {})
     return out, meta if isinstance(meta, dict) else {}
@@ -267,8 +271,7 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
     """Raise StoreError (naming `path`) unless the shard's header agrees with its
     manifest entry: the tensors, their dtypes and shapes, the poolings, and the
     offsets (monotone, from 0 to the entry's steps / tokens)."""
-    fix = "; the file is damaged: `rjepa-latent verify` lists every damaged shard, " \
-          "`rjepa-latent extract ... --repair` redoes them"
+    fix = _DAMAGED
     layout = shard_layout(config, entry)
     names = [n for n, _, _ in layout]
     if list(arrays) != names:
@@ -639,7 +642,7 @@ def _verify(out: Path, manifests: dict[str, dict], full: bool, progress: bool) -
     entries = listed_shards(manifests)
     total = sum(i["bytes"] for s in entries.values() for i in s["files"].values()) if full else 0
     state = {"done": 0, "shown": 0.0}
-    show = progress and full and total > 256 * 1024 * 1024
+    show = progress and full and total > VERIFY_PROGRESS_BYTES
 
     def on_bytes(n: int) -> None:
         state["done"] += n

@@ -163,3 +163,56 @@ def test_two_runs_cannot_write_one_directory_at_once(tmp_path):
     b.prepare(4)       # --part workers share a directory
     a.close()
     b.close()
+
+
+def _edit(path, old, new):
+    b = path.read_bytes()
+    assert b.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(b.replace(old, new))
+
+
+@pytest.mark.parametrize("pooling,edit", [
+    ("mean", (b'"step_offsets":{"dtype":"I64"', b'"step_offsets":{"dtype":"F64"')),     # unknown dtype
+    ("none", (b'"token_steps":{"dtype":"I32"', b'"token_steps":{"dtype":"F32"')),     # per-token tensor
+    (["mean", "max"], (b'"poolings":"mean,max"', b'"poolings":"max,mean"')),        # pooling order
+    (["mean", "max"], (b'"latents.max"', b'"latents.min"')),                          # a tensor renamed
+])
+def test_header_edits_are_refused_naming_the_shard(tmp_path, pooling, edit):
+    out = tmp_path / "run"
+    st = RunStore(out, {**CONFIG, "pooling": pooling})
+    st.prepare(3)
+    n_pool = 1 if isinstance(pooling, str) else len(pooling)
+    rows = 5 if pooling == "none" else 2
+    st.write_shard(0, (0, 3), fake_items(1, 0), [np.zeros((n_pool, 2, rows, 8), np.float32)], [])
+    st.close()
+    assert open_latents(out)[0].latents.shape == (2, rows, 8)
+    _edit(out / "shard-00000.safetensors", *edit)
+    s = open_latents(out)          # the sidecar is sound: opening works
+    with pytest.raises(StoreError, match=r"shard-00000\.safetensors: .*--repair"):
+        s[0]
+    from rjepa_latent.store import verify_run
+    assert list(verify_run(out, full=False)) == ["shard-00000.safetensors"]
+
+
+def test_sidecar_damage_is_a_store_error_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    st = RunStore(out, CONFIG)
+    st.prepare(3)
+    st.write_shard(0, (0, 3), fake_items(2, 0), [np.zeros((2, 2, 8), np.float32)] * 2, [])
+    st.close()
+    _edit(out / "shard-00000.jsonl", b'{"id": "r0"', b'{"id": "r0 ')   # same size, not JSON any more
+    with pytest.raises(StoreError, match=r"shard-00000\.jsonl: size or sha256 differs.*--repair"):
+        open_latents(out)
+
+
+def test_verify_shows_progress_on_large_runs(tmp_path, monkeypatch, capsys):
+    import rjepa_latent.store as store
+    out = tmp_path / "run"
+    st = RunStore(out, CONFIG)
+    st.prepare(3)
+    st.write_shard(0, (0, 3), fake_items(2, 0), [np.zeros((2, 2, 8), np.float32)] * 2, [])
+    st.close()
+    assert store.verify_run(out, progress=True) == {} and "hashed" not in capsys.readouterr().err
+    monkeypatch.setattr(store, "VERIFY_PROGRESS_BYTES", 10)
+    assert store.verify_run(out, progress=True) == {}
+    assert "GiB hashed" in capsys.readouterr().err
