@@ -611,9 +611,10 @@ def _shard_problem(out: Path, config: dict, entry: dict, full: bool, on_bytes=No
             problems[fname] = "missing"
         elif p.stat().st_size != info["bytes"]:
             problems[fname] = f"{p.stat().st_size} bytes, the manifest says {info['bytes']}"
-        elif (full or fname.endswith(".jsonl")) and file_sha256(p, on_bytes) != info["sha256"]:
-            problems[fname] = "sha256 differs from the manifest's (its content changed)"
-        elif fname.endswith(".safetensors"):
+        elif fname.endswith(".jsonl"):
+            if file_sha256(p, on_bytes) != info["sha256"]:
+                problems[fname] = "sha256 differs from the manifest's (its content changed)"
+        else:   # the header first (the more telling reason), then with `full` the whole file's hash
             try:
                 with open(p, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -624,6 +625,8 @@ def _shard_problem(out: Path, config: dict, entry: dict, full: bool, on_bytes=No
                 problems[fname] = msg[len(f"{p}: "):] if msg.startswith(f"{p}: ") else msg
             except ValueError as e:  # mmap of an empty file
                 problems[fname] = f"cannot be mapped ({e})"
+            if fname not in problems and full and file_sha256(p, on_bytes) != info["sha256"]:
+                problems[fname] = "sha256 differs from the manifest's (its payload changed)"
     return problems
 
 

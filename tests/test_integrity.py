@@ -184,3 +184,26 @@ def test_verify_cannot_run(tmp_path, capsys):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     assert cli_main(["verify", str(tmp_path / "bad")]) == 2
     assert "manifest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kill_at", [1, 3, 6])
+def test_a_repair_killed_half_way_is_finished_by_running_it_again(run, tiny_model_dir, kill_at):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = run.root / f"killed_repair_{kill_at}"
+    shutil.copytree(run.ref, out)
+    _flip_last_byte(out / "shard-00001.safetensors")
+    _swap_lines(out / "shard-00001.jsonl")
+    cmd = [sys.executable, "-m", "rjepa_latent.cli", "extract", str(run.data), "--model",
+           str(tiny_model_dir("llama")), "--out", str(out), "--shard-size", str(SHARD), "--device", "cpu",
+           "--no-progress", "--repair"]
+    env = {**os.environ, "PYTHONPATH": str(Path(rl.__file__).parents[1])}
+    r = subprocess.run(cmd, env={**env, "RJEPA_TEST_KILL_AT": str(kill_at)}, capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert snapshot(out) != run.snap
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "redid shard(s) 1" in r.stderr
+    assert snapshot(out) == run.snap
