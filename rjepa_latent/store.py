@@ -580,24 +580,30 @@ class RunStore:
         atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], self.tag)
 
 
+NONFINITE = "nonfinite_fields"   # sidecar key: carried fields whose non-finite float became null
+
+
 def _sidecar_row(it, num_steps: int) -> dict:
     """An item's .jsonl line: strict JSON (a non-finite float in a carried field
     becomes null, its name listed in `nonfinite_fields`); a carried field never
     replaces a reserved key."""
     row = {"id": it.id, "num_steps": num_steps, "num_tokens": int(len(it.ids)), "text": it.text,
            "source": it.source, "line": it.line}
-    clash = sorted(set(it.meta) & (set(row) | {"nonfinite_fields"}))
-    if clash:
+    clash = sorted(set(it.meta) & set(row))
+    if clash:   # data.py renames these record_<name>: reaching here is a bug, never silent
         raise StoreError(f"item {it.id!r}: carried metadata field(s) {clash} would replace reserved "
                          "sidecar keys (the reader renames them record_<name>); this is a bug")
     nonfinite = []
     for k, v in it.meta.items():
+        if k == NONFINITE:   # an input field of that name: record_<name>, made unique
+            while k in it.meta or k in row:
+                k = f"record_{k}"
         if isinstance(v, float) and not np.isfinite(v):
-            nonfinite.append(k)
+            nonfinite.append(k)   # the name it is stored under
             v = None
         row[k] = v
     if nonfinite:
-        row["nonfinite_fields"] = nonfinite
+        row[NONFINITE] = nonfinite
     return row
 
 

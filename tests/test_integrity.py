@@ -42,6 +42,7 @@ def run(tmp_path_factory, model):
     lines = [json.dumps(r) for r in RECORDS]
     lines[1] = '{"id": "broken", "steps": ['                       # an error record in shard 0
     lines[7] = lines[7][:-1] + ', "score": NaN, "w": -Infinity, "ok": 1.5}'   # shard 2 carries NaN
+    lines[8] = lines[8][:-1] + ', "nonfinite_fields": "mine", "record_nonfinite_fields": 2, "z": NaN}'
     data = root / "data.jsonl"
     data.write_text("\n".join(lines) + "\n")
     ref = root / "reference"
@@ -58,6 +59,9 @@ def test_sidecars_are_strict_json_and_nonfinite_fields_are_null(run):
     assert row["score"] is None and row["w"] is None and row["ok"] == 1.5
     assert row["nonfinite_fields"] == ["score", "w"]
     assert "nonfinite_fields" not in rl.open_latents(run.ref)["r6"].meta
+    row = rl.open_latents(run.ref)["r8"].meta   # input fields of the reserved name are kept, renamed
+    assert row["record_record_nonfinite_fields"] == "mine" and row["record_nonfinite_fields"] == 2
+    assert row["nonfinite_fields"] == ["z"] and row["z"] is None
     assert verify_run(run.ref) == {}
 
 
@@ -66,7 +70,7 @@ def test_carried_field_never_replaces_a_reserved_key(tmp_path):
            "pooling": "mean", "shard_size": 2}
     st = RunStore(tmp_path / "run", cfg)
     st.prepare(2)
-    for bad in ({"id": "x"}, {"nonfinite_fields": []}):
+    for bad in ({"id": "x"}, {"text": "y"}):
         it = SimpleNamespace(id="a", ids=np.arange(3, dtype=np.int32), text="t", source="f.jsonl", line=1,
                              spans=np.array([[0, 3]], np.int32), meta=bad)
         with pytest.raises(StoreError, match="reserved"):
