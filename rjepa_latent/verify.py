@@ -26,13 +26,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.run)
     try:
         problems = verify_run(out, full=not args.quick, progress=not args.no_progress)
-        n = len(listed_shards(read_manifests(out)))
+        manifests = read_manifests(out)
+        n = len(listed_shards(manifests))
+        total = next(iter(manifests.values()))["num_shards"]
     except (StoreError, OSError) as e:
         print(f"rjepa-latent verify: error: {e}", file=sys.stderr)
         return 2
     what = "sizes, headers and sidecars" if args.quick else "every sha256, sizes and headers"
     if not problems:
-        print(f"{out}: {n} listed shards sound ({what} checked)")
+        state = "complete" if n == total else f"not complete: {n} of {total} shards done so far"
+        print(f"{out}: {n} listed shards sound ({what} checked); {state}")
         return 0
     print(f"{out}: {len(problems)} damaged or missing file(s) ({what} checked):\n"
           + damage_report(out, problems))

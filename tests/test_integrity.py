@@ -4,7 +4,11 @@ deleted shard file, an edited errors.jsonl are each found (by the reader, by
 `rjepa-latent verify`, by a resume), and `extract --repair` mends each, ending
 byte-identical to an untouched run. Sidecars are strict JSON."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -192,10 +196,6 @@ def test_verify_cannot_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("kill_at", [1, 3, 6])
 def test_a_repair_killed_half_way_is_finished_by_running_it_again(run, tiny_model_dir, kill_at):
-    import os
-    import signal
-    import subprocess
-    import sys
     out = run.root / f"killed_repair_{kill_at}"
     shutil.copytree(run.ref, out)
     _flip_last_byte(out / "shard-00001.safetensors")
@@ -211,3 +211,17 @@ def test_a_repair_killed_half_way_is_finished_by_running_it_again(run, tiny_mode
     assert r.returncode == 0, r.stderr[-2000:]
     assert "redid shard(s) 1" in r.stderr
     assert snapshot(out) == run.snap
+
+
+def test_verify_of_a_partial_run_says_so(tmp_path, capsys):
+    cfg = {"model_fingerprint": "abc", "layers": [1], "hidden_size": 4, "dtype": "bfloat16",
+           "pooling": "mean", "shard_size": 2}
+    st = RunStore(tmp_path / "run", cfg)
+    st.prepare(6)
+    it = SimpleNamespace(id="a", ids=np.arange(3, dtype=np.int32), text="t", source="f.jsonl", line=1,
+                         spans=np.array([[0, 3]], np.int32), meta={})
+    st.write_shard(1, (2, 4), [it], [np.zeros((1, 1, 4), np.uint16)], [])
+    st.close()
+    assert cli_main(["verify", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "1 listed shards sound" in printed and "not complete: 1 of 3 shards" in printed
