@@ -541,8 +541,8 @@ def _loads(text: str):
     try:
         return _DECODER.decode(text)
     except RecursionError:
-        raise _TooDeep("record is nested too deeply: objects / arrays inside each other beyond the "
-                       f"about {sys.getrecursionlimit()} levels the JSON parser takes; flatten it") from None
+        raise _TooDeep("record is nested too deeply: objects / arrays inside each other deeper than the "
+                       f"JSON parser takes (about {sys.getrecursionlimit()} levels); flatten it") from None
 
 
 class _TooDeep(ValueError):
@@ -974,6 +974,6 @@ def read_records(inputs: Any, fmt: str = "auto", template: Template | None = Non
                 if rid is not None and not _utf8_ok(rid):
                     rid = None  # errors.jsonl is UTF-8
                 reason = str(e) if isinstance(e, _BadRecord) else \
-                    "record is nested too deeply to process (objects / arrays inside each other)"
+                    "record is nested too deeply to process (objects / arrays inside each other); flatten it"
                 yield ErrorRecord(index, rid, name, line, reason)
             index += 1

@@ -732,7 +732,8 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if nothing_extracted(summary):
         why = ("the inputs hold no records" if not summary["records"] else
-               f"all {summary['errors']} records are errors (see {summary['errors_file']})")
+               f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}; "
+               "fix the records (or the --format / --segment options) and run again into a new --out")
         print(f"rjepa-latent extract: nothing was extracted: {why}", file=sys.stderr)
         return 1
     if args.strict and summary["errors"]:
@@ -752,9 +753,9 @@ def format_errors(s: dict, top: int = 5) -> str:
     if not s["errors"]:
         return ""
     kinds = list(s["error_kinds"].items())
-    shown = ", ".join(f"{n} {k}" for k, n in kinds[:top])
-    more = f", {sum(n for _, n in kinds[top:])} other ({len(kinds) - top} kinds)" if len(kinds) > top else ""
-    return f"\n  errors by reason: {shown}{more}; each record's reason is in {s['errors_file']}"
+    shown = "; ".join(f"{n} x {k}" for k, n in kinds[:top])   # a kind never holds "; "
+    more = f"; {sum(n for _, n in kinds[top:])} more of {len(kinds) - top} other kinds" if len(kinds) > top else ""
+    return f"\n  errors by reason: {shown}{more}. Each record's reason is in {s['errors_file']}"
 
 
 def format_summary(s: dict) -> str:

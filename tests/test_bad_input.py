@@ -323,7 +323,7 @@ def test_early_stop_after_the_first_1000_errors_and_a_later_good_record(model_di
     assert cli_main(["extract", str(tmp_path / "e.jsonl"), "--model", str(model_dir), "--device", "cpu",
                      "--no-progress", "--out", str(tmp_path / "run2")]) == 0
     out = capsys.readouterr().out
-    assert "999 errors" in out and "errors by reason: 999 cannot tell the format from the fields" in out
+    assert "999 errors" in out and "errors by reason: 999 x cannot tell the format from the fields ['…']. Each" in out
 
 
 def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys, monkeypatch):
@@ -346,3 +346,36 @@ def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys,
     assert cli_main(args) == 0
     err = capsys.readouterr().err
     assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records); 1 shards (2 records) remain" in err
+
+
+def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsys):
+    """Records that read well but all fail later (here: over --max-tokens) are no
+    early stop (that is decided on reading); the run ends, nothing extracted: exit 1."""
+    (tmp_path / "d.jsonl").write_bytes(jl())
+    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run"), "--max-tokens", "3"]
+    assert cli_main(args) == 1
+    std = capsys.readouterr()
+    assert "nothing was extracted: all 2 records are errors" in std.err and "new --out" in std.err
+    assert "0 items" in std.out and ("errors by reason: 1 x text has N characters, so more than --max-tokens N "
+                                     "tokens; 1 x text has N tokens, more than --max-tokens N. Each") in std.out
+    assert cli_main(args) == 1          # the finished run says the same
+    s = rl.extract_dataset(tmp_path / "d.jsonl", str(model_dir), tmp_path / "run", max_tokens=3,
+                           progress=False, device="cpu")
+    assert s["items"] == 0 and s["records"] == 2 and s["error_kinds"] == {
+        "text has N characters, so more than --max-tokens N tokens": 1,
+        "text has N tokens, more than --max-tokens N": 1}
+
+
+def test_error_kinds_group_reasons_without_their_particulars():
+    from rjepa_latent.pipeline import error_kind, error_kinds, format_errors
+    assert error_kind("duplicate id 'a:1' (first seen at d.jsonl:1)") == "duplicate id '…'"
+    assert error_kind("step 12 is an empty string") == "step N is an empty string"
+    assert error_kind("invalid JSON: Expecting value: line 1 column 5 (char 4)") == "invalid JSON"
+    reasons = [f"kind{c} {i}" for c in "abcdefg" for i in range(ord(c) - 96)]
+    kinds = error_kinds([{"reason": r} for r in reasons])
+    line = format_errors({"errors": len(reasons), "error_kinds": dict(kinds.most_common()),
+                          "errors_file": "run/errors.jsonl"})
+    assert line == ("\n  errors by reason: 7 x kindg N; 6 x kindf N; 5 x kinde N; 4 x kindd N; 3 x kindc N; "
+                    "3 more of 2 other kinds. Each record's reason is in run/errors.jsonl")
+    assert format_errors({"errors": 0, "error_kinds": {}, "errors_file": "x"}) == ""
