@@ -570,9 +570,14 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, object, str | None]]:
     lineno = 0
     try:
         with _open_bytes(path) as raw:
-            # universal newlines: \r\n, \n and a lone \r each end a line (a raw \r cannot
-            # be inside a JSON string); undecodable bytes are kept, to name them
-            f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=None)
+            head = raw.read(SNIFF_BYTES)
+        # \n ends a line (\r\n too: the \r is JSON whitespace), and so does a lone \r in a
+        # file of old Mac line endings (no \n at all in its first 64 KiB; elsewhere a raw \r
+        # is whitespace between JSON tokens, as before); undecodable bytes are kept, to name them
+        cr_only = b"\r" in head and b"\n" not in head
+        with _open_bytes(path) as raw:
+            f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                 newline=None if cr_only else "\n")
             for lineno, line in enumerate(f, 1):
                 if not line.strip(_BLANK):
                     continue  # blank lines are not records
