@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -45,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,10 +58,11 @@ from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE,
 from .errors import InputError, StoreError, TokenIdError
 from .model import POOLINGS, TOKEN_POOLING, Model, resolve_poolings
 from .plan import part_shards, plan_batches, shard_ranges
-from .store import ERRORS, STORE_DTYPES, RunStore, convert_latents, damage_report
+from .store import ERRORS, STORE_DTYPES, RunStore, atomic_write, convert_latents, damage_report
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
 
 DEFAULT_SHARD_SIZE = 1000
+EARLY_STOP_RECORDS = 1000   # all errors among the first this many records: stop (wrong file / --format?)
 
 
 class ThroughputWarning(RuntimeWarning):
@@ -250,9 +252,12 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     interrupted run with the same options; refuses (StoreError) a directory made
     with other options or another engine (backend, compute dtype, kernel, package
     version), except a different kernel with `allow_kernel_change`. Returns a
-    summary dict (items, steps, errors, tokens, wall_s, tokens_per_s,
+    summary dict (items, steps, errors, error_kinds, tokens, wall_s, tokens_per_s,
     engine_tokens_per_s, ...). With `strict`, raises ValueError at the end if
-    any record could not be processed.
+    any record could not be processed. A data file that cannot hold records
+    (binary, not UTF-8, not JSON) is refused up front (`data.InputFileError`);
+    when the first 1000 records (or all, if fewer) are all errors, the run
+    stops before any shard (`NothingExtracted`, their reasons in errors.jsonl).
 
     Every resume checks the committed shards first (sizes, headers against the
     manifest, sidecar sha256) and raises StoreError naming any damaged one;
@@ -353,8 +358,12 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         summary = _summary(store, part, [], 0.0, time.perf_counter() - t_start, noop=True)
         return _strict({**summary, "repaired": []}, strict, out)
 
-    records = list(read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
-                                strip_annotations=reading["strip"], chat=chat))
+    reader = read_records(source, fmt, tmpl, step_regex, segment=reading["segment"],
+                          strip_annotations=reading["strip"], chat=chat)
+    records = list(itertools.islice(reader, EARLY_STOP_RECORDS))
+    if records and not store.done() and all(isinstance(r, ErrorRecord) for r in records):
+        _early_stop(store, records, fmt)   # raises: nothing but errors so far, so no run
+    records += reader
     per_token = pooling == TOKEN_POOLING
     if per_token:   # refuses before anything is written when the disk lacks the room
         _check_disk(Path(out), store, records, tok, max_text_tokens, shard_size, part,
@@ -364,6 +373,8 @@ def _extract(source: Any, m: Model, out: Any, *, fmt: str, layers: Sequence[int]
         done = store.done()
         ranges = shard_ranges(len(records), shard_size)
         pending = [k for k in part_shards(len(ranges), part) if k not in done]
+        if done and pending:
+            _say_resuming(out, ranges, done, pending)
         runner = _Runner(m, store, lays, pooling, store_dtype, budget, progress,
                          total=sum(ranges[k][1] - ranges[k][0] for k in pending))
         with m.workspace_for(budget):  # a budget over the Model's: grown for this run only
@@ -443,6 +454,49 @@ def _check_disk(out: Path, store: RunStore, records: list, tok, max_text_tokens:
                          f"space, or use another --out, fewer --layers or a smaller --dtype; "
                          f"nothing was written")
     return need
+
+
+class NothingExtracted(ValueError):
+    """The first records of the inputs are all errors: the run stops before any shard."""
+
+
+def _early_stop(store: RunStore, records: list, fmt: str) -> None:
+    """Writes the errors of the first records to errors.jsonl (nothing else) and
+    raises NothingExtracted naming their most common reasons."""
+    errors = [r.to_json() for r in records]
+    store.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(store.out / ERRORS, [b"".join(json.dumps(e, ensure_ascii=False).encode("utf-8") + b"\n"
+                                               for e in errors)], store.tag)
+    kinds = "; ".join(f"{n} x {k}" for k, n in error_kinds(errors).most_common(3))
+    sources = ", ".join(dict.fromkeys(r.source for r in records))
+    what = f"all {len(records)} records" if len(records) < EARLY_STOP_RECORDS else \
+        f"the first {len(records)} records"
+    raise NothingExtracted(
+        f"{what} of {sources} are errors ({kinds}); stopped before extracting anything: is this the "
+        f"right file, and the right --format (now {fmt})? Each record's reason is in "
+        f"{store.out / ERRORS}")
+
+
+def _say_resuming(out: Any, ranges: list, done: dict, pending: list[int]) -> None:
+    kept = sum(ranges[k][1] - ranges[k][0] for k in done)
+    left = sum(ranges[k][1] - ranges[k][0] for k in pending)
+    print(f"rjepa-latent extract: resuming {out}: keeping {len(done)} finished shards ({kept:,} records); "
+          f"{len(pending)} shards ({left:,} records) remain", file=sys.stderr)
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def error_kind(reason: str) -> str:
+    """A reason without its particulars: the text before the first ': ' (or ' ('),
+    quoted values as '…' and numbers as N, so like errors group."""
+    head = re.split(r": | \(|; ", reason, maxsplit=1)[0]
+    head = re.sub(r"\d+", "N", _QUOTED.sub("'…'", head))
+    return head[:80]
+
+
+def error_kinds(errors: list[dict]) -> Counter:
+    return Counter(error_kind(e["reason"]) for e in errors)
 
 
 def _strict(summary: dict, strict: bool, out: Any) -> dict:
@@ -577,6 +631,7 @@ def _summary(store: RunStore, part: tuple[int, int], pending: list[int], compute
         store.num_records = store.stored_num_records()
     entries = store.done()
     mine = [entries[k] for k in part_shards(store.num_shards, part) if k in entries]
+    kinds = error_kinds([e for s in mine for e in s["errors"]])
     return {
         "out": str(store.out), "part": f"{part[0]}/{part[1]}", "noop": noop,
         "complete": store.is_complete(), "shards_written": len(pending), "shards_total": len(mine),
@@ -585,6 +640,8 @@ def _summary(store: RunStore, part: tuple[int, int], pending: list[int], compute
         "tokens_this_run": tokens_run, "wall_s": wall_s, "compute_s": compute_s,
         "tokens_per_s": tokens_run / wall_s if wall_s > 0 else 0.0,
         "engine_tokens_per_s": tokens_run / compute_s if compute_s > 0 else 0.0,
+        "records": store.num_records, "error_kinds": dict(kinds.most_common()),
+        "errors_file": str(store.out / ERRORS),
     }
 
 
@@ -674,6 +731,9 @@ def run(args: argparse.Namespace) -> int:
     from .errors import ModelFormatError, StoreError
     try:
         return _run(args)
+    except NothingExtracted as e:
+        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+        return 1
     except (StoreError, ModelFormatError, ValueError, OSError, RuntimeError) as e:  # OSError: --out unwritable, disk full
         print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
         return 2
@@ -701,6 +761,12 @@ def _run(args: argparse.Namespace) -> int:
               + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
               file=sys.stderr)
     print(format_summary(summary))
+    if nothing_extracted(summary):
+        why = ("the inputs hold no records" if not summary["records"] else
+               f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}; "
+               "fix the records (or the --format / --segment options) and run again into a new --out")
+        print(f"rjepa-latent extract: nothing was extracted: {why}", file=sys.stderr)
+        return 1
     if args.strict and summary["errors"]:
         print(f"rjepa-latent extract: {summary['errors']} records could not be processed "
               f"(see {Path(args.out) / 'errors.jsonl'}); --strict", file=sys.stderr)
@@ -708,13 +774,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def nothing_extracted(s: dict) -> bool:
+    """No item: the inputs hold no record, or this worker's shards hold only errors."""
+    return s["items"] == 0 and (not s["records"] or s["shards_total"] > 0)
+
+
+def format_errors(s: dict, top: int = 5) -> str:
+    """'' or a line: the errors by kind, most common first, and where they are."""
+    if not s["errors"]:
+        return ""
+    kinds = list(s["error_kinds"].items())
+    shown = "; ".join(f"{n} x {k}" for k, n in kinds[:top])   # a kind never holds "; "
+    more = f"; {sum(n for _, n in kinds[top:])} more of {len(kinds) - top} other kinds" if len(kinds) > top else ""
+    return f"\n  errors by reason: {shown}{more}. Each record's reason is in {s['errors_file']}"
+
+
 def format_summary(s: dict) -> str:
     if s["noop"]:
         return (f"{s['out']}: already complete ({s['items']} items, {s['steps']} steps, "
-                f"{s['errors']} errors); nothing to do")
+                f"{s['errors']} errors); nothing to do" + format_errors(s))
     ratio = s["tokens_per_s"] / s["engine_tokens_per_s"] if s["engine_tokens_per_s"] else 0.0
     return (f"{s['out']} [{s['part']}]: {s['items']} items, {s['steps']} steps, {s['errors']} errors; "
             f"{s['shards_written']} shards written this run ({s['tokens_this_run']:,} tokens) in "
             f"{s['wall_s']:.1f} s: {s['tokens_per_s']:,.0f} tokens/s end to end, "
             f"{s['engine_tokens_per_s']:,.0f} in the engine ({ratio:.0%}); "
-            f"{'complete' if s['complete'] else 'not complete yet'}")
+            f"{'complete' if s['complete'] else 'not complete yet'}" + format_errors(s))

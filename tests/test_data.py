@@ -156,3 +156,23 @@ def test_lone_surrogate_escapes_are_error_records(tmp_path):
     assert "\\udc00" in recs[1].reason and "\\udfff" in recs[2].reason and "invalid JSON" in recs[4].reason
     for r in recs:
         json.dumps(r.to_json() if isinstance(r, ErrorRecord) else r.text, ensure_ascii=False).encode("utf-8")
+
+
+def test_files_that_cannot_hold_records_are_refused_by_read_records_too(tmp_path):
+    from rjepa_latent.data import InputFileError
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 32)
+    with pytest.raises(InputFileError, match=r"'.*m\.jsonl' is not JSON text: .*GGUF model file; pass it as --model"):
+        list(read_records([p]))
+    assert issubclass(InputFileError, ValueError)
+
+
+def test_line_endings_cr_only_crlf_and_bom_mid_file(tmp_path):
+    p = tmp_path / "cr.jsonl"
+    p.write_bytes(b'{"id": "a", "steps": ["x"]}\r{"id": "b", "steps": ["y"]}\r\r{"id": "c", "steps": ["z"]}\r')
+    assert [(r.id, r.line, r.text) for r in read_records([p])] == [("a", 1, "x"), ("b", 2, "y"), ("c", 4, "z")]
+    # a file with \n line ends: a raw \r inside a line is JSON whitespace (as before); a BOM
+    # where files were concatenated is dropped
+    p.write_bytes(b'{"id": "a",\r "steps": ["x"]}\r\n\r\n{"id": "c", "steps": ["z"]}\n'
+                  b'\xef\xbb\xbf{"id": "d", "steps": ["w"]}')
+    assert [(r.id, r.line, r.text) for r in read_records([p])] == [("a", 1, "x"), ("c", 3, "z"), ("d", 4, "w")]

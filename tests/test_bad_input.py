@@ -1,0 +1,381 @@
+"""Bad input, as a table: each case is a data file (bytes, or a function that
+writes it) run through `rjepa-latent extract` in-process on the tiny llama,
+with its exact outcome:
+
+- `refused`: the file cannot hold records (binary, not UTF-8, not JSON):
+  exit status 2 before any work, the message names the file and what it looks
+  like, nothing is written;
+- `stopped`: every one of the first records is an error (the wrong file, or
+  the wrong --format): exit status 1, the message asks whether this is the
+  right file / --format and names errors.jsonl, which holds their reasons;
+  no shard, no manifest;
+- `empty`: no record at all: exit status 1, "nothing was extracted";
+- `record`: the bad records become errors.jsonl lines (line, id, reason
+  words), the run goes on, exit status 0 and the good records of the same
+  file are extracted.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import rjepa_latent as rl
+from rjepa_latent.cli import main as cli_main
+from rjepa_latent.data import read_records
+
+G1 = {"id": "good1", "question": "Q", "steps": ["she sold 48 clips", "then 24"]}
+G2 = {"id": "good2", "steps": ["in total 72"]}
+GOOD = ["good1", "good2"]
+
+
+def j(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def jl(*middle, nl: bytes = b"\n") -> bytes:
+    """G1 on line 1, the middle lines (objects or raw bytes) on lines 2.., G2 last."""
+    rows = [j(G1), *[m if isinstance(m, bytes) else j(m) for m in middle], j(G2)]
+    return nl.join(rows) + nl
+
+
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def fifty_mb_step(path: Path) -> None:
+    """A 50 MB line (one step of 50 MB), written in pieces, never held as one string here."""
+    with open(path, "wb") as f:
+        f.write(j(G1) + b"\n" + b'{"id": "huge", "steps": ["')
+        piece = b"clips " * (1 << 14)
+        for _ in range((50 << 20) // len(piece)):
+            f.write(piece)
+        f.write(b'"]}\n' + j(G2) + b"\n")
+
+
+def nul_past_the_sniff(path: Path) -> None:
+    """A NUL byte in a line after the first 64 KiB (the sniff sees only good lines)."""
+    path.write_bytes(j(G1) + b"\n" + b" \n" * 40000 + b'{"id": "nul", "steps": ["a\x00b"]}\n' + j(G2) + b"\n")
+
+
+def parquet_named_jsonl(path: Path) -> None:
+    pq.write_table(pa.table({"id": ["a"], "steps": [["x"]]}), path)
+
+
+@dataclass
+class Case:
+    name: str
+    data: bytes | Callable[[Path], None]
+    outcome: str = "record"                     # refused | stopped | empty | record
+    errors: dict = field(default_factory=dict)  # record: {line: (id, words of the reason)}
+    words: tuple = ()                           # refused / stopped: words of the message on stderr
+    file: str = "data.jsonl"
+    args: tuple = ()
+    good: list = field(default_factory=lambda: list(GOOD))
+    up_front: bool = True                       # refused: by the sniff, before any work
+
+
+SAFETENSORS = struct.pack("<Q", 64) + b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(64) + b"\0" * 4
+CASES = [
+    # ---- files that cannot hold records: refused up front, exit 2, nothing written
+    Case("gguf_as_data", b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "refused", file="model.gguf",
+         words=("model.gguf", "GGUF model file", "--model")),
+    Case("gguf_named_jsonl", b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "refused", words=("GGUF",)),
+    Case("safetensors_as_data", SAFETENSORS, "refused", file="model.safetensors",
+         words=("safetensors file", "--model")),
+    Case("zip_archive", b"PK\x03\x04" + b"\x00" * 40, "refused", words=("zip archive", "unzip")),
+    Case("gzip_not_named_gz", gzip.compress(jl()), "refused", words=("gzip-compressed", ".jsonl.gz")),
+    Case("xz_compressed", lzma.compress(jl()), "refused", words=("xz-compressed", "xz -d")),
+    Case("binary_nul_bytes", bytes(range(256)) * 4, "refused", words=("binary file", "NUL byte at byte 0")),
+    Case("nul_in_first_line", b'{"id": "a", "steps": ["x"]}\x00\n', "refused", words=("NUL byte at byte 27",)),
+    Case("utf16_with_bom", jl().decode().encode("utf-16"), "refused", words=("UTF-16", "iconv")),
+    Case("utf16_without_bom", jl().decode().encode("utf-16-le"), "refused",
+         words=("UTF-16 text without a byte order mark", "iconv")),
+    Case("latin1_file", '{"id": "café", "steps": ["crème"]}\n'.encode("latin-1"), "refused",
+         words=("not UTF-8 text", "line 1 has byte 0xe9 at byte 11", "iconv")),
+    Case("csv_file", b"id,question,answer\n1,What?,42\n", "refused",
+         words=("not JSON Lines", "'id,question,answer'", "CSV header")),
+    Case("prose_text_file", b"Natalia sold clips to 48 of her friends.\nThen she sold half as many.\n",
+         "refused", file="notes.txt", words=("notes.txt", "no line starts with '{'")),
+    Case("json_array_named_jsonl", b"[\n" + j(G1) + b",\n" + j(G2) + b"\n]\n", "refused",
+         words=("its first line is '['", "name it .json")),
+    Case("parquet_named_jsonl", parquet_named_jsonl, "refused", words=("Parquet file", "name it .parquet")),
+    Case("broken_parquet", b"PAR1 not really", "refused", file="data.parquet",
+         words=("not a readable Parquet file",)),
+    Case("json_file_of_prose", b"hello world\n", "refused", file="data.json",
+         words=("is not JSON", "'hello world")),
+    Case("named_gz_not_gzip", jl(), "refused", file="data.jsonl.gz",
+         words=("not readable gzip data", "drop the .gz")),
+    Case("unknown_gz_kind", gzip.compress(b"a,b\n"), "refused", file="data.csv.gz",
+         words=("unknown kind", "only .jsonl.gz and .json.gz")),
+    Case("truncated_gzip", gzip.compress(jl(*[{"id": f"r{i}", "steps": ["x"]} for i in range(3000)]))[:-40],
+         "refused", file="data.jsonl.gz", words=("damaged or truncated after line 3000", "gzip -t"),
+         up_front=False),
+    # ---- every record an error: the wrong file or the wrong --format; exit 1, errors.jsonl
+    Case("no_known_fields", b"".join(j({"prompt": f"p{i}", "completion": "c"}) + b"\n" for i in range(5)),
+         "stopped", words=("all 5 records of data.jsonl are errors", "5 x cannot tell the format",
+                           "is this the right file", "--format")),
+    Case("wrong_format_flag", jl(), "stopped", args=("--format", "gsm8k"),
+         words=("all 2 records", "needs a string '…'", "(now gsm8k)")),
+    Case("jsonl_named_json", jl(), "stopped", file="data.json", words=("1 x file is not valid JSON",),
+         errors={1: (None, "Extra data: line 2 column 1 (char 76); it looks like JSON Lines")}),
+    Case("json_object_not_array", j(G1), "stopped", file="data.json", words=("must be an array",)),
+    Case("deep_json_file", deep(100_000), "stopped", file="data.json", words=("the file is nested too deeply",),
+         errors={1: (None, "the file is nested too deeply")}),
+    Case("all_lines_scalars", b"1\n2\n", "refused", words=("no line starts with '{'", "line 1 reads '1'")),
+    Case("all_lines_arrays", b"[1, 2]\n[3]\n", "stopped", words=("2 x a record must be a JSON object, got list",),
+         errors={1: (None, "got list"), 2: (None, "got list")}),
+    # ---- no record at all: exit 1
+    Case("empty_file", b"", "empty"),
+    Case("blank_lines_only", b"\n  \n\t\r\n\n", "empty"),
+    # ---- bad records among good ones: error lines, the run goes on, exit 0
+    Case("bom_at_start", b"\xef\xbb\xbf" + jl()),
+    Case("bom_mid_file_concatenated", jl() + b"\xef\xbb\xbf" + j({"id": "g3", "steps": ["x"]}) + b"\n",
+         good=GOOD + ["g3"]),
+    Case("crlf_line_endings", jl({"id": "g3", "steps": ["x"]}, nl=b"\r\n"), good=["good1", "g3", "good2"]),
+    Case("cr_only_line_endings", jl({"id": "g3", "steps": ["x"]}, nl=b"\r"), good=["good1", "g3", "good2"]),
+    Case("truncated_utf8", jl(b'{"id": "cut", "steps": ["caf\xc3"]}'),
+         errors={2: ("cut", "not valid UTF-8: byte 0xc3 at byte 28 of the line")}),
+    Case("latin1_line", jl('{"id": "lat", "steps": ["café"]}'.encode("latin-1")),
+         errors={2: ("lat", "not valid UTF-8: byte 0xe9 at byte 28 of the line")}),
+    Case("nul_past_the_sniff", nul_past_the_sniff, errors={40002: ("nul", "invalid JSON: Invalid control")}),
+    Case("escaped_nul_in_step", jl({"id": "esc", "steps": ["a\u0000b"]}), good=["good1", "esc", "good2"]),
+    Case("fifty_mb_line", fifty_mb_step, errors={2: ("huge", "more than --max-tokens 1024")}),
+    Case("json_array_line", jl(b"[" + j({"id": "a", "steps": ["x"]}) + b"," + j({"id": "b", "steps": ["y"]}) + b"]"),
+         errors={2: (None, "got list of 2 objects (a JSON array of records?")}),
+    Case("scalar_line", jl(b'"just a string"', b"null", b"42"),
+         errors={2: (None, "got str"), 3: (None, "got NoneType"), 4: (None, "got int")}),
+    Case("steps_not_a_list", jl({"id": "s", "steps": {"1": "a"}}), errors={2: ("s", "'steps' must be a list")}),
+    Case("step_not_a_string", jl({"id": "s", "steps": ["a", 7]}), errors={2: ("s", "step 2 is not a string (int)")}),
+    Case("question_not_a_string", jl({"id": "q", "question": ["Q"], "steps": ["a"]}),
+         errors={2: ("q", "'question' must be a string, got list")}),
+    Case("answer_not_a_string", jl({"id": "g", "question": "Q", "answer": 42}),
+         errors={2: ("g", "gsm8k record needs a string 'answer'")}),
+    Case("empty_step_list", jl({"id": "e", "steps": []}), errors={2: ("e", "empty step list")}),
+    Case("empty_step", jl({"id": "e", "steps": ["a", ""]}), errors={2: ("e", "step 2 is an empty string")}),
+    Case("whitespace_only_steps", jl({"id": "w", "steps": ["a", "   ", "\t"]}), good=["good1", "w", "good2"]),
+    Case("blank_text", jl({"id": "t", "text": " \n\t "}), errors={2: ("t", "'text' is empty")}),
+    Case("duplicate_id", jl({"id": "good1", "steps": ["again"]}),
+         errors={2: ("good1", "duplicate id 'good1' (first seen at data.jsonl:1)")}),
+    Case("duplicate_int_and_str_id", jl({"id": 5, "steps": ["a"]}, {"id": "5", "steps": ["b"]}),
+         errors={3: ("5", "duplicate id '5'")}, good=["good1", "5", "good2"]),
+    Case("float_id", jl({"id": 1.5, "steps": ["a"]}), errors={2: (None, "'id' must be a string or an integer, got float")}),
+    Case("bool_id", jl({"id": True, "steps": ["a"]}), errors={2: (None, "got bool")}),
+    Case("object_id", jl({"id": {"k": 1}, "steps": ["a"]}), errors={2: (None, "got dict")}),
+    Case("empty_id", jl({"id": "", "steps": ["a"]}), errors={2: (None, "'id' is empty")}),
+    Case("deep_nesting_100k", jl(b'{"id": "deep", "steps": ["a"], "x": ' + deep(100_000) + b"}"),
+         errors={2: ("deep", "nested too deeply")}),
+    Case("deep_nesting_in_steps", jl(b'{"id": "d2", "steps": ' + deep(5000) + b"}"),
+         errors={2: ("d2", "nested too deeply")}),
+    Case("nan_field", jl(b'{"id": "n", "steps": ["a"], "score": NaN}'),
+         errors={2: ("n", "NaN is not JSON")}),
+    Case("infinity_fields", jl(b'{"id": "i", "steps": ["a"], "s": Infinity}', b'{"id": "m", "steps": ["a"], "s": -Infinity}'),
+         errors={2: ("i", "Infinity is not JSON"), 3: ("m", "-Infinity is not JSON")}),
+    Case("number_overflows_float", jl(b'{"id": "o", "steps": ["a"], "s": 1e999}'),
+         errors={2: ("o", "number 1e999 is out of the range of a float")}),
+    Case("huge_integer", jl(b'{"id": "h", "steps": ["a"], "s": ' + b"9" * 5000 + b"}"),
+         errors={2: ("h", "invalid JSON: Exceeds the limit")}),
+    Case("leading_zero_number", jl(b'{"id": "z", "steps": ["a"], "s": 012}'), errors={2: ("z", "invalid JSON")}),
+    Case("text_and_record_text", jl({"id": "both", "steps": ["a"], "text": "T", "record_text": "R"}),
+         good=["good1", "both", "good2"]),
+    Case("over_the_context", jl({"id": "long", "steps": [" ".join(["word"] * 1200)]}),
+         errors={2: ("long", "more than --max-tokens 1024")}),
+    Case("truncated_last_line", j(G1) + b"\n" + j(G2) + b'\n{"id": "cut", "steps": ["a', errors={3: ("cut", "invalid JSON")}),
+    Case("trailing_comma", jl(b'{"id": "tc", "steps": ["a"],}'), errors={2: ("tc", "invalid JSON")}),
+    Case("two_objects_one_line", jl(b'{"id": "x1", "steps": ["a"]}{"id": "x2", "steps": ["b"]}'),
+         errors={2: ("x1", "invalid JSON: Extra data")}),
+    Case("raw_tab_in_string", jl(b'{"id": "tab", "steps": ["a\tb"]}'), errors={2: ("tab", "Invalid control character")}),
+    Case("lone_surrogate", jl(b'{"id": "sur", "steps": ["a \\ud800 b"]}'), errors={2: ("sur", "lone UTF-16 surrogate")}),
+    Case("messages_without_chat", jl({"id": "msg", "messages": [{"role": "user", "content": "hi"}]}),
+         errors={2: ("msg", "pass --chat")}),
+    Case("bad_step_ranges", jl({"id": "r", "text": "abc", "step_ranges": [[2, 9]]}),
+         errors={2: ("r", "step_ranges[0] = [2, 9] is not a non-empty range")}),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, model_dir, tmp_path, capsys):
+    src = tmp_path / case.file
+    if callable(case.data):
+        case.data(src)
+    else:
+        src.write_bytes(case.data)
+    out = tmp_path / "run"
+    rc = cli_main(["extract", str(src), "--model", str(model_dir), "--device", "cpu", "--no-progress",
+                   "--out", str(out), *case.args])
+    std = capsys.readouterr()
+    assert "Traceback" not in std.err
+    if case.outcome == "refused":
+        assert rc == 2, std.err
+        assert f"input file {str(src)!r}" in std.err, std.err
+        assert ("nothing was written" in std.err) == case.up_front, std.err
+        for w in case.words:
+            assert w in std.err, (w, std.err)
+        assert not out.exists()
+        return
+    if case.outcome == "stopped":
+        assert rc == 1, std.err
+        for w in ("stopped before extracting anything", "is this the right file", str(out / "errors.jsonl"),
+                  *case.words):
+            assert w in std.err, (w, std.err)
+        assert sorted(p.name for p in out.iterdir()) == ["errors.jsonl"]   # no shard, no manifest
+        errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+        assert errors and all(set(e) == {"id", "source", "line", "reason"} for e in errors)
+        got = {e["line"]: e for e in errors}
+        for line, (rid, words) in case.errors.items():
+            assert got[line]["id"] == rid and words in got[line]["reason"], got[line]
+        return
+    if case.outcome == "empty":
+        assert rc == 1 and "nothing was extracted: the inputs hold no records" in std.err, std.err
+        assert rl.open_latents(out).ids == []
+        return
+    assert rc == 0, std.err
+    store = rl.open_latents(out)
+    assert store.ids == case.good
+    got = {e["line"]: e for e in store.errors}
+    assert sorted(got) == sorted(case.errors), store.errors
+    for line, (rid, words) in case.errors.items():
+        e = got[line]
+        assert e["id"] == rid and e["source"] == case.file and words in e["reason"], e
+    if case.errors:
+        assert "errors by reason:" in std.out and str(out / "errors.jsonl") in std.out, std.out
+    else:
+        assert "errors by reason" not in std.out
+
+
+def test_the_table_is_broad():
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+    assert {c.outcome for c in CASES} == {"refused", "stopped", "empty", "record"}
+
+
+def test_gz_inputs_read_like_plain_and_are_fingerprinted_by_their_bytes(model_dir, tmp_path):
+    plain = jl({"id": "g3", "steps": ["x"]})
+    (tmp_path / "d.jsonl").write_bytes(plain)
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(plain, mtime=0))
+    (tmp_path / "a.json.gz").write_bytes(gzip.compress(b"[" + j(G1) + b"]", mtime=0))
+    args = ["extract", "--model", str(model_dir), "--device", "cpu", "--no-progress"]
+    assert cli_main([*args, str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p")]) == 0
+    assert cli_main([*args, str(tmp_path / "d.jsonl.gz"), "--out", str(tmp_path / "z")]) == 0
+    p, z = rl.open_latents(tmp_path / "p"), rl.open_latents(tmp_path / "z")
+    assert z.ids == p.ids == ["good1", "g3", "good2"]
+    for a, b in zip(p, z):
+        assert (a.latents == b.latents).all() and a.meta["text"] == b.meta["text"]
+    (inp,) = json.loads((tmp_path / "z" / "manifest.json").read_text())["config"]["inputs"]
+    import hashlib
+    assert inp == {"name": "d.jsonl.gz", "bytes": (tmp_path / "d.jsonl.gz").stat().st_size,
+                   "sha256": hashlib.sha256((tmp_path / "d.jsonl.gz").read_bytes()).hexdigest()}
+    assert cli_main([*args, str(tmp_path / "a.json.gz"), "--out", str(tmp_path / "a")]) == 0
+    assert rl.open_latents(tmp_path / "a").ids == ["good1"]
+    # a record without an id is named after the file without .jsonl.gz
+    (tmp_path / "n.jsonl.gz").write_bytes(gzip.compress(b'{"steps": ["x"]}\n'))
+    assert [r.id for r in read_records([tmp_path / "n.jsonl.gz"])] == ["n:1"]
+
+
+def test_carried_text_beside_record_text_loses_nothing(model_dir, tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(jl({"id": "both", "steps": ["a"], "text": "T", "record_text": "R"}))
+    assert cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    meta = rl.open_latents(tmp_path / "run")["both"].meta
+    assert meta["record_text"] == "R" and meta["record_record_text"] == "T" and meta["text"] == "a"
+
+
+def test_the_sniff_is_fast_on_a_big_binary_file(tmp_path, model_dir, capsys):
+    import time
+    big = tmp_path / "weights.jsonl"
+    with open(big, "wb") as f:
+        f.write(b"GGUF\x03\x00\x00\x00")
+        f.truncate(2 << 30)      # 2 GiB, sparse: hashing it would take seconds
+    t = time.perf_counter()
+    assert cli_main(["extract", str(big), "--model", str(model_dir), "--device", "cpu", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - t < 1.0 and "GGUF" in capsys.readouterr().err
+
+
+def test_early_stop_after_the_first_1000_errors_and_a_later_good_record(model_dir, tmp_path, capsys):
+    bad = b"".join(j({"prompt": f"p{i}"}) + b"\n" for i in range(1000))
+    (tmp_path / "d.jsonl").write_bytes(bad + j(G1) + b"\n")
+    assert cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "the first 1000 records of d.jsonl are errors (1000 x cannot tell the format" in err
+    assert len((tmp_path / "run" / "errors.jsonl").read_text().splitlines()) == 1000
+    # the same --out with the right file starts the run normally
+    (tmp_path / "g.jsonl").write_bytes(jl())
+    assert cli_main(["extract", str(tmp_path / "g.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert rl.open_latents(tmp_path / "run").ids == GOOD and rl.open_latents(tmp_path / "run").errors == []
+    assert (tmp_path / "run" / "errors.jsonl").read_text() == ""
+    # one good record among the first 1000: no early stop, the run goes on
+    (tmp_path / "e.jsonl").write_bytes(bad[: bad.rindex(b"{")] + j(G1) + b"\n")
+    assert cli_main(["extract", str(tmp_path / "e.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run2")]) == 0
+    out = capsys.readouterr().out
+    assert "999 errors" in out and "errors by reason: 999 x cannot tell the format from the fields ['…']. Each" in out
+
+
+def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys, monkeypatch):
+    from rjepa_latent import pipeline
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(6)]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
+    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"]
+    compute = pipeline._Runner._compute
+
+    def interrupted(self, shard, bar, t0):
+        if shard["index"] == 2:
+            raise KeyboardInterrupt
+        return compute(self, shard, bar, t0)
+
+    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    assert cli_main(args) == 130
+    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records); 1 shards (2 records) remain" in err
+
+
+def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsys):
+    """Records that read well but all fail later (here: over --max-tokens) are no
+    early stop (that is decided on reading); the run ends, nothing extracted: exit 1."""
+    (tmp_path / "d.jsonl").write_bytes(jl())
+    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+            "--no-progress", "--out", str(tmp_path / "run"), "--max-tokens", "3"]
+    assert cli_main(args) == 1
+    std = capsys.readouterr()
+    assert "nothing was extracted: all 2 records are errors" in std.err and "new --out" in std.err
+    assert "0 items" in std.out and ("errors by reason: 1 x text has N characters, so more than --max-tokens N "
+                                     "tokens; 1 x text has N tokens, more than --max-tokens N. Each") in std.out
+    assert cli_main(args) == 1          # the finished run says the same
+    s = rl.extract_dataset(tmp_path / "d.jsonl", str(model_dir), tmp_path / "run", max_tokens=3,
+                           progress=False, device="cpu")
+    assert s["items"] == 0 and s["records"] == 2 and s["error_kinds"] == {
+        "text has N characters, so more than --max-tokens N tokens": 1,
+        "text has N tokens, more than --max-tokens N": 1}
+
+
+def test_error_kinds_group_reasons_without_their_particulars():
+    from rjepa_latent.pipeline import error_kind, error_kinds, format_errors
+    assert error_kind("duplicate id 'a:1' (first seen at d.jsonl:1)") == "duplicate id '…'"
+    assert error_kind("step 12 is an empty string") == "step N is an empty string"
+    assert error_kind("invalid JSON: Expecting value: line 1 column 5 (char 4)") == "invalid JSON"
+    reasons = [f"kind{c} {i}" for c in "abcdefg" for i in range(ord(c) - 96)]
+    kinds = error_kinds([{"reason": r} for r in reasons])
+    line = format_errors({"errors": len(reasons), "error_kinds": dict(kinds.most_common()),
+                          "errors_file": "run/errors.jsonl"})
+    assert line == ("\n  errors by reason: 7 x kindg N; 6 x kindf N; 5 x kinde N; 4 x kindd N; 3 x kindc N; "
+                    "3 more of 2 other kinds. Each record's reason is in run/errors.jsonl")
+    assert format_errors({"errors": 0, "error_kinds": {}, "errors_file": "x"}) == ""
