@@ -45,8 +45,7 @@ def run(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("integrity")
     lines = [json.dumps(r) for r in RECORDS]
     lines[1] = '{"id": "broken", "steps": ['                       # an error record in shard 0
-    lines[7] = lines[7][:-1] + ', "score": NaN, "w": -Infinity, "ok": 1.5}'   # shard 2 carries NaN
-    lines[8] = lines[8][:-1] + ', "nonfinite_fields": "mine", "record_nonfinite_fields": 2, "z": NaN}'
+    lines[7] = lines[7][:-1] + ', "ok": 1.5}'
     data = root / "data.jsonl"
     data.write_text("\n".join(lines) + "\n")
     ref = root / "reference"
@@ -55,18 +54,34 @@ def run(tmp_path_factory, model):
     return SimpleNamespace(root=root, data=data, ref=ref, snap=snapshot(ref))
 
 
-def test_sidecars_are_strict_json_and_nonfinite_fields_are_null(run):
-    for p in sorted(run.ref.glob("shard-*.jsonl")):
+def test_sidecars_are_strict_json_and_nonfinite_fields_are_null(run, model, tmp_path):
+    """JSON input refuses NaN (data.py reads strict JSON), but Parquet / Dataset
+    columns carry it: the sidecar writes null and lists the field."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    rows = [dict(r) for r in RECORDS[6:9]]
+    rows[1].update(score=float("nan"), w=float("-inf"), ok=1.5)
+    rows[2].update(nonfinite_fields="mine", record_nonfinite_fields=2, z=float("nan"))
+    cols = sorted({k for r in rows for k in r})
+    data = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in cols}), data)
+    out = tmp_path / "run"
+    s = rl.extract_dataset(data, model, out, shard_size=SHARD, progress=False)
+    assert s["complete"] and s["errors"] == 0
+    for p in sorted(out.glob("shard-*.jsonl")):
         for line in p.read_text().splitlines():
             _strict_loads(line)   # raises on a bare NaN / Infinity
-    row = rl.open_latents(run.ref)["r7"].meta
+    row = rl.open_latents(out)["r7"].meta
     assert row["score"] is None and row["w"] is None and row["ok"] == 1.5
     assert row["nonfinite_fields"] == ["score", "w"]
-    assert "nonfinite_fields" not in rl.open_latents(run.ref)["r6"].meta
-    row = rl.open_latents(run.ref)["r8"].meta   # input fields of the reserved name are kept, renamed
+    assert "nonfinite_fields" not in rl.open_latents(out)["r6"].meta
+    row = rl.open_latents(out)["r8"].meta   # input fields of the reserved name are kept, renamed
     assert row["record_record_nonfinite_fields"] == "mine" and row["record_nonfinite_fields"] == 2
     assert row["nonfinite_fields"] == ["z"] and row["z"] is None
-    assert verify_run(run.ref) == {}
+    assert verify_run(out) == {}
+    for p in sorted(run.ref.glob("shard-*.jsonl")):
+        for line in p.read_text().splitlines():
+            _strict_loads(line)
 
 
 def test_carried_field_never_replaces_a_reserved_key(tmp_path):
