@@ -757,7 +757,7 @@ def _run(args: argparse.Namespace) -> int:
         repair=args.repair)
     if args.repair:
         fixed = summary.get("repaired", [])
-        print(f"rjepa-latent extract: --repair: every committed file checked; "
+        print("rjepa-latent extract: --repair: every committed file checked; "
               + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
               file=sys.stderr)
     print(format_summary(summary))
