@@ -162,7 +162,7 @@ def _check_kv_table(path: str) -> None:
     """Every count and length of the header and the key/value table fits in
     the file, checked before gguf's reader walks them: it reads past the end
     as empty arrays, so a corrupt array length (up to 2**64) makes it loop for
-    ever. Files it cannot read at all are left to its own error."""
+    ever. Files it cannot read at all (magic, version) are left to its own error."""
     import mmap
     import struct
     with open(path, "rb") as f:
@@ -173,7 +173,9 @@ def _check_kv_table(path: str) -> None:
             if m[:4] != b"GGUF":
                 return
             e = ">" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF == 0 else "<"
-            _, n_tensors, n_kv = struct.unpack_from(e + "IQQ", m, 4)
+            version, n_tensors, n_kv = struct.unpack_from(e + "IQQ", m, 4)
+            if version not in (2, 3):   # the reader's own message ("version 1 ...")
+                return
             off = 24
 
             def bad(what: str) -> ModelFormatError:
