@@ -68,7 +68,23 @@ static PyObject *raise_status(const core_state *S, rl_status st)
     case RL_ERR_DEVICE_MEMORY: exc = S->DeviceMemoryError; break;
     default: break;
     }
-    PyErr_SetString(exc, rl_last_error());
+    /* The message says what is wrong, for users; where the engine found it
+     * ("csrc/engine.c:123") is the attribute rjepa_where, for bug reports. */
+    const char *msg = rl_last_error();
+    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    if (!text) return NULL;
+    PyObject *e = PyObject_CallOneArg(exc, text);
+    Py_DECREF(text);
+    if (!e) return NULL;                        /* the exception's own failure */
+    PyObject *where = PyUnicode_FromString(rl_last_error_where());
+    if (!where || PyObject_SetAttrString(e, "rjepa_where", where) < 0) {
+        Py_XDECREF(where);
+        Py_DECREF(e);
+        return NULL;
+    }
+    Py_DECREF(where);
+    PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+    Py_DECREF(e);
     return NULL;
 }
 

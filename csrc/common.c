@@ -3,7 +3,8 @@
  * Design choices:
  * - The last error is thread-local: the binding reads it on the thread that
  *   called the failing function, so concurrent engines never mix messages.
- *   Each message ends with "(file:line)" of the place that detected it.
+ *   The file:line of the place that detected it is kept apart
+ *   (rl_last_error_where): users read the message, bug reports the place.
  * - Conversions are bit-exact C (no intrinsics) so the CPU and CUDA builds
  *   agree on what a bf16/f16 checkpoint value is.
  * - Shapes and byte counts are derived here from the config only, so the
@@ -18,20 +19,26 @@
 
 /* ---- errors ------------------------------------------------------------ */
 
+/* The message for users and, apart, where it was recorded ("csrc/engine.c:123",
+ * for bug reports): the binding raises the first and attaches the second. */
 static _Thread_local char rl_err_msg[1024];
+static _Thread_local char rl_err_where[256];
 
 rl_status rl_error_set(rl_status st, const char *file, int line, const char *fmt, ...)
 {
-    char body[896];
+    char body[sizeof rl_err_msg];   /* an argument may be rl_last_error() itself */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(body, sizeof body, fmt, ap);
     va_end(ap);
-    snprintf(rl_err_msg, sizeof rl_err_msg, "%s (%s:%d)", body, file, line);
+    memcpy(rl_err_msg, body, sizeof body);
+    snprintf(rl_err_where, sizeof rl_err_where, "%s:%d", file, line);
     return st;
 }
 
 const char *rl_last_error(void) { return rl_err_msg; }
+
+const char *rl_last_error_where(void) { return rl_err_where; }
 
 /* ---- dtypes ------------------------------------------------------------ */
 

@@ -16,8 +16,9 @@
  *   any host buffer (an mmap'd safetensors file, a dequantized GGUF tensor);
  *   the engine converts them into its own storage in one pass. Q/K/V and
  *   gate/up are stored fused so each is one GEMM.
- * - Every failure returns an rl_status and records a message with the failing
- *   expression, file and line (rl_last_error); nothing exits or aborts.
+ * - Every failure returns an rl_status and records a message (rl_last_error)
+ *   and, apart from it, the file and line that recorded it
+ *   (rl_last_error_where); nothing exits or aborts.
  * - Results live in memory allocated for them (rl_result; on CUDA a pinned
  *   block of a process-wide pool), never in reusable scratch, so the binding
  *   can hand them out zero-copy.
@@ -55,6 +56,8 @@ typedef enum {
 rl_status rl_error_set(rl_status st, const char *file, int line, const char *fmt, ...);
 /* Message of the last error recorded on this thread ("" if none). */
 const char *rl_last_error(void);
+/* Where it was recorded, "file.c:line" ("" if none): for bug reports. */
+const char *rl_last_error_where(void);
 
 #define RL_FAIL(st, ...) rl_error_set((st), __FILE__, __LINE__, __VA_ARGS__)
 /* Propagate a failing rl_status unchanged (message already recorded). */

@@ -118,7 +118,9 @@ static rl_status device_count(int *n)
     *n = 0;
     cudaError_t e = cudaGetDeviceCount(n);
     if (e == cudaSuccess) {
-        if (*n == 0) return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found");
+        if (*n == 0)
+            return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found: the NVIDIA driver sees none "
+                           "(check CUDA_VISIBLE_DEVICES and nvidia-smi, or use device='cpu')");
         return RL_OK;
     }
     *n = 0;
@@ -127,16 +129,20 @@ static rl_status device_count(int *n)
     (void)cudaDriverGetVersion(&drv);
     (void)cudaRuntimeGetVersion(&rt);
     if (e == cudaErrorNoDevice)
-        return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found (the driver sees none; "
-                       "check CUDA_VISIBLE_DEVICES)");
+        return RL_FAIL(RL_ERR_DEVICE, "no CUDA device found: the NVIDIA driver sees none (check "
+                       "CUDA_VISIBLE_DEVICES and nvidia-smi, or use device='cpu')");
+    /* Without libcuda.so.1 cudart answers cudaErrorInsufficientDriver too, so
+     * a driver version of 0 is what tells "no driver" from "too old". */
     if (drv == 0)
-        return RL_FAIL(RL_ERR_DEVICE, "no CUDA driver found (libcuda.so.1 could not be loaded: "
-                       "%s: %s)", cudaGetErrorName(e), cudaGetErrorString(e));
+        return RL_FAIL(RL_ERR_DEVICE, "no NVIDIA driver found: no CUDA driver (libcuda.so.1) "
+                       "could be loaded; install the NVIDIA driver to use a GPU, or use "
+                       "device='cpu'");
     if (e == cudaErrorInsufficientDriver)
-        return RL_FAIL(RL_ERR_DEVICE, "the CUDA driver is too old: it supports CUDA %d.%d, this "
-                       "build needs %d.%d (update the NVIDIA driver)", drv / 1000,
-                       (drv % 1000) / 10, rt / 1000, (rt % 1000) / 10);
-    return RL_FAIL(RL_ERR_DEVICE, "CUDA initialisation failed: %s: %s", cudaGetErrorName(e),
+        return RL_FAIL(RL_ERR_DEVICE, "the NVIDIA driver is too old: it supports CUDA %d.%d, this "
+                       "build needs %d.%d (update the NVIDIA driver, or use device='cpu')",
+                       drv / 1000, (drv % 1000) / 10, rt / 1000, (rt % 1000) / 10);
+    return RL_FAIL(RL_ERR_DEVICE, "CUDA initialisation failed: %s: %s (check the NVIDIA driver "
+                   "with nvidia-smi, or use device='cpu')", cudaGetErrorName(e),
                    cudaGetErrorString(e));
 }
 

@@ -154,9 +154,86 @@ def _reader_class(path: str):
     return CheckedReader
 
 
+# GGUF value types: fixed sizes of the scalars; 8 is a string, 9 an array
+_KV_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_kv_table(path: str) -> None:
+    """Every count and length of the header and the key/value table fits in
+    the file, checked before gguf's reader walks them: it reads past the end
+    as empty arrays, so a corrupt array length (up to 2**64) makes it loop for
+    ever. Files it cannot read at all (magic, version) are left to its own error."""
+    import mmap
+    import struct
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m[:4] != b"GGUF":
+                return
+            e = ">" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF == 0 else "<"
+            version, n_tensors, n_kv = struct.unpack_from(e + "IQQ", m, 4)
+            if version not in (2, 3):   # the reader's own message ("version 1 ...")
+                return
+            off = 24
+
+            def bad(what: str) -> ModelFormatError:
+                return ModelFormatError(f"{path}: {what} at byte {off} runs past the end of the "
+                                        f"file of {size} bytes (truncated or corrupt file)")
+
+            def u(fmt: str, what: str) -> int:
+                nonlocal off
+                n = struct.calcsize(fmt)
+                if off + n > size:
+                    raise bad(what)
+                (v,) = struct.unpack_from(e + fmt, m, off)
+                off += n
+                return v
+
+            def string(what: str) -> None:
+                nonlocal off
+                n = u("Q", what)
+                if n > size - off:
+                    raise bad(f"{what} of {n} bytes")
+                off += n
+
+            def value(t: int, depth: int) -> None:
+                nonlocal off
+                if t in _KV_SIZES:
+                    if off + _KV_SIZES[t] > size:
+                        raise bad("a metadata value")
+                    off += _KV_SIZES[t]
+                elif t == 8:
+                    string("a metadata string")
+                elif t == 9 and depth < 4:
+                    it, n = u("I", "an array type"), u("Q", "an array length")
+                    least = _KV_SIZES.get(it, 8 if it == 8 else 12)  # bytes per element, at least
+                    if n * least > size - off:
+                        raise bad(f"an array of {n} elements")
+                    if it in _KV_SIZES:
+                        off += n * _KV_SIZES[it]
+                    else:
+                        for _ in range(n):
+                            value(it, depth + 1)
+                elif t == 9:
+                    raise ModelFormatError(f"{path}: metadata arrays nested deeper than 4 at byte "
+                                           f"{off} (corrupt file)")
+                else:
+                    raise ModelFormatError(f"{path}: metadata value type {t} at byte {off} is not "
+                                           "a GGUF type (corrupt file)")
+
+            if n_kv * 12 > size - off or n_tensors * 24 > size - off:
+                raise bad(f"a table of {n_kv} keys and {n_tensors} tensors")
+            for _ in range(n_kv):
+                string("a metadata key")
+                value(u("I", "a metadata type"), 0)
+
+
 def _open_reader(path: str):
     if not os.path.isfile(path):
         raise ModelFormatError(f"GGUF file {path!r} does not exist")
+    _check_kv_table(path)
     try:
         return _reader_class(path)(path, "r")
     except ModelFormatError:

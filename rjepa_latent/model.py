@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -99,12 +99,19 @@ def _parse_device(device: str | None) -> str:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+CPU_NOTICE = "rjepa_latent: no CUDA device visible; running on the CPU"
+_cpu_notice_shown = False
+
+
 def resolve_device(device: str | None) -> str:
-    """"cpu" or "cuda:N" per the device contract (may warn or raise)."""
+    """"cpu" or "cuda:N" per the device contract (may raise). Left to the default
+    on a machine without a CUDA device, it says so in one line on stderr, once per
+    process: a notice, not a Python warning (no source line, nothing to filter)."""
+    global _cpu_notice_shown
     resolved = _parse_device(device)
-    if device is None and resolved == "cpu":
-        warnings.warn("rjepa_latent: no CUDA device visible; running on the CPU",
-                      UserWarning, stacklevel=3)
+    if device is None and resolved == "cpu" and not _cpu_notice_shown:
+        _cpu_notice_shown = True
+        print(CPU_NOTICE, file=sys.stderr, flush=True)
     if resolved != "cpu":
         _core.cuda_check_device(int(resolved[5:]))  # DeviceError with the reason
     return resolved
