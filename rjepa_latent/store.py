@@ -762,6 +762,7 @@ class LatentStore:
     def __init__(self, path: str | Path, writable: bool = False, verify: bool = False):
         self.path = Path(path)
         self.writable = writable
+        self._layouts: dict[int, dict] = {}   # writable: each shard's checked tensor layout
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a directory")
         manifests = read_manifests(self.path)
@@ -839,11 +840,20 @@ class LatentStore:
         except OSError as e:
             raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
                              "manifest: `rjepa-latent extract ... --repair` redoes it") from None
+        # a writable store maps the shard anew for every access (never cached):
+        # a write into one returned array then never shows in another one. The
+        # header is parsed and checked on the first access only; later ones
+        # reuse its validated layout (tensor -> dtype, count, offset, shape)
+        layout = self._layouts.get(si) if self.writable else None
+        if layout is not None:
+            return {name: np.frombuffer(mm, dtype=dt, count=n, offset=off).reshape(shape)
+                    for name, (dt, n, off, shape) in layout.items()}
         arrays, meta = _parse_safetensors(path, mm, size)
         check_shard_arrays(path, arrays, meta, self.config, entry)
-        # a writable store maps the shard anew for every access (never cached):
-        # a write into one returned array then never shows in another one
         if self.writable:
+            base = np.frombuffer(mm, np.uint8).ctypes.data
+            self._layouts[si] = {name: (a.dtype, a.size, a.ctypes.data - base, a.shape)
+                                 for name, a in arrays.items()}
             return arrays
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
