@@ -762,7 +762,6 @@ class LatentStore:
     def __init__(self, path: str | Path, writable: bool = False, verify: bool = False):
         self.path = Path(path)
         self.writable = writable
-        self._layouts: dict[int, dict] = {}   # writable: each shard's checked tensor layout
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a directory")
         manifests = read_manifests(self.path)
@@ -840,21 +839,8 @@ class LatentStore:
         except OSError as e:
             raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
                              "manifest: `rjepa-latent extract ... --repair` redoes it") from None
-        # a writable store maps the shard anew for every access (never cached):
-        # a write into one returned array then never shows in another one. The
-        # header is parsed and checked on the first access only; later ones
-        # reuse its validated layout (tensor -> dtype, count, offset, shape)
-        layout = self._layouts.get(si) if self.writable else None
-        if layout is not None:
-            return {name: np.frombuffer(mm, dtype=dt, count=n, offset=off).reshape(shape)
-                    for name, (dt, n, off, shape) in layout.items()}
         arrays, meta = _parse_safetensors(path, mm, size)
         check_shard_arrays(path, arrays, meta, self.config, entry)
-        if self.writable:
-            base = np.frombuffer(mm, np.uint8).ctypes.data
-            self._layouts[si] = {name: (a.dtype, a.size, a.ctypes.data - base, a.shape)
-                                 for name, a in arrays.items()}
-            return arrays
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)
@@ -915,9 +901,10 @@ def _read_sidecar(path: Path, info: dict) -> list[dict]:
 
 def open_latents(path: str | Path, writable: bool = False, verify: bool = False) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
-    reading; `writable` maps a shard copy-on-write for each access (arrays
-    that may be written in memory, privately: the files and every other
-    returned array never change). Every shard's header is checked against the
+    reading; `writable` maps shards copy-on-write: arrays may be written in
+    memory, privately to this process (the files never change), and such a
+    write is seen by later accesses of the same shard while it stays mapped.
+    Every shard's header is checked against the
     manifest when it is first mapped, every sidecar's sha256 on open;
     `verify` also hashes every payload first (a full read) and raises
     StoreError listing each damaged or missing file."""

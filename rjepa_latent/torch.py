@@ -3,10 +3,13 @@
 
 - `LatentDataset(run, layer=-2, pooling=None)`: map-style, one record per
   item: a dict with `id`, `latents` (torch.Tensor [num_steps, hidden] of the
-  chosen stored pooling, default the run's first, made without a copy over a
-  private copy-on-write mapping of the shard made for that item: writable,
-  torch does not warn, and an in-place change of one item's tensor never shows
-  in the file or in any other item, or in the same item fetched again), `num_steps`, `num_tokens` and the record's carried metadata. On a
+  chosen stored pooling, default the run's first: a private copy of the
+  item's own rows (steps x hidden, a few KB) out of the shard's read-only
+  memory map, so it is writable, torch does not warn, and an in-place change
+  never shows in the file, another item or a later epoch — zero-copy would
+  need either a shared writable mapping (in-place changes leak into later
+  epochs) or one mapping per item (one open file each: a DataLoader keeping
+  thousands of items runs out of descriptors)), `num_steps`, `num_tokens` and the record's carried metadata. On a
   per-token run (pooling "none"): `latents` [num_tokens, hidden] (a row per
   token) and `token_steps` (int32 [num_tokens], each token's step, -1 outside
   every step), for SAE and probe training.
@@ -57,7 +60,7 @@ class _RunDataset(Dataset):
     @property
     def store(self) -> LatentStore:
         if self._store is None:
-            self._store = open_latents(self.run, writable=True)
+            self._store = open_latents(self.run)
         return self._store
 
     def __getstate__(self) -> dict:
@@ -66,7 +69,7 @@ class _RunDataset(Dataset):
         return state
 
     def _tensor(self, arr: np.ndarray) -> "torch.Tensor":
-        t = torch.from_numpy(arr)
+        t = torch.from_numpy(np.array(arr))   # the item's own rows (see the module docstring)
         return t.view(torch.bfloat16) if self._bf16 else t
 
 
@@ -85,7 +88,7 @@ class LatentDataset(_RunDataset):
         out = {k: v for k, v in item.meta.items()}
         out["latents"] = self._tensor(item.raw_pooled(self.pooling)[self._pos])
         if self.per_token:
-            out["token_steps"] = torch.from_numpy(item.token_steps)
+            out["token_steps"] = torch.from_numpy(np.array(item.token_steps))
         return out
 
 

@@ -217,3 +217,13 @@ def test_export_refuses_partial_runs_and_is_atomic(runs, tmp_path, capsys):
     (npy / "old.npy").write_bytes(b"x")
     assert main(["export", str(runs["float32"]), "--format", "npy", "--out", str(npy)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_kept_items_hold_no_file_descriptors(runs):
+    """A DataLoader (or a list(ds)) keeping thousands of items must not keep a file open per item."""
+    import os
+    ds = LatentDataset(runs["float32"], layer=-2)
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [ds[i % len(ds)] for i in range(3000)]
+    assert len(os.listdir("/proc/self/fd")) - before <= 8     # the shards' maps, not one per item
+    assert len(kept) == 3000
