@@ -91,9 +91,10 @@ def _summarize(out: Path, manifests: dict[str, dict], first_name: str, first: di
             p = out / fname
             if not p.is_file() or p.stat().st_size != int(finfo["bytes"]):
                 raise StoreError(f"{p} is listed in the manifest but "
-                                 f"{'missing' if not p.is_file() else 'of the wrong size'}: the "
-                                 "directory was modified outside rjepa-latent; re-run the "
-                                 "extraction into a new --out")
+                                 f"{'missing' if not p.is_file() else 'of the wrong size'}: "
+                                 "`rjepa-latent verify RUN` lists every damaged file and "
+                                 "`rjepa-latent extract ... --repair` (the run's own options) "
+                                 "redoes those shards")
     done = [shards[k] for k in sorted(shards)]
     errors = [e for s in done for e in s["errors"]]
     groups: dict[str, dict] = {}

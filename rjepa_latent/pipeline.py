@@ -661,7 +661,10 @@ def _layers_arg(s: str) -> list[int]:
 
 def _pooling_arg(s: str) -> str | list[str]:
     """--pooling mean or --pooling mean,max,last (one name stays a str)."""
-    names = [x.strip() for x in s.split(",") if x.strip()]
+    names = [x.strip() for x in s.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"--pooling takes comma-separated names with none empty "
+                                         f"(e.g. mean,max,last), got {s!r}")
     try:
         resolve_poolings(names)
     except ValueError as e:

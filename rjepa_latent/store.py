@@ -393,6 +393,11 @@ class RunStore:
             only_kernel = [line.split(":")[0].strip() for line in diff] == ["engine_kernel"]
             hint = ("\nOnly the kernel differs: allow_kernel_change=True (--allow-kernel-change) "
                     "continues under it, recording each shard's kernel." if only_kernel else "")
+            if "engine_batch_tokens" in stored and any(
+                    line.split(":")[0].strip() == "engine_batch_tokens" for line in diff):
+                hint += (f"\nThe batch budget differs (on CUDA it decides the bytes): pass "
+                         f"--max-batch-tokens {stored['engine_batch_tokens']} (max_batch_tokens="
+                         f"{stored['engine_batch_tokens']}) to resume with the stored one.")
             raise StoreError(f"{self.out} holds a run with a different configuration ({name}); "
                              "nothing was changed. Differences:\n" + "\n".join(diff) +
                              "\nUse another --out, or the options of the stored run." + hint)
