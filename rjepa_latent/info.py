@@ -39,7 +39,7 @@ CONFIG_FIELDS = ("model_fingerprint", "model_type", "num_layers", "hidden_size",
                  "engine_dtype", "engine_kernel", "package_version")
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])")   # standalone: UTF-8, 0xff stay
 
 
 def reason_group(reason: str) -> str:

@@ -491,7 +491,8 @@ def error_kind(reason: str) -> str:
     """A reason without its particulars: the text before the first ': ' (or ' ('),
     quoted values as '…' and numbers as N, so like errors group."""
     head = re.split(r": | \(|; ", reason, maxsplit=1)[0]
-    head = re.sub(r"\d+", "N", _QUOTED.sub("'…'", head))
+    # standalone numbers only: UTF-8, 0xff, float16 keep their digits
+    head = re.sub(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])", "N", _QUOTED.sub("'…'", head))
     return head[:80]
 
 
