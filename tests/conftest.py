@@ -119,6 +119,22 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], pathlib.Path]:
     return get
 
 
+@pytest.fixture(scope="module")
+def model_of(tiny_model_dir):
+    """model_of(arch) -> a CPU rl.Model (2 threads) of that tiny checkpoint,
+    loaded once per test module and closed after it."""
+    import rjepa_latent as rl
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = rl.Model(tiny_model_dir(arch), device="cpu", threads=2)
+        return cache[arch]
+    yield get
+    for m in cache.values():
+        m.close()
+
+
 @functools.lru_cache(maxsize=None)
 def _hf_model(directory: str):
     import torch

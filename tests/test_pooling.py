@@ -28,19 +28,6 @@ def report_worst():
             print(f"  {p:6s} {err:.3e}")
 
 
-@pytest.fixture(scope="module")
-def model_of(tiny_model_dir):
-    cache: dict[str, rl.Model] = {}
-
-    def get(arch: str) -> rl.Model:
-        if arch not in cache:
-            cache[arch] = rl.Model(tiny_model_dir(arch), device="cpu", threads=2)
-        return cache[arch]
-    yield get
-    for m in cache.values():
-        m.close()
-
-
 def ids_of(length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, length).astype(np.int64)
 
