@@ -119,6 +119,31 @@ def tiny_model_dir(tmp_path_factory) -> Callable[[str], pathlib.Path]:
     return get
 
 
+def ids_of(length: int, seed: int) -> np.ndarray:
+    """`length` random token ids of the tiny vocabulary (fixed seed)."""
+    return np.random.default_rng(seed).integers(0, VOCAB, length).astype(np.int64)
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Relative error per layer (axis 0): ||ours - ref|| / ||ref||."""
+    diff = np.linalg.norm((ours - ref).reshape(len(ref), -1), axis=1)
+    return diff / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
+
+
+def interrupt_at_shard(monkeypatch, index: int):
+    """Make extraction raise KeyboardInterrupt (as Ctrl-C would) when it starts
+    computing shard `index`; returns the original method (to undo it)."""
+    from rjepa_latent import pipeline
+    compute = pipeline._Runner._compute
+
+    def interrupted(self, shard, bar, t0):
+        if shard["index"] == index:
+            raise KeyboardInterrupt
+        return compute(self, shard, bar, t0)
+    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    return compute
+
+
 @pytest.fixture(scope="module")
 def model_of(tiny_model_dir):
     """model_of(arch) -> a CPU rl.Model (2 threads) of that tiny checkpoint,

@@ -31,6 +31,7 @@ import pytest
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.data import read_records
+from conftest import interrupt_at_shard
 
 G1 = {"id": "good1", "question": "Q", "steps": ["she sold 48 clips", "then 24"]}
 G2 = {"id": "good2", "steps": ["in total 72"]}
@@ -332,14 +333,7 @@ def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys,
     (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
     args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
             "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"]
-    compute = pipeline._Runner._compute
-
-    def interrupted(self, shard, bar, t0):
-        if shard["index"] == 2:
-            raise KeyboardInterrupt
-        return compute(self, shard, bar, t0)
-
-    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    compute = interrupt_at_shard(monkeypatch, 2)
     assert cli_main(args) == 130
     monkeypatch.setattr(pipeline._Runner, "_compute", compute)
     capsys.readouterr()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from conftest import ARCHS, VOCAB, hf_hidden_states
+from conftest import ARCHS, hf_hidden_states, ids_of, rel_err
 
 LENGTHS = (1, 7, 64, 300)
 TOL = 1e-5
@@ -25,16 +25,6 @@ def report_worst():
               f"{', '.join(map(str, LENGTHS))}):")
         for arch, err in WORST.items():
             print(f"  {arch:12s} {err:.3e}")
-
-
-def ids_of(length: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, length).astype(np.int64)
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Relative error per layer (axis 0)."""
-    diff = np.linalg.norm((ours - ref).reshape(len(ref), -1), axis=1)
-    return diff / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

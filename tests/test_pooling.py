@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from conftest import VOCAB, hf_hidden_states
+from conftest import hf_hidden_states, ids_of, rel_err
 
 TOL = 1e-5
 POOLINGS = ("mean", "max", "last", "first")
@@ -26,15 +26,6 @@ def report_worst():
         print("\nworst relative error vs NumPy pooling of HF's hidden states (fp32, CPU):")
         for p, err in sorted(WORST.items()):
             print(f"  {p:6s} {err:.3e}")
-
-
-def ids_of(length: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, length).astype(np.int64)
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    diff = np.linalg.norm((ours - ref).reshape(len(ref), -1), axis=1)
-    return diff / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
 
 
 def numpy_pool(rows: np.ndarray, pooling: str) -> np.ndarray:

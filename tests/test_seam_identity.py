@@ -16,6 +16,7 @@ import rjepa_latent as rl
 from rjepa_latent import pipeline
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.store import ENGINE_IDENTITY
+from conftest import interrupt_at_shard
 
 OTHER_KERNEL = "scipy-openblas32 OpenBLAS 0.3.0 SkylakeX (another machine)"
 
@@ -44,13 +45,7 @@ def manifest(d: Path) -> dict:
 def partial_run(data: Path, model, out: Path, monkeypatch, edit) -> None:
     """A run interrupted after shard 0, then its manifest edited by `edit(config, shards)`
     as if another engine had written it."""
-    compute = pipeline._Runner._compute
-
-    def interrupted(self, shard, bar, t0):
-        if shard["index"] == 1:
-            raise KeyboardInterrupt
-        return compute(self, shard, bar, t0)
-    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    compute = interrupt_at_shard(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         rl.extract_dataset(data, model, out, shard_size=3, progress=False)
     monkeypatch.setattr(pipeline._Runner, "_compute", compute)
