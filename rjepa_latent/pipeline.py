@@ -719,6 +719,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shards (a single run; the other options as for the run)")
     p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import ray as ray_cli   # --ray and its options live in rjepa_latent/ray.py (ray itself is not imported)
+    ray_cli.add_arguments(p)
 
 
 def _default_model() -> str:
@@ -734,6 +736,9 @@ def _default_model() -> str:
 def run(args: argparse.Namespace) -> int:
     from .errors import ModelFormatError, StoreError
     try:
+        from . import ray as ray_cli   # --ray: rjepa_latent/ray.py runs it; ray is imported only then
+        if ray_cli.wanted(args):
+            return ray_cli.run(args)
         return _run(args)
     except NothingExtracted as e:
         print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
