@@ -44,7 +44,6 @@ Design choices:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -65,10 +64,11 @@ INSTALL_HINT = "pip install 'rjepa-latent[ray]'"
 
 def require_ray():
     """The `ray` module, or ImportError naming the extra that installs it."""
-    if importlib.util.find_spec("ray") is None:
+    try:
+        import ray
+    except ImportError:
         raise ImportError(f"rjepa_latent.ray needs Ray (ray[data]), which is not installed; "
-                          f"install it with: {INSTALL_HINT}")
-    import ray
+                          f"install it with: {INSTALL_HINT}") from None
     return ray
 
 
@@ -306,6 +306,7 @@ class _ShardActor:
         """Where this actor runs, its run configuration (engine identity included),
         and whether it sees the run directory (the driver's token file)."""
         import socket
+        from .store import write_tag
         ray = require_ray()
         node = ray.get_runtime_context().get_node_id()
         ip = ray.util.get_node_ip_address()
@@ -316,7 +317,8 @@ class _ShardActor:
             except OSError:
                 sees = False
         return {"node": node, "host": socket.gethostname(), "ip": ip, "pid": os.getpid(),
-                "device": self.m.device, "threads": self.threads, "config": self.config, "sees": sees}
+                "device": self.m.device, "threads": self.threads, "config": self.config, "sees": sees,
+                "tag": write_tag("")}   # the prefix of its temporary files' tags
 
     def run_shard(self, k: int, rng: tuple[int, int], records: list) -> dict:
         from .pipeline import ShardWorker
@@ -401,6 +403,7 @@ class _Pool:
                 raise RuntimeError(f"Ray worker {name} could not load the model: {_cause(e)}") from None
             self.alive.add(name)
         self.started = dict(self.info)
+        self.tags = {i["tag"] for i in self.info.values()}
         return self.info
 
     def shutdown(self) -> None:
@@ -534,6 +537,7 @@ def extract(inputs: Any, out: str | os.PathLike, *, model: str | os.PathLike | N
         token_path = _check_visible(pool, out)
         run = _Dispatch(ray, pool, driver, progress, on_shard)
         run.run(first, pending)
+        _drop_temporaries(out, pool.tags)
         driver.finish()
         if driver.unknown_ids:
             shown = ", ".join(map(repr, driver.unknown_ids[:5]))
@@ -558,6 +562,14 @@ def _ray_summary(pool: _Pool, per_worker: dict) -> dict:
     return {"workers": len(pool.names), "nodes": len({i["node"] for i in pool.info.values()}),
             "lost_workers": pool.lost, "shards_per_worker": dict(per_worker),
             "redone_shards": pool.redone}
+
+
+def _drop_temporaries(out: Path, tags: set[str]) -> None:
+    """Remove what this run's actors left half-written (an actor killed mid-commit):
+    every shard is committed by now, and these tags are theirs alone."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and any(f".tmp-{t}" in p.name for t in tags):
+            p.unlink(missing_ok=True)
 
 
 def _check_visible(pool: _Pool, out: Path) -> Path:
@@ -696,6 +708,7 @@ class _Dispatch:
         _identity_check({first: pool.started[first], f"{name} (restarted)": info},
                         self.driver.spec.allow_kernel_change)
         pool.info[name] = info
+        pool.tags.add(info["tag"])
         pool.alive.add(name)
 
 

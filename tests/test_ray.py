@@ -102,16 +102,21 @@ def setup(tmp_path_factory, tiny_model_dir):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
     model = tiny_model_dir("llama")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def cmd(out: Path, *extra: str) -> list:
         return [sys.executable, "-m", "rjepa_latent.cli", "extract", str(data), "--model", str(model),
                 "--out", str(out), "--shard-size", str(SHARD), f"--layers={LAYERS}", "--no-progress",
                 *extra]
     ref = root / "reference"
-    r = subprocess.run(cmd(ref, "--device", "cpu", "--threads", "1"), env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd(ref, "--device", "cpu", "--threads", "1"), env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    return model, data, ref, cmd, env, root
+    return model, data, ref, cmd, _env, root
+
+
+def _env() -> dict:
+    """A subprocess's environment, taken now: ray.init sets what joining the
+    cluster needs (RAY_AUTH_MODE) in this process's environment."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def snapshot(d: Path) -> dict:
@@ -154,3 +159,201 @@ def test_step_latents_equal_the_stored_latents(clusters, setup, batch_format):
         _, row = got[rid]
         assert row["error"] == reason
         assert row["latents_L1"] is None and row["token_spans"] is None and row["num_steps"] is None
+
+
+def test_step_latents_takes_a_path_and_one_span_pooling(model_of, tiny_model_dir):
+    with pytest.raises(TypeError, match="checkpoint path, not a Model"):
+        rlray.StepLatents(model_of("llama"))
+    for pooling in ("none", ["mean", "max"]):
+        with pytest.raises(ValueError, match="one span pooling"):
+            rlray.StepLatents(str(tiny_model_dir("llama")), pooling=pooling)
+
+
+# ------------------------------------------------------------ extract (local cluster)
+
+def _extract(setup, out: Path, **kw) -> dict:
+    model, data, *_ = setup
+    return rlray.extract([str(data)], out, model=str(model), shard_size=SHARD,
+                         layers=[int(x) for x in LAYERS.split(",")], progress=False, **kw)
+
+
+def test_extract_is_the_single_process_run(clusters, setup, tmp_path):
+    model, data, ref, *_ = setup
+    clusters.local()
+    seen = []
+    s = _extract(setup, tmp_path / "out", workers=2, cpus_per_worker=0.5, on_shard=seen.append)
+    assert snapshot(tmp_path / "out") == snapshot(ref)
+    one = rl.extract_dataset([str(data)], str(model), tmp_path / "one", shard_size=SHARD,
+                             layers=[1, -1], device="cpu", threads=1, progress=False)
+    assert set(one) <= set(s) and s["ray"]["workers"] == 2
+    for k in ("items", "steps", "errors", "tokens", "records", "complete", "shards_written", "error_kinds"):
+        assert s[k] == one[k], k
+    assert sorted(i["index"] for i in seen) == list(range(-(-N_RECORDS // SHARD)))
+    assert sum(s["ray"]["shards_per_worker"].values()) == len(seen) and len(s["ray"]["shards_per_worker"]) == 2
+    again = _extract(setup, tmp_path / "out", workers=1, cpus_per_worker=0.5)   # finished: a no-op
+    assert again["noop"] and snapshot(tmp_path / "out") == snapshot(ref)
+
+
+def test_cli_ray_is_byte_identical(clusters, setup, tmp_path):
+    *_, ref, cmd, env, _ = setup
+    address = clusters.local()
+    r = subprocess.run(cmd(tmp_path / "out", "--ray", "--address", address, "--workers", "2",
+                           "--cpus-per-worker", "0.5"), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on Ray: 2 workers" in r.stdout
+    assert snapshot(tmp_path / "out") == snapshot(ref)
+
+
+def test_cli_refuses_ray_options_without_ray_and_single_process_options_with_it(setup, tmp_path, capsys):
+    from rjepa_latent import cli
+    model, data, *_ = setup
+    base = ["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert cli.main(base + ["--workers", "2"]) == 2
+    assert "--workers need --ray" in capsys.readouterr().err
+    for extra, what in ((["--device", "cpu"], "--device does not go with --ray"),
+                        (["--part", "1/2"], "--part does not go with --ray")):
+        assert cli.main(base + ["--ray", *extra]) == 2
+        assert what in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_ray_an_import_error_names_the_extra(setup, tmp_path, monkeypatch, capsys):
+    from rjepa_latent import cli
+    model, data, *_ = setup
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+        rlray.extract([str(data)], tmp_path / "o", model=str(model))
+    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+        rlray.StepLatents(str(model))
+    assert cli.main(["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--ray"]) == 2
+    assert "pip install 'rjepa-latent[ray]'" in capsys.readouterr().err
+
+
+def test_the_cli_without_ray_does_not_import_ray(setup, tmp_path):
+    model, data, *_ = setup
+    code = ("import sys; from rjepa_latent import cli; "
+            f"rc = cli.main(['extract', {str(data)!r}, '--model', {str(model)!r}, '--out', "
+            f"{str(tmp_path / 'o')!r}, '--no-progress', '--device', 'cpu']); "
+            "assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray was imported'")
+    r = subprocess.run([sys.executable, "-c", code], env=setup[4](), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_pool_larger_than_the_cluster_is_refused(clusters, setup, tmp_path):
+    clusters.local()
+    with pytest.raises(ValueError, match="the pool does not fit"):
+        _extract(setup, tmp_path / "o", workers=5, cpus_per_worker=0.5)
+    with pytest.raises(ValueError, match="the pool does not fit"):
+        _extract(setup, tmp_path / "o", workers=1, gpus_per_worker=1)   # no GPU here
+    with pytest.raises(ValueError, match="not an option"):
+        _extract(setup, tmp_path / "o", device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_driver_on_the_directory_is_refused(clusters, setup, tmp_path):
+    *_, ref, cmd, env, _ = setup
+    address = clusters.local()
+    out = tmp_path / "out"
+    holding, release = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def pause(info):   # the first driver holds the directory, mid-run
+        holding.set()
+        release.wait(120)
+
+    def first():
+        try:
+            result["summary"] = _extract(setup, out, workers=1, cpus_per_worker=0.5, on_shard=pause)
+        except BaseException as e:   # reported below
+            result["error"] = e
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert holding.wait(120), result
+        r = subprocess.run(cmd(out, "--ray", "--address", address, "--workers", "1", "--cpus-per-worker",
+                               "0.5"), env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "in use by another" in r.stderr, r.stderr[-3000:]
+    finally:
+        release.set()
+        t.join(300)
+    assert "error" not in result, result.get("error")
+    assert snapshot(out) == snapshot(ref)
+
+
+def test_an_actor_that_cannot_see_the_directory_is_named(clusters, setup, tmp_path):
+    model, data, *_ = setup
+    ray_mod, _ = rlray.connect(clusters.local())
+    from rjepa_latent import pipeline as pl
+    spec = pl.run_spec([str(data)], model=str(model), shard_size=SHARD)
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    out.mkdir()
+    # the actor looks for the token in `elsewhere`, as a node whose mount differs would
+    pool = rlray._Pool(ray_mod, str(model), spec, elsewhere, (1, 0.0, 0.5), "visibility")
+    try:
+        pool.start()
+        with pytest.raises(rl.StoreError, match=r"not visible from every Ray node: .*w0 on node "):
+            rlray._check_visible(pool, out)
+    finally:
+        pool.shutdown()
+
+
+def test_actors_that_differ_in_engine_identity_are_refused(model_of, setup):
+    from rjepa_latent import pipeline as pl
+    model, data, *_ = setup
+    config = pl.run_config(pl.run_spec([str(data)], model=str(model), shard_size=SHARD), model_of("llama"))
+    here = {"host": "a", "device": "cpu", "config": config}
+    other_kernel = {"host": "b", "device": "cpu", "config": {**config, "engine_kernel": config["engine_kernel"] + "x"}}
+    with pytest.raises(rl.StoreError, match="(?s)differ in what they compute.*engine_kernel.*allow_kernel_change"):
+        rlray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=False)
+    assert rlray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=True) == config
+    other_dtype = {**other_kernel, "config": {**config, "engine_dtype": "bfloat16"}}
+    with pytest.raises(rl.StoreError, match="engine_dtype"):
+        rlray._identity_check({"w0": here, "w1": other_dtype}, allow_kernel_change=True)
+
+
+# ------------------------------------------------------------ two nodes
+
+def test_two_nodes_share_the_work(clusters, setup, tmp_path):
+    *_, ref, _, _, _ = setup
+    clusters.two_nodes()
+    s = _extract(setup, tmp_path / "out", workers=2, cpus_per_worker=0.5)
+    assert s["ray"]["nodes"] == 2 and len(s["ray"]["shards_per_worker"]) == 2
+    assert snapshot(tmp_path / "out") == snapshot(ref)
+    with pytest.raises(ValueError, match="no node can hold one worker"):   # 2 CPUs, but 1 per node
+        _extract(setup, tmp_path / "o", workers=1, cpus_per_worker=2)
+
+
+@pytest.mark.parametrize("no_restart", [True, False])
+def test_a_killed_actor_changes_nothing(clusters, setup, tmp_path, no_restart):
+    *_, ref, _, _, _ = setup
+    clusters.two_nodes()
+    killed = []
+
+    def kill_once(info):   # mid-run: the first committed shard's worker dies
+        if not killed:
+            killed.append(info["worker"])
+            ray.kill(ray.get_actor(info["worker"]), no_restart=no_restart)
+    s = _extract(setup, tmp_path / "out", workers=2, cpus_per_worker=0.5, on_shard=kill_once)
+    assert s["ray"]["lost_workers"] >= 1 and s["ray"]["redone_shards"] >= 1, s["ray"]
+    assert s["complete"] and snapshot(tmp_path / "out") == snapshot(ref)
+
+
+def test_a_killed_driver_resumes_to_the_same_bytes(clusters, setup, tmp_path):
+    *_, ref, cmd, env, _ = setup
+    cluster = clusters.two_nodes()
+    out = tmp_path / "out"
+    p = subprocess.Popen(cmd(out, "--ray", "--address", cluster.address, "--workers", "2",
+                             "--cpus-per-worker", "0.5"), env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not list(out.glob("shard-*.json")):
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)   # as soon as the first shard is committed
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, p.stderr.read().decode()[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"]
+    s = _extract(setup, out, workers=2, cpus_per_worker=0.5)
+    assert s["complete"] and s["shards_written"] < s["shards_total"]   # the committed ones were kept
+    assert snapshot(out) == snapshot(ref)
