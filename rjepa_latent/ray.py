@@ -400,7 +400,8 @@ class _Pool:
             try:
                 self.info[name] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise RuntimeError(f"Ray worker {name} could not load the model: {_cause(e)}") from None
+                raise RuntimeError(f"Ray worker {name} could not start (load the model, read the run's "
+                                   f"first records): {_cause(e)}") from None
             self.alive.add(name)
         self.started = dict(self.info)
         self.tags = {i["tag"] for i in self.info.values()}
