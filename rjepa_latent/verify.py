@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     what = "sizes, headers and sidecars" if args.quick else "every sha256, sizes and headers"
     if not problems:
-        state = "complete" if n == total else f"not complete: {n} of {total} shards done so far"
+        state = ("complete" if n == total else f"not complete: {n} of {total} shards done so far"
+                 if total is not None else f"not complete: {n} shards done so far")
         print(f"{out}: {n} listed shards sound ({what} checked); {state}")
         return 0
     print(f"{out}: {len(problems)} damaged or missing file(s) ({what} checked):\n"

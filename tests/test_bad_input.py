@@ -241,7 +241,7 @@ def test_bad_input(case: Case, model_dir, tmp_path, capsys):
         return
     if case.outcome == "empty":
         assert rc == 1 and "nothing was extracted: the inputs hold no records" in std.err, std.err
-        assert rl.open_latents(out).ids == []
+        assert "nothing was written" in std.err and not out.exists()   # no "complete" empty run
         return
     assert rc == 0, std.err
     store = rl.open_latents(out)
@@ -339,7 +339,9 @@ def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys,
     capsys.readouterr()
     assert cli_main(args) == 0
     err = capsys.readouterr().err
-    assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records); 1 shards (2 records) remain" in err
+    # records are streamed: what remains is known once they are read, so it is said at the end
+    assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records)" in err
+    assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shards (2 records) remained" in err
 
 
 def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsys):
