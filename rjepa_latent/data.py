@@ -528,15 +528,20 @@ def _json_number(s: str) -> float:
     return v
 
 
-def _json_constant(name: str):
-    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity): write null, a number or a string")
+def _json_constant(name: str) -> float:
+    """NaN, Infinity, -Infinity (what Python's json module writes): read as those
+    floats, so a JSONL record follows the one rule of Parquet and Dataset rows:
+    a non-finite number in a carried field is stored as null and named in the
+    item's `nonfinite_fields` (store._sidecar_row); anywhere else it is the
+    field's usual type error."""
+    return float(name)
 
 
 _DECODER = json.JSONDecoder(parse_float=_json_number, parse_constant=_json_constant)   # built once
 
 
 def _loads(text: str):
-    """json.loads, refusing NaN / Infinity and numbers that overflow a float;
+    """json.loads, refusing numbers that overflow a float (NaN / Infinity are read: `_json_constant`);
     nesting too deep for the parser is a ValueError, not a RecursionError."""
     try:
         return _DECODER.decode(text)
@@ -796,6 +801,8 @@ def _check_steps(steps: list[str]) -> None:
             raise _BadRecord(f"step {i} is not a string ({type(s).__name__})")
         if s == "":
             raise _BadRecord(f"step {i} is an empty string")
+        if not s.strip():   # it would get no token of its own, or only whitespace ones
+            raise _BadRecord(f"step {i} is only whitespace")
 
 
 @dataclass(frozen=True)

@@ -380,12 +380,14 @@ def run_config(spec: RunSpec, m: Model) -> dict:
 
 
 # the auto shard size: a conservative estimate of the engine's rate (FLOP/s) on
-# a slow machine of each kind, and the seconds one shard should take at it, so
-# that a kill loses at most about SHARD_TARGET_S x the estimate's margin
+# a slow machine of each kind (this CPU engine reaches about 50 GFLOP/s on two
+# Haswell cores; a GPU in bf16 some hundreds of TFLOP/s), and the seconds one
+# shard should take at it, so a machine even 3x slower than the estimate still
+# commits every record within about 30 s of computing it
 SHARD_TARGET_S = 10.0
-SLOW_FLOPS = {"cpu": 5e9, "cuda": 2e12}
+SLOW_FLOPS = {"cpu": 10e9, "cuda": 20e12}
 AUTO_SAMPLE = 256          # records read to estimate the mean text length
-SHARD_SIZE_RANGE = (8, 100_000)
+SHARD_SIZE_RANGE = (10, 100_000)
 
 
 def _round_down_125(n: int) -> int:

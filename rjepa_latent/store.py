@@ -932,7 +932,8 @@ class LatentItem:
 class LatentStore:
     """Read side of a run directory; see `open_latents`."""
 
-    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False):
+    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True):
         self.path = Path(path)
         self.writable = writable
         if not self.path.is_dir():
@@ -952,7 +953,7 @@ class LatentStore:
                 shards.setdefault(s["index"], s)
         self.shards = [shards[k] for k in sorted(shards)]
         if verify:
-            bad = _verify(self.path, manifests, True, True)
+            bad = _verify(self.path, manifests, True, progress)
             if bad:
                 raise StoreError(f"{self.path}: {len(bad)} damaged or missing file(s):\n"
                                  + damage_report(self.path, bad) + "\nrun the extract command "
@@ -1072,7 +1073,8 @@ def _read_sidecar(path: Path, info: dict) -> list[dict]:
     return rows
 
 
-def open_latents(path: str | Path, writable: bool = False, verify: bool = False) -> LatentStore:
+def open_latents(path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
     reading; `writable` maps shards copy-on-write: arrays may be written in
     memory, privately to this process (the files never change), and such a
@@ -1080,5 +1082,6 @@ def open_latents(path: str | Path, writable: bool = False, verify: bool = False)
     Every shard's header is checked against the
     manifest when it is first mapped, every sidecar's sha256 on open;
     `verify` also hashes every payload first (a full read) and raises
-    StoreError listing each damaged or missing file."""
-    return LatentStore(path, writable, verify)
+    StoreError listing each damaged or missing file (`progress`: its progress
+    line on large runs, stderr)."""
+    return LatentStore(path, writable, verify, progress)

@@ -20,12 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the payload sha256 (sizes, headers and sidecars only: what every "
                         "open and every resume checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on large runs")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress line and nothing on stdout when all is sound (the exit status says it)")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.run)
     try:
-        problems = verify_run(out, full=not args.quick, progress=not args.no_progress)
+        problems = verify_run(out, full=not args.quick, progress=not (args.no_progress or args.quiet))
         manifests = read_manifests(out)
         n = len(listed_shards(manifests))
         total = next(iter(manifests.values()))["num_shards"]
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     what = "sizes, headers and sidecars" if args.quick else "every sha256, sizes and headers"
     if not problems:
+        if args.quiet:
+            return 0
         state = ("complete" if n == total else f"not complete: {n} of {total} shards done so far"
                  if total is not None else f"not complete: {n} shards done so far")
         print(f"{out}: {n} listed shards sound ({what} checked); {state}")
