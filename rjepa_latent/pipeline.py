@@ -67,8 +67,8 @@ from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE,
 from .errors import InputError, StoreError, TokenIdError
 from .model import POOLINGS, TOKEN_POOLING, Model, resolve_poolings
 from .plan import part_shards, plan_batches
-from .store import (ERRORS, MANIFEST, STORE_DTYPES, RunStore, check_run_config, commit_shard, convert_latents,
-                    damage_report, error_kind, read_manifests)
+from .store import (ERRORS, STORE_DTYPES, RunStore, check_run_config, commit_shard, convert_latents,
+                    damage_report, error_kind, stored_config)
 from .tokenize import Item, prepare_tokenizer, tokenize_records, tokenizer_hash
 
 AUTO = "auto"                # shard_size: chosen from the data and the device (auto_shard_size)
@@ -634,10 +634,7 @@ def _source_names(spec: RunSpec) -> list[str]:
 
 
 def _stored_config(out: Path) -> dict | None:
-    try:
-        return read_manifests(out).get(MANIFEST, {}).get("config")
-    except StoreError:
-        return None   # RunStore reports it
+    return stored_config(out)   # RunStore reports an unreadable manifest
 
 
 def _appended(path: Path, old: dict) -> bool:

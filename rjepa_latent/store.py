@@ -383,6 +383,23 @@ def read_journal(out: Path) -> dict[int, dict]:
     return {k: read_journal_entry(out, k) for k in sorted(_journal_names(out))}
 
 
+def read_journal_lenient(out: Path) -> tuple[dict[int, dict], dict[str, str]]:
+    """(the readable entries by index, {journal file: what is wrong} for the others)."""
+    entries, bad = {}, {}
+    for k in sorted(_journal_names(out)):
+        try:
+            entries[k] = _strip_entry(read_journal_entry(out, k))
+        except StoreError as e:
+            msg = str(e).split("; the file is damaged")[0]
+            bad[journal_name(k)] = msg[len(f"{out / journal_name(k)}: "):] if msg.startswith(str(out)) else msg
+    return entries, bad
+
+
+def journal_bytes(entry: dict) -> bytes:
+    """A journal file's exact bytes for `entry` (one line of strict JSON)."""
+    return _json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION, **entry}, indent=None)
+
+
 def _strip_entry(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("format", "format_version")}
 
@@ -409,6 +426,14 @@ def read_manifests(out: Path) -> dict[str, dict]:
         m = {**m, "num_records": None, "num_shards": None,
              "shards": [_strip_entry(e) for e in read_journal(out).values()]}
     return {MANIFEST: m}
+
+
+def stored_config(out: Path) -> dict | None:
+    """The configuration in manifest.json (None: no readable run there)."""
+    try:
+        return _load_json(Path(out) / MANIFEST).get("config") if (Path(out) / MANIFEST).is_file() else None
+    except StoreError:
+        return None
 
 
 def config_differences(stored: dict, requested: dict, ignore: Iterable[str] = ()) -> list[str]:
@@ -472,8 +497,7 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
              "errors": errors, "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
     if kernel is not None:
         entry["kernel"] = kernel  # the kernel identity that computed this shard
-    atomic_write(out / journal_name(index), [_json_bytes(
-        {"format": FORMAT, "format_version": FORMAT_VERSION, **entry}, indent=None)], tag)
+    atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
     return entry
 
 
@@ -566,13 +590,11 @@ class RunStore:
     def _read_journal(self) -> None:
         """The committed entries; an unreadable entry file is damage (`bad_entries`),
         which --repair redoes like any damaged shard."""
-        for k in sorted(_journal_names(self.out)):
-            if k in self.entries:
-                continue
-            try:
-                self.entries[k] = _strip_entry(read_journal_entry(self.out, k))
-            except StoreError as e:
-                self.bad_entries[journal_name(k)] = str(e).split("; the file is damaged")[0]
+        entries, bad = read_journal_lenient(self.out)
+        for k, e in entries.items():
+            self.entries.setdefault(k, e)
+        self.bad_entries.update({f: why for f, why in bad.items()
+                                 if int(_JOURNAL.match(f).group(1)) not in self.entries})
 
     def _check_directory(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -825,6 +847,11 @@ def _verify(out: Path, manifests: dict[str, dict], full: bool, progress: bool) -
     for k in sorted(entries):
         problems.update(_shard_problem(out, config, entries[k], full, on_bytes))
     m = manifests.get(MANIFEST)
+    if m is not None and m.get("format_version") == FORMAT_VERSION and m["complete"]:
+        for k in sorted(entries):   # a finished run keeps its journal: each file equals its entry
+            p = out / journal_name(k)
+            if not p.is_file() or p.read_bytes() != journal_bytes(entries[k]):
+                problems[journal_name(k)] = "missing or not the manifest's entry of its shard"
     if m is not None and m["complete"]:   # errors.jsonl is derived from the complete manifest
         want = _jsonl_bytes(e for s in m["shards"] for e in s["errors"])
         p = out / ERRORS
@@ -842,11 +869,18 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
-    manifests = read_manifests(path)
+    bad: dict[str, str] = {}
+    m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    if m is not None and m["format_version"] == FORMAT_VERSION and not m.get("complete"):
+        entries, bad = read_journal_lenient(path)   # a damaged entry is listed, not fatal
+        manifests = {MANIFEST: {**m, "num_records": None, "num_shards": None,
+                                "shards": [entries[k] for k in sorted(entries)]}}
+    else:
+        manifests = read_manifests(path)
     if not manifests:
         raise StoreError(f"{path} has no manifest.json: not an rjepa-latent run directory "
                          "(or no shard finished yet)")
-    return _verify(path, manifests, full, progress)
+    return {**bad, **_verify(path, manifests, full, progress)}
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import StoreError
-from .store import damage_report, listed_shards, read_manifests, verify_run
+from .store import damage_report, listed_shards, read_journal_lenient, read_manifests, verify_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.run)
     try:
         problems = verify_run(out, full=not args.quick, progress=not (args.no_progress or args.quiet))
-        manifests = read_manifests(out)
-        n = len(listed_shards(manifests))
-        total = next(iter(manifests.values()))["num_shards"]
+        try:
+            manifests = read_manifests(out)
+            n = len(listed_shards(manifests))
+            total = next(iter(manifests.values()))["num_shards"]
+        except StoreError:   # a damaged journal entry: listed in `problems` below
+            n, total = len(read_journal_lenient(out)[0]), None
     except (StoreError, OSError) as e:
         print(f"rjepa-latent verify: error: {e}", file=sys.stderr)
         return 2

@@ -250,3 +250,14 @@ def test_non_utf8_input_file_name_is_a_clear_error(model, data, tmp_path):
     with pytest.raises(ValueError, match="is not valid UTF-8; rename the file"):
         rl.extract_dataset(odd, model, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_the_model_loads(data, tmp_path, monkeypatch):
+    from rjepa_latent import pipeline
+    loads = []
+    monkeypatch.setattr(pipeline, "_load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(rl.StoreError, match="exists and is not a directory"):
+        rl.extract_dataset(data, "/no/such/model", tmp_path / "out", progress=False)
+    assert loads == []
