@@ -540,6 +540,7 @@ def extract(inputs: Any, out: str | os.PathLike, *, model: str | os.PathLike | N
         run.run(first, pending)
         _drop_temporaries(out, pool.tags)
         driver.finish()
+        driver.say_resumed(run.written, run.records_written)
         if driver.unknown_ids:
             shown = ", ".join(map(repr, driver.unknown_ids[:5]))
             print(f"rjepa-latent extract: {len(driver.unknown_ids)} of the {len(spec.ids)} --ids are "
@@ -608,7 +609,7 @@ class _Dispatch:
             from tqdm import tqdm
             self.bar = tqdm(total=driver.spec.limit, unit="item", dynamic_ncols=True, file=sys.stderr,
                             desc=f"extract (ray, {len(pool.names)} workers)")
-        self.written = self.tokens = 0
+        self.written = self.tokens = self.records_written = 0
         self.compute_s = 0.0
         self.per_worker: dict[str, int] = {}
 
@@ -673,6 +674,7 @@ class _Dispatch:
     def _committed(self, name: str, shard: tuple, s: dict) -> None:
         self.driver.note(s.pop("entry"))
         self.written += 1
+        self.records_written += shard[1][1] - shard[1][0]
         self.tokens += s["tokens"]
         self.compute_s += s["seconds"]
         self.per_worker[name] = self.per_worker.get(name, 0) + 1
