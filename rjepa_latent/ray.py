@@ -76,10 +76,10 @@ def placement(device: str | None = None, threads: int | None = None) -> tuple[st
     """(device, threads) of a Model built inside a Ray worker: `cuda:0` (the
     first GPU Ray made visible) when Ray assigned GPUs to it, else the CPU with
     one engine thread per CPU assigned (at least one). Explicit values are kept;
-    outside a Ray worker both stay as given (the Model's own defaults)."""
+    outside a Ray actor both stay as given (the Model's own defaults)."""
     ray = require_ray()
-    if not ray.is_initialized():
-        return device, threads
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return device, threads   # not in a Ray actor: nothing was assigned
     if device is None:
         device = "cuda:0" if ray.get_gpu_ids() else "cpu"
     if threads is None and device == "cpu":
