@@ -353,8 +353,9 @@ def _pool_shape(ray, workers: int | None, gpus: float | None, cpus: float | None
             cpus = 1.0
         elif workers is None:
             cpus = max(1.0, min((r.get("CPU", 0) for r in nodes if r.get("CPU")), default=1.0))
-        else:
-            cpus = max(1.0, float(int(total_cpus // workers))) if total_cpus >= workers else float(total_cpus / workers)
+        else:   # an equal share of the cluster's CPUs: whole ones where there are enough
+            share = total_cpus / workers
+            cpus = float(int(share)) if share >= 1 else share
     if workers is None:
         workers = int(total_gpus // gpus) if gpus > 0 else \
             sum(int(r.get("CPU", 0) // cpus) for r in nodes)
@@ -441,6 +442,10 @@ def _identity_check(info: dict[str, dict], allow_kernel_change: bool) -> dict:
                           for block in lines)
         hint = ("\nOnly the kernel differs: allow_kernel_change=True (--allow-kernel-change) runs "
                 "them together, each shard recording the kernel that computed it." if only_kernel else "")
+        if any("engine_batch_tokens" in block for block in lines):   # on CUDA sized to free memory
+            hint += ("\nThe batch budget differs (left unset it is what fits in each GPU's free "
+                     "memory, and on CUDA it decides the bytes): pass one --max-batch-tokens "
+                     "(max_batch_tokens=) for all workers.")
         raise StoreError("the Ray workers of this run differ in what they compute (engine identity "
                          "or configuration), so their shards would not be one run's bytes; nothing "
                          "was written:\n" + "\n".join(lines) + hint)

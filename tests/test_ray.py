@@ -310,6 +310,9 @@ def test_actors_that_differ_in_engine_identity_are_refused(model_of, setup):
     other_dtype = {**other_kernel, "config": {**config, "engine_dtype": "bfloat16"}}
     with pytest.raises(rl.StoreError, match="engine_dtype"):
         rlray._identity_check({"w0": here, "w1": other_dtype}, allow_kernel_change=True)
+    budgets = [{**here, "config": {**config, "engine_batch_tokens": n}} for n in (8192, 4096)]   # as on CUDA
+    with pytest.raises(rl.StoreError, match="pass one --max-batch-tokens"):
+        rlray._identity_check({"w0": budgets[0], "w1": budgets[1]}, allow_kernel_change=True)
 
 
 # ------------------------------------------------------------ two nodes
