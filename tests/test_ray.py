@@ -204,6 +204,15 @@ def test_cli_ray_is_byte_identical(clusters, setup, tmp_path):
     assert snapshot(tmp_path / "out") == snapshot(ref)
 
 
+def test_cli_ray_starts_its_own_local_cluster(setup, tmp_path):
+    *_, ref, cmd, env, _ = setup
+    e = {k: v for k, v in env().items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(cmd(tmp_path / "out", "--ray", "--workers", "2", "--cpus-per-worker", "0.5"), env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert snapshot(tmp_path / "out") == snapshot(ref)
+
+
 def test_cli_refuses_ray_options_without_ray_and_single_process_options_with_it(setup, tmp_path, capsys):
     from rjepa_latent import cli
     model, data, *_ = setup
