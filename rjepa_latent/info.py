@@ -1,15 +1,17 @@
 """`rjepa-latent info RUN`: what a run directory holds, read from its
-manifests alone (no model is loaded, no shard is opened).
+manifest (and the journal of a partial run) alone (no model is loaded, no
+shard is opened).
 
-Reports records done / total, shards done / total, the errors grouped by
-reason with counts, the configuration that made the bytes (model
-fingerprint and type, layers, pooling, stored dtype, template, the engine
-identity), per-worker progress for `--part` runs, and whether the run is
-complete. `--json` prints the same as one JSON object.
+Reports records done / total (the total once the run finished: records are
+streamed), shards done / total, the errors grouped by reason with counts,
+the configuration that made the bytes (model fingerprint and type, layers,
+pooling, stored dtype, template, the engine identity), per-worker progress
+for `--part` runs of format 1, and whether the run is complete. `--json`
+prints the same as one JSON object.
 
 Design choices:
-- Only the manifests are read (`store.read_manifests`, the store's own
-  reader), plus one `stat` per listed file: a listed file that is missing
+- Only the manifest and journal are read (`store.read_manifests`, the
+  store's own reader), plus one `stat` per listed file: a listed file that is missing
   or of the wrong size makes the directory "damaged" (exit 2), as it would
   make `extract` refuse to resume. Checksums are not recomputed.
 - Errors are grouped by `store.error_kind` (the one rule, also extract's

@@ -616,7 +616,7 @@ class RunDriver:
         kinds = error_kinds([e for s in mine for e in s["errors"]])
         return {
             "out": str(self.out), "part": f"{part[0]}/{part[1]}", "noop": noop,
-            "complete": self.store.is_complete() or (self.store._stored or {}).get("complete", False),
+            "complete": self.store.is_complete(),
             "shards_written": written, "shards_total": len(mine),
             "items": sum(s["items"] for s in mine), "steps": sum(s["steps"] for s in mine),
             "errors": sum(len(s["errors"]) for s in mine), "tokens": sum(s["tokens"] for s in mine),

@@ -584,6 +584,8 @@ class RunStore:
         self._stored = m
         if m.get("complete"):
             self.entries = {s["index"]: s for s in m["shards"]}
+            if self.grown:   # finished over less data: not complete any more
+                self._stored = {**m, "complete": False}
         else:
             self._read_journal()
 
@@ -591,8 +593,7 @@ class RunStore:
         """The committed entries; an unreadable entry file is damage (`bad_entries`),
         which --repair redoes like any damaged shard."""
         entries, bad = read_journal_lenient(self.out)
-        for k, e in entries.items():
-            self.entries.setdefault(k, e)
+        self.entries.update(entries)   # the journal on disk is authoritative
         self.bad_entries.update({f: why for f, why in bad.items()
                                  if int(_JOURNAL.match(f).group(1)) not in self.entries})
 
@@ -617,7 +618,7 @@ class RunStore:
         return self.entries
 
     def is_complete(self) -> bool:
-        return bool(self._stored and self._stored.get("complete") and not self.grown)
+        return bool(self._stored and self._stored.get("complete"))
 
     def stored_num_records(self) -> int | None:
         return self._stored.get("num_records") if self._stored else None
@@ -724,9 +725,13 @@ class RunStore:
             self.refresh()   # other workers commit concurrently
         s = self.config["shard_size"]
         n = self.num_shards
-        for k in range(n):
-            e = self.entries.get(k)
-            if e is None or list(e["records"]) != [k * s, min((k + 1) * s, num_records)]:
+
+        def covered() -> bool:
+            return all((e := self.entries.get(k)) is not None
+                       and list(e["records"]) == [k * s, min((k + 1) * s, num_records)] for k in range(n))
+        if not covered():
+            self.refresh()   # shards other processes committed and nobody noted
+            if not covered():
                 return False
         extra = sorted(k for k in self.entries if k >= n)
         if extra:
