@@ -320,11 +320,25 @@ class _ShardActor:
                 "device": self.m.device, "threads": self.threads, "config": self.config, "sees": sees,
                 "tag": write_tag("")}   # the prefix of its temporary files' tags
 
-    def run_shard(self, k: int, rng: tuple[int, int], records: list) -> dict:
+    def _worker(self):
         from .pipeline import ShardWorker
         if self.worker is None:
             self.worker = ShardWorker(self.m, self.spec, self.out, self.config)
-        return self.worker.run_shard(k, rng, records)
+        return self.worker
+
+    def run_shard(self, k: int, rng: tuple[int, int], records: list) -> dict:
+        return self._worker().run_shard(k, rng, records)
+
+    def check_disk(self, config: dict) -> int:
+        """A per-token run's disk check, as a single run does it (it tokenizes the
+        records still to do, so it needs the tokenizer: a worker's); StoreError
+        when the run directory's filesystem lacks the room. Reads only."""
+        from .pipeline import RunDriver, _check_disk
+        probe = RunDriver(self.spec, config, self.out)   # a reader of the directory: never started
+        try:
+            return _check_disk(probe, self._worker())
+        finally:
+            probe.close()
 
 
 def _positive_number(name: str, v: Any, zero_ok: bool = False) -> None:
@@ -537,6 +551,11 @@ def extract(inputs: Any, out: str | os.PathLike, *, model: str | os.PathLike | N
         if driver.complete:
             summary = driver.summary(0, 0.0, time.perf_counter() - t_start, 0, noop=True)
             return pl._strict({**summary, "repaired": [], "ray": _ray_summary(pool, {})}, strict, out)
+        if spec.pooling == TOKEN_POOLING:   # refused before anything is written when the disk lacks room
+            try:
+                ray.get(pool.actors[pool.names[0]].check_disk.remote(config))
+            except ray.exceptions.RayTaskError as e:
+                raise _in_shard(e, pool.names[0], None, pool) from None
         pending = driver.pending()
         first = next(pending, None)   # reads the first records: refusals, then the directory is locked
         driver.start()
@@ -720,11 +739,12 @@ class _Dispatch:
         pool.alive.add(name)
 
 
-def _in_shard(e, name: str, k: int, pool: _Pool) -> BaseException:
+def _in_shard(e, name: str, k: int | None, pool: _Pool) -> BaseException:
     """The exception a shard raised inside its actor, named (it would recur
     elsewhere, so the run stops)."""
     cause = _cause(e)
-    where = f"(in Ray worker {name} on {pool.info.get(name, {}).get('host', '?')}, shard {k})"
+    where = f"(in Ray worker {name} on {pool.info.get(name, {}).get('host', '?')}" + \
+        (f", shard {k})" if k is not None else ")")
     if isinstance(cause, BaseException):
         if hasattr(cause, "add_note"):
             cause.add_note(where)

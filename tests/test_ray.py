@@ -194,6 +194,17 @@ def test_extract_is_the_single_process_run(clusters, setup, tmp_path):
     assert again["noop"] and snapshot(tmp_path / "out") == snapshot(ref)
 
 
+def test_a_per_token_run_is_the_single_process_run(clusters, setup, tmp_path):
+    model, data, *_ = setup
+    clusters.local()
+    one = tmp_path / "one"
+    rl.extract_dataset([str(data)], str(model), one, shard_size=SHARD, layers=[-1], pooling="none",
+                       device="cpu", threads=1, progress=False)
+    s = rlray.extract([str(data)], tmp_path / "out", model=str(model), shard_size=SHARD, layers=[-1],
+                      pooling="none", workers=2, cpus_per_worker=0.5, progress=False)   # disk checked first
+    assert s["complete"] and snapshot(tmp_path / "out") == snapshot(one)
+
+
 def test_cli_ray_is_byte_identical(clusters, setup, tmp_path):
     *_, ref, cmd, env, _ = setup
     address = clusters.local()
