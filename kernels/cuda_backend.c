@@ -644,17 +644,30 @@ static int cuda_is_resident(rl_backend *be, const void *ptr)
 
 /* ---- ops --------------------------------------------------------------- */
 
-static rl_status embed_in(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                            int64_t d, void *x)
+/* The features beyond the Llama block (rl_feature) are not in these kernels
+ * yet: CUDA_CAPS states none, so rl_model_create refuses such a config, and
+ * each op refuses its non-default parameters. */
+static rl_status not_yet(const char *what)
 {
+    return RL_FAIL(RL_ERR_INVALID, "CUDA backend: %s is not implemented", what);
+}
+
+static rl_status embed_in(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                            int64_t d, void *x, float scale)
+{
+    if (scale != 1.0f) return not_yet("embedding scale");
     if (T == 0) return RL_OK;
     CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, impl_of(be)->f32, d, x));
     return RL_OK;
 }
 
-static rl_status rmsnorm_in(rl_backend *be, const void *x, const void *w, void *y,
-                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+static rl_status rmsnorm_in(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                              void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                              float w_offset, int accumulate)
 {
+    if (x_dtype != RL_F32) return not_yet("rmsnorm of a non-float32 input");
+    if (w_offset != 0.0f) return not_yet("rmsnorm weight offset");
+    if (accumulate) return not_yet("accumulating rmsnorm (post-norms)");
     if (out_dtype != RL_BF16 && out_dtype != RL_F32)
         return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: output dtype %s unsupported",
                        rl_dtype_name(out_dtype));
@@ -693,8 +706,12 @@ static rl_status gemm_in(rl_backend *be, const rl_segments *seg, const void *x, 
 
 static rl_status qk_norm_rope_in(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                    int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                                   const void *k_norm, float eps, const float *inv_freq)
+                                   const void *k_norm, int norm_mode, float w_offset, float eps,
+                                   const float *inv_freq)
 {
+    if (norm_mode == RL_QK_NORM_PROJ) return not_yet("q/k norm over the whole projection");
+    if (w_offset != 0.0f) return not_yet("q/k norm weight offset");
+    if (norm_mode == RL_QK_NORM_NONE) q_norm = k_norm = NULL;
     if (T == 0) return RL_OK;
     if ((q_norm == NULL) != (k_norm == NULL))
         return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: q_norm and k_norm must both be set "
@@ -706,8 +723,10 @@ static rl_status qk_norm_rope_in(rl_backend *be, const rl_segments *seg, void *q
 
 static rl_status attention_in(rl_backend *be, const rl_segments *seg, const void *qkv,
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
-                                float scale)
+                                float scale, int64_t window, float softcap)
 {
+    if (window != 0) return not_yet("sliding-window attention");
+    if (softcap != 0.0f) return not_yet("attention logit soft-capping");
     if (T == 0) return RL_OK;
     if (!rl_k_attention_supports(hd))
         return RL_FAIL(RL_ERR_INVALID, "CUDA attention: head_dim %lld is not supported (16, 32, "
@@ -718,8 +737,9 @@ static rl_status attention_in(rl_backend *be, const rl_segments *seg, const void
     return RL_OK;
 }
 
-static rl_status swiglu_in(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+static rl_status glu_in(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
+    if (act != RL_ACT_SILU) return not_yet("GELU-tanh gated MLP");
     if (T == 0) return RL_OK;
     CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, impl_of(be)->f32, T, ff));
     return RL_OK;
@@ -766,15 +786,16 @@ static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *to
 }
 
 static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                            int64_t d, void *x)
+                            int64_t d, void *x, float scale)
 {
-    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x));
+    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x, scale));
 }
 
-static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
-                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+static rl_status cuda_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                              void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                              float w_offset, int accumulate)
 {
-    ON_BACKEND(be, rmsnorm_in(be, x, w, y, out_dtype, rows, d, eps));
+    ON_BACKEND(be, rmsnorm_in(be, x, x_dtype, w, y, out_dtype, rows, d, eps, w_offset, accumulate));
 }
 
 static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
@@ -786,21 +807,30 @@ static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x
 
 static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                    int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                                   const void *k_norm, float eps, const float *inv_freq)
+                                   const void *k_norm, int norm_mode, float w_offset, float eps,
+                                   const float *inv_freq)
 {
-    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, eps, inv_freq));
+    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, norm_mode,
+                                   w_offset, eps, inv_freq));
 }
 
 static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const void *qkv,
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
-                                float scale)
+                                float scale, int64_t window, float softcap)
 {
-    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale));
+    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale, window, softcap));
 }
 
-static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+static rl_status cuda_glu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
-    ON_BACKEND(be, swiglu_in(be, gu, out, T, ff));
+    ON_BACKEND(be, glu_in(be, gu, out, T, ff, act));
+}
+
+static rl_status cuda_cast(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                           rl_dtype dst_dtype, int64_t n)
+{
+    (void)be; (void)src; (void)src_dtype; (void)dst; (void)dst_dtype; (void)n;
+    return not_yet("cast");
 }
 
 static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
@@ -845,6 +875,7 @@ static const rl_backend_caps CUDA_CAPS = {
     .head_dims = CUDA_HEAD_DIMS,
     .n_head_dims = (int)(sizeof CUDA_HEAD_DIMS / sizeof CUDA_HEAD_DIMS[0]),
     .max_heads = 65535,
+    .features = 0,   /* none of rl_feature yet */
 };
 
 rl_status rl_cuda_caps(rl_backend_caps *out)
@@ -878,7 +909,8 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->gemm = cuda_gemm;
     be->qk_norm_rope = cuda_qk_norm_rope;
     be->attention = cuda_attention;
-    be->swiglu = cuda_swiglu;
+    be->glu = cuda_glu;
+    be->cast = cuda_cast;
     be->pool = cuda_pool;
     be->destroy = cuda_destroy;
     be->caps = &CUDA_CAPS;

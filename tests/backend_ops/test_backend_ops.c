@@ -612,7 +612,7 @@ static int run_embed(tdev *d, const int32_t *tok, int64_t T, const float *table,
     TRYI(d_put_i32(d, tok, (size_t)T, &tp));
     TRYI(d_put(d, table, (size_t)(V * dim), d->be->weight_dtype, &tb));
     TRYI(d_empty(d, (size_t)(T * dim), d->be->res_dtype, &x));
-    TRY(d, d->be->embed(d->be, tp, T, tb, dim, x));
+    TRY(d, d->be->embed(d->be, tp, T, tb, dim, x, 1.0f));
     return d_get(d, x, (size_t)(T * dim), d->be->res_dtype, out);
 }
 
@@ -645,7 +645,7 @@ static int run_rmsnorm(tdev *d, const float *x, const float *w, int64_t rows, in
     TRYI(d_put(d, x, (size_t)(rows * dim), d->be->res_dtype, &xp));
     TRYI(d_put(d, w, (size_t)dim, d->be->weight_dtype, &wp));
     TRYI(d_empty(d, (size_t)(rows * dim), *odt, &y));
-    TRY(d, d->be->rmsnorm(d->be, xp, wp, y, *odt, rows, dim, eps));
+    TRY(d, d->be->rmsnorm(d->be, xp, d->be->res_dtype, wp, y, *odt, rows, dim, eps, 0.0f, 0));
     return d_get(d, y, (size_t)(rows * dim), *odt, out);
 }
 
@@ -760,7 +760,8 @@ static int run_qk(tdev *d, const int *lens, int nl, const float *qkv, int64_t nh
     if (qn) TRYI(d_put(d, qn, (size_t)hdim, d->be->weight_dtype, &qp));
     if (kn) TRYI(d_put(d, kn, (size_t)hdim, d->be->weight_dtype, &kp));
     TRYI(d_put(d, inv, (size_t)(hdim / 2), RL_F32, &ip));
-    TRY(d, d->be->qk_norm_rope(d->be, &s.seg, p, s.T, nh, nkv, hdim, qp, kp, eps, ip));
+    TRY(d, d->be->qk_norm_rope(d->be, &s.seg, p, s.T, nh, nkv, hdim, qp, kp,
+                              qp ? RL_QK_NORM_HEAD : RL_QK_NORM_NONE, 0.0f, eps, ip));
     return d_get(d, p, (size_t)(s.T * W), d->be->act_dtype, out);
 }
 
@@ -841,7 +842,7 @@ static int run_attention(tdev *d, const int *lens, int nl, const float *qkv, int
     void *p, *o;
     TRYI(d_put(d, qkv, (size_t)(s.T * W), d->be->act_dtype, &p));
     TRYI(d_empty(d, (size_t)(s.T * nh * hdim), d->be->act_dtype, &o));
-    rl_status st = d->be->attention(d->be, &s.seg, p, o, s.T, nh, nkv, hdim, scale);
+    rl_status st = d->be->attention(d->be, &s.seg, p, o, s.T, nh, nkv, hdim, scale, 0, 0.0f);
     if (refused) { /* a case that expects a refusal reads no output */
         *refused = st;
         if (st != RL_OK || !out) return 0;
@@ -931,7 +932,7 @@ static int run_swiglu(tdev *d, const float *gu, int64_t T, int64_t ff, float *ou
     void *p, *o;
     TRYI(d_put(d, gu, (size_t)(T * 2 * ff), d->be->act_dtype, &p));
     TRYI(d_empty(d, (size_t)(T * ff), d->be->act_dtype, &o));
-    TRY(d, d->be->swiglu(d->be, p, o, T, ff));
+    TRY(d, d->be->glu(d->be, p, o, T, ff, RL_ACT_SILU));
     return d_get(d, o, (size_t)(T * ff), d->be->act_dtype, out);
 }
 
