@@ -8,12 +8,22 @@
 //   float): to_f / from_f convert, and only the bf16 instantiations take the
 //   16-byte vector paths. Attention in fp32 is the FMA kernel (k_attention
 //   with T = float); the tensor-core kernel is bf16 only.
-// - Memory-bound row kernels (embed, rmsnorm, swiglu, pool) read 16-byte
+// - Memory-bound row kernels (embed, rmsnorm, glu, pool) read 16-byte
 //   vectors when the row length allows it and fall back to scalars.
+// - The model variants (Gemma-2/3, OLMo-2) are parameters of the same
+//   kernels, never separate copies: embedding scale, RMSNorm times
+//   (offset + w) from a bf16 or f32 input, written or added into the f32
+//   residual (post-norms), GELU-tanh beside SiLU, q/k norm per head or over
+//   the whole projection, attention scale, logit soft-cap and sliding
+//   window. Their defaults (scale 1, offset 0, no cap, no window) give the
+//   bits of the plain Llama block.
 // - Attention: two tiled, flash-style kernels with the same grid, one block
 //   per (sequence, 64-query tile, head), K/V tiles of the GQA kv head staged
 //   in shared memory as bf16, causal online softmax in base 2, f32
-//   accumulation:
+//   accumulation; logits scaled, then soft-capped (cap * tanh(s / cap)),
+//   then masked (causal, and the sliding window: a block starts at the
+//   first key its first query sees, and a warp skips key blocks left of its
+//   first query's window):
 //   * k_attention_mma (default): bf16 tensor cores via mma.sync m16n8k16
 //     (sm_80+), FlashAttention-2 register layout: 4 warps x 16 query rows;
 //     S = Q K^T from Q fragments in registers and K rows in padded shared
