@@ -4,7 +4,7 @@ states / step-pooled latents as zero-copy NumPy arrays) and `memory_plan`.
 Design choices:
 - The seam to the engine is three methods, and no forward pass reaches
   `_core` another way: `check` validates one sequence with its spans (the only place
-  token ids, spans, the sliding window and the CUDA workspace limit are
+  token ids, spans and the CUDA workspace limit are
   checked), `resolve_layers` validates layer indices, and `run_batch` runs
   exactly one engine call over sequences `check` accepted. Packing is
   `plan.plan_batches` (the one packer, one cost rule). `extract` is check ->
@@ -420,19 +420,14 @@ class Model:
     def check(self, ids: Any, spans: Any = None, *, per_token: bool = False, name: str = "ids",
               spans_name: str = "spans") -> Checked:
         """Validate one sequence for this model: token ids (integers, 1-D, not
-        empty, in the vocabulary), its length (the sliding window; on CUDA the
-        reserved workspace) and its spans ([n, 2] integer [start, end) inside
+        empty, in the vocabulary), its length (on CUDA the reserved
+        workspace) and its spans ([n, 2] integer [start, end) inside
         the sequence; None = one span over it; `per_token`: one per token, for
         pooling "none", and `spans` must be None). Raises the InputError
         subclass of the mistake, naming `name` / `spans_name`. Thread-safe (reads
         no engine state), so a pipeline may check in another thread."""
         arr = _as_ids(ids, self.config["vocab_size"], name)
         n = arr.size
-        w = self.sliding_window
-        if w is not None and n > w:
-            raise SequenceLengthError(
-                f"{name} has {n} tokens, more than this model's sliding_window={w}; "
-                f"sliding-window attention is not supported, so sequences must fit in the window")
         if per_token:
             if spans is not None:
                 raise SpanError("spans must be None with pooling='none'")
