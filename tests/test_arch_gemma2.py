@@ -119,3 +119,13 @@ def test_no_softcap_and_only_full_layers(tmp_path):
     m = rl.Model(d, device="cpu")
     every_layer_matches_hf(m, d, lengths=(1, 45))
     m.close()
+
+
+def test_parity_command_passes(gemma2_dir):
+    """`rjepa-latent parity`'s check against HF on this family, also with only
+    the first layers loaded on the HF side (layer_types cut to match)."""
+    from rjepa_latent.parity import check_parity
+    for layers in (None, [0, 2]):
+        r = check_parity(gemma2_dir, n_texts=2, layers=layers)
+        assert r.passed, r.table()
+        assert [lp.layer for lp in r.layers] == (list(range(5)) if layers is None else layers)
