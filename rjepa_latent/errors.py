@@ -44,8 +44,8 @@ class TokenIdError(InputError):
 
 
 class SequenceLengthError(InputError):
-    """A sequence is longer than the engine can take: the model's sliding window, or
-    the workspace reserved on a CUDA device (max_batch_tokens)."""
+    """A sequence is longer than the engine can take: the workspace reserved on a
+    CUDA device (max_batch_tokens). (A sliding window is applied, not a limit.)"""
 
 
 class SpanError(InputError):
