@@ -3,9 +3,9 @@
 # lent H100/H200, with nothing prepared by hand: build in place for
 # sm_80/sm_90/sm_90a with warnings as errors, the C op test in cuda mode
 # (every CUDA op vs its CPU op, tests/backend_ops/), whole-model parity vs HF,
-# packing and the device contract (tests/test_gpu_model.py), the parity tests
-# of the Gemma-2, Gemma-3 and OLMo-2 families (tests/test_arch_*.py, those that
-# exist), the user's own parity command (`rjepa-latent parity`, bf16 and fp32)
+# packing and the device contract (tests/test_gpu_model.py), the Gemma-2,
+# Gemma-3 and OLMo-2 families' parity, CUDA (tests/test_gpu_families.py) and
+# CPU (tests/test_arch_*.py), the user's own parity command (`rjepa-latent parity`, bf16 and fp32)
 # on tiny models of each family conftest builds, then the Qwen3-8B-shaped
 # benchmark (tests/gpu_bench.py); a table of the stages last.
 #
@@ -18,7 +18,7 @@
 # Time: every stage runs under `timeout` with its own budget, all inside
 # GPU_CHECK_BUDGET (default 500 s, well inside the tool's 540-600 s), so the
 # summary always comes: env <= 30 s, build <= 200 s, op tests <= 120 s, model
-# tests <= 200 s, family tests <= 120 s, the bench the rest (--quick below 240 s
+# tests <= 200 s, family tests <= 150 s, the bench the rest (--quick below 240 s
 # left; skipped below 60 s). The bench's checkpoint is written (or found in its cache) in the
 # background while the extension builds and the op tests run (<= 200 s; the
 # model tests wait for it: no other process may use the GPU while they
@@ -193,16 +193,18 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   else stage model FAIL "$(counts "$OUT/model.log")"; fi
 fi
 
-# ---- families: the Gemma-2 / Gemma-3 / OLMo-2 parity tests (CPU and GPU ones) ------------------
+# ---- families: Gemma-2 / Gemma-3 / OLMo-2 (and sliding windows): CUDA parity vs HF on the GPU
+# (tests/test_gpu_families.py), and the CPU engine's parity tests of each family ---------------
 ARCH_TESTS=()
-for f in tests/test_arch_gemma2.py tests/test_arch_gemma3.py tests/test_arch_olmo2.py; do
+for f in tests/test_gpu_families.py tests/test_arch_gemma2.py tests/test_arch_gemma3.py \
+         tests/test_arch_olmo2.py tests/test_arch_sliding.py; do
   [ -f "$f" ] && ARCH_TESTS+=("$f")
 done
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
-  if [ ${#ARCH_TESTS[@]} = 0 ]; then stage family SKIP "no tests/test_arch_{gemma2,gemma3,olmo2}.py"
+  if [ ${#ARCH_TESTS[@]} = 0 ]; then stage family SKIP "no family test files"
   else
     echo "===== family tests: ${ARCH_TESTS[*]} =====" >> "$OUT/model.log"
-    b=$(budget 120 100)
+    b=$(budget 150 100)
     TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" > "$SCRATCH/family.log" 2>&1
     rc=$?
     cat "$SCRATCH/family.log" >> "$OUT/model.log"
@@ -218,16 +220,17 @@ fi
 
 # ---- parity: the user's own check (`rjepa-latent parity`) on tiny models, bf16 and fp32 ------
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ] && [ "$(left)" -gt 120 ]; then
-  # each family conftest can build (the newer ones once conftest has them)
+  # conftest's tiny models, and the families' of tests/test_gpu_families.py
   TO 90 "$PY" - "$SCRATCH/tiny" >> "$OUT/model.log" 2>&1 <<'EOF'
 import pathlib, sys
 sys.path.insert(0, "tests")
 from conftest import build_tiny_model
-for arch in ("qwen3", "llama3_rope", "gemma2", "gemma3", "olmo2"):
-    try:
-        build_tiny_model(arch, pathlib.Path(sys.argv[1]) / arch)
-    except KeyError:
-        print(f"conftest builds no tiny {arch}: no parity run for it")
+from test_gpu_families import _build
+out = pathlib.Path(sys.argv[1])
+for arch in ("qwen3", "llama3_rope"):
+    build_tiny_model(arch, out / arch)
+for name in ("gemma2", "gemma3", "olmo2"):
+    _build(name, out / name)
 EOF
   prc=0
   for arch in $(ls "$SCRATCH/tiny" 2>/dev/null); do
