@@ -8,6 +8,7 @@ window of 8; packing bitwise neutral.
 Run with -s to see the worst error."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import rjepa_latent as rl
@@ -104,3 +105,38 @@ def test_a_backend_refuses_the_features_its_caps_do_not_state():
         return
     with pytest.raises(ValueError, match=f"cannot run this model: it does not support {missing[0]}"):
         _core.check_config(cfg, "cuda:0")
+
+
+def test_a_device_without_windowed_attention_takes_texts_up_to_the_window(tmp_path,
+                                                                           monkeypatch):
+    """Where a backend's caps lack sliding_window (CUDA before its kernel),
+    the model runs with full attention, the same network on texts that fit
+    the window, and longer texts are a SequenceLengthError there (simulated
+    on the CPU by capabilities without the feature)."""
+    from rjepa_latent import _core, model as model_mod
+    d = build(_config("mistral"), tmp_path / "m")
+    windowed = rl.Model(d, device="cpu")
+
+    class NoWindowCaps:
+        def __getattr__(self, name):
+            return getattr(_core, name)
+
+        @staticmethod
+        def backend_caps(device):
+            caps = _core.backend_caps(device)
+            return {**caps, "features": [f for f in caps["features"] if f != "sliding_window"]}
+    monkeypatch.setattr(model_mod, "_core", NoWindowCaps())
+    cfg, limit = model_mod.device_engine_config(
+        {"sliding_window": 8, "layer_sliding": [True, False], "max_layer": 2}, "cpu")
+    assert (cfg, limit) == ({"max_layer": 2}, 8)
+    assert model_mod.device_engine_config({"sliding_window": 8, "layer_sliding": [False] * 2,
+                                           "max_layer": 2}, "cpu")[1] is None
+    m = rl.Model(d, device="cpu")
+    ids = np.arange(5, 13)
+    np.testing.assert_array_equal(m.hidden_states(ids), windowed.hidden_states(ids))
+    with pytest.raises(rl.SequenceLengthError, match=r"ids has 9 tokens, more than this "
+                                                     r"model's sliding_window=8; cpu has no "
+                                                     r"sliding-window attention"):
+        m.hidden_states(np.arange(5, 14))
+    m.close()
+    windowed.close()
