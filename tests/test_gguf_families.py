@@ -130,3 +130,21 @@ def test_sliding_window_pattern_metadata(tmp_path, pattern):
     assert m.config["layer_types"] == types
     ids = np.random.default_rng(2).integers(0, m.config["vocab_size"], 60).astype(np.int32)
     assert max(rel_errors(m.hidden_states(ids), hf_hidden_states(tmp_path / "hf", ids))) <= TOL
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_gguf_names_agree_with_gguf_py(family_files, family):
+    """llama.cpp's own HF -> GGUF name map (gguf-py) gives our names for every
+    tensor the engine reads."""
+    import gguf
+    from rjepa_latent import arch
+    from rjepa_latent.checkpoint import read_config, tensor_layout
+    cfg = read_config(family_files(family, "F32")[0])
+    fam = arch.for_model_type(cfg["model_type"], "x")
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf_architecture.upper()),
+                                    cfg["num_layers"])
+    layout = [(k, i) for k, i, _ in tensor_layout(cfg, cfg["num_layers"]) if k not in fam.COMPUTED]
+    assert {"post_attn_norm", "post_ffn_norm"} <= {k for k, _ in layout}
+    for kind, layer in layout:
+        theirs = tmap.get_name(fam.hf_name(kind, layer), try_suffixes=(".weight", ".bias"))
+        assert theirs == fam.gguf_name(kind, layer), (kind, layer)
