@@ -118,7 +118,9 @@ typedef struct {
     int qk_norm;               /* rl_qk_norm: q/k RMSNorm before RoPE        */
     /* Variants of the Llama block; all zeros is Llama. */
     float embed_scale;         /* x = embed[token] * embed_scale; 0: no scaling
-                                  (Gemma: sqrt(d) rounded to the checkpoint dtype) */
+                                  (Gemma: sqrt(d) as a float, what HF multiplies
+                                  fp32 weights by; HF on bf16 weights rounds it
+                                  to bf16 first)                             */
     float norm_offset;         /* every RMSNorm (layer, q/k, final) multiplies by
                                   (norm_offset + w): 0, or 1 for Gemma's (1 + w) */
     int act;                   /* rl_act of the gated MLP                    */

@@ -129,3 +129,17 @@ def test_parity_command_passes(gemma2_dir):
         r = check_parity(gemma2_dir, n_texts=2, layers=layers)
         assert r.passed, r.table()
         assert [lp.layer for lp in r.layers] == (list(range(5)) if layers is None else layers)
+
+
+def test_bf16_checkpoint(gemma2_dir, tmp_path):
+    """A bfloat16 checkpoint: the engine widens to fp32 and matches HF loading
+    the same file in fp32 (where HF's embedding scale is fp32 too)."""
+    import torch
+    import transformers as T
+    model = T.AutoModelForCausalLM.from_pretrained(gemma2_dir, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    from conftest import make_tokenizer
+    make_tokenizer(tmp_path / "bf16" / "tokenizer.json")
+    m = rl.Model(tmp_path / "bf16", device="cpu")
+    every_layer_matches_hf(m, tmp_path / "bf16", lengths=(9, 45))
+    m.close()

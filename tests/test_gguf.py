@@ -687,6 +687,8 @@ def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "d
             w.add_uint32(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
         else:
             w.add_string(key, value)
     w.add_tokenizer_model("gpt2")

@@ -100,3 +100,51 @@ def test_olmo2_gguf_with_a_pre_norm_is_unexpected(tmp_path):
     w.write_tensors_to_file()
     w.close()
     _expect_error(tmp_path / "x.gguf", "unexpected", "blk.0.attn_norm.weight", "olmo2")
+
+
+@pytest.mark.parametrize("pattern", [[False, True, True, False], 2])
+def test_sliding_window_pattern_metadata(tmp_path, pattern):
+    """`gemma2.attention.sliding_window_pattern`, one flag per layer (true:
+    sliding) or a period, decides the sliding layers; the states then match
+    HF with the same layer_types."""
+    import torch
+    import transformers as T
+    from conftest import hf_hidden_states
+    types = (["sliding_attention" if p else "full_attention" for p in pattern]
+             if isinstance(pattern, list) else ["sliding_attention", "full_attention"] * 2)
+    cfg = T.Gemma2Config(vocab_size=len(_vocab()[0]), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                         layer_types=types, rms_norm_eps=2.0 ** -17)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    path = tmp_path / "m.gguf"
+    write_family_gguf(model, path, "gemma2", "F32",
+                      extra_meta={"gemma2.attention.sliding_window_pattern": pattern})
+    model.save_pretrained(tmp_path / "hf")
+    m = rl.Model(path, device="cpu")
+    assert m.config["layer_types"] == types
+    ids = np.random.default_rng(2).integers(0, m.config["vocab_size"], 60).astype(np.int32)
+    assert max(rel_errors(m.hidden_states(ids), hf_hidden_states(tmp_path / "hf", ids))) <= TOL
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_gguf_names_agree_with_gguf_py(family_files, family):
+    """llama.cpp's own HF -> GGUF name map (gguf-py) gives our names for every
+    tensor the engine reads."""
+    import gguf
+    from rjepa_latent import arch
+    from rjepa_latent.checkpoint import read_config, tensor_layout
+    cfg = read_config(family_files(family, "F32")[0])
+    fam = arch.for_model_type(cfg["model_type"], "x")
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf_architecture.upper()),
+                                    cfg["num_layers"])
+    layout = [(k, i) for k, i, _ in tensor_layout(cfg, cfg["num_layers"]) if k not in fam.COMPUTED]
+    assert {"post_attn_norm", "post_ffn_norm"} <= {k for k, _ in layout}
+    for kind, layer in layout:
+        theirs = tmap.get_name(fam.hf_name(kind, layer), try_suffixes=(".weight", ".bias"))
+        assert theirs == fam.gguf_name(kind, layer), (kind, layer)

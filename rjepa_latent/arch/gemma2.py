@@ -11,7 +11,8 @@ the norm AFTER attention here (Llama's MLP pre-norm is
 converter adds 1 to every `*norm.weight` (so a GGUF file's norms are applied
 as w), q/k rows are not permuted, there is no query_pre_attn_scalar key (as
 llama.cpp, the scale is head_dim**-0.5, or (hidden/heads)**-0.5 for the
-46-layer 27B), layers alternate sliding / full from layer 0.
+46-layer 27B), layers alternate sliding / full from layer 0 unless
+`attention.sliding_window_pattern` says otherwise.
 """
 from __future__ import annotations
 
@@ -120,5 +121,24 @@ class Gemma2(Llama):
         out = {**cls._common_variants(cfg), "attn_scale": cls.gguf_attn_scale(cfg),
                "attn_softcap": cls._softcap(cap)}
         if cfg["sliding_window"] is not None:
-            out["layer_types"] = cls.default_layer_types(cfg["num_layers"])
+            out["layer_types"] = cls.gguf_layer_types(cfg, get("attention.sliding_window_pattern"),
+                                                      where)
         return out
+
+    @classmethod
+    def gguf_layer_types(cls, cfg: dict, pattern: Any, where: str) -> list[str]:
+        """`attention.sliding_window_pattern` as llama.cpp reads it: a period n
+        (layer i sliding unless (i + 1) % n == 0) or one flag per layer (true:
+        sliding); absent: the family's period."""
+        n_layers = cfg["num_layers"]
+        if pattern is None:
+            return cls.default_layer_types(n_layers)
+        if isinstance(pattern, list) and len(pattern) == n_layers and \
+                all(isinstance(p, bool) for p in pattern):
+            return ["sliding_attention" if p else "full_attention" for p in pattern]
+        if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            return ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                    for i in range(n_layers)]
+        raise ModelFormatError(f"{where}: metadata {cls.gguf_architecture}.attention."
+                               f"sliding_window_pattern={pattern!r} must be a positive integer or "
+                               f"{n_layers} booleans")

@@ -13,7 +13,8 @@ message saying so. GGUF: architecture `gemma3`; the converter adds 1 to
 every `*norm.weight` (q/k norms included); the local base is
 `rope.freq_base_swa` when present, else 1e4 (llama.cpp's default); the
 scale follows llama.cpp (head_dim**-0.5; (hidden/heads)**-0.5 for the
-62-layer 27B); layers follow the pattern of 6.
+62-layer 27B); layers follow `attention.sliding_window_pattern`, else the
+pattern of 6.
 """
 from __future__ import annotations
 
