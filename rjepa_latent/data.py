@@ -528,15 +528,20 @@ def _json_number(s: str) -> float:
     return v
 
 
-def _json_constant(name: str):
-    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity): write null, a number or a string")
+def _json_constant(name: str) -> float:
+    """NaN, Infinity, -Infinity (what Python's json module writes): read as those
+    floats, so a JSONL record follows the one rule of Parquet and Dataset rows:
+    a non-finite number in a carried field is stored as null and named in the
+    item's `nonfinite_fields` (store._sidecar_row); anywhere else it is the
+    field's usual type error."""
+    return float(name)
 
 
 _DECODER = json.JSONDecoder(parse_float=_json_number, parse_constant=_json_constant)   # built once
 
 
 def _loads(text: str):
-    """json.loads, refusing NaN / Infinity and numbers that overflow a float;
+    """json.loads, refusing numbers that overflow a float (NaN / Infinity are read: `_json_constant`);
     nesting too deep for the parser is a ValueError, not a RecursionError."""
     try:
         return _DECODER.decode(text)
@@ -796,6 +801,8 @@ def _check_steps(steps: list[str]) -> None:
             raise _BadRecord(f"step {i} is not a string ({type(s).__name__})")
         if s == "":
             raise _BadRecord(f"step {i} is an empty string")
+        if not s.strip():   # it would get no token of its own, or only whitespace ones
+            raise _BadRecord(f"step {i} is only whitespace")
 
 
 @dataclass(frozen=True)
@@ -939,6 +946,45 @@ def _parse_record(obj: object, fmt: str, opts: _Options):
     return rid, text, ranges, _metadata(obj, f)
 
 
+class IdIndex:
+    """The ids seen so far, for duplicate detection without holding every id as a
+    Python str: a private temporary SQLite database on disk (deleted on close;
+    its page cache is bounded), keyed by the exact id, so nothing but an equal id
+    is ever a duplicate. `add` returns None for a new id, else where the first
+    occurrence was."""
+
+    BATCH = 4096   # ids per transaction (a commit per id would be slow)
+
+    def __init__(self):
+        import sqlite3
+        # "": a private temporary on-disk database, removed on close; used by one thread at a time
+        self._db = sqlite3.connect("", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("PRAGMA cache_size=-4096")   # KiB: bounded memory at millions of ids
+        self._db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, loc TEXT) WITHOUT ROWID")
+        self._pending = 0
+
+    def add(self, rid: str, where: str) -> str | None:
+        cur = self._db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (rid, where))
+        if cur.rowcount == 1:
+            self._pending += 1
+            if self._pending >= self.BATCH:
+                self._db.commit()
+                self._pending = 0
+            return None
+        return self._db.execute("SELECT loc FROM ids WHERE id = ?", (rid,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __del__(self) -> None:
+        try:
+            self._db.close()
+        except Exception:
+            pass
+
+
 def read_records(inputs: Any, fmt: str = "auto", template: Template | None = None,
                  step_regex: str = DEFAULT_STEP_REGEX, *, segment: str | Segmenter = "auto",
                  strip_annotations: bool = False, chat: Chat | None = None) -> Iterator[Record | ErrorRecord]:
@@ -957,7 +1003,7 @@ def read_records(inputs: Any, fmt: str = "auto", template: Template | None = Non
     segmenter = segment if isinstance(segment, Segmenter) else Segmenter(segment, step_regex)
     opts = _Options(template or Template(), segmenter, bool(strip_annotations), chat)
     sources = input_sources(inputs)
-    seen: dict[str, str] = {}
+    seen = IdIndex()
     index = 0
     for name, rows in sources:
         stem = source_stem(name)
@@ -971,9 +1017,9 @@ def read_records(inputs: Any, fmt: str = "auto", template: Template | None = Non
                 _check_unicode(obj)
                 rid, text, ranges, meta = _parse_record(obj, fmt, opts)
                 rid = rid if rid is not None else f"{stem}:{line}"
-                if rid in seen:
-                    raise _BadRecord(f"duplicate id {rid!r} (first seen at {seen[rid]})")
-                seen[rid] = f"{name}:{line}"
+                first = seen.add(rid, f"{name}:{line}")
+                if first is not None:
+                    raise _BadRecord(f"duplicate id {rid!r} (first seen at {first})")
                 yield Record(index, rid, text, ranges, meta, name, line)
             except (_BadRecord, RecursionError) as e:
                 if rid is not None and not _utf8_ok(rid):

@@ -1,21 +1,24 @@
 """`rjepa-latent info RUN`: what a run directory holds, read from its
-manifests alone (no model is loaded, no shard is opened).
+manifest (and the journal of a partial run) alone (no model is loaded, no
+shard is opened).
 
-Reports records done / total, shards done / total, the errors grouped by
-reason with counts, the configuration that made the bytes (model
-fingerprint and type, layers, pooling, stored dtype, template, the engine
-identity), per-worker progress for `--part` runs, and whether the run is
-complete. `--json` prints the same as one JSON object.
+Reports records done / total (the total once the run finished: records are
+streamed), shards done / total, the errors grouped by reason with counts,
+the configuration that made the bytes (model fingerprint and type, layers,
+pooling, stored dtype, template, the engine identity), per-worker progress
+for `--part` runs of format 1, and whether the run is complete. `--json`
+prints the same as one JSON object.
 
 Design choices:
-- Only the manifests are read (`store.read_manifests`, the store's own
-  reader), plus one `stat` per listed file: a listed file that is missing
+- Only the manifest and journal are read (`store.read_manifests`, the
+  store's own reader), plus one `stat` per listed file: a listed file that is missing
   or of the wrong size makes the directory "damaged" (exit 2), as it would
   make `extract` refuse to resume. Checksums are not recomputed.
-- Errors are grouped by their reason with the record-specific parts
-  (numbers, quoted text) replaced by placeholders, so "text has 5000
-  tokens, more than --max-tokens 2048" and "... 7000 tokens ..." count as
-  one reason; one full example of each is kept.
+- Errors are grouped by `store.error_kind` (the one rule, also extract's
+  summary): the reason's head with the record-specific parts (numbers,
+  quoted text) replaced by placeholders, so "text has 5000 tokens, more
+  than --max-tokens 2048" and "... 7000 tokens ..." count as one reason;
+  one full example of each is kept.
 - Exit status: 0 when the directory was read (complete or not), 2 when it
   is missing, not a run directory, foreign or damaged; the message names
   the path and what to do.
@@ -24,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from .errors import StoreError
 from .plan import part_shards
-from .store import ERRORS, MANIFEST, _OWN_FILE, read_manifests
+from .store import ERRORS, MANIFEST, _OWN_FILE, error_kind, read_manifests
 
 # configuration fields shown (in this order) when present in the manifest
 CONFIG_FIELDS = ("model_fingerprint", "model_type", "num_layers", "hidden_size", "layers", "pooling",
@@ -38,14 +40,9 @@ CONFIG_FIELDS = ("model_fingerprint", "model_type", "num_layers", "hidden_size",
                  "shard_size", "tokenizer_sha256", "dataset_sha256", "engine_backend",
                  "engine_dtype", "engine_kernel", "package_version")
 
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
-_NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])")   # standalone: UTF-8, 0xff stay
-
-
 def reason_group(reason: str) -> str:
-    """The reason with record-specific parts replaced: quoted text by '…',
-    numbers by N (so one kind of error is one group)."""
-    return _NUMBER.sub("N", _QUOTED.sub("'…'", reason))
+    """The group of an error reason: `store.error_kind`, the one grouping rule."""
+    return error_kind(reason)
 
 
 def inspect_run(path: str | Path) -> dict:
@@ -75,13 +72,16 @@ def inspect_run(path: str | Path) -> dict:
 
 
 def _summarize(out: Path, manifests: dict[str, dict], first_name: str, first: dict) -> dict:
-    config, num_records, num_shards = first["config"], int(first["num_records"]), int(first["num_shards"])
+    config = first["config"]
+    # a partial run of format 2 does not know its record count yet (records are streamed)
+    num_records = None if first["num_records"] is None else int(first["num_records"])
+    num_shards = None if first["num_shards"] is None else int(first["num_shards"])
     shards: dict[int, dict] = {}
     for name, m in manifests.items():
         if m["config"] != config:
             raise StoreError(f"{out}: {name} and {first_name} record different configurations; "
                              "the directory mixes two runs: keep one run per directory")
-        if int(m["num_records"]) != num_records or int(m["num_shards"]) != num_shards:
+        if m["num_records"] != num_records or m["num_shards"] != num_shards:
             raise StoreError(f"{out}: {name} and {first_name} disagree on the number of records "
                              "or shards; the directory mixes two runs: keep one run per directory")
         for s in m["shards"]:
@@ -117,6 +117,7 @@ def _summarize(out: Path, manifests: dict[str, dict], first_name: str, first: di
     return {
         "path": str(out),
         "complete": bool(merged is not None and merged["complete"]) and len(done) == num_shards,
+        "format_version": int(first["format_version"]),
         "records_done": sum(int(s["records"][1]) - int(s["records"][0]) for s in done),
         "records_total": num_records,
         "shards_done": len(done), "shards_total": num_shards,
@@ -140,10 +141,15 @@ def _fmt(value) -> str:
 
 def format_info(r: dict) -> str:
     pct = f" ({100 * r['records_done'] / r['records_total']:.0f}%)" if r["records_total"] else ""
+    if r["records_total"] is None:   # a partial run: the total is known when it finishes
+        counts = [f"records: {r['records_done']} done (the total is known when the run finishes)",
+                  f"shards: {r['shards_done']} done"]
+    else:
+        counts = [f"records: {r['records_done']} of {r['records_total']} done{pct}",
+                  f"shards: {r['shards_done']} of {r['shards_total']} done"]
     lines = [f"run: {r['path']}",
              f"status: {'complete' if r['complete'] else 'not complete'}",
-             f"records: {r['records_done']} of {r['records_total']} done{pct}",
-             f"shards: {r['shards_done']} of {r['shards_total']} done",
+             *counts,
              f"stored: {r['items']} items, {r['steps']} steps, {r['tokens']} tokens",
              f"errors: {r['errors']}" + (f" (see {Path(r['path']) / ERRORS})" if r["errors"] else "")]
     for g in r["errors_by_reason"]:

@@ -63,6 +63,7 @@ import mmap
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -76,7 +77,8 @@ from .errors import StoreError
 from .model import TOKEN_POOLING
 
 FORMAT = "rjepa-latent"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)   # format 1 runs are read (not resumed)
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 # dtypes latents are stored in (config "dtype"); not the engine's compute dtypes (model.ENGINE_DTYPES)
@@ -86,8 +88,11 @@ STORE_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16),
 ENGINE_IDENTITY = ("engine_backend", "engine_dtype", "engine_kernel", "package_version")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
 _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
-_OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5}\.(safetensors|jsonl)|errors\.jsonl"
-                       r"|\..+\.tmp-\d+-\d+)$")
+_JOURNAL = re.compile(r"^shard-(\d{5,})\.json$")
+# a temporary: .<final name>.tmp-<tag> (`write_tag`: host, pid, what it writes)
+_TMP = re.compile(r"^\.(?:shard-(\d{5,})\.)?.+\.tmp-[A-Za-z0-9._-]+$")
+_OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5,}\.(safetensors|jsonl|json)"
+                       r"|errors\.jsonl|\..+\.tmp-[A-Za-z0-9._-]+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 MAX_OPEN_SHARDS = 16  # shards a reader keeps mapped (one file descriptor each)
 VERIFY_PROGRESS_BYTES = 256 * 1024 * 1024  # a full verify of more shows a progress line
@@ -142,8 +147,9 @@ def atomic_write(path: Path, chunks: Iterable, tag: str) -> dict:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+def _json_bytes(obj, indent: int | None = 1) -> bytes:
+    # allow_nan=False: strict JSON (nothing non-finite reaches a manifest or entry)
+    return (json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
@@ -324,30 +330,110 @@ def convert_latents(lat: np.ndarray, dtype: str) -> tuple[np.ndarray | None, str
 # ------------------------------------------------------------ run directory
 
 
-def part_manifest_name(part: tuple[int, int]) -> str:
-    i, n = part
-    return MANIFEST if n == 1 else f"manifest.part-{i:05d}-of-{n:05d}.json"
+def journal_name(index: int) -> str:
+    """The journal entry of shard `index`: written last when the shard commits."""
+    return f"shard-{index:05d}.json"
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(path: Path, what: str = "manifest") -> dict:
     try:
         with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
+            obj = json.loads(f.read().decode("utf-8"), parse_constant=_no_constant)
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: cannot read the manifest: {e}") from None
+        raise StoreError(f"{path}: cannot read the {what}: {e}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise StoreError(f"{path}: not an rjepa-latent manifest")
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: format version {obj.get('format_version')} is not {FORMAT_VERSION}")
+        raise StoreError(f"{path}: not an rjepa-latent {what}")
+    if obj.get("format_version") not in READ_VERSIONS:
+        raise StoreError(f"{path}: format version {obj.get('format_version')} is not one this "
+                         f"rjepa-latent reads ({', '.join(map(str, READ_VERSIONS))})")
     return obj
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _journal_names(out: Path) -> dict[int, str]:
+    names = {}
+    for p in out.iterdir():
+        m = _JOURNAL.match(p.name)
+        if m:
+            names[int(m.group(1))] = p.name
+    return names
+
+
+def read_journal_entry(out: Path, index: int) -> dict:
+    """Shard `index`'s journal entry, checked to be strict JSON of its own shard."""
+    path = out / journal_name(index)
+    entry = _load_json(path, "journal entry")
+    try:
+        ok = (entry["index"] == index and isinstance(entry["files"], dict)
+              and isinstance(entry["errors"], list) and len(entry["records"]) == 2
+              and all(isinstance(entry[k], int) for k in ("items", "steps", "tokens")))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise StoreError(f"{path}: not the journal entry of shard {index} (fields missing or "
+                         f"malformed){_DAMAGED}")
+    return entry
+
+
+def read_journal(out: Path) -> dict[int, dict]:
+    """Every committed shard's entry of a partial run, by index (one small file each)."""
+    return {k: read_journal_entry(out, k) for k in sorted(_journal_names(out))}
+
+
+def read_journal_lenient(out: Path) -> tuple[dict[int, dict], dict[str, str]]:
+    """(the readable entries by index, {journal file: what is wrong} for the others)."""
+    entries, bad = {}, {}
+    for k in sorted(_journal_names(out)):
+        try:
+            entries[k] = _strip_entry(read_journal_entry(out, k))
+        except StoreError as e:
+            msg = str(e).split("; the file is damaged")[0]
+            bad[journal_name(k)] = msg[len(f"{out / journal_name(k)}: "):] if msg.startswith(str(out)) else msg
+    return entries, bad
+
+
+def journal_bytes(entry: dict) -> bytes:
+    """A journal file's exact bytes for `entry` (one line of strict JSON)."""
+    return _json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION, **entry}, indent=None)
+
+
+def _strip_entry(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("format", "format_version")}
+
+
 def read_manifests(out: Path) -> dict[str, dict]:
-    """All manifests in `out` by file name (manifest.json and part manifests)."""
+    """The run's manifests by file name, each {config, num_records, num_shards,
+    complete, shards}. A finished run: manifest.json as written. A partial run of
+    this format: manifest.json (the configuration) with its committed shards read
+    from the journal (num_records and num_shards None: not known yet). A run of
+    format 1: manifest.json and its part manifests as they were written."""
     if not out.is_dir():
         return {}
-    names = sorted(p.name for p in out.iterdir() if p.name == MANIFEST or _PART_MANIFEST.match(p.name))
-    return {name: _load_json(out / name) for name in names}
+    if not (out / MANIFEST).is_file():
+        parts = sorted(p.name for p in out.iterdir() if _PART_MANIFEST.match(p.name))
+        return {name: _load_json(out / name) for name in parts}
+    m = _load_json(out / MANIFEST)
+    parts = sorted(p.name for p in out.iterdir() if _PART_MANIFEST.match(p.name))
+    if m["format_version"] == 1:
+        return {name: _load_json(out / name) for name in [MANIFEST] + parts}
+    if parts:
+        raise StoreError(f"{out}: holds format-1 part manifests ({parts[0]}) beside a format-2 run; "
+                         "the directory mixes two runs: keep one run per directory")
+    if not m.get("complete"):
+        m = {**m, "num_records": None, "num_shards": None,
+             "shards": [_strip_entry(e) for e in read_journal(out).values()]}
+    return {MANIFEST: m}
+
+
+def stored_config(out: Path) -> dict | None:
+    """The configuration in manifest.json (None: no readable run there)."""
+    try:
+        return _load_json(Path(out) / MANIFEST).get("config") if (Path(out) / MANIFEST).is_file() else None
+    except StoreError:
+        return None
 
 
 def config_differences(stored: dict, requested: dict, ignore: Iterable[str] = ()) -> list[str]:
@@ -358,49 +444,158 @@ def config_differences(stored: dict, requested: dict, ignore: Iterable[str] = ()
     return lines
 
 
+def write_tag(index: int | str) -> str:
+    """The temporary-file tag of one writer: host, process and shard, so two
+    workers (on one host or several sharing a directory) never share or delete
+    each other's temporary files."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}-{index}"
+
+
+def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
+                 latents: list[np.ndarray], errors: list[dict], kernel: str | None = None) -> dict:
+    """Write shard `index` and commit it: its .safetensors and .jsonl, then its
+    journal entry (each atomic and fsynced), so whatever has an entry is complete.
+    Needs no lock: shards are disjoint files and temporaries carry a unique tag
+    (`write_tag`), so processes may commit different shards into one directory at
+    once. Items in input order, latents already in the stored dtype: per item
+    [n_layers, n_rows, hidden], or [n_poolings, n_layers, n_rows, hidden] for a
+    run of several poolings; rows are steps, or tokens for a per-token run."""
+    tag = write_tag(index)
+    name = f"shard-{index:05d}"
+    nl, d = len(config["layers"]), config["hidden_size"]
+    st_dtype, np_dtype = STORE_DTYPES[config["dtype"]]
+    poolings = run_poolings(config)
+    per_token = poolings == [TOKEN_POOLING]
+    lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
+    for it, lat in zip(items, lats):
+        rows_want = len(it.ids) if per_token else len(it.spans)
+        if lat.shape != (len(poolings), nl, rows_want, d):
+            raise StoreError(f"item {it.id!r}: latents of shape {tuple(lat.shape)}, the run stores "
+                             f"{(len(poolings), nl, rows_want, d)} (poolings, layers, rows, hidden)")
+    steps = [len(it.spans) for it in items]
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum(steps, out=offsets[1:])
+    spans = (np.concatenate([it.spans for it in items]) if items else np.zeros((0, 2), np.int32)).astype(np.int32)
+    tensors = [("step_offsets", "I64", offsets), ("token_spans", "I32", spans)]
+    if per_token:
+        tok_offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum([len(it.ids) for it in items], out=tok_offsets[1:])
+        token_steps = (np.concatenate([token_steps_of(it.spans, len(it.ids)) for it in items])
+                       if items else np.zeros(0, np.int32))
+        tensors += [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
+    for q, p in enumerate(poolings):
+        lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
+               np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
+        tensors.append((latents_tensor(poolings, p), st_dtype, lat))
+    rows = [_sidecar_row(it, int(c)) for it, c in zip(items, steps)]   # checked before any write
+    st = atomic_write(out / f"{name}.safetensors", safetensors_chunks(
+        tensors, {"poolings": ",".join(poolings)}), tag)
+    js = atomic_write(out / f"{name}.jsonl", [_jsonl_bytes(rows)], tag)
+    entry = {"index": index, "records": [int(records[0]), int(records[1])], "items": len(items),
+             "steps": int(offsets[-1]), "tokens": int(sum(len(it.ids) for it in items)),
+             "errors": errors, "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
+    if kernel is not None:
+        entry["kernel"] = kernel  # the kernel identity that computed this shard
+    atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
+    return entry
+
+
+def check_run_config(out: Path, stored: dict, requested: dict, allow_kernel_change: bool,
+                     ignore: Iterable[str] = ()) -> None:
+    """Raise StoreError (nothing changed) unless `requested` may continue the run
+    configured as `stored`; `ignore`: fields the caller checks itself (a run's extent)."""
+    missing = [k for k in ENGINE_IDENTITY if k in requested and k not in stored]
+    if missing:
+        raise StoreError(
+            f"{out} holds a run that does not record which engine computed it "
+            f"(no {', '.join(missing)}: written by an older rjepa-latent); resuming it could mix "
+            "bytes of different engines, so it is refused and nothing was changed. Extract into "
+            "a new --out (or delete this directory to start it again).")
+    skip = set(ignore) | ({"engine_kernel"} if allow_kernel_change else set())
+    diff = config_differences(stored, requested, skip)
+    if diff:
+        only_kernel = [line.split(":")[0].strip() for line in diff] == ["engine_kernel"]
+        hint = ("\nOnly the kernel differs: allow_kernel_change=True (--allow-kernel-change) "
+                "continues under it, recording each shard's kernel." if only_kernel else "")
+        if "engine_batch_tokens" in stored and any(
+                line.split(":")[0].strip() == "engine_batch_tokens" for line in diff):
+            hint += (f"\nThe batch budget differs (on CUDA it decides the bytes): pass "
+                     f"--max-batch-tokens {stored['engine_batch_tokens']} (max_batch_tokens="
+                     f"{stored['engine_batch_tokens']}) to resume with the stored one.")
+        raise StoreError(f"{out} holds a run with a different configuration; "
+                         "nothing was changed. Differences:\n" + "\n".join(diff) +
+                         "\nUse another --out, or the options of the stored run." + hint)
+
+
 class RunStore:
-    """Writer side of a run directory for one worker (`part` = (i, n))."""
+    """The driver's side of a run directory: its configuration (checked against a
+    stored run before anything is written), the committed shards (its journal),
+    the directory lock, the start manifest and the final one (`finish`).
+    Shards themselves are committed by `commit_shard` (`write_shard` here), by
+    this process or by any other one.
+
+    `part` = (i, n): this driver's worker of n sharing the directory (a shared
+    lock; each drops only stale temporaries of its own shards). `extent`: the
+    fields that say how far the run reaches (its inputs, a limit); a stored
+    value that differs is accepted when `grows(stored, requested)` says the
+    requested run extends the stored one, else refused as a clash."""
 
     def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1),
-                 allow_kernel_change: bool = False):
+                 allow_kernel_change: bool = False, extent: Iterable[str] = (), grows=None):
         self.out = Path(out)
         self.part = part
-        self.tag = f"{part[0]}-{part[1]}"
-        self.manifest_name = part_manifest_name(part)
         self.kernel = config.get("engine_kernel")  # what this process computes with
         self._check_directory()
-        self.manifests = read_manifests(self.out)
         self.config = config
-        for name, m in self.manifests.items():
-            self._check_config(name, m["config"], config, allow_kernel_change)
-            self.config = m["config"]  # the run's configuration (its kernel may differ, if allowed)
+        self.grown = False
+        self.entries: dict[int, dict] = {}
+        self.bad_entries: dict[str, str] = {}
+        self._stored: dict | None = None
+        self._lock_fd = None
         self.num_records: int | None = None
-        self.own: dict[int, dict] = {}
-        mine = self.manifests.get(self.manifest_name)
-        if mine is not None:
-            self.own = {s["index"]: s for s in mine["shards"]}
+        if not (self.out / MANIFEST).is_file():
+            old = [p.name for p in self.out.iterdir() if _PART_MANIFEST.match(p.name)] \
+                if self.out.is_dir() else []
+            if old:
+                raise StoreError(_OLD_FORMAT.format(out=self.out))
+            return
+        m = _load_json(self.out / MANIFEST)
+        if m["format_version"] != FORMAT_VERSION:
+            raise StoreError(_OLD_FORMAT.format(out=self.out))
+        stored = m["config"]
+        check_run_config(self.out, stored, config, allow_kernel_change, extent)
+        changed = [k for k in extent if stored.get(k) != config.get(k)]
+        if changed:
+            if grows is None or not grows(stored, config):
+                diff = config_differences({k: stored.get(k) for k in changed},
+                                          {k: config.get(k) for k in changed})
+                raise StoreError(f"{self.out} holds a run over other data and the new data does "
+                                 "not extend it (not an append of records to the last JSONL input, "
+                                 "nor a higher limit); nothing was changed. Differences:\n"
+                                 + "\n".join(diff) + "\nUse another --out, or the data of the "
+                                 "stored run.")
+            self.grown = True
+        # the run's configuration (its kernel may differ, if allowed; a grown run's extent is new)
+        self.config = {**stored, **{k: config[k] for k in extent if k in config}}
+        for k in extent:
+            if k not in config:
+                self.config.pop(k, None)
+        self._stored = m
+        if m.get("complete"):
+            self.entries = {s["index"]: s for s in m["shards"]}
+            if self.grown:   # finished over less data: not complete any more
+                self._stored = {**m, "complete": False}
+        else:
+            self._read_journal()
 
-    def _check_config(self, name: str, stored: dict, requested: dict, allow_kernel_change: bool) -> None:
-        missing = [k for k in ENGINE_IDENTITY if k in requested and k not in stored]
-        if missing:
-            raise StoreError(
-                f"{self.out} holds a run ({name}) that does not record which engine computed it "
-                f"(no {', '.join(missing)}: written by an older rjepa-latent); resuming it could mix "
-                "bytes of different engines, so it is refused and nothing was changed. Extract into "
-                "a new --out (or delete this directory to start it again).")
-        diff = config_differences(stored, requested, ("engine_kernel",) if allow_kernel_change else ())
-        if diff:
-            only_kernel = [line.split(":")[0].strip() for line in diff] == ["engine_kernel"]
-            hint = ("\nOnly the kernel differs: allow_kernel_change=True (--allow-kernel-change) "
-                    "continues under it, recording each shard's kernel." if only_kernel else "")
-            if "engine_batch_tokens" in stored and any(
-                    line.split(":")[0].strip() == "engine_batch_tokens" for line in diff):
-                hint += (f"\nThe batch budget differs (on CUDA it decides the bytes): pass "
-                         f"--max-batch-tokens {stored['engine_batch_tokens']} (max_batch_tokens="
-                         f"{stored['engine_batch_tokens']}) to resume with the stored one.")
-            raise StoreError(f"{self.out} holds a run with a different configuration ({name}); "
-                             "nothing was changed. Differences:\n" + "\n".join(diff) +
-                             "\nUse another --out, or the options of the stored run." + hint)
+    def _read_journal(self) -> None:
+        """The committed entries; an unreadable entry file is damage (`bad_entries`),
+        which --repair redoes like any damaged shard."""
+        entries, bad = read_journal_lenient(self.out)
+        self.entries.update(entries)   # the journal on disk is authoritative
+        self.bad_entries.update({f: why for f, why in bad.items()
+                                 if int(_JOURNAL.match(f).group(1)) not in self.entries})
 
     def _check_directory(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -411,45 +606,57 @@ class RunStore:
                 raise StoreError(f"--out {self.out} holds files that are not from rjepa-latent "
                                  f"({', '.join(foreign[:5])}); use an empty or new directory")
 
-    def done(self) -> dict[int, dict]:
-        """Shards listed by any manifest (their files verified by size)."""
-        entries: dict[int, dict] = {}
-        for m in self.manifests.values():
-            for s in m["shards"]:
-                entries.setdefault(s["index"], s)
-        for s in entries.values():
-            for fname, info in s["files"].items():
-                p = self.out / fname
-                if not p.is_file() or p.stat().st_size != info["bytes"]:
-                    raise StoreError(f"{p} is listed in the manifest but missing or of the wrong size; "
-                                     "the directory was modified outside rjepa-latent")
-        return entries
+    @property
+    def manifests(self) -> dict[str, dict]:
+        """The run as `read_manifests` sees it, from what this store loaded."""
+        if self._stored is None:
+            return {}
+        return {MANIFEST: {**self._stored, "shards": [self.entries[k] for k in sorted(self.entries)]}}
 
-    def stored_num_records(self) -> int | None:
-        for m in self.manifests.values():
-            return m["num_records"]
-        return None
+    def done(self) -> dict[int, dict]:
+        """The committed shards: {index: entry}."""
+        return self.entries
 
     def is_complete(self) -> bool:
-        m = self.manifests.get(MANIFEST)
-        return bool(m and m["complete"])
+        return bool(self._stored and self._stored.get("complete"))
 
-    def prepare(self, num_records: int) -> None:
-        """Create the directory and drop this worker's stale temporary files."""
-        self.num_records = num_records
+    def stored_num_records(self) -> int | None:
+        return self._stored.get("num_records") if self._stored else None
+
+    def prepare(self, num_records: int | None = None) -> None:
+        """Create the directory, take the lock, drop stale temporaries (a single
+        run: all; a part worker: those of its own shards) and write the start
+        manifest (the configuration, complete: false)."""
+        if num_records is not None:
+            self.num_records = num_records
         self.out.mkdir(parents=True, exist_ok=True)
-        solo = self.part[1] == 1  # a single run owns the whole directory
+        solo = self.part[1] == 1
         self._lock_directory(solo)
+        i, n = self.part
         for p in self.out.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(f".tmp-{self.tag}") or (solo and ".tmp-" in p.name)):
-                p.unlink()
-        if not self.manifests.get(self.manifest_name):
-            self._write_manifests()
+            m = _TMP.match(p.name)
+            if m and (solo or (m.group(1) is not None and int(m.group(1)) % n == i)):   # never another's
+                p.unlink(missing_ok=True)
+        start = self._start_manifest()
+        if self._stored is None or self._stored != start:
+            self._put_manifest(start)
+
+    def _start_manifest(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
+                "complete": False}
+
+    def reopen(self) -> None:
+        """A finished run about to change (repair, growing): back to a start manifest."""
+        if self._stored is not None and self._stored.get("complete"):
+            self._put_manifest(self._start_manifest())
 
     def _lock_directory(self, solo: bool) -> None:
-        """Held until close() or process exit: a single run locks the directory
-        exclusively, `--part` workers share it, so two runs that would delete
-        each other's temporary files cannot write to one directory at once."""
+        """Held until close() or process exit: a single run (or a driver) locks the
+        directory exclusively, `--part` workers share it, so two runs that would
+        delete each other's temporary files cannot write to one directory at once.
+        Shard workers committing for the lock holder need no lock."""
+        if self._lock_fd is not None:
+            return
         fd = os.open(self.out, os.O_RDONLY)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if solo else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -470,119 +677,95 @@ class RunStore:
         self.close()
 
     @property
-    def num_shards(self) -> int:
+    def num_shards(self) -> int | None:
+        if self.num_records is None:
+            return None
         s = self.config["shard_size"]
         return (self.num_records + s - 1) // s
 
     def write_shard(self, index: int, records: tuple[int, int], items: list, latents: list[np.ndarray],
                     errors: list[dict]) -> dict:
-        """Write shard `index` (items in input order, latents already in the stored
-        dtype: per item [n_layers, n_rows, hidden], or [n_poolings, n_layers,
-        n_rows, hidden] for a run of several poolings; rows are steps, or tokens
-        for a per-token run)."""
-        name = f"shard-{index:05d}"
-        nl, d = len(self.config["layers"]), self.config["hidden_size"]
-        st_dtype, np_dtype = STORE_DTYPES[self.config["dtype"]]
-        poolings = run_poolings(self.config)
-        per_token = poolings == [TOKEN_POOLING]
-        lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
-        for it, lat in zip(items, lats):
-            rows_want = len(it.ids) if per_token else len(it.spans)
-            if lat.shape != (len(poolings), nl, rows_want, d):
-                raise StoreError(f"item {it.id!r}: latents of shape {tuple(lat.shape)}, the run stores "
-                                 f"{(len(poolings), nl, rows_want, d)} (poolings, layers, rows, hidden)")
-        steps = [len(it.spans) for it in items]
-        offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(steps, out=offsets[1:])
-        spans = (np.concatenate([it.spans for it in items]) if items else np.zeros((0, 2), np.int32)).astype(np.int32)
-        tensors = [("step_offsets", "I64", offsets), ("token_spans", "I32", spans)]
-        if per_token:
-            tok_offsets = np.zeros(len(items) + 1, dtype=np.int64)
-            np.cumsum([len(it.ids) for it in items], out=tok_offsets[1:])
-            token_steps = (np.concatenate([token_steps_of(it.spans, len(it.ids)) for it in items])
-                           if items else np.zeros(0, np.int32))
-            tensors += [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
-        for q, p in enumerate(poolings):
-            lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
-                   np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
-            tensors.append((latents_tensor(poolings, p), st_dtype, lat))
-        st = atomic_write(self.out / f"{name}.safetensors", safetensors_chunks(
-            tensors, {"poolings": ",".join(poolings)}), self.tag)
-        rows = [_sidecar_row(it, int(c)) for it, c in zip(items, steps)]
-        js = atomic_write(self.out / f"{name}.jsonl", [_jsonl_bytes(rows)], self.tag)
-        entry = {"index": index, "records": list(records), "items": len(items), "steps": int(offsets[-1]),
-                 "tokens": int(sum(len(it.ids) for it in items)), "errors": errors,
-                 "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
-        if self.kernel is not None:
-            entry["kernel"] = self.kernel  # the kernel identity that computed this shard
-        self.own[index] = entry
-        self._write_manifests()
+        """Commit shard `index` from this process (`commit_shard`) and note its entry."""
+        entry = commit_shard(self.out, self.config, index, records, items, latents, errors, self.kernel)
+        self.entries[index] = entry
         return entry
 
+    def note(self, entry: dict) -> None:
+        """A shard another process committed (its entry, as `commit_shard` returned it)."""
+        self.entries[int(entry["index"])] = entry
+
     def check_committed(self, full: bool = False, progress: bool = False) -> dict[str, str]:
-        """Problems of the committed (listed) shards and of errors.jsonl, as
-        {file name: what is wrong}; see `verify_run` (this runs it with the run's
-        manifests as loaded; `full` adds the payload sha256)."""
-        return _verify(self.out, self.manifests, full, progress)
+        """Problems of the committed shards and of errors.jsonl, as {file name: what
+        is wrong}; see `verify_run` (`full` adds the payload sha256)."""
+        return {**self.bad_entries, **_verify(self.out, self.manifests, full, progress)}
 
     def forget(self, files: Iterable[str]) -> list[int]:
-        """Drop the shards of `files` (damaged) from the manifests as loaded, so this
-        run recomputes them; the files on disk are replaced by write_shard, the
-        manifests rewritten after each. Returns the shard indices dropped."""
-        idx = sorted({int(m.group(1)) for f in files if (m := re.match(r"^shard-(\d{5})\.", f))})
-        for m in self.manifests.values():
-            m["shards"] = [s for s in m["shards"] if s["index"] not in idx]
-            m["complete"] = m["complete"] and not idx
+        """Drop the shards of `files` (damaged) from the committed ones, so this run
+        recomputes them (their files and journal entries are replaced when they
+        commit again). Returns the shard indices dropped."""
+        idx = sorted({int(m.group(1)) for f in files if (m := re.match(r"^shard-(\d{5,})\.", f))})
         for k in idx:
-            self.own.pop(k, None)
+            self.entries.pop(k, None)
+            self.bad_entries.pop(journal_name(k), None)
+        if idx and self._stored is not None:
+            self._stored = {**self._stored, "complete": False}
         return idx
 
+    def refresh(self) -> None:
+        """Re-read the journal: shards committed by other processes since."""
+        self._read_journal()
+
+    def finish(self, num_records: int) -> bool:
+        """Once every shard of `num_records` records is committed (with exactly its
+        record range): write errors.jsonl, then manifest.json with complete: true
+        and every entry (so a reader of a finished run reads one file). Idempotent;
+        returns whether the run is complete."""
+        self.num_records = num_records
+        if self.part[1] > 1:
+            self.refresh()   # other workers commit concurrently
+        s = self.config["shard_size"]
+        n = self.num_shards
+
+        def covered() -> bool:
+            return all((e := self.entries.get(k)) is not None
+                       and list(e["records"]) == [k * s, min((k + 1) * s, num_records)] for k in range(n))
+        if not covered():
+            self.refresh()   # shards other processes committed and nobody noted
+            if not covered():
+                return False
+        extra = sorted(k for k in self.entries if k >= n)
+        if extra:
+            raise StoreError(f"{self.out}: committed shard(s) {extra[:5]} lie beyond the "
+                             f"{num_records} records of the inputs; the directory was modified "
+                             "outside rjepa-latent")
+        listed = [self.entries[k] for k in range(n)]
+        final = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
+                 "num_records": num_records, "num_shards": n, "complete": True,
+                 "totals": {key: sum(e[key] for e in listed) for key in ("items", "steps", "tokens")}
+                 | {"errors": sum(len(e["errors"]) for e in listed)},
+                 "shards": listed}
+        if self._stored == final and (self.out / ERRORS).is_file():
+            return True
+        self.write_errors(e for x in listed for e in x["errors"])
+        self._put_manifest(final)
+        return True
+
     def rewrite_errors(self) -> None:
-        """Rewrite errors.jsonl from the manifests (it is derived from them)."""
-        self._put_errors(self.done())
+        """Rewrite errors.jsonl from the committed entries (it is derived from them)."""
+        self.write_errors(e for k in sorted(self.entries) for e in self.entries[k]["errors"])
 
-    def _manifest(self, shards: dict[int, dict], complete: bool, part: tuple[int, int] | None) -> dict:
-        listed = [shards[k] for k in sorted(shards)]
-        m = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
-             "num_records": self.num_records, "num_shards": self.num_shards, "complete": complete,
-             "totals": {key: sum(s[key] for s in listed) for key in ("items", "steps", "tokens")}
-             | {"errors": sum(len(s["errors"]) for s in listed)},
-             "shards": listed}
-        if part is not None:
-            m["part"] = list(part)
-        return m
+    def write_errors(self, rows: Iterable[dict]) -> None:
+        atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], write_tag("errors"))
 
-    def _write_manifests(self) -> None:
-        """Write this worker's manifest; then the merged manifest.json and
-        errors.jsonl when this is a single run or all shards are now done."""
-        if self.part[1] == 1:
-            union = {**self._others(), **self.own}
-            complete = len(union) == self.num_shards
-            self._put_manifest(MANIFEST, self._manifest(union, complete, None))
-            self._put_errors(union)
-            return
-        from .plan import part_shards
-        # other workers progress concurrently: re-read their manifests (atomic renames)
-        self.manifests.update({k: v for k, v in read_manifests(self.out).items() if k != self.manifest_name})
-        union = self.done()
-        mine = part_shards(self.num_shards, self.part)
-        own_complete = all(k in self.own or k in union for k in mine)
-        self._put_manifest(self.manifest_name, self._manifest(self.own, own_complete, self.part))
-        union = {**union, **self.own}
-        if len(union) == self.num_shards:
-            self._put_manifest(MANIFEST, self._manifest(union, True, None))
-            self._put_errors(union)
+    def _put_manifest(self, manifest: dict) -> None:
+        atomic_write(self.out / MANIFEST, [_json_bytes(manifest)], write_tag("manifest"))
+        self._stored = manifest
 
-    def _others(self) -> dict[int, dict]:
-        return {k: v for k, v in self.done().items() if k not in self.own}
 
-    def _put_manifest(self, name: str, manifest: dict) -> None:
-        atomic_write(self.out / name, [_json_bytes(manifest)], self.tag)
-        self.manifests[name] = manifest
-
-    def _put_errors(self, shards: dict[int, dict]) -> None:
-        rows = [e for k in sorted(shards) for e in shards[k]["errors"]]
-        atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], self.tag)
+_OLD_FORMAT = ("{out} holds a run of format 1 (one manifest rewritten per shard); this rjepa-latent "
+               "writes format 2 (a journal file per shard) and does not resume or grow format 1 "
+               "runs. Its finished shards stay readable (open_latents, info, verify, export); to "
+               "finish it, extract into a new --out (or delete this directory and start again).")
 
 
 NONFINITE = "nonfinite_fields"   # sidecar key: carried fields whose non-finite float became null
@@ -669,6 +852,11 @@ def _verify(out: Path, manifests: dict[str, dict], full: bool, progress: bool) -
     for k in sorted(entries):
         problems.update(_shard_problem(out, config, entries[k], full, on_bytes))
     m = manifests.get(MANIFEST)
+    if m is not None and m.get("format_version") == FORMAT_VERSION and m["complete"]:
+        for k in sorted(entries):   # a finished run keeps its journal: each file equals its entry
+            p = out / journal_name(k)
+            if not p.is_file() or p.read_bytes() != journal_bytes(entries[k]):
+                problems[journal_name(k)] = "missing or not the manifest's entry of its shard"
     if m is not None and m["complete"]:   # errors.jsonl is derived from the complete manifest
         want = _jsonl_bytes(e for s in m["shards"] for e in s["errors"])
         p = out / ERRORS
@@ -686,11 +874,30 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
-    manifests = read_manifests(path)
+    bad: dict[str, str] = {}
+    m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    if m is not None and m["format_version"] == FORMAT_VERSION and not m.get("complete"):
+        entries, bad = read_journal_lenient(path)   # a damaged entry is listed, not fatal
+        manifests = {MANIFEST: {**m, "num_records": None, "num_shards": None,
+                                "shards": [entries[k] for k in sorted(entries)]}}
+    else:
+        manifests = read_manifests(path)
     if not manifests:
         raise StoreError(f"{path} has no manifest.json: not an rjepa-latent run directory "
                          "(or no shard finished yet)")
-    return _verify(path, manifests, full, progress)
+    return {**bad, **_verify(path, manifests, full, progress)}
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])")   # standalone: UTF-8, 0xff, float16 stay
+
+
+def error_kind(reason: str) -> str:
+    """The one grouping rule of error reasons (extract's summary, `info`): the
+    text before the first ': ' (or ' (' or '; '), quoted values as '…' and
+    standalone numbers as N, at most 80 characters, so like errors group."""
+    head = re.split(r": | \(|; ", reason, maxsplit=1)[0]
+    return _NUMBER.sub("N", _QUOTED.sub("'…'", head))[:80]
 
 
 def damage_report(path: Path, problems: dict[str, str]) -> str:
@@ -764,7 +971,8 @@ class LatentItem:
 class LatentStore:
     """Read side of a run directory; see `open_latents`."""
 
-    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False):
+    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True):
         self.path = Path(path)
         self.writable = writable
         if not self.path.is_dir():
@@ -784,7 +992,7 @@ class LatentStore:
                 shards.setdefault(s["index"], s)
         self.shards = [shards[k] for k in sorted(shards)]
         if verify:
-            bad = _verify(self.path, manifests, True, True)
+            bad = _verify(self.path, manifests, True, progress)
             if bad:
                 raise StoreError(f"{self.path}: {len(bad)} damaged or missing file(s):\n"
                                  + damage_report(self.path, bad) + "\nrun the extract command "
@@ -904,7 +1112,8 @@ def _read_sidecar(path: Path, info: dict) -> list[dict]:
     return rows
 
 
-def open_latents(path: str | Path, writable: bool = False, verify: bool = False) -> LatentStore:
+def open_latents(path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
     reading; `writable` maps shards copy-on-write: arrays may be written in
     memory, privately to this process (the files never change), and such a
@@ -912,5 +1121,6 @@ def open_latents(path: str | Path, writable: bool = False, verify: bool = False)
     Every shard's header is checked against the
     manifest when it is first mapped, every sidecar's sha256 on open;
     `verify` also hashes every payload first (a full read) and raises
-    StoreError listing each damaged or missing file."""
-    return LatentStore(path, writable, verify)
+    StoreError listing each damaged or missing file (`progress`: its progress
+    line on large runs, stderr)."""
+    return LatentStore(path, writable, verify, progress)

@@ -49,13 +49,13 @@ class _RunDataset(Dataset):
 
     def __init__(self, run: str | os.PathLike, layer: int, pooling: str | None):
         self.run = os.fspath(run)
-        store = open_latents(self.run)
+        store = open_latents(self.run)   # opened once here; a worker process opens its own
         self.layer = layer
         self._pos = stored_layer(store, layer)
         self.pooling = stored_pooling(store, pooling)
         self.per_token = store.per_token
         self._bf16 = store.config["dtype"] == "bfloat16"
-        self._store: LatentStore | None = None
+        self._store: LatentStore | None = store
 
     @property
     def store(self) -> LatentStore:
@@ -78,7 +78,7 @@ class LatentDataset(_RunDataset):
 
     def __init__(self, run: str | os.PathLike, layer: int = -2, pooling: str | None = None):
         super().__init__(run, layer, pooling)
-        self._len = len(open_latents(self.run))
+        self._len = len(self.store)
 
     def __len__(self) -> int:
         return self._len
@@ -130,7 +130,7 @@ class StepPairs(_RunDataset):
             raise ValueError(f"{self.run} is a per-token run (pooling 'none'): it has no step "
                              "latents to pair; use LatentDataset, or extract with a span pooling")
         self.offset = offset
-        store = open_latents(self.run)
+        store = self.store
         counts = [max(int(row["num_steps"]) - offset, 0)
                   for si in range(len(store.shards)) for row in store.shard_meta(si)]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

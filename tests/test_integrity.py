@@ -4,6 +4,7 @@ deleted shard file, an edited errors.jsonl are each found (by the reader, by
 `rjepa-latent verify`, by a resume), and `extract --repair` mends each, ending
 byte-identical to an untouched run. Sidecars are strict JSON."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -239,4 +240,75 @@ def test_verify_of_a_partial_run_says_so(tmp_path, capsys):
     st.close()
     assert cli_main(["verify", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
-    assert "1 listed shards sound" in printed and "not complete: 1 of 3 shards" in printed
+    # a partial run knows its record count only when it finishes (records are streamed)
+    assert "1 listed shards sound" in printed and "not complete: 1 shards done so far" in printed
+
+
+def _as_partial(out: Path, keep: int) -> None:
+    """What a kill leaves after `keep` committed shards: the start manifest and their journal."""
+    m = json.loads((out / "manifest.json").read_text())
+    start = {k: m[k] for k in ("format", "format_version", "config")} | {"complete": False}
+    (out / "manifest.json").write_text(json.dumps(start, indent=1, ensure_ascii=False) + "\n")
+    (out / "errors.jsonl").unlink()
+    for k in range(keep, m["num_shards"]):
+        for ext in ("safetensors", "jsonl", "json"):
+            (out / f"shard-{k:05d}.{ext}").unlink()
+
+
+JOURNAL_DAMAGE = {
+    "not_json": lambda p: p.write_bytes(p.read_bytes()[:40]),
+    "nan": lambda p: p.write_bytes(p.read_bytes().replace(b'"steps": ', b'"x": NaN, "steps": ')),
+    "other_shard": lambda p: p.write_bytes(p.read_bytes().replace(b'"index": 1,', b'"index": 2,')),
+    "item_count": lambda p: p.write_bytes(p.read_bytes().replace(b'"items": 3', b'"items": 2')),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JOURNAL_DAMAGE))
+def test_damaged_journal_entry_is_found_and_repaired(run, model, kind, capsys):
+    """The journal is held to the manifest's rules: strict JSON of its own shard, its
+    counts checked against the shard's header; --repair redoes that shard."""
+    out = run.root / f"journal_{kind}"
+    shutil.copytree(run.ref, out)
+    _as_partial(out, keep=3)
+    JOURNAL_DAMAGE[kind](out / "shard-00001.json")
+    # a wrong count is found by the files it describes (the sidecar's lines, the header's shapes)
+    named = r"shard-00001\.json\b" if kind != "item_count" else r"shard-00001\.(jsonl|safetensors)"
+    with pytest.raises(StoreError, match=named):
+        for it in rl.open_latents(out):
+            it.latents
+    capsys.readouterr()
+    assert cli_main(["verify", str(out), "--no-progress"]) == 1
+    assert re.search(re.escape(str(out)) + "/" + named, capsys.readouterr().out)
+    with pytest.raises(StoreError, match=r"(?s)damaged or missing.*" + named):
+        rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False)
+    s = rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False, repair=True)
+    assert s["repaired"] == [1] and s["complete"]
+    assert snapshot(out) == run.snap
+
+
+def test_finished_run_keeps_its_journal_equal_to_the_manifest(run, model, capsys):
+    out = run.root / "journal_of_finished"
+    shutil.copytree(run.ref, out)
+    (out / "shard-00002.json").unlink()
+    assert verify_run(out) == {"shard-00002.json": "missing or not the manifest's entry of its shard"}
+    s = rl.extract_dataset(run.data, model, out, shard_size=SHARD, progress=False, repair=True)
+    assert s["repaired"] == [2] and snapshot(out) == run.snap
+
+
+def test_early_stop_writes_strict_errors_under_the_lock(tmp_path, model):
+    """The early stop's errors.jsonl goes through the store's writer (strict JSON) and
+    only while it holds the directory lock: beside a running run it is refused, unwritten."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join('{"id": "b%d", "nope": NaN}\n' % i for i in range(5)))
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = RunStore(out, {"shard_size": 1})
+    holder._lock_directory(True)          # another run holds the directory
+    with pytest.raises(StoreError, match="in use by another"):
+        rl.extract_dataset(data, model, out, progress=False)
+    assert list(out.iterdir()) == []
+    holder.close()
+    with pytest.raises(rl.pipeline.NothingExtracted):
+        rl.extract_dataset(data, model, out, progress=False)
+    lines = (out / "errors.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(_strict_loads(x)["reason"].startswith("cannot tell the format") for x in lines)

@@ -116,9 +116,10 @@ def test_noop_and_refusal_touch_nothing(model, data, tmp_path, tiny_model_dir):
     other = rl.Model(tiny_model_dir("qwen2"), device="cpu")
     with pytest.raises(rl.StoreError, match="model_fingerprint: stored"):
         rl.extract_dataset(data, other, out, shard_size=4, progress=False)
+    # appending grows the run (tests/test_grow.py); any other change of the data is refused
     changed = tmp_path / data.name
-    changed.write_bytes(data.read_bytes() + b'{"id": "new", "steps": ["n"]}\n')
-    with pytest.raises(rl.StoreError, match="inputs: stored"):
+    changed.write_bytes(b'{"id": "new", "steps": ["n"]}\n' + data.read_bytes())
+    with pytest.raises(rl.StoreError, match="(?s)over other data.*not an append"):
         rl.extract_dataset(changed, model, out, shard_size=4, progress=False)
     assert snapshot(out) == before
 
@@ -142,9 +143,9 @@ def test_parts_union_equals_single_run(model, data, tmp_path):
             part_ids = rl.open_latents(parts).ids
             assert not rl.open_latents(parts).complete and 0 < len(part_ids) < len(ADVERSARIAL)
     a, b = snapshot(single), snapshot(parts)
-    extra = sorted(set(b) - set(a))
-    assert extra == [f"manifest.part-0000{i}-of-00003.json" for i in range(3)]
-    assert {k: b[k] for k in a} == a  # shards, manifest.json and errors.jsonl byte-identical
+    # the journal replaced the per-part manifests: the whole directory is byte-identical
+    # (shards, their journal entries, manifest.json and errors.jsonl)
+    assert b == a
     assert rl.open_latents(parts).ids == rl.open_latents(single).ids
 
 
@@ -250,3 +251,14 @@ def test_non_utf8_input_file_name_is_a_clear_error(model, data, tmp_path):
     with pytest.raises(ValueError, match="is not valid UTF-8; rename the file"):
         rl.extract_dataset(odd, model, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_the_model_loads(data, tmp_path, monkeypatch):
+    from rjepa_latent import pipeline
+    loads = []
+    monkeypatch.setattr(pipeline, "_load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(rl.StoreError, match="exists and is not a directory"):
+        rl.extract_dataset(data, "/no/such/model", tmp_path / "out", progress=False)
+    assert loads == []

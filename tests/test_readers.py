@@ -227,3 +227,35 @@ def test_kept_items_hold_no_file_descriptors(runs):
     kept = [ds[i % len(ds)] for i in range(3000)]
     assert len(os.listdir("/proc/self/fd")) - before <= 8     # the shards' maps, not one per item
     assert len(kept) == 3000
+
+
+def test_partial_export_reads_the_journal(runs, tmp_path, capsys):
+    """A partial run of format 2 lists its shards in the journal (manifest.json holds
+    only the configuration until the end): --partial export reads them from there."""
+    import shutil
+    from rjepa_latent.cli import main
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["float32"], partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    start = {k: m[k] for k in ("format", "format_version", "config")} | {"complete": False}
+    (partial / "manifest.json").write_text(json.dumps(start))   # as if interrupted after two shards
+    for p in sorted(partial.glob("shard-*.json"))[2:]:
+        p.unlink()
+    st = rl.open_latents(partial)
+    assert not st.complete and len(st.shards) == 2 and 0 < len(st) < len(rl.open_latents(runs["float32"]))
+    out = tmp_path / "p.parquet"
+    assert main(["export", str(partial), "--format", "parquet", "--out", str(out), "--partial"]) == 0
+    import pyarrow.parquet as pq
+    assert pq.read_table(out).column("id").to_pylist() == st.ids
+
+
+def test_torch_datasets_open_the_run_once(runs, monkeypatch):
+    from rjepa_latent import torch as rl_torch
+    calls = []
+    real = rl_torch.open_latents
+    monkeypatch.setattr(rl_torch, "open_latents", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ds = LatentDataset(runs["float32"], layer=-2)
+    ds[0], len(ds), ds[len(ds) - 1]
+    pairs = StepPairs(runs["float32"], layer=-2)
+    pairs[0]
+    assert len(calls) == 2    # one open per dataset (a worker process opens its own after pickling)

@@ -8,6 +8,7 @@ after the rename, after the directory fsync), so kills land on many distinct
 instants of the atomic-write protocol; several kills are chained before the
 final resume. (2) SIGKILL from outside after a random delay.
 """
+import json
 import os
 import random
 import signal
@@ -33,12 +34,16 @@ def snapshot(d: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir):
-    if not GSM8K.is_file():
-        pytest.skip(f"{GSM8K} is absent")
     root = tmp_path_factory.mktemp("resume")
     data = root / "gsm8k_head.jsonl"
-    with open(GSM8K, "rb") as f:
-        data.write_bytes(b"".join(next(f) for _ in range(N_RECORDS)))
+    if GSM8K.is_file():
+        with open(GSM8K, "rb") as f:
+            data.write_bytes(b"".join(next(f) for _ in range(N_RECORDS)))
+    else:   # records of the same shape, so the kill tests run wherever the data is absent
+        data.write_text("".join(json.dumps({
+            "question": f"Janet has {i} ducks and buys {i % 7} more. How many ducks?",
+            "answer": f"She has {i} ducks.\nShe buys {i % 7} more.\n{i} + {i % 7} = {i + i % 7}\n#### {i + i % 7}"})
+            + "\n" for i in range(N_RECORDS)))
     model = tiny_model_dir("llama")
 
     def cmd(out: Path) -> list:
@@ -65,8 +70,10 @@ def test_kill_at_write_steps_then_resume(setup, chain):
     rng = random.Random(SEED + chain)
     out = root / f"kill_steps_{chain}"
     n_shards = -(-N_RECORDS // SHARD)
-    total_steps = 4 * (2 + 4 * n_shards)  # (first manifest + errors, then 4 files per shard) x 4 steps
-    kills = [rng.randint(1, total_steps), rng.randint(1, 24)]
+    # (start manifest, 3 files per shard: safetensors, jsonl, journal entry; errors.jsonl and the
+    # final manifest) x 4 write steps each
+    total_steps = 4 * (3 + 3 * n_shards)
+    kills = [rng.randint(1, total_steps), rng.randint(1, 24), rng.randint(total_steps - 12, total_steps)]
     died = 0
     for k in kills:
         r = subprocess.run(cmd(out), env={**env, "RJEPA_TEST_KILL_AT": str(k)}, capture_output=True)

@@ -49,10 +49,15 @@ def partial_run(data: Path, model, out: Path, monkeypatch, edit) -> None:
     with pytest.raises(KeyboardInterrupt):
         rl.extract_dataset(data, model, out, shard_size=3, progress=False)
     monkeypatch.setattr(pipeline._Runner, "_compute", compute)
-    m = manifest(out)
-    assert [s["index"] for s in m["shards"]] == [0] and not m["complete"]
-    edit(m["config"], m["shards"])
+    m = manifest(out)   # the start manifest: the configuration; the shards are in the journal
+    assert not m["complete"] and "shards" not in m
+    journal = sorted(out.glob("shard-*.json"))
+    assert [p.name for p in journal] == ["shard-00000.json"]
+    shards = [json.loads(p.read_text()) for p in journal]
+    edit(m["config"], shards)
     (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    for p, entry in zip(journal, shards):
+        p.write_text(json.dumps(entry) + "\n")
 
 
 def test_config_records_the_engine(model, data, tmp_path):

@@ -74,7 +74,7 @@ def test_partial_run_reader_and_errors(tmp_path):
     st.write_shard(0, (0, 3), items, lats, [err])
     s = open_latents(out)
     assert not s.complete and len(s) == 2 and s.ids == ["r0", "r1"] and s.errors == [err]
-    assert [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()] == [err]
+    assert not (out / "errors.jsonl").exists()   # derived when the run finishes; readers use the journal
     it = s["r1"]
     assert it.latents.shape == (2, 2, 8) and (it.latents == 1).all() and it.meta["k"] == 1
     assert isinstance(base_object(it.latents), mmap.mmap)
@@ -85,9 +85,12 @@ def test_partial_run_reader_and_errors(tmp_path):
         s[2]
     st.write_shard(2, (6, 8), [], [], [])  # a shard may hold no item
     st.write_shard(1, (3, 6), fake_items(1, 3, steps=1), [np.zeros((2, 1, 8), np.float32)], [])
+    assert not open_latents(out).complete                 # every shard committed, not finished yet
+    assert st.finish(8) and st.finish(8)                  # idempotent
     s = open_latents(out)
     assert s.complete and s.ids == ["r0", "r1", "r3"] and s[2].latents.shape == (2, 1, 8)
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()] == [err]
 
 
 def snapshot(d):

@@ -18,7 +18,9 @@ ADVERSARIAL = [
     {"id": "crlf", "question": "Q\r\n", "steps": ["line one\r\nline two", "end\r"]},
     {"id": "markers", "question": "Step 1: not a step", "steps": ["Step 2: inside Step 3: still one step", "Step 4:"]},
     {"id": "multiline", "question": "Q", "steps": ["a\nb\n\nc", "d\n"]},
-    {"id": "whitespace", "question": "Q", "steps": ["a", "   ", "\t", "b"]},
+    # steps with whitespace around them (a step of only whitespace is a record error, data.py:
+    # it carries no reasoning; test_whitespace_only_step_is_a_record_error)
+    {"id": "whitespace", "question": "Q", "steps": ["a", "   x", "\t y\t", "b"]},
     {"id": "forty", "question": "Count.", "steps": [f"Step {i}: {i} + 1 = {i + 1}" for i in range(40)]},
     {"id": "long", "question": "Long.", "steps": ["short", " ".join(["word"] * 150)]},
 ]
@@ -69,6 +71,14 @@ def test_adversarial_spans_match_reference(tok, tmp_path):
         assert o.spans.dtype == np.int32 and o.spans[0, 0] >= 1  # BOS / question belong to no step
     assert by_id["forty"].spans.shape == (40, 2)
     assert by_id["long"].spans[1, 1] - by_id["long"].spans[1, 0] >= 150
+
+
+def test_whitespace_only_step_is_a_record_error(tmp_path):
+    rows = [{"id": "w", "question": "Q", "steps": ["a", "   ", "b"]}, {"id": "t", "steps": ["\t\n"]},
+            {"id": "ok", "steps": ["  a  "]}]
+    recs = list(read_records([write(tmp_path, rows)]))
+    assert [(r.id, getattr(r, "reason", None)) for r in recs] == [
+        ("w", "step 2 is only whitespace"), ("t", "step 1 is only whitespace"), ("ok", None)]
 
 
 def test_step_without_token_is_an_error(tok, tmp_path):
