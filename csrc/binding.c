@@ -28,6 +28,7 @@
 #define PY_ARRAY_UNIQUE_SYMBOL rl_ARRAY_API
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -119,6 +120,71 @@ static int get_flag_field(PyObject *cfg, const char *key, int *out)
     return 0;
 }
 
+/* An optional float field (default 0). */
+static int get_float_field(PyObject *cfg, const char *key, float *out)
+{
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    *out = 0.0f;
+    if (!v || v == Py_None) return 0;
+    if (PyBool_Check(v) || !PyNumber_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "config['%s'] must be a number, got %R", key, v);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+/* An optional small int field (default 0); a bool counts as 0/1. */
+static int get_enum_field(PyObject *cfg, const char *key, int *out)
+{
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    *out = 0;
+    if (!v) return 0;
+    if (!PyIndex_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "config['%s'] must be an int, got %R", key, v);
+        return -1;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT_MIN || x > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "config['%s'] is out of range: %ld", key, x);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+/* layer_sliding: a sequence of num_layers flags, needed when sliding_window > 0. */
+static int get_layer_sliding(PyObject *cfg, rl_config *c)
+{
+    PyObject *v = PyDict_GetItemString(cfg, "layer_sliding");
+    if (c->sliding_window <= 0) return 0;
+    if (c->num_layers > RL_MAX_LAYERS) return 0;   /* rl_config_validate names the limit */
+    if (!v) {
+        PyErr_SetString(PyExc_ValueError, "config has a sliding_window but no 'layer_sliding' "
+                        "(one flag per layer)");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(v, "config['layer_sliding'] must be a sequence of flags");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != c->num_layers) {
+        PyErr_Format(PyExc_ValueError, "config['layer_sliding'] has %zd flags, expected "
+                     "num_layers=%lld", n, (long long)c->num_layers);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int t = PyObject_IsTrue(PySequence_Fast_GET_ITEM(seq, i));
+        if (t < 0) { Py_DECREF(seq); return -1; }
+        c->layer_sliding[i] = (uint8_t)t;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 static int parse_config(const core_state *S, PyObject *obj, rl_config *c)
 {
     if (!PyDict_Check(obj)) {
@@ -145,7 +211,16 @@ static int parse_config(const core_state *S, PyObject *obj, rl_config *c)
     if (get_flag_field(obj, "attn_qkv_bias", &c->attn_qkv_bias) ||
         get_flag_field(obj, "attn_o_bias", &c->attn_o_bias) ||
         get_flag_field(obj, "mlp_bias", &c->mlp_bias) ||
-        get_flag_field(obj, "qk_norm", &c->qk_norm))
+        get_enum_field(obj, "qk_norm", &c->qk_norm) ||
+        get_float_field(obj, "embed_scale", &c->embed_scale) ||
+        get_float_field(obj, "norm_offset", &c->norm_offset) ||
+        get_enum_field(obj, "act", &c->act) ||
+        get_enum_field(obj, "norms", &c->norms) ||
+        get_float_field(obj, "attn_scale", &c->attn_scale) ||
+        get_float_field(obj, "attn_softcap", &c->attn_softcap) ||
+        get_int_field(obj, "sliding_window", &c->sliding_window, 0, 0) ||
+        get_layer_sliding(obj, c) ||
+        get_flag_field(obj, "rope_swa", &c->rope_swa))
         return -1;
     rl_status st = rl_config_validate(c);
     if (st != RL_OK) { raise_status(S, st); return -1; }
@@ -226,7 +301,8 @@ static int parse_kind(const char *s, rl_tensor_kind *kind)
     if (k < 0) {
         PyErr_Format(PyExc_ValueError, "unknown tensor kind '%s' (kinds: embed, final_norm, "
                      "rope_inv_freq, attn_norm, q, k, v, q_bias, k_bias, v_bias, q_norm, k_norm, "
-                     "o, o_bias, ffn_norm, gate, up, down, gate_bias, up_bias, down_bias)", s);
+                     "o, o_bias, ffn_norm, gate, up, down, gate_bias, up_bias, down_bias, "
+                     "rope_inv_freq_swa, post_attn_norm, post_ffn_norm)", s);
         return -1;
     }
     *kind = (rl_tensor_kind)k;
@@ -823,7 +899,10 @@ static int append_str(PyObject *list, const char *str)
 static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device)
 {
     PyObject *dtypes = PyList_New(0), *poolings = PyList_New(0), *dims = NULL, *d = NULL;
-    if (!dtypes || !poolings) goto done;
+    PyObject *features = PyList_New(0);
+    if (!dtypes || !poolings || !features) goto done;
+    for (int i = 0; i < RL_FEAT_COUNT; i++)
+        if ((c->features & (1u << i)) && append_str(features, rl_feature_name(i)) < 0) goto done;
     for (int i = 0; i < 3; i++)
         if ((c->dtypes & (1u << i)) && append_str(dtypes, rl_dtype_name((rl_dtype)i)) < 0)
             goto done;
@@ -839,10 +918,12 @@ static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device)
     } else {
         dims = Py_NewRef(Py_None);
     }
-    d = Py_BuildValue("{s:s,s:O,s:O,s:O,s:N}", "device", device, "dtypes", dtypes, "poolings",
+    d = Py_BuildValue("{s:s,s:O,s:O,s:O,s:N,s:O}", "device", device, "dtypes", dtypes, "poolings",
                       poolings, "head_dims", dims, "max_heads",
-                      c->max_heads > 0 ? PyLong_FromLongLong(c->max_heads) : Py_NewRef(Py_None));
+                      c->max_heads > 0 ? PyLong_FromLongLong(c->max_heads) : Py_NewRef(Py_None),
+                      "features", features);
 done:
+    Py_XDECREF(features);
     Py_XDECREF(dtypes);
     Py_XDECREF(poolings);
     Py_XDECREF(dims);

@@ -121,7 +121,8 @@ void rl_convert_to_f32(float *dst, const void *src, rl_dtype src_dtype, size_t n
 static const char *const kind_names[RL_T_COUNT] = {
     "embed", "final_norm", "rope_inv_freq", "attn_norm", "q", "k", "v",
     "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "o", "o_bias", "ffn_norm",
-    "gate", "up", "down", "gate_bias", "up_bias", "down_bias",
+    "gate", "up", "down", "gate_bias", "up_bias", "down_bias", "rope_inv_freq_swa",
+    "post_attn_norm", "post_ffn_norm",
 };
 
 const char *rl_tensor_kind_name(rl_tensor_kind kind)
@@ -138,7 +139,8 @@ int rl_tensor_kind_from_name(const char *name)
 
 int rl_tensor_kind_is_global(rl_tensor_kind kind)
 {
-    return kind == RL_T_EMBED || kind == RL_T_FINAL_NORM || kind == RL_T_ROPE_INV_FREQ;
+    return kind == RL_T_EMBED || kind == RL_T_FINAL_NORM || kind == RL_T_ROPE_INV_FREQ ||
+           kind == RL_T_ROPE_INV_FREQ_SWA;
 }
 
 static int shape1(int64_t shape[2], int64_t a) { shape[0] = a; shape[1] = 0; return 1; }
@@ -153,24 +155,27 @@ int rl_tensor_shape(const rl_config *c, rl_tensor_kind kind, int64_t shape[2])
     case RL_T_EMBED: return shape2(shape, c->vocab_size, d);
     case RL_T_FINAL_NORM: return c->max_layer == c->num_layers ? shape1(shape, d) : 0;
     case RL_T_ROPE_INV_FREQ: return shape1(shape, hd / 2);
-    case RL_T_ATTN_NORM: return shape1(shape, d);
+    case RL_T_ATTN_NORM: return c->norms != RL_NORMS_POST ? shape1(shape, d) : 0;
     case RL_T_Q: return shape2(shape, q, d);
     case RL_T_K: return shape2(shape, kv, d);
     case RL_T_V: return shape2(shape, kv, d);
     case RL_T_Q_BIAS: return c->attn_qkv_bias ? shape1(shape, q) : 0;
     case RL_T_K_BIAS: return c->attn_qkv_bias ? shape1(shape, kv) : 0;
     case RL_T_V_BIAS: return c->attn_qkv_bias ? shape1(shape, kv) : 0;
-    case RL_T_Q_NORM: return c->qk_norm ? shape1(shape, hd) : 0;
-    case RL_T_K_NORM: return c->qk_norm ? shape1(shape, hd) : 0;
+    case RL_T_Q_NORM: return c->qk_norm ? shape1(shape, c->qk_norm == RL_QK_NORM_PROJ ? q : hd) : 0;
+    case RL_T_K_NORM: return c->qk_norm ? shape1(shape, c->qk_norm == RL_QK_NORM_PROJ ? kv : hd) : 0;
     case RL_T_O: return shape2(shape, d, q);
     case RL_T_O_BIAS: return c->attn_o_bias ? shape1(shape, d) : 0;
-    case RL_T_FFN_NORM: return shape1(shape, d);
+    case RL_T_FFN_NORM: return c->norms != RL_NORMS_POST ? shape1(shape, d) : 0;
     case RL_T_GATE: return shape2(shape, ff, d);
     case RL_T_UP: return shape2(shape, ff, d);
     case RL_T_DOWN: return shape2(shape, d, ff);
     case RL_T_GATE_BIAS: return c->mlp_bias ? shape1(shape, ff) : 0;
     case RL_T_UP_BIAS: return c->mlp_bias ? shape1(shape, ff) : 0;
     case RL_T_DOWN_BIAS: return c->mlp_bias ? shape1(shape, d) : 0;
+    case RL_T_ROPE_INV_FREQ_SWA: return c->rope_swa ? shape1(shape, hd / 2) : 0;
+    case RL_T_POST_ATTN_NORM: return c->norms != RL_NORMS_PRE ? shape1(shape, d) : 0;
+    case RL_T_POST_FFN_NORM: return c->norms != RL_NORMS_PRE ? shape1(shape, d) : 0;
     case RL_T_COUNT: break;
     }
     return 0;
@@ -211,7 +216,71 @@ rl_status rl_config_validate(const rl_config *c)
     if (!(c->rms_norm_eps >= 0.0) || !isfinite(c->rms_norm_eps))
         return RL_FAIL(RL_ERR_INVALID, "config: rms_norm_eps must be finite and >= 0, got %g",
                        c->rms_norm_eps);
+    const struct { const char *name; float v; } scalars[] = {
+        {"embed_scale", c->embed_scale}, {"attn_scale", c->attn_scale},
+        {"attn_softcap", c->attn_softcap},
+    };
+    for (size_t i = 0; i < sizeof scalars / sizeof scalars[0]; i++)
+        if (!(scalars[i].v >= 0.0f) || !isfinite(scalars[i].v))
+            return RL_FAIL(RL_ERR_INVALID, "config: %s must be finite and >= 0 (0: none), got %g",
+                           scalars[i].name, (double)scalars[i].v);
+    if (c->norm_offset != 0.0f && c->norm_offset != 1.0f)
+        return RL_FAIL(RL_ERR_INVALID, "config: norm_offset must be 0 or 1, got %g",
+                       (double)c->norm_offset);
+    if (c->act < 0 || c->act >= RL_ACT_COUNT)
+        return RL_FAIL(RL_ERR_INVALID, "config: act must be 0 (silu) or 1 (gelu_tanh), got %d",
+                       c->act);
+    if (c->qk_norm < RL_QK_NORM_NONE || c->qk_norm > RL_QK_NORM_PROJ)
+        return RL_FAIL(RL_ERR_INVALID, "config: qk_norm must be 0 (none), 1 (per head) or 2 "
+                       "(whole projection), got %d", c->qk_norm);
+    if (c->norms < RL_NORMS_PRE || c->norms > RL_NORMS_POST)
+        return RL_FAIL(RL_ERR_INVALID, "config: norms must be 0 (pre), 1 (pre and post) or 2 "
+                       "(post), got %d", c->norms);
+    if (c->sliding_window < 0 || c->sliding_window > RL_DIM_MAX)
+        return RL_FAIL(RL_ERR_INVALID, "config: sliding_window must be in [0, %lld] (0: none), "
+                       "got %lld", (long long)RL_DIM_MAX, (long long)c->sliding_window);
+    if (c->sliding_window > 0 && c->num_layers > RL_MAX_LAYERS)
+        return RL_FAIL(RL_ERR_INVALID, "config: a sliding window is described for at most %d "
+                       "layers (layer_sliding), this model has num_layers=%lld", RL_MAX_LAYERS,
+                       (long long)c->num_layers);
+    if (c->sliding_window > 0)
+        for (int64_t l = 0; l < c->num_layers; l++)
+            if (c->layer_sliding[l] > 1)
+                return RL_FAIL(RL_ERR_INVALID, "config: layer_sliding[%lld] must be 0 or 1, got %d",
+                               (long long)l, (int)c->layer_sliding[l]);
+    if (c->rope_swa != 0 && c->rope_swa != 1)
+        return RL_FAIL(RL_ERR_INVALID, "config: rope_swa must be 0 or 1, got %d", c->rope_swa);
     return RL_OK;
+}
+
+/* ---- features ---------------------------------------------------------- */
+
+static const char *const FEATURE_NAMES[RL_FEAT_COUNT] = {
+    "embed_scale", "norm_offset", "act=gelu_tanh", "post-norms", "no pre-norms",
+    "qk_norm=whole projection", "attn_softcap", "sliding_window", "rope_swa",
+};
+
+const char *rl_feature_name(int feature)
+{
+    return feature >= 0 && feature < RL_FEAT_COUNT ? FEATURE_NAMES[feature] : "?";
+}
+
+unsigned rl_config_features(const rl_config *c)
+{
+    unsigned f = 0;
+    int sliding = 0;
+    if (c->sliding_window > 0 && c->num_layers <= RL_MAX_LAYERS)
+        for (int64_t l = 0; l < c->num_layers; l++) sliding |= c->layer_sliding[l] != 0;
+    if (c->embed_scale != 0.0f) f |= 1u << RL_FEAT_EMBED_SCALE;
+    if (c->norm_offset != 0.0f) f |= 1u << RL_FEAT_NORM_OFFSET;
+    if (c->act == RL_ACT_GELU_TANH) f |= 1u << RL_FEAT_GELU_TANH;
+    if (c->norms != RL_NORMS_PRE) f |= 1u << RL_FEAT_POST_NORMS;
+    if (c->norms == RL_NORMS_POST) f |= 1u << RL_FEAT_NO_PRE_NORMS;
+    if (c->qk_norm == RL_QK_NORM_PROJ) f |= 1u << RL_FEAT_QK_NORM_PROJ;
+    if (c->attn_softcap != 0.0f) f |= 1u << RL_FEAT_SOFTCAP;
+    if (sliding) f |= 1u << RL_FEAT_SLIDING_WINDOW;
+    if (c->rope_swa) f |= 1u << RL_FEAT_ROPE_SWA;
+    return f;
 }
 
 /* ---- sizes ------------------------------------------------------------- */
@@ -242,10 +311,13 @@ static size_t tensor_elems(const rl_config *c, rl_tensor_kind kind)
 size_t rl_weights_bytes(const rl_config *c, rl_dtype wdt)
 {
     size_t es = rl_dtype_size(wdt), per_layer = 0;
-    for (int k = RL_T_ATTN_NORM; k < RL_T_COUNT; k++)
-        per_layer = sat_add(per_layer, tensor_elems(c, (rl_tensor_kind)k));
+    for (int k = 0; k < RL_T_COUNT; k++)
+        if (!rl_tensor_kind_is_global((rl_tensor_kind)k))
+            per_layer = sat_add(per_layer, tensor_elems(c, (rl_tensor_kind)k));
     size_t bytes = sat_mul(es, tensor_elems(c, RL_T_EMBED) + tensor_elems(c, RL_T_FINAL_NORM));
-    bytes = sat_add(bytes, 4 * tensor_elems(c, RL_T_ROPE_INV_FREQ));   /* inv_freq is f32 */
+    /* inv_freq tables are f32 */
+    bytes = sat_add(bytes, 4 * (tensor_elems(c, RL_T_ROPE_INV_FREQ) +
+                                tensor_elems(c, RL_T_ROPE_INV_FREQ_SWA)));
     return sat_add(bytes, sat_mul(sat_mul(es, per_layer), (size_t)rl_config_loaded_layers(c)));
 }
 
@@ -255,10 +327,11 @@ size_t rl_workspace_bytes(const rl_config *c, rl_dtype act, rl_dtype res, int64_
     size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     size_t hd = (size_t)c->head_dim, nh = (size_t)c->num_heads, nkv = (size_t)c->num_kv_heads;
     size_t wide = d > ff ? d : ff;
-    /* per token: x, normed_out (res); h, qkv, attn, gu (act); pooled (f32);
+    size_t proj = c->norms != RL_NORMS_PRE ? d : 0;
+    /* per token: x, normed_out (res); h, qkv, attn, gu, proj (act); pooled (f32);
      * tokens, cu_seqlens, positions, spans (i32); the +1 of cu_seqlens below.
      * Each term is <= 2^33 (dims <= 2^30, (nh+2nkv)*hd <= 2^30). */
-    size_t per_token = d * r * 2 + (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff) * a + d * 4
-                     + 4 * 5;
+    size_t per_token = d * r * 2 + (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff + proj) * a
+                     + d * 4 + 4 * 5;
     return sat_add(sat_mul(T, per_token), 4);
 }

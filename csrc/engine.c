@@ -53,16 +53,23 @@ static rl_status alloc_layer(rl_model *m, rl_layer_weights *lw)
     size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     size_t hd = (size_t)c->head_dim, q = (size_t)c->num_heads * hd;
     size_t qkv = q + 2 * (size_t)c->num_kv_heads * hd;
-    RL_TRY(alloc_weight(m, &lw->attn_norm, d, wd));
+    size_t kv = (size_t)c->num_kv_heads * hd;
+    int proj = c->qk_norm == RL_QK_NORM_PROJ;
+    int pre = c->norms != RL_NORMS_POST, post = c->norms != RL_NORMS_PRE;
+    if (pre) RL_TRY(alloc_weight(m, &lw->attn_norm, d, wd));
     RL_TRY(alloc_weight(m, &lw->wqkv, qkv * d, wd));
     if (c->attn_qkv_bias) RL_TRY(alloc_weight(m, &lw->bqkv, qkv, wd));
     if (c->qk_norm) {
-        RL_TRY(alloc_weight(m, &lw->q_norm, hd, wd));
-        RL_TRY(alloc_weight(m, &lw->k_norm, hd, wd));
+        RL_TRY(alloc_weight(m, &lw->q_norm, proj ? q : hd, wd));
+        RL_TRY(alloc_weight(m, &lw->k_norm, proj ? kv : hd, wd));
     }
     RL_TRY(alloc_weight(m, &lw->wo, d * q, wd));
     if (c->attn_o_bias) RL_TRY(alloc_weight(m, &lw->bo, d, wd));
-    RL_TRY(alloc_weight(m, &lw->ffn_norm, d, wd));
+    if (post) {
+        RL_TRY(alloc_weight(m, &lw->post_attn_norm, d, wd));
+        RL_TRY(alloc_weight(m, &lw->post_ffn_norm, d, wd));
+    }
+    if (pre) RL_TRY(alloc_weight(m, &lw->ffn_norm, d, wd));
     RL_TRY(alloc_weight(m, &lw->wgu, 2 * ff * d, wd));
     if (c->mlp_bias) {
         RL_TRY(alloc_weight(m, &lw->bgu, 2 * ff, wd));
@@ -93,6 +100,8 @@ static const struct { size_t offset; rl_tensor_kind kind; } LAYER_BUFFERS[] = {
     {offsetof(rl_layer_weights, bgu), RL_T_GATE_BIAS},
     {offsetof(rl_layer_weights, wdown), RL_T_DOWN},
     {offsetof(rl_layer_weights, bdown), RL_T_DOWN_BIAS},
+    {offsetof(rl_layer_weights, post_attn_norm), RL_T_POST_ATTN_NORM},
+    {offsetof(rl_layer_weights, post_ffn_norm), RL_T_POST_FFN_NORM},
 };
 #define N_LAYER_BUFFERS (sizeof LAYER_BUFFERS / sizeof LAYER_BUFFERS[0])
 
@@ -107,6 +116,7 @@ static void free_weights(rl_model *m)
     free_ptr(be, &m->w.embed);
     free_ptr(be, &m->w.final_norm);
     free_ptr(be, (void **)&m->w.inv_freq);
+    free_ptr(be, (void **)&m->w.inv_freq_swa);
     if (m->w.layers)
         for (int64_t l = 0; l < m->n_loaded; l++)
             for (size_t i = 0; i < N_LAYER_BUFFERS; i++)
@@ -142,6 +152,8 @@ static rl_status alloc_weights(rl_model *m)
     if (c->max_layer == c->num_layers)
         RL_TRY(alloc_weight(m, &m->w.final_norm, (size_t)c->hidden_size, wd));
     RL_TRY(alloc_weight(m, (void **)&m->w.inv_freq, (size_t)c->head_dim / 2, RL_F32));
+    if (c->rope_swa)
+        RL_TRY(alloc_weight(m, (void **)&m->w.inv_freq_swa, (size_t)c->head_dim / 2, RL_F32));
     for (int64_t l = 0; l < m->n_loaded; l++) RL_TRY(alloc_layer(m, &m->w.layers[l]));
     return RL_OK;
 }
@@ -202,6 +214,14 @@ rl_status rl_caps_check_config(const rl_backend_caps *caps, const char *who, con
         return RL_FAIL(RL_ERR_INVALID, "device '%s' cannot run this model: num_heads %lld is more "
                        "than its attention kernel runs (at most %lld)", who,
                        (long long)cfg->num_heads, (long long)caps->max_heads);
+    unsigned missing = rl_config_features(cfg) & ~caps->features;
+    for (int f = 0; f < RL_FEAT_COUNT; f++)
+        if (missing & (1u << f)) {
+            list_bits(list, sizeof list, caps->features, RL_FEAT_COUNT, rl_feature_name);
+            return RL_FAIL(RL_ERR_INVALID, "device '%s' cannot run this model: it does not "
+                           "support %s (it supports: %s)", who, rl_feature_name(f),
+                           list[0] ? list : "none of the non-Llama features");
+        }
     return RL_OK;
 }
 
@@ -242,6 +262,7 @@ static void *tensor_dest(rl_model *m, rl_tensor_kind kind, int64_t layer, size_t
     if (kind == RL_T_EMBED) return m->w.embed;
     if (kind == RL_T_FINAL_NORM) return m->w.final_norm;
     if (kind == RL_T_ROPE_INV_FREQ) return m->w.inv_freq;
+    if (kind == RL_T_ROPE_INV_FREQ_SWA) return m->w.inv_freq_swa;
     rl_layer_weights *lw = &m->w.layers[layer];
     switch (kind) {
     case RL_T_ATTN_NORM: return lw->attn_norm;
@@ -262,6 +283,8 @@ static void *tensor_dest(rl_model *m, rl_tensor_kind kind, int64_t layer, size_t
     case RL_T_GATE_BIAS: return lw->bgu;
     case RL_T_UP_BIAS: *off = ff; return lw->bgu;
     case RL_T_DOWN_BIAS: return lw->bdown;
+    case RL_T_POST_ATTN_NORM: return lw->post_attn_norm;
+    case RL_T_POST_FFN_NORM: return lw->post_ffn_norm;
     default: return NULL;
     }
 }
@@ -301,9 +324,9 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
     int wnd = rl_tensor_shape(c, kind, want);
     if (wnd == 0)
         return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s is not used by this config "
-                       "(attn_qkv_bias=%d attn_o_bias=%d mlp_bias=%d qk_norm=%d, final_norm only "
-                       "when max_layer == num_layers)", name, c->attn_qkv_bias, c->attn_o_bias,
-                       c->mlp_bias, c->qk_norm);
+                       "(attn_qkv_bias=%d attn_o_bias=%d mlp_bias=%d qk_norm=%d norms=%d rope_swa=%d, "
+                       "final_norm only when max_layer == num_layers)", name, c->attn_qkv_bias,
+                       c->attn_o_bias, c->mlp_bias, c->qk_norm, c->norms, c->rope_swa);
     if (ndim != wnd || shape[0] != want[0] || (ndim == 2 && shape[1] != want[1])) {
         char got_s[64], want_s[64];
         format_shape(got_s, sizeof got_s, shape, ndim);
@@ -312,7 +335,8 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
     }
     size_t off, n = (size_t)want[0] * (size_t)(wnd == 2 ? want[1] : 1);
     void *dst = tensor_dest(m, kind, layer, &off);
-    rl_dtype dst_dtype = kind == RL_T_ROPE_INV_FREQ ? RL_F32 : m->be->weight_dtype;
+    rl_dtype dst_dtype = kind == RL_T_ROPE_INV_FREQ || kind == RL_T_ROPE_INV_FREQ_SWA
+                       ? RL_F32 : m->be->weight_dtype;
     RL_TRY(m->be->upload(m->be, dst, dst_dtype, off, src, src_dtype, n));
     m->w.filled[(size_t)(global ? 0 : 1 + layer) * RL_T_COUNT + kind] = 1;
     return RL_OK;
@@ -339,7 +363,7 @@ static void free_workspace(rl_model *m)
 {
     rl_backend *be = m->be;
     rl_workspace *ws = &m->ws;
-    void **ps[] = {&ws->x, &ws->h, &ws->qkv, &ws->attn, &ws->gu, &ws->normed_out,
+    void **ps[] = {&ws->x, &ws->h, &ws->proj, &ws->qkv, &ws->attn, &ws->gu, &ws->normed_out,
                    (void **)&ws->tokens, (void **)&ws->cu_seqlens, (void **)&ws->positions,
                    (void **)&ws->spans, (void **)&ws->pooled};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free_ptr(be, ps[i]);
@@ -367,6 +391,7 @@ static rl_status alloc_workspace(rl_model *m, int64_t max_tokens)
                       "the workspace buffers", "lower max_batch_tokens"));
     RL_TRY(ws_alloc(m, &ws->x, T * d * r));
     RL_TRY(ws_alloc(m, &ws->h, T * (d > ff ? d : ff) * a));
+    if (c->norms != RL_NORMS_PRE) RL_TRY(ws_alloc(m, &ws->proj, T * d * a));
     RL_TRY(ws_alloc(m, &ws->qkv, T * (nh + 2 * nkv) * hd * a));
     RL_TRY(ws_alloc(m, &ws->attn, T * nh * hd * a));
     RL_TRY(ws_alloc(m, &ws->gu, T * 2 * ff * a));
@@ -506,6 +531,9 @@ static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *s
     return RL_OK;
 }
 
+/* One decoder layer: x += f(norm(x)) for attention then MLP (rl_norms: the
+ * pre-norm may be absent; with post-norms the output of f is normed, fused
+ * with the residual add, instead of accumulated by its GEMM). */
 static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64_t T)
 {
     const rl_config *c = &m->cfg;
@@ -514,17 +542,33 @@ static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64
     const rl_layer_weights *lw = &m->w.layers[l];
     int64_t d = c->hidden_size, ff = c->intermediate_size, hd = c->head_dim;
     int64_t nh = c->num_heads, nkv = c->num_kv_heads, nqkv = (nh + 2 * nkv) * hd;
-    float eps = (float)c->rms_norm_eps;
-    RL_TRY(be->rmsnorm(be, ws->x, lw->attn_norm, ws->h, be->act_dtype, T, d, eps));
+    float eps = (float)c->rms_norm_eps, off = c->norm_offset;
+    rl_dtype act = be->act_dtype, res = be->res_dtype;
+    int sliding = c->sliding_window > 0 && c->layer_sliding[l];
+    const float *inv_freq = sliding && c->rope_swa ? m->w.inv_freq_swa : m->w.inv_freq;
+    float scale = c->attn_scale > 0.0f ? c->attn_scale : (float)(1.0 / sqrt((double)hd));
+    /* the O and down GEMMs accumulate into x, or write proj for a post-norm */
+    int pre = c->norms != RL_NORMS_POST, post = c->norms != RL_NORMS_PRE;
+    void *out = post ? ws->proj : ws->x;
+
+    if (pre) RL_TRY(be->rmsnorm(be, ws->x, res, lw->attn_norm, ws->h, act, T, d, eps, off, 0));
+    else RL_TRY(be->cast(be, ws->x, res, ws->h, act, T * d));
     RL_TRY(be->gemm(be, seg, ws->h, lw->wqkv, lw->bqkv, ws->qkv, T, nqkv, d, 0));
-    RL_TRY(be->qk_norm_rope(be, seg, ws->qkv, T, nh, nkv, hd, lw->q_norm, lw->k_norm, eps,
-                            m->w.inv_freq));
-    RL_TRY(be->attention(be, seg, ws->qkv, ws->attn, T, nh, nkv, hd, (float)(1.0 / sqrt((double)hd))));
-    RL_TRY(be->gemm(be, seg, ws->attn, lw->wo, lw->bo, ws->x, T, d, nh * hd, 1));
-    RL_TRY(be->rmsnorm(be, ws->x, lw->ffn_norm, ws->h, be->act_dtype, T, d, eps));
+    RL_TRY(be->qk_norm_rope(be, seg, ws->qkv, T, nh, nkv, hd, lw->q_norm, lw->k_norm, c->qk_norm,
+                            off, eps, inv_freq));
+    RL_TRY(be->attention(be, seg, ws->qkv, ws->attn, T, nh, nkv, hd, scale,
+                         sliding ? c->sliding_window : 0, c->attn_softcap));
+    RL_TRY(be->gemm(be, seg, ws->attn, lw->wo, lw->bo, out, T, d, nh * hd, !post));
+    if (post)
+        RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_attn_norm, ws->x, res, T, d, eps, off, 1));
+
+    if (pre) RL_TRY(be->rmsnorm(be, ws->x, res, lw->ffn_norm, ws->h, act, T, d, eps, off, 0));
+    else RL_TRY(be->cast(be, ws->x, res, ws->h, act, T * d));
     RL_TRY(be->gemm(be, seg, ws->h, lw->wgu, lw->bgu, ws->gu, T, 2 * ff, d, 0));
-    RL_TRY(be->swiglu(be, ws->gu, ws->h, T, ff));
-    RL_TRY(be->gemm(be, seg, ws->h, lw->wdown, lw->bdown, ws->x, T, d, ff, 1));
+    RL_TRY(be->glu(be, ws->gu, ws->h, T, ff, c->act));
+    RL_TRY(be->gemm(be, seg, ws->h, lw->wdown, lw->bdown, out, T, d, ff, !post));
+    if (post)
+        RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_ffn_norm, ws->x, res, T, d, eps, off, 1));
     return RL_OK;
 }
 
@@ -562,7 +606,8 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
 
     int64_t deepest = 0, T = b->n_tokens;
     for (int64_t p = 0; p < b->n_layers; p++) if (b->layers[p] > deepest) deepest = b->layers[p];
-    RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x));
+    RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x,
+                     c->embed_scale != 0.0f ? c->embed_scale : 1.0f));
     RL_TRY(pool_index(m, fs, 0, ws->x, be->res_dtype));
     int64_t n_run = deepest < c->num_layers ? deepest : c->num_layers;
     for (int64_t l = 0; l < n_run; l++) {
@@ -570,8 +615,9 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
         if (l + 1 < c->num_layers) RL_TRY(pool_index(m, fs, l + 1, ws->x, be->res_dtype));
     }
     if (deepest == c->num_layers) {
-        RL_TRY(be->rmsnorm(be, ws->x, m->w.final_norm, ws->normed_out, be->res_dtype, T,
-                           c->hidden_size, (float)c->rms_norm_eps));
+        RL_TRY(be->rmsnorm(be, ws->x, be->res_dtype, m->w.final_norm, ws->normed_out,
+                           be->res_dtype, T, c->hidden_size, (float)c->rms_norm_eps,
+                           c->norm_offset, 0));
         RL_TRY(pool_index(m, fs, c->num_layers, ws->normed_out, be->res_dtype));
     }
     return be->sync(be);
@@ -637,6 +683,7 @@ rl_status rl_model_verify_resident(rl_model *m)
     RL_TRY(check_resident(m, m->w.embed, RL_T_EMBED, 0));
     RL_TRY(check_resident(m, m->w.final_norm, RL_T_FINAL_NORM, 0));
     RL_TRY(check_resident(m, m->w.inv_freq, RL_T_ROPE_INV_FREQ, 0));
+    RL_TRY(check_resident(m, m->w.inv_freq_swa, RL_T_ROPE_INV_FREQ_SWA, 0));
     for (int64_t l = 0; l < m->n_loaded; l++)
         for (size_t i = 0; i < N_LAYER_BUFFERS; i++)
             RL_TRY(check_resident(m, *layer_buffer(&m->w.layers[l], i), LAYER_BUFFERS[i].kind, l));

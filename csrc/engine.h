@@ -1,6 +1,7 @@
 /* engine.h - the plain-C core of rjepa_latent.
  *
- * The engine runs the decoder stack of a Llama / Qwen2 / Qwen3 model over a
+ * The engine runs the decoder stack of a Llama / Mistral / Qwen2 / Qwen3 /
+ * Gemma-2 / Gemma-3 / OLMo-2 model over a
  * packed batch of token sequences and returns hidden states of the requested
  * layers, pooled over token spans. It has no Python in it: the binding
  * (binding.c) is its only Python-facing file.
@@ -70,6 +71,34 @@ size_t rl_dtype_size(rl_dtype dt);
 
 /* ---- model configuration ---------------------------------------------- */
 
+/* Activation of the gated MLP: out = act(gate) * up. */
+typedef enum {
+    RL_ACT_SILU = 0,       /* silu(g) = g / (1 + exp(-g)): SwiGLU (Llama, Qwen, OLMo-2) */
+    RL_ACT_GELU_TANH = 1,  /* 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))): GeGLU (Gemma) */
+    RL_ACT_COUNT
+} rl_act;
+
+/* Where q/k RMSNorm (before RoPE) is applied. */
+typedef enum {
+    RL_QK_NORM_NONE = 0,
+    RL_QK_NORM_HEAD = 1,   /* per head, weights [hd] (Qwen3, Gemma-3)                     */
+    RL_QK_NORM_PROJ = 2    /* over the whole q / k projection row, weights [nh*hd] /
+                              [nkv*hd], before the head split (OLMo-2)                     */
+} rl_qk_norm;
+
+/* Where a layer's RMSNorms sit around attention and the MLP (f). */
+typedef enum {
+    RL_NORMS_PRE = 0,      /* x += f(norm(x))                 attn_norm, ffn_norm (Llama)  */
+    RL_NORMS_PRE_POST = 1, /* x += post_norm(f(norm(x)))      + post_attn_norm, post_ffn_norm
+                              (Gemma-2/3)                                                   */
+    RL_NORMS_POST = 2      /* x += post_norm(f(x))            post_attn_norm, post_ffn_norm only
+                              (OLMo-2)                                                      */
+} rl_norms;
+
+/* Most decoder layers a config with a sliding window describes
+ * (rl_config.layer_sliding); rl_config_validate refuses more. */
+#define RL_MAX_LAYERS 512
+
 typedef struct {
     int64_t vocab_size;        /* V                                          */
     int64_t hidden_size;       /* d                                          */
@@ -86,32 +115,73 @@ typedef struct {
     int attn_qkv_bias;         /* q/k/v projections have biases (Qwen2)      */
     int attn_o_bias;           /* o projection has a bias (Llama attention_bias) */
     int mlp_bias;              /* gate/up/down have biases (Llama mlp_bias)  */
-    int qk_norm;               /* per-head RMSNorm of q and k before RoPE (Qwen3) */
+    int qk_norm;               /* rl_qk_norm: q/k RMSNorm before RoPE        */
+    /* Variants of the Llama block; all zeros is Llama. */
+    float embed_scale;         /* x = embed[token] * embed_scale; 0: no scaling
+                                  (Gemma: sqrt(d) as a float, what HF multiplies
+                                  fp32 weights by; HF on bf16 weights rounds it
+                                  to bf16 first)                             */
+    float norm_offset;         /* every RMSNorm (layer, q/k, final) multiplies by
+                                  (norm_offset + w): 0, or 1 for Gemma's (1 + w) */
+    int act;                   /* rl_act of the gated MLP                    */
+    int norms;                 /* rl_norms: pre-, pre+post- or post-norms   */
+    float attn_scale;          /* score scale; 0: 1/sqrt(hd) (Gemma:
+                                  query_pre_attn_scalar^-0.5)                 */
+    float attn_softcap;        /* s = cap * tanh(s / cap) after scaling; 0: none */
+    int64_t sliding_window;    /* W > 0: in a sliding layer query i sees keys j
+                                  with i - W < j <= i; 0: none                 */
+    uint8_t layer_sliding[RL_MAX_LAYERS]; /* [L] 1: layer l uses the window
+                                  (read only when sliding_window > 0, which
+                                  needs L <= RL_MAX_LAYERS)                  */
+    int rope_swa;              /* 1: sliding layers rotate with
+                                  RL_T_ROPE_INV_FREQ_SWA (Gemma-3's local base) */
 } rl_config;
+
+/* Features beyond the Llama block that a config uses and a backend states
+ * it runs (rl_backend_caps.features): bits 1u << rl_feature. */
+typedef enum {
+    RL_FEAT_EMBED_SCALE = 0,   /* embed_scale != 0                              */
+    RL_FEAT_NORM_OFFSET,       /* norm_offset != 0                              */
+    RL_FEAT_GELU_TANH,         /* act == RL_ACT_GELU_TANH                       */
+    RL_FEAT_POST_NORMS,        /* norms != RL_NORMS_PRE                         */
+    RL_FEAT_NO_PRE_NORMS,      /* norms == RL_NORMS_POST (needs the cast op)    */
+    RL_FEAT_QK_NORM_PROJ,      /* qk_norm == RL_QK_NORM_PROJ                    */
+    RL_FEAT_SOFTCAP,           /* attn_softcap != 0                             */
+    RL_FEAT_SLIDING_WINDOW,    /* sliding_window > 0 on some layer              */
+    RL_FEAT_ROPE_SWA,          /* rope_swa                                      */
+    RL_FEAT_COUNT
+} rl_feature;
+/* The rl_feature bits `cfg` uses. */
+unsigned rl_config_features(const rl_config *cfg);
+/* "embed_scale", "norm_offset", ... (the config field that needs it). */
+const char *rl_feature_name(int feature);
 
 /* Which tensor rl_model_set_tensor fills. Shapes are the HF ones. */
 typedef enum {
     RL_T_EMBED = 0,        /* [V, d]                         global        */
     RL_T_FINAL_NORM,       /* [d]            only when max_layer == L      */
     RL_T_ROPE_INV_FREQ,    /* [hd/2]   f32; caller computes (llama3 etc.)  */
-    RL_T_ATTN_NORM,        /* [d]                            per layer     */
+    RL_T_ATTN_NORM,        /* [d]            pre-norms       per layer     */
     RL_T_Q,                /* [nh*hd, d]                                   */
     RL_T_K,                /* [nkv*hd, d]                                  */
     RL_T_V,                /* [nkv*hd, d]                                  */
     RL_T_Q_BIAS,           /* [nh*hd]        attn_qkv_bias                 */
     RL_T_K_BIAS,           /* [nkv*hd]       attn_qkv_bias                 */
     RL_T_V_BIAS,           /* [nkv*hd]       attn_qkv_bias                 */
-    RL_T_Q_NORM,           /* [hd]           qk_norm                       */
-    RL_T_K_NORM,           /* [hd]           qk_norm                       */
+    RL_T_Q_NORM,           /* [hd] (qk_norm HEAD) or [nh*hd] (PROJ)        */
+    RL_T_K_NORM,           /* [hd] (qk_norm HEAD) or [nkv*hd] (PROJ)       */
     RL_T_O,                /* [d, nh*hd]                                   */
     RL_T_O_BIAS,           /* [d]            attn_o_bias                   */
-    RL_T_FFN_NORM,         /* [d]                                          */
+    RL_T_FFN_NORM,         /* [d]            pre-norms                     */
     RL_T_GATE,             /* [ff, d]                                      */
     RL_T_UP,               /* [ff, d]                                      */
     RL_T_DOWN,             /* [d, ff]                                      */
     RL_T_GATE_BIAS,        /* [ff]           mlp_bias                      */
     RL_T_UP_BIAS,          /* [ff]           mlp_bias                      */
     RL_T_DOWN_BIAS,        /* [d]            mlp_bias                      */
+    RL_T_ROPE_INV_FREQ_SWA,/* [hd/2]   f32   global, rope_swa: sliding layers */
+    RL_T_POST_ATTN_NORM,   /* [d]            post-norms                    */
+    RL_T_POST_FFN_NORM,    /* [d]            post-norms                    */
     RL_T_COUNT
 } rl_tensor_kind;
 
@@ -188,6 +258,7 @@ typedef struct rl_backend_caps {
                                    NULL: any even head_dim                          */
     int n_head_dims;
     int64_t max_heads;          /* most query heads per layer; 0: no limit          */
+    unsigned features;          /* bits 1u << rl_feature it runs                    */
 } rl_backend_caps;
 
 typedef struct rl_backend rl_backend;
@@ -223,27 +294,40 @@ struct rl_backend {
     int (*is_resident)(rl_backend *be, const void *ptr);
 
     /* ops */
-    /* x[t,:] = table[tokens[t],:]  (res_dtype out) */
+    /* x[t,:] = table[tokens[t],:] * scale  (res_dtype out; fp32 multiply; scale 1: a copy) */
     rl_status (*embed)(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                       int64_t d, void *x);
-    /* y = rmsnorm(x) * w, rows of d; x res_dtype; y in out_dtype (act or res) */
-    rl_status (*rmsnorm)(rl_backend *be, const void *x, const void *w, void *y, rl_dtype out_dtype,
-                         int64_t rows, int64_t d, float eps);
+                       int64_t d, void *x, float scale);
+    /* n = rmsnorm(x) * (w_offset + w), rows of d, x in x_dtype (res or act);
+       accumulate=0: y = n in out_dtype (act or res); accumulate=1: y += n, y and
+       out_dtype res_dtype (a post-norm fused with the residual add) */
+    rl_status (*rmsnorm)(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w, void *y,
+                         rl_dtype out_dtype, int64_t rows, int64_t d, float eps, float w_offset,
+                         int accumulate);
     /* y[M,N] = x[M,K] @ w[N,K]^T (+ bias[N]); accumulate=0: y act_dtype, overwritten;
        accumulate=1: y res_dtype, y += result (residual add fused) */
     rl_status (*gemm)(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
                       const void *bias, void *y, int64_t M, int64_t N, int64_t K, int accumulate);
-    /* in-place on qkv [T, (nh+2nkv)*hd] act_dtype: optional per-head RMSNorm of q and k
-       (q_norm/k_norm [hd] or NULL), then rotary embedding of q and k with
-       inv_freq [hd/2] f32 at each token's position (HF rotate_half convention) */
+    /* in-place on qkv [T, (nh+2nkv)*hd] act_dtype: RMSNorm of q and k by norm_mode
+       (rl_qk_norm; weights (w_offset + q_norm/k_norm), [hd] per head or [nh*hd] /
+       [nkv*hd] over the whole projection; NULL for RL_QK_NORM_NONE), then rotary
+       embedding of q and k with inv_freq [hd/2] f32 at each token's position (HF
+       rotate_half convention) */
     rl_status (*qk_norm_rope)(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                               int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                              const void *k_norm, float eps, const float *inv_freq);
-    /* out[T, nh*hd] = causal softmax(q k^T * scale) v within each sequence; GQA */
+                              const void *k_norm, int norm_mode, float w_offset, float eps,
+                              const float *inv_freq);
+    /* out[T, nh*hd] = softmax(cap(q k^T * scale)) v within each sequence, causal, GQA;
+       window > 0: query i sees only keys j with i - window < j <= i (HF sliding
+       window); softcap > 0: cap(s) = softcap * tanh(s / softcap), else cap(s) = s */
     rl_status (*attention)(rl_backend *be, const rl_segments *seg, const void *qkv, void *out,
-                           int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale);
-    /* out[T, ff] = silu(gu[:, :ff]) * gu[:, ff:]   (gu is [T, 2ff]) */
-    rl_status (*swiglu)(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff);
+                           int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                           int64_t window, float softcap);
+    /* out[T, ff] = act(gu[:, :ff]) * gu[:, ff:]   (gu is [T, 2ff], act an rl_act) */
+    rl_status (*glu)(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act);
+    /* dst[i] = src[i] for i < n, converting src_dtype -> dst_dtype (f32/bf16; round to
+       nearest even into bf16): the residual as a GEMM operand without a pre-norm */
+    rl_status (*cast)(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                      rl_dtype dst_dtype, int64_t n);
     /* out[S, d] f32 (backend memory) = pooling of x (src_dtype) rows over spans; spans are
        absolute packed positions [S,2] in backend memory */
     rl_status (*pool)(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
@@ -307,24 +391,27 @@ rl_status rl_cuda_check_device(int device_index);
 /* ---- model ------------------------------------------------------------ */
 
 typedef struct rl_layer_weights {
-    void *attn_norm;   /* [d]                   weight_dtype                 */
+    void *attn_norm;   /* [d] or NULL (no pre-norms)   weight_dtype          */
     void *wqkv;        /* [(nh+2nkv)*hd, d]     fused q,k,v rows             */
     void *bqkv;        /* [(nh+2nkv)*hd] or NULL                             */
-    void *q_norm;      /* [hd] or NULL                                       */
-    void *k_norm;      /* [hd] or NULL                                       */
+    void *q_norm;      /* [hd] or [nh*hd] (qk_norm PROJ) or NULL             */
+    void *k_norm;      /* [hd] or [nkv*hd] (qk_norm PROJ) or NULL            */
     void *wo;          /* [d, nh*hd]                                         */
     void *bo;          /* [d] or NULL                                        */
-    void *ffn_norm;    /* [d]                                                */
+    void *ffn_norm;    /* [d] or NULL (no pre-norms)                         */
     void *wgu;         /* [2ff, d]              gate rows then up rows       */
     void *bgu;         /* [2ff] or NULL                                      */
     void *wdown;       /* [d, ff]                                            */
     void *bdown;       /* [d] or NULL                                        */
+    void *post_attn_norm; /* [d] or NULL (no post-norms)                     */
+    void *post_ffn_norm;  /* [d] or NULL (no post-norms)                     */
 } rl_layer_weights;
 
 typedef struct rl_weights {
     void *embed;                 /* [V, d]                                   */
     void *final_norm;            /* [d] or NULL when max_layer < L           */
     float *inv_freq;             /* [hd/2] f32 (backend memory)              */
+    float *inv_freq_swa;         /* [hd/2] f32 for sliding layers, or NULL (no rope_swa) */
     rl_layer_weights *layers;    /* [loaded layers]                          */
     uint8_t *filled;             /* [RL_T_COUNT * (1 + loaded layers)] flags */
     size_t bytes;                /* backend bytes held by weights            */
@@ -333,7 +420,9 @@ typedef struct rl_weights {
 typedef struct rl_workspace {
     int64_t max_tokens;          /* T: capacity in tokens (0: not reserved)  */
     void *x;                     /* [T, d]            res_dtype residual     */
-    void *h;                     /* [T, max(d, ff)]   act_dtype normed / swiglu out */
+    void *h;                     /* [T, max(d, ff)]   act_dtype normed / glu out */
+    void *proj;                  /* [T, d]            act_dtype O / down output before
+                                                      a post-norm, or NULL      */
     void *qkv;                   /* [T, (nh+2nkv)*hd] act_dtype              */
     void *attn;                  /* [T, nh*hd]        act_dtype              */
     void *gu;                    /* [T, 2ff]          act_dtype              */

@@ -10,8 +10,10 @@
  *   other op computes a row/head/span from that row's data only, in a fixed
  *   order, with no reduction split across threads.
  * - Numerics follow HF transformers in fp32: RMSNorm x * 1/sqrt(mean(x^2)+eps)
- *   * w, rotate_half RoPE with cos/sin of (pos * inv_freq) in fp32, softmax in
- *   fp32 with the max subtracted, silu(g) = g / (1 + exp(-g)).
+ *   * (offset + w), rotate_half RoPE with cos/sin of (pos * inv_freq) in fp32,
+ *   scores scaled then soft-capped (cap * tanh(s / cap)), softmax in fp32 with
+ *   the max subtracted, silu(g) = g / (1 + exp(-g)), gelu_tanh as torch's
+ *   approximate="tanh".
  * - No allocation per token: per-thread scratch (attention scores, pooling
  *   sums) and the RoPE cos/sin table live in the backend and only grow.
  */
@@ -38,9 +40,13 @@ typedef struct {
     int64_t scores_len;
     double *sums;           /* [n_threads, sums_len] mean-pool accumulators        */
     int64_t sums_len;
-    float *rope;            /* [rope_npos, 2, rope_half]: cos then sin per position */
-    float *rope_inv;        /* [rope_half] inv_freq the table was built from        */
-    int64_t rope_npos, rope_half;
+    struct rope_slot {      /* two tables: global and sliding layers (Gemma-3) alternate */
+        float *tab;         /* [npos, 2, half]: cos then sin per position            */
+        float *inv;         /* [half] inv_freq the table was built from              */
+        int64_t npos, half;
+        uint64_t used;      /* last use, for replacing the older slot                */
+    } rope[2];
+    uint64_t rope_clock;
     int64_t *jobs;          /* [jobs_len, 2] GEMM jobs: sequence, first column     */
     int64_t jobs_len;
     char kernel[192];       /* rl_backend.kernel: the BLAS build and its core type  */
@@ -143,32 +149,51 @@ static int cpu_is_resident(rl_backend *be, const void *ptr) { return 1; }
 /* ---- elementwise / row ops ---------------------------------------------- */
 
 static rl_status cpu_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                           int64_t d, void *x)
+                           int64_t d, void *x, float scale)
 {
     const float *tab = table;
     float *out = x;
 #pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (T * d > PAR_MIN)
-    for (int64_t t = 0; t < T; t++)
-        memcpy(out + t * d, tab + (int64_t)tokens[t] * d, (size_t)d * 4);
+    for (int64_t t = 0; t < T; t++) {
+        const float *src = tab + (int64_t)tokens[t] * d;
+        float *o = out + t * d;
+        if (scale == 1.0f) memcpy(o, src, (size_t)d * 4);
+        else for (int64_t i = 0; i < d; i++) o[i] = src[i] * scale;
+    }
     return RL_OK;
 }
 
-/* y = x / sqrt(mean(x^2) + eps) * w over one row of n (sum of squares in double). */
-static void rms_row(const float *x, const float *w, float *y, int64_t n, float eps)
+/* n = x / sqrt(mean(x^2) + eps) * (off + w) over one row of n (sum of squares
+ * in double); y = n, or y += n when acc. */
+static void rms_row(const float *x, const float *w, float *y, int64_t n, float eps, float off,
+                    int acc)
 {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * inv);
+    if (acc) for (int64_t i = 0; i < n; i++) y[i] += (off + w[i]) * (x[i] * inv);
+    else for (int64_t i = 0; i < n; i++) y[i] = (off + w[i]) * (x[i] * inv);
 }
 
-static rl_status cpu_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
-                             rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+static rl_status cpu_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                             void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                             float w_offset, int accumulate)
 {
-    if (out_dtype != RL_F32) return RL_FAIL(RL_ERR_INVALID, "CPU rmsnorm: output must be float32");
+    if (out_dtype != RL_F32 || x_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CPU rmsnorm: input and output must be float32");
 #pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (rows * d > PAR_MIN)
     for (int64_t r = 0; r < rows; r++)
-        rms_row((const float *)x + r * d, w, (float *)y + r * d, d, eps);
+        rms_row((const float *)x + r * d, w, (float *)y + r * d, d, eps, w_offset, accumulate);
+    return RL_OK;
+}
+
+static rl_status cpu_cast(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                          rl_dtype dst_dtype, int64_t n)
+{
+    if (src_dtype != RL_F32 || dst_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CPU cast: float32 only, asked %s -> %s",
+                       rl_dtype_name(src_dtype), rl_dtype_name(dst_dtype));
+    if (dst != src) memcpy(dst, src, (size_t)n * 4);
     return RL_OK;
 }
 
@@ -242,14 +267,25 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
     return RL_OK;
 }
 
-/* Builds cos/sin of pos * inv_freq for pos < npos (fp32, as HF does). The
- * table is rebuilt only when inv_freq changes or longer sequences come. */
-static rl_status rope_table(cpu_impl *im, const float *inv_freq, int64_t half, int64_t npos)
+/* The cos/sin table of pos * inv_freq for pos < npos (fp32, as HF does): one
+ * of two cached slots, rebuilt only when a third inv_freq or longer sequences
+ * come (global and sliding layers of Gemma-3 alternate two inv_freq). */
+static rl_status rope_table(cpu_impl *im, const float *inv_freq, int64_t half, int64_t npos,
+                            const float **out)
 {
-    int same = im->rope && im->rope_half == half &&
-               memcmp(im->rope_inv, inv_freq, (size_t)half * 4) == 0;
-    if (same && npos <= im->rope_npos) return RL_OK;
-    if (same && npos < 2 * im->rope_npos) npos = 2 * im->rope_npos;
+    struct rope_slot *sl = NULL;
+    for (int i = 0; i < 2 && !sl; i++)
+        if (im->rope[i].tab && im->rope[i].half == half &&
+            memcmp(im->rope[i].inv, inv_freq, (size_t)half * 4) == 0)
+            sl = &im->rope[i];
+    im->rope_clock++;
+    if (sl && npos <= sl->npos) {
+        sl->used = im->rope_clock;
+        *out = sl->tab;
+        return RL_OK;
+    }
+    if (sl && npos < 2 * sl->npos) npos = 2 * sl->npos;
+    if (!sl) sl = im->rope[0].used <= im->rope[1].used ? &im->rope[0] : &im->rope[1];
     float *tab = malloc((size_t)npos * 2 * (size_t)half * 4);
     float *inv = malloc((size_t)half * 4);
     if (!tab || !inv) { free(tab); free(inv); return RL_FAIL(RL_ERR_NOMEM, "out of host memory"); }
@@ -261,12 +297,14 @@ static rl_status rope_table(cpu_impl *im, const float *inv_freq, int64_t half, i
             tab[(p * 2) * half + i] = cosf(ang);
             tab[(p * 2 + 1) * half + i] = sinf(ang);
         }
-    free(im->rope);
-    free(im->rope_inv);
-    im->rope = tab;
-    im->rope_inv = inv;
-    im->rope_half = half;
-    im->rope_npos = npos;
+    free(sl->tab);
+    free(sl->inv);
+    sl->tab = tab;
+    sl->inv = inv;
+    sl->half = half;
+    sl->npos = npos;
+    sl->used = im->rope_clock;
+    *out = tab;
     return RL_OK;
 }
 
@@ -282,21 +320,30 @@ static void rope_head(float *x, const float *cs, const float *sn, int64_t half)
 
 static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                   int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                                  const void *k_norm, float eps, const float *inv_freq)
+                                  const void *k_norm, int norm_mode, float w_offset, float eps,
+                                  const float *inv_freq)
 {
     cpu_impl *im = impl_of(be);
     int64_t half = hd / 2, W = (nh + 2 * nkv) * hd;
-    RL_TRY(rope_table(im, inv_freq, half, seg->max_seqlen));
+    if (norm_mode < RL_QK_NORM_NONE || norm_mode > RL_QK_NORM_PROJ ||
+        (norm_mode != RL_QK_NORM_NONE && (!q_norm || !k_norm)))
+        return RL_FAIL(RL_ERR_INVALID, "CPU qk_norm_rope: norm_mode %d needs q_norm and k_norm "
+                       "(0: none, 1: per head, 2: whole projection)", norm_mode);
+    const float *tab;
+    RL_TRY(rope_table(im, inv_freq, half, seg->max_seqlen, &tab));
     const int32_t *pos = seg->positions_dev;
-    const float *tab = im->rope;
 #pragma omp parallel for num_threads(im->n_threads) schedule(static) if (T * W > PAR_MIN)
     for (int64_t t = 0; t < T; t++) {
         const float *cs = tab + (int64_t)pos[t] * 2 * half, *sn = cs + half;
         float *row = (float *)qkv + t * W;
+        if (norm_mode == RL_QK_NORM_PROJ) {        /* q row, then k row, before the head split */
+            rms_row(row, q_norm, row, nh * hd, eps, w_offset, 0);
+            rms_row(row + nh * hd, k_norm, row + nh * hd, nkv * hd, eps, w_offset, 0);
+        }
         for (int64_t h = 0; h < nh + nkv; h++) {   /* q heads, then k heads */
             float *x = row + h * hd;
-            const float *nw = h < nh ? q_norm : k_norm;
-            if (nw) rms_row(x, nw, x, hd, eps);
+            if (norm_mode == RL_QK_NORM_HEAD)
+                rms_row(x, h < nh ? q_norm : k_norm, x, hd, eps, w_offset, 0);
             rope_head(x, cs, sn, half);
         }
     }
@@ -308,28 +355,39 @@ static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *
 #define ATT_BLK 64
 
 /* Causal attention of one head of one sequence of n tokens (rows strided by
- * W in qkv, Wo in out); P is [ATT_BLK, n] scratch. Softmax in fp32 with the
- * row max subtracted; masked entries are exact zeros. Runs on the calling
- * thread; 0, or -1 when the GEMM found no scratch memory. */
+ * W in qkv, Wo in out); P is [ATT_BLK, n] scratch. window > 0: query i sees
+ * keys i-window < j <= i only (keys before a block's first visible one are
+ * not computed). Scores are scaled, then soft-capped when softcap > 0.
+ * Softmax in fp32 with the row max subtracted; masked entries are exact
+ * zeros. Runs on the calling thread; 0, or -1 when the GEMM found no scratch
+ * memory. */
 static int attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
-                        int64_t W, int64_t Wo, int64_t hd, float scale, float *P)
+                       int64_t W, int64_t Wo, int64_t hd, float scale, int64_t window,
+                       float softcap, float *P)
 {
     for (int64_t i0 = 0; i0 < n; i0 += ATT_BLK) {
-        int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK, nk = i0 + mb;
-        if (sgemm(1, mb, nk, hd, scale, q + i0 * W, W, k, W, 0.0f, P, nk, 1) != 0) return -1;
+        int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK;
+        int64_t k0 = window > 0 && i0 - window + 1 > 0 ? i0 - window + 1 : 0, nk = i0 + mb - k0;
+        if (sgemm(1, mb, nk, hd, scale, q + i0 * W, W, k + k0 * W, W, 0.0f, P, nk, 1) != 0)
+            return -1;
         for (int64_t r = 0; r < mb; r++) {
             float *p = P + r * nk;
-            int64_t last = i0 + r;                  /* keys 0..last are visible */
-            float mx = p[0];
-            for (int64_t j = 1; j <= last; j++) mx = p[j] > mx ? p[j] : mx;
-            for (int64_t j = 0; j <= last; j++) p[j] = expf(p[j] - mx);
+            int64_t i = i0 + r, last = i - k0;      /* keys first..last (of the block) visible */
+            int64_t first = window > 0 && i - window + 1 > k0 ? i - window + 1 - k0 : 0;
+            for (int64_t j = 0; j < first; j++) p[j] = 0.0f;
+            if (softcap > 0.0f)
+                for (int64_t j = first; j <= last; j++) p[j] = softcap * tanhf(p[j] / softcap);
+            float mx = p[first];
+            for (int64_t j = first + 1; j <= last; j++) mx = p[j] > mx ? p[j] : mx;
+            for (int64_t j = first; j <= last; j++) p[j] = expf(p[j] - mx);
             float sum = 0.0f;
-            for (int64_t j = 0; j <= last; j++) sum += p[j];   /* in order */
+            for (int64_t j = first; j <= last; j++) sum += p[j];   /* in order */
             float inv = 1.0f / sum;
-            for (int64_t j = 0; j <= last; j++) p[j] *= inv;
+            for (int64_t j = first; j <= last; j++) p[j] *= inv;
             for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
         }
-        if (sgemm(0, mb, hd, nk, 1.0f, P, nk, v, W, 0.0f, o + i0 * Wo, Wo, 1) != 0) return -1;
+        if (sgemm(0, mb, hd, nk, 1.0f, P, nk, v + k0 * W, W, 0.0f, o + i0 * Wo, Wo, 1) != 0)
+            return -1;
     }
     return 0;
 }
@@ -361,8 +419,12 @@ static int thread_id(void)
 }
 
 static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const void *qkv, void *out,
-                               int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale)
+                               int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                               int64_t window, float softcap)
 {
+    if (window < 0 || !(softcap >= 0.0f))
+        return RL_FAIL(RL_ERR_INVALID, "CPU attention: window (%lld) and softcap (%g) must be >= 0",
+                       (long long)window, (double)softcap);
     cpu_impl *im = impl_of(be);
     RL_TRY(grow_scratch(im, ATT_BLK * seg->max_seqlen, 0));
     const float *QKV = qkv;
@@ -376,22 +438,34 @@ static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const voi
         int64_t s = job / nh, h = job % nh, kvh = h / group, r0 = cu[s], n = cu[s + 1] - r0;
         const float *base = QKV + r0 * W;
         failed |= attend_head(base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
-                              O + r0 * Wo + h * hd, n, W, Wo, hd, scale,
+                              O + r0 * Wo + h * hd, n, W, Wo, hd, scale, window, softcap,
                               im->scores + (int64_t)thread_id() * im->scores_len) != 0;
     }
     if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (attention GEMM scratch)");
     return RL_OK;
 }
 
-static rl_status cpu_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+/* torch's gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+static float gelu_tanh(float x)
+{
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(k0 * (x + k1 * x * x * x)));
+}
+
+static rl_status cpu_glu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
     const float *G = gu;
     float *O = out;
+    if (act != RL_ACT_SILU && act != RL_ACT_GELU_TANH)
+        return RL_FAIL(RL_ERR_INVALID, "CPU glu: unknown activation %d", act);
 #pragma omp parallel for num_threads(impl_of(be)->n_threads) schedule(static) if (T * ff > PAR_MIN)
     for (int64_t t = 0; t < T; t++) {
         const float *g = G + t * 2 * ff, *u = g + ff;
         float *o = O + t * ff;
-        for (int64_t i = 0; i < ff; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        if (act == RL_ACT_SILU)
+            for (int64_t i = 0; i < ff; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        else
+            for (int64_t i = 0; i < ff; i++) o[i] = gelu_tanh(g[i]) * u[i];
     }
     return RL_OK;
 }
@@ -435,12 +509,13 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
 /* ---- construction ------------------------------------------------------- */
 
 /* fp32 storage only; attention and pooling take any (even) head_dim, any
- * number of heads and every pooling */
+ * number of heads and every pooling; every feature */
 static const rl_backend_caps CPU_CAPS = {
     .dtypes = 1u << RL_F32,
     .poolings = (1u << RL_POOL_MEAN) | (1u << RL_POOL_FIRST) | (1u << RL_POOL_LAST) |
                 (1u << RL_POOL_MAX),
     .head_dims = NULL, .n_head_dims = 0, .max_heads = 0,
+    .features = (1u << RL_FEAT_COUNT) - 1u,
 };
 
 const rl_backend_caps *rl_cpu_caps(void) { return &CPU_CAPS; }
@@ -452,8 +527,10 @@ static void cpu_destroy(rl_backend *be)
     if (im) {
         free(im->scores);
         free(im->sums);
-        free(im->rope);
-        free(im->rope_inv);
+        for (int i = 0; i < 2; i++) {
+            free(im->rope[i].tab);
+            free(im->rope[i].inv);
+        }
         free(im->jobs);
         free(im);
     }
@@ -506,7 +583,7 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
         .download_f32 = cpu_download_f32, .sync = cpu_sync, .mem_info = cpu_mem_info,
         .is_resident = cpu_is_resident, .embed = cpu_embed, .rmsnorm = cpu_rmsnorm,
         .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,
-        .swiglu = cpu_swiglu, .pool = cpu_pool, .destroy = cpu_destroy, .caps = &CPU_CAPS,
+        .glu = cpu_glu, .cast = cpu_cast, .pool = cpu_pool, .destroy = cpu_destroy, .caps = &CPU_CAPS,
     };
     *out = be;
     return RL_OK;

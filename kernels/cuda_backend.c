@@ -50,6 +50,7 @@
 
 #include <dlfcn.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -644,23 +645,36 @@ static int cuda_is_resident(rl_backend *be, const void *ptr)
 
 /* ---- ops --------------------------------------------------------------- */
 
+static int stored_dtype(rl_dtype dt) { return dt == RL_BF16 || dt == RL_F32; }
+
 static rl_status embed_in(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                            int64_t d, void *x)
+                            int64_t d, void *x, float scale)
 {
+    if (!isfinite(scale))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA embed: scale %g is not finite", (double)scale);
     if (T == 0) return RL_OK;
-    CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, impl_of(be)->f32, d, x));
+    CU_CHECK(rl_k_embed(impl_of(be)->stream, tokens, T, table, impl_of(be)->f32, d, scale, x));
     return RL_OK;
 }
 
-static rl_status rmsnorm_in(rl_backend *be, const void *x, const void *w, void *y,
-                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+static rl_status rmsnorm_in(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                              void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                              float w_offset, int accumulate)
 {
-    if (out_dtype != RL_BF16 && out_dtype != RL_F32)
-        return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: output dtype %s unsupported",
-                       rl_dtype_name(out_dtype));
+    if (!stored_dtype(x_dtype) || !stored_dtype(out_dtype))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: input %s / output %s unsupported (bf16 or "
+                       "f32 only)", rl_dtype_name(x_dtype), rl_dtype_name(out_dtype));
+    if (accumulate && out_dtype != RL_F32)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: accumulating needs the f32 residual as "
+                       "output, got %s", rl_dtype_name(out_dtype));
+    if (!isfinite(w_offset))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA rmsnorm: weight offset %g is not finite",
+                       (double)w_offset);
     if (rows == 0) return RL_OK;
-    CU_CHECK(rl_k_rmsnorm(impl_of(be)->stream, x, w, impl_of(be)->f32, y, out_dtype == RL_F32,
-                          rows, d, eps));
+    const int out = accumulate ? RL_K_NORM_ADD_F32 : out_dtype == RL_F32 ? RL_K_NORM_F32
+                                                                         : RL_K_NORM_BF16;
+    CU_CHECK(rl_k_rmsnorm(impl_of(be)->stream, x, x_dtype == RL_F32, w, impl_of(be)->f32,
+                          w_offset, y, out, rows, d, eps));
     return RL_OK;
 }
 
@@ -693,35 +707,68 @@ static rl_status gemm_in(rl_backend *be, const rl_segments *seg, const void *x, 
 
 static rl_status qk_norm_rope_in(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                    int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                                   const void *k_norm, float eps, const float *inv_freq)
+                                   const void *k_norm, int norm_mode, float w_offset, float eps,
+                                   const float *inv_freq)
 {
+    if (norm_mode != RL_QK_NORM_NONE && norm_mode != RL_QK_NORM_HEAD &&
+        norm_mode != RL_QK_NORM_PROJ)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: unknown norm_mode %d (0: none, 1: per "
+                       "head, 2: whole projection)", norm_mode);
+    if (norm_mode == RL_QK_NORM_NONE) q_norm = k_norm = NULL;
+    else if (!q_norm || !k_norm)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: norm_mode %d needs q_norm and k_norm",
+                       norm_mode);
+    if (!isfinite(w_offset))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: weight offset %g is not finite",
+                       (double)w_offset);
     if (T == 0) return RL_OK;
-    if ((q_norm == NULL) != (k_norm == NULL))
-        return RL_FAIL(RL_ERR_INVALID, "CUDA qk_norm_rope: q_norm and k_norm must both be set "
-                       "or both be NULL");
     CU_CHECK(rl_k_qk_norm_rope(impl_of(be)->stream, qkv, impl_of(be)->f32, T, nh, nkv, hd,
-                               q_norm, k_norm, eps, inv_freq, seg->positions_dev));
+                               q_norm, k_norm, norm_mode == RL_QK_NORM_PROJ, w_offset, eps,
+                               inv_freq, seg->positions_dev));
     return RL_OK;
 }
 
 static rl_status attention_in(rl_backend *be, const rl_segments *seg, const void *qkv,
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
-                                float scale)
+                                float scale, int64_t window, float softcap)
 {
+    if (window < 0 || !(softcap >= 0.0f) || isinf(softcap))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA attention: window (%lld) and softcap (%g) must be "
+                       ">= 0 and finite (0: none)", (long long)window, (double)softcap);
     if (T == 0) return RL_OK;
     if (!rl_k_attention_supports(hd))
         return RL_FAIL(RL_ERR_INVALID, "CUDA attention: head_dim %lld is not supported (16, 32, "
                        "64, 80, 96, 128, 256 are)", (long long)hd);
     CU_CHECK(rl_k_attention(impl_of(be)->stream, qkv, out, impl_of(be)->f32, seg->cu_seqlens_dev,
-                            seg->n_seqs, seg->max_seqlen, nh, nkv, hd, scale,
+                            seg->n_seqs, seg->max_seqlen, nh, nkv, hd, scale, softcap, window,
                             impl_of(be)->attn_mma));
     return RL_OK;
 }
 
-static rl_status swiglu_in(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+static rl_status glu_in(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
+    if (act != RL_ACT_SILU && act != RL_ACT_GELU_TANH)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA glu: unknown activation %d (0: silu, 1: gelu_tanh)",
+                       act);
     if (T == 0) return RL_OK;
-    CU_CHECK(rl_k_swiglu(impl_of(be)->stream, gu, out, impl_of(be)->f32, T, ff));
+    CU_CHECK(rl_k_glu(impl_of(be)->stream, gu, out, impl_of(be)->f32, T, ff,
+                      act == RL_ACT_GELU_TANH ? RL_K_ACT_GELU_TANH : RL_K_ACT_SILU));
+    return RL_OK;
+}
+
+static rl_status cast_in(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                         rl_dtype dst_dtype, int64_t n)
+{
+    if (!stored_dtype(src_dtype) || !stored_dtype(dst_dtype))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA cast: %s -> %s unsupported (bf16 and f32 only)",
+                       rl_dtype_name(src_dtype), rl_dtype_name(dst_dtype));
+    /* elements of different sizes would overlap other threads' elements */
+    if (src == dst && src_dtype != dst_dtype)
+        return RL_FAIL(RL_ERR_INVALID, "CUDA cast: %s -> %s cannot be done in place",
+                       rl_dtype_name(src_dtype), rl_dtype_name(dst_dtype));
+    if (n < 0) return RL_FAIL(RL_ERR_INVALID, "CUDA cast: n=%lld is negative", (long long)n);
+    if (n == 0 || (src == dst && src_dtype == dst_dtype)) return RL_OK;
+    CU_CHECK(rl_k_cast(impl_of(be)->stream, src, src_dtype == RL_F32, dst, dst_dtype == RL_F32, n));
     return RL_OK;
 }
 
@@ -766,15 +813,16 @@ static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *to
 }
 
 static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
-                            int64_t d, void *x)
+                            int64_t d, void *x, float scale)
 {
-    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x));
+    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x, scale));
 }
 
-static rl_status cuda_rmsnorm(rl_backend *be, const void *x, const void *w, void *y,
-                              rl_dtype out_dtype, int64_t rows, int64_t d, float eps)
+static rl_status cuda_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                              void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                              float w_offset, int accumulate)
 {
-    ON_BACKEND(be, rmsnorm_in(be, x, w, y, out_dtype, rows, d, eps));
+    ON_BACKEND(be, rmsnorm_in(be, x, x_dtype, w, y, out_dtype, rows, d, eps, w_offset, accumulate));
 }
 
 static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
@@ -786,21 +834,29 @@ static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x
 
 static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
                                    int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
-                                   const void *k_norm, float eps, const float *inv_freq)
+                                   const void *k_norm, int norm_mode, float w_offset, float eps,
+                                   const float *inv_freq)
 {
-    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, eps, inv_freq));
+    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, norm_mode,
+                                   w_offset, eps, inv_freq));
 }
 
 static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const void *qkv,
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
-                                float scale)
+                                float scale, int64_t window, float softcap)
 {
-    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale));
+    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale, window, softcap));
 }
 
-static rl_status cuda_swiglu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff)
+static rl_status cuda_glu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
-    ON_BACKEND(be, swiglu_in(be, gu, out, T, ff));
+    ON_BACKEND(be, glu_in(be, gu, out, T, ff, act));
+}
+
+static rl_status cuda_cast(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                           rl_dtype dst_dtype, int64_t n)
+{
+    ON_BACKEND(be, cast_in(be, src, src_dtype, dst, dst_dtype, n));
 }
 
 static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
@@ -836,7 +892,8 @@ static void cuda_destroy(rl_backend *be)
 
 /* bf16 or f32 storage; the head dims the attention kernels are instantiated
  * for (rl_k_attention_supports); at most 65535 query heads (the attention
- * grid's z dimension); every pooling. */
+ * grid's z dimension); every pooling; every feature beyond the Llama block
+ * (Gemma-2/3, OLMo-2: the ops above take their parameters). */
 static const int16_t CUDA_HEAD_DIMS[] = {16, 32, 64, 80, 96, 128, 256};
 static const rl_backend_caps CUDA_CAPS = {
     .dtypes = (1u << RL_BF16) | (1u << RL_F32),
@@ -845,6 +902,11 @@ static const rl_backend_caps CUDA_CAPS = {
     .head_dims = CUDA_HEAD_DIMS,
     .n_head_dims = (int)(sizeof CUDA_HEAD_DIMS / sizeof CUDA_HEAD_DIMS[0]),
     .max_heads = 65535,
+    .features = (1u << RL_FEAT_EMBED_SCALE) | (1u << RL_FEAT_NORM_OFFSET) |
+                (1u << RL_FEAT_GELU_TANH) | (1u << RL_FEAT_POST_NORMS) |
+                (1u << RL_FEAT_NO_PRE_NORMS) | (1u << RL_FEAT_QK_NORM_PROJ) |
+                (1u << RL_FEAT_SOFTCAP) | (1u << RL_FEAT_SLIDING_WINDOW) |
+                (1u << RL_FEAT_ROPE_SWA),
 };
 
 rl_status rl_cuda_caps(rl_backend_caps *out)
@@ -878,7 +940,8 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->gemm = cuda_gemm;
     be->qk_norm_rope = cuda_qk_norm_rope;
     be->attention = cuda_attention;
-    be->swiglu = cuda_swiglu;
+    be->glu = cuda_glu;
+    be->cast = cuda_cast;
     be->pool = cuda_pool;
     be->destroy = cuda_destroy;
     be->caps = &CUDA_CAPS;

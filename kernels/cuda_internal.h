@@ -72,26 +72,48 @@ void rl_cublas_unload(rl_cublas_api *api);
 /* ---- kernel launchers (cuda_kernels.cu) ------------------------------- */
 /* Each enqueues on `s` and returns cudaGetLastError() of the launch. */
 
-/* f32 / table_f32 / w_f32 / bias_f32: that operand is float, else bf16. */
+/* f32 / table_f32 / x_f32 / w_f32 / bias_f32: that operand is float, else bf16. */
+
+/* x[t, :] = f32(table[tokens[t], :]) * scale (scale 1: the row's exact values) */
 cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const void *table,
-                       int table_f32, int64_t d, float *x);
-cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int w_f32, void *y,
-                         int out_f32, int64_t rows, int64_t d, float eps);
+                       int table_f32, int64_t d, float scale, float *x);
+/* rl_k_rmsnorm's `out`: where y = rmsnorm(x) * (w + w_off) goes */
+enum {
+    RL_K_NORM_BF16 = 0,    /* y bf16, overwritten                                  */
+    RL_K_NORM_F32 = 1,     /* y f32, overwritten                                   */
+    RL_K_NORM_ADD_F32 = 2  /* y f32 += (a post-norm added into the residual)       */
+};
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const void *x, int x_f32, const void *w, int w_f32,
+                         float w_off, void *y, int out, int64_t rows, int64_t d, float eps);
 /* y[M, N] (bf16 or f32) = bias broadcast ([N]) ; add=1: y += bias (f32 y only);
  * an f32 bias needs an f32 y */
 cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const void *bias, int bias_f32,
                            int64_t M, int64_t N, int add);
+/* q/k RMSNorm (q_norm, k_norm both set, or both NULL: none) times (w + w_off),
+ * per head (whole=0: weights [hd]) or over the token's whole q and k
+ * projections (whole=1: weights [nh*hd] and [nkv*hd]); then RoPE. In place. */
 cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *qkv, int f32, int64_t T, int64_t nh,
                               int64_t nkv, int64_t hd, const void *q_norm, const void *k_norm,
-                              float eps, const float *inv_freq, const int32_t *positions);
+                              int whole, float w_off, float eps, const float *inv_freq,
+                              const int32_t *positions);
 /* Head dims the attention kernel is instantiated for; 1 if `hd` is one. */
 int rl_k_attention_supports(int64_t hd);
 /* f32: q/k/v and out are float (always the FMA kernel); else bf16, on
- * tensor cores when use_mma */
+ * tensor cores when use_mma. Logits: s = q.k * scale, then with softcap > 0
+ * s = softcap * tanh(s / softcap); window > 0: query i sees keys j with
+ * i - window < j <= i (0: every j <= i). */
 cudaError_t rl_k_attention(cudaStream_t s, const void *qkv, void *out, int f32,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
-                           int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma);
-cudaError_t rl_k_swiglu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff);
+                           int64_t nh, int64_t nkv, int64_t hd, float scale, float softcap,
+                           int64_t window, int use_mma);
+/* rl_k_glu's activation of the gate */
+enum { RL_K_ACT_SILU = 0, RL_K_ACT_GELU_TANH = 1 };
+/* out[T, ff] = act(gu[:, :ff]) * gu[:, ff:] */
+cudaError_t rl_k_glu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff,
+                     int act);
+/* dst[0..n) = src[0..n), f32 <-> bf16 (round to nearest even) or a plain copy */
+cudaError_t rl_k_cast(cudaStream_t s, const void *src, int src_f32, void *dst, int dst_f32,
+                      int64_t n);
 cudaError_t rl_k_pool(cudaStream_t s, const void *x, int x_f32, int64_t d, const int32_t *spans,
                       int64_t S, int mode, float *out);
 

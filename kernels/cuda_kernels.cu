@@ -8,12 +8,22 @@
 //   float): to_f / from_f convert, and only the bf16 instantiations take the
 //   16-byte vector paths. Attention in fp32 is the FMA kernel (k_attention
 //   with T = float); the tensor-core kernel is bf16 only.
-// - Memory-bound row kernels (embed, rmsnorm, swiglu, pool) read 16-byte
+// - Memory-bound row kernels (embed, rmsnorm, glu, pool) read 16-byte
 //   vectors when the row length allows it and fall back to scalars.
+// - The model variants (Gemma-2/3, OLMo-2) are parameters of the same
+//   kernels, never separate copies: embedding scale, RMSNorm times
+//   (offset + w) from a bf16 or f32 input, written or added into the f32
+//   residual (post-norms), GELU-tanh beside SiLU, q/k norm per head or over
+//   the whole projection, attention scale, logit soft-cap and sliding
+//   window. Their defaults (scale 1, offset 0, no cap, no window) give the
+//   bits of the plain Llama block.
 // - Attention: two tiled, flash-style kernels with the same grid, one block
 //   per (sequence, 64-query tile, head), K/V tiles of the GQA kv head staged
 //   in shared memory as bf16, causal online softmax in base 2, f32
-//   accumulation:
+//   accumulation; logits scaled, then soft-capped (cap * tanh(s / cap)),
+//   then masked (causal, and the sliding window: a block starts at the
+//   first key its first query sees, and a warp skips key blocks left of its
+//   first query's window):
 //   * k_attention_mma (default): bf16 tensor cores via mma.sync m16n8k16
 //     (sm_80+), FlashAttention-2 register layout: 4 warps x 16 query rows;
 //     S = Q K^T from Q fragments in registers and K rows in padded shared
@@ -144,9 +154,10 @@ inline unsigned grid_for(int64_t n, int threads, int64_t cap = 65536)
 
 // ---- embedding gather: x[t, :] = f32(table[tokens[t], :]) -----------------
 
+// (times `scale` in f32 when scale != 1: Gemma's sqrt(d); 1 keeps the row's bits)
 template <typename T>
 __global__ void k_embed(const int32_t *__restrict__ tokens, const T *__restrict__ table,
-                        int64_t d, float *__restrict__ x, int vec)
+                        int64_t d, float scale, float *__restrict__ x, int vec)
 {
     const int64_t t = blockIdx.x;
     const T *src = table + (int64_t)tokens[t] * d;
@@ -155,21 +166,27 @@ __global__ void k_embed(const int32_t *__restrict__ tokens, const T *__restrict_
         for (int64_t i = threadIdx.x; i < d / 8; i += blockDim.x) {
             float f[8];
             load8(src + 8 * i, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[e] *= scale;
             store8(dst + 8 * i, f);
         }
     } else {
-        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = to_f(src[i]);
+        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = to_f(src[i]) * scale;
     }
 }
 
-// ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w, one block per row ------
+// ---- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (w + w_off), one block per row
+// x: the f32 residual or a bf16 / f32 GEMM output (post-norms); w_off: 0, or
+// Gemma's 1 (weights stored as w - 1). Out: bf16 or f32 y (= may be x, same
+// dtype: each element is read before its thread writes it), or y += (f32
+// residual: a post-norm added into the residual stream, one rounding).
 
-template <bool OUT_F32, typename W>
-__global__ void k_rmsnorm(const float *__restrict__ x, const W *__restrict__ w, void *y,
-                          int64_t d, float eps, int vec)
+constexpr int NORM_OUT_BF16 = RL_K_NORM_BF16, NORM_OUT_F32 = RL_K_NORM_F32,
+              NORM_ADD_F32 = RL_K_NORM_ADD_F32;
+
+// sum of squares of this thread's elements of a row (vec: 16-byte loads)
+__device__ __forceinline__ float row_sumsq(const float *xr, int64_t d, int vec)
 {
-    const int64_t row = blockIdx.x;
-    const float *xr = x + row * d;
     float ss = 0.0f;
     if (vec) {
         const float4 *x4 = reinterpret_cast<const float4 *>(xr);
@@ -180,14 +197,60 @@ __global__ void k_rmsnorm(const float *__restrict__ x, const W *__restrict__ w, 
     } else {
         for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
     }
-    const float inv = rsqrtf(block_sum(ss) / (float)d + eps);
+    return ss;
+}
+__device__ __forceinline__ float row_sumsq(const bf16 *xr, int64_t d, int vec)
+{
+    float ss = 0.0f;
+    if (vec) {
+        for (int64_t i = threadIdx.x; i < d / 8; i += blockDim.x) {
+            float f[8];
+            load8(xr + 8 * i, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += f[e] * f[e];
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += to_f(xr[i]) * to_f(xr[i]);
+    }
+    return ss;
+}
+
+template <int OUT, typename X, typename W>
+__global__ void k_rmsnorm(const X *x, const W *__restrict__ w, float w_off, void *y, int64_t d,
+                          float eps, int vec)
+{
+    const int64_t row = blockIdx.x;
+    const X *xr = x + row * d;
+    const float inv = rsqrtf(block_sum(row_sumsq(xr, d, vec)) / (float)d + eps);
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] * inv * to_f(w[i]);
-        if (OUT_F32)
+        // no offset: w itself (-0 + 0 would be +0), the bits of x * inv * w
+        float v = to_f(xr[i]) * inv * (w_off != 0.0f ? to_f(w[i]) + w_off : to_f(w[i]));
+        if (OUT == NORM_OUT_F32)
             static_cast<float *>(y)[row * d + i] = v;
+        else if (OUT == NORM_ADD_F32)
+            static_cast<float *>(y)[row * d + i] += v;
         else
             static_cast<bf16 *>(y)[row * d + i] = __float2bfloat16_rn(v);
     }
+}
+
+template <int OUT, typename X, typename W>
+void launch_rmsnorm(cudaStream_t s, const X *x, const W *w, float w_off, void *y, int64_t rows,
+                    int64_t d, float eps, int vec)
+{
+    k_rmsnorm<OUT, X, W><<<(unsigned)rows, 256, 0, s>>>(x, w, w_off, y, d, eps, vec);
+}
+
+template <typename X, typename W>
+void launch_rmsnorm_out(cudaStream_t s, const X *x, const W *w, float w_off, void *y, int out,
+                        int64_t rows, int64_t d, float eps, int vec)
+{
+    if (out == NORM_OUT_F32)
+        launch_rmsnorm<NORM_OUT_F32>(s, x, w, w_off, y, rows, d, eps, vec);
+    else if (out == NORM_ADD_F32)
+        launch_rmsnorm<NORM_ADD_F32>(s, x, w, w_off, y, rows, d, eps, vec);
+    else
+        launch_rmsnorm<NORM_OUT_BF16>(s, x, w, w_off, y, rows, d, eps, vec);
 }
 
 // ---- bias rows: y[m, n] = bias[n] (bf16 or f32 y), or y[m, n] += bias[n] (f32)
@@ -210,25 +273,43 @@ __global__ void k_bias_rows(void *y, int y_f32, const B *__restrict__ bias, int6
     }
 }
 
-// ---- per-head q/k RMSNorm (optional) + rotary embedding, in place ---------
+// ---- q/k RMSNorm (optional) + rotary embedding, in place ------------------
 // One block per token, one warp per head (q heads then k heads, which are
-// contiguous in a qkv row). HF rotate_half: pairs (i, i + hd/2).
+// contiguous in a qkv row). HF rotate_half: pairs (i, i + hd/2). The norm is
+// per head (Qwen3, Gemma 3: weights [hd]) or over the whole q / k projection
+// of the token (OLMo 2: weights [nh*hd] / [nkv*hd], the sums taken by the
+// block first); weights times (w + w_off).
 
 template <typename T>
 __global__ void k_qk_norm_rope(T *qkv, int64_t nh, int64_t nkv, int64_t hd,
                                const T *__restrict__ q_norm, const T *__restrict__ k_norm,
-                               float eps, const float *__restrict__ inv_freq,
+                               int whole, float w_off, float eps,
+                               const float *__restrict__ inv_freq,
                                const int32_t *__restrict__ positions)
 {
     const int64_t t = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int64_t stride = (nh + 2 * nkv) * hd, half = hd / 2;
     const float pos = (float)positions[t];
+    T *row = qkv + t * stride;
+    float q_inv = 1.0f, k_inv = 1.0f;
+    if (whole && q_norm) {
+        // every thread reads before block_sum's barriers, writes only after
+        float sq = 0.0f, sk = 0.0f;
+        for (int64_t i = threadIdx.x; i < nh * hd; i += blockDim.x) sq += to_f(row[i]) * to_f(row[i]);
+        for (int64_t i = threadIdx.x; i < nkv * hd; i += blockDim.x)
+            sk += to_f(row[nh * hd + i]) * to_f(row[nh * hd + i]);
+        q_inv = rsqrtf(block_sum(sq) / (float)(nh * hd) + eps);
+        k_inv = rsqrtf(block_sum(sk) / (float)(nkv * hd) + eps);
+    }
     for (int64_t head = warp; head < nh + nkv; head += nwarps) {
-        T *v = qkv + t * stride + head * hd;
-        const T *nw = head < nh ? q_norm : k_norm;
-        float inv = 1.0f;
-        if (nw) {
+        T *v = row + head * hd;
+        const bool is_q = head < nh;
+        const T *nw = is_q ? q_norm : k_norm;
+        float inv = is_q ? q_inv : k_inv;
+        if (nw && whole) {
+            nw += (is_q ? head : head - nh) * hd; // this head's slice of the projection's weights
+        } else if (nw) {
             float ss = 0.0f;
             for (int64_t i = lane; i < hd; i += 32) {
                 float a = to_f(v[i]);
@@ -241,8 +322,9 @@ __global__ void k_qk_norm_rope(T *qkv, int64_t nh, int64_t nkv, int64_t hd,
         for (int64_t i = lane; i < half; i += 32) {
             float x1 = to_f(v[i]), x2 = to_f(v[i + half]);
             if (nw) {
-                x1 = x1 * inv * to_f(nw[i]);
-                x2 = x2 * inv * to_f(nw[i + half]);
+                const float w1 = to_f(nw[i]), w2 = to_f(nw[i + half]);
+                x1 = x1 * inv * (w_off != 0.0f ? w1 + w_off : w1);
+                x2 = x2 * inv * (w_off != 0.0f ? w2 + w_off : w2);
             }
             float s, c;
             sincosf(pos * inv_freq[i], &s, &c);
@@ -253,6 +335,29 @@ __global__ void k_qk_norm_rope(T *qkv, int64_t nh, int64_t nkv, int64_t hd,
 }
 
 // ---- varlen causal attention with GQA -------------------------------------
+
+// What turns a q.k dot product into a base-2 logit, and which keys a query
+// sees (the same for both kernels; HF order: scale, then soft-cap, then mask).
+struct AttnScore {
+    float mul;      // dot * mul: scale * log2(e); with a soft-cap scale / cap
+    float cap_log2; // 0: none; else cap * log2(e): logit = cap_log2 * tanh(dot * mul)
+    int window;     // 0: causal; else a sliding window: keys k with q - window < k <= q
+};
+
+__device__ __forceinline__ float capped(const AttnScore &a, float scaled)
+{
+    return a.cap_log2 > 0.0f ? a.cap_log2 * tanhf(scaled) : scaled;
+}
+// the first key a block whose first query is q0 can see
+__device__ __forceinline__ int first_key(const AttnScore &a, int q0)
+{
+    return a.window > 0 ? max(0, q0 - a.window + 1) : 0;
+}
+// q sees keys k > key_floor(q) (and k <= q): -1, every key, without a window
+__device__ __forceinline__ int key_floor(const AttnScore &a, int q)
+{
+    return a.window > 0 ? q - a.window : -1;
+}
 
 template <int HD, typename T>
 struct AttnCfg {
@@ -276,7 +381,7 @@ struct AttnCfg {
 template <int HD, typename T>
 __global__ void __launch_bounds__(AttnCfg<HD, T>::THREADS)
 k_attention(const T *__restrict__ qkv, T *__restrict__ out,
-            const int32_t *__restrict__ cu_seqlens, int nh, int nkv, float scale_log2)
+            const int32_t *__restrict__ cu_seqlens, int nh, int nkv, AttnScore score)
 {
     using C = AttnCfg<HD, T>;
     __shared__ __align__(16) T sK[C::BK * HD];
@@ -302,18 +407,20 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
         }
 #pragma unroll
         for (int e = 0; e < C::CPT * 8; e++) {
-            q[e] *= scale_log2;
+            q[e] *= score.mul;
             o[e] = 0.0f;
         }
     }
     float m = -INFINITY, l = 0.0f;
 
     const int kv_end = min(len, q0 + C::BQ);                  // causal: keys <= last query
-    const int warp_last_q = q0 + ((tid >> 5) + 1) * (32 / C::TPR) - 1;
+    const int warp_first_q = q0 + (tid >> 5) * (32 / C::TPR);
+    const int warp_last_q = warp_first_q + 32 / C::TPR - 1;
+    const int lo = key_floor(score, qi);                      // keys > lo are in the window
     const T *kbase = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
     const T *vbase = kbase + (int64_t)nkv * HD;
 
-    for (int k0 = 0; k0 < kv_end; k0 += C::BK) {
+    for (int k0 = first_key(score, q0); k0 < kv_end; k0 += C::BK) {
         __syncthreads(); // the previous tile is no longer read
         for (int i = tid; i < C::BK * C::NCHUNK; i += C::THREADS) {
             const int j = i / C::NCHUNK, c = i % C::NCHUNK;
@@ -332,6 +439,8 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
         const int nk = min(C::BK, kv_end - k0);
         for (int j0 = 0; j0 < nk; j0 += C::JB) {
             if (k0 + j0 > warp_last_q) break; // warp-uniform: every later key is masked
+            // warp-uniform: these keys are left of the window of every query of the warp
+            if (k0 + j0 + C::JB - 1 <= key_floor(score, warp_first_q)) continue;
             float s[C::JB];
 #pragma unroll
             for (int jj = 0; jj < C::JB; jj++) {
@@ -348,7 +457,7 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
                 for (int off = 1; off < C::TPR; off <<= 1)
                     acc += __shfl_xor_sync(0xffffffffu, acc, off);
                 const int kj = k0 + j0 + jj;
-                s[jj] = (j0 + jj < nk && kj <= qi) ? acc : -INFINITY;
+                s[jj] = (j0 + jj < nk && kj <= qi && kj > lo) ? capped(score, acc) : -INFINITY;
             }
             float mx = m;
 #pragma unroll
@@ -390,13 +499,13 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
 template <int HD, typename T>
 cudaError_t launch_attention(cudaStream_t s, const T *qkv, T *out, const int32_t *cu,
                              int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
-                             float scale)
+                             AttnScore score)
 {
     using C = AttnCfg<HD, T>;
     const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
     if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
     dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
-    k_attention<HD, T><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, scale * kLog2e);
+    k_attention<HD, T><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, score);
     return cudaGetLastError();
 }
 
@@ -452,7 +561,7 @@ struct MmaCfg {
 template <int HD>
 __global__ void __launch_bounds__(MmaCfg<HD>::THREADS)
 k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
-                const int32_t *__restrict__ cu_seqlens, int nh, int nkv, float scale_log2)
+                const int32_t *__restrict__ cu_seqlens, int nh, int nkv, AttnScore score)
 {
     using C = MmaCfg<HD>;
     __shared__ __align__(16) bf16 sK[C::BK * C::LDS];
@@ -490,11 +599,12 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; // l: this lane's partial sums
 
     const int kv_end = min(len, q0 + C::BQ);           // causal: keys <= last query
-    const int warp_last_q = q0 + warp * 16 + 15;
+    const int warp_first_q = q0 + warp * 16, warp_last_q = warp_first_q + 15;
+    const int lo0 = key_floor(score, r0), lo1 = key_floor(score, r1); // window: keys > lo
     const bf16 *kbase = qkv + (int64_t)start * stride + (int64_t)(nh + kvh) * HD;
     const bf16 *vbase = kbase + (int64_t)nkv * HD;
 
-    for (int k0 = 0; k0 < kv_end; k0 += C::BK) {
+    for (int k0 = first_key(score, q0); k0 < kv_end; k0 += C::BK) {
         __syncthreads(); // the previous tile is no longer read
         for (int i = tid; i < C::BK * (HD / 8); i += C::THREADS) {
             const int j = i / (HD / 8), c = (i % (HD / 8)) * 8;
@@ -507,7 +617,9 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
             *reinterpret_cast<uint4 *>(sV + j * C::LDS + c) = vv;
         }
         __syncthreads();
-        if (k0 > warp_last_q) continue; // warp-uniform: every key of this tile is masked
+        // warp-uniform: every key of this tile is masked (after the last query, or left
+        // of the first query's window)
+        if (k0 > warp_last_q || k0 + C::BK - 1 <= key_floor(score, warp_first_q)) continue;
 
         // S = Q K^T for BK keys: NT n-tiles of 8 keys
         float sc[C::NT][4];
@@ -519,15 +631,17 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
             for (int ks = 0; ks < C::KS; ks++)
                 mma_bf16_16816(sc[nt], qa[ks], ld_u32(krow + ks * 16), ld_u32(krow + ks * 16 + 8));
         }
-        // scale to base 2, causal + tile-end mask, row maxima (rows r0: c0,c1; r1: c2,c3)
+        // scale to base 2 (and soft-cap), causal + window + tile-end mask, row maxima
+        // (rows r0: c0,c1; r1: c2,c3)
         float mx0 = m0, mx1 = m1;
 #pragma unroll
         for (int nt = 0; nt < C::NT; nt++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int key = k0 + nt * 8 + 2 * t + (i & 1);
-                const int row = i < 2 ? r0 : r1;
-                const float v = (key <= row && key < kv_end) ? sc[nt][i] * scale_log2 : -INFINITY;
+                const int row = i < 2 ? r0 : r1, lo = i < 2 ? lo0 : lo1;
+                const float v = (key <= row && key > lo && key < kv_end)
+                                    ? capped(score, sc[nt][i] * score.mul) : -INFINITY;
                 sc[nt][i] = v;
                 if (i < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
             }
@@ -591,23 +705,35 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
 template <int HD>
 cudaError_t launch_attention_mma(cudaStream_t s, const bf16 *qkv, bf16 *out, const int32_t *cu,
                                  int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
-                                 float scale)
+                                 AttnScore score)
 {
     using C = MmaCfg<HD>;
     const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
     if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
     dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
-    k_attention_mma<HD><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, scale * kLog2e);
+    k_attention_mma<HD><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, score);
     return cudaGetLastError();
 }
 
-// ---- SwiGLU: out[t, j] = silu(gu[t, j]) * gu[t, ff + j] --------------------
+// ---- gated MLP: out[t, j] = act(gu[t, j]) * gu[t, ff + j] ------------------
+// act: SiLU (SwiGLU) or GELU with the tanh approximation (GeGLU; torch's
+// gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))).
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+__device__ __forceinline__ float gelu_tanh_mul(float g, float u)
+{
+    const float kBeta = 0.7978845608028654f; // sqrt(2 / pi)
+    return 0.5f * g * (1.0f + tanhf(kBeta * (g + 0.044715f * g * g * g))) * u;
+}
+template <int ACT>
+__device__ __forceinline__ float act_mul(float g, float u)
+{
+    return ACT == RL_K_ACT_GELU_TANH ? gelu_tanh_mul(g, u) : silu_mul(g, u);
+}
 
-template <typename E>
-__global__ void k_swiglu(const E *__restrict__ gu, E *__restrict__ out, int64_t T,
-                         int64_t ff, int vec)
+template <int ACT, typename E>
+__global__ void k_glu(const E *__restrict__ gu, E *__restrict__ out, int64_t T, int64_t ff,
+                      int vec)
 {
     const int64_t step = (int64_t)gridDim.x * blockDim.x;
     if (vec) {
@@ -618,16 +744,33 @@ __global__ void k_swiglu(const E *__restrict__ gu, E *__restrict__ out, int64_t 
             load8(gu + t * 2 * ff + j, g);
             load8(gu + t * 2 * ff + ff + j, u);
 #pragma unroll
-            for (int e = 0; e < 8; e++) r[e] = silu_mul(g[e], u[e]);
+            for (int e = 0; e < 8; e++) r[e] = act_mul<ACT>(g[e], u[e]);
             store8(out + t * ff + j, r);
         }
     } else {
         const int64_t total = T * ff;
         for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += step) {
             const int64_t t = i / ff, j = i % ff;
-            out[i] = from_f<E>(silu_mul(to_f(gu[t * 2 * ff + j]), to_f(gu[t * 2 * ff + ff + j])));
+            out[i] = from_f<E>(act_mul<ACT>(to_f(gu[t * 2 * ff + j]), to_f(gu[t * 2 * ff + ff + j])));
         }
     }
+}
+
+template <int ACT, typename E>
+void launch_glu(cudaStream_t s, const E *gu, E *out, int64_t T, int64_t ff, int vec)
+{
+    const int64_t n = vec ? T * (ff / 8) : T * ff;
+    k_glu<ACT, E><<<grid_for(n, 256), 256, 0, s>>>(gu, out, T, ff, vec);
+}
+
+// ---- cast: dst[i] = src[i] between f32 and bf16 (round to nearest even) ------
+
+template <typename S, typename D>
+__global__ void k_cast(const S *__restrict__ src, D *__restrict__ dst, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = from_f<D>(to_f(src[i]));
 }
 
 // ---- span pooling: out[s, :] = mean / first / last / max of rows [start, end)
@@ -670,18 +813,17 @@ __global__ void k_pool(const T *__restrict__ x, int64_t d, const int32_t *__rest
 
 // The FMA kernel for element type T, dispatched on the head dim.
 template <typename T>
-cudaError_t attention_fma(cudaStream_t s, const T *q, T *o, const int32_t *cu,
-                                 int64_t n_seqs, int64_t max_seqlen, int64_t nh, int64_t nkv,
-                                 int64_t hd, float scale)
+cudaError_t attention_fma(cudaStream_t s, const T *q, T *o, const int32_t *cu, int64_t n_seqs,
+                          int64_t max_seqlen, int64_t nh, int64_t nkv, int64_t hd, AttnScore sc)
 {
     switch (hd) {
-    case 16: return launch_attention<16, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 32: return launch_attention<32, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 64: return launch_attention<64, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 80: return launch_attention<80, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 96: return launch_attention<96, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 128: return launch_attention<128, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
-    case 256: return launch_attention<256, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, scale);
+    case 16: return launch_attention<16, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 32: return launch_attention<32, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 64: return launch_attention<64, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 80: return launch_attention<80, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 96: return launch_attention<96, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 128: return launch_attention<128, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
+    case 256: return launch_attention<256, T>(s, q, o, cu, n_seqs, max_seqlen, nh, nkv, sc);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -693,34 +835,32 @@ cudaError_t attention_fma(cudaStream_t s, const T *q, T *o, const int32_t *cu,
 extern "C" {
 
 cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const void *table,
-                       int table_f32, int64_t d, float *x)
+                       int table_f32, int64_t d, float scale, float *x)
 {
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int vec = d % 8 == 0 && aligned16(table) && aligned16(x);
     if (table_f32)
         k_embed<float><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const float *>(table), d,
-                                                    x, vec);
+                                                    scale, x, vec);
     else
-        k_embed<bf16><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const bf16 *>(table), d, x,
-                                                   vec);
+        k_embed<bf16><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const bf16 *>(table), d,
+                                                   scale, x, vec);
     return cudaGetLastError();
 }
 
-cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int w_f32, void *y,
-                         int out_f32, int64_t rows, int64_t d, float eps)
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const void *x, int x_f32, const void *w, int w_f32,
+                         float w_off, void *y, int out, int64_t rows, int64_t d, float eps)
 {
     if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    const int vec = d % 4 == 0 && aligned16(x);
-    const bf16 *wb = static_cast<const bf16 *>(w);
-    const float *wf = static_cast<const float *>(w);
-    if (w_f32 && out_f32)
-        k_rmsnorm<true, float><<<(unsigned)rows, 256, 0, s>>>(x, wf, y, d, eps, vec);
-    else if (w_f32)
-        k_rmsnorm<false, float><<<(unsigned)rows, 256, 0, s>>>(x, wf, y, d, eps, vec);
-    else if (out_f32)
-        k_rmsnorm<true, bf16><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
-    else
-        k_rmsnorm<false, bf16><<<(unsigned)rows, 256, 0, s>>>(x, wb, y, d, eps, vec);
+    if (out != NORM_OUT_BF16 && out != NORM_OUT_F32 && out != NORM_ADD_F32)
+        return cudaErrorInvalidValue;
+    const int vec = d % (x_f32 ? 4 : 8) == 0 && aligned16(x);
+    const float *xf = static_cast<const float *>(x), *wf = static_cast<const float *>(w);
+    const bf16 *xb = static_cast<const bf16 *>(x), *wb = static_cast<const bf16 *>(w);
+    if (x_f32 && w_f32) launch_rmsnorm_out(s, xf, wf, w_off, y, out, rows, d, eps, vec);
+    else if (x_f32) launch_rmsnorm_out(s, xf, wb, w_off, y, out, rows, d, eps, vec);
+    else if (w_f32) launch_rmsnorm_out(s, xb, wf, w_off, y, out, rows, d, eps, vec);
+    else launch_rmsnorm_out(s, xb, wb, w_off, y, out, rows, d, eps, vec);
     return cudaGetLastError();
 }
 
@@ -739,17 +879,18 @@ cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const void *bias,
 
 cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *qkv, int f32, int64_t T, int64_t nh,
                               int64_t nkv, int64_t hd, const void *q_norm, const void *k_norm,
-                              float eps, const float *inv_freq, const int32_t *positions)
+                              int whole, float w_off, float eps, const float *inv_freq,
+                              const int32_t *positions)
 {
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (f32)
         k_qk_norm_rope<float><<<(unsigned)T, 128, 0, s>>>(
             static_cast<float *>(qkv), nh, nkv, hd, static_cast<const float *>(q_norm),
-            static_cast<const float *>(k_norm), eps, inv_freq, positions);
+            static_cast<const float *>(k_norm), whole, w_off, eps, inv_freq, positions);
     else
         k_qk_norm_rope<bf16><<<(unsigned)T, 128, 0, s>>>(
             static_cast<bf16 *>(qkv), nh, nkv, hd, static_cast<const bf16 *>(q_norm),
-            static_cast<const bf16 *>(k_norm), eps, inv_freq, positions);
+            static_cast<const bf16 *>(k_norm), whole, w_off, eps, inv_freq, positions);
     return cudaGetLastError();
 }
 
@@ -763,41 +904,70 @@ int rl_k_attention_supports(int64_t hd)
 
 cudaError_t rl_k_attention(cudaStream_t s, const void *qkv, void *out, int f32,
                            const int32_t *cu_seqlens, int64_t n_seqs, int64_t max_seqlen,
-                           int64_t nh, int64_t nkv, int64_t hd, float scale, int use_mma)
+                           int64_t nh, int64_t nkv, int64_t hd, float scale, float softcap,
+                           int64_t window, int use_mma)
 {
     if (n_seqs <= 0 || max_seqlen <= 0) return cudaSuccess;
-    if (!aligned16(qkv) || !aligned16(out) || nkv <= 0 || nh % nkv != 0)
+    if (!aligned16(qkv) || !aligned16(out) || nkv <= 0 || nh % nkv != 0 || !(softcap >= 0.0f) ||
+        window < 0)
         return cudaErrorInvalidValue;
+    AttnScore sc;
+    sc.mul = softcap > 0.0f ? scale / softcap : scale * kLog2e;
+    sc.cap_log2 = softcap > 0.0f ? softcap * kLog2e : 0.0f;
+    // a window as long as the longest sequence masks nothing: plain causal
+    sc.window = window >= max_seqlen ? 0 : (int)window;
     if (f32) // fp32 mode: the FMA kernel on f32 q/k/v (tensor cores are bf16 only)
         return attention_fma<float>(s, static_cast<const float *>(qkv), static_cast<float *>(out),
-                                    cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, scale);
+                                    cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, sc);
     const bf16 *q = static_cast<const bf16 *>(qkv);
     bf16 *o = static_cast<bf16 *>(out);
     if (use_mma) {
         switch (hd) {
-        case 16: return launch_attention_mma<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 32: return launch_attention_mma<32>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 64: return launch_attention_mma<64>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 80: return launch_attention_mma<80>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 96: return launch_attention_mma<96>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 128: return launch_attention_mma<128>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
-        case 256: return launch_attention_mma<256>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, scale);
+        case 16: return launch_attention_mma<16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 32: return launch_attention_mma<32>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 64: return launch_attention_mma<64>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 80: return launch_attention_mma<80>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 96: return launch_attention_mma<96>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 128: return launch_attention_mma<128>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
+        case 256: return launch_attention_mma<256>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, sc);
         default: return cudaErrorInvalidValue;
         }
     }
-    return attention_fma<bf16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, scale);
+    return attention_fma<bf16>(s, q, o, cu_seqlens, n_seqs, max_seqlen, nh, nkv, hd, sc);
 }
 
-cudaError_t rl_k_swiglu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff)
+cudaError_t rl_k_glu(cudaStream_t s, const void *gu, void *out, int f32, int64_t T, int64_t ff,
+                     int act)
 {
+    if (act != RL_K_ACT_SILU && act != RL_K_ACT_GELU_TANH) return cudaErrorInvalidValue;
     const int vec = ff % 8 == 0 && aligned16(gu) && aligned16(out);
-    const int64_t n = vec ? T * (ff / 8) : T * ff;
-    if (f32)
-        k_swiglu<float><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const float *>(gu),
-                                                          static_cast<float *>(out), T, ff, vec);
+    if (f32) {
+        const float *g = static_cast<const float *>(gu);
+        float *o = static_cast<float *>(out);
+        if (act == RL_K_ACT_GELU_TANH) launch_glu<RL_K_ACT_GELU_TANH>(s, g, o, T, ff, vec);
+        else launch_glu<RL_K_ACT_SILU>(s, g, o, T, ff, vec);
+    } else {
+        const bf16 *g = static_cast<const bf16 *>(gu);
+        bf16 *o = static_cast<bf16 *>(out);
+        if (act == RL_K_ACT_GELU_TANH) launch_glu<RL_K_ACT_GELU_TANH>(s, g, o, T, ff, vec);
+        else launch_glu<RL_K_ACT_SILU>(s, g, o, T, ff, vec);
+    }
+    return cudaGetLastError();
+}
+
+cudaError_t rl_k_cast(cudaStream_t s, const void *src, int src_f32, void *dst, int dst_f32,
+                      int64_t n)
+{
+    if (n <= 0) return cudaSuccess;
+    const unsigned g = grid_for(n, 256);
+    if (src_f32 && dst_f32)
+        k_cast<float, float><<<g, 256, 0, s>>>(static_cast<const float *>(src), static_cast<float *>(dst), n);
+    else if (src_f32)
+        k_cast<float, bf16><<<g, 256, 0, s>>>(static_cast<const float *>(src), static_cast<bf16 *>(dst), n);
+    else if (dst_f32)
+        k_cast<bf16, float><<<g, 256, 0, s>>>(static_cast<const bf16 *>(src), static_cast<float *>(dst), n);
     else
-        k_swiglu<bf16><<<grid_for(n, 256), 256, 0, s>>>(static_cast<const bf16 *>(gu),
-                                                         static_cast<bf16 *>(out), T, ff, vec);
+        k_cast<bf16, bf16><<<g, 256, 0, s>>>(static_cast<const bf16 *>(src), static_cast<bf16 *>(dst), n);
     return cudaGetLastError();
 }
 

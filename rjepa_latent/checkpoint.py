@@ -4,13 +4,15 @@ What it does:
 - `load_hf_config`: config.json -> a public config dict (what users and the
   store see) and the engine config dict (the `rl_config` field names that
   `_core.Engine` takes). What differs between families (llama, mistral,
-  qwen2, qwen3) comes from their registry unit (`rjepa_latent.arch`).
+  qwen2, qwen3, gemma2, gemma3_text, olmo2) comes from their registry unit
+  (`rjepa_latent.arch`).
 - `tensor_layout`: which tensors the engine needs under a config and their
   shapes, asked of the C core (`_core.tensor_layout`), the one place that
   knows; both loaders read exactly that list, in that order.
 - `rope_inv_freq`: the RoPE inverse frequencies exactly as HF computes them
-  (float32 arithmetic, `llama3` scaling included); the engine takes them as a
-  tensor so it never re-derives RoPE variants in C.
+  (float32 arithmetic, `llama3` and `linear` scaling included; the sliding
+  layers' own base, `rope_inv_freq_swa`); the engine takes them as tensors
+  so it never re-derives RoPE variants in C.
 - `read_safetensors_header`: validates one .safetensors file to the spec
   before any data is touched. Offsets are checked here, in Python, so the C
   side only ever receives bounded `memoryview` slices of an mmap.
@@ -67,7 +69,8 @@ class CheckpointSource:
     `engine_config`: dict with the `rl_config` field names for `_core.Engine`
     (includes `max_layer`). `tokenizer`: `tokenizers.Tokenizer` or None.
     `fingerprint`: sha256 hex of the config and tensor header info (not data).
-    `sliding_window`: int or None; sequences longer than it are refused.
+    `sliding_window`: int or None; the attention window of the layers it
+    applies to (all, or the config's `layer_types`).
     `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
     included) as (kind, layer, C-contiguous buffer, "float32"|"bfloat16"|
     "float16", shape); buffers are only valid until the next item.
@@ -114,9 +117,14 @@ def _rope_settings(raw: dict, family: type[arch.Family],
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ModelFormatError(f"{where}: rope_parameters / rope_scaling must be objects")
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise ModelFormatError(f"{where}: per-layer-type rope_parameters are not supported")
+        # per layer type (transformers 5): the full-attention layers' are the
+        # model's RoPE; a family with a local base reads the sliding ones
+        # (Family.hf_variants: rope_local_theta)
+        if not family.ROPE_PER_LAYER_TYPE or "full_attention" not in params:
+            raise ModelFormatError(f"{where}: per-layer-type rope_parameters are not supported")
+        params = params["full_attention"]
     merged = {**scaling, **params}
-    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    theta = merged.get("rope_theta", raw.get("rope_theta", family.ROPE_THETA))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise ModelFormatError(f"{where}: rope_theta must be a positive number, got {theta!r}")
     partial = merged.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
@@ -128,6 +136,12 @@ def _rope_settings(raw: dict, family: type[arch.Family],
                                f"(supported: {', '.join(family.ROPE_TYPES)})")
     if rope_type == "default":
         return float(theta), None
+    if rope_type == "linear":
+        factor = _req(merged, "factor", where + " rope_scaling")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelFormatError(f"{where}: linear rope factor must be a positive number, "
+                                   f"got {factor!r}")
+        return float(theta), {"rope_type": "linear", "factor": float(factor)}
     out = {"rope_type": "llama3"}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         out[key] = float(_req(merged, key, where + " rope_scaling"))
@@ -145,6 +159,39 @@ def _sliding_window(raw: dict, family: type[arch.Family], where: str) -> int | N
     if sw is None:
         return None
     return _pos_int(sw, "sliding_window", where)
+
+
+def check_variants(variants: dict, num_layers: int, window: int | None, where: str) -> dict:
+    """The variants of a public config (arch.VARIANTS), validated; only those
+    that differ from Llama are kept."""
+    unknown = set(variants) - set(arch.VARIANTS)
+    if unknown:
+        raise ModelFormatError(f"{where}: unknown variant(s) {sorted(unknown)}")
+    v = {**arch.VARIANTS, **variants}
+    if v["norms"] not in arch.NORMS:
+        raise ModelFormatError(f"{where}: norms {v['norms']!r} is not one of {arch.NORMS}")
+    if v["hidden_act"] not in arch.ACTIVATIONS:
+        raise ModelFormatError(f"{where}: activation {v['hidden_act']!r} is not supported "
+                               f"(supported: {', '.join(arch.ACTIVATIONS)})")
+    if v["norm_offset"] not in (0.0, 1.0) or v["qk_norm_over"] not in ("head", "projection"):
+        raise ModelFormatError(f"{where}: norm_offset {v['norm_offset']!r} / qk_norm_over "
+                               f"{v['qk_norm_over']!r} not supported")
+    for key in ("embed_scale", "attn_scale", "attn_softcap", "rope_local_theta"):
+        x = v[key]
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))
+                              or not math.isfinite(x) or not x > 0):
+            raise ModelFormatError(f"{where}: {key} must be a positive number, got {x!r}")
+    types = v["layer_types"]
+    if types is not None:
+        kinds = ("sliding_attention", "full_attention")
+        if (not isinstance(types, list) or len(types) != num_layers
+                or any(t not in kinds for t in types)):
+            raise ModelFormatError(f"{where}: layer_types must list {num_layers} entries of "
+                                   f"{' / '.join(kinds)}, got {types!r}")
+        if window is None and "sliding_attention" in types:
+            raise ModelFormatError(f"{where}: layer_types names sliding_attention layers but no "
+                                   "sliding_window applies")
+    return {k: x for k, x in v.items() if x != arch.VARIANTS[k]}
 
 
 def load_hf_config(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -181,9 +228,11 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
                                f"num_key_value_heads={nkv}")
     if hd % 2:
         raise ModelFormatError(f"{where}: head_dim={hd} must be even for RoPE")
-    act = raw.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ModelFormatError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    window = _sliding_window(raw, family, where)
+    variants = check_variants(family.hf_variants(raw, where), n_layers, window, where)
+    types = family.hf_layer_types(raw, window, where)
+    if types is not None:
+        variants = check_variants({**variants, "layer_types": types}, n_layers, window, where)
     eps = raw.get("rms_norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelFormatError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
@@ -195,17 +244,19 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
         "vocab_size": vocab, "rms_norm_eps": float(eps), "rope_theta": theta,
         "rope_scaling": scaling,
         "max_position_embeddings": raw.get("max_position_embeddings"),
-        "sliding_window": _sliding_window(raw, family, where),
+        "sliding_window": window,
         **{flag: bool(flags[flag]) for flag in arch.FLAGS},
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        **variants,
     }
     return public, engine_config(public, n_layers)
 
 
 def engine_config(public: dict, max_layer: int) -> dict:
     """Engine (`rl_config`) dict from the public config: flags and numbers,
-    never a family name."""
-    return {
+    never a family name. The variants (arch.VARIANTS) appear only where a
+    config states them (the engine's defaults are Llama's)."""
+    out = {
         "vocab_size": public["vocab_size"], "hidden_size": public["hidden_size"],
         "intermediate_size": public["intermediate_size"], "num_layers": public["num_layers"],
         "num_heads": public["num_heads"], "num_kv_heads": public["num_kv_heads"],
@@ -213,6 +264,27 @@ def engine_config(public: dict, max_layer: int) -> dict:
         "rms_norm_eps": public["rms_norm_eps"],
         **{flag: int(public[flag]) for flag in arch.FLAGS},
     }
+    v = {**arch.VARIANTS, **{k: public[k] for k in arch.VARIANTS if k in public}}
+    if v["norms"] != "pre":
+        out["norms"] = arch.NORMS.index(v["norms"])
+    if v["norm_offset"]:
+        out["norm_offset"] = float(v["norm_offset"])
+    if v["hidden_act"] != "silu":
+        out["act"] = arch.ACTIVATIONS.index(v["hidden_act"])
+    if out["qk_norm"] and v["qk_norm_over"] == "projection":
+        out["qk_norm"] = 2                                  # RL_QK_NORM_PROJ
+    for key in ("embed_scale", "attn_scale", "attn_softcap"):
+        if v[key] is not None:
+            out[key] = float(v[key])
+    window = public.get("sliding_window")
+    if window:
+        out["sliding_window"] = int(window)
+        types = v["layer_types"]
+        out["layer_sliding"] = ([t == "sliding_attention" for t in types] if types is not None
+                                else [True] * public["num_layers"])
+    if v["rope_local_theta"] is not None:
+        out["rope_swa"] = 1
+    return out
 
 
 def tensor_layout(public: dict, max_layer: int) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -223,6 +295,12 @@ def tensor_layout(public: dict, max_layer: int) -> list[tuple[str, int, tuple[in
     kinds the loader computes, `Family.COMPUTED`)."""
     return [(kind, int(layer), tuple(int(x) for x in shape))
             for kind, layer, shape in _core.tensor_layout(engine_config(public, max_layer))]
+
+
+def rope_inv_freq_swa(cfg: dict) -> np.ndarray:
+    """The sliding layers' inverse frequencies: the default RoPE of base
+    `rope_local_theta` (Gemma-3's local layers; no scaling)."""
+    return rope_inv_freq({**cfg, "rope_theta": cfg["rope_local_theta"], "rope_scaling": None})
 
 
 def family_of(public: dict) -> type[arch.Family]:
@@ -244,6 +322,8 @@ def rope_inv_freq(cfg: dict) -> np.ndarray:
     scaling = cfg.get("rope_scaling")
     if not scaling:
         return inv_freq
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
     factor = np.float32(scaling["factor"])
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_ctx = scaling["original_max_position_embeddings"]
@@ -527,8 +607,8 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
 
     def feed() -> Iterator[TensorRecord]:
         for kind, layer, shape in layout:
-            if kind == "rope_inv_freq":
-                inv = rope_inv_freq(cfg)
+            if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
+                inv = rope_inv_freq(cfg) if kind == "rope_inv_freq" else rope_inv_freq_swa(cfg)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             info = found[(kind, layer)]

@@ -44,8 +44,9 @@ class TokenIdError(InputError):
 
 
 class SequenceLengthError(InputError):
-    """A sequence is longer than the engine can take: the model's sliding window, or
-    the workspace reserved on a CUDA device (max_batch_tokens)."""
+    """A sequence is longer than the engine can take: the workspace reserved on a
+    CUDA device (max_batch_tokens), or the model's sliding window on a device
+    without sliding-window attention."""
 
 
 class SpanError(InputError):

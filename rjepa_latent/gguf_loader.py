@@ -1,7 +1,8 @@
 """GGUF checkpoints (the llama.cpp format) as a second input to `Model`.
 
 `load_gguf(path, max_layer)` opens a GGUF file of a registered architecture
-(`rjepa_latent.arch`: llama, qwen2, qwen3) with the `gguf` package's
+(`rjepa_latent.arch`: llama, qwen2, qwen3, gemma2, gemma3, olmo2) with the
+`gguf` package's
 memory-mapped reader and returns a checkpoint source with the same interface
 as an HF directory's (`rjepa_latent.checkpoint`): a public `config`, the
 engine's `engine_config`, a `tokenizers.Tokenizer` rebuilt from the file's
@@ -24,6 +25,11 @@ Design choices:
   head for some architectures (`Family.gguf_permuted_qk`; its RoPE rotates
   adjacent pairs); the engine uses HF's rotate-half RoPE, so those rows are
   put back in HF order here.
+- The block's variants (norm placement, norm offset, GeGLU, soft-capping,
+  sliding layers, a local RoPE base) come from the family
+  (`Family.gguf_variants`): GGUF stores some as metadata and implies the
+  rest by the architecture and the converter's conventions (Gemma's norm
+  weights already hold the +1).
 - `head_dim` is `<arch>.attention.key_length` when present (Qwen3 writes it;
   it may differ from hidden/heads), else `rope.dimension_count`, else
   hidden/heads; a rotary dimension other than head_dim is refused.
@@ -42,8 +48,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import arch
-from .checkpoint import (CheckpointSource, check_config_sizes, engine_config, resolve_max_layer,
-                         rope_inv_freq, tensor_layout)
+from .checkpoint import (CheckpointSource, check_config_sizes, check_variants, engine_config,
+                         resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
 from .errors import ModelFormatError
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
@@ -320,6 +326,8 @@ def _read_config(meta: _Metadata, tensors: dict[str, Any], path: str) -> dict:
         "gguf_file_type": meta.get("general.file_type"),
         "name": meta.get("general.name"),
     }
+    variants = family.gguf_variants(cfg, lambda key: meta.get(p + key), path)
+    cfg.update(check_variants(variants, cfg["num_layers"], window, path))
     return cfg
 
 
@@ -489,8 +497,9 @@ class GGUFFile:
         one dequantized float32 tensor at a time."""
         fam = self.family
         for kind, layer, shape in self._layout:
-            if kind == "rope_inv_freq":
-                inv = self._rope_inv_freq()
+            if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
+                inv = self._rope_inv_freq() if kind == "rope_inv_freq" else \
+                    rope_inv_freq_swa(self.config)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             arr = _dequantize(self._tensors[fam.gguf_name(kind, layer)], shape)

@@ -4,7 +4,7 @@ states / step-pooled latents as zero-copy NumPy arrays) and `memory_plan`.
 Design choices:
 - The seam to the engine is three methods, and no forward pass reaches
   `_core` another way: `check` validates one sequence with its spans (the only place
-  token ids, spans, the sliding window and the CUDA workspace limit are
+  token ids, spans and the CUDA workspace limit are
   checked), `resolve_layers` validates layer indices, and `run_batch` runs
   exactly one engine call over sequences `check` accepted. Packing is
   `plan.plan_batches` (the one packer, one cost rule). `extract` is check ->
@@ -54,7 +54,7 @@ from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from . import _core
 from .checkpoint import (CheckpointSource, engine_config, hidden_state_index, open_checkpoint,
                          read_config)
-from .errors import (DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
+from .errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                      SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
 
@@ -131,6 +131,25 @@ def resolve_engine_dtype(dtype: str | None, device: str) -> str:
 
 # ---------------------------------------------------------------------------
 # memory plans (bytes a Model would allocate; not the batch plan of plan.py)
+
+
+def device_engine_config(eng_cfg: dict, device: str) -> tuple[dict, int | None]:
+    """The engine config `device` runs and the longest sequence it then takes
+    (None: any). A backend whose capabilities lack sliding-window attention
+    runs the model with full attention, the same network on sequences that
+    fit in the window, and longer ones are refused (Model.check); where the
+    capabilities are unknown (CUDA not built in) the config is unchanged."""
+    window = eng_cfg.get("sliding_window")
+    if not window or not any(eng_cfg.get("layer_sliding", ())):
+        return eng_cfg, None
+    try:
+        features = _core.backend_caps(device)["features"]
+    except DeviceError:
+        return eng_cfg, None
+    if "sliding_window" in features:
+        return eng_cfg, None
+    return ({k: v for k, v in eng_cfg.items() if k not in ("sliding_window", "layer_sliding")},
+            int(window))
 
 
 def _plan_memory(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str) -> dict:
@@ -213,7 +232,7 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
     cfg = read_config(path)
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(resolve_layers(layers, n, n))
-    eng_cfg = engine_config(cfg, max_layer)
+    eng_cfg, _ = device_engine_config(engine_config(cfg, max_layer), device)
     mem = _plan_memory(eng_cfg, device, tokens, dtype)
     info = _device_memory_info(device)
     if info is not None:
@@ -357,9 +376,11 @@ class Model:
         self.tokenizer = src.tokenizer
         self.fingerprint: str = src.fingerprint
         self.sliding_window: int | None = src.sliding_window
+        # a device without windowed attention takes sequences up to the window only
+        eng_cfg, self._window_limit = device_engine_config(src.engine_config, self.device)
         if self.device != "cpu":
             def fitted() -> dict:
-                mem = _plan_memory(src.engine_config, self.device, self.max_batch_tokens,
+                mem = _plan_memory(eng_cfg, self.device, self.max_batch_tokens,
                                    self.dtype)
                 free, total = _core.cuda_mem_info(int(self.device[5:]))
                 return {**mem, "free_bytes": int(free), "total_device_bytes": int(total)}
@@ -370,7 +391,7 @@ class Model:
                 self.max_batch_tokens //= 2
                 mem = fitted()
             _check_fits(mem)
-        engine = _core.Engine(src.engine_config, self.device, int(threads or 0), dtype=self.dtype)
+        engine = _core.Engine(eng_cfg, self.device, int(threads or 0), dtype=self.dtype)
         for kind, layer, buf, dtype, shape in src.tensors():
             engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
@@ -420,19 +441,20 @@ class Model:
     def check(self, ids: Any, spans: Any = None, *, per_token: bool = False, name: str = "ids",
               spans_name: str = "spans") -> Checked:
         """Validate one sequence for this model: token ids (integers, 1-D, not
-        empty, in the vocabulary), its length (the sliding window; on CUDA the
-        reserved workspace) and its spans ([n, 2] integer [start, end) inside
+        empty, in the vocabulary), its length (on CUDA the reserved
+        workspace, and the sliding window where the device lacks windowed
+        attention) and its spans ([n, 2] integer [start, end) inside
         the sequence; None = one span over it; `per_token`: one per token, for
         pooling "none", and `spans` must be None). Raises the InputError
         subclass of the mistake, naming `name` / `spans_name`. Thread-safe (reads
         no engine state), so a pipeline may check in another thread."""
         arr = _as_ids(ids, self.config["vocab_size"], name)
         n = arr.size
-        w = self.sliding_window
-        if w is not None and n > w:
+        if self._window_limit is not None and n > self._window_limit:
             raise SequenceLengthError(
-                f"{name} has {n} tokens, more than this model's sliding_window={w}; "
-                f"sliding-window attention is not supported, so sequences must fit in the window")
+                f"{name} has {n} tokens, more than this model's sliding_window="
+                f"{self._window_limit}; {self.device} has no sliding-window attention, so "
+                "sequences must fit in the window there (the CPU runs longer ones)")
         if per_token:
             if spans is not None:
                 raise SpanError("spans must be None with pooling='none'")

@@ -286,6 +286,12 @@ def load_reference_from_weights(path: str, torch, dtype, where: str, n_layers: i
         flags = family.hf_flags(kwargs)
         if any(bool(flags[f]) != bool(c[f]) for f in arch.FLAGS):
             raise ValueError(f"{path}: its flags cannot be expressed as a transformers config")
+        # Gemma / OLMo-2 files: their variants (and Gemma's stored 1 + w) are not
+        # rebuilt here; transformers' own GGUF loader is their reference
+        stated = sorted(k for k in arch.VARIANTS if k in c)
+        if stated:
+            raise ValueError(f"{path}: a {c['model_type']} file ({', '.join(stated)}) cannot be "
+                             "rebuilt as a transformers model from its weights")
         cfg = T.AutoConfig.for_model(family.hf_model_types[0], **kwargs)
         cfg._attn_implementation = "eager" if dtype == torch.float32 else "sdpa"
         with _quiet_transformers(T):

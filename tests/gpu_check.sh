@@ -3,9 +3,11 @@
 # lent H100/H200, with nothing prepared by hand: build in place for
 # sm_80/sm_90/sm_90a with warnings as errors, the C op test in cuda mode
 # (every CUDA op vs its CPU op, tests/backend_ops/), whole-model parity vs HF,
-# packing and the device contract (tests/test_gpu_model.py), the user's own
-# parity command (`rjepa-latent parity`, bf16 and fp32) on tiny models, then the
-# Qwen3-8B-shaped benchmark (tests/gpu_bench.py); a table of the stages last.
+# packing and the device contract (tests/test_gpu_model.py), the Gemma-2,
+# Gemma-3 and OLMo-2 families' parity, CUDA (tests/test_gpu_families.py) and
+# CPU (tests/test_arch_*.py), the user's own parity command (`rjepa-latent parity`, bf16 and fp32)
+# on tiny models of each family conftest builds, then the Qwen3-8B-shaped
+# benchmark (tests/gpu_bench.py); a table of the stages last.
 #
 # Device-tool call (from a session whose task is lent a GPU):
 #   run(command="bash tests/gpu_check.sh", timeout_s=600)
@@ -16,16 +18,17 @@
 # Time: every stage runs under `timeout` with its own budget, all inside
 # GPU_CHECK_BUDGET (default 500 s, well inside the tool's 540-600 s), so the
 # summary always comes: env <= 30 s, build <= 200 s, op tests <= 120 s, model
-# tests <= 200 s, the bench the rest (--quick below 240 s left; skipped below
-# 60 s). The bench's checkpoint is written (or found in its cache) in the
+# tests <= 200 s, family tests <= 150 s, the bench the rest (--quick below 240 s
+# left; skipped below 60 s). The bench's checkpoint is written (or found in its cache) in the
 # background while the extension builds and the op tests run (<= 200 s; the
 # model tests wait for it: no other process may use the GPU while they
 # measure its free memory). Knobs: GPU_CHECK_BUDGET=s, GPU_CHECK_QUICK=1
-# (quick bench), GPU_CHECK_SKIP_MODEL=1, GPU_CHECK_SKIP_BENCH=1, PYTHON
-# (default python3).
+# (quick bench), GPU_CHECK_SKIP_MODEL=1 (also skips the family tests),
+# GPU_CHECK_SKIP_BENCH=1, PYTHON (default python3).
 #
 # Files under $OUT (else /tmp/rjepa_gpu_check), 8 at most: env.txt, build.log,
-# ptxas.txt, ops.log, model.log, bench.log, gpu_bench.json, summary.txt.
+# ptxas.txt, ops.log, model.log (the family tests appended), bench.log,
+# gpu_bench.json, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rjepa_gpu_check}
@@ -181,7 +184,7 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   b=$(budget 200 100)
   TO "$b" "${PYTEST[@]}" -s tests/test_gpu_model.py > "$OUT/model.log" 2>&1
   rc=$?
-  grep -E "^(llama|mistral|qwen)|layer [0-9]+:" "$OUT/model.log" > "$SCRATCH/parity.txt"
+  grep -E "^(llama|mistral|qwen|gemma|olmo)|layer [0-9]+:" "$OUT/model.log" > "$SCRATCH/parity.txt"
   grep -E "^fp32 " "$OUT/model.log" > "$SCRATCH/parity_fp32.txt"
   tail -15 "$OUT/model.log"
   if [ $rc = 0 ] && ! grep -q "SKIPPED" "$OUT/model.log"; then stage model ok "$(counts "$OUT/model.log")"
@@ -190,17 +193,47 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   else stage model FAIL "$(counts "$OUT/model.log")"; fi
 fi
 
+# ---- families: Gemma-2 / Gemma-3 / OLMo-2 (and sliding windows): CUDA parity vs HF on the GPU
+# (tests/test_gpu_families.py), and the CPU engine's parity tests of each family ---------------
+ARCH_TESTS=()
+for f in tests/test_gpu_families.py tests/test_arch_gemma2.py tests/test_arch_gemma3.py \
+         tests/test_arch_olmo2.py tests/test_arch_sliding.py; do
+  [ -f "$f" ] && ARCH_TESTS+=("$f")
+done
+if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
+  if [ ${#ARCH_TESTS[@]} = 0 ]; then stage family SKIP "no family test files"
+  else
+    echo "===== family tests: ${ARCH_TESTS[*]} =====" >> "$OUT/model.log"
+    b=$(budget 150 100)
+    TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" > "$SCRATCH/family.log" 2>&1
+    rc=$?
+    cat "$SCRATCH/family.log" >> "$OUT/model.log"
+    grep -E "^(gemma|olmo)|layer [0-9]+:" "$SCRATCH/family.log" >> "$SCRATCH/parity.txt"
+    grep -E "^fp32 " "$SCRATCH/family.log" >> "$SCRATCH/parity_fp32.txt"
+    tail -8 "$SCRATCH/family.log"
+    if [ $rc = 0 ] && ! grep -q "SKIPPED" "$SCRATCH/family.log"; then stage family ok "$(counts "$SCRATCH/family.log")"
+    elif [ $rc = 0 ]; then stage family SKIP "$(counts "$SCRATCH/family.log") (see the SKIPPED lines in model.log)"
+    elif [ $rc -ge 124 ]; then stage family FAIL "timed out after ${b}s: $(counts "$SCRATCH/family.log")"
+    else stage family FAIL "$(counts "$SCRATCH/family.log")"; fi
+  fi
+fi
+
 # ---- parity: the user's own check (`rjepa-latent parity`) on tiny models, bf16 and fp32 ------
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ] && [ "$(left)" -gt 120 ]; then
-  TO 60 "$PY" - "$SCRATCH/tiny" >> "$OUT/model.log" 2>&1 <<'EOF'
+  # conftest's tiny models, and the families' of tests/test_gpu_families.py
+  TO 90 "$PY" - "$SCRATCH/tiny" >> "$OUT/model.log" 2>&1 <<'EOF'
 import pathlib, sys
 sys.path.insert(0, "tests")
 from conftest import build_tiny_model
+from test_gpu_families import _build
+out = pathlib.Path(sys.argv[1])
 for arch in ("qwen3", "llama3_rope"):
-    build_tiny_model(arch, pathlib.Path(sys.argv[1]) / arch)
+    build_tiny_model(arch, out / arch)
+for name in ("gemma2", "gemma3", "olmo2"):
+    _build(name, out / name)
 EOF
   prc=0
-  for arch in qwen3 llama3_rope; do
+  for arch in $(ls "$SCRATCH/tiny" 2>/dev/null); do
     for dt in bfloat16 float32; do
       echo "===== rjepa-latent parity --model <tiny $arch> --device cuda --dtype $dt =====" >> "$OUT/model.log"
       TO "$(budget 60 60)" "$PY" -m rjepa_latent.cli parity --model "$SCRATCH/tiny/$arch" --device cuda \

@@ -30,13 +30,15 @@ def public(**flags) -> dict:
 
 
 def test_lookups_by_every_name():
-    for fam in (arch.Llama, arch.Mistral, arch.Qwen2, arch.Qwen3):
+    for fam in (arch.Llama, arch.Mistral, arch.Qwen2, arch.Qwen3, arch.Gemma2, arch.Gemma3,
+                arch.Olmo2):
         assert arch.for_model_type(fam.name, "x") is fam
         assert arch.for_hf_config({"architectures": list(fam.hf_architectures)}, "x") is fam
-    assert [f.name for f in arch.FAMILIES] == ["llama", "mistral", "qwen2", "qwen3"]
-    assert arch.for_gguf_architecture("llama", "x") is arch.Llama
-    assert arch.for_gguf_architecture("qwen2", "x") is arch.Qwen2
-    assert arch.for_gguf_architecture("qwen3", "x") is arch.Qwen3
+    assert [f.name for f in arch.FAMILIES] == ["llama", "gemma2", "gemma3_text", "mistral",
+                                               "olmo2", "qwen2", "qwen3"]
+    for name, fam in (("llama", arch.Llama), ("qwen2", arch.Qwen2), ("qwen3", arch.Qwen3),
+                      ("gemma2", arch.Gemma2), ("gemma3", arch.Gemma3), ("olmo2", arch.Olmo2)):
+        assert arch.for_gguf_architecture(name, "x") is fam
 
 
 @pytest.mark.parametrize("value", ["gpt2", None, 3, "Llama"])
@@ -44,9 +46,10 @@ def test_unknown_family_names_file_value_and_supported(value):
     with pytest.raises(rl.ModelFormatError) as e:
         arch.for_model_type(value, "/m/config.json")
     assert str(e.value) == (f"/m/config.json: model_type {value!r} is not supported "
-                            "(supported: llama, mistral, qwen2, qwen3)")
+                            "(supported: llama, gemma2, gemma3_text, mistral, olmo2, qwen2, qwen3)")
     with pytest.raises(rl.ModelFormatError, match=r"^f\.gguf: GGUF architecture .* is not "
-                                                  r"supported \(supported: llama, qwen2, qwen3\)$"):
+                                                  r"supported \(supported: llama, gemma2, gemma3, "
+                                                  r"olmo2, qwen2, qwen3\)$"):
         arch.for_gguf_architecture(value, "f.gguf")
 
 
@@ -121,11 +124,26 @@ def test_hf_flags(model_type, extra, want):
     ("mistral", {"sliding_window": None}, None),
     ("qwen2", {"sliding_window": 4096}, None),
     ("qwen2", {"sliding_window": 4096, "use_sliding_window": True}, 4096),
-    ("qwen3", {"sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]}, 64),
+    ("qwen3", {"sliding_window": 64, "use_sliding_window": True,
+               "layer_types": ["full_attention", "sliding_attention"]}, 64),
 ])
 def test_sliding_window_rules(model_type, extra, want):
-    cfg, _ = config_from_dict({**RAW, "model_type": model_type, **extra}, "x")
+    cfg, eng = config_from_dict({**RAW, "model_type": model_type, **extra}, "x")
     assert cfg["sliding_window"] == want
+    assert eng.get("sliding_window", None) == want
+    if want is not None:   # the layers it applies to: all (mistral) or layer_types (qwen)
+        want_layers = [True, True] if model_type == "mistral" else [
+            t == "sliding_attention" for t in extra.get("layer_types", ["full_attention"] * 2)]
+        assert eng["layer_sliding"] == want_layers
+
+
+def test_sliding_layers_without_a_window_are_refused():
+    """As Qwen2Config drops the window without use_sliding_window, HF cannot run
+    a layer_types naming sliding layers then; neither do we (clearly)."""
+    with pytest.raises(rl.ModelFormatError, match="names sliding_attention layers but no "
+                                                  "sliding_window applies"):
+        config_from_dict({**RAW, "model_type": "qwen3", "sliding_window": 64,
+                          "layer_types": ["full_attention", "sliding_attention"]}, "x")
 
 
 # ------------------------------------------------------------------ name tables

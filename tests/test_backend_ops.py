@@ -42,8 +42,8 @@ CUDA_GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=comp
                 "-gencode", "arch=compute_90a,code=sm_90a", "-gencode",
                 "arch=compute_90,code=compute_90"]
 SM90 = ["-gencode", "arch=compute_90,code=sm_90"]
-OPS = ("backend", "memory", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attention", "swiglu",
-       "pool", "upload", "download")
+OPS = ("backend", "memory", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attention", "glu",
+       "pool", "upload", "download", "cast")
 SKIP_RC = 77
 
 

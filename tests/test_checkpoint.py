@@ -122,8 +122,8 @@ def test_missing_config_field(llama_dir, tmp_path):
 
 def test_unsupported_architecture(llama_dir, tmp_path):
     d = _edit_config(llama_dir, tmp_path / "m", model_type="gpt2")
-    with pytest.raises(rl.ModelFormatError, match=r"'gpt2' is not supported.*llama, mistral, "
-                                                  r"qwen2, qwen3"):
+    with pytest.raises(rl.ModelFormatError, match=r"'gpt2' is not supported.*llama, gemma2, "
+                                                  r"gemma3_text, mistral, olmo2, qwen2, qwen3"):
         rl.Model(d, device="cpu")
 
 

@@ -17,6 +17,14 @@ driver's context calls, as it does next to a real cudart) and once without
   freed), are freed when the pool holds its cap, stay within 25 % of the
   requested size, and survive 8 threads allocating and releasing at once
   (each block used by one thread at a time, counters balanced at the end).
+
+A second program runs Gemma-like and OLMo-2-like configs through the real
+engine and backend on the same mock, whose kernel launchers log their
+parameters: the configs pass the CUDA capabilities, and each launch gets
+what the layer needs (window on sliding layers only and their own RoPE
+frequencies, scale, soft-cap, norm offset, pre-/post-norm modes, GeGLU, the
+residual cast of layers without pre-norms, in bf16 and fp32 storage); the ops
+refuse bad parameters by name.
 """
 from __future__ import annotations
 
@@ -148,13 +156,40 @@ int cuDevicePrimaryCtxGetState(int dev, unsigned *flags, int *active)
 }
 
 /* ---- kernels and cuBLAS: no work, but they must run on the right device ---- */
-cudaError_t rl_k_embed(cudaStream_t s, const int32_t *t, int64_t T, const void *tab, int f, int64_t d, float *x) { seen(); return cudaSuccess; }
-cudaError_t rl_k_rmsnorm(cudaStream_t s, const float *x, const void *w, int wf, void *y, int of, int64_t r, int64_t d, float e) { seen(); return cudaSuccess; }
+/* Each launch is also logged (op, its parameters) for the wiring checks. */
+typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
+#define MOCK_LOG_MAX 4096
+mock_call mock_log[MOCK_LOG_MAX];
+int mock_nlog;
+static void logc(const char *op, int i0, int i1, int i2, int i3, float f0, float f1, float f2,
+                 const void *p, long long n)
+{
+    pthread_mutex_lock(&mu);
+    if (mock_nlog < MOCK_LOG_MAX) {
+        mock_call *c = &mock_log[mock_nlog++];
+        strncpy(c->op, op, sizeof c->op - 1);
+        c->op[sizeof c->op - 1] = 0;
+        c->i[0] = i0; c->i[1] = i1; c->i[2] = i2; c->i[3] = i3;
+        c->f[0] = f0; c->f[1] = f1; c->f[2] = f2;
+        c->p = p;
+        c->n = n;
+    }
+    pthread_mutex_unlock(&mu);
+}
+cudaError_t rl_k_embed(cudaStream_t s, const int32_t *t, int64_t T, const void *tab, int f, int64_t d, float scale, float *x)
+{ seen(); logc("embed", f, 0, 0, 0, scale, 0, 0, x, T); return cudaSuccess; }
+cudaError_t rl_k_rmsnorm(cudaStream_t s, const void *x, int xf, const void *w, int wf, float off, void *y, int out, int64_t r, int64_t d, float e)
+{ seen(); logc("rmsnorm", xf, wf, out, 0, off, e, 0, y, r * d); return cudaSuccess; }
 cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int yf, const void *b, int bf, int64_t M, int64_t N, int add) { seen(); return cudaSuccess; }
-cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *q, int f, int64_t T, int64_t nh, int64_t nkv, int64_t hd, const void *qn, const void *kn, float e, const float *inv, const int32_t *pos) { seen(); return cudaSuccess; }
+cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *q, int f, int64_t T, int64_t nh, int64_t nkv, int64_t hd, const void *qn, const void *kn, int whole, float off, float e, const float *inv, const int32_t *pos)
+{ seen(); logc("qk", f, whole, qn != NULL && kn != NULL, 0, off, e, 0, inv, T); return cudaSuccess; }
 int rl_k_attention_supports(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256; }
-cudaError_t rl_k_attention(cudaStream_t s, const void *q, void *o, int f, const int32_t *cu, int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float sc, int mma) { seen(); return cudaSuccess; }
-cudaError_t rl_k_swiglu(cudaStream_t s, const void *g, void *o, int f, int64_t T, int64_t ff) { seen(); return cudaSuccess; }
+cudaError_t rl_k_attention(cudaStream_t s, const void *q, void *o, int f, const int32_t *cu, int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float sc, float cap, int64_t window, int mma)
+{ seen(); logc("attention", f, (int)window, mma, 0, sc, cap, 0, o, B); return cudaSuccess; }
+cudaError_t rl_k_glu(cudaStream_t s, const void *g, void *o, int f, int64_t T, int64_t ff, int act)
+{ seen(); logc("glu", f, act, 0, 0, 0, 0, 0, o, T * ff); return cudaSuccess; }
+cudaError_t rl_k_cast(cudaStream_t s, const void *src, int sf, void *dst, int df, int64_t n)
+{ seen(); logc("cast", sf, df, 0, 0, 0, 0, 0, dst, n); return cudaSuccess; }
 cudaError_t rl_k_pool(cudaStream_t s, const void *x, int f, int64_t d, const int32_t *sp, int64_t S, int mode, float *out) { seen(); return cudaSuccess; }
 
 static rl_cublas_status b_create(rl_cublas_handle *h) { seen(); *h = (rl_cublas_handle)malloc(8); return 0; }
@@ -410,6 +445,190 @@ int main(void)
 """
 
 
+WIRING_C = r"""
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "common.h"
+#include "cuda_internal.h"
+
+typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
+extern mock_call mock_log[];
+extern int mock_nlog;
+extern int mock_expect_device;
+
+static int failures;
+#define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #c, rl_last_error()); } } while (0)
+
+static rl_config base(int64_t L)
+{
+    rl_config c = {.vocab_size = 11, .hidden_size = 16, .intermediate_size = 32, .num_layers = L,
+                   .num_heads = 2, .num_kv_heads = 1, .head_dim = 16, .max_layer = L,
+                   .rms_norm_eps = 1e-6};
+    return c;
+}
+
+/* the i-th logged launch of `op` (NULL when there are fewer) */
+static const mock_call *nth(const char *op, int i)
+{
+    for (int k = 0; k < mock_nlog; k++)
+        if (strcmp(mock_log[k].op, op) == 0 && i-- == 0) return &mock_log[k];
+    return NULL;
+}
+static int count(const char *op)
+{
+    int n = 0;
+    while (nth(op, n)) n++;
+    return n;
+}
+
+/* Loads `c` on a fresh CUDA backend of storage `dt` and runs one forward of
+ * 5 tokens in 2 sequences to the last hidden index; the log then holds the
+ * forward's launches. 0 on success. */
+static int run(const rl_config *c, rl_dtype dt)
+{
+    rl_backend *be = NULL;
+    mock_expect_device = 0;
+    CHECK(rl_backend_cuda_create_ex(0, dt, &be) == RL_OK);
+    if (!be) return -1;
+    rl_model *m = NULL;
+    if (rl_model_create(c, be, &m) != RL_OK) {
+        failures++;
+        fprintf(stderr, "FAIL rl_model_create: %s\n", rl_last_error());
+        return -1;
+    }
+    static float buf[64 * 64];
+    for (int k = 0; k < RL_T_COUNT; k++)
+        for (int64_t l = 0; l < (rl_tensor_kind_is_global((rl_tensor_kind)k) ? 1 : c->num_layers); l++) {
+            int64_t s[2];
+            int nd = rl_tensor_shape(c, (rl_tensor_kind)k, s);
+            if (nd) CHECK(rl_model_set_tensor(m, (rl_tensor_kind)k, l, buf, RL_F32, s, nd) == RL_OK);
+        }
+    CHECK(rl_model_check_complete(m) == RL_OK);
+    CHECK(rl_model_reserve(m, 16) == RL_OK);
+    int32_t tok[5] = {1, 2, 3, 4, 5}, cu[3] = {0, 2, 5}, layers[1] = {(int32_t)c->num_layers},
+            spans[4] = {0, 2, 0, 3}, seq[2] = {0, 1};
+    rl_pool mean = RL_POOL_MEAN;
+    rl_batch b = {tok, 5, cu, 2, layers, 1, spans, seq, 2, &mean, 1};
+    rl_result res = {0};
+    mock_nlog = 0;
+    rl_status st = rl_model_forward(m, &b, &res);
+    CHECK(st == RL_OK);
+    rl_result_free(&res);
+    rl_model_free(m);
+    return st == RL_OK ? 0 : -1;
+}
+
+/* Gemma-3-like (and Gemma-2's soft-cap): embedding scale, (1 + w) norms, pre+post norms,
+ * GeGLU, per-head q/k norm, a custom scale, soft-capping, a window on layers 0 and 1
+ * with their own RoPE frequencies. */
+static void gemma_like(void)
+{
+    rl_config c = base(3);
+    c.embed_scale = 4.0f;
+    c.norm_offset = 1.0f;
+    c.act = RL_ACT_GELU_TANH;
+    c.norms = RL_NORMS_PRE_POST;
+    c.qk_norm = RL_QK_NORM_HEAD;
+    c.attn_scale = 0.125f;
+    c.attn_softcap = 50.0f;
+    c.sliding_window = 4;
+    c.layer_sliding[0] = c.layer_sliding[1] = 1;
+    c.rope_swa = 1;
+    rl_backend_caps caps;
+    CHECK(rl_backend_caps_get(0, &caps) == RL_OK);
+    CHECK(rl_caps_check_config(&caps, "cuda:0", &c, RL_BF16) == RL_OK);
+    if (run(&c, RL_BF16) != 0) return;
+    const mock_call *e = nth("embed", 0);
+    CHECK(count("embed") == 1 && e && e->f[0] == 4.0f);
+    CHECK(count("cast") == 0);
+    CHECK(count("attention") == 3 && count("qk") == 3 && count("glu") == 3);
+    for (int l = 0; l < 3; l++) {
+        const mock_call *a = nth("attention", l), *q = nth("qk", l), *g = nth("glu", l);
+        if (!a || !q || !g) break;
+        CHECK(a->i[1] == (l < 2 ? 4 : 0));                  /* window on sliding layers only */
+        CHECK(a->f[0] == 0.125f && a->f[1] == 50.0f && a->i[2] == 1);
+        CHECK(q->i[1] == 0 && q->i[2] == 1 && q->f[0] == 1.0f);
+        CHECK(g->i[1] == RL_K_ACT_GELU_TANH);
+    }
+    /* sliding layers rotate with the other frequencies */
+    if (count("qk") == 3) CHECK(nth("qk", 0)->p == nth("qk", 1)->p && nth("qk", 0)->p != nth("qk", 2)->p);
+    /* per layer: pre-norm (f32 residual -> bf16), post-norm (bf16 -> += residual), twice; final */
+    CHECK(count("rmsnorm") == 3 * 4 + 1);
+    for (int k = 0; k < 12 && nth("rmsnorm", k); k++) {
+        const mock_call *r = nth("rmsnorm", k);
+        int post = k % 2 == 1;
+        CHECK(r->i[0] == !post && r->i[2] == (post ? RL_K_NORM_ADD_F32 : RL_K_NORM_BF16));
+        CHECK(r->f[0] == 1.0f && r->n == 5 * 16);
+    }
+    const mock_call *fin = nth("rmsnorm", 12);
+    CHECK(fin && fin->i[0] == 1 && fin->i[2] == RL_K_NORM_F32 && fin->f[0] == 1.0f);
+}
+
+/* OLMo-2-like: post-norms only (the residual cast to the GEMM operand), q/k norm
+ * over the whole projection, SwiGLU; in both storage modes. */
+static void olmo_like(rl_dtype dt)
+{
+    rl_config c = base(2);
+    c.norms = RL_NORMS_POST;
+    c.qk_norm = RL_QK_NORM_PROJ;
+    if (run(&c, dt) != 0) return;
+    const int f32 = dt == RL_F32;
+    CHECK(nth("embed", 0) && nth("embed", 0)->f[0] == 1.0f);
+    CHECK(count("cast") == 4);
+    for (int k = 0; k < 4 && nth("cast", k); k++)
+        CHECK(nth("cast", k)->i[0] == 1 && nth("cast", k)->i[1] == f32 && nth("cast", k)->n == 5 * 16);
+    CHECK(count("rmsnorm") == 2 * 2 + 1);
+    for (int k = 0; k < 4 && nth("rmsnorm", k); k++)
+        CHECK(nth("rmsnorm", k)->i[0] == f32 && nth("rmsnorm", k)->i[2] == RL_K_NORM_ADD_F32 &&
+              nth("rmsnorm", k)->f[0] == 0.0f);
+    for (int l = 0; l < 2 && nth("qk", l) && nth("attention", l) && nth("glu", l); l++) {
+        CHECK(nth("qk", l)->i[1] == 1 && nth("qk", l)->i[2] == 1 && nth("qk", l)->p == nth("qk", 0)->p);
+        CHECK(nth("attention", l)->i[1] == 0 && nth("attention", l)->f[1] == 0.0f &&
+              nth("attention", l)->f[0] == 0.25f);
+        CHECK(nth("glu", l)->i[1] == RL_K_ACT_SILU);
+    }
+}
+
+/* what the ops refuse, by name */
+static void refusals(void)
+{
+    rl_backend *be = NULL;
+    CHECK(rl_backend_cuda_create_ex(0, RL_BF16, &be) == RL_OK);
+    if (!be) return;
+    void *a = NULL, *b = NULL;
+    CHECK(be->alloc(be, &a, 4096) == RL_OK && be->alloc(be, &b, 4096) == RL_OK);
+    int32_t cu[2] = {0, 4};
+    rl_segments seg = {cu, cu, cu, 1, 4};
+    CHECK(be->attention(be, &seg, a, b, 4, 2, 1, 16, 0.25f, 0, -1.0f) == RL_ERR_INVALID &&
+          strstr(rl_last_error(), "softcap"));
+    CHECK(be->attention(be, &seg, a, b, 4, 2, 1, 16, 0.25f, -2, 0.0f) == RL_ERR_INVALID &&
+          strstr(rl_last_error(), "window"));
+    CHECK(be->cast(be, a, RL_F32, b, RL_F16, 8) == RL_ERR_INVALID && strstr(rl_last_error(), "f16"));
+    CHECK(be->cast(be, a, RL_F32, a, RL_BF16, 8) == RL_ERR_INVALID && strstr(rl_last_error(), "in place"));
+    CHECK(be->rmsnorm(be, a, RL_F32, b, a, RL_BF16, 2, 16, 1e-6f, 0.0f, 1) == RL_ERR_INVALID &&
+          strstr(rl_last_error(), "accumulating"));
+    CHECK(be->glu(be, a, b, 2, 16, 7) == RL_ERR_INVALID && strstr(rl_last_error(), "activation 7"));
+    CHECK(be->qk_norm_rope(be, &seg, a, 4, 2, 1, 16, NULL, NULL, RL_QK_NORM_PROJ, 0.0f, 1e-6f,
+                           (const float *)b) == RL_ERR_INVALID && strstr(rl_last_error(), "q_norm"));
+    be->free(be, a);
+    be->free(be, b);
+    be->destroy(be);
+}
+
+int main(void)
+{
+    gemma_like();
+    olmo_like(RL_BF16);
+    olmo_like(RL_F32);
+    refusals();
+    printf("failures %d\n", failures);
+    return failures != 0;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def cuda_inc() -> Path:
     inc = _cuda_include()
@@ -418,11 +637,12 @@ def cuda_inc() -> Path:
     return inc
 
 
-@pytest.mark.parametrize("soname", ["libcuda.so.1", "libmockcudart.so"])
-def test_cuda_backend_host_logic_on_a_mock_runtime(tmp_path, cuda_inc, soname):
+def _build(tmp_path: Path, cuda_inc: Path, soname: str, main_c: str) -> Path:
+    """The mock as `soname`, and `main_c` linked with the engine and the real
+    kernels/cuda_backend.c against it."""
     cc = os.environ.get("CC", "cc")
     (tmp_path / "mock.c").write_text(MOCK_C)
-    (tmp_path / "main.c").write_text(MAIN_C)
+    (tmp_path / "main.c").write_text(main_c)
     inc = [f"-I{cuda_inc}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}"]
     lib = tmp_path / soname
     r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-std=gnu11", "-DRL_WITH_CUDA", *inc,
@@ -439,7 +659,24 @@ def test_cuda_backend_host_logic_on_a_mock_runtime(tmp_path, cuda_inc, soname):
                         f"-Wl,-rpath,{tmp_path}", "-ldl", "-lpthread", "-lm"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    return exe
+
+
+@pytest.mark.parametrize("soname", ["libcuda.so.1", "libmockcudart.so"])
+def test_cuda_backend_host_logic_on_a_mock_runtime(tmp_path, cuda_inc, soname):
+    exe = _build(tmp_path, cuda_inc, soname, MAIN_C)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[0] == f"ctx_api {int(soname == 'libcuda.so.1')}"
+    assert "failures 0" in r.stdout
+
+
+def test_cuda_backend_runs_the_model_variants_with_their_parameters(tmp_path, cuda_inc):
+    """Gemma-like and OLMo-2-like configs pass the CUDA capabilities and reach
+    the kernels with their parameters: window on sliding layers only, their
+    RoPE frequencies, soft-cap, scale, norm offset and the post-norm modes,
+    GeGLU, the residual cast; bad op parameters are refused by name."""
+    exe = _build(tmp_path, cuda_inc, "libcuda.so.1", WIRING_C)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "failures 0" in r.stdout

@@ -138,7 +138,9 @@ def test_types_are_final_and_hostbuffer_not_constructible():
 def test_cpu_caps():
     assert _core.backend_caps("cpu") == {
         "device": "cpu", "dtypes": ["float32"], "poolings": ["mean", "first", "last", "max"],
-        "head_dims": None, "max_heads": None}
+        "head_dims": None, "max_heads": None,
+        "features": ["embed_scale", "norm_offset", "act=gelu_tanh", "post-norms", "no pre-norms",
+                     "qk_norm=whole projection", "attn_softcap", "sliding_window", "rope_swa"]}
     eng = _core.Engine(TINY, "cpu", 1)
     assert eng.caps == _core.backend_caps("cpu")
     eng.close()
@@ -178,7 +180,8 @@ def test_cuda_caps_known_without_a_device():
     caps = _core.backend_caps("cuda:3")
     assert caps == {"device": "cuda:3", "dtypes": ["float32", "bfloat16"],
                     "poolings": ["mean", "first", "last", "max"],
-                    "head_dims": [16, 32, 64, 80, 96, 128, 256], "max_heads": 65535}
+                    "head_dims": [16, 32, 64, 80, 96, 128, 256], "max_heads": 65535,
+                    "features": caps["features"]}
     msg = (r"device 'cuda:0' cannot run this model: head_dim 24 is not supported by its "
            r"attention kernel \(supported head_dim: 16, 32, 64, 80, 96, 128, 256\)")
     t0 = time.perf_counter()
@@ -200,17 +203,21 @@ class Config(C.Structure):
                                          "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                          "max_layer")] + \
                [("rms_norm_eps", C.c_double)] + \
-               [(n, C.c_int) for n in ("attn_qkv_bias", "attn_o_bias", "mlp_bias", "qk_norm")]
+               [(n, C.c_int) for n in ("attn_qkv_bias", "attn_o_bias", "mlp_bias", "qk_norm")] + \
+               [("embed_scale", C.c_float), ("norm_offset", C.c_float), ("act", C.c_int),
+                ("norms", C.c_int), ("attn_scale", C.c_float), ("attn_softcap", C.c_float),
+                ("sliding_window", C.c_int64), ("layer_sliding", C.c_uint8 * 512),
+                ("rope_swa", C.c_int)]
 
 
 class Caps(C.Structure):
     _fields_ = [("dtypes", C.c_uint), ("poolings", C.c_uint), ("head_dims", C.POINTER(C.c_int16)),
-                ("n_head_dims", C.c_int), ("max_heads", C.c_int64)]
+                ("n_head_dims", C.c_int), ("max_heads", C.c_int64), ("features", C.c_uint)]
 
 
 OPS = ("alloc", "free", "host_alloc", "host_release", "upload", "upload_i32", "download_f32",
        "sync", "mem_info", "is_resident", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attention",
-       "swiglu", "pool", "destroy")
+       "glu", "cast", "pool", "destroy")
 
 
 class Backend(C.Structure):

@@ -609,6 +609,20 @@ def _family_hf_model(family: str, vocab: int, seed: int):
                                        use_sliding_window=False, tie_word_embeddings=True),
         "qwen3_hd16": lambda: T.Qwen3Config(**base, head_dim=16, tie_word_embeddings=False),
         "mistral": lambda: T.MistralConfig(**base, sliding_window=None, tie_word_embeddings=False),
+        # a window shorter than the tested texts, on every layer (written as llama)
+        "mistral_swa": lambda: T.MistralConfig(**base, sliding_window=8, tie_word_embeddings=False),
+        # scale head_dim**-0.5 (GGUF has no query_pre_attn_scalar), a soft-cap that binds,
+        # window 8 on layers 0 and 2 (llama.cpp: every other layer from 0)
+        "gemma2": lambda: T.Gemma2Config(**base, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
+                                         attn_logit_softcapping=5.0, sliding_window=8),
+        # llama.cpp's pattern of 6: layers 0-4 sliding, 5 full, 6 sliding; linear RoPE
+        # scaling on the full layer, the default local base 1e4 on the sliding ones
+        "gemma3": lambda: T.Gemma3TextConfig(
+            **{**base, "num_hidden_layers": 7}, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
+            sliding_window=8, rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "olmo2": lambda: T.Olmo2Config(**base, tie_word_embeddings=False),
     }[family]()
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -632,12 +646,19 @@ def _stored(arr: np.ndarray, qtype: str) -> tuple[np.ndarray, Any, np.ndarray]:
     return data, t, gguf.quants.dequantize(data, t).reshape(arr.shape).astype(np.float32)
 
 
+# llama.cpp's converter adds 1 to Gemma's `*norm.weight` (HF applies them as 1 + w)
+NORM_SHIFTED = ("gemma2", "gemma3")
+
+
 def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "default",
                       skip: tuple[str, ...] = (), extra_meta: dict | None = None) -> dict:
-    """`model` as a GGUF file of architecture `arch`; returns the HF state dict
-    of the dequantized weights (HF row order)."""
+    """`model` as a GGUF file of architecture `arch`, with the metadata and
+    tensor edits of llama.cpp's converter for it; returns the HF state dict of
+    the dequantized weights (HF row order and values)."""
     cfg = model.config
     raw = cfg.to_dict()
+    rope = cfg.rope_parameters
+    rope = rope.get("full_attention", rope)   # per layer type (Gemma-3): the global one
     tokens, merges, ttypes = _vocab()
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
@@ -647,7 +668,14 @@ def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "d
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if raw.get("sliding_window"):
+        w.add_sliding_window(raw["sliding_window"])
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(raw["attn_logit_softcapping"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if raw.get("head_dim") is not None:
         w.add_key_length(raw["head_dim"])
@@ -655,7 +683,14 @@ def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "d
     if arch == "llama":
         w.add_rope_dimension_count(raw.get("head_dim") or cfg.hidden_size // cfg.num_attention_heads)
     for key, value in (extra_meta or {}).items():
-        w.add_uint32(key, value) if isinstance(value, int) else w.add_string(key, value)
+        if isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_string(key, value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -670,7 +705,12 @@ def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "d
         arr = tensor.detach().numpy().astype(np.float32)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
-        data, raw_dtype, deq[hf_name] = _stored(arr, qtype)
+        if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
+            # stored as w + 1 in f32 (1-D): exactly HF's fp32 (1 + w); the reference keeps w
+            deq[hf_name] = arr
+            data, raw_dtype, _ = _stored(arr + np.float32(1), qtype)
+        else:
+            data, raw_dtype, deq[hf_name] = _stored(arr, qtype)
         short = name.split(".")[-2]
         if arch == "llama" and short in heads and data.ndim == 2:
             data = llama_cpp_permute(data, heads[short])  # rows only: blocks stay intact
@@ -683,7 +723,9 @@ def write_family_gguf(model, path: Path, arch: str, qtype: str, *, pre: str = "d
     return deq
 
 
-FAMILY_CASES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_hd16": "qwen3", "mistral": "llama"}
+FAMILY_CASES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_hd16": "qwen3", "mistral": "llama",
+                "mistral_swa": "llama", "gemma2": "gemma2", "gemma3": "gemma3",
+                "olmo2": "olmo2"}
 
 
 @pytest.fixture(scope="module")
@@ -799,15 +841,13 @@ def test_key_length_disagreeing_with_rope_dim_is_refused(tmp_path):
     _expect_error(p, "qwen3.rope.dimension_count=16", "head dimension 32")
 
 
-def test_gguf_sliding_window_metadata_is_enforced(tmp_path):
+def test_gguf_sliding_window_of_unknown_layers_is_refused(tmp_path):
+    """A qwen2 file does not say which layers its window applies to."""
     model = _family_hf_model("qwen2", len(_vocab()[0]), seed=3)
     p = tmp_path / "m.gguf"
     write_family_gguf(model, p, "qwen2", "F32", extra_meta={"qwen2.attention.sliding_window": 8})
-    m = rl.Model(p, device="cpu")
-    assert m.sliding_window == 8
-    m.hidden_states(np.arange(8, dtype=np.int32))
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        m.hidden_states(np.arange(9, dtype=np.int32))
+    _expect_error(p, "qwen2.attention.sliding_window=8 is not supported",
+                  "which layers the window applies to")
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
@@ -822,4 +862,5 @@ def test_read_config_without_weights(family_files, family):
 
 def test_unsupported_gguf_architecture_lists_families(tmp_path):
     p = write_gguf(tmp_path / "m.gguf", "F32", arch="mistral")
-    _expect_error(p, "GGUF architecture 'mistral' is not supported", "llama, qwen2, qwen3")
+    _expect_error(p, "GGUF architecture 'mistral' is not supported",
+                  "llama, gemma2, gemma3, olmo2, qwen2, qwen3")

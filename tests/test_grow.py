@@ -5,7 +5,6 @@ untouched; --limit (a trial run a later run grows) and --ids (a sample);
 shard_size auto resolved once, stored and reused; a run directory of format 1
 is read but not resumed."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -252,16 +252,19 @@ def test_bad_max_layer(tiny_model_dir):
         rl.Model(tiny_model_dir("llama"), device="cpu", max_layer="2")
 
 
-def test_sliding_window_refuses_longer_sequences(tiny_model_dir, tmp_path):
+def test_sliding_window_applies_to_longer_sequences(tiny_model_dir, tmp_path):
+    """A window of 16: longer sequences run (no refusal); positions inside the
+    window see what full attention sees, later ones less."""
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir("mistral"), d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["sliding_window"] = 16
     (d / "config.json").write_text(json.dumps(cfg))
-    m = rl.Model(d, device="cpu")
-    assert m.extract([seq(16)])[0].shape == (1, 1, 64)  # inside the window: fine
-    with pytest.raises(ValueError, match=r"seqs\[1\] has 17 tokens.*sliding_window=16"):
-        m.extract([seq(16), seq(17)])
+    m, full = rl.Model(d, device="cpu"), rl.Model(tiny_model_dir("mistral"), device="cpu")
+    assert m.extract([seq(16), seq(17)])[1].shape == (1, 1, 64)
+    w, f = m.hidden_states(seq(40)), full.hidden_states(seq(40))
+    np.testing.assert_array_equal(w[:, :16], f[:, :16])
+    assert not np.allclose(w[1:, 16:], f[1:, 16:])
 
 
 # -- the benchmark subcommand cannot rot ------------------------------------------------

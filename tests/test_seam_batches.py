@@ -169,7 +169,7 @@ def test_each_mistake_has_its_class(tiny_model_dir, call, cls):
     assert getattr(rl, cls.__name__) is cls  # importable from the package
 
 
-def test_sliding_window_is_a_length_error(tiny_model_dir, tmp_path):
+def test_sliding_window_is_no_length_error(tiny_model_dir, tmp_path):
     import shutil
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir("mistral"), d)
@@ -177,10 +177,9 @@ def test_sliding_window_is_a_length_error(tiny_model_dir, tmp_path):
     cfg["sliding_window"] = 8
     (d / "config.json").write_text(json.dumps(cfg))
     m = rl.Model(d, device="cpu", threads=1)
-    with pytest.raises(rl.SequenceLengthError, match=r"ids has 9 tokens.*sliding_window=8"):
-        m.hidden_states(seq(9))
-    with pytest.raises(rl.SequenceLengthError, match=r"seqs\[1\] has 9 tokens"):
-        m.extract([seq(8), seq(9)])
+    assert m.check(seq(9)).ids.size == 9   # the window is applied, not a limit
+    assert m.hidden_states(seq(9)).shape == (4, 9, 64)
+    assert len(m.extract([seq(8), seq(9)])) == 2
 
 
 @pytest.mark.gpu

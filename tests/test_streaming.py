@@ -189,7 +189,6 @@ def test_duplicate_ids_by_exact_id_at_any_distance(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = list(read_records(p))
-    bad = [r for r in recs if isinstance(r, rl.data.ErrorRecord)] if hasattr(rl, "data") else None
     from rjepa_latent.data import ErrorRecord
     bad = [r for r in recs if isinstance(r, ErrorRecord)]
     assert [(r.line, r.reason) for r in bad] == [

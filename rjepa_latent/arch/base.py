@@ -14,12 +14,16 @@ What a family holds:
   `hf_architectures` (config.json `architectures` entries),
   `gguf_architecture` (`general.architecture`, None: not read from GGUF).
 - HF config mapping: `hf_flags(raw)` (the engine's structural flags from
-  config.json keys and their defaults), `hf_sliding_window(raw)`,
+  config.json keys and their defaults), `hf_variants(raw, where)` (the
+  block's variants beyond Llama, `VARIANTS`), `hf_sliding_window(raw)`,
+  `hf_layer_types(raw, window)` (which layers the window applies to),
   `ROPE_TYPES` (the RoPE variants accepted; the frequencies of each are
   computed by checkpoint.rope_inv_freq, the same for every family).
 - GGUF metadata mapping: `GGUF_KEYS` (public field -> key under
   `<gguf_architecture>.`), `GGUF_FLAGS` (the structural flags, which GGUF
-  does not store: they follow from the architecture).
+  does not store: they follow from the architecture), `gguf_variants(cfg,
+  get)` (the variants of a GGUF file, from its metadata and the converter's
+  conventions).
 - tensor names: `HF_NAMES` / `GGUF_NAMES`, engine kind -> name template
   (`{layer}` is the decoder layer); `HF_OPTIONAL_PREFIX` (a prefix HF names
   may lack); `HF_IGNORED` / `GGUF_IGNORED` (regexes of tensors a checkpoint
@@ -29,7 +33,8 @@ What a family holds:
 - layout quirks: `gguf_permuted_qk` (llama.cpp's converter interleaved the
   rows of q/k within each head for this architecture).
 - `COMPUTED`: engine kinds the loader derives from the config instead of
-  reading (the RoPE inverse frequencies).
+  reading (the RoPE inverse frequencies); `UNUSED_KINDS`: engine kinds no
+  config of the family needs, so its name tables need not name them.
 """
 from __future__ import annotations
 
@@ -40,6 +45,25 @@ from ..errors import ModelFormatError
 
 # structural flags of rl_config a family decides (names as in csrc/engine.h)
 FLAGS = ("attn_qkv_bias", "attn_o_bias", "mlp_bias", "qk_norm")
+
+# The block's variants beyond Llama (public config names) and their Llama
+# values. A public config states a variant only where it differs, so the
+# configs (and fingerprints) of the Llama-shaped families never change;
+# checkpoint.engine_config maps each to its rl_config field.
+VARIANTS: dict[str, Any] = {
+    "norms": "pre",              # "pre" | "pre_post" (Gemma) | "post" (OLMo-2): rl_norms
+    "norm_offset": 0.0,          # 1.0: every RMSNorm multiplies by (1 + w) (Gemma in HF files)
+    "hidden_act": "silu",        # "gelu_tanh": GeGLU (Gemma)
+    "qk_norm_over": "head",      # "projection": q/k norm before the head split (OLMo-2)
+    "embed_scale": None,         # embeddings times this (Gemma: sqrt(hidden))
+    "attn_scale": None,          # score scale (Gemma: query_pre_attn_scalar**-0.5); None: hd**-0.5
+    "attn_softcap": None,        # cap * tanh(s / cap) on the scores (Gemma-2)
+    "layer_types": None,         # per layer "sliding_attention" | "full_attention"; None: the
+                                 # window (if any) applies to every layer
+    "rope_local_theta": None,    # RoPE base of sliding layers (Gemma-3); None: rope_theta
+}
+NORMS = ("pre", "pre_post", "post")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 _LAYER_NUMBER = re.compile(r"\.(0|[1-9][0-9]*)\.")
 
@@ -58,7 +82,10 @@ class Family:
     gguf_architecture: str | None = None
     gguf_permuted_qk: bool = False
 
-    COMPUTED: frozenset[str] = frozenset({"rope_inv_freq"})
+    COMPUTED: frozenset[str] = frozenset({"rope_inv_freq", "rope_inv_freq_swa"})
+    ROPE_THETA: float = 10000.0         # rope_theta when config.json has none
+    ROPE_PER_LAYER_TYPE: bool = False   # rope_parameters per layer type (Gemma-3's local base)
+    UNUSED_KINDS: frozenset[str] = frozenset()
     ROPE_TYPES: tuple[str, ...] = ("default",)
     HF_NAMES: dict[str, str] = {}
     HF_OPTIONAL_PREFIX: str = ""
@@ -78,9 +105,30 @@ class Family:
         raise NotImplementedError
 
     @classmethod
+    def hf_variants(cls, raw: dict, where: str) -> dict[str, Any]:
+        """The VARIANTS of this family that differ from Llama, from config.json."""
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ModelFormatError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+        return {}
+
+    @classmethod
     def hf_sliding_window(cls, raw: dict) -> Any:
         """The raw `sliding_window` value that applies (None: full attention)."""
         return raw.get("sliding_window")
+
+    @classmethod
+    def hf_layer_types(cls, raw: dict, window: int | None, where: str) -> list[str] | None:
+        """Per-layer attention types when the window applies to some layers
+        only (None: to every layer, or there is no window)."""
+        return None
+
+    @classmethod
+    def gguf_variants(cls, cfg: dict, get: Any, where: str) -> dict[str, Any]:
+        """The VARIANTS of a GGUF file of this architecture (`get(key)` reads
+        `<arch>.<key>` metadata, None if absent; `cfg` is the public config
+        read so far)."""
+        return {}
 
     # -- tensor names --------------------------------------------------------
 
@@ -150,6 +198,8 @@ FAMILIES: list[type[Family]] = []
 BY_MODEL_TYPE: dict[str, type[Family]] = {}
 BY_HF_ARCHITECTURE: dict[str, type[Family]] = {}
 BY_GGUF_ARCHITECTURE: dict[str, type[Family]] = {}
+# model_types refused with a reason of their own (a near relative of a family)
+REFUSED_MODEL_TYPES: dict[str, str] = {}
 
 
 _KINDS: set[str] = set()
@@ -162,7 +212,8 @@ def engine_kinds() -> set[str]:
         from .. import _core
         cfg = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_layers": 1,
                "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "max_layer": 1,
-               "rms_norm_eps": 1e-6, **{flag: 1 for flag in FLAGS}}
+               "rms_norm_eps": 1e-6, **{flag: 1 for flag in FLAGS},
+               "norms": NORMS.index("pre_post"), "rope_swa": 1}
         _KINDS.update(kind for kind, _, _ in _core.tensor_layout(cfg))
     return _KINDS
 
@@ -171,7 +222,7 @@ def register(family: type[Family]) -> type[Family]:
     """Adds a family to the lookups (usable as a class decorator). A name,
     model_type or architecture already claimed by another family is an error;
     so is a family whose name tables do not name every tensor kind of the
-    engine (`engine_kinds`)."""
+    engine (`engine_kinds`) but those it never uses (`UNUSED_KINDS`)."""
     claims = [(BY_MODEL_TYPE, v) for v in family.hf_model_types]
     claims += [(BY_HF_ARCHITECTURE, v) for v in family.hf_architectures]
     if family.gguf_architecture is not None:
@@ -183,7 +234,8 @@ def register(family: type[Family]) -> type[Family]:
             raise ValueError(f"{value!r} is claimed by {index[value].name} and {family.name}")
     for table in ("HF_NAMES", "GGUF_NAMES"):
         _reverse(family, table)  # two kinds under one name is an error here already
-        missing = engine_kinds() - family.COMPUTED - set(getattr(family, table))
+        missing = (engine_kinds() - family.COMPUTED - family.UNUSED_KINDS
+                   - set(getattr(family, table)))
         if missing:
             raise ValueError(f"{family.name}.{table} names no {', '.join(sorted(missing))}")
     for index, value in claims:
@@ -201,6 +253,8 @@ def unregister(family: type[Family]) -> None:
 
 
 def for_model_type(model_type, where: str) -> type[Family]:
+    if isinstance(model_type, str) and model_type in REFUSED_MODEL_TYPES:
+        raise ModelFormatError(f"{where}: {REFUSED_MODEL_TYPES[model_type]}")
     fam = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if fam is None:
         raise unsupported("model_type", model_type, list(BY_MODEL_TYPE), where)

@@ -24,6 +24,8 @@ class Llama(Family):
     gguf_architecture = "llama"
     gguf_permuted_qk = True
     ROPE_TYPES = ("default", "llama3")
+    # no pre-/post-norm pair: HF's post_attention_layernorm is the MLP's pre-norm here
+    UNUSED_KINDS = frozenset({"post_attn_norm", "post_ffn_norm"})
 
     HF_NAMES = {
         "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",

@@ -37,7 +37,12 @@
  *   both the CPU op and the double reference, which a TF32 GEMM (inputs
  *   rounded to 2^-11) fails (the harness self-check shows it on the CPU);
  * - ops the CPU backend lacks (a bf16 pool source) are compared with the
- *   double reference; a head_dim the CUDA attention lacks must be refused.
+ *   double reference; a head_dim the CUDA attention lacks must be refused;
+ * - a case using a feature beyond the Llama block (rl_feature: embedding
+ *   scale, norm offset, post-norm accumulation, whole-projection q/k norm,
+ *   sliding window, soft-capping, GELU-tanh, cast) runs where the backend's
+ *   caps state that feature; where they do not, the op must refuse it
+ *   (caps and ops agree either way).
  *
  * The normalised error of a check is max_i |got_i - ref_i| / (|ref_i| +
  * floor * rms(ref)): relative where values are large, relative to the
@@ -295,12 +300,12 @@ static int d_segments(tdev *d, const int *lens, int nl, tseg *s)
 
 typedef enum {
     OP_BACKEND, OP_MEMORY, OP_EMBED, OP_RMSNORM, OP_GEMM, OP_QK_NORM_ROPE, OP_ATTENTION,
-    OP_SWIGLU, OP_POOL, OP_UPLOAD, OP_DOWNLOAD, OP_HARNESS
+    OP_GLU, OP_POOL, OP_UPLOAD, OP_DOWNLOAD, OP_CAST, OP_HARNESS
 } op_t;
 
 static const char *const OP_NAMES[] = {"backend", "memory", "embed", "rmsnorm", "gemm",
-                                       "qk_norm_rope", "attention", "swiglu", "pool", "upload",
-                                       "download", "harness"};
+                                       "qk_norm_rope", "attention", "glu", "pool", "upload",
+                                       "download", "cast", "harness"};
 
 enum { BOTH = 0, CPU_ONLY = 1, CUDA_ONLY = 2 };
 
@@ -313,7 +318,15 @@ typedef struct {
     int lens[8];         /* packed sequence lengths (gemm, qk_norm_rope, attention), 0-ended */
     int bias, acc;       /* gemm: with a bias; accumulate into the f32 residual             */
     int out_res;         /* rmsnorm: output in res_dtype (f32) instead of act_dtype         */
-    int norms;           /* qk_norm_rope: with q_norm / k_norm                              */
+    int norms;           /* qk_norm_rope: rl_qk_norm (0 none, 1 per head, 2 whole projection) */
+    float scale;         /* embed: the scale (0: 1)                                         */
+    float w_off;         /* rmsnorm, qk_norm_rope: weight offset (Gemma's 1 + w)             */
+    int accum;           /* rmsnorm: y (res) += norm (a post-norm)                          */
+    int x_act;           /* rmsnorm: input in act_dtype (the output of a GEMM)              */
+    int window;          /* attention: sliding window (0: none)                             */
+    float softcap;       /* attention: logit soft-cap (0: none)                             */
+    int act;             /* glu: rl_act                                                     */
+    int feat;            /* 1 + the rl_feature it uses (0: none)                            */
     rl_pool pool;        /* pool mode                                                       */
     rl_dtype src;        /* pool source / upload source dtype                               */
     int dst_f32;         /* upload: destination f32 instead of weight_dtype                 */
@@ -324,7 +337,14 @@ typedef struct {
 #define GEMM(m, n_, k, b, a, ...) {.op = OP_GEMM, .M = m, .N = n_, .K = k, .bias = b, .acc = a, \
                                    .lens = {__VA_ARGS__}}
 #define QK(h, kv, d_, nm) {.op = OP_QK_NORM_ROPE, .nh = h, .nkv = kv, .hd = d_, .norms = nm, \
-                           .lens = {1, 7, 130}}
+                           .lens = {1, 7, 130}, .feat = (nm) == 2 ? 1 + RL_FEAT_QK_NORM_PROJ : 0}
+#define QKO(h, kv, d_, nm) {.op = OP_QK_NORM_ROPE, .nh = h, .nkv = kv, .hd = d_, .norms = nm, \
+                            .w_off = 1, .lens = {1, 7, 130}, .feat = 1 + RL_FEAT_NORM_OFFSET}
+/* sliding window w and / or soft-cap c: lengths below, at and far above the
+ * window, packed (the window never reaches into the previous sequence) */
+#define ATTNW(d_, h, kv, w, c, ...) {.op = OP_ATTENTION, .hd = d_, .nh = h, .nkv = kv, .window = w, \
+                                     .softcap = c, .lens = {__VA_ARGS__}, \
+                                     .feat = 1 + ((w) ? RL_FEAT_SLIDING_WINDOW : RL_FEAT_SOFTCAP)}
 #define ATTN(d_, h, kv, ...) {.op = OP_ATTENTION, .hd = d_, .nh = h, .nkv = kv, .lens = {__VA_ARGS__}}
 #define POOL(dd, mode, s) {.op = OP_POOL, .n = 300, .d = dd, .pool = mode, .src = s, \
                            .where = (s) == RL_F32 ? BOTH : CUDA_ONLY}
@@ -338,6 +358,7 @@ static const tcase CASES[] = {
     {.op = OP_EMBED, .n = 77, .d = 64},
     {.op = OP_EMBED, .n = 77, .d = 100},
     {.op = OP_EMBED, .n = 33, .d = 4096},
+    {.op = OP_EMBED, .n = 77, .d = 100, .scale = 47.958315f, .feat = 1 + RL_FEAT_EMBED_SCALE},
 
     {.op = OP_RMSNORM, .n = 37, .d = 1},
     {.op = OP_RMSNORM, .n = 37, .d = 64},
@@ -347,6 +368,14 @@ static const tcase CASES[] = {
     {.op = OP_RMSNORM, .n = 37, .d = 64, .out_res = 1},
     {.op = OP_RMSNORM, .n = 37, .d = 100, .out_res = 1},
     {.op = OP_RMSNORM, .n = 37, .d = 4096, .out_res = 1},
+    /* Gemma's (1 + w), into act or res; post-norms: an act input normed and
+     * added to the residual */
+    {.op = OP_RMSNORM, .n = 37, .d = 100, .w_off = 1, .feat = 1 + RL_FEAT_NORM_OFFSET},
+    {.op = OP_RMSNORM, .n = 37, .d = 4096, .w_off = 1, .out_res = 1, .feat = 1 + RL_FEAT_NORM_OFFSET},
+    {.op = OP_RMSNORM, .n = 37, .d = 64, .x_act = 1, .accum = 1, .out_res = 1,
+     .feat = 1 + RL_FEAT_POST_NORMS},
+    {.op = OP_RMSNORM, .n = 37, .d = 2304, .x_act = 1, .accum = 1, .out_res = 1, .w_off = 1,
+     .feat = 1 + RL_FEAT_POST_NORMS},
 
     /* every (bias, accumulate) pair; one and several sequences; a sequence of
      * >= 256 rows (the CPU splits it into 256-column jobs, N = 600 leaves a
@@ -362,6 +391,9 @@ static const tcase CASES[] = {
 
     QK(4, 2, 64, 0), QK(4, 2, 64, 1), QK(2, 1, 128, 0), QK(2, 1, 128, 1),
     QK(3, 3, 16, 0), QK(3, 3, 16, 1), QK(2, 2, 80, 0), QK(2, 2, 80, 1),
+    /* Gemma-3: per head with (1 + w); OLMo-2: over the whole q / k row */
+    QKO(4, 2, 64, 1), QKO(2, 1, 256, 1),
+    QK(4, 2, 64, 2), QK(8, 2, 128, 2), QK(3, 3, 16, 2),
 
     /* GQA 1:1, 2:1, 3:1, 4:1, 8:1; every head dim the CUDA kernels have (16
      * to 256) and one they lack (24: CUDA must refuse it); lengths around
@@ -376,10 +408,23 @@ static const tcase CASES[] = {
     ATTN(96, 3, 1, 129),
     ATTN(256, 2, 2, 33, 100),
     {.op = OP_ATTENTION, .hd = 24, .nh = 2, .nkv = 1, .lens = {4, 9}, .cuda_refuses = 1},
+    ATTNW(64, 4, 2, 8, 0, 1, 8, 9, 70, 200),
+    ATTNW(128, 4, 1, 64, 0, 63, 64, 65, 130, 3),
+    ATTNW(256, 2, 1, 100, 0, 300, 17),
+    ATTNW(16, 2, 2, 1, 0, 5, 40),          /* window 1: each token sees itself only */
+    ATTNW(256, 8, 4, 0, 50, 1, 5, 64, 130),
+    ATTNW(64, 4, 2, 0, 2, 33, 100),         /* a cap that binds on most scores */
+    ATTNW(128, 4, 2, 16, 5, 1, 16, 17, 150),
 
-    {.op = OP_SWIGLU, .n = 33, .d = 64},
-    {.op = OP_SWIGLU, .n = 33, .d = 100},
-    {.op = OP_SWIGLU, .n = 33, .d = 1376},
+    {.op = OP_GLU, .n = 33, .d = 64},
+    {.op = OP_GLU, .n = 33, .d = 100},
+    {.op = OP_GLU, .n = 33, .d = 1376},
+    {.op = OP_GLU, .n = 33, .d = 64, .act = RL_ACT_GELU_TANH, .feat = 1 + RL_FEAT_GELU_TANH},
+    {.op = OP_GLU, .n = 33, .d = 1376, .act = RL_ACT_GELU_TANH, .feat = 1 + RL_FEAT_GELU_TANH},
+
+    /* the residual as a GEMM operand (no pre-norm, OLMo-2) */
+    {.op = OP_CAST, .n = 1, .feat = 1 + RL_FEAT_NO_PRE_NORMS},
+    {.op = OP_CAST, .n = 100001, .feat = 1 + RL_FEAT_NO_PRE_NORMS},
 
     POOL(64, RL_POOL_MEAN, RL_F32), POOL(64, RL_POOL_FIRST, RL_F32), POOL(64, RL_POOL_LAST, RL_F32),
     POOL(100, RL_POOL_MEAN, RL_F32), POOL(100, RL_POOL_FIRST, RL_F32),
@@ -421,10 +466,14 @@ static void case_name(const tcase *c, char *buf, size_t n)
     fmt_lens(c->lens, lens, sizeof lens);
     const char *op = OP_NAMES[c->op];
     switch (c->op) {
-    case OP_EMBED: snprintf(buf, n, "%s T=%lld d=%lld", op, (long long)c->n, (long long)c->d); break;
+    case OP_EMBED:
+        snprintf(buf, n, "%s T=%lld d=%lld%s", op, (long long)c->n, (long long)c->d,
+                 c->scale != 0 ? " scale" : "");
+        break;
     case OP_RMSNORM:
-        snprintf(buf, n, "%s rows=%lld d=%lld out=%s", op, (long long)c->n, (long long)c->d,
-                 c->out_res ? "res" : "act");
+        snprintf(buf, n, "%s rows=%lld d=%lld%s out=%s%s%s", op, (long long)c->n, (long long)c->d,
+                 c->x_act ? " in=act" : "", c->out_res ? "res" : "act", c->accum ? " +=" : "",
+                 c->w_off != 0 ? " w+1" : "");
         break;
     case OP_GEMM:
         snprintf(buf, n, "%s M=%lld N=%lld K=%lld bias=%d acc=%d lens=%s", op, (long long)c->M,
@@ -432,11 +481,21 @@ static void case_name(const tcase *c, char *buf, size_t n)
         break;
     case OP_QK_NORM_ROPE:
     case OP_ATTENTION:
+    {
+        char extra[64] = "";
+        if (c->op == OP_QK_NORM_ROPE)
+            snprintf(extra, sizeof extra, " norms=%d%s", c->norms, c->w_off != 0 ? " w+1" : "");
+        else if (c->window || c->softcap != 0)
+            snprintf(extra, sizeof extra, " window=%d softcap=%g", c->window, (double)c->softcap);
         snprintf(buf, n, "%s nh=%lld nkv=%lld hd=%lld%s lens=%s", op, (long long)c->nh,
-                 (long long)c->nkv, (long long)c->hd,
-                 c->op == OP_QK_NORM_ROPE ? (c->norms ? " norms=1" : " norms=0") : "", lens);
+                 (long long)c->nkv, (long long)c->hd, extra, lens);
         break;
-    case OP_SWIGLU: snprintf(buf, n, "%s T=%lld ff=%lld", op, (long long)c->n, (long long)c->d); break;
+    }
+    case OP_GLU:
+        snprintf(buf, n, "%s %s T=%lld ff=%lld", op, c->act == RL_ACT_GELU_TANH ? "gelu_tanh" : "silu",
+                 (long long)c->n, (long long)c->d);
+        break;
+    case OP_CAST: snprintf(buf, n, "%s n=%lld res->act", op, (long long)c->n); break;
     case OP_POOL:
         snprintf(buf, n, "%s %s T=%lld d=%lld src=%s", op, pools[c->pool], (long long)c->n,
                  (long long)c->d, dt_name(c->src));
@@ -605,14 +664,14 @@ static const bound F32_MODE = {F32_REL, F32_FLOOR, 0};
 /* ---- ops: one run on a backend ------------------------------------------ */
 
 static int run_embed(tdev *d, const int32_t *tok, int64_t T, const float *table, int64_t V,
-                     int64_t dim, float *out)
+                     int64_t dim, float scale, float *out)
 {
     int32_t *tp;
     void *tb, *x;
     TRYI(d_put_i32(d, tok, (size_t)T, &tp));
     TRYI(d_put(d, table, (size_t)(V * dim), d->be->weight_dtype, &tb));
     TRYI(d_empty(d, (size_t)(T * dim), d->be->res_dtype, &x));
-    TRY(d, d->be->embed(d->be, tp, T, tb, dim, x));
+    TRY(d, d->be->embed(d->be, tp, T, tb, dim, x, scale));
     return d_get(d, x, (size_t)(T * dim), d->be->res_dtype, out);
 }
 
@@ -626,26 +685,32 @@ static int case_embed(tctx *t, const tcase *c)
     float *table = normals(&t->rng, (size_t)(V * dim), 1, 0);
     round_to(table, (size_t)(V * dim), weight_of(t));
     float *got = hf((size_t)(T * dim)), *want = hf((size_t)(T * dim));
-    TRYI(run_embed(t->dut, tok, T, table, V, dim, got));
-    for (int64_t i = 0; i < T; i++) memcpy(want + i * dim, table + tok[i] * dim, (size_t)dim * 4);
-    check_bits(t->r, "embed vs table rows", got, want, (size_t)(T * dim));
+    const float scale = c->scale != 0 ? c->scale : 1.0f;
+    TRYI(run_embed(t->dut, tok, T, table, V, dim, scale, got));
+    /* one f32 product per element (scale 1: the row itself) */
+    for (int64_t i = 0; i < T; i++)
+        for (int64_t j = 0; j < dim; j++) want[i * dim + j] = table[tok[i] * dim + j] * scale;
+    check_bits(t->r, "embed vs table rows * scale", got, want, (size_t)(T * dim));
     if (t->cuda) {
         float *cpu = hf((size_t)(T * dim));
-        TRYI(run_embed(t->cpu, tok, T, table, V, dim, cpu));
+        TRYI(run_embed(t->cpu, tok, T, table, V, dim, scale, cpu));
         check_bits(t->r, "embed vs cpu", got, cpu, (size_t)(T * dim));
     }
     return 0;
 }
 
-static int run_rmsnorm(tdev *d, const float *x, const float *w, int64_t rows, int64_t dim,
-                       int out_res, float eps, float *out, rl_dtype *odt)
+static int run_rmsnorm(tdev *d, const tcase *c, const float *x, const float *w, const float *y0,
+                       float eps, float *out, rl_dtype *odt)
 {
-    *odt = out_res ? d->be->res_dtype : d->be->act_dtype;
+    const int64_t rows = c->n, dim = c->d;
+    rl_dtype xdt = c->x_act ? d->be->act_dtype : d->be->res_dtype;
+    *odt = c->out_res ? d->be->res_dtype : d->be->act_dtype;
     void *xp, *wp, *y;
-    TRYI(d_put(d, x, (size_t)(rows * dim), d->be->res_dtype, &xp));
+    TRYI(d_put(d, x, (size_t)(rows * dim), xdt, &xp));
     TRYI(d_put(d, w, (size_t)dim, d->be->weight_dtype, &wp));
-    TRYI(d_empty(d, (size_t)(rows * dim), *odt, &y));
-    TRY(d, d->be->rmsnorm(d->be, xp, wp, y, *odt, rows, dim, eps));
+    if (c->accum) TRYI(d_put(d, y0, (size_t)(rows * dim), *odt, &y));
+    else TRYI(d_empty(d, (size_t)(rows * dim), *odt, &y));
+    TRY(d, d->be->rmsnorm(d->be, xp, xdt, wp, y, *odt, rows, dim, eps, c->w_off, c->accum));
     return d_get(d, y, (size_t)(rows * dim), *odt, out);
 }
 
@@ -658,22 +723,28 @@ static int case_rmsnorm(tctx *t, const tcase *c)
         float s = (float)(0.1 + 9.9 * rng_unif(&t->rng));
         for (int64_t i = 0; i < dim; i++) x[r * dim + i] *= s;
     }
-    float *w = normals(&t->rng, (size_t)dim, 0.3, 1);
+    if (c->x_act) round_to(x, (size_t)n, act_of(t));
+    /* Gemma's stored w is near 0 (applied as 1 + w), Llama's near 1 */
+    float *w = normals(&t->rng, (size_t)dim, 0.3, c->w_off != 0 ? 0 : 1);
     round_to(w, (size_t)dim, weight_of(t));
+    float *y0 = normals(&t->rng, (size_t)n, 1, 0);   /* the residual a post-norm adds to */
     double *ref = hd((size_t)n);
     for (int64_t r = 0; r < rows; r++) {
         double ss = 0;
         for (int64_t i = 0; i < dim; i++) ss += (double)x[r * dim + i] * x[r * dim + i];
         double inv = 1 / sqrt(ss / (double)dim + (double)eps);
-        for (int64_t i = 0; i < dim; i++) ref[r * dim + i] = (double)w[i] * x[r * dim + i] * inv;
+        for (int64_t i = 0; i < dim; i++)
+            ref[r * dim + i] = ((double)c->w_off + w[i]) * x[r * dim + i] * inv +
+                               (c->accum ? y0[r * dim + i] : 0);
     }
     float *got = hf((size_t)n), *cpu = NULL;
     rl_dtype odt, cdt;
-    TRYI(run_rmsnorm(t->dut, x, w, rows, dim, c->out_res, eps, got, &odt));
-    if (t->cuda) TRYI(run_rmsnorm(t->cpu, x, w, rows, dim, c->out_res, eps, cpu = hf((size_t)n), &cdt));
-    /* cpu: ~4 f32 roundings (sqrtf, the division, two products) */
-    const bound cpu_b = {2e-6, SMALL_FLOOR, 0}, bf_b = {BF16_EPS, SMALL_FLOOR, 0},
-                f32_b = {1e-5, SMALL_FLOOR, 0};
+    TRYI(run_rmsnorm(t->dut, c, x, w, y0, eps, got, &odt));
+    if (t->cuda) TRYI(run_rmsnorm(t->cpu, c, x, w, y0, eps, cpu = hf((size_t)n), &cdt));
+    /* cpu: ~4 f32 roundings (sqrtf, the division, two products); accumulated
+     * into a residual of unit scale, relative to that scale where they cancel */
+    const double fl = c->accum ? F32_FLOOR : SMALL_FLOOR;
+    const bound cpu_b = {2e-6, fl, 0}, bf_b = {BF16_EPS, fl, 0}, f32_b = {1e-5, fl, 0};
     check_result(t, "rmsnorm", got, cpu, ref, (size_t)n, out_bound(t, odt, cpu_b, bf_b, f32_b));
     return 0;
 }
@@ -748,19 +819,21 @@ static float *rope_inv_freq(int64_t hd, double theta)
     return inv;
 }
 
-static int run_qk(tdev *d, const int *lens, int nl, const float *qkv, int64_t nh, int64_t nkv,
-                  int64_t hdim, const float *qn, const float *kn, float eps, const float *inv,
-                  float *out)
+static int run_qk(tdev *d, const tcase *c, const int *lens, int nl, const float *qkv,
+                  const float *qn, const float *kn, float eps, const float *inv, float *out)
 {
+    const int64_t nh = c->nh, nkv = c->nkv, hdim = c->hd;
+    const int proj = c->norms == RL_QK_NORM_PROJ;
     tseg s;
     TRYI(d_segments(d, lens, nl, &s));
     const int64_t W = (nh + 2 * nkv) * hdim;
     void *p, *qp = NULL, *kp = NULL, *ip;
     TRYI(d_put(d, qkv, (size_t)(s.T * W), d->be->act_dtype, &p));
-    if (qn) TRYI(d_put(d, qn, (size_t)hdim, d->be->weight_dtype, &qp));
-    if (kn) TRYI(d_put(d, kn, (size_t)hdim, d->be->weight_dtype, &kp));
+    if (qn) TRYI(d_put(d, qn, (size_t)(proj ? nh * hdim : hdim), d->be->weight_dtype, &qp));
+    if (kn) TRYI(d_put(d, kn, (size_t)(proj ? nkv * hdim : hdim), d->be->weight_dtype, &kp));
     TRYI(d_put(d, inv, (size_t)(hdim / 2), RL_F32, &ip));
-    TRY(d, d->be->qk_norm_rope(d->be, &s.seg, p, s.T, nh, nkv, hdim, qp, kp, eps, ip));
+    TRY(d, d->be->qk_norm_rope(d->be, &s.seg, p, s.T, nh, nkv, hdim, qp, kp, c->norms, c->w_off,
+                              eps, ip));
     return d_get(d, p, (size_t)(s.T * W), d->be->act_dtype, out);
 }
 
@@ -776,37 +849,52 @@ static int case_qk(tctx *t, const tcase *c)
     float *qkv = normals(&t->rng, n, 1, 0);
     round_to(qkv, n, act_of(t));
     float *qn = NULL, *kn = NULL;
+    const int proj = c->norms == RL_QK_NORM_PROJ;
+    const int64_t nq = proj ? nh * hdim : hdim, nk = proj ? nkv * hdim : hdim;
     if (c->norms) {
-        qn = normals(&t->rng, (size_t)hdim, 0.3, 1);
-        kn = normals(&t->rng, (size_t)hdim, 0.3, 1);
-        round_to(qn, (size_t)hdim, weight_of(t));
-        round_to(kn, (size_t)hdim, weight_of(t));
+        qn = normals(&t->rng, (size_t)nq, 0.3, c->w_off != 0 ? 0 : 1);
+        kn = normals(&t->rng, (size_t)nk, 0.3, c->w_off != 0 ? 0 : 1);
+        round_to(qn, (size_t)nq, weight_of(t));
+        round_to(kn, (size_t)nk, weight_of(t));
     }
     float *inv = rope_inv_freq(hdim, 10000.0);
-    /* reference: per-head RMSNorm, then rotate_half RoPE at the angle
-     * (float)pos * inv_freq rounded to f32 as HF computes it */
+    /* reference: RMSNorm (per head, or over the whole q / k row first), then
+     * rotate_half RoPE at the angle (float)pos * inv_freq rounded to f32 as
+     * HF computes it */
     double *ref = widen(qkv, n), *y = hd((size_t)hdim);
     for (int s = 0, t0 = 0; s < nl; t0 += c->lens[s], s++)
-        for (int p = 0; p < c->lens[s]; p++)
+        for (int p = 0; p < c->lens[s]; p++) {
+            double *row = ref + (int64_t)(t0 + p) * W;
+            if (proj)
+                for (int part = 0; part < 2; part++) {
+                    double *x = row + (part ? nh * hdim : 0), ss = 0;
+                    const int64_t len = part ? nkv * hdim : nh * hdim;
+                    const float *nw = part ? kn : qn;
+                    for (int64_t i = 0; i < len; i++) ss += x[i] * x[i];
+                    double inv_rms = 1 / sqrt(ss / (double)len + (double)eps);
+                    for (int64_t i = 0; i < len; i++) x[i] = ((double)c->w_off + nw[i]) * x[i] * inv_rms;
+                }
             for (int64_t h = 0; h < nh + nkv; h++) {
-                double *x = ref + (int64_t)(t0 + p) * W + h * hdim;
-                const float *nw = h < nh ? qn : kn;
+                double *x = row + h * hdim;
+                const float *nw = proj ? NULL : h < nh ? qn : kn;
                 double inv_rms = 1;
                 if (nw) {
                     double ss = 0;
                     for (int64_t i = 0; i < hdim; i++) ss += x[i] * x[i];
                     inv_rms = 1 / sqrt(ss / (double)hdim + (double)eps);
                 }
-                for (int64_t i = 0; i < hdim; i++) y[i] = nw ? nw[i] * x[i] * inv_rms : x[i];
+                for (int64_t i = 0; i < hdim; i++)
+                    y[i] = nw ? ((double)c->w_off + nw[i]) * x[i] * inv_rms : x[i];
                 for (int64_t i = 0; i < half; i++) {
                     double a = (double)((float)p * inv[i]), cs = cos(a), sn = sin(a);
                     x[i] = y[i] * cs - y[i + half] * sn;
                     x[i + half] = y[i + half] * cs + y[i] * sn;
                 }
             }
+        }
     float *got = hf(n), *cpu = NULL;
-    TRYI(run_qk(t->dut, c->lens, nl, qkv, nh, nkv, hdim, qn, kn, eps, inv, got));
-    if (t->cuda) TRYI(run_qk(t->cpu, c->lens, nl, qkv, nh, nkv, hdim, qn, kn, eps, inv, cpu = hf(n)));
+    TRYI(run_qk(t->dut, c, c->lens, nl, qkv, qn, kn, eps, inv, got));
+    if (t->cuda) TRYI(run_qk(t->cpu, c, c->lens, nl, qkv, qn, kn, eps, inv, cpu = hf(n)));
     /* v (the last 2nkv.. columns: nkv heads) is not touched */
     const int64_t v0 = (nh + nkv) * hdim;
     float *gv = hf((size_t)T * (size_t)(W - v0)), *iv = hf((size_t)T * (size_t)(W - v0));
@@ -822,8 +910,7 @@ static int case_qk(tctx *t, const tcase *c)
         float *alone = hf(n);
         int64_t r0 = 0;
         for (int s = 0; s < nl; s++) {
-            TRYI(run_qk(t->dut, &c->lens[s], 1, qkv + r0 * W, nh, nkv, hdim, qn, kn, eps, inv,
-                        alone + r0 * W));
+            TRYI(run_qk(t->dut, c, &c->lens[s], 1, qkv + r0 * W, qn, kn, eps, inv, alone + r0 * W));
             d_release(t->dut);
             r0 += c->lens[s];
         }
@@ -832,16 +919,18 @@ static int case_qk(tctx *t, const tcase *c)
     return 0;
 }
 
-static int run_attention(tdev *d, const int *lens, int nl, const float *qkv, int64_t nh,
-                         int64_t nkv, int64_t hdim, float scale, float *out, rl_status *refused)
+static int run_attention(tdev *d, const tcase *c, const int *lens, int nl, const float *qkv,
+                         float scale, float *out, rl_status *refused)
 {
+    const int64_t nh = c->nh, nkv = c->nkv, hdim = c->hd;
     tseg s;
     TRYI(d_segments(d, lens, nl, &s));
     const int64_t W = (nh + 2 * nkv) * hdim;
     void *p, *o;
     TRYI(d_put(d, qkv, (size_t)(s.T * W), d->be->act_dtype, &p));
     TRYI(d_empty(d, (size_t)(s.T * nh * hdim), d->be->act_dtype, &o));
-    rl_status st = d->be->attention(d->be, &s.seg, p, o, s.T, nh, nkv, hdim, scale);
+    rl_status st = d->be->attention(d->be, &s.seg, p, o, s.T, nh, nkv, hdim, scale, c->window,
+                                    c->softcap);
     if (refused) { /* a case that expects a refusal reads no output */
         *refused = st;
         if (st != RL_OK || !out) return 0;
@@ -865,7 +954,7 @@ static int case_attention(tctx *t, const tcase *c)
     round_to(qkv, n, act_of(t));
     if (t->cuda && c->cuda_refuses) {
         rl_status st = RL_OK;
-        TRYI(run_attention(t->dut, c->lens, nl, qkv, nh, nkv, hdim, scale, NULL, &st));
+        TRYI(run_attention(t->dut, c, c->lens, nl, qkv, scale, NULL, &st));
         char want[32];
         snprintf(want, sizeof want, "head_dim %lld", (long long)hdim);
         if (st == RL_ERR_INVALID && strstr(rl_last_error(), want))
@@ -884,25 +973,28 @@ static int case_attention(tctx *t, const tcase *c)
             for (int i = 0; i < c->lens[s]; i++) {
                 const float *q = qkv + (int64_t)(r0 + i) * W + h * hdim;
                 double m = -INFINITY, sum = 0;
-                for (int j = 0; j <= i; j++) {
+                /* keys i - window < j <= i (HF's sliding window) */
+                const int j0 = c->window > 0 && i - c->window + 1 > 0 ? i - c->window + 1 : 0;
+                for (int j = j0; j <= i; j++) {
                     const float *k = qkv + (int64_t)(r0 + j) * W + (nh + kh) * hdim;
                     double dot = 0;
                     for (int64_t e = 0; e < hdim; e++) dot += (double)q[e] * k[e];
                     sc[j] = dot * scale;
+                    if (c->softcap > 0) sc[j] = c->softcap * tanh(sc[j] / c->softcap);
                     if (sc[j] > m) m = sc[j];
                 }
-                for (int j = 0; j <= i; j++) sum += (sc[j] = exp(sc[j] - m));
+                for (int j = j0; j <= i; j++) sum += (sc[j] = exp(sc[j] - m));
                 double *o = ref + (int64_t)(r0 + i) * Wo + h * hdim;
                 for (int64_t e = 0; e < hdim; e++) o[e] = 0;
-                for (int j = 0; j <= i; j++) {
+                for (int j = j0; j <= i; j++) {
                     const float *v = qkv + (int64_t)(r0 + j) * W + (nh + nkv + kh) * hdim;
                     for (int64_t e = 0; e < hdim; e++) o[e] += sc[j] / sum * v[e];
                 }
             }
         }
     float *got = hf(no), *cpu = NULL;
-    TRYI(run_attention(t->dut, c->lens, nl, qkv, nh, nkv, hdim, scale, got, NULL));
-    if (t->cuda) TRYI(run_attention(t->cpu, c->lens, nl, qkv, nh, nkv, hdim, scale, cpu = hf(no), NULL));
+    TRYI(run_attention(t->dut, c, c->lens, nl, qkv, scale, got, NULL));
+    if (t->cuda) TRYI(run_attention(t->cpu, c, c->lens, nl, qkv, scale, cpu = hf(no), NULL));
     /* cpu: sgemm scores (|s| up to ~10 here, so ~1e-6 absolute), expf, f32
      * sums; relative to the output's scale (measured <= 1.4e-5 at hd 256).
      * mma: P rounded to bf16 as in FlashAttention-2, errors ~2^-9 of
@@ -916,8 +1008,8 @@ static int case_attention(tctx *t, const tcase *c)
         float *alone = hf(no);
         int64_t r0 = 0;
         for (int s = 0; s < nl; s++) {
-            TRYI(run_attention(t->dut, &c->lens[s], 1, qkv + r0 * W, nh, nkv, hdim, scale,
-                               alone + r0 * Wo, NULL));
+            TRYI(run_attention(t->dut, c, &c->lens[s], 1, qkv + r0 * W, scale, alone + r0 * Wo,
+                               NULL));
             d_release(t->dut);
             r0 += c->lens[s];
         }
@@ -926,16 +1018,16 @@ static int case_attention(tctx *t, const tcase *c)
     return 0;
 }
 
-static int run_swiglu(tdev *d, const float *gu, int64_t T, int64_t ff, float *out)
+static int run_glu(tdev *d, const float *gu, int64_t T, int64_t ff, int act, float *out)
 {
     void *p, *o;
     TRYI(d_put(d, gu, (size_t)(T * 2 * ff), d->be->act_dtype, &p));
     TRYI(d_empty(d, (size_t)(T * ff), d->be->act_dtype, &o));
-    TRY(d, d->be->swiglu(d->be, p, o, T, ff));
+    TRY(d, d->be->glu(d->be, p, o, T, ff, act));
     return d_get(d, o, (size_t)(T * ff), d->be->act_dtype, out);
 }
 
-static int case_swiglu(tctx *t, const tcase *c)
+static int case_glu(tctx *t, const tcase *c)
 {
     const int64_t T = c->n, ff = c->d;
     const size_t n = (size_t)(T * ff);
@@ -945,13 +1037,37 @@ static int case_swiglu(tctx *t, const tcase *c)
     for (int64_t r = 0; r < T; r++)
         for (int64_t i = 0; i < ff; i++) {
             double g = gu[r * 2 * ff + i], u = gu[r * 2 * ff + ff + i];
-            ref[r * ff + i] = g / (1 + exp(-g)) * u;
+            double a = c->act == RL_ACT_GELU_TANH
+                     ? 0.5 * g * (1 + tanh(sqrt(2 / 3.141592653589793) * (g + 0.044715 * g * g * g)))
+                     : g / (1 + exp(-g));
+            ref[r * ff + i] = a * u;
         }
     float *got = hf(n), *cpu = NULL;
-    TRYI(run_swiglu(t->dut, gu, T, ff, got));
-    if (t->cuda) TRYI(run_swiglu(t->cpu, gu, T, ff, cpu = hf(n)));
-    const bound cpu_b = {2e-6, SMALL_FLOOR, 0}, bf_b = {BF16_EPS, SMALL_FLOOR, 0};
-    check_result(t, "swiglu", got, cpu, ref, n, out_bound(t, act_of(t), cpu_b, bf_b, F32_MODE));
+    TRYI(run_glu(t->dut, gu, T, ff, c->act, got));
+    if (t->cuda) TRYI(run_glu(t->cpu, gu, T, ff, c->act, cpu = hf(n)));
+    /* gelu_tanh's 1 + tanh(..) cancels for very negative g (as in torch's
+     * float formula): relative to the output's scale there */
+    const double fl = c->act == RL_ACT_GELU_TANH ? F32_FLOOR : SMALL_FLOOR;
+    const bound cpu_b = {2e-6, fl, 0}, bf_b = {BF16_EPS, fl, 0};
+    check_result(t, "glu", got, cpu, ref, n, out_bound(t, act_of(t), cpu_b, bf_b, F32_MODE));
+    return 0;
+}
+
+static int case_cast(tctx *t, const tcase *c)
+{
+    tdev *d = t->dut;
+    const size_t n = (size_t)c->n, pad = 3;
+    float *x = normals(&t->rng, n, 3, 0);
+    void *src, *dst;
+    TRYI(d_put(d, x, n, d->be->res_dtype, &src));
+    TRYI(d_empty(d, n + pad, d->be->act_dtype, &dst));
+    TRY(d, d->be->cast(d->be, src, d->be->res_dtype, dst, d->be->act_dtype, (int64_t)n));
+    float *got = hf(n + pad), *want = hf(n + pad);
+    TRYI(d_get(d, dst, n + pad, d->be->act_dtype, got));
+    for (size_t i = 0; i < n + pad; i++)
+        want[i] = i >= n ? NAN : act_of(t) == RL_BF16 ? bf16_round(x[i]) : x[i];
+    check_bits(t->r, act_of(t) == RL_BF16 ? "cast: bf16 rounding, nothing past n"
+                                          : "cast: exact, nothing past n", got, want, n + pad);
     return 0;
 }
 
@@ -1215,7 +1331,8 @@ static int run_case(tctx *t, const tcase *c)
     case OP_GEMM: return case_gemm(t, c);
     case OP_QK_NORM_ROPE: return case_qk(t, c);
     case OP_ATTENTION: return case_attention(t, c);
-    case OP_SWIGLU: return case_swiglu(t, c);
+    case OP_GLU: return case_glu(t, c);
+    case OP_CAST: return case_cast(t, c);
     case OP_POOL: return case_pool(t, c);
     case OP_UPLOAD: return case_upload(t, c);
     case OP_DOWNLOAD: return case_download(t, c);
@@ -1235,6 +1352,7 @@ static int runs_on(const tcase *c, tgt g)
     switch (c->op) {
     case OP_ATTENTION: return c->cuda_refuses ? g == TGT_BF16 || g == TGT_F32 : 1;
     case OP_POOL: case OP_UPLOAD: case OP_DOWNLOAD: case OP_MEMORY: return g == TGT_BF16;
+    case OP_CAST: return g == TGT_BF16 || g == TGT_F32;
     default: return g == TGT_BF16 || g == TGT_F32;
     }
 }
@@ -1322,7 +1440,18 @@ int main(int argc, char **argv)
                       .rng = {seed * 0x100000001B3ull + (uint64_t)i * 0x9E3779B97F4A7C15ull},
                       .r = &r};
             g_err[0] = 0;
-            if (run_case(&t, c) != 0) fail_msg(&r, "error: %s", g_err);
+            const int stated = !c->feat || (devs[g].be->caps->features & (1u << (c->feat - 1)));
+            if (!stated) {
+                /* caps and ops agree: an op whose feature the caps do not state refuses it */
+                if (run_case(&t, c) != 0 && strstr(g_err, "returned 1:"))
+                    note(&r, 0, 0, "refused (caps state no %s): %.120s",
+                         rl_feature_name(c->feat - 1), g_err);
+                else
+                    fail_msg(&r, "caps state no %s but the op %s", rl_feature_name(c->feat - 1),
+                             g_err[0] ? g_err : "ran");
+            } else if (run_case(&t, c) != 0) {
+                fail_msg(&r, "error: %s", g_err);
+            }
             d_release(&devs[g]);
             d_release(&devs[TGT_CPU]);
             hfree_all();
