@@ -47,7 +47,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .chat import ChatTemplate, ChatTemplateError, load_chat_template, steps_of_messages
 
@@ -996,13 +996,34 @@ def read_records(inputs: Any, fmt: str = "auto", template: Template | None = Non
     Duplicate ids (across all files) make every occurrence after the first an
     error. A missing file raises FileNotFoundError (that is not a bad record).
     """
+    return _read(input_sources(inputs), fmt, template, step_regex, segment, strip_annotations, chat)
+
+
+def read_rows(rows: Iterable[dict], fmt: str = "auto", template: Template | None = None,
+              step_regex: str = DEFAULT_STEP_REGEX, *, segment: str | Segmenter = "auto",
+              strip_annotations: bool = False, chat: Chat | None = None,
+              source: str = "rows") -> Iterator[Record | ErrorRecord]:
+    """`read_records` over records already in memory (one dict per record, plain
+    Python values, e.g. a batch of a Ray Data pipeline): the same formats,
+    segmentation, id and error rules, one result per row in order; `line` is the
+    row's 1-based position and `source` names them in errors."""
+    rows = list(rows)
+    return _read([(source, lambda: ((i + 1, r, None) for i, r in enumerate(rows)))],
+                 fmt, template, step_regex, segment, strip_annotations, chat)
+
+
+def _read(sources: list, fmt: str, template: Template | None, step_regex: str,
+          segment: str | Segmenter, strip_annotations: bool, chat: Chat | None) -> Iterator[Record | ErrorRecord]:
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "messages" and chat is None:
         raise ValueError("format 'messages' is rendered through the model's chat template: pass --chat (chat=True)")
     segmenter = segment if isinstance(segment, Segmenter) else Segmenter(segment, step_regex)
     opts = _Options(template or Template(), segmenter, bool(strip_annotations), chat)
-    sources = input_sources(inputs)
+    return _records(sources, fmt, opts)
+
+
+def _records(sources: list, fmt: str, opts: _Options) -> Iterator[Record | ErrorRecord]:
     seen = IdIndex()
     index = 0
     for name, rows in sources:

@@ -14,7 +14,7 @@ Design choices:
   many threads as CPUs assigned (its own default, all the cores of the
   machine, would oversubscribe them).
 - `StepLatents` uses the package's own rules for every row: a batch's rows are
-  read by `data.read_records` exactly as JSONL lines (formats, segmentation,
+  read by `data.read_rows`, the CLI's reader of records (formats, segmentation,
   annotation stripping, duplicate ids within the batch), tokenized by
   `tokenize.tokenize_records` (the span rule), checked by `Model.check` and
   packed by `Model.extract`, so a row's latents equal what `rjepa-latent
@@ -44,17 +44,15 @@ Design choices:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .data import (DEFAULT_STEP_REGEX, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, FORMATS, ID_FIELDS,
-                   ErrorRecord, Record, Segmenter, Template, read_records)
+                   ErrorRecord, Record, Segmenter, Template, read_rows)
 from .errors import InputError
 from .model import TOKEN_POOLING, Model, resolve_poolings
 from .tokenize import Item, prepare_tokenizer, tokenize_records
@@ -225,27 +223,21 @@ class StepLatents:
 
     def _records(self, rows: list[dict], results: list) -> list[tuple[int, Record]]:
         """(row position, Record) of the rows that are good records; the reasons of
-        the others go into `results`. The rows are read as the lines of a JSONL
-        file, so each is judged by exactly the rules of `rjepa-latent extract`."""
-        lines, where = [], []
+        the others go into `results`. Each row is judged by `data.read_rows`, the
+        rules of `rjepa-latent extract`."""
+        todo, where = [], []
         for i, row in enumerate(rows):
             if not any(row.get(f) is not None for f in ID_FIELDS):
                 results[i] = (f"the row has no {' or '.join(ID_FIELDS)} field: Ray Data keeps no row "
                               "order, so each row needs its own id")
                 continue
-            try:
-                lines.append(json.dumps(row))   # ASCII: one line per row, whatever it holds
-            except (TypeError, ValueError) as e:
-                results[i] = f"the row cannot be read as a record (a value is not JSON: {e})"
-                continue
+            todo.append(row)
             where.append(i)
-        if not lines:
+        if not todo:
             return []
-        with tempfile.TemporaryDirectory(prefix="rjepa-steplatents-") as tmp:
-            path = Path(tmp) / "batch.jsonl"
-            path.write_text("\n".join(lines) + "\n", encoding="ascii")
-            recs = list(read_records([path], self._format, self._template, self._step_regex,
-                                     segment=self._segmenter, strip_annotations=self._strip))
+        recs = list(read_rows(todo, self._format, self._template, self._step_regex,
+                              segment=self._segmenter, strip_annotations=self._strip,
+                              source="batch"))
         good = []
         for r in recs:   # one per line, in order (no line of ours is blank)
             i = where[r.line - 1]
