@@ -249,7 +249,18 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
         **variants,
     }
+    check_engine_rules(public, where)
     return public, engine_config(public, n_layers)
+
+
+def check_engine_rules(public: dict, where: str) -> None:
+    """The C core's own rules on a whole config (e.g. the most layers a
+    sliding window is described for), asked of the core rather than restated
+    here, as a ModelFormatError naming the file."""
+    try:
+        _core.tensor_layout(engine_config(public, public["num_layers"]))
+    except ValueError as e:
+        raise ModelFormatError(f"{where}: {e}") from None
 
 
 def engine_config(public: dict, max_layer: int) -> dict:
