@@ -120,9 +120,11 @@ def _rope_settings(raw: dict, family: type[arch.Family],
         # per layer type (transformers 5): the full-attention layers' are the
         # model's RoPE; a family with a local base reads the sliding ones
         # (Family.hf_variants: rope_local_theta)
-        if not family.ROPE_PER_LAYER_TYPE or "full_attention" not in params:
+        # (either may be absent: then the default RoPE, as Gemma3TextConfig fills in)
+        if not family.ROPE_PER_LAYER_TYPE or \
+                not set(params) <= {"full_attention", "sliding_attention"}:
             raise ModelFormatError(f"{where}: per-layer-type rope_parameters are not supported")
-        params = params["full_attention"]
+        params = params.get("full_attention", {})
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", raw.get("rope_theta", family.ROPE_THETA))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:

@@ -9,6 +9,8 @@ ModelFormatError naming the field, never a crash or a later error of
 another class."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 import rjepa_latent as rl
@@ -31,6 +33,12 @@ CASES = [
     ("gemma3_text", {"num_hidden_layers": 13}),
     ("gemma3_text", {"num_hidden_layers": 7, "sliding_window_pattern": 3, "sliding_window": 32}),
     ("gemma3_text", {"num_hidden_layers": 7, "rope_theta": 5e5, "rope_local_base_freq": 5e3}),
+    ("gemma3_text", {"num_hidden_layers": 7,       # one layer type's RoPE stated, the other not
+                     "rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                               "rope_theta": 123.0}}}),
+    ("gemma3_text", {"num_hidden_layers": 7,
+                     "rope_parameters": {"full_attention": {"rope_type": "default",
+                                                            "rope_theta": 4e5}}}),
     ("qwen2", {"num_hidden_layers": 6, "use_sliding_window": True, "sliding_window": 16,
                "max_window_layers": 2}),
     ("qwen2", {"num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 0}),
@@ -40,7 +48,8 @@ CASES = [
 @pytest.mark.parametrize("model_type,extra", CASES)
 def test_defaults_are_hfs(model_type, extra):
     raw = {"model_type": model_type, **SIZES, **extra}
-    hf = _hf(model_type, {k: v for k, v in raw.items() if k != "model_type"})
+    # (a deep copy: the config classes fill in nested rope_parameters in place)
+    hf = _hf(model_type, copy.deepcopy({k: v for k, v in raw.items() if k != "model_type"}))
     pub, eng = config_from_dict(raw, "x")
     types = list(hf.layer_types)
     assert pub.get("layer_types", None if "sliding_attention" not in types else "missing") in \
