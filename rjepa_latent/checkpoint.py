@@ -256,9 +256,12 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
 
 
 def check_engine_rules(public: dict, where: str) -> None:
-    """The C core's own rules on a whole config (e.g. the most layers a
-    sliding window is described for), asked of the core rather than restated
-    here, as a ModelFormatError naming the file."""
+    """The C core's own rule on a config with a sliding window (the most
+    layers it describes one for), asked of the core rather than restated
+    here, as a ModelFormatError naming the file. Only then: sizes are checked
+    against the tensors later (check_config_sizes), with better messages."""
+    if not public.get("sliding_window"):
+        return
     try:
         _core.tensor_layout(engine_config(public, public["num_layers"]))
     except ValueError as e:
