@@ -120,9 +120,11 @@ def _rope_settings(raw: dict, family: type[arch.Family],
         # per layer type (transformers 5): the full-attention layers' are the
         # model's RoPE; a family with a local base reads the sliding ones
         # (Family.hf_variants: rope_local_theta)
-        if not family.ROPE_PER_LAYER_TYPE or "full_attention" not in params:
+        # (either may be absent: then the default RoPE, as Gemma3TextConfig fills in)
+        if not family.ROPE_PER_LAYER_TYPE or \
+                not set(params) <= {"full_attention", "sliding_attention"}:
             raise ModelFormatError(f"{where}: per-layer-type rope_parameters are not supported")
-        params = params["full_attention"]
+        params = params.get("full_attention", {})
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", raw.get("rope_theta", family.ROPE_THETA))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
@@ -249,7 +251,21 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
         **variants,
     }
+    check_engine_rules(public, where)
     return public, engine_config(public, n_layers)
+
+
+def check_engine_rules(public: dict, where: str) -> None:
+    """The C core's own rule on a config with a sliding window (the most
+    layers it describes one for), asked of the core rather than restated
+    here, as a ModelFormatError naming the file. Only then: sizes are checked
+    against the tensors later (check_config_sizes), with better messages."""
+    if not public.get("sliding_window"):
+        return
+    try:
+        _core.tensor_layout(engine_config(public, public["num_layers"]))
+    except ValueError as e:
+        raise ModelFormatError(f"{where}: {e}") from None
 
 
 def engine_config(public: dict, max_layer: int) -> dict:

@@ -48,8 +48,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import arch
-from .checkpoint import (CheckpointSource, check_config_sizes, check_variants, engine_config,
-                         resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
+from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
+                         engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa,
+                         tensor_layout)
 from .errors import ModelFormatError
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
@@ -328,6 +329,7 @@ def _read_config(meta: _Metadata, tensors: dict[str, Any], path: str) -> dict:
     }
     variants = family.gguf_variants(cfg, lambda key: meta.get(p + key), path)
     cfg.update(check_variants(variants, cfg["num_layers"], window, path))
+    check_engine_rules(cfg, path)
     return cfg
 
 

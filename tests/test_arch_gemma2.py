@@ -143,3 +143,13 @@ def test_bf16_checkpoint(gemma2_dir, tmp_path):
     m = rl.Model(tmp_path / "bf16", device="cpu")
     every_layer_matches_hf(m, tmp_path / "bf16", lengths=(9, 45))
     m.close()
+
+
+def test_attention_bias(tmp_path):
+    """`attention_bias` puts biases on q, k, v and o (HF's Gemma2Attention);
+    with them every layer still matches HF."""
+    d = build(gemma2_config(attention_bias=True), tmp_path / "m", norm_mean=0.0)
+    m = rl.Model(d, device="cpu")
+    assert m.config["attn_qkv_bias"] and m.config["attn_o_bias"]
+    every_layer_matches_hf(m, d, lengths=(9, 45))
+    m.close()

@@ -48,3 +48,18 @@ def test_every_layer_matches_hf(olmo2_dir):
     packing_is_neutral(m)
     m.close()
     print(f"\nolmo2: worst max|ours-HF|/max|HF| {worst:.2e} over all layers, lengths {LENGTHS}")
+
+
+def test_a_sliding_window_key_is_ignored_as_hf_ignores_it(tmp_path):
+    """HF's OLMo-2 (as Llama) attention has no window: a `sliding_window` in
+    config.json changes nothing there, so it changes nothing here either
+    (a window applied anyway would differ from HF past 8 tokens)."""
+    import transformers as T
+    cfg = T.Olmo2Config(**BASE)
+    cfg.sliding_window = 8
+    d = build(cfg, tmp_path / "m")
+    assert json.loads((d / "config.json").read_text())["sliding_window"] == 8
+    m = rl.Model(d, device="cpu")
+    assert m.sliding_window is None and m.config["sliding_window"] is None
+    every_layer_matches_hf(m, d, lengths=(45,))
+    m.close()

@@ -121,6 +121,7 @@ def test_hf_flags(model_type, extra, want):
 
 @pytest.mark.parametrize("model_type,extra,want", [
     ("llama", {}, None), ("mistral", {"sliding_window": 4096}, 4096),
+    ("llama", {"sliding_window": 8}, None),       # HF's Llama attention ignores the key
     ("mistral", {"sliding_window": None}, None),
     ("qwen2", {"sliding_window": 4096}, None),
     ("qwen2", {"sliding_window": 4096, "use_sliding_window": True}, 4096),

@@ -79,27 +79,96 @@ def test_gguf_variants_read_from_metadata(family_files):
     assert (o2["norms"], o2["qk_norm"], o2["qk_norm_over"]) == ("post", True, "projection")
 
 
-def test_olmo2_gguf_with_a_pre_norm_is_unexpected(tmp_path):
-    """OLMo-2 has no norm before attention: an attn_norm tensor is not ours."""
+def _rewrite(src, dst, arch: str, drop: tuple[str, ...] = (), meta: dict | None = None,
+             tensors: dict | None = None) -> None:
+    """A copy of the GGUF file `src` without the metadata keys `drop`, with
+    the typed metadata `meta` ({key: (value, GGUFValueType)}) and the extra
+    `tensors` added."""
     import gguf as G
-    model = _family_hf_model("olmo2", len(_vocab()[0]), seed=3)
-    p = tmp_path / "m.gguf"
-    write_family_gguf(model, p, "olmo2", "F32")
-    r = G.GGUFReader(str(p))
-    w = G.GGUFWriter(str(tmp_path / "x.gguf"), "olmo2")
+    r = G.GGUFReader(str(src))
+    w = G.GGUFWriter(str(dst), arch)
     for field in r.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", *drop):
             continue
         w.add_key_value(field.name, field.contents(), field.types[0],
                         field.types[-1] if field.types[0] == G.GGUFValueType.ARRAY else None)
+    for key, (value, vtype) in (meta or {}).items():
+        w.add_key_value(key, value, vtype)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    for name, arr in (tensors or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_olmo2_gguf_with_a_pre_norm_is_unexpected(tmp_path):
+    """OLMo-2 has no norm before attention: an attn_norm tensor is not ours."""
+    model = _family_hf_model("olmo2", len(_vocab()[0]), seed=3)
+    p = tmp_path / "m.gguf"
+    write_family_gguf(model, p, "olmo2", "F32")
+    _rewrite(p, tmp_path / "x.gguf", "olmo2",
+             tensors={"blk.0.attn_norm.weight": np.ones(64, np.float32)})
     _expect_error(tmp_path / "x.gguf", "unexpected", "blk.0.attn_norm.weight", "olmo2")
+
+
+F32_T, U32_T = "FLOAT32", "UINT32"
+
+
+@pytest.mark.parametrize("family,drop,meta,words", [
+    # every Gemma has sliding layers, and llama.cpp's converter writes the window
+    ("gemma2", ("gemma2.attention.sliding_window",), {},
+     ("metadata 'gemma2.attention.sliding_window' is missing",)),
+    ("gemma3", ("gemma3.attention.sliding_window",), {},
+     ("metadata 'gemma3.attention.sliding_window' is missing",)),
+    ("gemma2", ("gemma2.attn_logit_softcapping",), {},
+     ("metadata 'gemma2.attn_logit_softcapping' is missing",)),
+    ("gemma2", ("gemma2.attn_logit_softcapping",),
+     {"gemma2.attn_logit_softcapping": (float("nan"), F32_T)},
+     ("gemma2.attn_logit_softcapping=nan", "finite")),
+    ("gemma2", ("gemma2.attn_logit_softcapping",),
+     {"gemma2.attn_logit_softcapping": (-1.0, F32_T)}, ("gemma2.attn_logit_softcapping=-1.0",)),
+    ("gemma3", (), {"gemma3.rope.freq_base_swa": (float("nan"), F32_T)},
+     ("rope_local_theta must be a positive number",)),
+    ("gemma3", (), {"gemma3.attention.sliding_window_pattern": (0, U32_T)},
+     ("gemma3.attention.sliding_window_pattern=0",)),
+    ("gemma2", ("gemma2.block_count",), {"gemma2.block_count": (600, U32_T)},
+     ("at most 512 layers", "num_layers=600")),
+])
+def test_gemma_gguf_missing_or_bad_metadata_is_named(family_files, tmp_path, family, drop, meta,
+                                                     words):
+    import gguf as G
+    path, _ = family_files(family, "F32")
+    meta = {k: (v, getattr(G.GGUFValueType, t)) for k, (v, t) in meta.items()}
+    _rewrite(path, tmp_path / "x.gguf", family, drop, meta)
+    _expect_error(tmp_path / "x.gguf", *words)
+
+
+def test_gemma3_gguf_ignores_a_softcap_key(family_files, tmp_path):
+    """llama.cpp's Gemma-3 has no attention soft-cap, whatever the metadata says."""
+    import gguf as G
+    from rjepa_latent.checkpoint import read_config
+    path, _ = family_files("gemma3", "F32")
+    _rewrite(path, tmp_path / "x.gguf", "gemma3",
+             meta={"gemma3.attn_logit_softcapping": (5.0, G.GGUFValueType.FLOAT32)})
+    assert "attn_softcap" not in read_config(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("fam,layers,hidden,heads,head_dim,hf_scalar", [
+    # query_pre_attn_scalar of the HF configs: gemma-2-27b 144 = 4608 / 32,
+    # gemma-3-27b 168 = 5376 / 32, the other sizes their head_dim (256)
+    ("Gemma2", 46, 4608, 32, 128, 144), ("Gemma2", 42, 3584, 16, 256, 256),
+    ("Gemma2", 26, 2304, 8, 256, 256), ("Gemma3", 62, 5376, 32, 128, 168),
+    ("Gemma3", 26, 1152, 4, 256, 256), ("Gemma3", 48, 3840, 16, 256, 256),
+])
+def test_gguf_attention_scale_is_llama_cpps(fam, layers, hidden, heads, head_dim, hf_scalar):
+    """No GGUF key holds query_pre_attn_scalar; llama.cpp's rule by layer
+    count gives the HF value of every released size."""
+    from rjepa_latent import arch
+    cfg = {"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "head_dim": head_dim}
+    assert getattr(arch, fam).gguf_attn_scale(cfg) == float(hf_scalar) ** -0.5
 
 
 @pytest.mark.parametrize("pattern", [[False, True, True, False], 2])

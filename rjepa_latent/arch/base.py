@@ -114,8 +114,10 @@ class Family:
 
     @classmethod
     def hf_sliding_window(cls, raw: dict) -> Any:
-        """The raw `sliding_window` value that applies (None: full attention)."""
-        return raw.get("sliding_window")
+        """The raw `sliding_window` value that applies (None: full attention).
+        None unless the family has a window: HF's Llama and OLMo-2 attention
+        ignore a `sliding_window` key in config.json, and so do we."""
+        return None
 
     @classmethod
     def hf_layer_types(cls, raw: dict, window: int | None, where: str) -> list[str] | None:

@@ -34,6 +34,8 @@ class Gemma3(Gemma2):
     ROPE_TYPES = ("default", "linear")
     ROPE_PER_LAYER_TYPE = True
     SLIDING_PATTERN = 6
+    GGUF_SCALE_BY_HIDDEN_LAYERS = 62
+    HF_PATTERN_KEY = "sliding_window_pattern"
     ROPE_THETA = 1000000.0              # Gemma3TextConfig.default_theta["global"]
     LOCAL_THETA = 10000.0               # ... ["local"]
     GGUF_FLAGS = {**Gemma2.GGUF_FLAGS, "qk_norm": True}
@@ -59,17 +61,14 @@ class Gemma3(Gemma2):
         return {**out, "rope_local_theta": theta}
 
     @classmethod
-    def gguf_attn_scale(cls, cfg: dict) -> float:
-        if cfg["num_layers"] == 62:
-            return float(cfg["hidden_size"] // cfg["num_heads"]) ** -0.5
-        return float(cfg["head_dim"]) ** -0.5
+    def gguf_softcap(cls, get: Any, where: str) -> float | None:
+        return None                     # Gemma-3 has no attention soft-cap
 
     @classmethod
     def gguf_variants(cls, cfg: dict, get: Any, where: str) -> dict[str, Any]:
         out = super().gguf_variants(cfg, get, where)
         theta = get("rope.freq_base_swa")
-        return {**out, "attn_softcap": None,
-                "rope_local_theta": cls.LOCAL_THETA if theta is None else theta}
+        return {**out, "rope_local_theta": cls.LOCAL_THETA if theta is None else theta}
 
 
 REFUSED_MODEL_TYPES["gemma3"] = (

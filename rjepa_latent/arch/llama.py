@@ -16,6 +16,14 @@ def _layer(names: dict[str, str], prefix: str) -> dict[str, str]:
     return {kind: prefix + "{layer}." + short for kind, short in names.items()}
 
 
+# The norms after attention and after the MLP (rl_norms pre_post / post), as
+# HF (Gemma-2/3, OLMo-2) and llama.cpp name them.
+POST_NORMS_HF = _layer({"post_attn_norm": "post_attention_layernorm.weight",
+                        "post_ffn_norm": "post_feedforward_layernorm.weight"}, "model.layers.")
+POST_NORMS_GGUF = _layer({"post_attn_norm": "post_attention_norm.weight",
+                          "post_ffn_norm": "post_ffw_norm.weight"}, "blk.")
+
+
 @register
 class Llama(Family):
     name = "llama"

@@ -9,6 +9,8 @@ and no llama.cpp version writes it, so it is refused rather than guessed.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .base import register
 from .llama import Llama
 
@@ -24,3 +26,7 @@ class Mistral(Llama):
     def hf_flags(cls, raw: dict) -> dict[str, bool]:
         return {**super().hf_flags(raw), "attn_qkv_bias": False, "attn_o_bias": False,
                 "mlp_bias": False}
+
+    @classmethod
+    def hf_sliding_window(cls, raw: dict) -> Any:
+        return raw.get("sliding_window")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import register
-from .llama import Llama, _layer
+from .llama import POST_NORMS_GGUF, POST_NORMS_HF, Llama
 
 
 @register
@@ -25,20 +25,10 @@ class Olmo2(Llama):
     gguf_permuted_qk = False
     UNUSED_KINDS = frozenset({"attn_norm", "ffn_norm"})
 
-    HF_NAMES = {
-        **{k: v for k, v in Llama.HF_NAMES.items() if k not in ("attn_norm", "ffn_norm")},
-        **_layer({
-            "post_attn_norm": "post_attention_layernorm.weight",
-            "post_ffn_norm": "post_feedforward_layernorm.weight",
-        }, "model.layers."),
-    }
-    GGUF_NAMES = {
-        **{k: v for k, v in Llama.GGUF_NAMES.items() if k not in ("attn_norm", "ffn_norm")},
-        **_layer({
-            "post_attn_norm": "post_attention_norm.weight",
-            "post_ffn_norm": "post_ffw_norm.weight",
-        }, "blk."),
-    }
+    HF_NAMES = {**{k: v for k, v in Llama.HF_NAMES.items() if k not in ("attn_norm", "ffn_norm")},
+                **POST_NORMS_HF}
+    GGUF_NAMES = {**{k: v for k, v in Llama.GGUF_NAMES.items()
+                     if k not in ("attn_norm", "ffn_norm")}, **POST_NORMS_GGUF}
     GGUF_FLAGS = {**Llama.GGUF_FLAGS, "qk_norm": True}
 
     @classmethod
