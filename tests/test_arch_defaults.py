@@ -86,6 +86,15 @@ def test_bad_values_are_model_format_errors(model_type, edit, words):
         config_from_dict(raw, "x")
 
 
+def test_mistral_without_a_window_key_has_hfs_default_window():
+    import transformers as T
+    raw = {"model_type": "mistral", **SIZES, "num_hidden_layers": 2}
+    pub, _ = config_from_dict(raw, "x")
+    assert pub["sliding_window"] == T.MistralConfig(**SIZES).sliding_window == 4096
+    pub, eng = config_from_dict({**raw, "sliding_window": None}, "x")   # null: no window
+    assert not pub.get("sliding_window") and "sliding_window" not in eng
+
+
 def test_many_layers_without_a_window_are_fine():
     pub, eng = config_from_dict({"model_type": "mistral", **SIZES, "num_hidden_layers": 600,
                                  "sliding_window": None}, "x")

@@ -1,5 +1,7 @@
 """Mistral = Llama without the bias options (HF's MistralAttention / MLP have
-no `attention_bias` / `mlp_bias`); `sliding_window` is read as it stands.
+no `attention_bias` / `mlp_bias`); `sliding_window` is read as it stands, and
+a config.json without the key has HF's default window (MistralConfig: 4096;
+an explicit null is no window).
 
 GGUF: llama.cpp's converter writes Mistral checkpoints as architecture
 `llama` (read by the llama unit, whose network this is when no window
@@ -29,4 +31,6 @@ class Mistral(Llama):
 
     @classmethod
     def hf_sliding_window(cls, raw: dict) -> Any:
-        return raw.get("sliding_window")
+        return raw.get("sliding_window", cls.HF_DEFAULT_WINDOW)
+
+    HF_DEFAULT_WINDOW = 4096   # MistralConfig's default

@@ -34,7 +34,7 @@ class Qwen2(Mistral):
     def hf_sliding_window(cls, raw: dict) -> Any:
         # as Qwen2Config: no window without use_sliding_window (a layer_types
         # naming sliding layers then is refused, as HF cannot run it either)
-        return raw.get("sliding_window", 4096) if raw.get("use_sliding_window") else None
+        return raw.get("sliding_window", cls.HF_DEFAULT_WINDOW) if raw.get("use_sliding_window") else None
 
     @classmethod
     def hf_layer_types(cls, raw: dict, window: int | None, where: str) -> list[str] | None:
