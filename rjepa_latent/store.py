@@ -885,7 +885,15 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
     if not manifests:
         raise StoreError(f"{path} has no manifest.json: not an rjepa-latent run directory "
                          "(or no shard finished yet)")
-    return {**bad, **_verify(path, manifests, full, progress)}
+    problems = {**bad, **_verify(path, manifests, full, progress)}
+    if m is not None and m["format_version"] == FORMAT_VERSION and m.get("complete"):
+        listed = {s["index"] for s in m["shards"]}   # a finished run lists every entry it has
+        for k, name in sorted(_journal_names(path).items()):
+            if k not in listed:
+                problems[name] = (f"a journal entry of shard {k}, which the finished run does not "
+                                  f"hold (its {m['num_shards']} shards are listed in {MANIFEST}); "
+                                  "not written by this run: delete it")
+    return problems
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")

@@ -295,6 +295,21 @@ def test_finished_run_keeps_its_journal_equal_to_the_manifest(run, model, capsys
     assert s["repaired"] == [2] and snapshot(out) == run.snap
 
 
+def test_verify_lists_a_journal_entry_beyond_a_finished_run(run, capsys):
+    # a stray entry of a shard the run does not hold (11 records: shards 0..3) is not silently sound
+    out = run.root / "journal_beyond"
+    shutil.copytree(run.ref, out)
+    entry = json.loads((out / "shard-00001.json").read_text())
+    (out / "shard-00009.json").write_text(json.dumps({**entry, "index": 9}) + "\n")
+    bad = verify_run(out)
+    assert list(bad) == ["shard-00009.json"] and "does not hold" in bad["shard-00009.json"]
+    assert cli_main(["verify", str(out)]) != 0
+    said = capsys.readouterr()
+    assert "shard-00009.json" in said.out + said.err
+    (out / "shard-00009.json").unlink()
+    assert verify_run(out) == {} and snapshot(out) == run.snap
+
+
 def test_early_stop_writes_strict_errors_under_the_lock(tmp_path, model):
     """The early stop's errors.jsonl goes through the store's writer (strict JSON) and
     only while it holds the directory lock: beside a running run it is refused, unwritten."""
