@@ -214,7 +214,10 @@ class StepLatents:
             col = batch.column("id")
             return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         if isinstance(batch, dict) and "id" in batch:
-            return pa.array(_plain(np.asarray(batch["id"])))
+            col = pa.array(_plain(np.asarray(batch["id"])))
+            # an empty (or all-null) column has pyarrow's null type: string, as
+            # the other batches' ids, so Ray Data can concatenate the blocks
+            return col.cast(pa.string()) if pa.types.is_null(col.type) else col
         out = []
         for row in rows:
             rid = next((row[f] for f in ID_FIELDS if row.get(f) is not None), None)
@@ -340,16 +343,18 @@ def _positive_number(name: str, v: Any, zero_ok: bool = False) -> None:
         raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
 
 
-def _pool_shape(ray, workers: int | None, gpus: float | None, cpus: float | None) -> tuple[int, float, float]:
+def _pool_shape(nodes: list[dict], workers: int | None, gpus: float | None,
+                cpus: float | None) -> tuple[int, float, float]:
     """(workers, gpus_per_worker, cpus_per_worker), defaults filled in from the
-    cluster: with GPUs one worker per GPU (1 CPU each), else one per node with
-    that node's CPUs; refused (ValueError, never a wait for resources that do
-    not exist) when the cluster cannot hold the pool."""
+    resources of the cluster's live `nodes` (`ray.nodes()[i]["Resources"]`):
+    with GPUs one worker per GPU (1 CPU each), else one per node with that
+    node's CPUs; refused (ValueError, never a wait for resources that do not
+    exist) when the cluster cannot hold the pool. An actor lives on one node,
+    so what counts is how many fit on each node, not the cluster's sums."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0):
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     _positive_number("gpus_per_worker", gpus, zero_ok=True)
     _positive_number("cpus_per_worker", cpus)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_gpus = sum(r.get("GPU", 0) for r in nodes)
     total_cpus = sum(r.get("CPU", 0) for r in nodes)
     if gpus is None:
@@ -362,16 +367,19 @@ def _pool_shape(ray, workers: int | None, gpus: float | None, cpus: float | None
         else:   # an equal share of the cluster's CPUs: whole ones where there are enough
             share = total_cpus / workers
             cpus = float(int(share)) if share >= 1 else share
+    def fits(r: dict) -> int:   # workers one node can hold
+        n = int((r.get("CPU", 0) + 1e-9) // cpus)
+        return min(n, int((r.get("GPU", 0) + 1e-9) // gpus)) if gpus > 0 else n
+    capacity = sum(fits(r) for r in nodes)
     if workers is None:
-        workers = int(total_gpus // gpus) if gpus > 0 else \
-            sum(int(r.get("CPU", 0) // cpus) for r in nodes)
+        workers = int(total_gpus // gpus) if gpus > 0 else capacity
     want = f"{workers} worker(s) x {gpus:g} GPU, {cpus:g} CPU"
     have = f"the cluster has {total_gpus:g} GPU(s) and {total_cpus:g} CPU(s) on {len(nodes)} node(s)"
-    if workers <= 0 or workers * gpus > total_gpus + 1e-9 or workers * cpus > total_cpus + 1e-9:
-        raise ValueError(f"the pool does not fit: {want}, but {have}; pass fewer --workers or smaller "
-                         "--gpus-per-worker / --cpus-per-worker")
-    if not any(r.get("GPU", 0) + 1e-9 >= gpus and r.get("CPU", 0) + 1e-9 >= cpus for r in nodes):
-        raise ValueError(f"no node can hold one worker ({gpus:g} GPU, {cpus:g} CPU); {have}")
+    if workers <= 0 or workers > capacity:
+        held = "no node can hold one worker" if not capacity else \
+            f"node by node they hold {capacity} such worker(s)"
+        raise ValueError(f"the pool does not fit: {want}, but {have} ({held}); pass fewer --workers "
+                         "or smaller --gpus-per-worker / --cpus-per-worker")
     return workers, float(gpus), float(cpus)
 
 
@@ -535,7 +543,8 @@ def extract(inputs: Any, out: str | os.PathLike, *, model: str | os.PathLike | N
     ray, owned = connect(address)
     pool = driver = token_path = None
     try:
-        shape = _pool_shape(ray, workers, gpus_per_worker, cpus_per_worker)
+        shape = _pool_shape([n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                            workers, gpus_per_worker, cpus_per_worker)
         pool = _Pool(ray, model, spec, out, shape, uuid.uuid4().hex[:8])
         config = _identity_check(pool.start(), spec.allow_kernel_change)
         driver = pl.RunDriver(spec, config, out, progress)   # refuses a clashing directory, touching nothing

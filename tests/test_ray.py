@@ -169,6 +169,52 @@ def test_step_latents_takes_a_path_and_one_span_pooling(model_of, tiny_model_dir
             rlray.StepLatents(str(tiny_model_dir("llama")), pooling=pooling)
 
 
+def test_step_latents_batches_of_bad_rows_and_of_no_rows(tiny_model_dir):
+    """No cluster: every row bad, an empty batch in both formats; the schema is
+    the same as for good rows (Ray Data concatenates the blocks) and HF datasets
+    reads the table as it is."""
+    import datasets
+    import pyarrow as pa
+    sl = rlray.StepLatents(str(tiny_model_dir("llama")), layers=[-1], threads=1)
+    good = sl(pa.Table.from_pylist([{"id": "a", "question": "Tom has 3.", "steps": ["3 + 4 = 7.", "So 7."]},
+                                    {"id": "b", "question": "q", "steps": []}]))
+    want = pa.schema([("id", pa.string()), ("num_steps", pa.int32()), ("num_tokens", pa.int32()),
+                      ("token_spans", pa.list_(pa.list_(pa.int32(), 2))),
+                      ("latents", pa.list_(pa.list_(pa.float32(), sl._m.hidden_size))), ("error", pa.string())])
+    assert good.schema == want
+    assert good.column("latents").is_null().to_pylist() == [False, True]
+    ds = datasets.Dataset(good)
+    assert ds.with_format("numpy")[0]["latents"].shape == (2, sl._m.hidden_size)
+    assert ds[1] == {"id": "b", "num_steps": None, "num_tokens": None, "token_spans": None, "latents": None,
+                     "error": "empty step list"}
+    bad = sl({"id": np.array(["b", "c"], dtype=object), "question": np.array(["q", "q"], dtype=object),
+              "steps": np.array([np.array([], dtype=object), "not a list"], dtype=object)})
+    assert bad.schema == want and bad.column("error").null_count == 0
+    assert bad.column("latents").null_count == bad.column("num_steps").null_count == 2
+    for empty in ({"id": np.array([], dtype=object), "question": np.array([], dtype=object),
+                   "steps": np.array([], dtype=object)}, pa.Table.from_pylist([]).cast(pa.schema([])),
+                  good.select(["id"]).slice(0, 0)):
+        t = sl(empty)
+        assert t.num_rows == 0 and t.schema == want, (empty, t.schema)
+
+
+def test_pool_shape_counts_what_fits_on_each_node():
+    """No cluster: an actor lives on one node, so a pool whose sums fit but
+    whose workers do not fit node by node is refused at once (Ray would wait
+    for the missing worker until the start timeout)."""
+    two = [{"CPU": 1.5}, {"CPU": 1.5}]
+    with pytest.raises(ValueError, match="node by node they hold 2"):
+        rlray._pool_shape(two, 3, None, 1)
+    assert rlray._pool_shape(two, 2, None, 1) == (2, 0.0, 1.0)
+    assert rlray._pool_shape(two, None, None, None) == (2, 0.0, 1.5)     # one per node, its CPUs
+    gpus = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 3}]
+    assert rlray._pool_shape(gpus, None, None, None) == (4, 1.0, 1.0)
+    with pytest.raises(ValueError, match="node by node they hold 1"):
+        rlray._pool_shape(gpus, 2, 2, None)                              # 4 GPUs, but 2 on no two nodes
+    with pytest.raises(ValueError, match="no node can hold one worker"):
+        rlray._pool_shape([{"CPU": 2}], 1, 1, None)
+
+
 # ------------------------------------------------------------ extract (local cluster)
 
 def _extract(setup, out: Path, **kw) -> dict:
