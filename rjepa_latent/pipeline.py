@@ -587,6 +587,14 @@ class RunDriver:
                   f"({self.kept[1]:,} records); {shards} shards ({records:,} records) remained and "
                   "are done now", file=sys.stderr)
 
+    def say_unknown_ids(self) -> None:
+        """After the records were read: the --ids that no input holds."""
+        if self.unknown_ids:
+            shown = ", ".join(map(repr, self.unknown_ids[:5]))
+            print(f"rjepa-latent extract: {len(self.unknown_ids)} of the {len(self.spec.ids)} --ids are "
+                  f"not in the inputs: {shown}{' ...' if len(self.unknown_ids) > 5 else ''}",
+                  file=sys.stderr)
+
     def note(self, entry: dict) -> None:
         """A shard committed (by any worker)."""
         self.store.note(entry)
@@ -867,11 +875,7 @@ def _extract(spec: RunSpec, m: Model, out: Any, *, strict: bool, progress: bool,
             runner.run(driver.pending())
         driver.finish()
         driver.say_resumed(runner.written, runner.records_written)
-        if driver.unknown_ids:
-            shown = ", ".join(map(repr, driver.unknown_ids[:5]))
-            print(f"rjepa-latent extract: {len(driver.unknown_ids)} of the {len(spec.ids)} --ids are "
-                  f"not in the inputs: {shown}{' ...' if len(driver.unknown_ids) > 5 else ''}",
-                  file=sys.stderr)
+        driver.say_unknown_ids()
         summary = driver.summary(runner.written, runner.compute_s, time.perf_counter() - t_start,
                                  runner.tokens)
     finally:
@@ -1219,12 +1223,19 @@ def _run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
         device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change,
         repair=args.repair, limit=args.limit, ids=args.ids)
+    return report_run(summary, args, format_summary(summary))
+
+
+def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
+    """The CLI's end of an extract run (one process or Ray): the --repair line,
+    the summary `text`, and the exit status (1 when nothing was extracted, or
+    on errors with --strict)."""
     if args.repair:
         fixed = summary.get("repaired", [])
         print("rjepa-latent extract: --repair: every committed file checked; "
               + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
               file=sys.stderr)
-    print(format_summary(summary))
+    print(text)
     if nothing_extracted(summary):
         why = ("the inputs hold no records" if not summary["records"] else
                f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}; "
@@ -1233,7 +1244,7 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     if args.strict and summary["errors"]:
         print(f"rjepa-latent extract: {summary['errors']} records could not be processed "
-              f"(see {Path(args.out) / 'errors.jsonl'}); --strict", file=sys.stderr)
+              f"(see {summary['errors_file']}); --strict", file=sys.stderr)
         return 1
     return 0
 

@@ -566,11 +566,7 @@ def extract(inputs: Any, out: str | os.PathLike, *, model: str | os.PathLike | N
         _drop_temporaries(out, pool.tags)
         driver.finish()
         driver.say_resumed(run.written, run.records_written)
-        if driver.unknown_ids:
-            shown = ", ".join(map(repr, driver.unknown_ids[:5]))
-            print(f"rjepa-latent extract: {len(driver.unknown_ids)} of the {len(spec.ids)} --ids are "
-                  f"not in the inputs: {shown}{' ...' if len(driver.unknown_ids) > 5 else ''}",
-                  file=sys.stderr)
+        driver.say_unknown_ids()
         summary = driver.summary(run.written, run.compute_s, time.perf_counter() - t_start, run.tokens)
         summary.update(throughput_warnings=0, repaired=driver.repaired, ray=_ray_summary(pool, run.per_worker))
         return pl._strict(summary, strict, out)
@@ -817,21 +813,8 @@ def run(args) -> int:
     summary = extract(args.data, args.out, model=args.model, workers=args.workers,
                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                       address=args.address, progress=not args.no_progress, **_cli_options(args))
-    if args.repair:
-        fixed = summary.get("repaired", [])
-        print("rjepa-latent extract: --repair: every committed file checked; "
-              + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
-              file=sys.stderr)
     r = summary["ray"]
-    print(pl.format_summary(summary) + f"\n  on Ray: {r['workers']} workers on {r['nodes']} node(s)"
-          + (f"; {r['lost_workers']} lost, {r['redone_shards']} shard(s) redone" if r["lost_workers"] else ""))
-    if pl.nothing_extracted(summary):
-        why = ("the inputs hold no records" if not summary["records"] else
-               f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}")
-        print(f"rjepa-latent extract: nothing was extracted: {why}", file=sys.stderr)
-        return 1
-    if args.strict and summary["errors"]:
-        print(f"rjepa-latent extract: {summary['errors']} records could not be processed "
-              f"(see {summary['errors_file']}); --strict", file=sys.stderr)
-        return 1
-    return 0
+    return pl.report_run(summary, args, pl.format_summary(summary)
+                         + f"\n  on Ray: {r['workers']} workers on {r['nodes']} node(s)"
+                         + (f"; {r['lost_workers']} lost, {r['redone_shards']} shard(s) redone"
+                            if r["lost_workers"] else ""))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from test_gguf import FAMILY_WORST, TOL, TYPES, _expect_error, _family_hf_model, _vocab, \
+from test_gguf import FAMILY_WORST, gguf_worst_vs_hf, TOL, TYPES, _expect_error, _family_hf_model, _vocab, \
     family_files, rel_errors, report_family_worst, write_family_gguf  # noqa: F401
 
 LENGTHS = (1, 9, 45, 130)
@@ -26,7 +26,6 @@ CASES = [(f, q) for f in ("gemma2", "gemma3", "olmo2") for q in TYPES] + \
 
 @pytest.mark.parametrize("family,qtype", CASES)
 def test_family_gguf_every_layer_matches_hf(family_files, family, qtype):
-    from conftest import hf_hidden_states
     path, hf_dir = family_files(family, qtype)
     m = rl.Model(path, device="cpu")
     ref_model = rl.Model(hf_dir, device="cpu")
@@ -37,15 +36,7 @@ def test_family_gguf_every_layer_matches_hf(family_files, family, qtype):
         # the converter stored 1 + w: the GGUF norms are applied as they are
         assert "norm_offset" not in c and ref_model.config["norm_offset"] == 1.0
         assert c["layer_types"] == ref_model.config["layer_types"]
-    rng = np.random.default_rng(4)
-    worst = 0.0
-    for n in LENGTHS:
-        ids = rng.integers(0, c["vocab_size"], n).astype(np.int32)
-        ours = m.hidden_states(ids)
-        np.testing.assert_array_equal(ours, ref_model.hidden_states(ids))
-        ref = hf_hidden_states(hf_dir, ids)
-        assert np.abs(ref[1:]).mean() > 0.1
-        worst = max(worst, *rel_errors(ours, ref))
+    worst = gguf_worst_vs_hf(m, ref_model, hf_dir, LENGTHS)
     FAMILY_WORST[(family, qtype)] = worst
     assert worst <= TOL, (family, qtype, worst)
 

@@ -28,6 +28,7 @@ import pytest
 
 from conftest import make_tokenizer
 from test_gpu_model import FP32_REL, SLACK, _rel_per_layer, _require_gpu, _seqs
+from test_gpu_model import _hf_states as _hf_states_with
 
 pytestmark = pytest.mark.gpu
 
@@ -94,21 +95,8 @@ def _build(name: str, out: pathlib.Path) -> pathlib.Path:
 
 
 def _hf_states(torch, directory: pathlib.Path, seqs: list[np.ndarray], bf16: bool) -> list:
-    """HF's hidden states on the GPU, eager attention (Gemma-2's soft-cap has
-    no sdpa path) in fp32 or bf16."""
-    import transformers as T
-    model = T.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.bfloat16 if bf16 else torch.float32,
-        attn_implementation="eager").cuda().eval()
-    out = []
-    with torch.inference_mode():
-        for ids in seqs:
-            hs = model.model(torch.as_tensor(ids, dtype=torch.long, device="cuda")[None],
-                             output_hidden_states=True).hidden_states
-            out.append(torch.stack(hs)[:, 0].float().cpu().numpy())
-    del model
-    torch.cuda.empty_cache()
-    return out
+    """Eager attention in both dtypes: Gemma-2's soft-cap has no sdpa path."""
+    return _hf_states_with(torch, directory, seqs, bf16, attn="eager")
 
 
 @pytest.fixture(scope="module")

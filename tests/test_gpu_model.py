@@ -96,11 +96,15 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> Callable[[str], pathlib.Path]
     return get
 
 
-def _hf_states(torch, directory: pathlib.Path, seqs: list[np.ndarray], bf16: bool) -> list:
+def _hf_states(torch, directory: pathlib.Path, seqs: list[np.ndarray], bf16: bool,
+               attn: str | None = None) -> list:
+    """HF's hidden states on the GPU in fp32 or bf16; attention `attn`
+    (default: sdpa in bf16, eager in fp32)."""
     import transformers as T
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = T.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation="sdpa" if bf16 else "eager").cuda().eval()
+        directory, dtype=dtype,
+        attn_implementation=attn or ("sdpa" if bf16 else "eager")).cuda().eval()
     out = []
     with torch.inference_mode():
         for ids in seqs:
