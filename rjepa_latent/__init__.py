@@ -1,16 +1,17 @@
 """rjepa_latent: step-pooled hidden states of decoder LLMs over chains of thought.
 
-Data flows once: data -> tokenize -> plan -> _core -> store; see docs/.
+Data flows once: inputs/ -> engine/ (plan, _core) -> store/, driven by run/; see
+docs/architecture.md.
 """
 from .errors import (DeviceError, DeviceMemoryError, InputError, LayerError, LayerTypeError,
                      ModelFormatError, SequenceError, SequenceLengthError, SequenceTypeError,
                      SpanError, SpanTypeError, StoreError, TokenIdError)
 from ._native import build_info
-from .model import Model, memory_plan
-from .parity import check_parity
-from .pipeline import extract_dataset
-from .store import open_latents
-from .tokenize import encode_steps
+from .engine.model import Model, memory_plan
+from .inputs.tokenize import encode_steps
+from .run.local import extract_dataset
+from .store.read import open_latents
+from .tools.parity import check_parity
 
 # pyproject.toml's version, compiled into the core (setup.py): recorded in
 # every run's configuration (package_version)

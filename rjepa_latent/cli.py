@@ -6,13 +6,13 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "extract": ("rjepa_latent.pipeline", "extract step latents of a dataset into a run directory"),
-    "info": ("rjepa_latent.info", "show what a run directory holds: progress, errors, configuration"),
-    "bench": ("rjepa_latent.bench", "benchmark this engine (and HF transformers, when installed)"),
-    "parity": ("rjepa_latent.parity", "compare this engine with HF transformers on a model, layer by layer"),
-    "verify": ("rjepa_latent.verify", "check a run directory's files against its manifest (every sha256)"),
-    "export": ("rjepa_latent.readers", "write a run as Parquet or flat .npy arrays for training"),
-    "demo": ("rjepa_latent.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
+    "extract": ("rjepa_latent.run.cli", "extract step latents of a dataset into a run directory"),
+    "info": ("rjepa_latent.store.info", "show what a run directory holds: progress, errors, configuration"),
+    "bench": ("rjepa_latent.tools.bench", "benchmark this engine (and HF transformers, when installed)"),
+    "parity": ("rjepa_latent.tools.parity", "compare this engine with HF transformers on a model, layer by layer"),
+    "verify": ("rjepa_latent.store.verify", "check a run directory's files against its manifest (every sha256)"),
+    "export": ("rjepa_latent.store.export", "write a run as Parquet or flat .npy arrays for training"),
+    "demo": ("rjepa_latent.tools.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
 }
 
 

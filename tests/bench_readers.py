@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     if args.records <= 0 or args.repeats <= 0 or args.hidden % 64:
         p.error("--records and --repeats must be positive, --hidden a multiple of 64")
     import rjepa_latent as rl
-    from rjepa_latent import readers
+    from rjepa_latent.store import export as rl_export
     root = Path(tempfile.gettempdir()) / f"rjepa-bench-readers-{args.records}-{args.hidden}"
     root.mkdir(exist_ok=True)
     run = build_run(root, args.records, args.hidden)
@@ -81,9 +81,9 @@ def main(argv=None) -> int:
     nbytes = sum(int(s["steps"]) for s in store.shards) * args.hidden * 4
     pq_path, npy_dir = root / "run.parquet", root / "npy"
     if not pq_path.exists():
-        readers.export_parquet(store, pq_path)
+        rl_export.export_parquet(store, pq_path)
     if not (npy_dir / "items.jsonl").exists():
-        readers.export_npy(store, npy_dir)
+        rl_export.export_npy(store, npy_dir)
 
     def open_latents_pass():
         for it in rl.open_latents(run):

@@ -133,14 +133,14 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
 def interrupt_at_shard(monkeypatch, index: int):
     """Make extraction raise KeyboardInterrupt (as Ctrl-C would) when it starts
     computing shard `index`; returns the original method (to undo it)."""
-    from rjepa_latent import pipeline
-    compute = pipeline._Runner._compute
+    from rjepa_latent.run import local as rl_local
+    compute = rl_local._Runner._compute
 
     def interrupted(self, shard, bar, t0):
         if shard["index"] == index:
             raise KeyboardInterrupt
         return compute(self, shard, bar, t0)
-    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    monkeypatch.setattr(rl_local._Runner, "_compute", interrupted)
     return compute
 
 

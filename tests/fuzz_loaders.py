@@ -98,7 +98,7 @@ def write_gguf_seed(path: Path) -> Path:
     """A tiny llama GGUF: norms F32, other weights F16 / Q8_0 / Q4_0 / Q4_1, a
     byte-level BPE vocabulary (so the tokenizer is rebuilt too)."""
     import gguf
-    from rjepa_latent.gguf_loader import _byte_alphabet
+    from rjepa_latent.checkpoints.gguf_loader import _byte_alphabet
     alphabet = [_byte_alphabet()[b] for b in range(256)]
     merges = ["Ġ t", "h e", "Ġt he"]
     tokens = ["<|endoftext|>"] + alphabet + ["Ġt", "he", "Ġthe"]

@@ -14,7 +14,7 @@ import copy
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.checkpoint import config_from_dict
+from rjepa_latent.checkpoints.checkpoint import config_from_dict
 
 SIZES = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, vocab_size=320)

@@ -1,4 +1,4 @@
-"""Gemma-2 (rjepa_latent/arch/gemma2.py): its config mapping, and every
+"""Gemma-2 (rjepa_latent/checkpoints/arch/gemma2.py): its config mapping, and every
 hidden-state layer equal to HF transformers (CPU, fp32, eager) within 1e-5
 (max|ours-HF|/max|HF| per layer) on a tiny random model with every Gemma-2
 feature active: (1 + w) norms, embeddings times sqrt(48) (not exact in
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.checkpoint import config_from_dict, read_checkpoint_headers, tensor_layout
+from rjepa_latent.checkpoints.checkpoint import config_from_dict, read_checkpoint_headers, tensor_layout
 from tiny_families import (LENGTHS, build, every_layer_matches_hf, hf_states, ids_of, max_rel,
                            packing_is_neutral, window_matters)
 
@@ -109,7 +109,7 @@ def test_bad_configs_are_refused(gemma2_dir, edit, words):
 def test_no_softcap_and_only_full_layers(tmp_path):
     """attn_logit_softcapping null and every layer full (HF's mask code needs
     a sliding_window even so): the network without those two ops."""
-    from rjepa_latent.checkpoint import open_checkpoint
+    from rjepa_latent.checkpoints.loader import open_checkpoint
     d = build(gemma2_config(attn_logit_softcapping=None, sliding_window=4096,
                             layer_types=["full_attention"] * 4), tmp_path / "m", norm_mean=0.0)
     src = open_checkpoint(d)
@@ -124,7 +124,7 @@ def test_no_softcap_and_only_full_layers(tmp_path):
 def test_parity_command_passes(gemma2_dir):
     """`rjepa-latent parity`'s check against HF on this family, also with only
     the first layers loaded on the HF side (layer_types cut to match)."""
-    from rjepa_latent.parity import check_parity
+    from rjepa_latent.tools.parity import check_parity
     for layers in (None, [0, 2]):
         r = check_parity(gemma2_dir, n_texts=2, layers=layers)
         assert r.passed, r.table()

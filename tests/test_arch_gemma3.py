@@ -1,4 +1,4 @@
-"""Gemma-3 text (rjepa_latent/arch/gemma3.py, model_type gemma3_text):
+"""Gemma-3 text (rjepa_latent/checkpoints/arch/gemma3.py, model_type gemma3_text):
 config mapping (transformers-5 per-layer-type rope_parameters and the older
 rope_theta / rope_scaling / rope_local_base_freq form alike), and every
 hidden-state layer equal to HF transformers (CPU, fp32, eager) within 1e-5
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.checkpoint import config_from_dict
+from rjepa_latent.checkpoints.checkpoint import config_from_dict
 from tiny_families import (LENGTHS, build, every_layer_matches_hf, packing_is_neutral,
                            window_matters)
 

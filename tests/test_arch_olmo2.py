@@ -1,4 +1,4 @@
-"""OLMo-2 (rjepa_latent/arch/olmo2.py): norms after attention and MLP (no
+"""OLMo-2 (rjepa_latent/checkpoints/arch/olmo2.py): norms after attention and MLP (no
 input norm), q/k RMSNorm over the whole projection; every hidden-state layer
 equal to HF transformers (CPU, fp32, eager) within 1e-5
 (max|ours-HF|/max|HF| per layer), also with `attention_bias`; packing
@@ -12,7 +12,7 @@ import json
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.checkpoint import config_from_dict, read_checkpoint_headers, tensor_layout
+from rjepa_latent.checkpoints.checkpoint import config_from_dict, read_checkpoint_headers, tensor_layout
 from tiny_families import LENGTHS, build, every_layer_matches_hf, packing_is_neutral
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import arch
-from rjepa_latent.checkpoint import (config_from_dict, read_checkpoint_headers, read_config,
-                                     open_checkpoint, tensor_layout)
+from rjepa_latent.checkpoints import arch
+from rjepa_latent.checkpoints.checkpoint import config_from_dict, read_checkpoint_headers, tensor_layout
+from rjepa_latent.checkpoints.loader import read_config, open_checkpoint
 
 RAW = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}

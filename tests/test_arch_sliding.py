@@ -43,7 +43,7 @@ def test_window_longer_texts_match_hf(name, tmp_path):
     assert window_matters(d) > 1e-3
     m = rl.Model(d, device="cpu", threads=2)
     assert m.sliding_window == 8
-    from rjepa_latent.checkpoint import open_checkpoint
+    from rjepa_latent.checkpoints.loader import open_checkpoint
     src = open_checkpoint(d)
     assert src.engine_config["layer_sliding"] == LAYERS[name]
     src.close()
@@ -113,7 +113,8 @@ def test_a_device_without_windowed_attention_takes_texts_up_to_the_window(tmp_pa
     the model runs with full attention, the same network on texts that fit
     the window, and longer texts are a SequenceLengthError there (simulated
     on the CPU by capabilities without the feature)."""
-    from rjepa_latent import _core, model as model_mod
+    from rjepa_latent import _core
+    from rjepa_latent.engine import model as model_mod
     d = build(_config("mistral"), tmp_path / "m")
     windowed = rl.Model(d, device="cpu")
 

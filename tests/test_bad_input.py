@@ -30,7 +30,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.data import read_records
+from rjepa_latent.inputs.data import read_records
 from conftest import interrupt_at_shard
 
 G1 = {"id": "good1", "question": "Q", "steps": ["she sold 48 clips", "then 24"]}
@@ -333,14 +333,14 @@ def test_early_stop_after_the_first_1000_errors_and_a_later_good_record(model_di
 
 
 def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys, monkeypatch):
-    from rjepa_latent import pipeline
+    from rjepa_latent.run import local as rl_local
     rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(6)]
     (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
     args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
             "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"]
     compute = interrupt_at_shard(monkeypatch, 2)
     assert cli_main(args) == 130
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     capsys.readouterr()
     assert cli_main(args) == 0
     err = capsys.readouterr().err
@@ -369,7 +369,9 @@ def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsy
 
 
 def test_error_kinds_group_reasons_without_their_particulars():
-    from rjepa_latent.pipeline import error_kind, error_kinds, format_errors
+    from rjepa_latent.store.files import error_kind
+    from rjepa_latent.run.driver import error_kinds
+    from rjepa_latent.run.report import format_errors
     assert error_kind("duplicate id 'a:1' (first seen at d.jsonl:1)") == "duplicate id '…'"
     assert error_kind("step 12 is an empty string") == "step N is an empty string"
     assert error_kind("invalid JSON: Expecting value: line 1 column 5 (char 4)") == "invalid JSON"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.bench import default_data
+from rjepa_latent.tools.bench import default_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [{"id": f"b{i}", "question": f"What is {i} + {i}?", "steps": [f"{i} + {i} = {2 * i}.",

@@ -15,7 +15,7 @@ import pytest
 import rjepa_latent as rl
 
 gguf = pytest.importorskip("gguf")
-from rjepa_latent.gguf_loader import _open_reader  # noqa: E402
+from rjepa_latent.checkpoints.gguf_loader import _open_reader  # noqa: E402
 from test_gguf import write_gguf  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def test_gguf_config_checked_against_tensors(tmp_path):
     p = write_gguf(tmp_path / "c.gguf", "F32")
     _patch_field(p, "llama.feed_forward_length", 2**32 - 1)
     _refused_fast(p, "intermediate_size=4294967295")
-    from rjepa_latent.checkpoint import read_config  # memory plans read the config only: same check
+    from rjepa_latent.checkpoints.loader import read_config  # memory plans read the config only: same check
     with pytest.raises(rl.ModelFormatError, match="intermediate_size=4294967295"):
         read_config(p)
 

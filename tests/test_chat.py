@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from rjepa_latent import chat
+from rjepa_latent.inputs import chat
 from rjepa_latent.default_model import default_model_path
 
 QWEN3_STYLE = (
@@ -158,7 +158,7 @@ def test_template_errors_are_clear():
 def test_every_sample_record_renders_as_transformers_does(name):
     """The package's 42 sample problems through each template (plain and, where
     the template shows reasoning, --chat-think), against apply_chat_template."""
-    from rjepa_latent.demo import SAMPLES_DIR
+    from rjepa_latent.tools.demo import SAMPLES_DIR
     t = _templates()[name]
     rows = [json.loads(line) for line in (SAMPLES_DIR / "word_problems.jsonl").read_text().splitlines()]
     assert len(rows) == 42

@@ -14,9 +14,9 @@ import pytest
 from tokenizers import Tokenizer
 
 import rjepa_latent as rl
-from rjepa_latent.chat import ChatTemplateError
+from rjepa_latent.inputs.chat import ChatTemplateError
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.tokenize import step_spans
+from rjepa_latent.inputs.tokenize import step_spans
 from test_chat import QWEN3_STYLE
 
 RECORDS = [
@@ -226,8 +226,8 @@ def test_chat_options_are_part_of_the_configuration(chat_model, tmp_path):
 def test_segmentation_and_step_ranges_inside_a_chat_render(tmp_path):
     """(data level) a text record's segmented steps and a messages record under
     --segment keep exact ranges in the rendered text, equal to transformers'."""
-    from rjepa_latent import chat as chat_mod
-    from rjepa_latent.data import Chat, ErrorRecord, read_records
+    from rjepa_latent.inputs import chat as chat_mod
+    from rjepa_latent.inputs.data import Chat, ErrorRecord, read_records
     from test_chat import _hf_render
     c = Chat(chat_mod.ChatTemplate(QWEN3_STYLE, {"eos_token": "<|im_end|>"}), think=True)
     text = "First, 48 / 2 = <<48/2=24>>24.  Then 48 + 24 = 72!\r\n\r\nSo 72."
@@ -256,8 +256,8 @@ def test_messages_from_parquet(tmp_path):
     message render as transformers renders the same rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from rjepa_latent import chat as chat_mod
-    from rjepa_latent.data import Chat, read_records
+    from rjepa_latent.inputs import chat as chat_mod
+    from rjepa_latent.inputs.data import Chat, read_records
     from test_chat import _hf_render
     conv = [[{"role": "user", "content": "2+3?"},
              {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3\nis 5."}],
@@ -278,7 +278,7 @@ def test_gguf_model_chat_end_to_end(tmp_path):
     """The default GGUF model (SmolLM2, its template in tokenizer.chat_template):
     the text is transformers' rendering of that template, the special tokens are
     single tokens, spans follow the span rule, latents equal Model.extract."""
-    from rjepa_latent import chat as chat_mod
+    from rjepa_latent.inputs import chat as chat_mod
     from rjepa_latent.default_model import default_model_path
     from test_chat import _hf_render
     path = default_model_path()
@@ -307,8 +307,8 @@ def test_gguf_model_chat_end_to_end(tmp_path):
 
 
 def test_any_exception_inside_the_template_is_that_records_error(tmp_path):
-    from rjepa_latent import chat as chat_mod
-    from rjepa_latent.data import Chat, ErrorRecord, read_records
+    from rjepa_latent.inputs import chat as chat_mod
+    from rjepa_latent.inputs.data import Chat, ErrorRecord, read_records
     # compares a question holding "boom" with a number: a TypeError in that record only
     t = chat_mod.ChatTemplate("{{ messages[0].content }}{% if 'boom' in messages[0].content %}"
                               "{{ messages[0].content > 3 }}{% endif %}{{ messages[1].content }}")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent.checkpoint import (load_hf, load_hf_config, read_safetensors_header,
-                                     rope_inv_freq)
+from rjepa_latent.checkpoints.checkpoint import load_hf, load_hf_config, read_safetensors_header, rope_inv_freq
 
 
 # --------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def test_rope_llama3_real_shape_and_old_style_fields():
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
            "rope_scaling": {**scaling, "type": "llama3"}}
-    from rjepa_latent.checkpoint import config_from_dict
+    from rjepa_latent.checkpoints.checkpoint import config_from_dict
     pub, _ = config_from_dict(raw, "x")
     np.testing.assert_allclose(rope_inv_freq(pub), ref, rtol=1.2e-7, atol=0)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rjepa_latent.data import ErrorRecord, Record, Template, read_records
+from rjepa_latent.inputs.data import ErrorRecord, Record, Template, read_records
 
 
 def write_jsonl(path, rows):
@@ -159,7 +159,7 @@ def test_lone_surrogate_escapes_are_error_records(tmp_path):
 
 
 def test_files_that_cannot_hold_records_are_refused_by_read_records_too(tmp_path):
-    from rjepa_latent.data import InputFileError
+    from rjepa_latent.inputs.sources import InputFileError
     p = tmp_path / "m.jsonl"
     p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 32)
     with pytest.raises(InputFileError, match=r"'.*m\.jsonl' is not JSON text: .*GGUF model file; pass it as --model"):

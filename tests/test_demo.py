@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from rjepa_latent import default_model
-from rjepa_latent.demo import project_2d, sample_files
+from rjepa_latent.tools.demo import project_2d, sample_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +118,7 @@ def test_demo_without_default_model_says_how_to_install(tmp_path, monkeypatch, c
 
 def test_demo_rejects_bad_limit(tmp_path):
     _needs_default_model()
-    from rjepa_latent.demo import run_demo
+    from rjepa_latent.tools.demo import run_demo
     with pytest.raises(ValueError, match="--limit"):
         run_demo(tmp_path, limit=0)
 

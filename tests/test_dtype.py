@@ -16,7 +16,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent import _core
-from rjepa_latent.checkpoint import engine_config, load_hf_config
+from rjepa_latent.checkpoints.checkpoint import engine_config, load_hf_config
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ gguf = pytest.importorskip("gguf")
 
 import rjepa_latent as rl  # noqa: E402
 from rjepa_latent import default_model  # noqa: E402
-from rjepa_latent.gguf_loader import load_gguf  # noqa: E402
+from rjepa_latent.checkpoints.gguf_loader import load_gguf  # noqa: E402
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 D, FF, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 3, 4, 2, 16
@@ -261,7 +261,7 @@ def test_quantized_weights_really_differ(gguf_file):
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
-    from rjepa_latent.gguf_loader import _unpermute_rows
+    from rjepa_latent.checkpoints.gguf_loader import _unpermute_rows
     w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
     for heads in (1, 2, 6):
         np.testing.assert_array_equal(_unpermute_rows(llama_cpp_permute(w, heads), heads), w)
@@ -859,7 +859,7 @@ def test_gguf_sliding_window_of_unknown_layers_is_refused(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_read_config_without_weights(family_files, family):
-    from rjepa_latent.checkpoint import read_config
+    from rjepa_latent.checkpoints.loader import read_config
     path, _ = family_files(family, "Q8_0")
     cfg = read_config(path)
     src = load_gguf(path)

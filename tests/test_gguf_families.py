@@ -57,7 +57,7 @@ def test_gemma_norms_are_stored_shifted(family_files):
 
 
 def test_gguf_variants_read_from_metadata(family_files):
-    from rjepa_latent.checkpoint import read_config
+    from rjepa_latent.checkpoints.loader import read_config
     g2 = read_config(family_files("gemma2", "F32")[0])
     assert (g2["attn_softcap"], g2["attn_scale"], g2["embed_scale"]) == (5.0, 16 ** -0.5, 8.0)
     assert g2["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
@@ -140,7 +140,7 @@ def test_gemma_gguf_missing_or_bad_metadata_is_named(family_files, tmp_path, fam
 def test_gemma3_gguf_ignores_a_softcap_key(family_files, tmp_path):
     """llama.cpp's Gemma-3 has no attention soft-cap, whatever the metadata says."""
     import gguf as G
-    from rjepa_latent.checkpoint import read_config
+    from rjepa_latent.checkpoints.loader import read_config
     path, _ = family_files("gemma3", "F32")
     _rewrite(path, tmp_path / "x.gguf", "gemma3",
              meta={"gemma3.attn_logit_softcapping": (5.0, G.GGUFValueType.FLOAT32)})
@@ -157,7 +157,7 @@ def test_gemma3_gguf_ignores_a_softcap_key(family_files, tmp_path):
 def test_gguf_attention_scale_is_llama_cpps(fam, layers, hidden, heads, head_dim, hf_scalar):
     """No GGUF key holds query_pre_attn_scalar; llama.cpp's rule by layer
     count gives the HF value of every released size."""
-    from rjepa_latent import arch
+    from rjepa_latent.checkpoints import arch
     cfg = {"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "head_dim": head_dim}
     assert getattr(arch, fam).gguf_attn_scale(cfg) == float(hf_scalar) ** -0.5
 
@@ -197,8 +197,9 @@ def test_gguf_names_agree_with_gguf_py(family_files, family):
     """llama.cpp's own HF -> GGUF name map (gguf-py) gives our names for every
     tensor the engine reads."""
     import gguf
-    from rjepa_latent import arch
-    from rjepa_latent.checkpoint import read_config, tensor_layout
+    from rjepa_latent.checkpoints import arch
+    from rjepa_latent.checkpoints.loader import read_config
+    from rjepa_latent.checkpoints.checkpoint import tensor_layout
     cfg = read_config(family_files(family, "F32")[0])
     fam = arch.for_model_type(cfg["model_type"], "x")
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf_architecture.upper()),

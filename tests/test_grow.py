@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import pipeline
+from rjepa_latent.run import local as rl_local
+from rjepa_latent.run import spec as rl_spec
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.info import inspect_run
-from rjepa_latent.store import verify_run
+from rjepa_latent.store.info import inspect_run
+from rjepa_latent.store.files import verify_run
 from conftest import interrupt_at_shard
 
 
@@ -68,7 +69,7 @@ def test_growing_an_interrupted_run(model, tmp_path, monkeypatch):
     compute = interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(data, model, out)
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     assert inspect_run(out)["shards_done"] == 2 and not inspect_run(out)["complete"]
     data.write_bytes(rows(0, 14) + rows(14, 21))
     run(data, model, out)
@@ -85,7 +86,7 @@ def test_a_dataset_changed_otherwise_is_refused_untouched(model, tmp_path, monke
     compute = interrupt_at_shard(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(data, model, out)    # a partial run: shard 0 committed
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     before = snapshot(out)
     if change == "edited":       # a record in the middle changed, then records appended
         data.write_bytes(rows(0, 10).replace(b'"q5?"', b'"Q5?"') + rows(10, 12))
@@ -152,20 +153,20 @@ def test_ids_sample(model, tmp_path, capsys):
 def test_auto_shard_size_is_stored_and_reused_on_resume(model, tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
     data.write_bytes(rows(0, 60))
-    monkeypatch.setattr(pipeline, "SHARD_TARGET_S", 1e-6)   # the smallest auto size (10 here)
+    monkeypatch.setattr(rl_spec, "SHARD_TARGET_S", 1e-6)   # the smallest auto size (10 here)
     ref = tmp_path / "ref"
     run(data, model, ref, shard_size="auto")
     cfg = json.loads((ref / "manifest.json").read_text())["config"]
-    assert cfg["shard_size"] == pipeline.SHARD_SIZE_RANGE[0] == 10
+    assert cfg["shard_size"] == rl_spec.SHARD_SIZE_RANGE[0] == 10
     out = tmp_path / "run"
     compute = interrupt_at_shard(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(data, model, out, shard_size="auto")
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
-    monkeypatch.setattr(pipeline, "SHARD_TARGET_S", 1e6)    # auto would now pick far larger shards
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_spec, "SHARD_TARGET_S", 1e6)    # auto would now pick far larger shards
     m = rl.Model(model.path, device="cpu", threads=1)
-    spec = pipeline.run_spec(data, layers=(1,))
-    assert pipeline.run_config(spec, m)["shard_size"] == pipeline.SHARD_SIZE_RANGE[1]
+    spec = rl_spec.run_spec(data, layers=(1,))
+    assert rl_spec.run_config(spec, m)["shard_size"] == rl_spec.SHARD_SIZE_RANGE[1]
     s = run(data, model, out, shard_size="auto")           # resumes with the stored 10
     assert s["shard_size"] == 10 and s["shards_written"] == 3
     assert snapshot(out) == snapshot(ref)
@@ -180,13 +181,13 @@ def test_auto_shard_size_rule(model, tmp_path):
     long_.write_bytes(b"".join(json.dumps({"id": f"r{i}", "steps": ["word " * 400]}).encode() + b"\n"
                                for i in range(300)))
     lays = model.resolve_layers((1,))
-    a = pipeline.auto_shard_size(pipeline.run_spec(short), model, lays)
-    b = pipeline.auto_shard_size(pipeline.run_spec(long_), model, lays)
-    assert a > b >= pipeline.SHARD_SIZE_RANGE[0] and str(a)[0] in "125" and str(b)[0] in "125"
+    a = rl_spec.auto_shard_size(rl_spec.run_spec(short), model, lays)
+    b = rl_spec.auto_shard_size(rl_spec.run_spec(long_), model, lays)
+    assert a > b >= rl_spec.SHARD_SIZE_RANGE[0] and str(a)[0] in "125" and str(b)[0] in "125"
     grown = tmp_path / "g.jsonl"
     grown.write_bytes(rows(0, 300) + rows(300, 3000))   # the first records decide: growing keeps it
-    assert pipeline.auto_shard_size(pipeline.run_spec(grown), model, lays) == \
-        pipeline.auto_shard_size(pipeline.run_spec(short), model, lays)
+    assert rl_spec.auto_shard_size(rl_spec.run_spec(grown), model, lays) == \
+        rl_spec.auto_shard_size(rl_spec.run_spec(short), model, lays)
 
 
 def _as_format_1(out: Path) -> None:

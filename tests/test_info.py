@@ -12,7 +12,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.info import inspect_run, reason_group
+from rjepa_latent.store.info import inspect_run, reason_group
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [{"id": f"r{i}", "question": f"Question {i}?", "steps": [f"Step one {i}.", f"Step two {i}."]}
@@ -93,7 +93,7 @@ def test_reason_group():
     assert reason_group("step 3 has no token of its own (characters 10:20, 'abc')") == \
         reason_group("step 1 has no token of its own (characters 0:4, 'x\\'y')")
     # one rule with extract's summary (store.error_kind): a reason's head is its kind
-    from rjepa_latent.pipeline import error_kind
+    from rjepa_latent.store.files import error_kind
     for r in ("invalid JSON: a", "step 12 is an empty string", "duplicate id 'a:1' (first seen at d.jsonl:1)"):
         assert reason_group(r) == error_kind(r)
     assert reason_group("invalid JSON: a") == reason_group("invalid JSON: b") == "invalid JSON"

@@ -12,8 +12,9 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.data import (ErrorRecord, Record, Segmenter, dataset_fingerprint, read_records,
-                               remove_annotations)
+from rjepa_latent.inputs.data import ErrorRecord, Record, read_records
+from rjepa_latent.inputs.segment import Segmenter, remove_annotations
+from rjepa_latent.inputs.sources import dataset_fingerprint
 
 ROWS = [
     {"id": "7", "question": "Natalia sold 48 clips. Ünïcödé?", "steps": ["She sold 48 / 2 = 24.", "48 + 24 = 72"],

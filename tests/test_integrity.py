@@ -19,7 +19,8 @@ import pytest
 import rjepa_latent as rl
 from rjepa_latent import StoreError
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.store import RunStore, verify_run
+from rjepa_latent.store.write import RunStore
+from rjepa_latent.store.files import verify_run
 
 SHARD = 3
 RECORDS = [{"id": f"r{i}", "question": f"What is {i} plus {i}?",

@@ -18,7 +18,7 @@ import pytest
 import rjepa_latent as rl
 from rjepa_latent import _native  # noqa: F401  (loads _core and the BLAS it needs)
 from rjepa_latent import _core
-from rjepa_latent import model as model_mod
+from rjepa_latent.engine import model as model_mod
 from test_core_engine import GOOD, make_config, make_engine, make_weights
 
 LOCATION = re.compile(r"\w+\.(c|cu|h):\d+")

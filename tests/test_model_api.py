@@ -42,7 +42,7 @@ def test_cuda_request_without_cuda_raises_with_reason(tiny_model_dir, device):
 @pytest.mark.skipif(not NO_CUDA, reason="a CUDA device is visible")
 def test_default_device_is_cpu_with_one_line_notice(tiny_model_dir, capsys, monkeypatch):
     """A one-line notice on stderr, once per process; no Python warning."""
-    from rjepa_latent import model as model_mod
+    from rjepa_latent.engine import model as model_mod
     monkeypatch.setattr(model_mod, "_cpu_notice_shown", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -288,7 +288,7 @@ def test_bench_refuses_non_positive_counts(opt, capsys):
 
 
 def test_device_memory_error_names_needed_free_and_what_to_lower():
-    from rjepa_latent.model import _check_fits
+    from rjepa_latent.engine.model import _check_fits
     plan = {"device": "cuda:0", "max_batch_tokens": 65536, "max_layer": 28,
             "weight_bytes": 15 * 2**30, "workspace_bytes": 6 * 2**30,
             "total_bytes": 21 * 2**30, "free_bytes": 20 * 2**30, "total_device_bytes": 24 * 2**30}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rjepa_latent import default_model
-from rjepa_latent.demo import sample_files
+from rjepa_latent.tools.demo import sample_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "explore_latents.ipynb"

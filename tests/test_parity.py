@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import parity
+from rjepa_latent.tools import parity
 from conftest import ARCHS, hf_hidden_states
 
 RECORDS = [
@@ -27,7 +27,7 @@ RECORDS = [
 
 def _independent(model_dir, layers, pooling="mean"):
     """Worst per-layer relative errors computed without parity.py."""
-    from rjepa_latent.data import Template
+    from rjepa_latent.inputs.data import Template
     m = rl.Model(model_dir, device="cpu")
     tmpl = Template()
     hid, pool = [], []
@@ -113,7 +113,7 @@ def test_shallow_layers_load_fewer_hf_layers(tiny_model_dir):
 
 
 def test_broken_span_rule_is_caught(tiny_model_dir, monkeypatch):
-    from rjepa_latent import tokenize
+    from rjepa_latent.inputs import tokenize
     real = tokenize.step_spans
 
     def shifted(offsets, steps):

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 import rjepa_latent as rl
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.store import bf16_from_f32
+from rjepa_latent.store.files import bf16_from_f32
 from test_tokenize import ADVERSARIAL
 
 BAD_LINES = [
@@ -202,7 +202,7 @@ def test_records_the_engine_cannot_take_become_error_records(tmp_path, tiny_mode
 
 
 def test_throughput_watch_warns_below_half_median():
-    from rjepa_latent.pipeline import ThroughputWarning, ThroughputWatch
+    from rjepa_latent.run.local import ThroughputWarning, ThroughputWatch
     w = ThroughputWatch(budget=1000, min_batches=4)
     with pytest.warns(ThroughputWarning, match="memory pressure.*offloaded.*thermal") as rec:
         for _ in range(6):
@@ -215,24 +215,24 @@ def test_throughput_watch_warns_below_half_median():
 
 
 def test_cli_ctrl_c_exits_130_and_resumes_byte_identical(data, tmp_path, tiny_model_dir, capsys, monkeypatch):
-    from rjepa_latent import pipeline
+    from rjepa_latent.run import local as rl_local
     args = ["extract", str(data), "--model", str(tiny_model_dir("llama")), "--device", "cpu",
             "--no-progress", "--shard-size", "4"]
     assert cli_main([*args, "--out", str(tmp_path / "ref")]) == 0
-    compute = pipeline._Runner._compute
+    compute = rl_local._Runner._compute
 
     def interrupted(self, shard, bar, t0):
         if shard["index"] == 1:  # Ctrl-C while the engine runs shard 1
             raise KeyboardInterrupt
         return compute(self, shard, bar, t0)
 
-    monkeypatch.setattr(pipeline._Runner, "_compute", interrupted)
+    monkeypatch.setattr(rl_local._Runner, "_compute", interrupted)
     capsys.readouterr()
     assert cli_main([*args, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
     assert rl.open_latents(tmp_path / "run").shards[0]["index"] == 0  # the writer finished shard 0
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
     assert snapshot(tmp_path / "run") == snapshot(tmp_path / "ref")
 
@@ -254,9 +254,9 @@ def test_non_utf8_input_file_name_is_a_clear_error(model, data, tmp_path):
 
 
 def test_out_that_is_a_file_is_refused_before_the_model_loads(data, tmp_path, monkeypatch):
-    from rjepa_latent import pipeline
+    from rjepa_latent.run import local as rl_local
     loads = []
-    monkeypatch.setattr(pipeline, "_load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+    monkeypatch.setattr(rl_local, "_load_model", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
         AssertionError("the model was loaded")))
     (tmp_path / "out").write_text("x")
     with pytest.raises(rl.StoreError, match="exists and is not a directory"):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rjepa_latent.plan import part_shards, plan_batches, shard_ranges
+from rjepa_latent.engine.plan import part_shards, plan_batches, shard_ranges
 
 
 def test_plan_covers_respects_budget_and_sorts():

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import pipeline, readers
+from rjepa_latent.store import export as rl_export
+from rjepa_latent.store import read as rl_read
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.errors import StoreError
-from rjepa_latent.store import atomic_write, read_safetensors, safetensors_chunks
+from rjepa_latent.store.files import atomic_write, read_safetensors, safetensors_chunks
 from test_tokenize import ADVERSARIAL
 
 TOL = 1e-5
@@ -154,7 +155,7 @@ def test_per_token_run_equals_hf(runs, model, tiny_model_dir, hf_states):
     for a, b in zip(store, means):
         np.testing.assert_array_equal(a.token_steps, b.token_steps)
     # bf16 per-token run: the f32 values rounded
-    from rjepa_latent.store import bf16_from_f32
+    from rjepa_latent.store.files import bf16_from_f32
     for a, b in zip(store, rl.open_latents(runs["none_bf16"])):
         np.testing.assert_array_equal(b.raw_latents, bf16_from_f32(a.latents))
 
@@ -275,7 +276,7 @@ def test_an_old_single_pooling_run_still_opens(runs, tmp_path):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.latents, y.latents)
         np.testing.assert_array_equal(x.pooled("mean"), y.latents)
-    assert readers.arrow_table(a, 1).equals(readers.arrow_table(b, 1))
+    assert rl_read.arrow_table(a, 1).equals(rl_read.arrow_table(b, 1))
 
 
 def test_cli_extract_several_poolings(data, tiny_model_dir, tmp_path, runs, capsys):
@@ -347,18 +348,18 @@ def test_arrow_hf_and_exports(runs, tmp_path):
     pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     multi = rl.open_latents(runs["multi"])
-    t = readers.arrow_table(multi, -1, "max")
+    t = rl_read.arrow_table(multi, -1, "max")
     meta = json.loads(t.schema.metadata[b"rjepa_latent"])
     assert meta["pooling"] == "max" and meta["rows"] == "steps"
     for k, it in enumerate(multi):
         np.testing.assert_array_equal(np.array(t.column("latents")[k].as_py(), np.float32),
                                       it.pooled("max")[1])
-    assert readers.arrow_table(multi, -1).equals(readers.arrow_table(multi, -1, "mean"))
+    assert rl_read.arrow_table(multi, -1).equals(rl_read.arrow_table(multi, -1, "mean"))
     with pytest.raises(ValueError, match="pooling 'first' is not in this run"):
-        readers.arrow_table(multi, -1, "first")
+        rl_read.arrow_table(multi, -1, "first")
 
     tok = rl.open_latents(runs["none"])
-    t = readers.arrow_table(tok, 1)
+    t = rl_read.arrow_table(tok, 1)
     assert json.loads(t.schema.metadata[b"rjepa_latent"])["rows"] == "tokens"
     assert t.column_names[:3] == ["id", "latents", "token_steps"]
     for k, it in enumerate(tok):
@@ -374,11 +375,11 @@ def test_arrow_hf_and_exports(runs, tmp_path):
     assert np.array(multi.to_hf_dataset(1, "last")[0]["latents"], np.float32).shape == \
         multi[0].pooled("last")[0].shape
 
-    res = readers.export_parquet(tok, tmp_path / "t.parquet", layer=-1)
+    res = rl_export.export_parquet(tok, tmp_path / "t.parquet", layer=-1)
     back = pq.read_table(tmp_path / "t.parquet")
     assert res["rows"] == len(tok) and back.column("token_steps")[0].as_py() == tok[0].token_steps.tolist()
 
-    res = readers.export_npy(tok, tmp_path / "npy", layers=[1])
+    res = rl_export.export_npy(tok, tmp_path / "npy", layers=[1])
     assert res["files"] == ["latents.layer-1.npy", "token_offsets.npy", "token_steps.npy",
                             "items.jsonl"] and res["pooling"] == "none"
     flat = np.load(tmp_path / "npy" / "latents.layer-1.npy", mmap_mode="r")
@@ -389,7 +390,7 @@ def test_arrow_hf_and_exports(runs, tmp_path):
         np.testing.assert_array_equal(flat[offs[k]:offs[k + 1]], it.latents[0])
         np.testing.assert_array_equal(steps[offs[k]:offs[k + 1]], it.token_steps)
 
-    res = readers.export_npy(multi, tmp_path / "npy_max", pooling="max")
+    res = rl_export.export_npy(multi, tmp_path / "npy_max", pooling="max")
     flat = np.load(tmp_path / "npy_max" / "latents.layer-3.npy")
     offs = np.load(tmp_path / "npy_max" / "step_offsets.npy")
     for k, it in enumerate(multi):

@@ -23,6 +23,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rjep
 
 import rjepa_latent as rl  # noqa: E402
 from rjepa_latent import ray as rlray  # noqa: E402
+from rjepa_latent.run import ray as rl_ray  # noqa: E402
 
 ROOT = Path(rl.__file__).resolve().parents[1]
 GSM8K = ROOT.parents[1] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -204,15 +205,15 @@ def test_pool_shape_counts_what_fits_on_each_node():
     for the missing worker until the start timeout)."""
     two = [{"CPU": 1.5}, {"CPU": 1.5}]
     with pytest.raises(ValueError, match="node by node they hold 2"):
-        rlray._pool_shape(two, 3, None, 1)
-    assert rlray._pool_shape(two, 2, None, 1) == (2, 0.0, 1.0)
-    assert rlray._pool_shape(two, None, None, None) == (2, 0.0, 1.5)     # one per node, its CPUs
+        rl_ray._pool_shape(two, 3, None, 1)
+    assert rl_ray._pool_shape(two, 2, None, 1) == (2, 0.0, 1.0)
+    assert rl_ray._pool_shape(two, None, None, None) == (2, 0.0, 1.5)     # one per node, its CPUs
     gpus = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 3}]
-    assert rlray._pool_shape(gpus, None, None, None) == (4, 1.0, 1.0)
+    assert rl_ray._pool_shape(gpus, None, None, None) == (4, 1.0, 1.0)
     with pytest.raises(ValueError, match="node by node they hold 1"):
-        rlray._pool_shape(gpus, 2, 2, None)                              # 4 GPUs, but 2 on no two nodes
+        rl_ray._pool_shape(gpus, 2, 2, None)                              # 4 GPUs, but 2 on no two nodes
     with pytest.raises(ValueError, match="no node can hold one worker"):
-        rlray._pool_shape([{"CPU": 2}], 1, 1, None)
+        rl_ray._pool_shape([{"CPU": 2}], 1, 1, None)
 
 
 # ------------------------------------------------------------ extract (local cluster)
@@ -349,36 +350,38 @@ def test_a_second_driver_on_the_directory_is_refused(clusters, setup, tmp_path):
 def test_an_actor_that_cannot_see_the_directory_is_named(clusters, setup, tmp_path):
     model, data, *_ = setup
     ray_mod, _ = rlray.connect(clusters.local())
-    from rjepa_latent import pipeline as pl
-    spec = pl.run_spec([str(data)], model=str(model), shard_size=SHARD)
+    from rjepa_latent.run import ray as rl_ray
+    from rjepa_latent.run import spec as rl_spec
+    spec = rl_spec.run_spec([str(data)], model=str(model), shard_size=SHARD)
     elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
     elsewhere.mkdir()
     out.mkdir()
     # the actor looks for the token in `elsewhere`, as a node whose mount differs would
-    pool = rlray._Pool(ray_mod, str(model), spec, elsewhere, (1, 0.0, 0.5), "visibility")
+    pool = rl_ray._Pool(ray_mod, str(model), spec, elsewhere, (1, 0.0, 0.5), "visibility")
     try:
         pool.start()
         with pytest.raises(rl.StoreError, match=r"not visible from every Ray node: .*w0 on node "):
-            rlray._check_visible(pool, out)
+            rl_ray._check_visible(pool, out)
     finally:
         pool.shutdown()
 
 
 def test_actors_that_differ_in_engine_identity_are_refused(model_of, setup):
-    from rjepa_latent import pipeline as pl
+    from rjepa_latent.run import ray as rl_ray
+    from rjepa_latent.run import spec as rl_spec
     model, data, *_ = setup
-    config = pl.run_config(pl.run_spec([str(data)], model=str(model), shard_size=SHARD), model_of("llama"))
+    config = rl_spec.run_config(rl_spec.run_spec([str(data)], model=str(model), shard_size=SHARD), model_of("llama"))
     here = {"host": "a", "device": "cpu", "config": config}
     other_kernel = {"host": "b", "device": "cpu", "config": {**config, "engine_kernel": config["engine_kernel"] + "x"}}
     with pytest.raises(rl.StoreError, match="(?s)differ in what they compute.*engine_kernel.*allow_kernel_change"):
-        rlray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=False)
-    assert rlray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=True) == config
+        rl_ray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=False)
+    assert rl_ray._identity_check({"w0": here, "w1": other_kernel}, allow_kernel_change=True) == config
     other_dtype = {**other_kernel, "config": {**config, "engine_dtype": "bfloat16"}}
     with pytest.raises(rl.StoreError, match="engine_dtype"):
-        rlray._identity_check({"w0": here, "w1": other_dtype}, allow_kernel_change=True)
+        rl_ray._identity_check({"w0": here, "w1": other_dtype}, allow_kernel_change=True)
     budgets = [{**here, "config": {**config, "engine_batch_tokens": n}} for n in (8192, 4096)]   # as on CUDA
     with pytest.raises(rl.StoreError, match="pass one --max-batch-tokens"):
-        rlray._identity_check({"w0": budgets[0], "w1": budgets[1]}, allow_kernel_change=True)
+        rl_ray._identity_check({"w0": budgets[0], "w1": budgets[1]}, allow_kernel_change=True)
 
 
 # ------------------------------------------------------------ two nodes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import readers
+from rjepa_latent.store import read as rl_read
 
 torch = pytest.importorskip("torch")
 pa = pytest.importorskip("pyarrow")
@@ -115,7 +115,7 @@ def test_bf16_runs_give_bf16_tensors_and_ml_dtypes(runs):
     import ml_dtypes
     assert item.latents.dtype == ml_dtypes.bfloat16 and np.shares_memory(item.latents, item.raw_latents)
     raw = item.raw_latents[0]
-    np.testing.assert_array_equal(readers.bf16_view(raw).astype(np.float32), ref[5][1])
+    np.testing.assert_array_equal(rl_read.bf16_view(raw).astype(np.float32), ref[5][1])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -176,7 +176,7 @@ def test_reader_errors(runs, tmp_path, monkeypatch, capsys):
     assert main(["export", str(tmp_path / "nope"), "--format", "npy", "--out", str(tmp_path / "y")]) == 2
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ImportError, match=r"rjepa_latent\[parquet\]"):
-        readers.arrow_table(rl.open_latents(runs["float32"]))
+        rl_read.arrow_table(rl.open_latents(runs["float32"]))
 
 
 def test_in_place_changes_never_reach_later_items(runs):
@@ -250,7 +250,7 @@ def test_partial_export_reads_the_journal(runs, tmp_path, capsys):
 
 
 def test_torch_datasets_open_the_run_once(runs, monkeypatch):
-    from rjepa_latent import torch as rl_torch
+    from rjepa_latent.integrations import torch as rl_torch
     calls = []
     real = rl_torch.open_latents
     monkeypatch.setattr(rl_torch, "open_latents", lambda *a, **k: calls.append(a) or real(*a, **k))

@@ -11,7 +11,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent import errors
-from rjepa_latent.plan import batch_cost, plan_batches
+from rjepa_latent.engine.plan import batch_cost, plan_batches
 from conftest import VOCAB
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import pipeline
+from rjepa_latent.run import local as rl_local
+from rjepa_latent.run import spec as rl_spec
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.store import ENGINE_IDENTITY
+from rjepa_latent.store.files import ENGINE_IDENTITY
 from conftest import interrupt_at_shard
 
 OTHER_KERNEL = "scipy-openblas32 OpenBLAS 0.3.0 SkylakeX (another machine)"
@@ -48,7 +49,7 @@ def partial_run(data: Path, model, out: Path, monkeypatch, edit) -> None:
     compute = interrupt_at_shard(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         rl.extract_dataset(data, model, out, shard_size=3, progress=False)
-    monkeypatch.setattr(pipeline._Runner, "_compute", compute)
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     m = manifest(out)   # the start manifest: the configuration; the shards are in the journal
     assert not m["complete"] and "shards" not in m
     journal = sorted(out.glob("shard-*.json"))
@@ -68,7 +69,7 @@ def test_config_records_the_engine(model, data, tmp_path):
         "engine_backend": "cpu", "engine_dtype": "float32", "engine_kernel": model.kernel,
         "package_version": rl.__version__}
     assert model.kernel and model.kernel == model._engine.kernel
-    assert set(pipeline.engine_identity(model)) == set(ENGINE_IDENTITY)
+    assert set(rl_spec.engine_identity(model)) == set(ENGINE_IDENTITY)
     assert "device_kind" not in cfg  # replaced by engine_backend
     assert [s["kernel"] for s in m["shards"]] == [model.kernel] * 3
 

@@ -11,8 +11,8 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent import _core
-from rjepa_latent.checkpoint import engine_config, load_hf_config
-from rjepa_latent.model import CUDA_HEADROOM_BYTES
+from rjepa_latent.checkpoints.checkpoint import engine_config, load_hf_config
+from rjepa_latent.engine.model import CUDA_HEADROOM_BYTES
 
 NO_CUDA = _core.cuda_device_count() == 0
 GiB = 1024 ** 3

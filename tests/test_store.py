@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from rjepa_latent import StoreError, open_latents
-from rjepa_latent.store import (RunStore, atomic_write, bf16_from_f32, convert_latents, f32_from_bf16,
-                                read_safetensors, safetensors_chunks)
+from rjepa_latent.store.write import RunStore
+from rjepa_latent.store.files import atomic_write, bf16_from_f32, convert_latents, f32_from_bf16, read_safetensors, safetensors_chunks
 
 CONFIG = {"model_fingerprint": "abc", "layers": [1, 2], "hidden_size": 8, "dtype": "float32",
           "pooling": "mean", "shard_size": 3}
@@ -120,7 +120,7 @@ def test_clashing_config_and_foreign_files_are_refused_untouched(tmp_path):
 
 def test_reader_keeps_a_bounded_number_of_shard_files_open(tmp_path):
     import os
-    from rjepa_latent.store import MAX_OPEN_SHARDS
+    from rjepa_latent.store.files import MAX_OPEN_SHARDS
     n = 3 * MAX_OPEN_SHARDS
     st = RunStore(tmp_path / "run", {**CONFIG, "shard_size": 1})
     st.prepare(n)
@@ -149,7 +149,7 @@ def test_two_runs_cannot_write_one_directory_at_once(tmp_path):
     """A single run locks its directory; a second single run (or a --part worker)
     is refused instead of deleting the first one's temporary files."""
     from rjepa_latent.errors import StoreError
-    from rjepa_latent.store import RunStore
+    from rjepa_latent.store.write import RunStore
     cfg = {"shard_size": 2}
     first = RunStore(tmp_path / "run", cfg)
     first.prepare(4)
@@ -193,7 +193,7 @@ def test_header_edits_are_refused_naming_the_shard(tmp_path, pooling, edit):
     s = open_latents(out)          # the sidecar is sound: opening works
     with pytest.raises(StoreError, match=r"shard-00000\.safetensors: .*--repair"):
         s[0]
-    from rjepa_latent.store import verify_run
+    from rjepa_latent.store.files import verify_run
     assert list(verify_run(out, full=False)) == ["shard-00000.safetensors"]
 
 
@@ -209,13 +209,13 @@ def test_sidecar_damage_is_a_store_error_naming_the_file(tmp_path):
 
 
 def test_verify_shows_progress_on_large_runs(tmp_path, monkeypatch, capsys):
-    import rjepa_latent.store as store
+    from rjepa_latent.store import files as rl_files
     out = tmp_path / "run"
     st = RunStore(out, CONFIG)
     st.prepare(3)
     st.write_shard(0, (0, 3), fake_items(2, 0), [np.zeros((2, 2, 8), np.float32)] * 2, [])
     st.close()
-    assert store.verify_run(out, progress=True) == {} and "hashed" not in capsys.readouterr().err
-    monkeypatch.setattr(store, "VERIFY_PROGRESS_BYTES", 10)
-    assert store.verify_run(out, progress=True) == {}
+    assert rl_files.verify_run(out, progress=True) == {} and "hashed" not in capsys.readouterr().err
+    monkeypatch.setattr(rl_files, "VERIFY_PROGRESS_BYTES", 10)
+    assert rl_files.verify_run(out, progress=True) == {}
     assert "GiB hashed" in capsys.readouterr().err

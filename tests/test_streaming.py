@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 import rjepa_latent as rl
-from rjepa_latent import pipeline, store
-from rjepa_latent.data import IdIndex, read_records
-from rjepa_latent.pipeline import RunDriver, RunSpec, ShardWorker, run_config, run_spec
+from rjepa_latent.run import driver as rl_driver
+from rjepa_latent.store import files as rl_files
+from rjepa_latent.store import write as rl_write
+from rjepa_latent.inputs.data import IdIndex, read_records
+from rjepa_latent.run.driver import RunDriver
+from rjepa_latent.run.spec import RunSpec, run_config, run_spec
+from rjepa_latent.run.worker import ShardWorker
 
 
 def snapshot(d: Path) -> dict:
@@ -128,16 +132,16 @@ def test_commit_writes_the_same_at_shard_1_and_shard_500(tmp_path, monkeypatch):
     the shards (or the errors) committed before it."""
     cfg = {"model_fingerprint": "abc", "layers": [1], "hidden_size": 4, "dtype": "float32",
            "pooling": "mean", "shard_size": 2}
-    st = store.RunStore(tmp_path / "run", cfg)
+    st = rl_write.RunStore(tmp_path / "run", cfg)
     st.prepare()
     written = []
-    real = store.atomic_write
+    real = rl_files.atomic_write
 
     def counting(path, chunks, tag):
         info = real(path, chunks, tag)
         written.append(info["bytes"])
         return info
-    monkeypatch.setattr(store, "atomic_write", counting)
+    monkeypatch.setattr(rl_write, "atomic_write", counting)
     errs = [{"id": "e", "source": "f.jsonl", "line": 1, "reason": "bad record, always the same"}] * 2
     per_commit = []
     for k in range(500):
@@ -176,7 +180,7 @@ def test_records_are_read_lazily(model_dir, tmp_path, monkeypatch):
     k, rng, recs = next(it)
     assert (k, rng, len(recs)) == (0, (0, 100), 100)
     # the early-stop check looks at the first 1000 records; then one shard at a time
-    assert read["n"] <= pipeline.EARLY_STOP_RECORDS + 100
+    assert read["n"] <= rl_driver.EARLY_STOP_RECORDS + 100
     for _ in range(15):
         next(it)
     assert read["n"] <= 1700
@@ -189,7 +193,7 @@ def test_duplicate_ids_by_exact_id_at_any_distance(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = list(read_records(p))
-    from rjepa_latent.data import ErrorRecord
+    from rjepa_latent.inputs.data import ErrorRecord
     bad = [r for r in recs if isinstance(r, ErrorRecord)]
     assert [(r.line, r.reason) for r in bad] == [
         (20001, "duplicate id 'x3' (first seen at d.jsonl:4)"),

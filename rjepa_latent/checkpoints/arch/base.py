@@ -41,7 +41,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import ModelFormatError
+from ...errors import ModelFormatError
+
 
 # structural flags of rl_config a family decides (names as in csrc/engine.h)
 FLAGS = ("attn_qkv_bias", "attn_o_bias", "mlp_bias", "qk_norm")
@@ -210,8 +211,8 @@ _KINDS: set[str] = set()
 def engine_kinds() -> set[str]:
     """Every tensor kind the C core knows: its layout with every flag set."""
     if not _KINDS:
-        from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
-        from .. import _core
+        from ... import _native  # noqa: F401  (preloads OpenBLAS before _core)
+        from ... import _core
         cfg = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_layers": 1,
                "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "max_layer": 1,
                "rms_norm_eps": 1e-6, **{flag: 1 for flag in FLAGS},

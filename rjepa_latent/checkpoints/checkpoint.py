@@ -40,9 +40,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
-from . import _core, arch
-from .errors import ModelFormatError
+from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
+from .. import _core
+from . import arch
+from ..errors import ModelFormatError
+
 
 SUPPORTED_MODEL_TYPES = arch.SUPPORTED_MODEL_TYPES
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -599,7 +601,7 @@ def hidden_state_index(x: Any, num_layers: int, what: str = "layer index") -> in
     hidden_states index (0 = embeddings, L = final norm; negatives count from
     the end, -1 = L) -> 0..L. LayerTypeError for a non-int, LayerError when out
     of range; `what` names the value in the message."""
-    from .errors import LayerError, LayerTypeError
+    from ..errors import LayerError, LayerTypeError
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
         raise LayerTypeError(f"{what} must be an int, got {x!r}")
     value = int(x) + (num_layers + 1 if x < 0 else 0)
@@ -668,33 +670,3 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
         sliding_window=cfg["sliding_window"],
         tensor_feed=_mmap_feed(cfg, found, resolved, maps), on_close=close)
 
-
-def _is_gguf(path: str) -> bool:
-    return path.lower().endswith(".gguf")
-
-
-def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
-    """A path ending in .gguf -> the GGUF loader, anything else -> an HF
-    directory. A missing path is FileNotFoundError, a malformed one
-    ModelFormatError."""
-    path = os.fspath(path)
-    if _is_gguf(path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-        from .gguf_loader import load_gguf
-        return load_gguf(path, max_layer)
-    return load_hf(path, max_layer)
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The public config of a checkpoint (as `open_checkpoint(path).config`)
-    without reading or validating any weights: for memory plans."""
-    path = os.fspath(path)
-    if _is_gguf(path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-        from .gguf_loader import read_gguf_config
-        return read_gguf_config(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    return load_hf_config(path)[0]

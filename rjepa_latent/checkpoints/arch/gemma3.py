@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelFormatError
+from ...errors import ModelFormatError
 from .base import REFUSED_MODEL_TYPES, register
 from .gemma2 import Gemma2
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import StoreError
-from .store import damage_report, listed_shards, read_journal_lenient, read_manifests, verify_run
+from ..errors import StoreError
+from .files import damage_report, listed_shards, read_journal_lenient, read_manifests, verify_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

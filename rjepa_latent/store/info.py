@@ -30,9 +30,10 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import StoreError
-from .plan import part_shards
-from .store import ERRORS, MANIFEST, _OWN_FILE, error_kind, read_manifests
+from ..engine.plan import part_shards
+from ..errors import StoreError
+from .files import ERRORS, MANIFEST, _OWN_FILE, error_kind, read_manifests
+
 
 # configuration fields shown (in this order) when present in the manifest
 CONFIG_FIELDS = ("model_fingerprint", "model_type", "num_layers", "hidden_size", "layers", "pooling",

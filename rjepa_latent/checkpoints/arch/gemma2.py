@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import ModelFormatError
+from ...errors import ModelFormatError
 from .base import register
 from .llama import POST_NORMS_GGUF, POST_NORMS_HF, Llama, _layer
 

@@ -48,10 +48,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import arch
+from ..errors import ModelFormatError
 from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
-                         engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa,
-                         tensor_layout)
-from .errors import ModelFormatError
+                         engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
+
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")

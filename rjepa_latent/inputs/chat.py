@@ -28,7 +28,8 @@ import os
 from datetime import datetime
 from typing import Any, Sequence
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
+
 
 _OPEN, _CLOSE = "\ue000", "\ue001"   # private-use characters: never in real text
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -76,7 +77,7 @@ def load_chat_template(path: str | os.PathLike) -> "ChatTemplate":
     special: dict[str, str] = {}
     source = None
     if path.lower().endswith(".gguf"):
-        from .gguf_loader import _Metadata, _open_reader
+        from ..checkpoints.gguf_loader import _Metadata, _open_reader
         meta = _Metadata(_open_reader(path), path)
         source = meta.get("tokenizer.chat_template")
         tokens = meta.get("tokenizer.ggml.tokens") or []

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
             rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024)
@@ -85,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_workload(data: str, tokenizer, n: int, max_tokens: int | None, vocab: int,
                   seed: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """(token ids, step spans, records used) of `n` sequences from `data`."""
-    from .data import ErrorRecord, read_records
-    from .tokenize import Item, prepare_tokenizer, tokenize_records
+    from ..inputs.data import ErrorRecord, read_records
+    from ..inputs.tokenize import Item, prepare_tokenizer, tokenize_records
     records = [r for r in read_records([data]) if not isinstance(r, ErrorRecord)]
     if not records:
         raise ValueError(f"{data}: no usable record (see `rjepa-latent extract` for the formats)")
@@ -226,8 +227,8 @@ def _run(args: argparse.Namespace) -> int:
     data = args.data or default_data()
     if not os.path.isfile(data):
         raise FileNotFoundError(f"--data {data}: no such file")
-    from ._native import build_info
-    from .model import Model
+    from .._native import build_info
+    from ..engine.model import Model
     if torch is not None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="rjepa-bench-") as d:
@@ -237,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
         elif args.model:
             path, model_name = args.model, args.model
         else:
-            from .default_model import DEFAULT_MODEL_NAME, default_model_path
+            from ..checkpoints.default_model import DEFAULT_MODEL_NAME, default_model_path
             path, model_name = default_model_path(), DEFAULT_MODEL_NAME
         say(f"loading {model_name} into this engine ({args.threads} threads)")
         engine = Model(path, device="cpu", threads=args.threads, max_batch_tokens=args.max_batch_tokens)

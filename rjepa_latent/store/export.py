@@ -31,129 +31,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .store import LatentStore, latents_tensor, open_latents
-
-_INSTALL = {"pyarrow": "pip install 'rjepa_latent[parquet]'  (pyarrow)",
-            "datasets": "pip install 'rjepa_latent[datasets]'  (HF datasets)"}
-FIXED_COLUMNS = ("id", "num_steps", "num_tokens")
-
-
-def _need(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ImportError(f"this needs {module}: {_INSTALL.get(module, 'pip install ' + module)}") from None
-
-
-def stored_layer(store: LatentStore, layer: int) -> int:
-    """Position in the run's stored layers of hidden-state index `layer`
-    (negatives count from the end, as everywhere: -1 = the final norm)."""
-    from .checkpoint import hidden_state_index
-    n = int(store.config["num_layers"])
-    stored = [int(x) for x in store.config["layers"]]
-    absolute = hidden_state_index(layer, n, "layer")
-    if absolute not in stored:
-        shown = f"layer {layer}" if absolute == layer else f"layer {layer} (= {absolute})"
-        raise ValueError(f"{shown} is not in this run; it stores layers {stored} (of 0..{n})")
-    return stored.index(absolute)
-
-
-def stored_pooling(store: LatentStore, pooling: str | None) -> str:
-    """The stored pooling `pooling` names (None: the run's first), else ValueError
-    naming what the run stores."""
-    if pooling is None:
-        return store.poolings[0]
-    if not isinstance(pooling, str) or pooling not in store.poolings:
-        raise ValueError(f"pooling {pooling!r} is not in this run; it stores "
-                         f"{', '.join(map(repr, store.poolings))}")
-    return pooling
-
-
-def row_offsets_name(store: LatentStore) -> str:
-    """The shard tensor of per-item row offsets: steps, or tokens in a per-token run."""
-    return "token_offsets" if store.per_token else "step_offsets"
-
-
-def shards(store: LatentStore, pos: int, pooling: str | None = None
-           ) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
-    """Per shard: (latents [total_rows, hidden] of stored layer `pos` and
-    `pooling` (default the run's first), row offsets int64 [items + 1], metadata
-    rows). Rows are steps, or tokens in a per-token run."""
-    name = latents_tensor(store.poolings, stored_pooling(store, pooling))
-    for si in range(len(store.shards)):
-        arrays = store.shard_arrays(si)
-        yield (arrays[name][pos], np.asarray(arrays[row_offsets_name(store)], np.int64),
-               store.shard_meta(si))
-
-
-def bf16_view(values: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bits -> the same memory as ml_dtypes.bfloat16."""
-    ml = _need("ml_dtypes")
-    return values.view(ml.bfloat16)
-
-
-def _metadata_columns(rows: list[dict], pa) -> dict[str, Any]:
-    names: list[str] = []
-    for r in rows:
-        names.extend(k for k in r if k not in FIXED_COLUMNS and k not in names)
-    out = {}
-    for k in names:
-        values = [r.get(k) for r in rows]
-        try:
-            out[k] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types: keep them as JSON text
-            out[k] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
-    return out
-
-
-def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None):
-    """The run as one pyarrow Table (layout in the module docstring) of one layer
-    and one pooling (default the run's first)."""
-    pa = _need("pyarrow")
-    pos = stored_layer(store, layer)
-    pooling = stored_pooling(store, pooling)
-    hidden = int(store.config["hidden_size"])
-    bf16 = store.config["dtype"] == "bfloat16"
-    pieces, rows, token_steps = [], [], []
-    for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
-        flat = np.ascontiguousarray(lat).reshape(-1)
-        values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
-        steps = pa.FixedSizeListArray.from_arrays(values, hidden)
-        pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
-        if store.per_token:
-            token_steps.append(pa.ListArray.from_arrays(
-                pa.array(offsets.astype(np.int32)),
-                pa.array(np.asarray(store.shard_arrays(si)["token_steps"], np.int32))))
-        rows.extend(meta)
-    field_meta = {"dtype": "bfloat16"} if bf16 else None
-    if pieces:
-        latents = pa.chunked_array(pieces)
-    else:
-        value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
-        latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
-    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
-    if store.per_token:
-        cols["token_steps"] = pa.chunked_array(token_steps, type=pa.list_(pa.int32()))
-    cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
-                 "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
-                 **_metadata_columns(rows, pa)})
-    fields = [pa.field(k, v.type, metadata=field_meta if k == "latents" else None) for k, v in cols.items()]
-    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
-                                        "pooling": pooling,
-                                        "rows": "tokens" if store.per_token else "steps",
-                                        "dtype": store.config["dtype"],
-                                        "model_fingerprint": store.config.get("model_fingerprint")})}
-    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=meta))
-
-
-def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None):
-    """A `datasets.Dataset` of the run (columns as in arrow_table)."""
-    ds = _need("datasets")
-    return ds.Dataset(arrow_table(store, layer, pooling))
+from .files import latents_tensor
+from .read import (LatentStore, _need, arrow_table, open_latents, row_offsets_name, shards, stored_layer,
+                   stored_pooling)
 
 
 def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
@@ -269,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import StoreError
+    from ..errors import StoreError
     try:
         store = open_latents(args.run)
         if not store.complete and not args.partial:

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+
 CPU_BOUND = 1e-5
 GGUF_BOUND = 1e-4
 CUDA_FP32_BOUND = 1e-4
@@ -117,7 +118,8 @@ class ParityResult:
 
 def _records(texts: Sequence[Any] | None, data: str | os.PathLike | None, n: int) -> list:
     """Records (text + step character ranges) through the project's own segmentation."""
-    from .data import DEFAULT_STEP_REGEX, Record, Template, read_records
+    from ..inputs.data import Record, Template, read_records
+    from ..inputs.segment import DEFAULT_STEP_REGEX
     if texts is not None and data is not None:
         raise ValueError("give texts or data, not both")
     if texts is not None:
@@ -270,8 +272,8 @@ def load_reference_from_weights(path: str, torch, dtype, where: str, n_layers: i
     cannot read (e.g. Qwen3 with head_dim != hidden/heads): the comparison then
     checks the forward pass, not the reading of the file."""
     import transformers as T
-    from . import arch
-    from .checkpoint import open_checkpoint
+    from ..checkpoints import arch
+    from ..checkpoints.loader import open_checkpoint
     src = open_checkpoint(path, None if n_layers is None else n_layers)
     try:
         c = src.config
@@ -378,8 +380,8 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     problems. `layers`: hidden-state indices (default all). Returns a
     ParityResult (`.passed`, `.layers`, `.table()`, `.to_json()`).
     """
-    from .model import Model, resolve_layers
-    from .tokenize import prepare_tokenizer, tokenize_records
+    from ..engine.model import Model, resolve_layers
+    from ..inputs.tokenize import prepare_tokenizer, tokenize_records
     torch = _import_torch()   # before any work: a missing reference is a clear error at once
     path = os.fspath(model_path)
     if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts <= 0:
@@ -389,7 +391,7 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     records = _records(texts, data, n_texts)
     notes: list[str] = []
 
-    from .checkpoint import read_config
+    from ..checkpoints.loader import read_config
     cfg = read_config(path)
     n_layers = cfg["num_layers"]
     lays = resolve_layers(range(n_layers + 1) if layers is None else layers, n_layers, n_layers)
@@ -471,7 +473,7 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
 # ------------------------------------------------------------------ CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .pipeline import _layers_arg
+    from ..run.cli import _layers_arg
     if hasattr(p, "_negative_number_matcher"):   # `--layers -2,-1` is a value
         import re
         p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
@@ -489,11 +491,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import DeviceError, ModelFormatError
+    from ..errors import DeviceError, ModelFormatError
     model = args.model
     try:
         if model is None:
-            from .default_model import default_model_path
+            from ..checkpoints.default_model import default_model_path
             model = default_model_path()
         result = check_parity(model, device=args.device, dtype=args.dtype, data=args.data,
                               n_texts=args.texts, layers=args.layers, pooling=args.pooling,

@@ -50,13 +50,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import _native  # noqa: F401  (preloads OpenBLAS before _core)
-from . import _core
-from .checkpoint import (CheckpointSource, engine_config, hidden_state_index, open_checkpoint,
-                         read_config)
-from .errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
-                     SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
+from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
+from .. import _core
+from ..checkpoints.checkpoint import CheckpointSource, engine_config, hidden_state_index
+from ..checkpoints.loader import open_checkpoint, read_config
+from ..errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
+                      SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
+
 
 # The one definition of the pooling names. A span pooling reduces each
 # [start, end) span to one vector; "none" keeps every token (one [t, t+1) span

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 DEFAULT_OUT = "rjepa-demo"
 PLOT_NAME = "step_latents.png"
 
@@ -104,9 +105,9 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, limit: int | None = None, lay
              threads: int | None = None, progress: bool = True, model: str | None = None) -> dict:
     """Extract, summarize and draw; returns the pipeline summary plus `plot`,
     `run_dir`, `model` and `explained_variance`."""
-    from .default_model import default_model_path
-    from .pipeline import extract_dataset
-    from .store import open_latents
+    from ..checkpoints.default_model import default_model_path
+    from ..run.local import extract_dataset
+    from ..store.read import open_latents
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be a positive number of records, got {limit}")
     out = Path(out)
@@ -141,9 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .default_model import DefaultModelMissing
-    from .errors import ModelFormatError, StoreError
-    from .pipeline import format_summary
+    from ..checkpoints.default_model import DefaultModelMissing
+    from ..errors import ModelFormatError, StoreError
+    from ..run.report import format_summary
     t0 = time.perf_counter()
     try:
         s = run_demo(args.out, args.limit, args.layer, args.threads, not args.no_progress, args.model)

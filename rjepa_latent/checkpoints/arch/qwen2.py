@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelFormatError
+from ...errors import ModelFormatError
 from .base import register
 from .mistral import Mistral
 

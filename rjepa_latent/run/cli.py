@@ -1,0 +1,146 @@
+"""The `rjepa-latent extract` subcommand: its arguments, the run (one process,
+`--part` or `--ray`) and the report."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from ..engine.model import POOLINGS, resolve_poolings
+from ..inputs.data import FORMATS
+from ..inputs.segment import DEFAULT_STEP_REGEX, SEGMENT_RULES
+from ..store.files import STORE_DTYPES
+from .driver import NothingExtracted
+from .local import extract_dataset
+from .report import format_summary, report_run
+from .spec import AUTO, DEFAULT_SHARD_SIZE, _unescape
+
+
+def _layers_arg(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {s!r}") from None
+
+
+def _pooling_arg(s: str) -> str | list[str]:
+    """--pooling mean or --pooling mean,max,last (one name stays a str)."""
+    names = [x.strip() for x in s.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"--pooling takes comma-separated names with none empty "
+                                         f"(e.g. mean,max,last), got {s!r}")
+    try:
+        resolve_poolings(names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names[0] if len(names) == 1 else names
+
+
+def _shard_size_arg(s: str) -> int | str:
+    if s.strip() == AUTO:
+        return AUTO
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard-size takes a number of records or auto, got {s!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # let `--layers -2,8` read as a value, not an option (argparse only knows "-2")
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
+    p.add_argument("data", nargs="+", metavar="DATA", help=".jsonl, .json (array) or .parquet files of records")
+    p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
+    p.add_argument("--layers", type=_layers_arg, default=[-2],
+                   help="comma-separated hidden_states indices, e.g. --layers=-2 or --layers=8,16 (default -2)")
+    p.add_argument("--pooling", default="mean", type=_pooling_arg,
+                   help=f"one of {', '.join(POOLINGS)}, or several comma-separated span poolings "
+                        "(e.g. mean,max,last: all stored, from one forward; the first is "
+                        "`.latents`); none stores every token's hidden state (default mean)")
+    p.add_argument("--dtype", default="float32", choices=list(STORE_DTYPES),
+                   help="dtype of the stored latents (the engine computes in the Model's dtype)")
+    p.add_argument("--template", default=None,
+                   help="text template with {question} and {steps} (default '{question}\\n{steps}')")
+    p.add_argument("--step-separator", default="\\n", help="between steps (default '\\n')")
+    p.add_argument("--step-regex", default=DEFAULT_STEP_REGEX,
+                   help=f"step marker of --format text (default {DEFAULT_STEP_REGEX!r})")
+    p.add_argument("--segment", default="auto", metavar="RULE",
+                   help=f"how free texts become steps: {', '.join(SEGMENT_RULES)} (default auto: the "
+                        "format's own rule)")
+    p.add_argument("--strip-annotations", action="store_true",
+                   help="remove GSM8K calculator annotations (<<48/2=24>>) from the text")
+    p.add_argument("--chat", action="store_true", help="render each record through the model's chat template")
+    p.add_argument("--chat-think", action="store_true",
+                   help="--chat with the steps as the assistant's reasoning (e.g. Qwen3's <think> block) "
+                        "and the record's answer as its content")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest text in tokens; longer ones are errors (default: the model's context)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one batch")
+    p.add_argument("--shard-size", type=_shard_size_arg, default=DEFAULT_SHARD_SIZE,
+                   help="input records per shard, or auto (default: about 10 s of a slow machine per "
+                        "shard, chosen once from the model, the device and the first records)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N records (a trial run; a later run without it grows the run)")
+    p.add_argument("--ids", default=None, metavar="FILE",
+                   help="only the records whose id is a line of FILE (a sample; unknown ids are reported)")
+    p.add_argument("--part", default="0/1", help="worker i of n: i/n (default 0/1)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if visible)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--allow-kernel-change", action="store_true",
+                   help="resume under another kernel identity (BLAS core / GPU + cuBLAS); each shard "
+                        "records the kernel it was computed with")
+    p.add_argument("--repair", action="store_true",
+                   help="check every committed file's sha256 and redo exactly the damaged or missing "
+                        "shards (a single run; the other options as for the run)")
+    p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import ray_cli   # --ray and its options live in run/ray_cli.py (ray itself is not imported)
+    ray_cli.add_arguments(p)
+
+
+def _default_model() -> str:
+    try:
+        from ..checkpoints.default_model import default_model_path
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.default_model":
+            raise
+        raise SystemExit("rjepa-latent extract: --model is required (no default model in this build)") from None
+    return default_model_path()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ModelFormatError, StoreError
+    try:
+        from . import ray_cli   # --ray: run/ray.py runs it; ray is imported only then
+        if ray_cli.wanted(args):
+            return ray_cli.run(args)
+        return _run(args)
+    except NothingExtracted as e:
+        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+        return 1
+    except (StoreError, ModelFormatError, ValueError, OSError, RuntimeError) as e:  # OSError: --out unwritable, disk full
+        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # finished shards are listed; run the same command to resume
+        print(f"\nrjepa-latent extract: interrupted; {args.out} keeps every finished shard: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    model = args.model or _default_model()
+    summary = extract_dataset(
+        args.data, model, args.out, format=args.format, layers=args.layers, pooling=args.pooling,
+        dtype=args.dtype, template=None if args.template is None else _unescape(args.template),
+        step_separator=_unescape(args.step_separator), segment=args.segment,
+        strip_annotations=args.strip_annotations, chat=args.chat, chat_think=args.chat_think,
+        system=args.system,
+        step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
+        shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
+        device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change,
+        repair=args.repair, limit=args.limit, ids=args.ids)
+    return report_run(summary, args, format_summary(summary))
+

@@ -1,0 +1,56 @@
+"""What a finished run says: its summary as text, the kinds of its errors, and
+the exit status of `rjepa-latent extract` (one process, `--part` or `--ray`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
+    """The CLI's end of an extract run (one process or Ray): the --repair line,
+    the summary `text`, and the exit status (1 when nothing was extracted, or
+    on errors with --strict)."""
+    if args.repair:
+        fixed = summary.get("repaired", [])
+        print("rjepa-latent extract: --repair: every committed file checked; "
+              + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
+              file=sys.stderr)
+    print(text)
+    if nothing_extracted(summary):
+        why = ("the inputs hold no records" if not summary["records"] else
+               f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}; "
+               "fix the records (or the --format / --segment options) and run again into a new --out")
+        print(f"rjepa-latent extract: nothing was extracted: {why}", file=sys.stderr)
+        return 1
+    if args.strict and summary["errors"]:
+        print(f"rjepa-latent extract: {summary['errors']} records could not be processed "
+              f"(see {summary['errors_file']}); --strict", file=sys.stderr)
+        return 1
+    return 0
+
+
+def nothing_extracted(s: dict) -> bool:
+    """No item: the inputs hold no record, or this worker's shards hold only errors."""
+    return s["items"] == 0 and (not s["records"] or s["shards_total"] > 0)
+
+
+def format_errors(s: dict, top: int = 5) -> str:
+    """'' or a line: the errors by kind, most common first, and where they are."""
+    if not s["errors"]:
+        return ""
+    kinds = list(s["error_kinds"].items())
+    shown = "; ".join(f"{n} x {k}" for k, n in kinds[:top])   # a kind never holds "; "
+    more = f"; {sum(n for _, n in kinds[top:])} more of {len(kinds) - top} other kinds" if len(kinds) > top else ""
+    return f"\n  errors by reason: {shown}{more}. Each record's reason is in {s['errors_file']}"
+
+
+def format_summary(s: dict) -> str:
+    if s["noop"]:
+        return (f"{s['out']}: already complete ({s['items']} items, {s['steps']} steps, "
+                f"{s['errors']} errors); nothing to do" + format_errors(s))
+    ratio = s["tokens_per_s"] / s["engine_tokens_per_s"] if s["engine_tokens_per_s"] else 0.0
+    return (f"{s['out']} [{s['part']}]: {s['items']} items, {s['steps']} steps, {s['errors']} errors; "
+            f"{s['shards_written']} shards written this run ({s['tokens_this_run']:,} tokens) in "
+            f"{s['wall_s']:.1f} s: {s['tokens_per_s']:,.0f} tokens/s end to end, "
+            f"{s['engine_tokens_per_s']:,.0f} in the engine ({ratio:.0%}); "
+            f"{'complete' if s['complete'] else 'not complete yet'}" + format_errors(s))

@@ -1,0 +1,358 @@
+"""Reading a run directory: `open_latents` -> `LatentStore` (items by position or
+id, mapped shard by shard), and a run as an Arrow table or an HF Dataset."""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..engine.model import TOKEN_POOLING
+from ..errors import StoreError
+from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _verify, check_shard_arrays, damage_report,
+                    latents_tensor, read_manifests, run_poolings, token_steps_of)
+
+
+class LatentItem:
+    """One stored item: `id`, `latents` [n_layers, n_steps, hidden] of the run's
+    first pooling (per-token runs: [n_layers, n_tokens, hidden]), `pooled(name)`
+    for any stored pooling, `token_spans` [n_steps, 2], `token_steps`
+    [n_tokens], `meta` (its shard-jsonl line)."""
+
+    def __init__(self, raws: dict[str, np.ndarray], token_spans: np.ndarray, meta: dict, bf16: bool,
+                 token_steps: np.ndarray | None = None):
+        self._raws = raws                       # pooling -> zero-copy view, in run order
+        self.poolings = list(raws)
+        self.raw_latents = raws[self.poolings[0]]
+        self.token_spans = token_spans
+        self.meta = meta
+        self._bf16 = bf16
+        self._token_steps = token_steps
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def per_token(self) -> bool:
+        """True for an item of a per-token run (pooling "none": a row per token)."""
+        return self.poolings == [TOKEN_POOLING]
+
+    def _view(self, raw: np.ndarray) -> np.ndarray:
+        if self._bf16:
+            import ml_dtypes
+            return raw.view(ml_dtypes.bfloat16)
+        return raw
+
+    @property
+    def latents(self) -> np.ndarray:
+        """Zero-copy view of the run's first pooling: float32 / float16, or
+        `ml_dtypes.bfloat16` for bfloat16 stores (NumPy has no bfloat16 of its
+        own; `.astype(np.float32)` widens)."""
+        return self._view(self.raw_latents)
+
+    def raw_pooled(self, pooling: str) -> np.ndarray:
+        """Zero-copy stored view of one pooling (bfloat16: uint16 bits)."""
+        if pooling not in self._raws:
+            raise KeyError(f"pooling {pooling!r} is not in this run; it stores "
+                           f"{', '.join(map(repr, self.poolings))}")
+        return self._raws[pooling]
+
+    def pooled(self, pooling: str) -> np.ndarray:
+        """[n_layers, n_steps, hidden] of one stored pooling (zero-copy, as `latents`)."""
+        return self._view(self.raw_pooled(pooling))
+
+    @property
+    def token_steps(self) -> np.ndarray:
+        """int32 [num_tokens]: each token position's step index, -1 outside every
+        step (a zero-copy view in per-token runs; derived from token_spans otherwise)."""
+        if self._token_steps is None:
+            self._token_steps = token_steps_of(self.token_spans, int(self.meta["num_tokens"]))
+        return self._token_steps
+
+    def __repr__(self) -> str:
+        return (f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)}, "
+                f"poolings={self.poolings})")
+
+
+class LatentStore:
+    """Read side of a run directory; see `open_latents`."""
+
+    def __init__(self, path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True):
+        self.path = Path(path)
+        self.writable = writable
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a directory")
+        manifests = read_manifests(self.path)
+        if not manifests:
+            raise StoreError(f"{self.path} has no manifest.json: not an rjepa-latent run directory "
+                             "(or no shard finished yet)")
+        first = next(iter(manifests.values()))
+        self.config = first["config"]
+        self.num_records = first["num_records"]
+        shards: dict[int, dict] = {}
+        for m in manifests.values():
+            if m["config"] != self.config:
+                raise StoreError(f"{self.path}: manifests disagree on the configuration")
+            for s in m["shards"]:
+                shards.setdefault(s["index"], s)
+        self.shards = [shards[k] for k in sorted(shards)]
+        if verify:
+            bad = _verify(self.path, manifests, True, progress)
+            if bad:
+                raise StoreError(f"{self.path}: {len(bad)} damaged or missing file(s):\n"
+                                 + damage_report(self.path, bad) + "\nrun the extract command "
+                                 "again with --repair to redo the damaged shards")
+        self.complete = len(self.shards) == first["num_shards"]
+        self.errors = [e for s in self.shards for e in s["errors"]]
+        self.dtype = self.config["dtype"]
+        self.poolings = run_poolings(self.config)      # in order; the first is `.latents`
+        self.per_token = self.poolings == [TOKEN_POOLING]
+        self._meta: list[list[dict]] = []
+        self._where: list[tuple[int, int]] = []
+        for si, s in enumerate(self.shards):
+            jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
+            rows = _read_sidecar(jsonl, s["files"].get(jsonl.name, {}))
+            if len(rows) != s["items"]:
+                raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
+            self._meta.append(rows)
+            self._where.extend((si, j) for j in range(len(rows)))
+        self.ids = [row["id"] for rows in self._meta for row in rows]
+        self._pos = {i: p for p, i in enumerate(self.ids)}
+        # each open shard holds an mmap and so a file descriptor: keep only the
+        # most recently used ones (a shard's mmap lives on while views of it do)
+        self._arrays: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def shard_meta(self, si: int) -> list[dict]:
+        """Metadata rows of the si-th stored shard (in shard order)."""
+        return self._meta[si]
+
+    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None):
+        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` and
+        `pooling` (default the run's first; per-token runs: [num_tokens, hidden]
+        and token_steps), num_steps, num_tokens, carried metadata
+        (rjepa_latent.readers)."""
+        return to_hf_dataset(self, layer, pooling)
+
+    def shard_arrays(self, si: int) -> dict[str, np.ndarray]:
+        """step_offsets, token_spans, latents (and latents.<pooling> of each further
+        pooling; per-token runs: token_offsets, token_steps) of the si-th stored
+        shard (views of its mmap)."""
+        if si in self._arrays:
+            self._arrays.move_to_end(si)
+            return self._arrays[si]
+        entry = self.shards[si]
+        path = self.path / f"shard-{entry['index']:05d}.safetensors"
+        info = entry["files"].get(path.name, {})
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != info.get("bytes"):
+                    raise StoreError(f"{path}: {size} bytes, the manifest says {info.get('bytes')}; the "
+                                     "file is damaged: `rjepa-latent extract ... --repair` redoes it")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if self.writable else mmap.ACCESS_READ)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
+                             "manifest: `rjepa-latent extract ... --repair` redoes it") from None
+        arrays, meta = _parse_safetensors(path, mm, size)
+        check_shard_arrays(path, arrays, meta, self.config, entry)
+        self._arrays[si] = arrays
+        if len(self._arrays) > MAX_OPEN_SHARDS:
+            self._arrays.popitem(last=False)
+        return arrays
+
+    def __getitem__(self, key: int | str) -> LatentItem:
+        if isinstance(key, str):
+            if key not in self._pos:
+                raise KeyError(f"no item with id {key!r}")
+            pos = self._pos[key]
+        elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            pos = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= pos < len(self):
+                raise IndexError(f"item index {key} out of range for {len(self)} items")
+        else:
+            raise TypeError(f"index by position (int) or id (str), not {type(key).__name__}")
+        si, j = self._where[pos]
+        arr = self.shard_arrays(si)
+        a, b = int(arr["step_offsets"][j]), int(arr["step_offsets"][j + 1])
+        ra, rb, token_steps = a, b, None
+        if self.per_token:
+            ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
+            token_steps = arr["token_steps"][ra:rb]
+        raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
+        return LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
+                          token_steps)
+
+    def __iter__(self) -> Iterator[LatentItem]:
+        for p in range(len(self)):
+            yield self[p]
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "partial"
+        return f"LatentStore({str(self.path)!r}, {len(self)} items, {len(self.errors)} errors, {state})"
+
+
+def _read_sidecar(path: Path, info: dict) -> list[dict]:
+    """A shard's .jsonl rows, after checking its size and sha256 against the manifest."""
+    fix = "; `rjepa-latent extract ... --repair` redoes the shard"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the shard's metadata ({e.strerror}){fix}") from None
+    if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise StoreError(f"{path}: size or sha256 differs from the manifest's (the file was changed "
+                         f"after it was written){fix}")
+    rows = []
+    # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
+    # which json.dumps leaves unescaped inside strings
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise StoreError(f"{path}: line {n} is not JSON ({e}){fix}") from None
+    return rows
+
+
+def open_latents(path: str | Path, writable: bool = False, verify: bool = False,
+                 progress: bool = True) -> LatentStore:
+    """Open a run directory (complete or partial: finished shards only) for
+    reading; `writable` maps shards copy-on-write: arrays may be written in
+    memory, privately to this process (the files never change), and such a
+    write is seen by later accesses of the same shard while it stays mapped.
+    Every shard's header is checked against the
+    manifest when it is first mapped, every sidecar's sha256 on open;
+    `verify` also hashes every payload first (a full read) and raises
+    StoreError listing each damaged or missing file (`progress`: its progress
+    line on large runs, stderr)."""
+    return LatentStore(path, writable, verify, progress)
+
+
+_INSTALL = {"pyarrow": "pip install 'rjepa_latent[parquet]'  (pyarrow)",
+            "datasets": "pip install 'rjepa_latent[datasets]'  (HF datasets)"}
+
+
+FIXED_COLUMNS = ("id", "num_steps", "num_tokens")
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"this needs {module}: {_INSTALL.get(module, 'pip install ' + module)}") from None
+
+
+def stored_layer(store: LatentStore, layer: int) -> int:
+    """Position in the run's stored layers of hidden-state index `layer`
+    (negatives count from the end, as everywhere: -1 = the final norm)."""
+    from ..checkpoints.checkpoint import hidden_state_index
+    n = int(store.config["num_layers"])
+    stored = [int(x) for x in store.config["layers"]]
+    absolute = hidden_state_index(layer, n, "layer")
+    if absolute not in stored:
+        shown = f"layer {layer}" if absolute == layer else f"layer {layer} (= {absolute})"
+        raise ValueError(f"{shown} is not in this run; it stores layers {stored} (of 0..{n})")
+    return stored.index(absolute)
+
+
+def stored_pooling(store: LatentStore, pooling: str | None) -> str:
+    """The stored pooling `pooling` names (None: the run's first), else ValueError
+    naming what the run stores."""
+    if pooling is None:
+        return store.poolings[0]
+    if not isinstance(pooling, str) or pooling not in store.poolings:
+        raise ValueError(f"pooling {pooling!r} is not in this run; it stores "
+                         f"{', '.join(map(repr, store.poolings))}")
+    return pooling
+
+
+def row_offsets_name(store: LatentStore) -> str:
+    """The shard tensor of per-item row offsets: steps, or tokens in a per-token run."""
+    return "token_offsets" if store.per_token else "step_offsets"
+
+
+def shards(store: LatentStore, pos: int, pooling: str | None = None
+           ) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
+    """Per shard: (latents [total_rows, hidden] of stored layer `pos` and
+    `pooling` (default the run's first), row offsets int64 [items + 1], metadata
+    rows). Rows are steps, or tokens in a per-token run."""
+    name = latents_tensor(store.poolings, stored_pooling(store, pooling))
+    for si in range(len(store.shards)):
+        arrays = store.shard_arrays(si)
+        yield (arrays[name][pos], np.asarray(arrays[row_offsets_name(store)], np.int64),
+               store.shard_meta(si))
+
+
+def bf16_view(values: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> the same memory as ml_dtypes.bfloat16."""
+    ml = _need("ml_dtypes")
+    return values.view(ml.bfloat16)
+
+
+def _metadata_columns(rows: list[dict], pa) -> dict[str, Any]:
+    names: list[str] = []
+    for r in rows:
+        names.extend(k for k in r if k not in FIXED_COLUMNS and k not in names)
+    out = {}
+    for k in names:
+        values = [r.get(k) for r in rows]
+        try:
+            out[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types: keep them as JSON text
+            out[k] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
+    return out
+
+
+def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None):
+    """The run as one pyarrow Table (layout in the module docstring) of one layer
+    and one pooling (default the run's first)."""
+    pa = _need("pyarrow")
+    pos = stored_layer(store, layer)
+    pooling = stored_pooling(store, pooling)
+    hidden = int(store.config["hidden_size"])
+    bf16 = store.config["dtype"] == "bfloat16"
+    pieces, rows, token_steps = [], [], []
+    for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
+        flat = np.ascontiguousarray(lat).reshape(-1)
+        values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
+        steps = pa.FixedSizeListArray.from_arrays(values, hidden)
+        pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
+        if store.per_token:
+            token_steps.append(pa.ListArray.from_arrays(
+                pa.array(offsets.astype(np.int32)),
+                pa.array(np.asarray(store.shard_arrays(si)["token_steps"], np.int32))))
+        rows.extend(meta)
+    field_meta = {"dtype": "bfloat16"} if bf16 else None
+    if pieces:
+        latents = pa.chunked_array(pieces)
+    else:
+        value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
+        latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
+    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
+    if store.per_token:
+        cols["token_steps"] = pa.chunked_array(token_steps, type=pa.list_(pa.int32()))
+    cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
+                 "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
+                 **_metadata_columns(rows, pa)})
+    fields = [pa.field(k, v.type, metadata=field_meta if k == "latents" else None) for k, v in cols.items()]
+    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
+                                        "pooling": pooling,
+                                        "rows": "tokens" if store.per_token else "steps",
+                                        "dtype": store.config["dtype"],
+                                        "model_fingerprint": store.config.get("model_fingerprint")})}
+    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=meta))
+
+
+def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None):
+    """A `datasets.Dataset` of the run (columns as in arrow_table)."""
+    ds = _need("datasets")
+    return ds.Dataset(arrow_table(store, layer, pooling))

@@ -1,0 +1,2 @@
+"""Tools: parity against HF transformers, the benchmark and the demo. May import
+every stage (run/ and down, not the CLI)."""
