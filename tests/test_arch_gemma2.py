@@ -54,7 +54,7 @@ def test_config_mapping(gemma2_dir):
     assert (eng["norms"], eng["norm_offset"], eng["act"], eng["layer_sliding"]) == \
         (1, 1.0, 1, [True, False, True, False])
     # what HF holds is exactly what the engine asks for (lm_head tied: absent)
-    fam = rl.arch.Gemma2
+    fam = rl.checkpoints.arch.Gemma2
     want = {fam.hf_name(k, i) for k, i, _ in tensor_layout(pub, pub["num_layers"])
             if k not in fam.COMPUTED}
     assert set(read_checkpoint_headers(str(gemma2_dir))) == want

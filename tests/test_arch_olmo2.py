@@ -37,7 +37,7 @@ def test_config_mapping_and_names(olmo2_dir):
     shapes = {(k, i): s for k, i, s in layout}
     assert shapes[("q_norm", 0)] == (64,) and shapes[("k_norm", 0)] == (32,)
     assert ("attn_norm", 0) not in shapes and ("ffn_norm", 0) not in shapes
-    fam = rl.arch.Olmo2
+    fam = rl.checkpoints.arch.Olmo2
     want = {fam.hf_name(k, i) for k, i, _ in layout if k not in fam.COMPUTED}
     assert {n for n in read_checkpoint_headers(str(olmo2_dir)) if not fam.hf_ignored(n)} == want
 

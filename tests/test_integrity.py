@@ -324,7 +324,7 @@ def test_early_stop_writes_strict_errors_under_the_lock(tmp_path, model):
         rl.extract_dataset(data, model, out, progress=False)
     assert list(out.iterdir()) == []
     holder.close()
-    with pytest.raises(rl.pipeline.NothingExtracted):
+    with pytest.raises(rl.run.driver.NothingExtracted):
         rl.extract_dataset(data, model, out, progress=False)
     lines = (out / "errors.jsonl").read_text().splitlines()
     assert len(lines) == 5 and all(_strict_loads(x)["reason"].startswith("cannot tell the format") for x in lines)

@@ -151,9 +151,6 @@ class Template:
         return "".join(out), ranges
 
 
-# ---------------------------------------------------------------- segmentation
-
-
 # ---------------------------------------------------------------- chat templates
 
 _PROBE = ("What is 1 + 1?", ["First step of the probe.", "Second step of the probe."], "2")
@@ -217,7 +214,7 @@ def _joined(steps: list[str], separator: str) -> tuple[str, list[tuple[int, int]
     return Template("{steps}", separator).render(None, steps)
 
 
-# ---------------------------------------------------------------- reading files
+# ---------------------------------------------------------------- records
 
 
 _ID_IN_BROKEN = re.compile(r'"(?:id|cot_id)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')

@@ -1,5 +1,6 @@
-"""`extract_dataset` and the `rjepa-latent extract` subcommand: records ->
-tokens -> planned batches -> engine -> shards, resumable, with progress.
+"""`extract_dataset`: records -> tokens -> planned batches -> engine ->
+shards, resumable, with progress, in one process (the `rjepa-latent extract`
+subcommand is run/cli.py).
 
 Design choices:
 - The shard seam (docs/architecture.md): `run_spec` checks the options once
@@ -40,26 +41,16 @@ Design choices:
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import hashlib
-import itertools
-import json
 import os
 import queue
-import re
-import shutil
 import statistics
 import sys
 import threading
 import time
 import warnings
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-
-import numpy as np
 
 from ..engine.model import Model
 from ..errors import StoreError
@@ -72,9 +63,6 @@ from .worker import ShardWorker, _check_disk
 
 class ThroughputWarning(RuntimeWarning):
     """A batch ran at less than half the running median throughput."""
-
-
-# ------------------------------------------------------------ options
 
 
 # ------------------------------------------------------------ health
@@ -144,9 +132,6 @@ def _get(q: queue.Queue, worker: _Worker) -> Any:
                 raise worker.error
             if not worker.is_alive():
                 raise RuntimeError(f"{worker.name} thread ended unexpectedly")
-
-
-# ------------------------------------------------------------ the seam: spec, config, driver, worker
 
 
 # ------------------------------------------------------------ the API
@@ -363,7 +348,3 @@ def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> None:
         except queue.Full:
             if not worker.is_alive():
                 raise RuntimeError("writer thread ended unexpectedly")
-
-
-# ------------------------------------------------------------ CLI
-

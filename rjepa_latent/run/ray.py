@@ -22,11 +22,11 @@ Design choices:
   bitwise neutral there). A row that cannot be processed becomes a row with
   an `error` and null latents; it never aborts the Dataset.
 - `extract` is the pipeline's shard seam spread over actors: the driver (this
-  process) holds the run directory (`pipeline.RunDriver`: refusals, the
+  process) holds the run directory (`driver.RunDriver`: refusals, the
   directory lock, pending shards read lazily, the final manifest) and hands
   shards out one at a time, at most IN_FLIGHT per actor (records travel with
   the shard; the dataset is never shipped whole); each actor owns a Model and
-  a `pipeline.ShardWorker`, which commits its shard into the directory itself
+  a `worker.ShardWorker`, which commits its shard into the directory itself
   (atomic, no lock needed). So a fast actor takes more shards, and the shards,
   their bytes and the manifest are those of a single process.
 - Faults: a shard whose actor died is handed to another actor (the dead one is
@@ -36,7 +36,7 @@ Design choices:
   exception inside a shard (not a lost actor) stops the run at once: it
   would recur.
 - Before any shard, every actor reports its engine identity (the run
-  configuration it would write, `pipeline.run_config`): actors that differ
+  configuration it would write, `spec.run_config`): actors that differ
   are refused as a resumed run would be (a kernel difference only with
   allow_kernel_change); and every actor reads a token file the driver wrote
   into the run directory, so a node that does not see the directory (it must
@@ -47,11 +47,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-
-from ..engine.model import Model, TOKEN_POOLING
+from ..engine.model import TOKEN_POOLING, Model
 
 
 INSTALL_HINT = "pip install 'rjepa-latent[ray]'"
@@ -82,9 +80,6 @@ def placement(device: str | None = None, threads: int | None = None) -> tuple[st
         if cpus:
             threads = max(1, int(cpus))
     return device, threads
-
-
-# ------------------------------------------------------------ StepLatents
 
 
 # ------------------------------------------------------------ extract: actors
@@ -560,7 +555,3 @@ def _in_shard(e, name: str, k: int | None, pool: _Pool) -> BaseException:
             return cause
         return type(cause)(f"{cause} {where}") if isinstance(cause, (ValueError, RuntimeError)) else cause
     return RuntimeError(f"{cause} {where}")
-
-
-# ------------------------------------------------------------ CLI: rjepa-latent extract --ray
-

@@ -566,6 +566,3 @@ def error_kind(reason: str) -> str:
 
 def damage_report(path: Path, problems: dict[str, str]) -> str:
     return "\n".join(f"  {path / f}: {why}" for f, why in sorted(problems.items()))
-
-# ------------------------------------------------------------ reader
-

@@ -44,7 +44,7 @@ from typing import Any
 from ...errors import ModelFormatError
 
 
-# structural flags of rl_config a family decides (names as in csrc/engine.h)
+# structural flags of rl_config a family decides (names as in csrc/common.h)
 FLAGS = ("attn_qkv_bias", "attn_o_bias", "mlp_bias", "qk_norm")
 
 # The block's variants beyond Llama (public config names) and their Llama
