@@ -32,7 +32,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "common.h"
+#include "engine.h"
 
 #ifndef RL_VERSION
 #error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"

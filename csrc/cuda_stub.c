@@ -1,10 +1,10 @@
-/* cuda_stub.c - the CUDA entry points of engine.h for a CPU-only build.
+/* cuda_stub.c - the CUDA entry points of cuda_entry.h for a CPU-only build.
  *
  * Always compiled; empty with RL_WITH_CUDA (the real ones come from
  * kernels/). Without it, asking for CUDA fails with a clear RL_ERR_DEVICE
  * instead of a link error, and the queries answer "nothing".
  */
-#include "common.h"
+#include "cuda_entry.h"
 
 #include <string.h>
 

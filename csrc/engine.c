@@ -1,5 +1,5 @@
 /* engine.c - model lifetime and the forward pass, written once over the
- * backend op table (engine.h). No backend-specific code lives here.
+ * backend op table (common.h). No backend-specific code lives here.
  *
  * Design choices:
  * - rl_model_create first checks the config against the backend's
@@ -18,7 +18,7 @@
  *   cost one forward. More spans than the workspace holds are pooled in
  *   chunks.
  */
-#include "common.h"
+#include "engine.h"
 
 #include <math.h>
 #include <stddef.h>

@@ -18,7 +18,7 @@
  *   sums) and the RoPE cos/sin table live in the backend and only grow.
  */
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign */
-#include "common.h"
+#include "ops_cpu.h"
 
 #ifdef RL_BLAS_BUILTIN
 #include "gemm_builtin.h"

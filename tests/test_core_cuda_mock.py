@@ -219,7 +219,7 @@ MAIN_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "common.h"
+#include "engine.h"
 
 extern long mock_host_allocs, mock_host_frees, mock_wrong_device;
 extern int mock_expect_device;

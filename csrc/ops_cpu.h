@@ -1,0 +1,24 @@
+/* ops_cpu.h - the CPU backend (ops_cpu.c): its constructor, capabilities and
+ * the GEMM it was built with. */
+#ifndef RL_OPS_CPU_H
+#define RL_OPS_CPU_H
+
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A CPU backend running n_threads threads (0: all cores). On failure *out
+ * is NULL and the message says why. */
+rl_status rl_backend_cpu_create(int n_threads, rl_backend **out);
+
+/* Its capabilities (static storage), and the
+ * GEMM it was built with ("scipy-openblas32 <config>" or "builtin C GEMM"). */
+const rl_backend_caps *rl_cpu_caps(void);
+void rl_cpu_blas_name(char *buf, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RL_OPS_CPU_H */
