@@ -566,3 +566,52 @@ def error_kind(reason: str) -> str:
 
 def damage_report(path: Path, problems: dict[str, str]) -> str:
     return "\n".join(f"  {path / f}: {why}" for f, why in sorted(problems.items()))
+
+
+NONFINITE = "nonfinite_fields"   # sidecar key: carried fields whose non-finite float became null
+
+
+def _sidecar_row(it, num_steps: int) -> dict:
+    """An item's .jsonl line: strict JSON (a non-finite float in a carried field
+    becomes null, its name listed in `nonfinite_fields`); a carried field never
+    replaces a reserved key."""
+    row = {"id": it.id, "num_steps": num_steps, "num_tokens": int(len(it.ids)), "text": it.text,
+           "source": it.source, "line": it.line}
+    clash = sorted(set(it.meta) & set(row))
+    if clash:   # data.py renames these record_<name>: reaching here is a bug, never silent
+        raise StoreError(f"item {it.id!r}: carried metadata field(s) {clash} would replace reserved "
+                         "sidecar keys (the reader renames them record_<name>); this is a bug")
+    nonfinite = []
+    for k, v in it.meta.items():
+        if k == NONFINITE:   # an input field of that name: record_<name>, made unique
+            while k in it.meta or k in row:
+                k = f"record_{k}"
+        if isinstance(v, float) and not np.isfinite(v):
+            nonfinite.append(k)   # the name it is stored under
+            v = None
+        row[k] = v
+    if nonfinite:
+        row[NONFINITE] = nonfinite
+    return row
+
+
+def _read_sidecar(path: Path, info: dict) -> list[dict]:
+    """A shard's .jsonl rows, after checking its size and sha256 against the manifest."""
+    fix = "; `rjepa-latent extract ... --repair` redoes the shard"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read the shard's metadata ({e.strerror}){fix}") from None
+    if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise StoreError(f"{path}: size or sha256 differs from the manifest's (the file was changed "
+                         f"after it was written){fix}")
+    rows = []
+    # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
+    # which json.dumps leaves unescaped inside strings
+    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise StoreError(f"{path}: line {n} is not JSON ({e}){fix}") from None
+    return rows

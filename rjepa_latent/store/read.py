@@ -2,7 +2,6 @@
 id, mapped shard by shard), and a run as an Arrow table or an HF Dataset."""
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -14,8 +13,8 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
-from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _verify, check_shard_arrays, damage_report,
-                    latents_tensor, read_manifests, run_poolings, token_steps_of)
+from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
+                    damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
 
 
 class LatentItem:
@@ -199,28 +198,6 @@ class LatentStore:
     def __repr__(self) -> str:
         state = "complete" if self.complete else "partial"
         return f"LatentStore({str(self.path)!r}, {len(self)} items, {len(self.errors)} errors, {state})"
-
-
-def _read_sidecar(path: Path, info: dict) -> list[dict]:
-    """A shard's .jsonl rows, after checking its size and sha256 against the manifest."""
-    fix = "; `rjepa-latent extract ... --repair` redoes the shard"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StoreError(f"{path}: cannot read the shard's metadata ({e.strerror}){fix}") from None
-    if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
-        raise StoreError(f"{path}: size or sha256 differs from the manifest's (the file was changed "
-                         f"after it was written){fix}")
-    rows = []
-    # split on "\n" only: str.splitlines() also splits at U+2028, U+0085...,
-    # which json.dumps leaves unescaped inside strings
-    for n, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise StoreError(f"{path}: line {n} is not JSON ({e}){fix}") from None
-    return rows
 
 
 def open_latents(path: str | Path, writable: bool = False, verify: bool = False,

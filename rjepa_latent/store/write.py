@@ -14,8 +14,8 @@ import numpy as np
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
-                    _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _verify,
-                    atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
+                    _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
+                    _verify, atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
                     read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of, write_tag)
 
 
@@ -334,29 +334,3 @@ _OLD_FORMAT = ("{out} holds a run of format 1 (one manifest rewritten per shard)
                "runs. Its finished shards stay readable (open_latents, info, verify, export); to "
                "finish it, extract into a new --out (or delete this directory and start again).")
 
-
-NONFINITE = "nonfinite_fields"   # sidecar key: carried fields whose non-finite float became null
-
-
-def _sidecar_row(it, num_steps: int) -> dict:
-    """An item's .jsonl line: strict JSON (a non-finite float in a carried field
-    becomes null, its name listed in `nonfinite_fields`); a carried field never
-    replaces a reserved key."""
-    row = {"id": it.id, "num_steps": num_steps, "num_tokens": int(len(it.ids)), "text": it.text,
-           "source": it.source, "line": it.line}
-    clash = sorted(set(it.meta) & set(row))
-    if clash:   # data.py renames these record_<name>: reaching here is a bug, never silent
-        raise StoreError(f"item {it.id!r}: carried metadata field(s) {clash} would replace reserved "
-                         "sidecar keys (the reader renames them record_<name>); this is a bug")
-    nonfinite = []
-    for k, v in it.meta.items():
-        if k == NONFINITE:   # an input field of that name: record_<name>, made unique
-            while k in it.meta or k in row:
-                k = f"record_{k}"
-        if isinstance(v, float) and not np.isfinite(v):
-            nonfinite.append(k)   # the name it is stored under
-            v = None
-        row[k] = v
-    if nonfinite:
-        row[NONFINITE] = nonfinite
-    return row
