@@ -26,7 +26,9 @@
  *   column-major y^T = W x^T, so W is op T. accumulate=1 writes the f32
  *   residual with beta=1 (residual add fused); a bias is written into y
  *   first (bf16 out) or added to it (f32 out), then beta=1, so the sum is
- *   rounded once.
+ *   rounded once. The handle's math mode adds
+ *   CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: a split-K GEMM sums
+ *   its partial results in f32, not in the bf16 output type.
  * - Attention runs on tensor cores (mma.sync) unless RJEPA_ATTN=fma is set
  *   when the backend is created (the f32 CUDA-core kernel; see
  *   cuda_kernels.cu).
@@ -956,7 +958,11 @@ static rl_status init_impl(cuda_impl *im)
     RL_TRY(rl_cublas_load(&im->blas));
     BLAS_CHECK(im, im->blas.create(&im->handle));
     BLAS_CHECK(im, im->blas.set_stream(im->handle, im->stream));
-    BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH));
+    /* default math (no TF32) and no reduction in the output type: a bf16 GEMM
+     * that cuBLAS splits along K adds its partial sums in f32, so the output is
+     * rounded to bf16 once */
+    BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH |
+                                          RL_CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     CU_CHECK(cudaMalloc(&im->blas_ws, BLAS_WORKSPACE_BYTES));
     BLAS_CHECK(im, im->blas.set_workspace(im->handle, im->blas_ws, BLAS_WORKSPACE_BYTES));
     /* everything that picks other kernels (and so other result bits): the

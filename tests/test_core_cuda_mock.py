@@ -196,7 +196,8 @@ static rl_cublas_status b_create(rl_cublas_handle *h) { seen(); *h = (rl_cublas_
 static rl_cublas_status b_destroy(rl_cublas_handle h) { seen(); free(h); return 0; }
 static rl_cublas_status b_stream(rl_cublas_handle h, cudaStream_t s) { return 0; }
 static rl_cublas_status b_ws(rl_cublas_handle h, void *w, size_t n) { return 0; }
-static rl_cublas_status b_math(rl_cublas_handle h, int m) { return 0; }
+int mock_math_mode = -1;
+static rl_cublas_status b_math(rl_cublas_handle h, int m) { mock_math_mode = m; return 0; }
 static rl_cublas_status b_gemm(rl_cublas_handle h, int ta, int tb, int m, int n, int k, const void *al,
                                const void *A, int at, int lda, const void *B, int bt, int ldb,
                                const void *be, void *C, int ct, int ldc, int comp, int algo) { seen(); return 0; }
@@ -220,9 +221,10 @@ MAIN_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include "common.h"
+#include "cuda_internal.h"
 
 extern long mock_host_allocs, mock_host_frees, mock_wrong_device;
-extern int mock_expect_device;
+extern int mock_expect_device, mock_math_mode;
 int mock_primary_active(int d);
 int mock_current_device(void);
 void *mock_current_ctx(void);
@@ -314,6 +316,10 @@ int main(void)
         /* creating the backend happens on this (main) thread, which has no context yet */
         mock_expect_device = 1;
         CHECK(rl_backend_cuda_create_ex(1, RL_BF16, &be1) == RL_OK);
+        /* no TF32, and split-K partial sums in f32 (cuBLAS's values: 0 | 16) */
+        CHECK(mock_math_mode == (RL_CUBLAS_DEFAULT_MATH |
+                                 RL_CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) &&
+              mock_math_mode == 16);
         if (ctx_api) {
             CHECK(mock_current_ctx() == NULL);     /* none before, none after */
             CHECK(!mock_primary_active(0));        /* and no context made on device 0 (the
