@@ -286,6 +286,12 @@ struct rl_backend {
                         const void *src_host, rl_dtype src_dtype, size_t n);
     rl_status (*upload_i32)(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n);
     rl_status (*download_f32)(rl_backend *be, float *dst_host, const float *src, size_t n);
+    /* the same, enqueued after the work before it without waiting: dst_host (best
+       from host_alloc, which CUDA pins) holds the values once `sync` returns, and
+       src must not be overwritten before then (CPU: copied at once) */
+    rl_status (*download_f32_async)(rl_backend *be, float *dst_host, const float *src, size_t n);
+    /* waits for everything enqueued (CUDA: an event recorded on the stream) and
+       reports what failed in it */
     rl_status (*sync)(rl_backend *be);
     /* free and total bytes of the device (CPU: 0,0 = unknown) */
     rl_status (*mem_info)(rl_backend *be, size_t *free_bytes, size_t *total_bytes);
@@ -417,6 +423,14 @@ typedef struct rl_weights {
     size_t bytes;                /* backend bytes held by weights            */
 } rl_weights;
 
+/* Rows of pooled output the workspace holds per token of capacity. A forward
+ * pools every (pooling, layer, span) into them and downloads them once, with
+ * one wait, when its result has at most RL_POOLED_ROWS_PER_TOKEN * max_tokens
+ * rows (P * nl * S: any one or two poolings x layers of a batch whose spans
+ * fit max_tokens; many more for step spans, a few per sequence); a larger
+ * result is pooled through them as a ring, one wait per wrap. */
+#define RL_POOLED_ROWS_PER_TOKEN 2
+
 typedef struct rl_workspace {
     int64_t max_tokens;          /* T: capacity in tokens (0: not reserved)  */
     void *x;                     /* [T, d]            res_dtype residual     */
@@ -431,7 +445,9 @@ typedef struct rl_workspace {
     int32_t *cu_seqlens;         /* [T+1]                                    */
     int32_t *positions;          /* [T]                                      */
     int32_t *spans;              /* [T, 2] absolute spans of one chunk of <= T */
-    float *pooled;               /* [T, d] f32 pooled rows of that chunk     */
+    float *pooled;               /* [RL_POOLED_ROWS_PER_TOKEN * T, d] f32 pooled
+                                    rows of a forward, downloaded together   */
+    int64_t pooled_rows;         /* its capacity in rows                     */
     size_t bytes;                /* backend bytes held by the workspace      */
 } rl_workspace;
 

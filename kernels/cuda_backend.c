@@ -13,8 +13,10 @@
  *   precision reference (parity with HF fp32 on the GPU), not the fast path.
  * - One non-blocking compute stream per backend; every copy and kernel is
  *   enqueued on it, so the op sequence of engine.c needs no other ordering.
- *   download_f32 (results) synchronizes it: that is where asynchronous
- *   kernel faults surface, and they become RL_ERR_CUDA there.
+ *   A forward enqueues its pooled rows' download (download_f32_async, into
+ *   the pinned result) and waits once, in sync (an event recorded after the
+ *   work, waited for): that is where asynchronous kernel faults usually
+ *   surface. download_f32 (tests, one-off reads) waits by itself.
  * - Every CUDA runtime call and every launch is checked by CU_CHECK (the
  *   launchers return cudaGetLastError of the launch), every cuBLAS call by
  *   BLAS_CHECK; both record the expression, file and line. Nothing exits.
@@ -80,6 +82,7 @@ typedef struct {
     void *blas_ws;
     void *stage[2];                 /* pinned host, STAGE_BYTES each, lazily */
     cudaEvent_t stage_done[2];      /* recorded after the DMA out of stage[i] */
+    cudaEvent_t work_done;          /* recorded by sync: what it waits for */
     int stage_next;
     int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
     int f32;                        /* fp32 mode: weights and act are f32 */
@@ -708,9 +711,22 @@ static rl_status download_f32_in(rl_backend *be, float *dst_host, const float *s
     return RL_OK;
 }
 
+/* Enqueued only: the engine downloads a forward's pooled rows this way and
+ * waits once, in sync. Into pinned memory (results are) the copy is truly
+ * asynchronous. */
+static rl_status download_f32_async_in(rl_backend *be, float *dst_host, const float *src, size_t n)
+{
+    if (n) CU_CHECK(cudaMemcpyAsync(dst_host, src, n * sizeof(float), cudaMemcpyDeviceToHost,
+                                    impl_of(be)->stream));
+    return RL_OK;
+}
+
+/* Everything enqueued so far, done: an event after it, waited for. */
 static rl_status sync_in(rl_backend *be)
 {
-    CU_CHECK(cudaStreamSynchronize(impl_of(be)->stream));
+    cuda_impl *im = impl_of(be);
+    CU_CHECK(cudaEventRecord(im->work_done, im->stream));
+    CU_CHECK(cudaEventSynchronize(im->work_done));
     return RL_OK;
 }
 
@@ -906,6 +922,12 @@ static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float 
     ON_OP(be, "download_f32", download_f32_in(be, dst_host, src, n));
 }
 
+static rl_status cuda_download_f32_async(rl_backend *be, float *dst_host, const float *src,
+                                        size_t n)
+{
+    ON_OP(be, "download_f32_async", download_f32_async_in(be, dst_host, src, n));
+}
+
 static rl_status cuda_sync(rl_backend *be) { ON_BACKEND(be, "sync", sync_in(be)); }
 
 static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
@@ -983,6 +1005,7 @@ static void cuda_destroy(rl_backend *be)
             if (im->stage[i]) (void)cudaFreeHost(im->stage[i]);
             if (im->stage_done[i]) (void)cudaEventDestroy(im->stage_done[i]);
         }
+        if (im->work_done) (void)cudaEventDestroy(im->work_done);
         if (im->stream) (void)cudaStreamDestroy(im->stream);
         rl_cublas_unload(&im->blas);
         (void)cudaGetLastError();
@@ -1034,6 +1057,7 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->upload = cuda_upload;
     be->upload_i32 = cuda_upload_i32;
     be->download_f32 = cuda_download_f32;
+    be->download_f32_async = cuda_download_f32_async;
     be->sync = cuda_sync;
     be->mem_info = cuda_mem_info_be;
     be->is_resident = cuda_is_resident;
@@ -1055,6 +1079,7 @@ static rl_status init_impl(cuda_impl *im)
     CU_CHECK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
     for (int i = 0; i < 2; i++)
         CU_CHECK(cudaEventCreateWithFlags(&im->stage_done[i], cudaEventDisableTiming));
+    CU_CHECK(cudaEventCreateWithFlags(&im->work_done, cudaEventDisableTiming));
     RL_TRY(rl_cublas_load(&im->blas));
     BLAS_CHECK(im, im->blas.create(&im->handle));
     BLAS_CHECK(im, im->blas.set_stream(im->handle, im->stream));

@@ -153,10 +153,12 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e)
     return sticky();
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { seen(); return sticky(); }
+long mock_d2h_copies;                     /* cudaMemcpyAsync device -> host */
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, enum cudaMemcpyKind k, cudaStream_t st)
 {
     seen();
     if (sticky()) return sticky();
+    if (k == cudaMemcpyDeviceToHost) mock_d2h_copies++;
     memcpy(d, s, n);
     return cudaSuccess;
 }
@@ -777,6 +779,111 @@ int main(int argc, char **argv)
 """
 
 
+SYNCS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "common.h"
+
+typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
+extern mock_call mock_log[];
+extern int mock_nlog;
+extern long mock_stream_syncs, mock_event_syncs, mock_d2h_copies;
+
+static int failures;
+#define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #c, rl_last_error()); } } while (0)
+
+#define D 16
+#define CAP 16                                    /* max_tokens: 2 * 16 pooled rows */
+
+static rl_model *load(rl_dtype dt)
+{
+    rl_config c = {.vocab_size = 11, .hidden_size = D, .intermediate_size = 32, .num_layers = 3,
+                   .num_heads = 2, .num_kv_heads = 1, .head_dim = 16, .max_layer = 3,
+                   .rms_norm_eps = 1e-6};
+    rl_backend *be = NULL;
+    CHECK(rl_backend_cuda_create_ex(0, dt, &be) == RL_OK);
+    rl_model *m = NULL;
+    if (!be || rl_model_create(&c, be, &m) != RL_OK) return NULL;
+    static float buf[64 * 64];
+    for (int k = 0; k < RL_T_COUNT; k++)
+        for (int64_t l = 0; l < (rl_tensor_kind_is_global((rl_tensor_kind)k) ? 1 : 3); l++) {
+            int64_t s[2];
+            int nd = rl_tensor_shape(&c, (rl_tensor_kind)k, s);
+            if (nd) CHECK(rl_model_set_tensor(m, (rl_tensor_kind)k, l, buf, RL_F32, s, nd) == RL_OK);
+        }
+    CHECK(rl_model_reserve(m, CAP) == RL_OK);
+    return m;
+}
+
+/* One forward of 9 tokens in 2 sequences with S spans (span i: [i % 4, i % 4 + 1) of
+ * sequence i % 2); returns the waits it made, checks every pooled row landed in its
+ * result slot [q, p, s] (the mock's pool writes 100000 * hidden index + 10000 * mode +
+ * absolute start) and counts its device -> host copies into *d2h. */
+static long run(rl_model *m, const int32_t *layers, int nl, const rl_pool *pools, int np, int S,
+                long *d2h)
+{
+    int32_t tok[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9}, cu[3] = {0, 4, 9};
+    int32_t *spans = malloc(sizeof(int32_t) * 2 * (S + 1)), *seq = malloc(sizeof(int32_t) * (S + 1));
+    for (int i = 0; i < S; i++) {
+        seq[i] = i % 2;
+        spans[2 * i] = i % 4;
+        spans[2 * i + 1] = i % 4 + 1;
+    }
+    rl_batch b = {tok, 9, cu, 2, layers, nl, spans, seq, S, pools, np};
+    rl_result res = {0};
+    mock_nlog = 0;
+    long before = mock_stream_syncs + mock_event_syncs, copies = mock_d2h_copies;
+    CHECK(rl_model_forward(m, &b, &res) == RL_OK);
+    long waits = mock_stream_syncs + mock_event_syncs - before;
+    *d2h = mock_d2h_copies - copies;
+    int bad = 0;
+    for (int q = 0; q < np && res.data; q++)
+        for (int p = 0; p < nl; p++)
+            for (int s = 0; s < S; s++)
+                for (int c = 0; c < D; c++) {
+                    float want = (float)(100000 * layers[p] + 10000 * (int)pools[q] +
+                                         cu[seq[s]] + spans[2 * s]);
+                    bad += res.data[(((size_t)q * nl + p) * S + s) * D + c] != want;
+                }
+    CHECK(bad == 0);
+    rl_result_free(&res);
+    free(spans);
+    free(seq);
+    return waits;
+}
+
+int main(void)
+{
+    rl_dtype dts[2] = {RL_BF16, RL_F32};
+    for (int i = 0; i < 2; i++) {
+        rl_model *m = load(dts[i]);
+        if (!m) { failures++; continue; }
+        const int32_t two[2] = {1, 3}, dup[3] = {1, 1, 0}, three[3] = {0, 2, 3};
+        const rl_pool mean_last[2] = {RL_POOL_MEAN, RL_POOL_LAST},
+                      all[4] = {RL_POOL_MEAN, RL_POOL_FIRST, RL_POOL_LAST, RL_POOL_MAX};
+        long d2h = 0;
+        /* results that fit the pooled rows: one download, one wait, batch after batch */
+        for (int rep = 0; rep < 3; rep++) {
+            CHECK(run(m, two, 2, mean_last, 2, 5, &d2h) == 1 && d2h == 1);
+            CHECK(run(m, dup, 3, all, 1, 9, &d2h) == 1 && d2h == 1);
+            CHECK(run(m, two, 2, all, 4, 4, &d2h) == 1 && d2h == 1);    /* 32 rows: exactly full */
+            CHECK(run(m, three, 1, mean_last, 2, CAP, &d2h) == 1 && d2h == 1); /* S = max_tokens */
+        }
+        CHECK(run(m, two, 2, all, 1, 0, &d2h) == 1 && d2h == 0);     /* no spans: nothing to fetch */
+        /* larger results go through the rows as a ring: right slots, a wait per wrap */
+        long w = run(m, three, 3, all, 4, 5, &d2h);                 /* 60 rows */
+        CHECK(w >= 2 && w <= 1 + 60 / CAP);
+        w = run(m, two, 2, mean_last, 2, 2 * CAP + 3, &d2h);        /* spans in chunks too */
+        CHECK(w >= 2 && w <= 1 + 4 * (2 * CAP + 3) / CAP);
+        rl_model_free(m);
+    }
+    printf("failures %d\n", failures);
+    return failures != 0;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def cuda_inc() -> Path:
     inc = _cuda_include()
@@ -840,5 +947,20 @@ def test_a_device_fault_poisons_the_device_with_one_message(tmp_path, cuda_inc, 
     op waits for its work, so the faulting op (attention) is the one named."""
     exe = _build(tmp_path, cuda_inc, "libcuda.so.1", FAULT_C)
     r = subprocess.run([str(exe), mode], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failures 0" in r.stdout
+
+
+def test_a_forward_downloads_its_pooled_rows_once_and_waits_once(tmp_path, cuda_inc):
+    """Every (pooling, layer, span chunk) is pooled into the workspace's pooled
+    rows in the result's layout and fetched with one asynchronous download and
+    one wait per batch (counted on the mock: cudaStreamSynchronize plus
+    cudaEventSynchronize, device-to-host copies), in bf16 and fp32 storage,
+    for several poolings, repeated and unordered layers, a full buffer, no
+    spans; results larger than the rows go through them as a ring and still
+    land in the right slots. The mock's pool writes what made each row (hidden
+    index, pooling, span start), so a misplaced row fails."""
+    exe = _build(tmp_path, cuda_inc, "libcuda.so.1", SYNCS_C)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failures 0" in r.stdout

@@ -1202,6 +1202,12 @@ static int case_download(tctx *t, const tcase *c)
     TRY(d, d->be->download_f32(d->be, out, p, 0));
     check_bits(t->r, "n = 0 writes nothing", out, seven, 1);
     TRY(d, d->be->sync(d->be));
+    /* enqueued (what a forward does with its pooled rows), there after sync */
+    for (size_t i = 0; i < n + guard; i++) out[i] = -7.0f;
+    TRY(d, d->be->download_f32_async(d->be, out, p, n));
+    TRY(d, d->be->sync(d->be));
+    check_bits(t->r, "download_async + sync", out, x, n);
+    check_bits(t->r, "download_async: nothing written past n", g, seven, guard);
     return 0;
 }
 
