@@ -25,6 +25,15 @@ what the layer needs (window on sliding layers only and their own RoPE
 frequencies, scale, soft-cap, norm offset, pre-/post-norm modes, GeGLU, the
 residual cast of layers without pre-norms, in bf16 and fp32 storage); the ops
 refuse bad parameters by name.
+
+Two more run the engine on the mock to check the backend's behaviour around
+the device: a kernel launch made to fault (the mock's sticky error: every later
+call on that device fails) poisons the device with one message, and every
+later call fails fast with it (with and without RJEPA_CUDA_SYNC=1); and a
+forward waits once and downloads once per batch (the mock counts
+cudaStreamSynchronize / cudaEventSynchronize calls and device-to-host copies;
+its pool kernel writes what made each row, so misplaced rows show). The
+handle's cuBLAS math mode is checked too.
 """
 from __future__ import annotations
 
