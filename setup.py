@@ -135,10 +135,47 @@ class BuildExt(build_ext):
                    *gencode]
             if werror:
                 cmd += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+            cmd += ["-Xptxas", "-v"]  # registers, stack and spills of every kernel and arch
             print(" ".join(cmd), file=sys.stderr)
-            subprocess.check_call(cmd)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            log = out_dir / f"{src.stem}.ptxas.txt"
+            log.write_text(r.stdout + r.stderr)
+            if r.returncode != 0:
+                sys.stderr.write(r.stdout + r.stderr)
+                raise subprocess.CalledProcessError(r.returncode, cmd)
+            print(f"rjepa_latent: ptxas -v output of {src.name}: {log}", file=sys.stderr)
+            for line in ptxas_spills(r.stdout + r.stderr):
+                print(f"rjepa_latent: ptxas: {line}", file=sys.stderr)
             objs.append(str(obj))
         return objs
+
+
+def ptxas_spills(text):
+    """'kernel arch: N registers, S bytes spilled' for each kernel of a
+    `ptxas -v` log that spills (demangled when c++filt is there)."""
+    rows, entry = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(\S+)'", line)
+        if m:
+            entry = [m.group(1), m.group(2), 0]
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and entry:
+            entry[2] = int(m.group(1))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and entry:
+            if entry[2]:
+                rows.append((entry[0], entry[1], int(m.group(1)), entry[2]))
+            entry = None
+    names = [r[0] for r in rows]
+    if names and shutil.which("c++filt"):
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+        if out.returncode == 0 and len(out.stdout.splitlines()) == len(names):
+            names = [n.replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
+                     for n in out.stdout.splitlines()]
+    return [f"{n} {arch}: {regs} registers, {spill} bytes spilled"
+            for n, (_, arch, regs, spill) in zip(names, rows)]
 
 
 def package_version() -> str:

@@ -328,10 +328,11 @@ size_t rl_workspace_bytes(const rl_config *c, rl_dtype act, rl_dtype res, int64_
     size_t hd = (size_t)c->head_dim, nh = (size_t)c->num_heads, nkv = (size_t)c->num_kv_heads;
     size_t wide = d > ff ? d : ff;
     size_t proj = c->norms != RL_NORMS_PRE ? d : 0;
-    /* per token: x, normed_out (res); h, qkv, attn, gu, proj (act); pooled (f32);
-     * tokens, cu_seqlens, positions, spans (i32); the +1 of cu_seqlens below.
+    /* per token: x, normed_out (res); h, qkv, attn, gu, proj (act); pooled
+     * (RL_POOLED_ROWS_PER_TOKEN rows of d f32); tokens, cu_seqlens, positions,
+     * spans (i32); the +1 of cu_seqlens below.
      * Each term is <= 2^33 (dims <= 2^30, (nh+2nkv)*hd <= 2^30). */
     size_t per_token = d * r * 2 + (wide + (nh + 2 * nkv) * hd + nh * hd + 2 * ff + proj) * a
-                     + d * 4 + 4 * 5;
+                     + RL_POOLED_ROWS_PER_TOKEN * d * 4 + 4 * 5;
     return sat_add(sat_mul(T, per_token), 4);
 }

@@ -265,6 +265,12 @@ struct rl_backend {
                         const void *src_host, rl_dtype src_dtype, size_t n);
     rl_status (*upload_i32)(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n);
     rl_status (*download_f32)(rl_backend *be, float *dst_host, const float *src, size_t n);
+    /* the same, enqueued after the work before it without waiting: dst_host (best
+       from host_alloc, which CUDA pins) holds the values once `sync` returns, and
+       src must not be overwritten before then (CPU: copied at once) */
+    rl_status (*download_f32_async)(rl_backend *be, float *dst_host, const float *src, size_t n);
+    /* waits for everything enqueued (CUDA: an event recorded on the stream) and
+       reports what failed in it */
     rl_status (*sync)(rl_backend *be);
     /* free and total bytes of the device (CPU: 0,0 = unknown) */
     rl_status (*mem_info)(rl_backend *be, size_t *free_bytes, size_t *total_bytes);
@@ -329,6 +335,14 @@ typedef struct rl_pinned_pool_stats {
     uint64_t allocated;     /* allocations that called cudaHostAlloc          */
     uint64_t freed;         /* releases that called cudaFreeHost (over the cap) */
 } rl_pinned_pool_stats;
+
+/* Rows of pooled output the workspace holds per token of capacity. A forward
+ * pools every (pooling, layer, span) into them and downloads them once, with
+ * one wait, when its result has at most RL_POOLED_ROWS_PER_TOKEN * max_tokens
+ * rows (P * nl * S: any one or two poolings x layers of a batch whose spans
+ * fit max_tokens; many more for step spans, a few per sequence); a larger
+ * result is pooled through them as a ring, one wait per wrap. */
+#define RL_POOLED_ROWS_PER_TOKEN 2
 
 /* Bytes the weights of `cfg` take in a backend storing `weight_dtype`, and
  * the workspace of capacity max_tokens tokens with the given activation

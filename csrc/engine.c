@@ -12,11 +12,17 @@
  *   error names the argument, the index and the offending value.
  * - Positions and absolute spans are computed on the host and uploaded.
  * - The forward stops after the deepest requested layer. After each hidden
- *   state index that was asked for, its spans are pooled into workspace
- *   memory once per requested pooling and downloaded into the result
- *   [P, nl, S, d] (once per occurrence in `layers`), so several poolings
- *   cost one forward. More spans than the workspace holds are pooled in
- *   chunks.
+ *   state index that was asked for, its spans are pooled once per requested
+ *   pooling and per occurrence in `layers` into the workspace's pooled rows,
+ *   so several poolings cost one forward. More spans than the workspace holds
+ *   are pooled in chunks.
+ * - The pooled rows of a forward are downloaded together: when the whole
+ *   result [P, nl, S, d] fits them (RL_POOLED_ROWS_PER_TOKEN * max_tokens
+ *   rows) it is pooled there in the result's own layout and fetched with one
+ *   asynchronous download after the last layer, then one wait (be->sync) for
+ *   the batch. A larger result goes through the rows as a ring: each piece is
+ *   downloaded asynchronously as soon as it is pooled, and the engine waits
+ *   only before it overwrites rows still being downloaded.
  */
 #include "engine.h"
 
@@ -400,11 +406,12 @@ static rl_status alloc_workspace(rl_model *m, int64_t max_tokens)
     RL_TRY(ws_alloc(m, (void **)&ws->cu_seqlens, (T + 1) * 4));
     RL_TRY(ws_alloc(m, (void **)&ws->positions, T * 4));
     RL_TRY(ws_alloc(m, (void **)&ws->spans, T * 2 * 4));
-    RL_TRY(ws_alloc(m, (void **)&ws->pooled, T * d * 4));
+    RL_TRY(ws_alloc(m, (void **)&ws->pooled, RL_POOLED_ROWS_PER_TOKEN * T * d * 4));
     m->host_pos = malloc(T * 4);
     m->host_spans = malloc(T * 2 * 4);
     if (!m->host_pos || !m->host_spans) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
     ws->max_tokens = max_tokens;
+    ws->pooled_rows = RL_POOLED_ROWS_PER_TOKEN * max_tokens;
     return RL_OK;
 }
 
@@ -495,6 +502,8 @@ typedef struct {
     const rl_batch *b;
     rl_result *res;
     int spans_resident;    /* all spans fit the workspace and were uploaded once */
+    int pooled_direct;     /* the whole result fits the pooled rows, in its layout */
+    int64_t ring_next;     /* otherwise: next free pooled row of the ring         */
 } fwd_state;
 
 static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, int64_t n)
@@ -508,7 +517,8 @@ static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, i
 }
 
 /* Pools `src` over every span, once per pooling, into each result slot
- * [q, p] whose layer p asks for hidden index k. */
+ * [q, p] whose layer p asks for hidden index k: in place in the pooled rows
+ * (fs->pooled_direct, downloaded by forward_run), or through the ring. */
 static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *src, rl_dtype dt)
 {
     const rl_batch *b = fs->b;
@@ -520,13 +530,27 @@ static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *s
     for (int64_t s0 = 0; s0 < S; s0 += chunk) {
         int64_t n = S - s0 < chunk ? S - s0 : chunk;
         if (!fs->spans_resident) RL_TRY(upload_span_chunk(m, b, s0, n));
-        for (int64_t q = 0; q < b->n_poolings; q++) {
-            RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q], m->ws.pooled));
-            for (int64_t p = 0; p < nl; p++)
-                if (b->layers[p] == k)
-                    RL_TRY(be->download_f32(be, fs->res->data + (((size_t)q * nl + p) * S + s0) * d,
-                                            m->ws.pooled, (size_t)(n * d)));
-        }
+        for (int64_t q = 0; q < b->n_poolings; q++)
+            for (int64_t p = 0; p < nl; p++) {
+                if (b->layers[p] != k) continue;
+                size_t slot = ((size_t)q * (size_t)nl + (size_t)p) * (size_t)S + (size_t)s0;
+                if (fs->pooled_direct) {
+                    RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q],
+                                    m->ws.pooled + slot * (size_t)d));
+                    continue;
+                }
+                /* a chunk has at most max_tokens rows: it fits once the ring wraps;
+                   the rows it reuses are free once the downloads before are done */
+                if (fs->ring_next + n > m->ws.pooled_rows) {
+                    RL_TRY(be->sync(be));
+                    fs->ring_next = 0;
+                }
+                float *rows = m->ws.pooled + (size_t)fs->ring_next * (size_t)d;
+                RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q], rows));
+                RL_TRY(be->download_f32_async(be, fs->res->data + slot * (size_t)d, rows,
+                                              (size_t)(n * d)));
+                fs->ring_next += n;
+            }
     }
     return RL_OK;
 }
@@ -602,6 +626,10 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
     rl_segments seg;
     RL_TRY(upload_batch(m, b, &seg));
     fs->spans_resident = b->n_spans <= ws->max_tokens;
+    /* P * nl * S rows (P * nl and S are each < 2^40: no overflow in the division) */
+    const int64_t slots = b->n_poolings * b->n_layers;
+    fs->pooled_direct = b->n_spans == 0 || slots <= ws->pooled_rows / b->n_spans;
+    fs->ring_next = 0;
     if (fs->spans_resident && b->n_spans > 0) RL_TRY(upload_span_chunk(m, b, 0, b->n_spans));
 
     int64_t deepest = 0, T = b->n_tokens;
@@ -620,7 +648,10 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
                            c->norm_offset, 0));
         RL_TRY(pool_index(m, fs, c->num_layers, ws->normed_out, be->res_dtype));
     }
-    return be->sync(be);
+    if (fs->pooled_direct && b->n_spans > 0)
+        RL_TRY(be->download_f32_async(be, fs->res->data, ws->pooled,
+                                      (size_t)(slots * b->n_spans) * (size_t)c->hidden_size));
+    return be->sync(be); /* the batch's one wait (ring: its last) */
 }
 
 rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
@@ -650,9 +681,14 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     res->n_spans = b->n_spans;
     res->hidden = m->cfg.hidden_size;
     res->release = m->be->host_release;
-    fwd_state fs = {b, res, 0};
+    fwd_state fs = {b, res, 0, 0, 0};
     rl_status st = forward_run(m, &fs);
-    if (st != RL_OK) rl_result_free(res);
+    if (st != RL_OK) {
+        /* downloads into the result may still be queued: let them finish before
+           its memory is given back (a failing wait records only a device error) */
+        (void)m->be->sync(m->be);
+        rl_result_free(res);
+    }
     return st;
 }
 

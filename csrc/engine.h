@@ -100,7 +100,9 @@ typedef struct rl_workspace {
     int32_t *cu_seqlens;         /* [T+1]                                    */
     int32_t *positions;          /* [T]                                      */
     int32_t *spans;              /* [T, 2] absolute spans of one chunk of <= T */
-    float *pooled;               /* [T, d] f32 pooled rows of that chunk     */
+    float *pooled;               /* [RL_POOLED_ROWS_PER_TOKEN * T, d] f32 pooled
+                                    rows of a forward, downloaded together   */
+    int64_t pooled_rows;         /* its capacity in rows                     */
     size_t bytes;                /* backend bytes held by the workspace      */
 } rl_workspace;
 

@@ -13,11 +13,20 @@
  *   precision reference (parity with HF fp32 on the GPU), not the fast path.
  * - One non-blocking compute stream per backend; every copy and kernel is
  *   enqueued on it, so the op sequence of engine.c needs no other ordering.
- *   download_f32 (results) synchronizes it: that is where asynchronous
- *   kernel faults surface, and they become RL_ERR_CUDA there.
+ *   A forward enqueues its pooled rows' download (download_f32_async, into
+ *   the pinned result) and waits once, in sync (an event recorded after the
+ *   work, waited for): that is where asynchronous kernel faults usually
+ *   surface. download_f32 (tests, one-off reads) waits by itself.
  * - Every CUDA runtime call and every launch is checked by CU_CHECK (the
  *   launchers return cudaGetLastError of the launch), every cuBLAS call by
  *   BLAS_CHECK; both record the expression, file and line. Nothing exits.
+ * - A device fault (a sticky error: illegal address, trap, ECC...) breaks the
+ *   device's context for the whole process. The first one seen poisons the
+ *   device: its message says a device fault happened, which op first saw it
+ *   and that the process must be restarted, and every later call on that
+ *   device (ops, allocations, new backends) fails at once with it.
+ *   RJEPA_CUDA_SYNC=1 (read at creation) makes every op that enqueues work
+ *   wait for it and check it, so the op that faulted is the one named.
  * - Uploads convert on the host (OpenMP for large tensors) into one of two
  *   pinned staging buffers and DMA from there, alternating buffers so the
  *   conversion of a chunk overlaps the copy of the previous one. The source
@@ -26,7 +35,9 @@
  *   column-major y^T = W x^T, so W is op T. accumulate=1 writes the f32
  *   residual with beta=1 (residual add fused); a bias is written into y
  *   first (bf16 out) or added to it (f32 out), then beta=1, so the sum is
- *   rounded once.
+ *   rounded once. The handle's math mode adds
+ *   CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: a split-K GEMM sums
+ *   its partial results in f32, not in the bf16 output type.
  * - Attention runs on tensor cores (mma.sync) unless RJEPA_ATTN=fma is set
  *   when the backend is created (the f32 CUDA-core kernel; see
  *   cuda_kernels.cu).
@@ -71,9 +82,11 @@ typedef struct {
     void *blas_ws;
     void *stage[2];                 /* pinned host, STAGE_BYTES each, lazily */
     cudaEvent_t stage_done[2];      /* recorded after the DMA out of stage[i] */
+    cudaEvent_t work_done;          /* recorded by sync: what it waits for */
     int stage_next;
     int attn_mma;                   /* tensor-core attention (RJEPA_ATTN != "fma") */
     int f32;                        /* fp32 mode: weights and act are f32 */
+    int sync_each;                  /* RJEPA_CUDA_SYNC=1: every op waits and checks */
     char kernel[96];                /* "sm_90 132 SMs cuBLAS 130100 attention mma" (rl_backend.kernel) */
 } cuda_impl;
 
@@ -81,9 +94,69 @@ static cuda_impl *impl_of(rl_backend *be) { return (cuda_impl *)be->impl; }
 
 /* ---- error checking ---------------------------------------------------- */
 
+/* A device fault (an illegal address in a kernel, a trap, an ECC error) is
+ * sticky: the device's context is broken for the rest of the process and every
+ * later CUDA call on it fails with the same error, whatever it is. It surfaces
+ * at the first call that synchronises or launches after the faulting kernel,
+ * which is usually a later op. So the first one seen poisons the device: its
+ * message (which op saw it, what to do) is kept, and every later call on that
+ * device fails at once with it instead of running. RJEPA_CUDA_SYNC=1 makes each
+ * op wait for its own work, so the op that faulted is the one named. */
+#define FAULT_DEVICES 64
+static pthread_mutex_t fault_mu = PTHREAD_MUTEX_INITIALIZER;
+static char fault_msg[FAULT_DEVICES][640];        /* "" until a fault is seen       */
+static __thread const char *tl_op;                /* op-table entry running here    */
+static __thread int tl_device = -1;               /* ... and its backend's device   */
+static __thread int tl_sync_each;                 /* ... which waits for its work   */
+
+static int sticky_error(cudaError_t e)
+{
+    switch (e) {
+    case cudaErrorIllegalAddress: case cudaErrorLaunchFailure: case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction: case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace: case cudaErrorInvalidPc: case cudaErrorAssert:
+    case cudaErrorLaunchTimeout: case cudaErrorECCUncorrectable:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* RL_OK, or the device's fault message when it is poisoned. */
+static rl_status fault_check(int device)
+{
+    if (device < 0 || device >= FAULT_DEVICES) return RL_OK;
+    char msg[sizeof fault_msg[0]];
+    pthread_mutex_lock(&fault_mu);
+    memcpy(msg, fault_msg[device], sizeof msg);
+    pthread_mutex_unlock(&fault_mu);
+    if (!msg[0]) return RL_OK;
+    return RL_FAIL(RL_ERR_CUDA, "%s", msg);
+}
+
 static rl_status cu_fail(cudaError_t e, const char *expr, const char *file, int line)
 {
     (void)cudaGetLastError(); /* clear a non-sticky error so later calls start clean */
+    /* still there after clearing: sticky, whatever its code */
+    const int sticky = sticky_error(e) || cudaGetLastError() != cudaSuccess;
+    int dev = tl_device;
+    if (sticky && dev < 0 && cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+    if (sticky && dev >= 0 && dev < FAULT_DEVICES) {
+        pthread_mutex_lock(&fault_mu);
+        if (!fault_msg[dev][0])
+            snprintf(fault_msg[dev], sizeof fault_msg[dev], "CUDA device fault on cuda:%d: %s (%s), "
+                     "first seen by the %s call (%.80s); the device's context is unusable for "
+                     "the rest of this process and every later call on cuda:%d fails with this "
+                     "message: restart the process. %s", dev, cudaGetErrorName(e),
+                     cudaGetErrorString(e), tl_op ? tl_op : "device", expr, dev,
+                     tl_sync_each ? "RJEPA_CUDA_SYNC=1 is set: every op waits for its own work, "
+                                    "so the op named is the one that faulted"
+                                  : "The op named is the first to see the fault, not necessarily "
+                                    "the one that caused it: rerun with RJEPA_CUDA_SYNC=1 to "
+                                    "check every op as it completes");
+        pthread_mutex_unlock(&fault_mu);
+        return fault_check(dev);
+    }
     rl_status st = e == cudaErrorMemoryAllocation ? RL_ERR_DEVICE_MEMORY : RL_ERR_CUDA;
     return rl_error_set(st, file, line, "CUDA error in %s: %s (%s)", expr, cudaGetErrorName(e),
                         cudaGetErrorString(e));
@@ -98,6 +171,9 @@ static rl_status cu_fail(cudaError_t e, const char *expr, const char *file, int 
 static rl_status blas_fail(const cuda_impl *im, rl_cublas_status s, const char *expr,
                            const char *file, int line)
 {
+    /* cuBLAS fails too once the device has faulted: report the fault */
+    cudaError_t e = cudaPeekAtLastError();
+    if (e != cudaSuccess && sticky_error(e)) return cu_fail(e, expr, file, line);
     const char *msg = im->blas.status_string ? im->blas.status_string(s) : "";
     return rl_error_set(RL_ERR_BLAS, file, line, "cuBLAS error in %s: status %d %s", expr, (int)s,
                         msg ? msg : "");
@@ -156,6 +232,7 @@ int rl_cuda_device_count(void)
 /* RL_OK if `index` names a usable device (driver, index, compute capability). */
 static rl_status check_device(int index)
 {
+    RL_TRY(fault_check(index));
     int n = 0;
     RL_TRY(device_count(&n));
     if (index < 0 || index >= n)
@@ -253,17 +330,37 @@ static void scope_leave(const dev_scope *sc)
     (void)cudaGetLastError(); /* a failed restore must not surface in a later call */
 }
 
-/* `return call` with `device` current for its duration. */
-#define ON_DEVICE(device, call)                                          \
+/* `return call` with `device` current for its duration, as the op `name`
+ * (what a device fault seen inside is reported under); a device that has
+ * faulted fails at once. sync_each: then wait for the stream and check it, so
+ * a fault of this op's kernels is seen, and named, here (RJEPA_CUDA_SYNC=1). */
+static rl_status op_sync_checked(rl_backend *be);
+#define ON_DEVICE_AS(device, name, sync_each, be, call)                  \
     do {                                                                 \
+        const char *prev_op_ = tl_op;                                    \
+        const int prev_dev_ = tl_device, prev_sync_ = tl_sync_each;      \
+        RL_TRY(fault_check(device));                                     \
+        tl_op = (name);                                                  \
+        tl_device = (device);                                            \
+        tl_sync_each = (sync_each);                                      \
         dev_scope sc_;                                                   \
-        RL_TRY(scope_enter(&sc_, (device)));                             \
-        rl_status on_st_ = (call);                                       \
-        scope_leave(&sc_);                                               \
+        rl_status on_st_ = scope_enter(&sc_, (device));                  \
+        if (on_st_ == RL_OK) {                                           \
+            on_st_ = (call);                                             \
+            if (on_st_ == RL_OK && (sync_each)) on_st_ = op_sync_checked(be); \
+            scope_leave(&sc_);                                           \
+        }                                                                \
+        tl_op = prev_op_;                                                \
+        tl_device = prev_dev_;                                           \
+        tl_sync_each = prev_sync_;                                       \
         return on_st_;                                                   \
     } while (0)
 
-#define ON_BACKEND(be, call) ON_DEVICE(impl_of(be)->device, call)
+#define ON_DEVICE(device, name, call) ON_DEVICE_AS(device, name, 0, NULL, call)
+/* an entry that allocates or asks */
+#define ON_BACKEND(be, name, call) ON_DEVICE_AS(impl_of(be)->device, name, 0, be, call)
+/* an entry that enqueues device work */
+#define ON_OP(be, name, call) ON_DEVICE_AS(impl_of(be)->device, name, impl_of(be)->sync_each, be, call)
 
 static rl_status mem_info_in(size_t *free_bytes, size_t *total_bytes)
 {
@@ -275,7 +372,7 @@ rl_status rl_cuda_mem_info(int device_index, size_t *free_bytes, size_t *total_b
 {
     *free_bytes = *total_bytes = 0;
     RL_TRY(check_device(device_index));
-    ON_DEVICE(device_index, mem_info_in(free_bytes, total_bytes));
+    ON_DEVICE(device_index, "mem_info", mem_info_in(free_bytes, total_bytes));
 }
 
 /* ---- memory ------------------------------------------------------------ */
@@ -300,7 +397,7 @@ static rl_status alloc_in(rl_backend *be, void **ptr, size_t bytes)
 static rl_status cuda_alloc(rl_backend *be, void **ptr, size_t bytes)
 {
     *ptr = NULL;
-    ON_BACKEND(be, alloc_in(be, ptr, bytes));
+    ON_BACKEND(be, "alloc", alloc_in(be, ptr, bytes));
 }
 
 static rl_status free_in(void *ptr)
@@ -614,9 +711,30 @@ static rl_status download_f32_in(rl_backend *be, float *dst_host, const float *s
     return RL_OK;
 }
 
+/* Enqueued only: the engine downloads a forward's pooled rows this way and
+ * waits once, in sync. Into pinned memory (results are) the copy is truly
+ * asynchronous. */
+static rl_status download_f32_async_in(rl_backend *be, float *dst_host, const float *src, size_t n)
+{
+    if (n) CU_CHECK(cudaMemcpyAsync(dst_host, src, n * sizeof(float), cudaMemcpyDeviceToHost,
+                                    impl_of(be)->stream));
+    return RL_OK;
+}
+
+/* Everything enqueued so far, done: an event after it, waited for. */
 static rl_status sync_in(rl_backend *be)
 {
+    cuda_impl *im = impl_of(be);
+    CU_CHECK(cudaEventRecord(im->work_done, im->stream));
+    CU_CHECK(cudaEventSynchronize(im->work_done));
+    return RL_OK;
+}
+
+/* RJEPA_CUDA_SYNC=1: after each op, its work done and checked */
+static rl_status op_sync_checked(rl_backend *be)
+{
     CU_CHECK(cudaStreamSynchronize(impl_of(be)->stream));
+    CU_CHECK(cudaGetLastError());
     return RL_OK;
 }
 
@@ -791,45 +909,51 @@ static rl_status pool_in(rl_backend *be, const void *x, rl_dtype src_dtype, int6
 static rl_status cuda_upload(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
                              const void *src_host, rl_dtype src_dtype, size_t n)
 {
-    ON_BACKEND(be, upload_in(be, dst, dst_dtype, dst_offset_elems, src_host, src_dtype, n));
+    ON_OP(be, "upload", upload_in(be, dst, dst_dtype, dst_offset_elems, src_host, src_dtype, n));
 }
 
 static rl_status cuda_upload_i32(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n)
 {
-    ON_BACKEND(be, upload_i32_in(be, dst, src_host, n));
+    ON_OP(be, "upload_i32", upload_i32_in(be, dst, src_host, n));
 }
 
 static rl_status cuda_download_f32(rl_backend *be, float *dst_host, const float *src, size_t n)
 {
-    ON_BACKEND(be, download_f32_in(be, dst_host, src, n));
+    ON_OP(be, "download_f32", download_f32_in(be, dst_host, src, n));
 }
 
-static rl_status cuda_sync(rl_backend *be) { ON_BACKEND(be, sync_in(be)); }
+static rl_status cuda_download_f32_async(rl_backend *be, float *dst_host, const float *src,
+                                        size_t n)
+{
+    ON_OP(be, "download_f32_async", download_f32_async_in(be, dst_host, src, n));
+}
+
+static rl_status cuda_sync(rl_backend *be) { ON_BACKEND(be, "sync", sync_in(be)); }
 
 static rl_status cuda_mem_info_be(rl_backend *be, size_t *free_bytes, size_t *total_bytes)
 {
     *free_bytes = *total_bytes = 0;
-    ON_BACKEND(be, mem_info_be_in(be, free_bytes, total_bytes));
+    ON_BACKEND(be, "mem_info", mem_info_be_in(be, free_bytes, total_bytes));
 }
 
 static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
                             int64_t d, void *x, float scale)
 {
-    ON_BACKEND(be, embed_in(be, tokens, T, table, d, x, scale));
+    ON_OP(be, "embed", embed_in(be, tokens, T, table, d, x, scale));
 }
 
 static rl_status cuda_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
                               void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
                               float w_offset, int accumulate)
 {
-    ON_BACKEND(be, rmsnorm_in(be, x, x_dtype, w, y, out_dtype, rows, d, eps, w_offset, accumulate));
+    ON_OP(be, "rmsnorm", rmsnorm_in(be, x, x_dtype, w, y, out_dtype, rows, d, eps, w_offset, accumulate));
 }
 
 static rl_status cuda_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
                            const void *bias, void *y, int64_t M, int64_t N, int64_t K,
                            int accumulate)
 {
-    ON_BACKEND(be, gemm_in(be, seg, x, w, bias, y, M, N, K, accumulate));
+    ON_OP(be, "gemm", gemm_in(be, seg, x, w, bias, y, M, N, K, accumulate));
 }
 
 static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
@@ -837,7 +961,7 @@ static rl_status cuda_qk_norm_rope(rl_backend *be, const rl_segments *seg, void 
                                    const void *k_norm, int norm_mode, float w_offset, float eps,
                                    const float *inv_freq)
 {
-    ON_BACKEND(be, qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, norm_mode,
+    ON_OP(be, "qk_norm_rope", qk_norm_rope_in(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, norm_mode,
                                    w_offset, eps, inv_freq));
 }
 
@@ -845,24 +969,24 @@ static rl_status cuda_attention(rl_backend *be, const rl_segments *seg, const vo
                                 void *out, int64_t T, int64_t nh, int64_t nkv, int64_t hd,
                                 float scale, int64_t window, float softcap)
 {
-    ON_BACKEND(be, attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale, window, softcap));
+    ON_OP(be, "attention", attention_in(be, seg, qkv, out, T, nh, nkv, hd, scale, window, softcap));
 }
 
 static rl_status cuda_glu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
 {
-    ON_BACKEND(be, glu_in(be, gu, out, T, ff, act));
+    ON_OP(be, "glu", glu_in(be, gu, out, T, ff, act));
 }
 
 static rl_status cuda_cast(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
                            rl_dtype dst_dtype, int64_t n)
 {
-    ON_BACKEND(be, cast_in(be, src, src_dtype, dst, dst_dtype, n));
+    ON_OP(be, "cast", cast_in(be, src, src_dtype, dst, dst_dtype, n));
 }
 
 static rl_status cuda_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
                            const int32_t *spans_abs, int64_t S, rl_pool mode, float *out)
 {
-    ON_BACKEND(be, pool_in(be, x, src_dtype, d, spans_abs, S, mode, out));
+    ON_OP(be, "pool", pool_in(be, x, src_dtype, d, spans_abs, S, mode, out));
 }
 
 /* ---- creation / destruction -------------------------------------------- */
@@ -881,6 +1005,7 @@ static void cuda_destroy(rl_backend *be)
             if (im->stage[i]) (void)cudaFreeHost(im->stage[i]);
             if (im->stage_done[i]) (void)cudaEventDestroy(im->stage_done[i]);
         }
+        if (im->work_done) (void)cudaEventDestroy(im->work_done);
         if (im->stream) (void)cudaStreamDestroy(im->stream);
         rl_cublas_unload(&im->blas);
         (void)cudaGetLastError();
@@ -932,6 +1057,7 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->upload = cuda_upload;
     be->upload_i32 = cuda_upload_i32;
     be->download_f32 = cuda_download_f32;
+    be->download_f32_async = cuda_download_f32_async;
     be->sync = cuda_sync;
     be->mem_info = cuda_mem_info_be;
     be->is_resident = cuda_is_resident;
@@ -953,10 +1079,15 @@ static rl_status init_impl(cuda_impl *im)
     CU_CHECK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
     for (int i = 0; i < 2; i++)
         CU_CHECK(cudaEventCreateWithFlags(&im->stage_done[i], cudaEventDisableTiming));
+    CU_CHECK(cudaEventCreateWithFlags(&im->work_done, cudaEventDisableTiming));
     RL_TRY(rl_cublas_load(&im->blas));
     BLAS_CHECK(im, im->blas.create(&im->handle));
     BLAS_CHECK(im, im->blas.set_stream(im->handle, im->stream));
-    BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH));
+    /* default math (no TF32) and no reduction in the output type: a bf16 GEMM
+     * that cuBLAS splits along K adds its partial sums in f32, so the output is
+     * rounded to bf16 once */
+    BLAS_CHECK(im, im->blas.set_math_mode(im->handle, RL_CUBLAS_DEFAULT_MATH |
+                                          RL_CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     CU_CHECK(cudaMalloc(&im->blas_ws, BLAS_WORKSPACE_BYTES));
     BLAS_CHECK(im, im->blas.set_workspace(im->handle, im->blas_ws, BLAS_WORKSPACE_BYTES));
     /* everything that picks other kernels (and so other result bits): the
@@ -990,6 +1121,8 @@ rl_status rl_backend_cuda_create_ex(int device_index, rl_dtype dtype, rl_backend
     const char *attn = getenv("RJEPA_ATTN"); /* "fma": the CUDA-core attention kernel */
     im->attn_mma = !(attn && strcmp(attn, "fma") == 0);
     im->f32 = dtype == RL_F32;
+    const char *sync_env = getenv("RJEPA_CUDA_SYNC"); /* "1": find the op that faults */
+    im->sync_each = sync_env && strcmp(sync_env, "1") == 0;
     snprintf(im->name, sizeof im->name, "cuda:%d", device_index);
     be->impl = im;
     be->name = im->name;

@@ -42,6 +42,9 @@ enum {
     RL_CUBLAS_OP_N = 0,
     RL_CUBLAS_OP_T = 1,
     RL_CUBLAS_DEFAULT_MATH = 0,
+    /* a flag or'ed into the math mode: split-K and other reductions keep the
+       compute type (f32), never the output type (bf16) */
+    RL_CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16,
     RL_CUBLAS_COMPUTE_32F = 68,
     RL_CUBLAS_GEMM_DEFAULT = -1,
     RL_CUDA_R_32F = 0,

@@ -803,9 +803,12 @@ __global__ void k_pool(const T *__restrict__ x, int64_t d, const int32_t *__rest
                 if (u > v || u != u) v = u;
             }
         } else {
-            float acc = 0.0f;
-            for (int64_t r = a; r < e; r++) acc += load_f(x + r * d + c);
-            v = acc / (float)(e - a);
+            // summed in double, in row order, one rounding at the end: the CPU
+            // op's arithmetic, so an f32 source gives its bits (a long span
+            // summed in f32 drifts by ~len * 2^-24)
+            double acc = 0.0;
+            for (int64_t r = a; r < e; r++) acc += (double)load_f(x + r * d + c);
+            v = (float)(acc / (double)(e - a));
         }
         o[c] = v;
     }

@@ -1,7 +1,11 @@
 """GPU benchmark: this engine vs HF transformers on a Qwen3-8B-shaped model.
 
-Run by tests/gpu_check.sh on a lent H100 (or by hand):
+On a machine with an NVIDIA GPU (tests/gpu_check.sh runs it as its last stage):
     python3 tests/gpu_bench.py [--quick] [--json PATH] [--model-dir DIR] [--prepare]
+Time: gpu_check.sh gives it what is left of its budget (at least 60 s, with
+--quick below 240 s) and gives writing the 16 GB checkpoint the first time
+(--prepare) up to 200 s beside the build; --quick measures fewer texts and HF
+settings.
 
 What it measures, in one process, on one GPU:
 - the cuBLAS bf16 GEMM rate (torch matmul 8192^3, random data): the ceiling;

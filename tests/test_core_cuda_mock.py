@@ -25,6 +25,15 @@ what the layer needs (window on sliding layers only and their own RoPE
 frequencies, scale, soft-cap, norm offset, pre-/post-norm modes, GeGLU, the
 residual cast of layers without pre-norms, in bf16 and fp32 storage); the ops
 refuse bad parameters by name.
+
+Two more run the engine on the mock to check the backend's behaviour around
+the device: a kernel launch made to fault (the mock's sticky error: every later
+call on that device fails) poisons the device with one message, and every
+later call fails fast with it (with and without RJEPA_CUDA_SYNC=1); and a
+forward waits once and downloads once per batch (the mock counts
+cudaStreamSynchronize / cudaEventSynchronize calls and device-to-host copies;
+its pool kernel writes what made each row, so misplaced rows show). The
+handle's cuBLAS math mode is checked too.
 """
 from __future__ import annotations
 
@@ -60,12 +69,21 @@ static __thread mock_ctx *cur_ctx = NULL; /* the driver's current context */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 long mock_host_allocs, mock_host_frees, mock_wrong_device, mock_portable_missing;
 int mock_expect_device = -1;              /* what the next device work must see */
+long mock_stream_syncs, mock_event_syncs; /* cudaStreamSynchronize / cudaEventSynchronize calls */
+/* fault injection: the launch of `mock_fault_op` after `mock_fault_skip` others of it
+ * "faults" like a kernel that reads an illegal address: the launch itself succeeds,
+ * then every later call that touches that device fails with the sticky error */
+const char *mock_fault_op;
+int mock_fault_skip;
+static cudaError_t mock_sticky[NDEV];
 
 int mock_primary_active(int d) { return primary[d].active; }
 int mock_current_device(void) { return cur_dev; }
 void *mock_current_ctx(void) { return cur_ctx; }
 void mock_make_current(int d) { primary[d].active = 1; cur_ctx = &primary[d]; cur_dev = d; }
 
+static int dev_now(void) { return cur_ctx ? cur_ctx->device : cur_dev; }
+static cudaError_t sticky(void) { return mock_sticky[dev_now()]; }
 static void seen(void)
 {
     if (mock_expect_device >= 0 && (cur_dev != mock_expect_device || !cur_ctx ||
@@ -94,7 +112,9 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d)
 }
 cudaError_t cudaDriverGetVersion(int *v) { *v = 13000; return cudaSuccess; }
 cudaError_t cudaRuntimeGetVersion(int *v) { *v = 13000; return cudaSuccess; }
-cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+/* a sticky error is never cleared */
+cudaError_t cudaGetLastError(void) { return sticky(); }
+cudaError_t cudaPeekAtLastError(void) { return sticky(); }
 const char *cudaGetErrorName(cudaError_t e) { return "mockError"; }
 const char *cudaGetErrorString(cudaError_t e) { return "mock error"; }
 cudaError_t cudaMemGetInfo(size_t *f, size_t *t) { seen(); *f = (size_t)64 << 30; *t = (size_t)80 << 30; return cudaSuccess; }
@@ -126,12 +146,28 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int f) { seen();
 cudaError_t cudaStreamDestroy(cudaStream_t s) { seen(); free(s); return cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int f) { seen(); *e = (cudaEvent_t)malloc(8); return cudaSuccess; }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { free(e); return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t s) { seen(); return cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaSuccess; }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { seen(); return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t s)
+{
+    seen();
+    pthread_mutex_lock(&mu);
+    mock_stream_syncs++;
+    pthread_mutex_unlock(&mu);
+    return sticky();
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e)
+{
+    pthread_mutex_lock(&mu);
+    mock_event_syncs++;
+    pthread_mutex_unlock(&mu);
+    return sticky();
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { seen(); return sticky(); }
+long mock_d2h_copies;                     /* cudaMemcpyAsync device -> host */
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, enum cudaMemcpyKind k, cudaStream_t st)
 {
     seen();
+    if (sticky()) return sticky();
+    if (k == cudaMemcpyDeviceToHost) mock_d2h_copies++;
     memcpy(d, s, n);
     return cudaSuccess;
 }
@@ -161,6 +197,15 @@ typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; 
 #define MOCK_LOG_MAX 4096
 mock_call mock_log[MOCK_LOG_MAX];
 int mock_nlog;
+/* what a launch returns: the device's sticky error, or success (and the launch
+ * that is to fault makes the error sticky for everything after it) */
+static cudaError_t launched(const char *op)
+{
+    if (sticky()) return sticky();
+    if (mock_fault_op && strcmp(op, mock_fault_op) == 0 && mock_fault_skip-- == 0)
+        mock_sticky[dev_now()] = cudaErrorIllegalAddress;
+    return cudaSuccess;
+}
 static void logc(const char *op, int i0, int i1, int i2, int i3, float f0, float f1, float f2,
                  const void *p, long long n)
 {
@@ -177,29 +222,45 @@ static void logc(const char *op, int i0, int i1, int i2, int i3, float f0, float
     pthread_mutex_unlock(&mu);
 }
 cudaError_t rl_k_embed(cudaStream_t s, const int32_t *t, int64_t T, const void *tab, int f, int64_t d, float scale, float *x)
-{ seen(); logc("embed", f, 0, 0, 0, scale, 0, 0, x, T); return cudaSuccess; }
+{ seen(); logc("embed", f, 0, 0, 0, scale, 0, 0, x, T); return launched("embed"); }
 cudaError_t rl_k_rmsnorm(cudaStream_t s, const void *x, int xf, const void *w, int wf, float off, void *y, int out, int64_t r, int64_t d, float e)
-{ seen(); logc("rmsnorm", xf, wf, out, 0, off, e, 0, y, r * d); return cudaSuccess; }
-cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int yf, const void *b, int bf, int64_t M, int64_t N, int add) { seen(); return cudaSuccess; }
+{ seen(); logc("rmsnorm", xf, wf, out, 0, off, e, 0, y, r * d); return launched("rmsnorm"); }
+cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int yf, const void *b, int bf, int64_t M, int64_t N, int add) { seen(); return launched("bias"); }
 cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *q, int f, int64_t T, int64_t nh, int64_t nkv, int64_t hd, const void *qn, const void *kn, int whole, float off, float e, const float *inv, const int32_t *pos)
-{ seen(); logc("qk", f, whole, qn != NULL && kn != NULL, 0, off, e, 0, inv, T); return cudaSuccess; }
+{ seen(); logc("qk", f, whole, qn != NULL && kn != NULL, 0, off, e, 0, inv, T); return launched("qk"); }
 int rl_k_attention_supports(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256; }
 cudaError_t rl_k_attention(cudaStream_t s, const void *q, void *o, int f, const int32_t *cu, int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float sc, float cap, int64_t window, int mma)
-{ seen(); logc("attention", f, (int)window, mma, 0, sc, cap, 0, o, B); return cudaSuccess; }
+{ seen(); logc("attention", f, (int)window, mma, 0, sc, cap, 0, o, B); return launched("attention"); }
 cudaError_t rl_k_glu(cudaStream_t s, const void *g, void *o, int f, int64_t T, int64_t ff, int act)
-{ seen(); logc("glu", f, act, 0, 0, 0, 0, 0, o, T * ff); return cudaSuccess; }
+{ seen(); logc("glu", f, act, 0, 0, 0, 0, 0, o, T * ff); return launched("glu"); }
 cudaError_t rl_k_cast(cudaStream_t s, const void *src, int sf, void *dst, int df, int64_t n)
-{ seen(); logc("cast", sf, df, 0, 0, 0, 0, 0, dst, n); return cudaSuccess; }
-cudaError_t rl_k_pool(cudaStream_t s, const void *x, int f, int64_t d, const int32_t *sp, int64_t S, int mode, float *out) { seen(); return cudaSuccess; }
+{ seen(); logc("cast", sf, df, 0, 0, 0, 0, 0, dst, n); return launched("cast"); }
+/* pooled rows say what made them: 100000 * (decoder layers run so far: the
+ * hidden-state index) + 10000 * mode + the span's absolute start */
+cudaError_t rl_k_pool(cudaStream_t s, const void *x, int f, int64_t d, const int32_t *sp, int64_t S, int mode, float *out)
+{
+    seen();
+    int layers_run = 0;
+    for (int k = 0; k < mock_nlog; k++) layers_run += strcmp(mock_log[k].op, "attention") == 0;
+    cudaError_t e = launched("pool");
+    if (e) return e;
+    for (int64_t i = 0; i < S; i++)
+        for (int64_t c = 0; c < d; c++)
+            out[i * d + c] = (float)(100000 * layers_run + 10000 * mode + sp[2 * i]);
+    logc("pool", mode, 0, 0, 0, 0, 0, 0, out, S);
+    return cudaSuccess;
+}
 
 static rl_cublas_status b_create(rl_cublas_handle *h) { seen(); *h = (rl_cublas_handle)malloc(8); return 0; }
 static rl_cublas_status b_destroy(rl_cublas_handle h) { seen(); free(h); return 0; }
 static rl_cublas_status b_stream(rl_cublas_handle h, cudaStream_t s) { return 0; }
 static rl_cublas_status b_ws(rl_cublas_handle h, void *w, size_t n) { return 0; }
-static rl_cublas_status b_math(rl_cublas_handle h, int m) { return 0; }
+int mock_math_mode = -1;
+static rl_cublas_status b_math(rl_cublas_handle h, int m) { mock_math_mode = m; return 0; }
 static rl_cublas_status b_gemm(rl_cublas_handle h, int ta, int tb, int m, int n, int k, const void *al,
                                const void *A, int at, int lda, const void *B, int bt, int ldb,
-                               const void *be, void *C, int ct, int ldc, int comp, int algo) { seen(); return 0; }
+                               const void *be, void *C, int ct, int ldc, int comp, int algo)
+{ seen(); return launched("gemm") ? 13 /* CUBLAS_STATUS_EXECUTION_FAILED */ : 0; }
 static rl_cublas_status b_version(rl_cublas_handle h, int *v) { *v = 130100; return 0; }
 rl_status rl_cublas_load(rl_cublas_api *api)
 {
@@ -220,9 +281,10 @@ MAIN_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include "engine.h"
+#include "cuda_internal.h"
 
 extern long mock_host_allocs, mock_host_frees, mock_wrong_device;
-extern int mock_expect_device;
+extern int mock_expect_device, mock_math_mode;
 int mock_primary_active(int d);
 int mock_current_device(void);
 void *mock_current_ctx(void);
@@ -314,6 +376,10 @@ int main(void)
         /* creating the backend happens on this (main) thread, which has no context yet */
         mock_expect_device = 1;
         CHECK(rl_backend_cuda_create_ex(1, RL_BF16, &be1) == RL_OK);
+        /* no TF32, and split-K partial sums in f32 (cuBLAS's values: 0 | 16) */
+        CHECK(mock_math_mode == (RL_CUBLAS_DEFAULT_MATH |
+                                 RL_CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) &&
+              mock_math_mode == 16);
         if (ctx_api) {
             CHECK(mock_current_ctx() == NULL);     /* none before, none after */
             CHECK(!mock_primary_active(0));        /* and no context made on device 0 (the
@@ -450,7 +516,7 @@ WIRING_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "common.h"
+#include "engine.h"
 #include "cuda_internal.h"
 
 typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
@@ -629,6 +695,204 @@ int main(void)
 """
 
 
+FAULT_C = r"""
+#define _POSIX_C_SOURCE 200809L
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "engine.h"
+
+typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
+extern mock_call mock_log[];
+extern int mock_nlog, mock_fault_skip;
+extern const char *mock_fault_op;
+extern long mock_stream_syncs, mock_event_syncs;
+
+static int failures;
+#define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #c, rl_last_error()); } } while (0)
+
+static rl_model *load(int dev)
+{
+    rl_config c = {.vocab_size = 11, .hidden_size = 16, .intermediate_size = 32, .num_layers = 3,
+                   .num_heads = 2, .num_kv_heads = 1, .head_dim = 16, .max_layer = 3,
+                   .rms_norm_eps = 1e-6};
+    rl_backend *be = NULL;
+    CHECK(rl_backend_cuda_create_ex(dev, RL_BF16, &be) == RL_OK);
+    rl_model *m = NULL;
+    if (!be || rl_model_create(&c, be, &m) != RL_OK) return NULL;
+    static float buf[64 * 64];
+    for (int k = 0; k < RL_T_COUNT; k++)
+        for (int64_t l = 0; l < (rl_tensor_kind_is_global((rl_tensor_kind)k) ? 1 : 3); l++) {
+            int64_t s[2];
+            int nd = rl_tensor_shape(&c, (rl_tensor_kind)k, s);
+            if (nd) CHECK(rl_model_set_tensor(m, (rl_tensor_kind)k, l, buf, RL_F32, s, nd) == RL_OK);
+        }
+    CHECK(rl_model_reserve(m, 16) == RL_OK);
+    return m;
+}
+
+static rl_status forward(rl_model *m)
+{
+    int32_t tok[5] = {1, 2, 3, 4, 5}, cu[3] = {0, 2, 5}, layers[2] = {1, 3}, spans[4] = {0, 2, 0, 3},
+            seq[2] = {0, 1};
+    rl_pool mean = RL_POOL_MEAN;
+    rl_batch b = {tok, 5, cu, 2, layers, 2, spans, seq, 2, &mean, 1};
+    rl_result res = {0};
+    rl_status st = rl_model_forward(m, &b, &res);
+    rl_result_free(&res);
+    return st;
+}
+
+/* argv[1]: "async" (default ops) or "sync" (RJEPA_CUDA_SYNC=1). The second
+ * attention launch (layer 1) faults on device 0. */
+int main(int argc, char **argv)
+{
+    const int each = argc > 1 && strcmp(argv[1], "sync") == 0;
+    if (each) setenv("RJEPA_CUDA_SYNC", "1", 1);
+    rl_model *m = load(0), *m1 = load(1);
+    if (!m || !m1) { printf("failures %d (setup)\n", failures + 1); return 1; }
+    CHECK(forward(m) == RL_OK);                   /* a healthy device runs */
+    mock_nlog = 0;
+    mock_fault_op = "attention";
+    mock_fault_skip = 1;
+    CHECK(forward(m) == RL_ERR_CUDA);
+    char first[1024];
+    snprintf(first, sizeof first, "%s", rl_last_error());
+    printf("message: %s\n", first);
+    CHECK(strstr(first, "CUDA device fault on cuda:0: ") != NULL);
+    CHECK(strstr(first, "restart the process") != NULL && strstr(first, "RJEPA_CUDA_SYNC=1") != NULL);
+    /* with RJEPA_CUDA_SYNC=1 the op that faulted is named; without, the next launch
+       (the O projection's GEMM) is the first to see it */
+    CHECK(strstr(first, each ? "first seen by the attention call" : "first seen by the gemm call") != NULL);
+    /* every later call on device 0 fails at once with the same message, launching nothing */
+    int nlog = mock_nlog;
+    long syncs = mock_stream_syncs + mock_event_syncs;
+    CHECK(forward(m) == RL_ERR_CUDA && strcmp(rl_last_error(), first) == 0);
+    CHECK(mock_nlog == nlog && mock_stream_syncs + mock_event_syncs == syncs);
+    rl_backend *be = rl_model_backend(m);
+    void *p = NULL;
+    CHECK(be->alloc(be, &p, 64) == RL_ERR_CUDA && strcmp(rl_last_error(), first) == 0);
+    size_t f = 0, t = 0;
+    CHECK(rl_cuda_mem_info(0, &f, &t) == RL_ERR_CUDA && strcmp(rl_last_error(), first) == 0);
+    CHECK(rl_cuda_check_device(0) == RL_ERR_CUDA && strcmp(rl_last_error(), first) == 0);
+    rl_backend *again = NULL;
+    CHECK(rl_backend_cuda_create_ex(0, RL_F32, &again) == RL_ERR_CUDA && again == NULL &&
+          strcmp(rl_last_error(), first) == 0);
+    /* another device is not touched by it */
+    CHECK(forward(m1) == RL_OK);
+    rl_model_free(m);                             /* teardown on a faulted device: no crash */
+    rl_model_free(m1);
+    printf("failures %d\n", failures);
+    return failures != 0;
+}
+"""
+
+
+SYNCS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "engine.h"
+
+typedef struct { char op[16]; int i[4]; float f[3]; const void *p; long long n; } mock_call;
+extern mock_call mock_log[];
+extern int mock_nlog;
+extern long mock_stream_syncs, mock_event_syncs, mock_d2h_copies;
+
+static int failures;
+#define CHECK(c) do { if (!(c)) { failures++; fprintf(stderr, "FAIL %s:%d: %s (%s)\n", __FILE__, __LINE__, #c, rl_last_error()); } } while (0)
+
+#define D 16
+#define CAP 16                                    /* max_tokens: 2 * 16 pooled rows */
+
+static rl_model *load(rl_dtype dt)
+{
+    rl_config c = {.vocab_size = 11, .hidden_size = D, .intermediate_size = 32, .num_layers = 3,
+                   .num_heads = 2, .num_kv_heads = 1, .head_dim = 16, .max_layer = 3,
+                   .rms_norm_eps = 1e-6};
+    rl_backend *be = NULL;
+    CHECK(rl_backend_cuda_create_ex(0, dt, &be) == RL_OK);
+    rl_model *m = NULL;
+    if (!be || rl_model_create(&c, be, &m) != RL_OK) return NULL;
+    static float buf[64 * 64];
+    for (int k = 0; k < RL_T_COUNT; k++)
+        for (int64_t l = 0; l < (rl_tensor_kind_is_global((rl_tensor_kind)k) ? 1 : 3); l++) {
+            int64_t s[2];
+            int nd = rl_tensor_shape(&c, (rl_tensor_kind)k, s);
+            if (nd) CHECK(rl_model_set_tensor(m, (rl_tensor_kind)k, l, buf, RL_F32, s, nd) == RL_OK);
+        }
+    CHECK(rl_model_reserve(m, CAP) == RL_OK);
+    return m;
+}
+
+/* One forward of 9 tokens in 2 sequences with S spans (span i: [i % 4, i % 4 + 1) of
+ * sequence i % 2); returns the waits it made, checks every pooled row landed in its
+ * result slot [q, p, s] (the mock's pool writes 100000 * hidden index + 10000 * mode +
+ * absolute start) and counts its device -> host copies into *d2h. */
+static long run(rl_model *m, const int32_t *layers, int nl, const rl_pool *pools, int np, int S,
+                long *d2h)
+{
+    int32_t tok[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9}, cu[3] = {0, 4, 9};
+    int32_t *spans = malloc(sizeof(int32_t) * 2 * (S + 1)), *seq = malloc(sizeof(int32_t) * (S + 1));
+    for (int i = 0; i < S; i++) {
+        seq[i] = i % 2;
+        spans[2 * i] = i % 4;
+        spans[2 * i + 1] = i % 4 + 1;
+    }
+    rl_batch b = {tok, 9, cu, 2, layers, nl, spans, seq, S, pools, np};
+    rl_result res = {0};
+    mock_nlog = 0;
+    long before = mock_stream_syncs + mock_event_syncs, copies = mock_d2h_copies;
+    CHECK(rl_model_forward(m, &b, &res) == RL_OK);
+    long waits = mock_stream_syncs + mock_event_syncs - before;
+    *d2h = mock_d2h_copies - copies;
+    int bad = 0;
+    for (int q = 0; q < np && res.data; q++)
+        for (int p = 0; p < nl; p++)
+            for (int s = 0; s < S; s++)
+                for (int c = 0; c < D; c++) {
+                    float want = (float)(100000 * layers[p] + 10000 * (int)pools[q] +
+                                         cu[seq[s]] + spans[2 * s]);
+                    bad += res.data[(((size_t)q * nl + p) * S + s) * D + c] != want;
+                }
+    CHECK(bad == 0);
+    rl_result_free(&res);
+    free(spans);
+    free(seq);
+    return waits;
+}
+
+int main(void)
+{
+    rl_dtype dts[2] = {RL_BF16, RL_F32};
+    for (int i = 0; i < 2; i++) {
+        rl_model *m = load(dts[i]);
+        if (!m) { failures++; continue; }
+        const int32_t two[2] = {1, 3}, dup[3] = {1, 1, 0}, three[3] = {0, 2, 3};
+        const rl_pool mean_last[2] = {RL_POOL_MEAN, RL_POOL_LAST},
+                      all[4] = {RL_POOL_MEAN, RL_POOL_FIRST, RL_POOL_LAST, RL_POOL_MAX};
+        long d2h = 0;
+        /* results that fit the pooled rows: one download, one wait, batch after batch */
+        for (int rep = 0; rep < 3; rep++) {
+            CHECK(run(m, two, 2, mean_last, 2, 5, &d2h) == 1 && d2h == 1);
+            CHECK(run(m, dup, 3, all, 1, 9, &d2h) == 1 && d2h == 1);
+            CHECK(run(m, two, 2, all, 4, 4, &d2h) == 1 && d2h == 1);    /* 32 rows: exactly full */
+            CHECK(run(m, three, 1, mean_last, 2, CAP, &d2h) == 1 && d2h == 1); /* S = max_tokens */
+        }
+        CHECK(run(m, two, 2, all, 1, 0, &d2h) == 1 && d2h == 0);     /* no spans: nothing to fetch */
+        /* larger results go through the rows as a ring: right slots, a wait per wrap */
+        long w = run(m, three, 3, all, 4, 5, &d2h);                 /* 60 rows */
+        CHECK(w >= 2 && w <= 1 + 60 / CAP);
+        w = run(m, two, 2, mean_last, 2, 2 * CAP + 3, &d2h);        /* spans in chunks too */
+        CHECK(w >= 2 && w <= 1 + 4 * (2 * CAP + 3) / CAP);
+        rl_model_free(m);
+    }
+    printf("failures %d\n", failures);
+    return failures != 0;
+}
+"""
+
+
 @pytest.fixture(scope="module")
 def cuda_inc() -> Path:
     inc = _cuda_include()
@@ -677,6 +941,35 @@ def test_cuda_backend_runs_the_model_variants_with_their_parameters(tmp_path, cu
     RoPE frequencies, soft-cap, scale, norm offset and the post-norm modes,
     GeGLU, the residual cast; bad op parameters are refused by name."""
     exe = _build(tmp_path, cuda_inc, "libcuda.so.1", WIRING_C)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failures 0" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_device_fault_poisons_the_device_with_one_message(tmp_path, cuda_inc, mode):
+    """A kernel fault (sticky: every later call on the device fails) is reported
+    once, as a device fault, naming the op that first saw it and saying the
+    process must be restarted; every later call on that device fails at once
+    with the same message, launching and waiting for nothing; creating another
+    backend there fails too; another device runs on. With RJEPA_CUDA_SYNC=1 each
+    op waits for its work, so the faulting op (attention) is the one named."""
+    exe = _build(tmp_path, cuda_inc, "libcuda.so.1", FAULT_C)
+    r = subprocess.run([str(exe), mode], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failures 0" in r.stdout
+
+
+def test_a_forward_downloads_its_pooled_rows_once_and_waits_once(tmp_path, cuda_inc):
+    """Every (pooling, layer, span chunk) is pooled into the workspace's pooled
+    rows in the result's layout and fetched with one asynchronous download and
+    one wait per batch (counted on the mock: cudaStreamSynchronize plus
+    cudaEventSynchronize, device-to-host copies), in bf16 and fp32 storage,
+    for several poolings, repeated and unordered layers, a full buffer, no
+    spans; results larger than the rows go through them as a ring and still
+    land in the right slots. The mock's pool writes what made each row (hidden
+    index, pooling, span start), so a misplaced row fails."""
+    exe = _build(tmp_path, cuda_inc, "libcuda.so.1", SYNCS_C)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failures 0" in r.stdout

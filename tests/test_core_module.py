@@ -216,7 +216,7 @@ class Caps(C.Structure):
 
 
 OPS = ("alloc", "free", "host_alloc", "host_release", "upload", "upload_i32", "download_f32",
-       "sync", "mem_info", "is_resident", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attention",
+       "download_f32_async", "sync", "mem_info", "is_resident", "embed", "rmsnorm", "gemm", "qk_norm_rope", "attention",
        "glu", "cast", "pool", "destroy")
 
 

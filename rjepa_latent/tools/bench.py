@@ -39,7 +39,7 @@ import numpy as np
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
             rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024)
-HF_INSTALL_HINT = 'pip install torch "transformers>=4.45"'
+HF_INSTALL_HINT = 'pip install torch "transformers>=4.56"'
 
 
 def default_data() -> str:

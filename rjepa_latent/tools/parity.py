@@ -45,7 +45,7 @@ BF16_SLACK = 1.1          # ours may be at most this times HF's own bf16 error
 BF16_FLOOR = 1e-7
 DEFAULT_TEXTS = 8
 INSTALL_HINT = ('the parity check runs HF transformers as the reference: '
-                'pip install "torch" "transformers>=4.45" (and "accelerate" for GGUF files)')
+                'pip install "torch" "transformers>=4.56" (and "accelerate" for GGUF files)')
 
 
 @dataclass
