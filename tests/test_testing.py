@@ -383,6 +383,20 @@ def test_a_downstream_project_uses_the_fixtures(project):
         assert "rjepa_gpu: " in out   # the skip says why
 
 
+def test_the_example_of_docs_testing_md_passes(project):
+    """The complete example test file of docs/testing.md, as a downstream project runs it."""
+    pytest.importorskip("torch")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    code = doc.split("```python\n")[-1].split("```")[0]
+    assert "def test_" in code and "rjepa_fake_run" in code
+    (project / "tests" / "test_with_rjepa.py").write_text(code)
+    res = _pytest(project)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    has_gpu = rl.build_info()["cuda"] and rl._native._core.cuda_device_count() > 0
+    assert ("14 passed, 1 skipped" if not has_gpu else "15 passed") in out, out
+
+
 def test_rjepa_model_option_runs_the_fixtures_on_another_checkpoint(project, tmp_path):
     other = tiny_model(tmp_path / "other.gguf", family="gemma3_text", hidden=32, heads=2,
                        kv_heads=1, format="gguf")
