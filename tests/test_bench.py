@@ -12,6 +12,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.bench import default_data
+from rjepa_latent.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [{"id": f"b{i}", "question": f"What is {i} + {i}?", "steps": [f"{i} + {i} = {2 * i}.",
@@ -32,8 +33,9 @@ def expected_tokens(model_dir, n):
     return sum(lengths[i % len(lengths)] for i in range(n))
 
 
-def test_bench_without_torch(tiny_model_dir, data, tmp_path):
-    model = tiny_model_dir("llama")
+def test_bench_without_torch(data, tmp_path):
+    # written without torch too, so this test needs none anywhere
+    model = tiny_model(tmp_path / "model", family="llama", layers=3)
     out = tmp_path / "bench.json"
     code = ("import sys; sys.modules['torch'] = None; from rjepa_latent.cli import main; "
             f"sys.exit(main(['bench', '--model', {str(model)!r}, '--data', {str(data)!r}, "

@@ -33,21 +33,16 @@ RMS_NORM_EPS = 2.0 ** -17
 MAX_POSITIONS = 1024
 SLIDING_WINDOW = 32            # the window of families that always have one (Gemma)
 DEFAULT_VOCAB = 320
-TOKENIZER_MERGED_VOCAB = 300   # byte alphabet + specials + merges learnt from the corpus
+MERGED_VOCAB = 300   # at most this many tokens are learnt (specials, bytes, merges)
 SPECIAL_TOKENS = ("<s>", "</s>")   # ids 0 (BOS, prepended to every text) and 1 (EOS)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 WEIGHT_STD = 0.2
 
 _CORPUS = (
-    "A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 35 of them.",
-    "Step 1: In total she makes 24 + 18 = 42 muffins. Step 2: 42 - 35 = 7 muffins are left.",
-    "Tom reads 12 pages every day. The book has 180 pages, so he needs 180 / 12 = 15 days.",
-    "The perimeter of a rectangle is 2 * (length + width) = 2 * (8 + 5) = 26 cm.",
-    "20% of 25 is 0.2 * 25 = 5 dollars, so the sale price is 25 - 5 = 20 dollars.",
-    "Let x be the number of apples. Then 3x + 4 = 19, so x = 5. The answer is 5.",
-    "Ana, Ben, Chen, Dara, Eli, Fatima, Goran, Hana, Ivo and Jun have apples, books, coins, "
-    "marbles, pencils, stamps, cookies and cards. Then she gets more. Next he gives away 9.",
-    "How many does she have now? How many cards does he have now?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+    "Step 1: In May she sold 48 / 2 = 24 clips. Step 2: In total she sold 48 + 24 = 72 clips.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "The answer is 10. #### 10",
 )
 
 
@@ -132,22 +127,22 @@ def hf_config(family: str = "qwen3", *, hidden: int = 64, layers: int = 2, heads
 def tokenizer(vocab: int = DEFAULT_VOCAB):
     """The tiny byte-level BPE `tokenizers.Tokenizer` of exactly `vocab`
     tokens: <s> (0, prepended to every text) and </s> (1), the 256 byte
-    symbols, merges learnt from a fixed text, then <|extra_N|> special tokens
-    up to `vocab`. Deterministic."""
+    symbols, merges learnt from a fixed text (up to MERGED_VOCAB tokens in
+    all), then special tokens <|0|>, <|1|>, ... up to `vocab`. Deterministic."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, \
         trainers
     vocab = _check_int("vocab", vocab, MIN_VOCAB)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, TOKENIZER_MERGED_VOCAB),
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab, MERGED_VOCAB),
                                   special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(list(_CORPUS) * 4, trainer)
     extra = vocab - tok.get_vocab_size()
     if extra > 0:
-        tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True, normalized=False)
+        tok.add_special_tokens([AddedToken(f"<|{i}|>", special=True, normalized=False)
                                 for i in range(extra)])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL_TOKENS[0]} $A", pair=f"{SPECIAL_TOKENS[0]} $A $B",
