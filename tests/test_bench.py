@@ -74,9 +74,9 @@ def test_bench_with_torch(tiny_model_dir, data, tmp_path, capsys):
     assert "round 2/2: HF" in captured.err
 
 
-def test_bench_no_hf_and_errors(tiny_model_dir, data, tmp_path, capsys):
+def test_bench_no_hf_and_errors(data, tmp_path, capsys):
     from rjepa_latent.cli import main
-    model = str(tiny_model_dir("llama"))
+    model = str(tiny_model(tmp_path / "model", family="llama", layers=3))
     assert main(["bench", "--model", model, "--data", str(data), "--n-seqs", "2", "--repeats", "1",
                  "--threads", "1", "--no-hf", "--no-progress"]) == 0
     c = capsys.readouterr()
