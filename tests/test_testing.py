@@ -164,6 +164,8 @@ def test_tiny_model_options_and_refusals(tmp_path):
         assert m.tokenizer.get_vocab_size() == 400 and m.hidden_states([1, 399]).shape == (2, 2, 96)
     g = tiny_model(tmp_path / "named.gguf", family="qwen2", format="gguf")
     assert g == tmp_path / "named.gguf" and g.is_file()
+    alias = tiny_model(tmp_path / "g3", family="gemma3")   # the GGUF architecture's name
+    assert json.loads((alias / "config.json").read_text())["model_type"] == "gemma3_text"
     default = tiny_model()
     assert default.is_dir() and (default / "config.json").is_file()
     for kwargs, error in [({"family": "gpt2"}, "family must be one of"),

@@ -48,8 +48,8 @@ _CORPUS = (
 
 def _family(name: str):
     from rjepa_latent import arch
-    for fam in arch.FAMILIES:
-        if name == fam.name or name in fam.hf_model_types:
+    for fam in arch.FAMILIES:   # by name, HF model_type or GGUF architecture ("gemma3")
+        if name in (fam.name, *fam.hf_model_types, fam.gguf_architecture or fam.name):
             return fam
     raise ValueError(f"family must be one of {', '.join(f.name for f in arch.FAMILIES)}; "
                      f"got {name!r}")
