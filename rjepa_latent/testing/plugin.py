@@ -3,7 +3,8 @@ pytest run where the package is installed; `-p no:rjepa_latent` turns it off.
 
 It adds only what is named `rjepa_*`, so a suite that does not use it is
 untouched: nothing is built or loaded until a test asks for a fixture, and
-this module imports nothing but pytest at load.
+loading it imports only pytest and the rjepa_latent package itself (never
+torch or transformers).
 
 Fixtures (session-scoped, built once, in pytest's temporary directory):
   rjepa_tiny_model  Path of a tiny random qwen3 HF checkpoint (`tiny_model`)
