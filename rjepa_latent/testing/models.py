@@ -71,8 +71,8 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 def hf_config(family: str = "qwen3", *, hidden: int = 64, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, vocab: int = DEFAULT_VOCAB, dtype: str = "float32") -> dict:
-    """The config.json dict of a tiny model of `family` (what HF's own config
-    class of the family writes, with every field the family reads stated)."""
+    """The config.json dict of a tiny model of `family`, stating every field
+    that HF's config class of the family and our loader read."""
     from rjepa_latent import arch
     fam = _family(family)
     hidden = _check_int("hidden", hidden, 2)
