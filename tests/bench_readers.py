@@ -3,8 +3,9 @@
     python tests/bench_readers.py [--records 20000] [--hidden 576] [--repeats 3]
 
 Builds (once, cached under $TMPDIR/rjepa-bench-readers-*) a run of N
-synthetic chains of thought (1-6 steps each) extracted with a random
-2-layer Llama of the given hidden size, exports it to Parquet and npy, then
+synthetic chains of thought (1-6 steps each) with random latents of the
+given hidden size (`rjepa_latent.testing.fake_run`: the store's own files,
+as an extraction writes them), exports it to Parquet and npy, then
 times a full pass over all latents with each reader, twice per repeat (the
 first pass warms the page cache; the second is reported). Prints records/s
 and GB/s of latent bytes per reader, median and spread over the repeats.
@@ -13,7 +14,6 @@ Not a test: numbers depend on the machine; run it on a quiet one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,31 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def build_run(root: Path, n: int, hidden: int) -> Path:
-    import torch
-    import transformers as T
-    from conftest import make_tokenizer
+    import shutil
     import rjepa_latent as rl
+    from rjepa_latent.testing import fake_run
     run = root / "run"
     if (run / "manifest.json").exists() and rl.open_latents(run).complete:
         return run
-    model_dir = root / "model"
-    if not (model_dir / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                            vocab_size=320, max_position_embeddings=1024)
-        T.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-        make_tokenizer(model_dir / "tokenizer.json")
-    data = root / "data.jsonl"
-    rng = np.random.default_rng(0)
-    with open(data, "w", encoding="utf-8") as f:
-        for i in range(n):
-            steps = [f"Step {k}: {int(rng.integers(100))} + {int(rng.integers(100))} apples."
-                     for k in range(int(rng.integers(1, 7)))]
-            f.write(json.dumps({"id": f"r{i}", "question": f"Question {i}?", "steps": steps}) + "\n")
-    rl.extract_dataset(data, str(model_dir), run, layers=[-2], shard_size=1000, progress=True,
-                       device="cpu")
-    return run
+    shutil.rmtree(run, ignore_errors=True)
+    # the readers' speed depends on the stored bytes, not on which model computed them
+    return fake_run(run, records=n, hidden=hidden, layers=[-2], num_layers=2, steps=(1, 6),
+                    shard_size=1000)
 
 
 def timed(fn) -> tuple[float, int | None]:

@@ -18,8 +18,10 @@ All: hidden 64, 3 layers, intermediate 128, vocab 320, max positions 1024.
 Weights are re-drawn ~ N(0, 0.2) (norm weights 1 + N(0, 0.2), fixed seed) so
 activations are far from zero and a wrong op shows up in every layer.
 
-The tokenizer is a byte-level BPE (vocab <= 300, trained in-process on a few
-sentences) whose post-processor prepends "<s>" like Llama's; offsets work.
+The tokenizer is `rjepa_latent.testing.tokenizer(300)`: a byte-level BPE of
+300 tokens (trained in-process on a few sentences; ids 300..319 of the model
+are free for tokens a test adds) whose post-processor prepends "<s>" like
+Llama's; offsets work.
 
 `hf_hidden_states(dir, ids)` returns HF's `output_hidden_states` for one
 sequence, float32 numpy [L+1, T, hidden], computed in fp32 with eager
@@ -40,13 +42,6 @@ VOCAB = 320
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
             rms_norm_eps=1e-5)
-
-_TOKENIZER_TEXT = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
-    "Step 1: In May she sold 48 / 2 = 24 clips. Step 2: In total she sold 48 + 24 = 72 clips.",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
-    "The answer is 10. #### 10",
-]
 
 
 def _hf_config(arch: str):
@@ -78,19 +73,14 @@ def _randomize(model, seed: int) -> None:
             p.copy_(1.0 + noise if "norm" in name else noise)
 
 
+TOKENIZER_VOCAB = 300   # below VOCAB: ids 300..319 are free for tokens a test adds
+
+
 def make_tokenizer(path: pathlib.Path) -> None:
-    """Writes a tiny byte-level BPE tokenizer.json (specials <s>=0, </s>=1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_TOKENIZER_TEXT * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 0)])
-    tok.save(str(path))
+    """Writes the tiny byte-level BPE tokenizer.json of `rjepa_latent.testing`
+    with TOKENIZER_VOCAB tokens (specials <s>=0, prepended to every text, and </s>=1)."""
+    from rjepa_latent.testing import tokenizer
+    path.write_text(tokenizer(TOKENIZER_VOCAB).to_str(), encoding="utf-8")
 
 
 def build_tiny_model(arch: str, out: pathlib.Path, shard: str = "100KB") -> pathlib.Path:

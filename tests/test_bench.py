@@ -12,6 +12,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.tools.bench import default_data
+from rjepa_latent.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [{"id": f"b{i}", "question": f"What is {i} + {i}?", "steps": [f"{i} + {i} = {2 * i}.",
@@ -32,8 +33,9 @@ def expected_tokens(model_dir, n):
     return sum(lengths[i % len(lengths)] for i in range(n))
 
 
-def test_bench_without_torch(tiny_model_dir, data, tmp_path):
-    model = tiny_model_dir("llama")
+def test_bench_without_torch(data, tmp_path):
+    # written without torch too, so this test needs none anywhere
+    model = tiny_model(tmp_path / "model", family="llama", layers=3)
     out = tmp_path / "bench.json"
     code = ("import sys; sys.modules['torch'] = None; from rjepa_latent.cli import main; "
             f"sys.exit(main(['bench', '--model', {str(model)!r}, '--data', {str(data)!r}, "
@@ -72,9 +74,9 @@ def test_bench_with_torch(tiny_model_dir, data, tmp_path, capsys):
     assert "round 2/2: HF" in captured.err
 
 
-def test_bench_no_hf_and_errors(tiny_model_dir, data, tmp_path, capsys):
+def test_bench_no_hf_and_errors(data, tmp_path, capsys):
     from rjepa_latent.cli import main
-    model = str(tiny_model_dir("llama"))
+    model = str(tiny_model(tmp_path / "model", family="llama", layers=3))
     assert main(["bench", "--model", model, "--data", str(data), "--n-seqs", "2", "--repeats", "1",
                  "--threads", "1", "--no-hf", "--no-progress"]) == 0
     c = capsys.readouterr()

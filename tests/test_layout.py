@@ -31,8 +31,12 @@ ALLOWED = {
     "tools": {"run", "inputs", "engine", "store", "checkpoints", "core"},
     "api": {"integrations", "tools", "run", "inputs", "engine", "store", "checkpoints", "core"},
     "cli": {"api", "integrations", "tools", "run", "inputs", "engine", "store", "checkpoints", "core"},
+    # helpers for users' test suites (and the pytest plugin): they use the
+    # public API like a user would, and nothing in the package imports them
+    "testing": {"api", "integrations", "tools", "run", "inputs", "engine", "store", "checkpoints",
+                "core"},
 }
-STAGES = {"checkpoints", "engine", "inputs", "store", "run", "integrations", "tools"}
+STAGES = {"checkpoints", "engine", "inputs", "store", "run", "integrations", "tools", "testing"}
 CORE = {"errors", "_native", "_core"}
 API = {"__init__", "torch", "ray", "default_model"}
 
@@ -51,6 +55,7 @@ PUBLIC = {
     "rjepa_latent.default_model": ["DEFAULT_MODEL_FILE", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PACKAGE",
                                    "INSTALL_COMMAND", "DefaultModelMissing", "default_model_path"],
     "rjepa_latent.cli": ["main", "SUBCOMMANDS"],
+    "rjepa_latent.testing": ["tiny_model", "fake_run", "sample_records", "assert_latents_close"],
 }
 
 

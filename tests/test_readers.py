@@ -11,6 +11,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent.store import read as rl_read
+from rjepa_latent.testing import fake_run
 
 torch = pytest.importorskip("torch")
 pa = pytest.importorskip("pyarrow")
@@ -19,28 +20,15 @@ datasets = pytest.importorskip("datasets")
 from rjepa_latent.torch import LatentDataset, StepPairs, collate_steps  # noqa: E402
 
 
-def _records(n=10):
-    out = []
-    for i in range(n):
-        steps = [f"Step {k}: {i} + {k} = {i + k} apples." for k in range(1 + i % 4)]
-        out.append({"id": f"r{i}", "question": f"Question {i}: how many?", "steps": steps,
-                    "source": "synthetic", "difficulty": i % 3})
-    return out
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
+def runs(tmp_path_factory):
+    """Runs of 10 records (1 to 4 steps each), layers [-2, -1, 1] of 3, 3 records per
+    shard, in each stored dtype: the readers must return what open_latents returns, so
+    random latents written by the store itself (fake_run) serve as well as a model's."""
     tmp = tmp_path_factory.mktemp("readers")
-    data = tmp / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
-    m = rl.Model(tiny_model_dir("llama"), device="cpu")
-    out = {}
-    for dtype in ("float32", "bfloat16", "float16"):
-        run = tmp / f"run-{dtype}"
-        rl.extract_dataset(data, m, run, layers=[-2, -1, 1], dtype=dtype, shard_size=3, progress=False)
-        out[dtype] = run
-    m.close()
-    return out
+    return {dtype: fake_run(tmp / f"run-{dtype}", records=10, layers=[-2, -1, 1], num_layers=3,
+                            steps=(1, 4), dtype=dtype, shard_size=3)
+            for dtype in ("float32", "bfloat16", "float16")}
 
 
 def _reference(run, layer_pos):
@@ -73,7 +61,7 @@ def test_collate_pads_and_masks(runs):
     n = [ds[i]["num_steps"] for i in range(4)]
     assert batch["latents"].shape == (4, max(n), 64) and batch["mask"].dtype == torch.bool
     assert batch["mask"].sum(1).tolist() == n and batch["num_steps"].tolist() == n
-    assert batch["id"] == ["r0", "r1", "r2", "r3"]
+    assert batch["id"] == rl.open_latents(runs["float32"]).ids[:4]
     assert (batch["latents"][~batch["mask"]] == 0).all()
     np.testing.assert_array_equal(batch["latents"][2, :n[2]].numpy(), ds[2]["latents"].numpy())
 
@@ -82,7 +70,7 @@ def test_dataloader_with_workers(runs):
     ds = LatentDataset(runs["float32"], layer=-2)
     dl = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_steps)
     seen = [i for b in dl for i in b["id"]]
-    assert seen == [f"r{i}" for i in range(10)]
+    assert seen == rl.open_latents(runs["float32"]).ids
     pairs = torch.utils.data.DataLoader(StepPairs(runs["float32"]), batch_size=4, num_workers=2)
     assert sum(len(b["id"]) for b in pairs) == len(StepPairs(runs["float32"]))
 
