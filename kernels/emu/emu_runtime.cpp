@@ -43,6 +43,7 @@
 #include "emu_internal.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define RL_EMU_ASAN 1
 #endif
@@ -418,6 +419,11 @@ bool BlockRunner::run(const std::function<void()> *fn, const char *name, dim3 gr
     }
     for (int i = 0; i < n; i++) {
         EmuFiber &f = fibers[i];
+#ifdef RL_EMU_ASAN
+        // a reused stack keeps the redzones of frames abandoned there; the
+        // frames instrumented code builds set their own, the first one is ours
+        __asan_unpoison_memory_region(f.stack + f.stack_size - 8192, 8192);
+#endif
         f.tc.thread_idx = uint3{(unsigned)i % block.x, (unsigned)i / block.x % block.y,
                                 (unsigned)i / (block.x * block.y)};
         f.tc.block_idx = bidx;
