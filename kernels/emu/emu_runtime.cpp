@@ -247,7 +247,7 @@ struct Scheduling {
     Order order = ORDER_FORWARD;
     uint64_t seed = 0;
 };
-const Scheduling &scheduling()
+Scheduling &scheduling()
 {
     static Scheduling s = [] {
         Scheduling r;
@@ -434,7 +434,7 @@ bool BlockRunner::run(const std::function<void()> *fn, const char *name, dim3 gr
         f.state = F_READY;
         fiber_prepare(&f.ctx, f.stack, f.stack_size, fiber_entry);
     }
-    const Scheduling &sch = scheduling();
+    const Scheduling sch = scheduling();
     order.resize(n);
     for (int i = 0; i < n; i++) order[i] = sch.order == ORDER_REVERSE ? n - 1 - i : i;
     if (sch.order == ORDER_SHUFFLE)
@@ -540,6 +540,12 @@ private:
 };
 
 } // namespace
+
+void set_order(int order, uint64_t seed)
+{
+    scheduling().order = order == 1 ? ORDER_REVERSE : order == 2 ? ORDER_SHUFFLE : ORDER_FORWARD;
+    scheduling().seed = seed;
+}
 
 // ---------------------------------------------------------------------------
 // device-side entry points (called from kernel code)
