@@ -67,3 +67,35 @@ def test_forward_matches_the_cpu_engine(tiny_model_dir, monkeypatch, arch, dtype
         assert got.shape == ref.shape and np.isfinite(got).all()
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert err <= bound, err
+
+
+def test_emulated_counters_see_a_forward_and_no_device_memory_leaks(tiny_model_dir):
+    """On the emulated device only: its counters (what tests of sync counts
+    read) see the forward's launches, GEMMs and syncs, and close() gives
+    back every byte of device memory."""
+    rl = _cuda_or_skip()
+    if "emulated" not in rl.build_info()["cuda_arch"]:
+        pytest.skip("not the emulated device")
+    import ctypes as C
+
+    from rjepa_latent import _core
+    from test_emu_device import Counters
+    lib = C.CDLL(_core.__file__)
+    lib.rl_emu_get_counters.argtypes, lib.rl_emu_get_counters.restype = [C.c_void_p], None
+
+    def now() -> Counters:
+        c = Counters()
+        lib.rl_emu_get_counters(C.byref(c))
+        return c
+
+    before = now()
+    m = rl.Model(str(tiny_model_dir("llama")), device="cuda")
+    loaded = now()
+    assert loaded.device_bytes_in_use > before.device_bytes_in_use
+    out = m.extract([ids_of(70, 1), ids_of(9, 2)], layers=(-1,), pooling="mean")
+    after = now()
+    assert after.launches > loaded.launches and after.gemms > loaded.gemms
+    assert after.stream_syncs + after.event_syncs > loaded.stream_syncs + loaded.event_syncs
+    m.close()
+    assert now().device_bytes_in_use == before.device_bytes_in_use
+    assert all(np.isfinite(np.asarray(o)).all() for o in out)
