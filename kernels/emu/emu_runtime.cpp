@@ -20,7 +20,9 @@
 //   (default), reverse or shuffle[:seed] sets the order threads run in
 //   between barriers, so a missing barrier changes results.
 // - Errors are sticky like a real device fault: after one, every call
-//   returns it and queued work is dropped.
+//   returns it and queued work is dropped. RJEPA_EMU_FAULT_KERNEL=<text>
+//   makes the first launch of a kernel whose name holds <text> fault (an
+//   illegal address), for tests of how faults are reported.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -769,9 +771,19 @@ cudaError_t rl_emu::launch(const char *name, dim3 grid, dim3 block, size_t smem,
     CUstream_st *st = stream_of(s);
     if (!st) return fail(cudaErrorInvalidResourceHandle);
     g_count.launches++;
+    // RJEPA_EMU_FAULT_KERNEL=<text>: the first launch whose kernel name holds
+    // <text> faults as an illegal address would (for tests of fault handling)
+    static const char *fault_at = getenv("RJEPA_EMU_FAULT_KERNEL");
+    static std::atomic<bool> fault_done{false};
+    const bool inject = fault_at && *fault_at && strstr(name, fault_at) && !fault_done.exchange(true);
     auto fn = std::make_shared<std::function<void()>>(std::move(body));
-    st->push([fn, name, grid, block] {
+    st->push([fn, name, grid, block, inject] {
         if (sticky()) return; // a faulted device runs nothing more
+        if (inject) {
+            diagnose("kernel %s: fault injected by RJEPA_EMU_FAULT_KERNEL", name);
+            set_sticky(cudaErrorIllegalAddress);
+            return;
+        }
         GridJob job;
         job.body = fn.get();
         job.name = name;
