@@ -2,7 +2,11 @@
 available, the CUDA backend (kernels/*.cu) compiled by nvcc and linked in.
 
 CUDA is looked for in $CUDA_HOME, then as `nvcc` on PATH. RJEPA_CUDA=0 forces
-a CPU-only build, RJEPA_CUDA=1 makes a missing nvcc an error. RJEPA_WERROR=1
+a CPU-only build, RJEPA_CUDA=1 makes a missing nvcc an error. RJEPA_CUDA=emu
+builds the emulated device, for testing only: the same kernels/*.cu and CUDA
+backend compiled by the host C++ compiler against kernels/emu (an emulated
+CUDA runtime, block/warp execution and a CPU cuBLAS stand-in), so
+device="cuda" runs on the CPU; it needs no CUDA toolkit. RJEPA_WERROR=1
 (CI) turns compiler warnings into errors. cuBLAS is not linked: the CUDA
 backend loads it at run time (kernels/cublas_loader.c), so the extension
 imports on machines with the toolkit but no driver, GPU or cuBLAS.
@@ -18,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -25,6 +30,11 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CUDA_ARCHS = ("80", "90", "90a")
+EMU_ARCH = "emulated sm_90 on the CPU, for testing only"
+
+
+def emulated() -> bool:
+    return os.environ.get("RJEPA_CUDA", "").strip().lower() == "emu"
 
 
 def nvcc_top(nvcc):
@@ -89,8 +99,14 @@ class BuildExt(build_ext):
     """Compiles kernels/*.cu with nvcc first and links the objects in."""
 
     def build_extension(self, ext):
-        cuda_home = find_cuda_home()
+        # an extension built in another mode (emulated or not) in the same build
+        # tree is never reused: its objects and .so are not up to date for this one
+        mode_file = Path(self.build_temp) / "rjepa-cuda-mode"
+        mode = "emu" if emulated() else "native"
+        if not mode_file.exists() or mode_file.read_text() != mode:
+            self.force = True
         werror = os.environ.get("RJEPA_WERROR") == "1"
+        cuda_home = None if emulated() else find_cuda_home()
         # -ffp-contract=off: no fused multiply-adds the source did not write
         # (the builtin GEMM's bits must not depend on the target's FMA)
         ext.extra_compile_args = ["-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", "-Wall",
@@ -99,7 +115,16 @@ class BuildExt(build_ext):
         if werror:
             ext.extra_compile_args.append("-Werror")
         ext.extra_link_args = ["-fopenmp"]
-        if cuda_home:
+        if emulated():
+            print("rjepa_latent: RJEPA_CUDA=emu: building the emulated CUDA device (kernels/*.cu "
+                  "and the CUDA backend on the CPU, for testing only)", file=sys.stderr)
+            ext.extra_objects = list(ext.extra_objects or []) + self.compile_emulated(werror)
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("RL_WITH_CUDA", "1"), ("RL_CUDA_EMULATED", "1"),
+                ("RL_CUDA_ARCHS", '"' + EMU_ARCH + '"')]
+            ext.include_dirs.insert(0, str(ROOT / "kernels" / "emu" / "include"))
+            ext.extra_link_args += ["-lstdc++", "-lpthread"]
+        elif cuda_home:
             print(f"rjepa_latent: CUDA toolkit found at {cuda_home}: compiling the CUDA backend "
                   f"(kernels/*.cu for {', '.join('sm_' + a for a in CUDA_ARCHS)}), which takes "
                   "much longer than the CPU engine alone (about a minute on 2 cores); to skip it, install with RJEPA_CUDA=0 "
@@ -118,6 +143,29 @@ class BuildExt(build_ext):
             ext.extra_link_args += [str(libdir / "libcudart_static.a"), "-ldl", "-lrt",
                                     "-lpthread", "-lstdc++"]
         super().build_extension(ext)
+        mode_file.parent.mkdir(parents=True, exist_ok=True)
+        mode_file.write_text(mode)
+
+    def compile_emulated(self, werror, extra_flags=()):
+        """kernels/*.cu (as C++) and kernels/emu/*.cpp with the host C++ compiler,
+        two at a time; returns the objects."""
+        cxx = os.environ.get("CXX", "g++")
+        out_dir = Path(self.build_temp) / "kernels-emu"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        flags = emulated_cxx_flags(werror) + list(extra_flags)
+        srcs = sorted((ROOT / "kernels").glob("*.cu")) + sorted((ROOT / "kernels" / "emu").glob("*.cpp"))
+        cmds, objs = [], []
+        for src in srcs:
+            obj = out_dir / (src.stem + ".o")
+            lang = ["-x", "c++"] if src.suffix == ".cu" else []
+            cmds.append([cxx, *lang, "-c", str(src), "-o", str(obj), *flags])
+            objs.append(str(obj))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for cmd, rc in zip(cmds, pool.map(lambda c: subprocess.call(c), cmds)):
+                print(" ".join(cmd), file=sys.stderr)
+                if rc != 0:
+                    sys.exit("rjepa_latent: the emulated device build failed: " + " ".join(cmd))
+        return objs
 
     def compile_cuda(self, cuda_home, werror):
         nvcc = str(Path(cuda_home) / "bin" / "nvcc")
@@ -176,6 +224,17 @@ def ptxas_spills(text):
                      for n in out.stdout.splitlines()]
     return [f"{n} {arch}: {regs} registers, {spill} bytes spilled"
             for n, (_, arch, regs, spill) in zip(names, rows)]
+
+
+def emulated_cxx_flags(werror: bool) -> list:
+    """Host C++ flags of the emulated device's objects (also used by the op test)."""
+    flags = ["-std=c++20", "-O2", "-fPIC", "-fopenmp", "-DRL_WITH_CUDA=1", "-DRL_CUDA_EMULATED=1",
+             "-I", str(ROOT / "kernels" / "emu" / "include"), "-I", str(ROOT / "kernels" / "emu"),
+             "-I", str(ROOT / "kernels"), "-I", str(ROOT / "csrc"), "-Wall", "-Wextra",
+             "-Wno-unused-parameter", "-Wno-unknown-pragmas"]  # `#pragma unroll` is nvcc's
+    if werror:
+        flags.append("-Werror")
+    return flags
 
 
 def package_version() -> str:

@@ -17,7 +17,7 @@
  *   4. $CUDA_HOME/lib64, /usr/local/cuda/lib64.
  * libcublas.so carries RPATH $ORIGIN, so its libcublasLt is found beside it.
  */
-#ifdef RL_WITH_CUDA
+#if defined(RL_WITH_CUDA) && !defined(RL_CUDA_EMULATED) /* emulated: kernels/emu/emu_cublas.cpp */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <dlfcn.h>
@@ -234,6 +234,6 @@ void rl_cublas_unload(rl_cublas_api *api)
     api->lib = NULL;
 }
 
-#else  /* !RL_WITH_CUDA */
+#else  /* !RL_WITH_CUDA or emulated */
 typedef int rl_cublas_loader_unused_; /* ISO C forbids an empty translation unit */
 #endif /* RL_WITH_CUDA */

@@ -37,25 +37,74 @@
 //   Attention is <1% of the FLOPs at 150-400 tokens per sequence.
 // - Launchers return cudaGetLastError() right after the launch so every
 //   launch is checked by the caller's CU_CHECK.
+// - One source for nvcc and for the host compiler (the emulated device of
+//   RJEPA_CUDA=emu, kernels/emu): launches go through RL_LAUNCH, the two
+//   inline-asm warp operations have an emulated body, and no value is read
+//   through a pointer to another type: bit casts and vector moves are
+//   memcpy of aligned addresses (one 16-byte access under nvcc), so neither
+//   compiler's aliasing rules can change the results.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cuda_internal.h"
 
 typedef __nv_bfloat16 bf16;
 
+// RL_LAUNCH(grid, block, smem, stream, kernel)(args...) is
+// kernel<<<grid, block, smem, stream>>>(args...); the emulated device's
+// cuda_runtime.h defines it as a call of its launcher.
+#ifndef RL_LAUNCH
+#define RL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#endif
+
 namespace {
+
+// The bits of `from` as a To (no aliasing: memcpy of a local, a register move).
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(const From &from)
+{
+    static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+    To to;
+    memcpy(static_cast<void *>(&to), static_cast<const void *>(&from), sizeof(To));
+    return to;
+}
+// A V (uint4, float4, uint32_t) at p, which is sizeof(V)-aligned: one vector
+// access. nvcc lowers memcpy to byte moves whatever the alignment, so its
+// device pass keeps the typed vector access it has always compiled (the
+// CUDA idiom, which nvcc supports); the host compiler of the emulated device
+// gets the memcpy, which has no aliasing rule to break.
+template <typename V>
+__device__ __forceinline__ V load_vec(const void *p)
+{
+#ifdef __CUDA_ARCH__
+    return *static_cast<const V *>(p);
+#else
+    V v;
+    memcpy(static_cast<void *>(&v), __builtin_assume_aligned(p, sizeof(V)), sizeof(V));
+    return v;
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(void *p, const V &v)
+{
+#ifdef __CUDA_ARCH__
+    *static_cast<V *>(p) = v;
+#else
+    memcpy(__builtin_assume_aligned(p, sizeof(V)), static_cast<const void *>(&v), sizeof(V));
+#endif
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ void unpack8(const uint4 &v, float *f)
 {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        float2 p = __bfloat1622float2(h[k]);
+        float2 p = __bfloat1622float2(bit_cast<__nv_bfloat162>(w[k]));
         f[2 * k] = p.x;
         f[2 * k + 1] = p.y;
     }
@@ -63,11 +112,11 @@ __device__ __forceinline__ void unpack8(const uint4 &v, float *f)
 
 __device__ __forceinline__ uint4 pack8(const float *f)
 {
-    uint4 v;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&v);
+    uint32_t w[4];
 #pragma unroll
-    for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
-    return v;
+    for (int k = 0; k < 4; k++)
+        w[k] = bit_cast<uint32_t>(__floats2bfloat162_rn(f[2 * k], f[2 * k + 1]));
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 __device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
@@ -82,11 +131,11 @@ __device__ __forceinline__ float from_f<float>(float v) { return v; }
 // 8 consecutive elements (16-byte aligned) <-> f32: one uint4 of bf16 or two of float
 __device__ __forceinline__ void load8(const bf16 *p, float *f)
 {
-    unpack8(*reinterpret_cast<const uint4 *>(p), f);
+    unpack8(load_vec<uint4>(p), f);
 }
 __device__ __forceinline__ void load8(const float *p, float *f)
 {
-    const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    const float4 a = load_vec<float4>(p), b = load_vec<float4>(p + 4);
     f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
     f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
@@ -94,27 +143,27 @@ __device__ __forceinline__ void load8(const float *p, float *f)
 __device__ __forceinline__ void load8_or_zero(const bf16 *p, bool valid, float *f)
 {
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (valid) v = *reinterpret_cast<const uint4 *>(p);
+    if (valid) v = load_vec<uint4>(p);
     unpack8(v, f);
 }
 __device__ __forceinline__ void load8_or_zero(const float *p, bool valid, float *f)
 {
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
     if (valid) {
-        a = reinterpret_cast<const float4 *>(p)[0];
-        b = reinterpret_cast<const float4 *>(p)[1];
+        a = load_vec<float4>(p);
+        b = load_vec<float4>(p + 4);
     }
     f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
     f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 __device__ __forceinline__ void store8(bf16 *p, const float *f)
 {
-    *reinterpret_cast<uint4 *>(p) = pack8(f);
+    store_vec(p, pack8(f));
 }
 __device__ __forceinline__ void store8(float *p, const float *f)
 {
-    reinterpret_cast<float4 *>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-    reinterpret_cast<float4 *>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    store_vec(p, make_float4(f[0], f[1], f[2], f[3]));
+    store_vec(p + 4, make_float4(f[4], f[5], f[6], f[7]));
 }
 
 __device__ __forceinline__ float warp_sum(float v)
@@ -189,9 +238,8 @@ __device__ __forceinline__ float row_sumsq(const float *xr, int64_t d, int vec)
 {
     float ss = 0.0f;
     if (vec) {
-        const float4 *x4 = reinterpret_cast<const float4 *>(xr);
         for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
-            float4 v = x4[i];
+            const float4 v = load_vec<float4>(xr + 4 * i);
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
         }
     } else {
@@ -238,7 +286,7 @@ template <int OUT, typename X, typename W>
 void launch_rmsnorm(cudaStream_t s, const X *x, const W *w, float w_off, void *y, int64_t rows,
                     int64_t d, float eps, int vec)
 {
-    k_rmsnorm<OUT, X, W><<<(unsigned)rows, 256, 0, s>>>(x, w, w_off, y, d, eps, vec);
+    RL_LAUNCH((unsigned)rows, 256, 0, s, k_rmsnorm<OUT, X, W>)(x, w, w_off, y, d, eps, vec);
 }
 
 template <typename X, typename W>
@@ -372,6 +420,7 @@ struct AttnCfg {
     static constexpr int BK_FIT = 16384 / (int)sizeof(T) / HD / JB * JB;
     static constexpr int BK = BK_FIT < 64 ? BK_FIT : 64;
     static constexpr int U4 = 8 * (int)sizeof(T) / 16;         // uint4 per 8-wide chunk
+    static constexpr int EPU = 16 / (int)sizeof(T);             // elements per uint4
     static_assert(BK >= JB, "key tile too small");
     static_assert(HD % 8 == 0, "head dim must be a multiple of 8");
     static_assert(BK % JB == 0, "key tile must be a multiple of the softmax block");
@@ -428,11 +477,11 @@ k_attention(const T *__restrict__ qkv, T *__restrict__ out,
             for (int u = 0; u < C::U4; u++) { // one 8-wide chunk: U4 uint4 words
                 uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
                 if (k0 + j < kv_end) {
-                    kv = reinterpret_cast<const uint4 *>(kbase + (int64_t)(k0 + j) * stride + c * 8)[u];
-                    vv = reinterpret_cast<const uint4 *>(vbase + (int64_t)(k0 + j) * stride + c * 8)[u];
+                    kv = load_vec<uint4>(kbase + (int64_t)(k0 + j) * stride + c * 8 + u * C::EPU);
+                    vv = load_vec<uint4>(vbase + (int64_t)(k0 + j) * stride + c * 8 + u * C::EPU);
                 }
-                reinterpret_cast<uint4 *>(sK)[i * C::U4 + u] = kv;
-                reinterpret_cast<uint4 *>(sV)[i * C::U4 + u] = vv;
+                store_vec(sK + (i * C::U4 + u) * C::EPU, kv);
+                store_vec(sV + (i * C::U4 + u) * C::EPU, vv);
             }
         }
         __syncthreads();
@@ -505,7 +554,7 @@ cudaError_t launch_attention(cudaStream_t s, const T *qkv, T *out, const int32_t
     const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
     if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
     dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
-    k_attention<HD, T><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, score);
+    RL_LAUNCH(grid, C::THREADS, 0, s, k_attention<HD, T>)(qkv, out, cu, (int)nh, (int)nkv, score);
     return cudaGetLastError();
 }
 
@@ -520,30 +569,37 @@ cudaError_t launch_attention(cudaStream_t s, const T *qkv, T *out, const int32_t
 __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
                                                uint32_t b1)
 {
+#ifdef RL_EMU_DEVICE
+    ::rl_emu::mma_m16n8k16_bf16(c, a, b0, b1, __LINE__);
+#else
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two 8x8 b16 matrices, transposed: lanes 0-7 give the row addresses of the
 // first, lanes 8-15 of the second; lane l gets (row 2(l%4), 2(l%4)+1; col l/4).
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t &r0, uint32_t &r1, const bf16 *p)
 {
+#ifdef RL_EMU_DEVICE
+    ::rl_emu::ldmatrix_x2_trans(r0, r1, p, __LINE__);
+#else
     const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                  : "=r"(r0), "=r"(r1)
                  : "r"(addr)
                  : "memory");
+#endif
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi)
 {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (low half) = lo
-    return *reinterpret_cast<uint32_t *>(&h);
+    return bit_cast<uint32_t>(__floats2bfloat162_rn(lo, hi)); // .x (low half) = lo
 }
 
-__device__ __forceinline__ uint32_t ld_u32(const bf16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+__device__ __forceinline__ uint32_t ld_u32(const bf16 *p) { return load_vec<uint32_t>(p); }
 
 template <int HD>
 struct MmaCfg {
@@ -610,11 +666,11 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
             const int j = i / (HD / 8), c = (i % (HD / 8)) * 8;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (k0 + j < kv_end) {
-                kv = *reinterpret_cast<const uint4 *>(kbase + (int64_t)(k0 + j) * stride + c);
-                vv = *reinterpret_cast<const uint4 *>(vbase + (int64_t)(k0 + j) * stride + c);
+                kv = load_vec<uint4>(kbase + (int64_t)(k0 + j) * stride + c);
+                vv = load_vec<uint4>(vbase + (int64_t)(k0 + j) * stride + c);
             }
-            *reinterpret_cast<uint4 *>(sK + j * C::LDS + c) = kv;
-            *reinterpret_cast<uint4 *>(sV + j * C::LDS + c) = vv;
+            store_vec(sK + j * C::LDS + c, kv);
+            store_vec(sV + j * C::LDS + c, vv);
         }
         __syncthreads();
         // warp-uniform: every key of this tile is masked (after the last query, or left
@@ -696,9 +752,9 @@ k_attention_mma(const bf16 *__restrict__ qkv, bf16 *__restrict__ out,
 #pragma unroll
     for (int dt = 0; dt < C::DT; dt++) {
         if (r0 < len)
-            *reinterpret_cast<uint32_t *>(o_r0 + dt * 8) = pack_bf16x2(o[dt][0] * inv0, o[dt][1] * inv0);
+            store_vec(o_r0 + dt * 8, pack_bf16x2(o[dt][0] * inv0, o[dt][1] * inv0));
         if (r1 < len)
-            *reinterpret_cast<uint32_t *>(o_r1 + dt * 8) = pack_bf16x2(o[dt][2] * inv1, o[dt][3] * inv1);
+            store_vec(o_r1 + dt * 8, pack_bf16x2(o[dt][2] * inv1, o[dt][3] * inv1));
     }
 }
 
@@ -711,7 +767,7 @@ cudaError_t launch_attention_mma(cudaStream_t s, const bf16 *qkv, bf16 *out, con
     const int64_t tiles = (max_seqlen + C::BQ - 1) / C::BQ;
     if (n_seqs > 0x7fffffff || tiles > 65535 || nh > 65535) return cudaErrorInvalidConfiguration;
     dim3 grid((unsigned)n_seqs, (unsigned)tiles, (unsigned)nh);
-    k_attention_mma<HD><<<grid, C::THREADS, 0, s>>>(qkv, out, cu, (int)nh, (int)nkv, score);
+    RL_LAUNCH(grid, C::THREADS, 0, s, k_attention_mma<HD>)(qkv, out, cu, (int)nh, (int)nkv, score);
     return cudaGetLastError();
 }
 
@@ -760,7 +816,7 @@ template <int ACT, typename E>
 void launch_glu(cudaStream_t s, const E *gu, E *out, int64_t T, int64_t ff, int vec)
 {
     const int64_t n = vec ? T * (ff / 8) : T * ff;
-    k_glu<ACT, E><<<grid_for(n, 256), 256, 0, s>>>(gu, out, T, ff, vec);
+    RL_LAUNCH(grid_for(n, 256), 256, 0, s, k_glu<ACT, E>)(gu, out, T, ff, vec);
 }
 
 // ---- cast: dst[i] = src[i] between f32 and bf16 (round to nearest even) ------
@@ -843,10 +899,10 @@ cudaError_t rl_k_embed(cudaStream_t s, const int32_t *tokens, int64_t T, const v
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const int vec = d % 8 == 0 && aligned16(table) && aligned16(x);
     if (table_f32)
-        k_embed<float><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const float *>(table), d,
+        RL_LAUNCH((unsigned)T, 128, 0, s, k_embed<float>)(tokens, static_cast<const float *>(table), d,
                                                     scale, x, vec);
     else
-        k_embed<bf16><<<(unsigned)T, 128, 0, s>>>(tokens, static_cast<const bf16 *>(table), d,
+        RL_LAUNCH((unsigned)T, 128, 0, s, k_embed<bf16>)(tokens, static_cast<const bf16 *>(table), d,
                                                    scale, x, vec);
     return cudaGetLastError();
 }
@@ -872,10 +928,10 @@ cudaError_t rl_k_bias_rows(cudaStream_t s, void *y, int y_f32, const void *bias,
 {
     if (bias_f32 && !y_f32) return cudaErrorInvalidValue; // no f32 bias into bf16 y
     if (bias_f32)
-        k_bias_rows<float><<<grid_for(M * N, 256), 256, 0, s>>>(
+        RL_LAUNCH(grid_for(M * N, 256), 256, 0, s, k_bias_rows<float>)(
             y, y_f32, static_cast<const float *>(bias), M, N, add);
     else
-        k_bias_rows<bf16><<<grid_for(M * N, 256), 256, 0, s>>>(
+        RL_LAUNCH(grid_for(M * N, 256), 256, 0, s, k_bias_rows<bf16>)(
             y, y_f32, static_cast<const bf16 *>(bias), M, N, add);
     return cudaGetLastError();
 }
@@ -887,11 +943,11 @@ cudaError_t rl_k_qk_norm_rope(cudaStream_t s, void *qkv, int f32, int64_t T, int
 {
     if (T > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (f32)
-        k_qk_norm_rope<float><<<(unsigned)T, 128, 0, s>>>(
+        RL_LAUNCH((unsigned)T, 128, 0, s, k_qk_norm_rope<float>)(
             static_cast<float *>(qkv), nh, nkv, hd, static_cast<const float *>(q_norm),
             static_cast<const float *>(k_norm), whole, w_off, eps, inv_freq, positions);
     else
-        k_qk_norm_rope<bf16><<<(unsigned)T, 128, 0, s>>>(
+        RL_LAUNCH((unsigned)T, 128, 0, s, k_qk_norm_rope<bf16>)(
             static_cast<bf16 *>(qkv), nh, nkv, hd, static_cast<const bf16 *>(q_norm),
             static_cast<const bf16 *>(k_norm), whole, w_off, eps, inv_freq, positions);
     return cudaGetLastError();
@@ -964,13 +1020,13 @@ cudaError_t rl_k_cast(cudaStream_t s, const void *src, int src_f32, void *dst, i
     if (n <= 0) return cudaSuccess;
     const unsigned g = grid_for(n, 256);
     if (src_f32 && dst_f32)
-        k_cast<float, float><<<g, 256, 0, s>>>(static_cast<const float *>(src), static_cast<float *>(dst), n);
+        RL_LAUNCH(g, 256, 0, s, k_cast<float, float>)(static_cast<const float *>(src), static_cast<float *>(dst), n);
     else if (src_f32)
-        k_cast<float, bf16><<<g, 256, 0, s>>>(static_cast<const float *>(src), static_cast<bf16 *>(dst), n);
+        RL_LAUNCH(g, 256, 0, s, k_cast<float, bf16>)(static_cast<const float *>(src), static_cast<bf16 *>(dst), n);
     else if (dst_f32)
-        k_cast<bf16, float><<<g, 256, 0, s>>>(static_cast<const bf16 *>(src), static_cast<float *>(dst), n);
+        RL_LAUNCH(g, 256, 0, s, k_cast<bf16, float>)(static_cast<const bf16 *>(src), static_cast<float *>(dst), n);
     else
-        k_cast<bf16, bf16><<<g, 256, 0, s>>>(static_cast<const bf16 *>(src), static_cast<bf16 *>(dst), n);
+        RL_LAUNCH(g, 256, 0, s, k_cast<bf16, bf16>)(static_cast<const bf16 *>(src), static_cast<bf16 *>(dst), n);
     return cudaGetLastError();
 }
 
@@ -979,9 +1035,9 @@ cudaError_t rl_k_pool(cudaStream_t s, const void *x, int x_f32, int64_t d, const
 {
     if (S > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (x_f32)
-        k_pool<float><<<(unsigned)S, 256, 0, s>>>(static_cast<const float *>(x), d, spans, mode, out);
+        RL_LAUNCH((unsigned)S, 256, 0, s, k_pool<float>)(static_cast<const float *>(x), d, spans, mode, out);
     else
-        k_pool<bf16><<<(unsigned)S, 256, 0, s>>>(static_cast<const bf16 *>(x), d, spans, mode, out);
+        RL_LAUNCH((unsigned)S, 256, 0, s, k_pool<bf16>)(static_cast<const bf16 *>(x), d, spans, mode, out);
     return cudaGetLastError();
 }
 

@@ -47,7 +47,8 @@ def _require_gpu():
         pytest.skip("no CUDA device")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA")
+        # so also on the emulated device (RJEPA_CUDA=emu): these references run on torch's GPU
+        pytest.skip("torch has no CUDA (the HF references of these tests run on torch's GPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return torch
