@@ -464,6 +464,11 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     e_hid = np.max([_rel(o, r) for o, r in zip(hidden, ref)], axis=0)
     e_pool = np.max([_rel(o, _pool(r, it.spans, pooling)) for o, r, it in zip(pooled, ref, items)], axis=0)
     e16 = None if hf16 is None else np.max([_rel(h, r) for h, r in zip(hf16, ref)], axis=0)
+    if hf16 is not None:
+        # HF bf16's own error pooled as ours is: a mean of bf16-rounded rows can
+        # be further from the reference's mean than any row (layer 0: the embeddings)
+        e16 = np.maximum(e16, np.max([_rel(_pool(h, it.spans, pooling), _pool(r, it.spans, pooling))
+                                      for h, r, it in zip(hf16, ref, items)], axis=0))
     rows = []
     for j, k in enumerate(lays):
         bound = fixed if e16 is None else BF16_SLACK * float(e16[j]) + BF16_FLOOR

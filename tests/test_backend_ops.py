@@ -12,6 +12,13 @@ comment says what each mode compares and with which bounds.
   device, skips with exit status 77 and the reason.
 - test_cuda_ops (marked `gpu`; skipped cleanly without a CUDA device): every
   CUDA op in the bf16 and f32 storage modes against the CPU op.
+- test_emulated_cuda_ops (CI, every push; needs only g++): the same CUDA mode
+  on the emulated device (kernels/emu: the real kernels/*.cu and CUDA backend
+  compiled by the host C++ compiler, blocks and warps emulated on the CPU),
+  so every CUDA op and both attention kernels run without a GPU.
+- test_emulated_cuda_ops_sanitized (CI): the same, built with AddressSanitizer
+  and UndefinedBehaviorSanitizer (kernels, backend, engine and emulator), so
+  an out-of-bounds access or undefined behaviour in a kernel fails it.
 
 The binaries are compiled once per session into a temporary directory (or
 $RJEPA_OPS_BINDIR), from the sources, include dirs, macros and libraries of
@@ -128,7 +135,10 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 def _compile(out: Path, cuda_home: Path | None, gencode: list[str] = CUDA_GENCODE) -> Path:
     """Builds the test binary (CUDA variant when cuda_home is given, its
-    kernels compiled for `gencode`)."""
+    kernels compiled for `gencode`; the emulated device's with cuda_home "emu"
+    or "emu-sanitized")."""
+    if cuda_home in ("emu", "emu-sanitized"):
+        return _compile_emulated(out, sanitize=cuda_home == "emu-sanitized")
     out.mkdir(parents=True, exist_ok=True)
     exe = out / ("test_backend_ops_cuda" if cuda_home else "test_backend_ops_cpu")
     cflags, ldflags = _blas_flags()
@@ -162,6 +172,52 @@ def _compile(out: Path, cuda_home: Path | None, gencode: list[str] = CUDA_GENCOD
     return exe
 
 
+def _compile_emulated(out: Path, sanitize: bool) -> Path:
+    """The op test on the emulated device: kernels/*.cu and kernels/emu/*.cpp
+    by the host C++ compiler with setup.py's flags, the C sources as for the
+    CUDA variant plus the emulator's headers; sanitize: ASan + UBSan on all of it."""
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / ("test_backend_ops_emu_sanitized" if sanitize else "test_backend_ops_emu")
+    san = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+           "-fno-omit-frame-pointer"] if sanitize else []
+    cxx = os.environ.get("CXX", "g++")
+    cxx_flags = _setup_globals()["emulated_cxx_flags"](True) + san
+    cmds = []
+    for src in [*sorted((ROOT / "kernels").glob("*.cu")), *sorted((ROOT / "kernels" / "emu").glob("*.cpp"))]:
+        lang = ["-x", "c++"] if src.suffix == ".cu" else []
+        cmds.append([cxx, *lang, "-c", str(src), "-o", str(out / (src.stem + ".o")), *cxx_flags])
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for cmd, r in zip(cmds, pool.map(lambda c: _run(c, 600), cmds)):
+            assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}"
+    cflags, ldflags = _blas_flags()
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-std=c11", "-fopenmp", "-ffp-contract=off",
+           "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+           "-I", str(ROOT / "kernels" / "emu" / "include"), "-I", str(ROOT / "csrc"), *cflags,
+           "-DRL_WITH_CUDA=1", "-DRL_CUDA_EMULATED=1", *san,
+           *os.environ.get("RJEPA_TEST_CFLAGS", "").split()]
+    srcs = [str(TEST_C), *(x for x in _engine_sources() if Path(x).parent.name != "kernels")]
+    srcs += sorted(str(p) for p in (ROOT / "kernels").glob("*.c"))
+    srcs += [c[c.index("-o") + 1] for c in cmds]
+    r = _run([*cmd, *srcs, "-o", str(exe), *ldflags, "-lstdc++", "-lpthread", "-lm"], 600)
+    assert r.returncode == 0, f"compiling the op test failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
+    return exe
+
+
+@functools.lru_cache(maxsize=None)
+def _setup_globals() -> dict:
+    """setup.py's module globals (its helper functions), setup() not run."""
+    import runpy
+
+    import setuptools
+    real = setuptools.setup
+    setuptools.setup = lambda **kw: None
+    try:
+        return runpy.run_path(str(ROOT / "setup.py"))
+    finally:
+        setuptools.setup = real
+
+
 class _Builds:
     """Session cache of the binaries (a failed build is not retried): "cpu",
     "cuda" (kernels for setup.py's archs: what ships) and "cuda-link" (sm_90
@@ -177,7 +233,9 @@ class _Builds:
             kind = "cuda"
         if kind not in self.done:
             try:
-                if kind.startswith("cuda"):
+                if kind.startswith("emu"):
+                    self.done[kind] = _compile(self.root / kind, kind)  # type: ignore[arg-type]
+                elif kind.startswith("cuda"):
                     home = _cuda_home()
                     if home is None:
                         pytest.skip("nvcc not found: the CUDA variant cannot be built")
@@ -255,8 +313,48 @@ def test_cuda_variant_compiles_and_links(builds):
                                                                         r.stderr)
 
 
+def _emulated_core() -> bool:
+    """The installed extension is the emulated device's build (RJEPA_CUDA=emu)."""
+    try:
+        from rjepa_latent import _core
+    except Exception:  # noqa: BLE001
+        return False
+    return "emulated" in _core.build_info()["cuda_arch"]
+
+
+def _run_emulated(builds, kind: str, timeout: int) -> str:
+    exe = builds.get(kind)
+    # RJEPA_EMU_ORDER=reverse: threads run in the opposite order to the
+    # natural one between barriers, so a missing barrier changes results
+    env = {**os.environ, "RJEPA_EMU_ORDER": os.environ.get("RJEPA_EMU_ORDER", "reverse")}
+    env.pop("RJEPA_ATTN", None)
+    if kind == "emu-sanitized":
+        env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:" + env.get("ASAN_OPTIONS", "")
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    r = subprocess.run([str(exe), "cuda", *_seed_args()], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env=env)
+    _check_run(r, kind)
+    assert "emulated device" not in r.stderr, r.stderr[-3000:]  # no emulator diagnostic
+    return r.stdout
+
+
+def test_emulated_cuda_ops(builds):
+    out = _run_emulated(builds, "emu", 400)
+    n = int(re.search(r"(\d+) cases", out).group(1))
+    assert n >= 60, f"only {n} cases ran"
+    ran = {ln.split()[1] for ln in out.splitlines() if ln.startswith("ok  ")}
+    assert {"cuda-bf16", "cuda-f32", "cuda-bf16-fma"} <= ran, ran
+
+
+def test_emulated_cuda_ops_sanitized(builds):
+    _run_emulated(builds, "emu-sanitized", 600)
+
+
 @pytest.mark.gpu
 def test_cuda_ops(builds):
+    if _emulated_core():
+        pytest.skip("the installed core is the emulated device's: test_emulated_cuda_ops runs the "
+                    "op test on it")
     if _have_device() is False:
         pytest.skip("no CUDA device")
     if _cuda_home() is None:

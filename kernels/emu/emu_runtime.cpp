@@ -43,6 +43,7 @@
 #include "emu_internal.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define RL_EMU_ASAN 1
 #endif
@@ -246,7 +247,7 @@ struct Scheduling {
     Order order = ORDER_FORWARD;
     uint64_t seed = 0;
 };
-const Scheduling &scheduling()
+Scheduling &scheduling()
 {
     static Scheduling s = [] {
         Scheduling r;
@@ -418,6 +419,11 @@ bool BlockRunner::run(const std::function<void()> *fn, const char *name, dim3 gr
     }
     for (int i = 0; i < n; i++) {
         EmuFiber &f = fibers[i];
+#ifdef RL_EMU_ASAN
+        // a reused stack keeps the redzones of frames abandoned there; the
+        // frames instrumented code builds set their own, the first one is ours
+        __asan_unpoison_memory_region(f.stack + f.stack_size - 8192, 8192);
+#endif
         f.tc.thread_idx = uint3{(unsigned)i % block.x, (unsigned)i / block.x % block.y,
                                 (unsigned)i / (block.x * block.y)};
         f.tc.block_idx = bidx;
@@ -428,7 +434,7 @@ bool BlockRunner::run(const std::function<void()> *fn, const char *name, dim3 gr
         f.state = F_READY;
         fiber_prepare(&f.ctx, f.stack, f.stack_size, fiber_entry);
     }
-    const Scheduling &sch = scheduling();
+    const Scheduling sch = scheduling();
     order.resize(n);
     for (int i = 0; i < n; i++) order[i] = sch.order == ORDER_REVERSE ? n - 1 - i : i;
     if (sch.order == ORDER_SHUFFLE)
@@ -534,6 +540,12 @@ private:
 };
 
 } // namespace
+
+void set_order(int order, uint64_t seed)
+{
+    scheduling().order = order == 1 ? ORDER_REVERSE : order == 2 ? ORDER_SHUFFLE : ORDER_FORWARD;
+    scheduling().seed = seed;
+}
 
 // ---------------------------------------------------------------------------
 // device-side entry points (called from kernel code)
