@@ -36,6 +36,20 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
+# GPU_CHECK_EMULATED=1: a dry run on the emulated CUDA device (RJEPA_CUDA=emu
+# build, no GPU, no nvidia-smi) so that every stage of this script has run:
+# the emulated build, small test selections, no ptxas, no benchmark
+# (tests/test_gpu_check_dry.py runs it in CI)
+EMULATED=${GPU_CHECK_EMULATED:-0}
+BUILD_CUDA=1 K_OPS=() K_MODEL=() K_FAMILY=() PARITY_ARCHS= PARITY_TEXTS=()
+if [ "$EMULATED" = 1 ]; then
+  BUILD_CUDA=emu
+  export GPU_CHECK_SKIP_BENCH=1
+  K_OPS=(-k test_cuda_ops)   # skips: CI runs the op test on the emulated device itself
+  K_MODEL=(-k "bf16[qwen3-mma] or bf16[qwen3-fma] or fp32[qwen3] or device_contract")
+  K_FAMILY=(-k "bf16[gemma2-mma] or fp32[gemma2]")
+  PARITY_ARCHS=qwen3 PARITY_TEXTS=(--texts 3)
+fi
 T0=$(date +%s)
 DEADLINE=$((T0 + ${GPU_CHECK_BUDGET:-500}))
 SUMMARY=()
@@ -63,13 +77,15 @@ print("optional:", ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in have.it
 EOF
 {
   date -u
-  TO 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
+  [ "$EMULATED" = 1 ] ||
+    TO 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
   TO 15 nvcc --version | tail -2
   TO 30 "$PY" "$SCRATCH/env.py"
 } > "$OUT/env.txt" 2>&1
 rc=$?
 cat "$OUT/env.txt"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+[ "$EMULATED" = 1 ] && GPU_NAME="emulated CUDA device (RJEPA_CUDA=emu, on the CPU; a dry run)"
 if [ $rc = 0 ] && [ -n "$GPU_NAME" ]; then stage env ok "$GPU_NAME"
 elif [ -z "$GPU_NAME" ]; then stage env FAIL "nvidia-smi names no GPU: see env.txt"
 else stage env FAIL "rc=$rc: see env.txt (nvcc or torch missing?)"; fi
@@ -110,7 +126,7 @@ echo "RJEPA_CUBLAS_DIR=${RJEPA_CUBLAS_DIR:-<not found>} RJEPA_CUBLAS_INCLUDE=${R
 # ---- build: in place, with CUDA, warnings as errors -------------------------------------------
 build() {  # $1: RJEPA_WERROR value, $2: time limit
   rm -rf build rjepa_latent/_core*.so
-  RJEPA_CUDA=1 RJEPA_WERROR=$1 TO "$2" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 &&
+  RJEPA_CUDA=$BUILD_CUDA RJEPA_WERROR=$1 TO "$2" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 &&
     TO 60 "$PY" -c "import rjepa_latent as rl; i = rl.build_info(); assert i['cuda'], i; print(i)" \
       >> "$OUT/build.log" 2>&1
 }
@@ -132,7 +148,7 @@ fi
 KOBJ=$(ls build/temp*/kernels/cuda_kernels.o 2>/dev/null | head -1)
 [ -n "$KOBJ" ] && export RJEPA_CUDA_KERNELS_OBJ=$PWD/$KOBJ
 # registers / spills / shared memory of every kernel for sm_90a, beside the op tests
-( TO 90 nvcc -c kernels/cuda_kernels.cu -o "$SCRATCH/k90a.o" -O3 -std=c++17 -Xcompiler -fPIC -I csrc \
+[ "$EMULATED" = 1 ] || ( TO 90 nvcc -c kernels/cuda_kernels.cu -o "$SCRATCH/k90a.o" -O3 -std=c++17 -Xcompiler -fPIC -I csrc \
       --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Xptxas -v > "$OUT/ptxas.txt" 2>&1
   grep -E "Function properties|spill|registers" "$OUT/ptxas.txt" | paste - - - |
     sed -E 's/ptxas info *: //g; s/Function properties for _ZN[0-9]+_GLOBAL__N__[0-9a-f_]+cuda_kernels_cu_[0-9a-f]+//' |
@@ -148,7 +164,8 @@ fi
 OPS_BIN=$SCRATCH/ops_bin
 if [ "$BUILT" = 1 ]; then
   RJEPA_OPS_BINDIR=$OPS_BIN TO "$(budget 120 120)" "${PYTEST[@]}" -s \
-      tests/test_cuda_build.py tests/test_backend_ops.py > "$OUT/ops.log" 2>&1
+      $( [ "$EMULATED" = 1 ] || echo tests/test_cuda_build.py ) tests/test_backend_ops.py "${K_OPS[@]}" \
+      > "$OUT/ops.log" 2>&1
   rc=$?
   grep -E "^(FAIL|     )" "$OUT/ops.log" | head -20
   tail -5 "$OUT/ops.log"
@@ -182,7 +199,7 @@ fi
 wait_prepare  # the device contract test measures free device memory: no other GPU user
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   b=$(budget 200 100)
-  TO "$b" "${PYTEST[@]}" -s tests/test_gpu_model.py > "$OUT/model.log" 2>&1
+  TO "$b" "${PYTEST[@]}" -s tests/test_gpu_model.py "${K_MODEL[@]}" > "$OUT/model.log" 2>&1
   rc=$?
   grep -E "^(llama|mistral|qwen|gemma|olmo)|layer [0-9]+:" "$OUT/model.log" > "$SCRATCH/parity.txt"
   grep -E "^fp32 " "$OUT/model.log" > "$SCRATCH/parity_fp32.txt"
@@ -205,7 +222,7 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   else
     echo "===== family tests: ${ARCH_TESTS[*]} =====" >> "$OUT/model.log"
     b=$(budget 150 100)
-    TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" > "$SCRATCH/family.log" 2>&1
+    TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" "${K_FAMILY[@]}" > "$SCRATCH/family.log" 2>&1
     rc=$?
     cat "$SCRATCH/family.log" >> "$OUT/model.log"
     grep -E "^(gemma|olmo)|layer [0-9]+:" "$SCRATCH/family.log" >> "$SCRATCH/parity.txt"
@@ -233,11 +250,11 @@ for name in ("gemma2", "gemma3", "olmo2"):
     _build(name, out / name)
 EOF
   prc=0
-  for arch in $(ls "$SCRATCH/tiny" 2>/dev/null); do
+  for arch in ${PARITY_ARCHS:-$(ls "$SCRATCH/tiny" 2>/dev/null)}; do
     for dt in bfloat16 float32; do
       echo "===== rjepa-latent parity --model <tiny $arch> --device cuda --dtype $dt =====" >> "$OUT/model.log"
       TO "$(budget 60 60)" "$PY" -m rjepa_latent.cli parity --model "$SCRATCH/tiny/$arch" --device cuda \
-          --dtype "$dt" --json "$SCRATCH/parity-$arch-$dt.json" >> "$OUT/model.log" 2>&1 || prc=1
+          --dtype "$dt" "${PARITY_TEXTS[@]}" --json "$SCRATCH/parity-$arch-$dt.json" >> "$OUT/model.log" 2>&1 || prc=1
     done
   done
   TO 30 "$PY" - "$SCRATCH" > "$SCRATCH/parity_cli.txt" 2>&1 <<'EOF'
@@ -268,6 +285,8 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
       tail -20 "$OUT/bench.log"; fi
   fi
 fi
+
+[ "$EMULATED" = 1 ] && stage bench SKIP "emulated device: no GPU to time (dry run)"
 
 # ---- summary (last: the tool returns the end of the output) --------------------------------------
 wait "$PTXAS_PID" 2>/dev/null  # bounded: its nvcc runs under timeout 90

@@ -133,7 +133,7 @@ def test_parity_with_hf_bf16(reference, name, attn, monkeypatch):
     e_ours, e_hf = _rel_per_layer(ours, ref), _rel_per_layer(hf16, ref)
     table = "\n".join(f"  layer {k}: ours {a:.3e}  hf-bf16 {b:.3e}"
                       for k, (a, b) in enumerate(zip(e_ours, e_hf)))
-    print(f"{name}-{attn}\n{table}")   # gpu_check.sh's summary: the deepest layer per model
+    print(f"\n{name}-{attn}\n{table}")   # gpu_check.sh's summary (see test_gpu_model.py)
     assert (e_ours <= SLACK * e_hf + 1e-7).all(), f"{name}: bf16 error above HF's:\n{table}"
 
 
@@ -148,6 +148,6 @@ def test_parity_with_hf_fp32(reference, name):
     assert all(np.isfinite(o).all() for o in ours), "non-finite hidden states"
     e_gpu = _rel_per_layer(ours, ref)
     # "fp32 <name>": a line gpu_check.sh's summary picks up (worst layer)
-    print(f"fp32 {name}: worst layer cuda {e_gpu.max():.3e}\n" +
+    print(f"\nfp32 {name}: worst layer cuda {e_gpu.max():.3e}\n" +
           "\n".join(f"  L{k}: cuda-fp32 {e:.3e}" for k, e in enumerate(e_gpu)))
     assert (e_gpu <= FP32_REL).all(), f"{name}: CUDA fp32 vs HF fp32 on GPU: {e_gpu}"

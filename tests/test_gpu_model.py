@@ -211,7 +211,9 @@ def test_parity_with_hf_bf16(hf_reference, hf_bf16, arch, attn, monkeypatch):
     e_ours, e_hf = _rel_per_layer(ours, ref), _rel_per_layer(hf16, ref)
     table = "\n".join(f"  layer {k}: ours {a:.3e}  hf-bf16 {b:.3e}"
                       for k, (a, b) in enumerate(zip(e_ours, e_hf)))
-    print(f"{arch}-{attn}\n{table}")   # gpu_check.sh's summary: the deepest layer per model
+    # gpu_check.sh's summary: the deepest layer per model, from a line that
+    # starts with the name (pytest -s puts its progress dot before a print)
+    print(f"\n{arch}-{attn}\n{table}")
     assert (e_ours <= SLACK * e_hf + 1e-7).all(), f"{arch}: bf16 error above HF's:\n{table}"
 
 
@@ -232,7 +234,7 @@ def test_parity_with_hf_fp32(hf_reference, arch):
     e_cpu = _rel_per_layer([cpu.hidden_states(s) for s in seqs], ref)
     table = _fp32_table({"cuda-fp32": e_gpu, "cpu-fp32": e_cpu})
     # "fp32 <arch>": a line gpu_check.sh's summary picks up (worst layer)
-    print(f"fp32 {arch}: worst layer cuda {e_gpu.max():.3e} cpu {e_cpu.max():.3e}\n{table}")
+    print(f"\nfp32 {arch}: worst layer cuda {e_gpu.max():.3e} cpu {e_cpu.max():.3e}\n{table}")
     assert (e_gpu <= FP32_REL).all(), f"{arch}: CUDA fp32 vs HF fp32 on GPU:\n{table}"
     assert (e_cpu <= FP32_REL).all(), f"{arch}: CPU fp32 vs HF fp32 on GPU:\n{table}"
 
