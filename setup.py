@@ -99,6 +99,12 @@ class BuildExt(build_ext):
     """Compiles kernels/*.cu with nvcc first and links the objects in."""
 
     def build_extension(self, ext):
+        # an extension built in another mode (emulated or not) in the same build
+        # tree is never reused: its objects and .so are not up to date for this one
+        mode_file = Path(self.build_temp) / "rjepa-cuda-mode"
+        mode = "emu" if emulated() else "native"
+        if not mode_file.exists() or mode_file.read_text() != mode:
+            self.force = True
         werror = os.environ.get("RJEPA_WERROR") == "1"
         cuda_home = None if emulated() else find_cuda_home()
         # -ffp-contract=off: no fused multiply-adds the source did not write
@@ -137,6 +143,8 @@ class BuildExt(build_ext):
             ext.extra_link_args += [str(libdir / "libcudart_static.a"), "-ldl", "-lrt",
                                     "-lpthread", "-lstdc++"]
         super().build_extension(ext)
+        mode_file.parent.mkdir(parents=True, exist_ok=True)
+        mode_file.write_text(mode)
 
     def compile_emulated(self, werror, extra_flags=()):
         """kernels/*.cu (as C++) and kernels/emu/*.cpp with the host C++ compiler,

@@ -66,7 +66,8 @@ def _require_gpu():
     if EMULATED:
         return torch
     if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA")
+        # so also on the emulated device (RJEPA_CUDA=emu): these references run on torch's GPU
+        pytest.skip("torch has no CUDA (the HF references of these tests run on torch's GPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return torch
