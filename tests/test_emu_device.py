@@ -12,6 +12,7 @@ toolkit (the header comparison uses the toolkit when it is installed).
 - barrier misuse (a deadlock, threads at different barriers, a shuffle a
   lane skips, lanes in different shuffles) ends as a launch failure with a
   diagnostic, never a hang (each in its own process: the fault is sticky);
+  so does a fault injected with RJEPA_EMU_FAULT_KERNEL;
 - memory: NaN-filled allocations, the configured device size, refusals;
   streams run asynchronously (a read before the sync sees old data), sync
   counters count;
@@ -339,6 +340,22 @@ def test_barrier_misuse_is_an_error_not_a_hang(emu_lib_path, which):
     assert int(rc) == cudaErrorLaunchFailure and int(last) == cudaErrorLaunchFailure  # sticky
     assert re.search(MISUSE[which], diag), diag
     assert "kernel probe, block (0,0,0)" in diag
+
+
+def test_an_injected_fault_is_sticky(emu_lib_path):
+    code = textwrap.dedent(f"""
+        import ctypes as C, numpy as np
+        lib = C.CDLL({str(emu_lib_path)!r})
+        x = np.zeros(32, np.float32)
+        rc = lib.rl_emu_probe_shfl_xor(C.c_void_p(x.ctypes.data), 1, C.c_void_p(x.ctypes.data))
+        p = C.c_void_p()
+        print(rc, lib.cudaGetLastError(), lib.cudaMalloc(C.byref(p), C.c_size_t(16)))
+    """)
+    env = {**os.environ, "RJEPA_EMU_FAULT_KERNEL": "probe"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["700"] * 3  # cudaErrorIllegalAddress, then on every call
+    assert "fault injected by RJEPA_EMU_FAULT_KERNEL" in r.stderr
 
 
 # ---- memory, streams, counters ---------------------------------------------

@@ -20,7 +20,9 @@
 //   (default), reverse or shuffle[:seed] sets the order threads run in
 //   between barriers, so a missing barrier changes results.
 // - Errors are sticky like a real device fault: after one, every call
-//   returns it and queued work is dropped.
+//   returns it and queued work is dropped. RJEPA_EMU_FAULT_KERNEL=<text>
+//   makes the first launch of a kernel whose name holds <text> fault (an
+//   illegal address), for tests of how faults are reported.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -629,10 +631,18 @@ void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1
     const uint64_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
     const uint64_t *all = warp_exchange(0xffffffffu, COLL_MMA, line, mine, 6);
     const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+    // this lane's D elements: rows g, g + 8 of A times columns 2t, 2t + 1 of B
+    float a_rows[2][16], b_cols[2][16];
+    for (int k = 0; k < 16; k++) {
+        a_rows[0][k] = mma_a(all, g, k);
+        a_rows[1][k] = mma_a(all, g + 8, k);
+        b_cols[0][k] = mma_b(all, k, 2 * t);
+        b_cols[1][k] = mma_b(all, k, 2 * t + 1);
+    }
     for (int i = 0; i < 4; i++) {
-        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        double acc = 0.0; // bf16 x bf16 products and their sum are exact here
-        for (int k = 0; k < 16; k++) acc += (double)mma_a(all, row, k) * mma_b(all, k, col);
+        const float *ar = a_rows[i >> 1], *bc = b_cols[i & 1];
+        double acc = 0.0; // bf16 x bf16 products are exact in double, their sum nearly so
+        for (int k = 0; k < 16; k++) acc += (double)ar[k] * bc[k];
         c[i] = (float)(acc + (double)c[i]);
     }
 }
@@ -769,9 +779,19 @@ cudaError_t rl_emu::launch(const char *name, dim3 grid, dim3 block, size_t smem,
     CUstream_st *st = stream_of(s);
     if (!st) return fail(cudaErrorInvalidResourceHandle);
     g_count.launches++;
+    // RJEPA_EMU_FAULT_KERNEL=<text>: the first launch whose kernel name holds
+    // <text> faults as an illegal address would (for tests of fault handling)
+    static const char *fault_at = getenv("RJEPA_EMU_FAULT_KERNEL");
+    static std::atomic<bool> fault_done{false};
+    const bool inject = fault_at && *fault_at && strstr(name, fault_at) && !fault_done.exchange(true);
     auto fn = std::make_shared<std::function<void()>>(std::move(body));
-    st->push([fn, name, grid, block] {
+    st->push([fn, name, grid, block, inject] {
         if (sticky()) return; // a faulted device runs nothing more
+        if (inject) {
+            diagnose("kernel %s: fault injected by RJEPA_EMU_FAULT_KERNEL", name);
+            set_sticky(cudaErrorIllegalAddress);
+            return;
+        }
         GridJob job;
         job.body = fn.get();
         job.name = name;
