@@ -46,3 +46,9 @@ def build_info() -> dict:
     """Version, BLAS ("scipy-openblas32 <config>" or "builtin C GEMM"),
     whether CUDA is compiled in and for which archs, OpenMP."""
     return dict(_core.build_info())
+
+
+def cuda_emulated() -> bool:
+    """True for a test build whose CUDA device is emulated on the CPU
+    (RJEPA_CUDA=emu: the real kernels and backend, run by the host)."""
+    return str(_core.build_info().get("cuda_arch", "")).startswith("emulated")

@@ -37,7 +37,9 @@
 # for it: no other process may use the GPU while they measure its free
 # memory). Knobs: GPU_CHECK_BUDGET=s, GPU_CHECK_QUICK=1 (quick bench),
 # GPU_CHECK_SKIP_MODEL=1 (also skips the family and parity stages),
-# GPU_CHECK_SKIP_BENCH=1, PYTHON (default python3).
+# GPU_CHECK_SKIP_BENCH=1, GPU_CHECK_EMULATED=1 (a dry run on the emulated CUDA
+# device of a RJEPA_CUDA=emu build: no GPU needed, small test selections, no
+# bench), PYTHON (default python3).
 #
 # Files under $OUT (default /tmp/rjepa_gpu_check): env.txt, build.log,
 # ptxas.txt, ops.log, model.log (the family and parity runs appended),
@@ -76,6 +78,20 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-500}
+# GPU_CHECK_EMULATED=1: a dry run on the emulated CUDA device (RJEPA_CUDA=emu
+# build, no GPU, no nvidia-smi) so that every stage of this script has run:
+# the emulated build, small test selections, no ptxas, no benchmark
+# (tests/test_gpu_check_dry.py runs it in CI)
+EMULATED=${GPU_CHECK_EMULATED:-0}
+BUILD_CUDA=1 K_OPS=() K_MODEL=() K_FAMILY=() PARITY_ARCHS= PARITY_TEXTS=()
+if [ "$EMULATED" = 1 ]; then
+  BUILD_CUDA=emu
+  export GPU_CHECK_SKIP_BENCH=1
+  K_OPS=(-k test_cuda_ops)   # skips: CI runs the op test on the emulated device itself
+  K_MODEL=(-k "bf16[qwen3-mma] or bf16[qwen3-fma] or fp32[qwen3] or device_contract")
+  K_FAMILY=(-k "bf16[gemma2-mma] or fp32[gemma2]")
+  PARITY_ARCHS=qwen3 PARITY_TEXTS=(--texts 3)
+fi
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET))
 SUMMARY=()
@@ -94,13 +110,15 @@ print("optional:", ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in have.it
 EOF
 {
   date -u
-  TO 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
+  [ "$EMULATED" = 1 ] ||
+    TO 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv
   TO 15 nvcc --version | tail -2
   TO 30 "$PY" "$SCRATCH/env.py"
 } > "$OUT/env.txt" 2>&1
 rc=$?
 cat "$OUT/env.txt"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+[ "$EMULATED" = 1 ] && GPU_NAME="emulated CUDA device (RJEPA_CUDA=emu, on the CPU; a dry run)"
 if [ $rc = 0 ] && [ -n "$GPU_NAME" ]; then stage env ok "$GPU_NAME"
 elif [ -z "$GPU_NAME" ]; then stage env FAIL "nvidia-smi names no GPU: see env.txt"
 else stage env FAIL "rc=$rc: see env.txt (nvcc or torch missing?)"; fi
@@ -141,7 +159,7 @@ echo "RJEPA_CUBLAS_DIR=${RJEPA_CUBLAS_DIR:-<not found>} RJEPA_CUBLAS_INCLUDE=${R
 # ---- build: in place, with CUDA, warnings as errors -------------------------------------------
 build() {  # $1: RJEPA_WERROR value, $2: time limit
   rm -rf build rjepa_latent/_core*.so
-  RJEPA_CUDA=1 RJEPA_WERROR=$1 TO "$2" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 &&
+  RJEPA_CUDA=$BUILD_CUDA RJEPA_WERROR=$1 TO "$2" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 &&
     TO 60 "$PY" -c "import rjepa_latent as rl; i = rl.build_info(); assert i['cuda'], i; print(i)" \
       >> "$OUT/build.log" 2>&1
 }
@@ -183,7 +201,8 @@ if [ "$BUILT" = 1 ]; then
   if ! b=$(stage_budget 120 40 120); then skip_for_time ops 40 120; rc=skip
   else
     RJEPA_OPS_BINDIR=$OPS_BIN TO "$b" "${PYTEST[@]}" -s \
-        tests/test_cuda_build.py tests/test_backend_ops.py > "$OUT/ops.log" 2>&1
+        $( [ "$EMULATED" = 1 ] || echo tests/test_cuda_build.py ) tests/test_backend_ops.py "${K_OPS[@]}" \
+        > "$OUT/ops.log" 2>&1
     rc=$?
   fi
 fi
@@ -222,7 +241,7 @@ rc=skip
 if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
   if ! b=$(stage_budget 200 60 100); then skip_for_time model 60 100; rc=skip
   else
-    TO "$b" "${PYTEST[@]}" -s tests/test_gpu_model.py > "$OUT/model.log" 2>&1
+    TO "$b" "${PYTEST[@]}" -s tests/test_gpu_model.py "${K_MODEL[@]}" > "$OUT/model.log" 2>&1
     rc=$?
   fi
 fi
@@ -251,7 +270,7 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_MODEL:-0}" != 1 ]; then
     rc=skip
     if ! b=$(stage_budget 150 40 100); then skip_for_time family 40 100
     else
-      TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" > "$SCRATCH/family.log" 2>&1
+      TO "$b" "${PYTEST[@]}" -s "${ARCH_TESTS[@]}" "${K_FAMILY[@]}" > "$SCRATCH/family.log" 2>&1
       rc=$?
     fi
   fi
@@ -285,12 +304,12 @@ for name in ("gemma2", "gemma3", "olmo2"):
     _build(name, out / name)
 EOF
   prc=0 not_run=0
-  for arch in $(ls "$SCRATCH/tiny" 2>/dev/null); do
+  for arch in ${PARITY_ARCHS:-$(ls "$SCRATCH/tiny" 2>/dev/null)}; do
     for dt in bfloat16 float32; do
       if ! b=$(stage_budget 60 20 60); then not_run=$((not_run + 1)); continue; fi
       echo "===== rjepa-latent parity --model <tiny $arch> --device cuda --dtype $dt =====" >> "$OUT/model.log"
       TO "$b" "$PY" -m rjepa_latent.cli parity --model "$SCRATCH/tiny/$arch" --device cuda \
-          --dtype "$dt" --json "$SCRATCH/parity-$arch-$dt.json" >> "$OUT/model.log" 2>&1 || prc=1
+          --dtype "$dt" "${PARITY_TEXTS[@]}" --json "$SCRATCH/parity-$arch-$dt.json" >> "$OUT/model.log" 2>&1 || prc=1
     done
   done
   skipped_note=$( [ $not_run -gt 0 ] && echo "; $not_run runs not started (under 20 s of the budget left for each)")
@@ -321,6 +340,8 @@ if [ "$BUILT" = 1 ] && [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
       tail -20 "$OUT/bench.log"; fi
   fi
 fi
+
+[ "$EMULATED" = 1 ] && stage bench SKIP "emulated device: no GPU to time (dry run)"
 
 # ---- summary (last, so the end of the output is the table) ---------------------------------------
 wait_prepare  # (already done unless the build failed)

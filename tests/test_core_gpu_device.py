@@ -1,6 +1,8 @@
 """On a CUDA device (skipped elsewhere): the pinned result pool and the
 calling thread's current device, on the real runtime (their host logic is
-also tested without a GPU in test_core_cuda_mock.py)."""
+also tested without a GPU in test_core_cuda_mock.py). On the emulated device
+of a RJEPA_CUDA=emu test build the pool tests run on its runtime; the
+current-device test needs torch's CUDA and skips there."""
 from __future__ import annotations
 
 import gc
@@ -12,8 +14,9 @@ import pytest
 from rjepa_latent import _native  # noqa: F401  (loads _core)
 from rjepa_latent import _core
 
-pytestmark = pytest.mark.skipif(not _core.build_info()["cuda"] or _core.cuda_device_count() == 0,
-                                reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _core.build_info()["cuda"] or _core.cuda_device_count() == 0,
+                                 reason="needs a CUDA device")]
 
 CFG = dict(vocab_size=50, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
            num_kv_heads=2, head_dim=16, max_layer=2, rms_norm_eps=1e-6)
@@ -84,6 +87,8 @@ def test_many_threads_allocate_and_release_results():
 
 
 def test_torch_current_device_is_left_alone():
+    if str(_core.build_info()["cuda_arch"]).startswith("emulated"):
+        pytest.skip("the emulated CUDA device is not torch's: there is no torch device to leave alone")
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")

@@ -174,6 +174,7 @@ rl_cublas_status st_gemm_ex(rl_cublas_handle h, int transa, int transb, int m, i
             for (int i = 0; i < m; i++) {
                 const float *ai = &a[(size_t)i * k];
                 double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
                 for (int p = 0; p < k; p++) acc += (double)ai[p] * (double)bj[p];
                 const size_t ci = (size_t)i + (size_t)j * ldc;
                 double v = (double)alpha * acc;

@@ -16,7 +16,8 @@ Design choices:
   and the offending value. The C core validates again (it never trusts
   Python) but its messages are the last line of defence.
 - The device contract of docs/design.md: `device=None` picks cuda:0 when a
-  CUDA device is visible, else the CPU with a one-line warning; an explicit
+  CUDA device is visible (never the emulated device of a RJEPA_CUDA=emu test
+  build: that one only when asked for), else the CPU with a one-line notice; an explicit
   CUDA request that cannot be met raises DeviceError, never falls back; on
   CUDA the bytes needed are compared with free memory before anything is
   allocated; after load every weight is verified to be device memory.
@@ -52,6 +53,7 @@ import numpy as np
 
 from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
+from .._native import cuda_emulated
 from ..checkpoints.checkpoint import CheckpointSource, engine_config, hidden_state_index
 from ..checkpoints.loader import open_checkpoint, read_config
 from ..errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
@@ -87,8 +89,8 @@ def backend_of(device: str) -> str:
 
 def _parse_device(device: str | None) -> str:
     """"cpu" or "cuda:N" from the spelling alone (no device is needed)."""
-    if device is None:
-        return "cuda:0" if _core.cuda_device_count() > 0 else "cpu"
+    if device is None:   # an emulated device is a test tool: used only when asked for
+        return "cuda:0" if _core.cuda_device_count() > 0 and not cuda_emulated() else "cpu"
     if not isinstance(device, str):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "cpu":
@@ -101,20 +103,30 @@ def _parse_device(device: str | None) -> str:
 
 
 CPU_NOTICE = "rjepa_latent: no CUDA device visible; running on the CPU"
+EMULATED_DEFAULT_NOTICE = ("rjepa_latent: this build's CUDA device is emulated on the CPU (a test "
+                           "build); running on the CPU engine (device='cuda' selects the emulated "
+                           "device)")
+EMULATED_NOTICE = ("rjepa_latent: {device} is an emulated CUDA device: the CUDA kernels run on "
+                   "the CPU, for testing only (slow; not a GPU's speed or rounding)")
 _cpu_notice_shown = False
+_emulated_notice_shown = False
 
 
 def resolve_device(device: str | None) -> str:
     """"cpu" or "cuda:N" per the device contract (may raise). Left to the default
     on a machine without a CUDA device, it says so in one line on stderr, once per
     process: a notice, not a Python warning (no source line, nothing to filter)."""
-    global _cpu_notice_shown
+    global _cpu_notice_shown, _emulated_notice_shown
     resolved = _parse_device(device)
     if device is None and resolved == "cpu" and not _cpu_notice_shown:
         _cpu_notice_shown = True
-        print(CPU_NOTICE, file=sys.stderr, flush=True)
+        emulated = _core.cuda_device_count() > 0 and cuda_emulated()
+        print(EMULATED_DEFAULT_NOTICE if emulated else CPU_NOTICE, file=sys.stderr, flush=True)
     if resolved != "cpu":
         _core.cuda_check_device(int(resolved[5:]))  # DeviceError with the reason
+        if cuda_emulated() and not _emulated_notice_shown:
+            _emulated_notice_shown = True
+            print(EMULATED_NOTICE.format(device=resolved), file=sys.stderr, flush=True)
     return resolved
 
 

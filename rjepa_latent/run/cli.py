@@ -87,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", default=None, metavar="FILE",
                    help="only the records whose id is a line of FILE (a sample; unknown ids are reported)")
     p.add_argument("--part", default="0/1", help="worker i of n: i/n (default 0/1)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if visible)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda:0 if a CUDA device is visible; never "
+                        "the emulated device of a RJEPA_CUDA=emu test build)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--allow-kernel-change", action="store_true",
                    help="resume under another kernel identity (BLAS core / GPU + cuBLAS); each shard "

@@ -72,6 +72,7 @@ class ParityResult:
     batch_invariance: dict         # {"passed", "max_abs_diff", "bound", "rule"}
     spans: dict                    # {"passed", "checked", "problems"}
     notes: list[str] = field(default_factory=list)
+    emulated_device: bool = False  # the CUDA device of a test build, emulated on the CPU
 
     @property
     def passed(self) -> bool:
@@ -91,7 +92,8 @@ class ParityResult:
         bf16 = any(lp.hf_bf16_rel_err is not None for lp in self.layers)
         head = f"{'layer':>5}  {'hidden rel err':>14}  {'pooled rel err':>14}  "
         head += f"{'HF bf16 err':>11}  " if bf16 else ""
-        lines = [f"parity of {self.model} on {self.device} ({self.dtype}) against {self.reference}",
+        where = self.device + (" emulated on the CPU" if self.emulated_device else "")
+        lines = [f"parity of {self.model} on {where} ({self.dtype}) against {self.reference}",
                  f"{self.texts} texts, {self.tokens} tokens, pooling {self.pooling}", "",
                  head + f"{'bound':>9}  result"]
         for lp in self.layers:
@@ -380,6 +382,7 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     problems. `layers`: hidden-state indices (default all). Returns a
     ParityResult (`.passed`, `.layers`, `.table()`, `.to_json()`).
     """
+    from .._native import cuda_emulated
     from ..engine.model import Model, resolve_layers
     from ..inputs.tokenize import prepare_tokenizer, tokenize_records
     torch = _import_torch()   # before any work: a missing reference is a clear error at once
@@ -411,14 +414,18 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     notes.append("this engine ran first and was closed before HF loaded (one model in memory at a time)")
 
     on_cuda = dev.startswith("cuda")
-    where = dev if on_cuda else "cpu"
-    if on_cuda and not torch.cuda.is_available():
-        # this engine's CUDA device is not torch's (the emulated device of an
-        # RJEPA_CUDA=emu build, or a torch built without CUDA)
-        where = "cpu"
-        notes.append(f"torch has no CUDA device: the HF references ran on the CPU, {dev} ran this engine")
-    hf_dev = where
-    if on_cuda:
+    # HF runs on the engine's GPU when torch can use it; the emulated device of
+    # a test build is the CPU, and its reference runs there (bounds stay CUDA's)
+    emulated = on_cuda and cuda_emulated()
+    torch_on_device = on_cuda and not emulated and torch.cuda.is_available()
+    where = dev if torch_on_device else "cpu"
+    if emulated:
+        notes.append(f"{dev} is an emulated CUDA device (a test build: the CUDA kernels and "
+                     "backend run on the CPU); HF ran on the CPU, the bounds are the CUDA engine's")
+    elif on_cuda and not torch_on_device:
+        notes.append(f"torch cannot use {dev} (a CPU-only torch?): HF ran on the CPU, the bounds "
+                     "are the CUDA engine's")
+    if torch_on_device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     deepest = max(lays)
@@ -432,7 +439,7 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     per_layer = (weight_bytes - cfg["vocab_size"] * cfg["hidden_size"] * elem) // max(deepest, 1)
     need = (weight_bytes + per_layer) * 4 // elem + cfg["vocab_size"] * cfg["hidden_size"] * 4
     avail = _available_bytes(torch, where)
-    if on_cuda and need > avail:
+    if torch_on_device and need > avail:
         where = "cpu"
         avail = _available_bytes(torch, where)
         notes.append(f"HF fp32 does not fit on {dev}: the fp32 reference ran on the CPU")
@@ -445,10 +452,11 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     del ref_model
     hf16 = None
     if eng_dtype == "bfloat16":
-        m16 = _reference(path, torch, torch.bfloat16, hf_dev, keep, notes)
-        hf16 = _hf_states(m16, torch, items, lays, hf_dev)
+        where16 = dev if torch_on_device else "cpu"
+        m16 = _reference(path, torch, torch.bfloat16, where16, keep, notes)
+        hf16 = _hf_states(m16, torch, items, lays, where16)
         del m16
-    if hf_dev.startswith("cuda"):
+    if torch_on_device:
         torch.cuda.empty_cache()
 
     gguf = path.lower().endswith(".gguf")
@@ -477,8 +485,11 @@ def check_parity(model_path: str | os.PathLike, device: str | None = "cpu", dtyp
     batch["passed"] = batch["max_abs_diff"] <= batch["bound"]
     reference = (f"HF transformers fp32 (eager attention) on {where}"
                  + (", GGUF dequantized by transformers" if gguf else ""))
+    if eng_dtype == "bfloat16":
+        reference += f"; HF bf16 on {where16} sets the bound"
     return ParityResult(str(path), dev, eng_dtype, pooling, len(items),
-                        int(sum(len(it.ids) for it in items)), reference, rows, batch, spans, notes)
+                        int(sum(len(it.ids) for it in items)), reference, rows, batch, spans, notes,
+                        emulated_device=emulated)
 
 
 # ------------------------------------------------------------------ CLI
