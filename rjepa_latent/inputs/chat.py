@@ -55,7 +55,7 @@ def _read_json(path: str) -> Any:
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelFormatError(f"{path}: cannot read: {e}") from None
 
 
