@@ -89,3 +89,32 @@ def test_build_says_when_cuda_is_skipped(tmp_path):
     assert r.returncode != 0
     assert "RJEPA_CUDA=0: building the CPU-only engine" in r.stderr, r.stderr[-2000:]
     assert "compiling the CUDA backend" not in r.stderr
+
+
+def _install_texts():
+    """(file, text) of everything a user reads an install line in: the README,
+    docs, the notebook, the package's messages and docstrings, the test runner."""
+    files = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+             *sorted((ROOT / "rjepa_latent").rglob("*.py")), ROOT / "tests" / "run_tests.sh"]
+    return [(f.relative_to(ROOT), f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+
+
+def test_install_lines_work_from_a_clone():
+    """The package is installed from a clone (`pip install ".[extra]"`), not
+    from an index: no line names `rjepa-latent[...]` / `rjepa_latent[...]`
+    (a package pip cannot find), and every `.[extra]` named is an extra of
+    pyproject.toml."""
+    import tomllib
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                 ["optional-dependencies"])
+    seen = 0
+    for name, text in _install_texts():
+        for line in text.splitlines():
+            if "pip install" not in line:
+                continue
+            assert not re.search(r"rjepa[-_]latent\[", line), f"{name}: {line.strip()}"
+            for group in re.findall(r"""["']\.\[([^\]]*)\]["']""", line):
+                seen += 1
+                for extra in group.split(","):
+                    assert extra.strip() in extras, f"{name}: extra {extra!r} is not in pyproject.toml"
+    assert seen >= 4   # README (demo, ray), docs/ray.md, docs/parity.md at least

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rjepa-latent[ray]')")
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]' in the clone)")
 
 import rjepa_latent as rl  # noqa: E402
 from rjepa_latent import ray as rlray  # noqa: E402
@@ -288,12 +288,12 @@ def test_without_ray_an_import_error_names_the_extra(setup, tmp_path, monkeypatc
     from rjepa_latent import cli
     model, data, *_ = setup
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as if it were not installed
-    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'ray\[data\]==2.60.0'"):
         rlray.extract([str(data)], tmp_path / "o", model=str(model))
-    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install \"\.\[ray\]\" in a clone"):
         rlray.StepLatents(str(model))
     assert cli.main(["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--ray"]) == 2
-    assert "pip install 'rjepa-latent[ray]'" in capsys.readouterr().err
+    assert "pip install 'ray[data]==2.60.0'" in capsys.readouterr().err
 
 
 def test_the_cli_without_ray_does_not_import_ray(setup, tmp_path):

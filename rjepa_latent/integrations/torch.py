@@ -1,5 +1,5 @@
-"""PyTorch datasets over a run directory (needs torch: pip install
-'rjepa_latent[torch]').
+"""PyTorch datasets over a run directory (needs torch: pip install torch, or
+pip install ".[torch]" in a clone of rjepa-latent).
 
 - `LatentDataset(run, layer=-2, pooling=None)`: map-style, one record per
   item: a dict with `id`, `latents` (torch.Tensor [num_steps, hidden] of the
@@ -41,7 +41,7 @@ try:
     import torch
     from torch.utils.data import Dataset
 except ImportError:  # pragma: no cover - exercised by a test that hides torch
-    raise ImportError("rjepa_latent.torch needs PyTorch: pip install 'rjepa_latent[torch]'") from None
+    raise ImportError("rjepa_latent.torch needs PyTorch: pip install torch") from None
 
 
 
