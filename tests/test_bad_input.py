@@ -346,7 +346,7 @@ def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     # records are streamed: what remains is known once they are read, so it is said at the end
     assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records)" in err
-    assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shards (2 records) remained" in err
+    assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shard (2 records) remained" in err
 
 
 def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsys):
@@ -358,6 +358,11 @@ def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsy
     assert cli_main(args) == 1
     std = capsys.readouterr()
     assert "nothing was extracted: all 2 records are errors" in std.err and "new --out" in std.err
+    # one reason in full (the kinds hide their particulars), and where all of them are
+    assert "the first in full: data.jsonl line 1: text has " in std.err.replace("d.jsonl", "data.jsonl")
+    assert f"every reason is in {tmp_path / 'run' / 'errors.jsonl'}" in std.err
+    assert "run: 0 items, 0 steps, 2 errors; 1 shard written this run" in std.out, std.out
+    assert "[0/1]" not in std.out
     assert "0 items" in std.out and ("errors by reason: 1 x text has N characters, so more than --max-tokens N "
                                      "tokens; 1 x text has N tokens, more than --max-tokens N. Each") in std.out
     assert cli_main(args) == 1          # the finished run says the same
@@ -382,3 +387,15 @@ def test_error_kinds_group_reasons_without_their_particulars():
     assert line == ("\n  errors by reason: 7 x kindg N; 6 x kindf N; 5 x kinde N; 4 x kindd N; 3 x kindc N; "
                     "3 more of 2 other kinds. Each record's reason is in run/errors.jsonl")
     assert format_errors({"errors": 0, "error_kinds": {}, "errors_file": "x"}) == ""
+
+
+def test_an_early_stop_shows_one_reason_in_full(model_dir, tmp_path, capsys):
+    """The kinds hide the particulars ("fields ['…', '…']"); the message also
+    gives the first reason in full, so the field names are seen."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"a": 1, "b": 2}\n{"a": 3, "b": 4}\n')
+    assert cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot tell the format from the fields ['…', '…']" in err
+    assert "The first in full: d.jsonl line 1: cannot tell the format from the fields ['a', 'b']" in err
+    assert f"in {tmp_path / 'run' / 'errors.jsonl'}" in err

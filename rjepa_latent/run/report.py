@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..store.files import counted
+
 
 def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
     """The CLI's end of an extract run (one process or Ray): the --repair line,
@@ -18,7 +20,8 @@ def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
     print(text)
     if nothing_extracted(summary):
         why = ("the inputs hold no records" if not summary["records"] else
-               f"all {summary['errors']} records are errors: their reasons are in {summary['errors_file']}; "
+               f"all {summary['errors']} records are errors; the first in full: "
+               f"{summary.get('error_example')}; every reason is in {summary['errors_file']}; "
                "fix the records (or the --format / --segment options) and run again into a new --out")
         print(f"rjepa-latent extract: nothing was extracted: {why}", file=sys.stderr)
         return 1
@@ -45,12 +48,16 @@ def format_errors(s: dict, top: int = 5) -> str:
 
 
 def format_summary(s: dict) -> str:
+    counts = (f"{counted(s['items'], 'item')}, {counted(s['steps'], 'step')}, "
+              f"{counted(s['errors'], 'error')}")
     if s["noop"]:
-        return (f"{s['out']}: already complete ({s['items']} items, {s['steps']} steps, "
-                f"{s['errors']} errors); nothing to do" + format_errors(s))
+        return f"{s['out']}: already complete ({counts}); nothing to do" + format_errors(s)
     ratio = s["tokens_per_s"] / s["engine_tokens_per_s"] if s["engine_tokens_per_s"] else 0.0
-    return (f"{s['out']} [{s['part']}]: {s['items']} items, {s['steps']} steps, {s['errors']} errors; "
-            f"{s['shards_written']} shards written this run ({s['tokens_this_run']:,} tokens) in "
+    # [i/n]: this process is worker i of n (--part; 0/1 is the whole run)
+    worker = "" if s["part"] == "0/1" else f" (worker {s['part']} of --part)"
+    return (f"{s['out']}{worker}: {counts}; "
+            f"{counted(s['shards_written'], 'shard')} written this run "
+            f"({counted(s['tokens_this_run'], 'token')}) in "
             f"{s['wall_s']:.1f} s: {s['tokens_per_s']:,.0f} tokens/s end to end, "
             f"{s['engine_tokens_per_s']:,.0f} in the engine ({ratio:.0%}); "
             f"{'complete' if s['complete'] else 'not complete yet'}" + format_errors(s))
