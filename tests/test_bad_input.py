@@ -399,3 +399,21 @@ def test_an_early_stop_shows_one_reason_in_full(model_dir, tmp_path, capsys):
     assert "cannot tell the format from the fields ['…', '…']" in err
     assert "The first in full: d.jsonl line 1: cannot tell the format from the fields ['a', 'b']" in err
     assert f"in {tmp_path / 'run' / 'errors.jsonl'}" in err
+
+
+def test_a_resumed_progress_bar_counts_the_kept_records(model_dir, tmp_path, capsys, monkeypatch):
+    """--limit 6 in shards of 2, stopped after 2 shards: the resumed bar starts
+    at 4 and ends at 6/6 (100%), not at 2/6."""
+    from rjepa_latent.run import local as rl_local
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(9)]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
+    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+            "--out", str(tmp_path / "run"), "--shard-size", "2", "--limit", "6"]
+    compute = interrupt_at_shard(monkeypatch, 2)
+    assert cli_main(args) == 130
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "4/6" in err and "6/6" in err and "100%" in err, err
+    assert "0/6" not in err and "2/6" not in err, err

@@ -319,8 +319,12 @@ class _Runner:
         if not self.progress:
             return None
         from tqdm import tqdm
-        return tqdm(total=self.driver.spec.limit, unit="item", desc="extract", dynamic_ncols=True,
-                    file=sys.stderr)
+        # a resumed run starts from the records its kept shards already hold
+        i, n = self.driver.spec.part
+        done = sum(int(e["items"]) + len(e["errors"])
+                   for k, e in self.driver.store.entries.items() if k % n == i)
+        return tqdm(total=self.driver.spec.limit, initial=done, unit="item", desc="extract",
+                    dynamic_ncols=True, file=sys.stderr)
 
     def _compute(self, shard: dict, bar, t0: float) -> tuple:
         def on_batch(n_items: int, n_tok: int, dt: float) -> None:
