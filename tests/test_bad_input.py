@@ -417,3 +417,19 @@ def test_a_resumed_progress_bar_counts_the_kept_records(model_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "4/6" in err and "6/6" in err and "100%" in err, err
     assert "0/6" not in err and "2/6" not in err, err
+
+
+def test_layers_out_of_range_are_refused_before_the_model_load(model_dir, tmp_path, capsys, monkeypatch):
+    """--layers 99 is checked against config.json: exit 2, the valid range named,
+    and no Model is built (no weights read)."""
+    from rjepa_latent.run import local as rl_local
+    (tmp_path / "d.jsonl").write_bytes(jl())
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --layers was checked")
+    monkeypatch.setattr(rl_local, "Model", no_load)
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                   "--no-progress", "--out", str(tmp_path / "run"), "--layers", "99"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "layer index 99 is out of range" in err and "-4..3" in err, err
+    assert not (tmp_path / "run").exists()

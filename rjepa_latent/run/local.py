@@ -52,7 +52,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..engine.model import Model
+from ..checkpoints.loader import read_config
+from ..engine.model import Model, resolve_layers
 from ..errors import StoreError
 from ..inputs.data import DEFAULT_STEP_SEPARATOR
 from ..inputs.segment import DEFAULT_STEP_REGEX
@@ -213,6 +214,9 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     system=system, repair=repair, model=model)
     if Path(out).exists() and not Path(out).is_dir():   # before the model load
         raise StoreError(f"--out {out} exists and is not a directory")
+    if isinstance(model, (str, os.PathLike)):   # layers against the config, before the model load
+        num_layers = read_config(model)["num_layers"]
+        resolve_layers(spec.layers, num_layers, num_layers)
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
         return _extract(spec, m, out, strict=strict, progress=progress, t_start=t_start)
