@@ -433,3 +433,28 @@ def test_layers_out_of_range_are_refused_before_the_model_load(model_dir, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "layer index 99 is out of range" in err and "-4..3" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_names_the_path_and_the_space_needed(model_dir, tmp_path, capsys, monkeypatch):
+    """ENOSPC while a shard is committed: exit 2, the message names the file,
+    the bytes free there and about what a shard takes, and says the run resumes."""
+    import errno
+    import os
+    from rjepa_latent.run import worker as rl_worker
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(6)]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
+    commit = rl_worker.ShardWorker.commit
+
+    def full(self, job):   # the disk fills once the first shard is committed
+        if list((tmp_path / "run").glob("shard-*.safetensors")):
+            path = tmp_path / "run" / "shard-00001.safetensors"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return commit(self, job)
+    monkeypatch.setattr(rl_worker.ShardWorker, "commit", full)
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                   "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"no space left on the disk of {tmp_path / 'run' / 'shard-00001.safetensors'}" in err, err
+    assert "bytes free" in err and "a shard of this run takes about" in err and "resume" in err
+    assert "[Errno 28]" not in err

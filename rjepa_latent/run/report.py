@@ -3,7 +3,11 @@ the exit status of `rjepa-latent extract` (one process, `--part` or `--ray`)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from ..store.files import counted
 
@@ -30,6 +34,26 @@ def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
               f"(see {summary['errors_file']}); --strict", file=sys.stderr)
         return 1
     return 0
+
+
+def disk_full_message(e: OSError, out: str | os.PathLike) -> str:
+    """What a full disk (ENOSPC) means for the run in `out`: the path written,
+    the space free there and about what one more shard needs (its largest
+    committed shard so far), and that the run resumes."""
+    path = Path(e.filename) if e.filename else Path(out)
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    sizes: dict[str, int] = {}
+    for f in Path(out).glob("shard-*"):
+        if f.is_file():
+            shard = f.name.split(".", 1)[0]
+            sizes[shard] = sizes.get(shard, 0) + f.stat().st_size
+    need = (f"a shard of this run takes about {max(sizes.values()):,} bytes (its largest so far)"
+            if sizes else "no shard was finished yet, so one shard needs more than that")
+    return (f"no space left on the disk of {path} ({free:,} bytes free); {need}. Every finished "
+            f"shard is kept: free space (or use another --out) and run the same command to resume")
 
 
 def nothing_extracted(s: dict) -> bool:
