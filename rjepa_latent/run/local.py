@@ -354,5 +354,5 @@ def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> None:
             q.put(item, timeout=0.1)
             return
         except queue.Full:
-            if not worker.is_alive():
-                raise RuntimeError("writer thread ended unexpectedly")
+            if not worker.is_alive():   # it may have failed while we waited: its error first
+                raise worker.error or RuntimeError("writer thread ended unexpectedly")
