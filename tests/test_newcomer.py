@@ -39,6 +39,17 @@ def test_readme_example_runs_verbatim(tmp_path):
     manifest = json.loads((tmp_path / "runs" / "word_problems" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["items"] == 42
     assert manifest["totals"]["errors"] == 0
+    # the DataLoader example of "Training on the latents", on that run, as written
+    pytest.importorskip("torch")
+    text = README.read_text(encoding="utf-8").split("## Training on the latents", 1)[1]
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    script.write_text(block + "\nprint('batch', tuple(z.shape), tuple(mask.shape), len(pairs.dataset))\n",
+                      encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shape = re.search(r"batch \((\d+), (\d+), 576\) \((\d+), (\d+)\) (\d+)", r.stdout)
+    assert shape and shape.group(1) == shape.group(3) and shape.group(2) == shape.group(4), r.stdout
 
 
 def test_readme_names_only_files_that_exist():

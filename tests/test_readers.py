@@ -87,6 +87,23 @@ def test_dataloader_with_workers(runs):
     assert sum(len(b["id"]) for b in pairs) == len(StepPairs(runs["float32"]))
 
 
+def test_a_plain_dataloader_batches_records_of_different_lengths(runs):
+    """`DataLoader(LatentDataset(run), batch_size=8)` as a user first writes it
+    (no collate_fn): the batches are collate_steps's, padded with a mask; and
+    `.loader()` gives the same, with workers too."""
+    ds = LatentDataset(runs["float32"], layer=-2)
+    n = [ds[i]["num_steps"] for i in range(len(ds))]
+    assert len(set(n[:8])) > 1   # the records differ in length: torch.stack alone would fail
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=8))
+    assert [b["latents"].shape[0] for b in plain] == [8, 2]
+    assert plain[0]["latents"].shape == (8, max(n[:8]), 64)
+    assert plain[0]["mask"].sum(1).tolist() == n[:8] and plain[0]["id"] == [f"r{i}" for i in range(8)]
+    helper = list(ds.loader(batch_size=8, num_workers=2))
+    for a, b in zip(plain, helper):
+        assert a["id"] == b["id"] and torch.equal(a["latents"], b["latents"])
+        assert torch.equal(a["mask"], b["mask"])
+
+
 def test_step_pairs(runs):
     ref = _reference(runs["float32"], 0)
     for offset in (1, 2):
