@@ -166,6 +166,18 @@ def test_parquet_export_reads_back_everywhere(runs, tmp_path):
     assert json.loads(t.schema.metadata[b"rjepa_latent"])["layer"] == 1
 
 
+def test_parquet_export_names_the_layer_as_the_default_does(runs, tmp_path, capsys):
+    """--layer -1 on a 3-layer model is hidden-state index 3: the line says 3
+    (as the default's line says the stored index), with what was given."""
+    from rjepa_latent.cli import main
+    assert main(["export", str(runs["float32"]), "--format", "parquet", "--out",
+                 str(tmp_path / "a.parquet"), "--layer", "-1"]) == 0
+    assert "(layer 3 = --layer -1, pooling mean)" in capsys.readouterr().out
+    assert main(["export", str(runs["float32"]), "--format", "parquet", "--out",
+                 str(tmp_path / "b.parquet")]) == 0
+    assert "(layer 2, pooling mean)" in capsys.readouterr().out
+
+
 def test_npy_export(runs, tmp_path):
     from rjepa_latent.cli import main
     out = tmp_path / "npy"
