@@ -458,3 +458,19 @@ def test_disk_full_names_the_path_and_the_space_needed(model_dir, tmp_path, caps
     assert f"no space left on the disk of {tmp_path / 'run' / 'shard-00001.safetensors'}" in err, err
     assert "bytes free" in err and "a shard of this run takes about" in err and "resume" in err
     assert "[Errno 28]" not in err
+
+
+def test_device_errors_speak_the_cli_spelling(model_dir, tmp_path, capsys, monkeypatch):
+    """The engine's DeviceError says `use device='cpu'` (the Python spelling);
+    the command line says `--device cpu`."""
+    from rjepa_latent.run import local as rl_local
+
+    def no_gpu(*a, **k):
+        raise rl.DeviceError("cuda:0: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and "
+                             "nvidia-smi, or use device='cpu')")
+    monkeypatch.setattr(rl_local, "Model", no_gpu)
+    (tmp_path / "d.jsonl").write_bytes(jl())
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cuda",
+                   "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "or use --device cpu)" in err and "device='cpu'" not in err, err

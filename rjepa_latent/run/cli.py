@@ -13,7 +13,7 @@ from ..inputs.segment import DEFAULT_STEP_REGEX, SEGMENT_RULES
 from ..store.files import STORE_DTYPES
 from .driver import NothingExtracted
 from .local import extract_dataset
-from .report import disk_full_message, format_summary, report_run
+from .report import cli_spelling, disk_full_message, format_summary, report_run
 from .spec import AUTO, DEFAULT_SHARD_SIZE, _unescape
 
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rjepa-latent extract: error: {text}", file=sys.stderr)
         return 2
     except (StoreError, ModelFormatError, ValueError, RuntimeError) as e:
-        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+        print(f"rjepa-latent extract: error: {cli_spelling(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # finished shards are listed; run the same command to resume
         print(f"\nrjepa-latent extract: interrupted; {args.out} keeps every finished shard: "

@@ -56,6 +56,18 @@ def disk_full_message(e: OSError, out: str | os.PathLike) -> str:
             f"shard is kept: free space (or use another --out) and run the same command to resume")
 
 
+_PYTHON_SPELLINGS = {"device='cpu'": "--device cpu", "device='cuda'": "--device cuda",
+                     "max_batch_tokens=": "--max-batch-tokens "}
+
+
+def cli_spelling(text: str) -> str:
+    """A message of the Python API in the words of the command line: the
+    engine says `use device='cpu'`, a shell user types `--device cpu`."""
+    for python, cli in _PYTHON_SPELLINGS.items():
+        text = text.replace(python, cli)
+    return text
+
+
 def nothing_extracted(s: dict) -> bool:
     """No item: the inputs hold no record, or this worker's shards hold only errors."""
     return s["items"] == 0 and (not s["records"] or s["shards_total"] > 0)
