@@ -11,7 +11,8 @@ JSON is read here first and its token ids checked against sane bounds:
   0 .. (number of tokens + `ID_SLACK`), so a file cannot ask for an id table
   far larger than itself;
 - two different tokens never share an id (an added token may repeat its
-  vocabulary entry);
+  vocabulary entry; one with another entry's id is not loaded at that id by
+  the library, which gives it a new one: the file and the ids would disagree);
 - the post-processor (`TemplateProcessing`, `BertProcessing`,
   `RobertaProcessing`, nested in `Sequence`) names only special tokens it
   defines, and their ids are ids of the vocabulary.
