@@ -162,6 +162,32 @@ def test_step_latents_equal_the_stored_latents(clusters, setup, batch_format):
         assert row["latents_L1"] is None and row["token_spans"] is None and row["num_steps"] is None
 
 
+def test_step_latents_ids_without_an_id_column(tiny_model_dir):
+    """No cluster: GSM8K-shaped rows (no id) get a stable id from their content,
+    the same in any batch and in either batch format, and are extracted;
+    `id_column=` names the id; an empty id_column is an error row."""
+    import pyarrow as pa
+    from rjepa_latent.integrations.ray_data import content_id
+    rows = [{"question": "Tom has 3.", "answer": "3 + 4 = 7.\n#### 7"},
+            {"question": "Ann has 2.", "answer": "2 + 2 = 4.\n#### 4"}]
+    sl = rlray.StepLatents(str(tiny_model_dir("llama")), layers=[-1], threads=1)
+    both = sl(pa.Table.from_pylist(rows))
+    assert both.column("error").to_pylist() == [None, None]
+    ids = both.column("id").to_pylist()
+    assert ids == [content_id(r) for r in rows] and ids[0] != ids[1] and ids[0].startswith("sha256:")
+    assert sl(pa.Table.from_pylist(rows[1:])).column("id").to_pylist() == ids[1:]
+    as_numpy = sl({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    assert as_numpy.column("id").to_pylist() == ids
+    np.testing.assert_array_equal(np.asarray(as_numpy.column("latents")[0].as_py(), np.float32),
+                                  np.asarray(both.column("latents")[0].as_py(), np.float32))
+    named = rlray.StepLatents(str(tiny_model_dir("llama")), layers=[-1], threads=1, id_column="qid")
+    t = named(pa.Table.from_pylist([{**rows[0], "qid": 17}, {**rows[1], "qid": None}]))
+    assert t.column("id").to_pylist() == ["17", None]
+    assert t.column("error").to_pylist()[0] is None and "id column 'qid' is empty" in t.column("error")[1].as_py()
+    with pytest.raises(ValueError, match="id_column"):
+        rlray.StepLatents(str(tiny_model_dir("llama")), id_column="")
+
+
 def test_step_latents_takes_a_path_and_one_span_pooling(model_of, tiny_model_dir):
     with pytest.raises(TypeError, match="checkpoint path, not a Model"):
         rlray.StepLatents(model_of("llama"))
