@@ -303,11 +303,32 @@ def test_cli_refuses_ray_options_without_ray_and_single_process_options_with_it(
     base = ["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"]
     assert cli.main(base + ["--workers", "2"]) == 2
     assert "--workers need --ray" in capsys.readouterr().err
-    for extra, what in ((["--device", "cpu"], "--device does not go with --ray"),
+    for extra, what in ((["--device", "cuda:1"], "--device cuda:1 does not go with --ray"),
+                        (["--device", "cpu", "--gpus-per-worker", "1"], "--device cpu (CPU workers) does not go"),
+                        (["--device", "cuda", "--gpus-per-worker", "0"], "--device cuda (a GPU per worker)"),
+                        (["--threads", "2"], "--threads does not go with --ray"),
                         (["--part", "1/2"], "--part does not go with --ray")):
         assert cli.main(base + ["--ray", *extra]) == 2
         assert what in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_device_with_ray_means_cpu_or_gpu_workers(setup, tmp_path, monkeypatch):
+    """--device as without Ray: cpu -> CPU workers (0 GPUs each), cuda -> one GPU
+    per worker, or the --gpus-per-worker given; no --device leaves Ray's default."""
+    from rjepa_latent import cli
+    from rjepa_latent.run import ray_cli
+    model, data, *_ = setup
+    seen = []
+
+    def fake_extract(*a, **k):
+        seen.append(k["gpus_per_worker"])
+        raise ValueError("stop here")
+    monkeypatch.setattr(ray_cli, "extract", fake_extract)
+    base = ["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress", "--ray"]
+    for extra in (["--device", "cpu"], ["--device", "cuda"], ["--device", "cuda", "--gpus-per-worker", "2"], []):
+        assert cli.main(base + extra) == 2
+    assert seen == [0, 1, 2, None]
 
 
 def test_without_ray_an_import_error_names_the_extra(setup, tmp_path, monkeypatch, capsys):
