@@ -204,7 +204,7 @@ def test_reader_errors(runs, tmp_path, monkeypatch, capsys):
     assert "not in this run" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--format", "npy", "--out", str(tmp_path / "y")]) == 2
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(ImportError, match=r"rjepa_latent\[parquet\]"):
+    with pytest.raises(ImportError, match=r"pip install .pyarrow>=14."):
         rl_read.arrow_table(rl.open_latents(runs["float32"]))
 
 
