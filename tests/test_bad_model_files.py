@@ -1,7 +1,8 @@
 """Bad model files, as a table: each case edits the config.json or the
 tokenizer.json of the tiny llama checkpoint and loads it in a subprocess under
 a 2 GiB address-space limit and a time limit. The outcome must be a
-ModelFormatError naming the file and the key (its words), within a second or
+ModelFormatError naming the file (the directory, where sizes are refused
+against the tensors) and the key (its words), within a second or
 so; never another exception, a Rust panic, an abort or a hang."""
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class Case:
     edit: Callable | None = None                # edits the parsed JSON in place
     text: str | None = None                     # or: the file's whole text
     words: tuple = ()
+    names_dir: bool = False                     # refused against the tensors: names the directory
 
 
 CASES = [
@@ -106,8 +108,15 @@ CASES = [
          words=("'hidden_size'", str(2 ** 63))),
     Case("hidden_size_2_63", "config.json", _set("hidden_size", 2 ** 63), words=("'hidden_size'",)),
     Case("layers_2_40", "config.json", _set("num_hidden_layers", 2 ** 40),
-         words=("'num_hidden_layers'",)),
-    Case("vocab_2_40", "config.json", _set("vocab_size", 2 ** 40), words=("'vocab_size'",)),
+         words=("num_hidden_layers=1099511627776", "holds only"), names_dir=True),
+    Case("mistral_layers_2_40", "config.json",
+         lambda c: c.update(model_type="mistral", num_hidden_layers=2 ** 40, sliding_window=64),
+         words=("'num_hidden_layers'", "more than 4096")),
+    Case("mistral_hidden_size_2_40", "config.json",
+         lambda c: c.update(model_type="mistral", hidden_size=2 ** 40, sliding_window=64),
+         words=("hidden_size=1099511627776",), names_dir=True),
+    Case("vocab_2_40", "config.json", _set("vocab_size", 2 ** 40), words=("vocab_size=1099511627776",),
+         names_dir=True),
     Case("mistral_window_2_63", "config.json",
          lambda c: c.update(model_type="mistral", sliding_window=2 ** 63), words=("'sliding_window'",)),
     Case("positions_a_string", "config.json", _set("max_position_embeddings", "4096"),
@@ -158,7 +167,7 @@ def test_bad_model_file(case: Case, good_dir, tmp_path):
     outcome = [x for x in proc.stdout.splitlines() if x.startswith("OUTCOME ")][-1][8:]
     seconds = float([x for x in proc.stdout.splitlines() if x.startswith("SECONDS ")][-1][8:])
     assert outcome.startswith("ModelFormatError "), outcome
-    assert str(target) in outcome, outcome
+    assert (f"{work}:" if case.names_dir else str(target)) in outcome, outcome
     for word in case.words:
         assert word in outcome, (word, outcome)
     assert seconds < 5, seconds

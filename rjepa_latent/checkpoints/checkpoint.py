@@ -104,16 +104,18 @@ def _req(raw: dict, key: str, where: str) -> Any:
     return raw[key]
 
 
-# Bounds on config.json sizes: far above any real model, low enough that every
-# product the loaders and the C core form stays inside int64 and no list
-# sized by them (one entry per layer) can exhaust memory.
+# Bounds on config.json sizes. Every size must fit the C core's int64; a size
+# above the MAX_* (far above any real model) is refused by the tensor checks
+# (check_config_sizes: "the checkpoint holds only ..."), so the core is not
+# asked about it before, and a config whose layers get one list entry each (a
+# sliding window) is refused at once.
+INT64_MAX = (1 << 63) - 1
 MAX_DIM = 1 << 24
 MAX_LAYERS = 1 << 12
 MAX_VOCAB = (1 << 31) - 1      # token ids are int32
-MAX_POSITIONS = 1 << 40
 
 
-def _pos_int(value: Any, key: str, where: str, limit: int = MAX_DIM) -> int:
+def _pos_int(value: Any, key: str, where: str, limit: int = INT64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ModelFormatError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
     if value > limit:
@@ -236,13 +238,12 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     family = arch.for_hf_config(raw, where)
     d = _pos_int(_req(raw, "hidden_size", where), "hidden_size", where)
     ff = _pos_int(_req(raw, "intermediate_size", where), "intermediate_size", where)
-    n_layers = _pos_int(_req(raw, "num_hidden_layers", where), "num_hidden_layers", where,
-                        MAX_LAYERS)
+    n_layers = _pos_int(_req(raw, "num_hidden_layers", where), "num_hidden_layers", where)
     nh = _pos_int(_req(raw, "num_attention_heads", where), "num_attention_heads", where)
-    vocab = _pos_int(_req(raw, "vocab_size", where), "vocab_size", where, MAX_VOCAB)
+    vocab = _pos_int(_req(raw, "vocab_size", where), "vocab_size", where)
     positions = raw.get("max_position_embeddings")
     if positions is not None:
-        _pos_int(positions, "max_position_embeddings", where, MAX_POSITIONS)
+        _pos_int(positions, "max_position_embeddings", where)
     nkv = _pos_int(raw.get("num_key_value_heads") or nh, "num_key_value_heads", where)
     hd = raw.get("head_dim") or d // nh
     hd = _pos_int(hd, "head_dim", where)
@@ -252,6 +253,8 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     if hd % 2:
         raise ModelFormatError(f"{where}: head_dim={hd} must be even for RoPE")
     window = _sliding_window(raw, family, where)
+    if window is not None:   # engine_config lists each layer's window
+        _pos_int(n_layers, "num_hidden_layers", where, MAX_LAYERS)
     variants = check_variants(family.hf_variants(raw, where), n_layers, window, where)
     types = family.hf_layer_types(raw, window, where)
     if types is not None:
@@ -284,6 +287,10 @@ def check_engine_rules(public: dict, where: str) -> None:
     against the tensors later (check_config_sizes), with better messages."""
     if not public.get("sliding_window"):
         return
+    if (max(public["hidden_size"], public["intermediate_size"], public["head_dim"],
+            public["num_heads"] * public["head_dim"]) > MAX_DIM or public["vocab_size"] > MAX_VOCAB
+            or public["num_layers"] > MAX_LAYERS):
+        return   # no model is that large: check_config_sizes refuses it against the tensors
     try:
         _core.tensor_layout(engine_config(public, public["num_layers"]))
     except ValueError as e:
