@@ -1,7 +1,8 @@
-"""`rjepa-latent` console script. Each subcommand lives in the module that owns
-its concern and exposes `add_arguments(parser)` and `run(args) -> int`."""
+"""`rjepa-latent` console script: one subcommand per concern, each in the
+module that owns it, exposing `add_arguments(parser)` and `run(args) -> int`."""
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -37,17 +38,33 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
+DESCRIPTION = ("Extract pooled hidden states (step latents) of chains of thought from a decoder "
+               "LLM into a resumable run directory, and inspect, verify and export them.")
+EPILOG = ("Run `rjepa-latent COMMAND --help` for a command's options. A first try: "
+          "`rjepa-latent demo`; then `rjepa-latent extract data.jsonl --out run/`.")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rjepa-latent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rjepa-latent", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
     modules = {}
     for name, (modname, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(modname)
         mod.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         modules[name] = mod
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    try:
+        status = int(modules[args.command].run(args) or 0)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # the reader of our output left (`rjepa-latent info run | head -1`): stop
+        # quietly, as other command-line tools do, and keep Python's own
+        # flush at exit from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

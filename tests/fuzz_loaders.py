@@ -1,6 +1,7 @@
-"""Fuzz both model loaders: mutate a tiny safetensors checkpoint and a tiny
-GGUF file, load every mutant (rl.Model(..., device="cpu") and one forward) in
-a pool of subprocesses, and count what happened:
+"""Fuzz the model loaders: mutate a tiny safetensors checkpoint, a tiny GGUF
+file, and the checkpoint's config.json and tokenizer.json; load every mutant
+(rl.Model(..., device="cpu"), one forward, one text tokenized) in a pool of
+subprocesses, and count what happened:
 
   loaded       the mutant loaded and ran a forward
   refused      ModelFormatError (the clean refusal), or another named Python
@@ -12,7 +13,10 @@ a pool of subprocesses, and count what happened:
 Mutations: byte flips, truncations, inserted bytes, deleted bytes, little-endian
 integers overwritten with boundary values, and edits of the header itself (the
 safetensors JSON: shapes, offsets, dtypes, names; GGUF: counts, lengths,
-types). Mutant i of a run is a pure function of (--seed, i), so a failure is
+types); for config.json and tokenizer.json, edits of the parsed JSON at a
+random place (a value replaced by a boundary number or a value of another
+type, a key deleted or renamed, a value nested deeply, a token's id moved onto
+another's). Mutant i of a run is a pure function of (--seed, i), so a failure is
 reproduced with `--only i`.
 
     python tests/fuzz_loaders.py --n 10000          # table; exit 1 on a crash or hang
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("safetensors", "gguf")
+KINDS = ("safetensors", "gguf", "config", "tokenizer")
 BOUNDARY = (0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
             0x7FFFFFFFFFFFFFFF, 0x8000000000000000, 0xFFFFFFFFFFFFFFFF)
 
@@ -91,6 +95,23 @@ def write_safetensors_seed(directory: Path) -> Path:
     h += b" " * (-len(h) % 8)
     path = directory / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    return path
+
+
+def write_tokenizer_seed(path: Path) -> Path:
+    """A small byte-level BPE tokenizer.json with two added specials and a
+    template post-processor, as HF checkpoints carry."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["she sold 48 clips in April and half as many in May"] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 0)])
+    tok.save(str(path))
     return path
 
 
@@ -257,13 +278,74 @@ def _edit_gguf_header(data: bytearray, rng: random.Random) -> bytearray:
     return data
 
 
+_WEIRD_JSON = (0, -1, 1, 2 ** 31, 2 ** 31 - 1, 2 ** 32 + 1, 2 ** 63, 2 ** 64, 10 ** 30, -2 ** 63,
+               1.5, 1e308, float("inf"), float("nan"), "7", "", None, True, [], {}, [1, 2], {"a": 1},
+               "llama", "mistral", "<s>")
+
+
+def _edit_json(data: bytearray, rng: random.Random) -> bytearray:
+    """One structural edit of a JSON file at a random place: walk down a
+    random path, then replace, delete, rename or add a key (or list item),
+    nest a value deeply, or give a token the id of another."""
+    try:
+        root = json.loads(bytes(data))
+    except ValueError:
+        return data
+    node = root
+    while rng.random() < 0.65:
+        children = [v for v in (node.values() if isinstance(node, dict) else node)
+                    if isinstance(v, (dict, list)) and v]
+        if not children:
+            break
+        node = rng.choice(children)
+    keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+    if not keys:
+        return data
+    key = rng.choice(keys)
+    op = rng.randrange(7)
+    if op <= 2:
+        node[key] = rng.choice(_WEIRD_JSON)
+    elif op == 3:
+        del node[key]
+    elif op == 4 and isinstance(node, dict):
+        node[str(key) + rng.choice(["_", "x", "\u0000"])] = node.pop(key)
+    elif op == 4:
+        node.insert(key, rng.choice(_WEIRD_JSON))
+    elif op == 5:
+        depth = rng.choice((50, 500, 5000, 100_000))
+        return bytearray(_nest(root, node, key, depth))
+    else:
+        other = rng.choice(keys)
+        node[key] = node[other]
+    try:
+        return bytearray(json.dumps(root).encode())
+    except (TypeError, ValueError):
+        return data
+
+
+def _nest(root, node, key, depth: int) -> bytes:
+    """`root` as JSON with node[key] wrapped in `depth` lists (json.dumps
+    itself would recurse that deep)."""
+    marker = "\u0001NEST\u0001"
+    value = node[key]
+    node[key] = marker
+    text = json.dumps(root)
+    node[key] = value
+    return text.replace(json.dumps(marker), "[" * depth + json.dumps(value) + "]" * depth, 1).encode()
+
+
 def mutate(seed: bytes, kind: str, rng: random.Random) -> tuple[bytearray, str]:
     data = bytearray(seed)
     if kind == "safetensors":
         end = 8 + struct.unpack("<Q", seed[:8])[0]
-    else:
+    elif kind == "gguf":
         end = _gguf_header_end(seed)
-    op = rng.choice(("flip", "flip", "truncate", "insert", "delete", "int", "header", "header"))
+    else:
+        end = len(seed)
+    ops = ("flip", "flip", "truncate", "insert", "delete", "int", "header", "header")
+    if kind in ("config", "tokenizer"):   # mostly still JSON: the checks past the parser
+        ops = ("flip", "truncate", "insert", "delete", "int") + ("header",) * 7
+    op = rng.choice(ops)
     near = lambda: rng.randrange(0, end) if rng.random() < 0.7 else rng.randrange(0, len(data))  # noqa: E731
     if op == "flip":
         for _ in range(rng.randint(1, 8)):
@@ -284,19 +366,29 @@ def mutate(seed: bytes, kind: str, rng: random.Random) -> tuple[bytearray, str]:
         data[p:p + width] = (v & (2 ** (8 * width) - 1)).to_bytes(width, "little")
     elif kind == "safetensors":
         data = _edit_st_header(data, rng)
-    else:
+    elif kind == "gguf":
         data = _edit_gguf_header(data, rng)
+    else:
+        data = _edit_json(data, rng)
     return data, op
 
 
 def mutant(seeds: dict[str, bytes], run_seed: int, i: int) -> tuple[str, bytearray, str]:
     rng = random.Random(run_seed * 1_000_003 + i)
-    kind = KINDS[i % 2]
+    kind = KINDS[i % len(KINDS)]
     data, op = mutate(seeds[kind], kind, rng)
     return kind, data, op
 
 
 # ---------------------------------------------------------------- the worker
+
+def read_seeds(seed_dir: Path) -> dict[str, bytes]:
+    st = seed_dir / "st"
+    return {"safetensors": (st / "model.safetensors").read_bytes(),
+            "gguf": (seed_dir / "model.gguf").read_bytes(),
+            "config": (st / "config.json").read_bytes(),
+            "tokenizer": (st / "tokenizer.json").read_bytes()}
+
 
 def worker(seed_dir: str, run_seed: int, indices: list[int], alarm_s: int) -> None:
     """Loads mutants `indices` in turn; one line per mutant on stdout:
@@ -309,21 +401,25 @@ def worker(seed_dir: str, run_seed: int, indices: list[int], alarm_s: int) -> No
     signal.signal(signal.SIGALRM, signal.SIG_DFL)   # the default action ends the process
     warnings.simplefilter("ignore")
     import rjepa_latent as rl
-    seed_dir_p = Path(seed_dir)
-    seeds = {"safetensors": (seed_dir_p / "st" / "model.safetensors").read_bytes(),
-             "gguf": (seed_dir_p / "model.gguf").read_bytes()}
+    seeds = read_seeds(Path(seed_dir))
     work = Path(tempfile.mkdtemp(prefix="fuzz-"))
     st_dir = work / "st"
     st_dir.mkdir()
-    (st_dir / "config.json").write_bytes((seed_dir_p / "st" / "config.json").read_bytes())
+    st_files = {"safetensors": "model.safetensors", "config": "config.json",
+                "tokenizer": "tokenizer.json"}
     # the harness's own check: FUZZ_SELFTEST="crash=3,hang=5" makes mutant 3
     # die by SIGSEGV and mutant 5 sleep past the alarm
     selftest = dict(kv.split("=") for kv in os.environ.get("FUZZ_SELFTEST", "").split(",") if kv)
     out = sys.stdout
     for i in indices:
         kind, data, _ = mutant(seeds, run_seed, i)
-        target = st_dir / "model.safetensors" if kind == "safetensors" else work / "m.gguf"
-        target.write_bytes(bytes(data))
+        if kind == "gguf":
+            target = work / "m.gguf"
+            target.write_bytes(bytes(data))
+        else:   # the mutated file beside the other two seed files
+            target = st_dir
+            for k, name in st_files.items():
+                (st_dir / name).write_bytes(bytes(data) if k == kind else seeds[k])
         out.write(f"BEGIN {i}\n")
         out.flush()
         signal.alarm(alarm_s)
@@ -332,9 +428,10 @@ def worker(seed_dir: str, run_seed: int, indices: list[int], alarm_s: int) -> No
         if selftest.get("hang") == str(i):
             time.sleep(alarm_s + 60)
         try:
-            m = rl.Model(st_dir if kind == "safetensors" else target, device="cpu",
-                         max_batch_tokens=32)
+            m = rl.Model(target, device="cpu", max_batch_tokens=32)
             m.extract([[1, 2, 3, 4]], layers=(0, -1))
+            if m.tokenizer is not None:
+                rl.encode_steps(m, "she sold", ["48 clips", "in May"])
             del m
             outcome = "loaded"
         except rl.ModelFormatError as e:
@@ -408,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(argv[1], int(argv[2]), [int(x) for x in argv[3].split(",")], int(argv[4]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=1000, help="mutants (half each format)")
+    ap.add_argument("--n", type=int, default=1000, help="mutants (a quarter each kind)")
     ap.add_argument("--seed", type=int, default=0, help="run seed (mutant i is f(seed, i))")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch", type=int, default=0, help="mutants per subprocess (0: n/jobs/4)")
@@ -423,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="fuzz-seeds-")
     seed_dir = Path(tmp.name)
     write_safetensors_seed(seed_dir / "st")
+    write_tokenizer_seed(seed_dir / "st" / "tokenizer.json")
     write_gguf_seed(seed_dir / "model.gguf")
     indices = args.only if args.only else list(range(args.n))
     batch = args.batch or max(1, min(250, -(-len(indices) // (args.jobs * 4))))
@@ -435,8 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(f.result())
     elapsed = time.time() - t0
 
-    seeds = {"safetensors": (seed_dir / "st" / "model.safetensors").read_bytes(),
-             "gguf": (seed_dir / "model.gguf").read_bytes()}
+    seeds = read_seeds(seed_dir)
     table: dict[str, collections.Counter] = {k: collections.Counter() for k in KINDS}
     cats: dict[str, collections.Counter] = {k: collections.Counter() for k in KINDS}
     bad = []
@@ -456,15 +553,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                        _category(o), o))
     print(f"{len(results)} mutants in {elapsed:.1f} s ({args.jobs} jobs, batches of {batch}, "
           f"alarm {args.alarm} s, seed {args.seed})")
-    print(f"{'outcome':<34}{'safetensors':>12}{'gguf':>8}{'total':>8}")
+    print(f"{'outcome':<34}" + "".join(f"{k:>12}" for k in KINDS) + f"{'total':>8}")
     for o in rows:
         label = o if _category(o) != "refused" or o == "ModelFormatError" else f"{o} (other)"
-        print(f"{label:<34}{table['safetensors'][o]:>12}{table['gguf'][o]:>8}"
-              f"{table['safetensors'][o] + table['gguf'][o]:>8}")
-    print("-" * 62)
+        print(f"{label:<34}" + "".join(f"{table[k][o]:>12}" for k in KINDS)
+              + f"{sum(table[k][o] for k in KINDS):>8}")
+    print("-" * (42 + 12 * len(KINDS)))
     for c in ("loaded", "refused", "crash", "hang"):
-        print(f"{c:<34}{cats['safetensors'][c]:>12}{cats['gguf'][c]:>8}"
-              f"{cats['safetensors'][c] + cats['gguf'][c]:>8}")
+        print(f"{c:<34}" + "".join(f"{cats[k][c]:>12}" for k in KINDS)
+              + f"{sum(cats[k][c] for k in KINDS):>8}")
     for i, kind, op, outcome in bad[:20]:
         print(f"  FAIL mutant {i} ({kind}, {op}): {outcome}   rerun: --seed {args.seed} --only {i} -v")
     if args.json:

@@ -346,7 +346,7 @@ def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     # records are streamed: what remains is known once they are read, so it is said at the end
     assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records)" in err
-    assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shards (2 records) remained" in err
+    assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shard (2 records) remained" in err
 
 
 def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsys):
@@ -358,6 +358,11 @@ def test_exit_1_when_every_record_fails_after_reading(model_dir, tmp_path, capsy
     assert cli_main(args) == 1
     std = capsys.readouterr()
     assert "nothing was extracted: all 2 records are errors" in std.err and "new --out" in std.err
+    # one reason in full (the kinds hide their particulars), and where all of them are
+    assert "the first in full: data.jsonl line 1: text has " in std.err.replace("d.jsonl", "data.jsonl")
+    assert f"every reason is in {tmp_path / 'run' / 'errors.jsonl'}" in std.err
+    assert "run: 0 items, 0 steps, 2 errors; 1 shard written this run" in std.out, std.out
+    assert "[0/1]" not in std.out
     assert "0 items" in std.out and ("errors by reason: 1 x text has N characters, so more than --max-tokens N "
                                      "tokens; 1 x text has N tokens, more than --max-tokens N. Each") in std.out
     assert cli_main(args) == 1          # the finished run says the same
@@ -382,3 +387,90 @@ def test_error_kinds_group_reasons_without_their_particulars():
     assert line == ("\n  errors by reason: 7 x kindg N; 6 x kindf N; 5 x kinde N; 4 x kindd N; 3 x kindc N; "
                     "3 more of 2 other kinds. Each record's reason is in run/errors.jsonl")
     assert format_errors({"errors": 0, "error_kinds": {}, "errors_file": "x"}) == ""
+
+
+def test_an_early_stop_shows_one_reason_in_full(model_dir, tmp_path, capsys):
+    """The kinds hide the particulars ("fields ['…', '…']"); the message also
+    gives the first reason in full, so the field names are seen."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"a": 1, "b": 2}\n{"a": 3, "b": 4}\n')
+    assert cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                     "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot tell the format from the fields ['…', '…']" in err
+    assert "The first in full: d.jsonl line 1: cannot tell the format from the fields ['a', 'b']" in err
+    assert f"in {tmp_path / 'run' / 'errors.jsonl'}" in err
+
+
+def test_a_resumed_progress_bar_counts_the_kept_records(model_dir, tmp_path, capsys, monkeypatch):
+    """--limit 6 in shards of 2, stopped after 2 shards: the resumed bar starts
+    at 4 and ends at 6/6 (100%), not at 2/6."""
+    from rjepa_latent.run import local as rl_local
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(9)]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
+    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+            "--out", str(tmp_path / "run"), "--shard-size", "2", "--limit", "6"]
+    compute = interrupt_at_shard(monkeypatch, 2)
+    assert cli_main(args) == 130
+    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    err = capsys.readouterr().err
+    assert "4/6" in err and "6/6" in err and "100%" in err, err
+    assert "0/6" not in err and "2/6" not in err, err
+
+
+def test_layers_out_of_range_are_refused_before_the_model_load(model_dir, tmp_path, capsys, monkeypatch):
+    """--layers 99 is checked against config.json: exit 2, the valid range named,
+    and no Model is built (no weights read)."""
+    from rjepa_latent.run import local as rl_local
+    (tmp_path / "d.jsonl").write_bytes(jl())
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --layers was checked")
+    monkeypatch.setattr(rl_local, "Model", no_load)
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                   "--no-progress", "--out", str(tmp_path / "run"), "--layers", "99"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "layer index 99 is out of range" in err and "-4..3" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_names_the_path_and_the_space_needed(model_dir, tmp_path, capsys, monkeypatch):
+    """ENOSPC while a shard is committed: exit 2, the message names the file,
+    the bytes free there and about what a shard takes, and says the run resumes."""
+    import errno
+    import os
+    from rjepa_latent.run import worker as rl_worker
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(6)]
+    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
+    commit = rl_worker.ShardWorker.commit
+
+    def full(self, job):   # the disk fills once the first shard is committed
+        if list((tmp_path / "run").glob("shard-*.safetensors")):
+            path = tmp_path / "run" / "shard-00001.safetensors"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return commit(self, job)
+    monkeypatch.setattr(rl_worker.ShardWorker, "commit", full)
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
+                   "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"no space left on the disk of {tmp_path / 'run' / 'shard-00001.safetensors'}" in err, err
+    assert "bytes free" in err and "a shard of this run takes about" in err and "resume" in err
+    assert "[Errno 28]" not in err
+
+
+def test_device_errors_speak_the_cli_spelling(model_dir, tmp_path, capsys, monkeypatch):
+    """The engine's DeviceError says `use device='cpu'` (the Python spelling);
+    the command line says `--device cpu`."""
+    from rjepa_latent.run import local as rl_local
+
+    def no_gpu(*a, **k):
+        raise rl.DeviceError("cuda:0: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and "
+                             "nvidia-smi, or use device='cpu')")
+    monkeypatch.setattr(rl_local, "Model", no_gpu)
+    (tmp_path / "d.jsonl").write_bytes(jl())
+    rc = cli_main(["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cuda",
+                   "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "or use --device cpu)" in err and "device='cpu'" not in err, err

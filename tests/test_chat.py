@@ -81,8 +81,11 @@ def test_render_equals_transformers_and_ranges_are_exact(name, think, system):
                                                       system=system)
         assert t.render(msgs) == _hf_render(t.source, msgs, t.special_tokens)
         if think and name != "qwen3":   # a template without reasoning drops the steps: an error
-            with pytest.raises(chat.ChatTemplateError, match="not in the rendered text"):
+            with pytest.raises(chat.ChatTemplateError, match="not in the rendered text") as e:
                 t.render_steps(msgs, idx, field, ranges)
+            # says why (the reasoning is dropped) and what to use instead
+            assert "drops the assistant's reasoning (reasoning_content)" in str(e.value)
+            assert "use --chat to give the steps as the assistant's answer" in str(e.value)
             continue
         text, found = t.render_steps(msgs, idx, field, ranges)
         assert text == _hf_render(t.source, msgs, t.special_tokens)

@@ -3,7 +3,7 @@ load each result. Every iteration must either load (and run a forward) or
 raise ModelFormatError / ValueError; the loop runs in a subprocess so that a
 crash (segfault, abort) shows up as its exit status instead of killing pytest.
 tests/fuzz_loaders.py fuzzes both loaders (safetensors and GGUF) with more kinds
-of mutation; the last test runs 1,000 of its mutants."""
+of mutation; the last test runs 2,000 of its mutants."""
 from __future__ import annotations
 
 import json
@@ -72,21 +72,21 @@ def test_fuzz_flipped_bytes_never_crash(tiny_model_dir, tmp_path):
 
 
 def test_fuzz_both_loaders_no_crash_no_hang(tmp_path):
-    """tests/fuzz_loaders.py on 1,000 mutants (half safetensors, half GGUF: byte
-    flips, truncations, inserted / deleted bytes, boundary integers, header
-    edits), each loaded in a subprocess pool under a per-mutant alarm: every
+    """tests/fuzz_loaders.py on 2,000 mutants (a quarter each of safetensors,
+    GGUF, config.json and tokenizer.json: byte flips, truncations, inserted /
+    deleted bytes, boundary integers, header and JSON edits), each loaded in a subprocess pool under a per-mutant alarm: every
     one loads or raises a named exception; none crashes or hangs."""
     pytest.importorskip("gguf")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_loaders.py")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
          os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, script, "--n", "1000", "--jobs", "2", "--alarm", "10",
+    proc = subprocess.run([sys.executable, script, "--n", "2000", "--jobs", "2", "--alarm", "10",
                            "--json", "--keep", str(tmp_path / "bad")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     counts = json.loads([x for x in proc.stdout.splitlines() if x.startswith("FUZZJSON ")][-1][9:])
-    for kind in ("safetensors", "gguf"):
+    for kind in ("safetensors", "gguf", "config", "tokenizer"):
         c = counts[kind]
         assert c.get("crash", 0) == 0 and c.get("hang", 0) == 0, proc.stdout
         assert sum(c.values()) == 500, proc.stdout
@@ -126,7 +126,7 @@ def test_fuzz_harness_reports_crash_and_hang():
     that outlives the alarm as a hang, the mutants after them in the same
     worker still run, and the exit status is 1."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_loaders.py")
-    env = dict(os.environ, FUZZ_SELFTEST="crash=3,hang=6", PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, FUZZ_SELFTEST="crash=5,hang=8", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
          os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, script, "--n", "12", "--jobs", "1", "--batch", "12",
@@ -136,5 +136,5 @@ def test_fuzz_harness_reports_crash_and_hang():
     counts = json.loads([x for x in proc.stdout.splitlines() if x.startswith("FUZZJSON ")][-1][9:])
     assert counts["gguf"]["crash"] == 1 and counts["outcomes"]["gguf"]["crash(SIGSEGV)"] == 1
     assert counts["safetensors"]["hang"] == 1
-    assert sum(sum(counts[k].values()) for k in ("safetensors", "gguf")) == 12
-    assert "FAIL mutant 3 (gguf" in proc.stdout and "FAIL mutant 6 (safetensors" in proc.stdout
+    assert sum(sum(counts[k].values()) for k in ("safetensors", "gguf", "config", "tokenizer")) == 12
+    assert "FAIL mutant 5 (gguf" in proc.stdout and "FAIL mutant 8 (safetensors" in proc.stdout

@@ -154,3 +154,56 @@ def test_version():
         assert f"CUDA compiled in ({info['cuda_arch']})" in out
     else:
         assert "CUDA not compiled in (CPU only)" in out
+
+
+def test_every_stored_option_is_shown(model, data, tmp_path, capsys):
+    """A --limit run says so beside its counts, and every stored option of the
+    manifest (limit, ids, strip_annotations, segment ...) is a line of `info`."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("r0\nr1\nr2\n")
+    out = tmp_path / "run"
+    rl.extract_dataset(data, model, out, shard_size=4, progress=False, limit=5, ids=str(ids),
+                       strip_annotations=True, segment="lines")
+    stored = json.loads((out / "manifest.json").read_text())["config"]
+    assert cli_main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(--limit 5: the first 5 records of the input)" in text
+    for key in stored:
+        if key != "inputs":
+            assert f"\n  {key}: " in text, (key, text)
+    assert "  limit: 5" in text and "  strip_annotations: true" in text and "  segment: lines" in text
+    assert "  ids: 3 ids (sha256 " in text
+    r = inspect_run(out)
+    assert set(r["config"]) == set(stored) - {"inputs"}
+
+
+def test_chat_run_marks_the_unused_template():
+    from rjepa_latent.store.info import format_info
+    r = {"path": "run", "complete": True, "records_done": 1, "records_total": 1, "shards_done": 1,
+         "shards_total": 1, "items": 1, "steps": 1, "tokens": 5, "errors": 0, "errors_by_reason": [],
+         "parts": [], "inputs": [], "shard_kernels": [],
+         "config": {"chat": True, "chat_think": False, "system": None,
+                    "template": "{question}\n{steps}", "step_separator": "\n"}}
+    text = format_info(r)
+    assert "  chat: true" in text and "  chat_think: false" in text and "  system: null" in text
+    assert "  template: '{question}\\n{steps}' (not used: --chat renders the records)" in text
+
+
+def test_info_into_a_closed_pipe_is_quiet(model, data, tmp_path):
+    """`rjepa-latent info RUN | head -1`: the first line, no BrokenPipeError traceback."""
+    out = tmp_path / "run"
+    rl.extract_dataset(data, model, out, shard_size=4, progress=False)
+    r = subprocess.run(f"{sys.executable} -m rjepa_latent.cli info {out} | head -1", shell=True,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.stdout == f"run: {out}\n"
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_help_describes_the_tool_and_each_command():
+    code, text, err = cli("--help")
+    assert code == 0, err
+    assert "Extract pooled hidden states" in text and "lives in the module" not in text
+    from rjepa_latent.cli import SUBCOMMANDS
+    for name, (_, summary) in SUBCOMMANDS.items():
+        assert name in text and summary.split()[0] in text, name

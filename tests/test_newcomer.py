@@ -39,6 +39,17 @@ def test_readme_example_runs_verbatim(tmp_path):
     manifest = json.loads((tmp_path / "runs" / "word_problems" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["items"] == 42
     assert manifest["totals"]["errors"] == 0
+    # the DataLoader example of "Training on the latents", on that run, as written
+    pytest.importorskip("torch")
+    text = README.read_text(encoding="utf-8").split("## Training on the latents", 1)[1]
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    script.write_text(block + "\nprint('batch', tuple(z.shape), tuple(mask.shape), len(pairs.dataset))\n",
+                      encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shape = re.search(r"batch \((\d+), (\d+), 576\) \((\d+), (\d+)\) (\d+)", r.stdout)
+    assert shape and shape.group(1) == shape.group(3) and shape.group(2) == shape.group(4), r.stdout
 
 
 def test_readme_names_only_files_that_exist():
@@ -89,3 +100,32 @@ def test_build_says_when_cuda_is_skipped(tmp_path):
     assert r.returncode != 0
     assert "RJEPA_CUDA=0: building the CPU-only engine" in r.stderr, r.stderr[-2000:]
     assert "compiling the CUDA backend" not in r.stderr
+
+
+def _install_texts():
+    """(file, text) of everything a user reads an install line in: the README,
+    docs, the notebook, the package's messages and docstrings, the test runner."""
+    files = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+             *sorted((ROOT / "rjepa_latent").rglob("*.py")), ROOT / "tests" / "run_tests.sh"]
+    return [(f.relative_to(ROOT), f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+
+
+def test_install_lines_work_from_a_clone():
+    """The package is installed from a clone (`pip install ".[extra]"`), not
+    from an index: no line names `rjepa-latent[...]` / `rjepa_latent[...]`
+    (a package pip cannot find), and every `.[extra]` named is an extra of
+    pyproject.toml."""
+    import tomllib
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                 ["optional-dependencies"])
+    seen = 0
+    for name, text in _install_texts():
+        for line in text.splitlines():
+            if "pip install" not in line:
+                continue
+            assert not re.search(r"rjepa[-_]latent\[", line), f"{name}: {line.strip()}"
+            for group in re.findall(r"""["']\.\[([^\]]*)\]["']""", line):
+                seen += 1
+                for extra in group.split(","):
+                    assert extra.strip() in extras, f"{name}: extra {extra!r} is not in pyproject.toml"
+    assert seen >= 4   # README (demo, ray), docs/ray.md, docs/parity.md at least

@@ -81,7 +81,9 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     assert f"{LIMIT} items, 0 errors, complete" in text, text[-2000:]
     assert "consecutive steps: mean cos" in text
     assert len(images) >= 4  # norms, projection, cosine histogram, predictor error by position
-    assert (tmp_path / f"rjepa_notebook_{LIMIT}" / "run" / "manifest.json").exists()
+    # a fresh directory of its own (never one another process made)
+    runs = list(tmp_path.glob(f"rjepa_notebook_{LIMIT}_*/run/manifest.json"))
+    assert len(runs) == 1, runs
 
     # section 5: the pairs StepPairs gave are those of the sample problems
     want = expected_pairs(LIMIT)

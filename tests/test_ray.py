@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rjepa-latent[ray]')")
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]' in the clone)")
 
 import rjepa_latent as rl  # noqa: E402
 from rjepa_latent import ray as rlray  # noqa: E402
@@ -162,6 +162,32 @@ def test_step_latents_equal_the_stored_latents(clusters, setup, batch_format):
         assert row["latents_L1"] is None and row["token_spans"] is None and row["num_steps"] is None
 
 
+def test_step_latents_ids_without_an_id_column(tiny_model_dir):
+    """No cluster: GSM8K-shaped rows (no id) get a stable id from their content,
+    the same in any batch and in either batch format, and are extracted;
+    `id_column=` names the id; an empty id_column is an error row."""
+    import pyarrow as pa
+    from rjepa_latent.integrations.ray_data import content_id
+    rows = [{"question": "Tom has 3.", "answer": "3 + 4 = 7.\n#### 7"},
+            {"question": "Ann has 2.", "answer": "2 + 2 = 4.\n#### 4"}]
+    sl = rlray.StepLatents(str(tiny_model_dir("llama")), layers=[-1], threads=1)
+    both = sl(pa.Table.from_pylist(rows))
+    assert both.column("error").to_pylist() == [None, None]
+    ids = both.column("id").to_pylist()
+    assert ids == [content_id(r) for r in rows] and ids[0] != ids[1] and ids[0].startswith("sha256:")
+    assert sl(pa.Table.from_pylist(rows[1:])).column("id").to_pylist() == ids[1:]
+    as_numpy = sl({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    assert as_numpy.column("id").to_pylist() == ids
+    np.testing.assert_array_equal(np.asarray(as_numpy.column("latents")[0].as_py(), np.float32),
+                                  np.asarray(both.column("latents")[0].as_py(), np.float32))
+    named = rlray.StepLatents(str(tiny_model_dir("llama")), layers=[-1], threads=1, id_column="qid")
+    t = named(pa.Table.from_pylist([{**rows[0], "qid": 17}, {**rows[1], "qid": None}]))
+    assert t.column("id").to_pylist() == ["17", None]
+    assert t.column("error").to_pylist()[0] is None and "id column 'qid' is empty" in t.column("error")[1].as_py()
+    with pytest.raises(ValueError, match="id_column"):
+        rlray.StepLatents(str(tiny_model_dir("llama")), id_column="")
+
+
 def test_step_latents_takes_a_path_and_one_span_pooling(model_of, tiny_model_dir):
     with pytest.raises(TypeError, match="checkpoint path, not a Model"):
         rlray.StepLatents(model_of("llama"))
@@ -277,23 +303,44 @@ def test_cli_refuses_ray_options_without_ray_and_single_process_options_with_it(
     base = ["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"]
     assert cli.main(base + ["--workers", "2"]) == 2
     assert "--workers need --ray" in capsys.readouterr().err
-    for extra, what in ((["--device", "cpu"], "--device does not go with --ray"),
+    for extra, what in ((["--device", "cuda:1"], "--device cuda:1 does not go with --ray"),
+                        (["--device", "cpu", "--gpus-per-worker", "1"], "--device cpu (CPU workers) does not go"),
+                        (["--device", "cuda", "--gpus-per-worker", "0"], "--device cuda (a GPU per worker)"),
+                        (["--threads", "2"], "--threads does not go with --ray"),
                         (["--part", "1/2"], "--part does not go with --ray")):
         assert cli.main(base + ["--ray", *extra]) == 2
         assert what in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_device_with_ray_means_cpu_or_gpu_workers(setup, tmp_path, monkeypatch):
+    """--device as without Ray: cpu -> CPU workers (0 GPUs each), cuda -> one GPU
+    per worker, or the --gpus-per-worker given; no --device leaves Ray's default."""
+    from rjepa_latent import cli
+    from rjepa_latent.run import ray_cli
+    model, data, *_ = setup
+    seen = []
+
+    def fake_extract(*a, **k):
+        seen.append(k["gpus_per_worker"])
+        raise ValueError("stop here")
+    monkeypatch.setattr(ray_cli, "extract", fake_extract)
+    base = ["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress", "--ray"]
+    for extra in (["--device", "cpu"], ["--device", "cuda"], ["--device", "cuda", "--gpus-per-worker", "2"], []):
+        assert cli.main(base + extra) == 2
+    assert seen == [0, 1, 2, None]
+
+
 def test_without_ray_an_import_error_names_the_extra(setup, tmp_path, monkeypatch, capsys):
     from rjepa_latent import cli
     model, data, *_ = setup
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as if it were not installed
-    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'ray\[data\]==2.60.0'"):
         rlray.extract([str(data)], tmp_path / "o", model=str(model))
-    with pytest.raises(ImportError, match=r"pip install 'rjepa-latent\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install \"\.\[ray\]\" in a clone"):
         rlray.StepLatents(str(model))
     assert cli.main(["extract", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--ray"]) == 2
-    assert "pip install 'rjepa-latent[ray]'" in capsys.readouterr().err
+    assert "pip install 'ray[data]==2.60.0'" in capsys.readouterr().err
 
 
 def test_the_cli_without_ray_does_not_import_ray(setup, tmp_path):

@@ -75,6 +75,23 @@ def test_dataloader_with_workers(runs):
     assert sum(len(b["id"]) for b in pairs) == len(StepPairs(runs["float32"]))
 
 
+def test_a_plain_dataloader_batches_records_of_different_lengths(runs):
+    """`DataLoader(LatentDataset(run), batch_size=8)` as a user first writes it
+    (no collate_fn): the batches are collate_steps's, padded with a mask; and
+    `.loader()` gives the same, with workers too."""
+    ds = LatentDataset(runs["float32"], layer=-2)
+    n = [ds[i]["num_steps"] for i in range(len(ds))]
+    assert len(set(n[:8])) > 1   # the records differ in length: torch.stack alone would fail
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=8))
+    assert [b["latents"].shape[0] for b in plain] == [8, 2]
+    assert plain[0]["latents"].shape == (8, max(n[:8]), 64)
+    assert plain[0]["mask"].sum(1).tolist() == n[:8] and plain[0]["id"] == [f"r{i}" for i in range(8)]
+    helper = list(ds.loader(batch_size=8, num_workers=2))
+    for a, b in zip(plain, helper):
+        assert a["id"] == b["id"] and torch.equal(a["latents"], b["latents"])
+        assert torch.equal(a["mask"], b["mask"])
+
+
 def test_step_pairs(runs):
     ref = _reference(runs["float32"], 0)
     for offset in (1, 2):
@@ -137,6 +154,18 @@ def test_parquet_export_reads_back_everywhere(runs, tmp_path):
     assert json.loads(t.schema.metadata[b"rjepa_latent"])["layer"] == 1
 
 
+def test_parquet_export_names_the_layer_as_the_default_does(runs, tmp_path, capsys):
+    """--layer -1 on a 3-layer model is hidden-state index 3: the line says 3
+    (as the default's line says the stored index), with what was given."""
+    from rjepa_latent.cli import main
+    assert main(["export", str(runs["float32"]), "--format", "parquet", "--out",
+                 str(tmp_path / "a.parquet"), "--layer", "-1"]) == 0
+    assert "(layer 3 = --layer -1, pooling mean)" in capsys.readouterr().out
+    assert main(["export", str(runs["float32"]), "--format", "parquet", "--out",
+                 str(tmp_path / "b.parquet")]) == 0
+    assert "(layer 2, pooling mean)" in capsys.readouterr().out
+
+
 def test_npy_export(runs, tmp_path):
     from rjepa_latent.cli import main
     out = tmp_path / "npy"
@@ -163,7 +192,7 @@ def test_reader_errors(runs, tmp_path, monkeypatch, capsys):
     assert "not in this run" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--format", "npy", "--out", str(tmp_path / "y")]) == 2
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(ImportError, match=r"rjepa_latent\[parquet\]"):
+    with pytest.raises(ImportError, match=r"pip install .pyarrow>=14."):
         rl_read.arrow_table(rl.open_latents(runs["float32"]))
 
 

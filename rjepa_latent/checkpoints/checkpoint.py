@@ -44,6 +44,7 @@ from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
 from . import arch
 from ..errors import ModelFormatError
+from .tokenizer_file import load_tokenizer_file
 
 
 SUPPORTED_MODEL_TYPES = arch.SUPPORTED_MODEL_TYPES
@@ -103,9 +104,23 @@ def _req(raw: dict, key: str, where: str) -> Any:
     return raw[key]
 
 
-def _pos_int(value: Any, key: str, where: str) -> int:
+# Bounds on config.json sizes. Every size must fit the C core's int64; a size
+# above the MAX_* (far above any real model) is refused by the tensor checks
+# (check_config_sizes: "the checkpoint holds only ..."), so the core is not
+# asked about it before, and a config whose layers get one list entry each (a
+# sliding window) is refused at once.
+INT64_MAX = (1 << 63) - 1
+MAX_DIM = 1 << 24
+MAX_LAYERS = 1 << 12
+MAX_VOCAB = (1 << 31) - 1      # token ids are int32
+
+
+def _pos_int(value: Any, key: str, where: str, limit: int = INT64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ModelFormatError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
+    if value > limit:
+        raise ModelFormatError(f"{where}: field {key!r} is {value}, more than {limit} "
+                               "(no model is that large: the file is damaged)")
     return value
 
 
@@ -162,7 +177,7 @@ def _sliding_window(raw: dict, family: type[arch.Family], where: str) -> int | N
     sw = family.hf_sliding_window(raw)
     if sw is None:
         return None
-    return _pos_int(sw, "sliding_window", where)
+    return _pos_int(sw, "sliding_window", where, MAX_VOCAB)
 
 
 def check_variants(variants: dict, num_layers: int, window: int | None, where: str) -> dict:
@@ -211,6 +226,8 @@ def load_hf_config(path: str | os.PathLike) -> tuple[dict, dict]:
             raw = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{file}: JSON nested too deeply to be a model config") from None
     if not isinstance(raw, dict):
         raise ModelFormatError(f"{file}: top level must be a JSON object")
     return config_from_dict(raw, file)
@@ -224,6 +241,9 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     n_layers = _pos_int(_req(raw, "num_hidden_layers", where), "num_hidden_layers", where)
     nh = _pos_int(_req(raw, "num_attention_heads", where), "num_attention_heads", where)
     vocab = _pos_int(_req(raw, "vocab_size", where), "vocab_size", where)
+    positions = raw.get("max_position_embeddings")
+    if positions is not None:
+        _pos_int(positions, "max_position_embeddings", where)
     nkv = _pos_int(raw.get("num_key_value_heads") or nh, "num_key_value_heads", where)
     hd = raw.get("head_dim") or d // nh
     hd = _pos_int(hd, "head_dim", where)
@@ -233,12 +253,15 @@ def config_from_dict(raw: dict, where: str) -> tuple[dict, dict]:
     if hd % 2:
         raise ModelFormatError(f"{where}: head_dim={hd} must be even for RoPE")
     window = _sliding_window(raw, family, where)
+    if window is not None:   # engine_config lists each layer's window
+        _pos_int(n_layers, "num_hidden_layers", where, MAX_LAYERS)
     variants = check_variants(family.hf_variants(raw, where), n_layers, window, where)
     types = family.hf_layer_types(raw, window, where)
     if types is not None:
         variants = check_variants({**variants, "layer_types": types}, n_layers, window, where)
     eps = raw.get("rms_norm_eps", 1e-6)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0
+            or not math.isfinite(eps)):
         raise ModelFormatError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
     theta, scaling = _rope_settings(raw, family, where)
     flags = family.hf_flags(raw)
@@ -264,6 +287,10 @@ def check_engine_rules(public: dict, where: str) -> None:
     against the tensors later (check_config_sizes), with better messages."""
     if not public.get("sliding_window"):
         return
+    if (max(public["hidden_size"], public["intermediate_size"], public["head_dim"],
+            public["num_heads"] * public["head_dim"]) > MAX_DIM or public["vocab_size"] > MAX_VOCAB
+            or public["num_layers"] > MAX_LAYERS):
+        return   # no model is that large: check_config_sizes refuses it against the tensors
     try:
         _core.tensor_layout(engine_config(public, public["num_layers"]))
     except ValueError as e:
@@ -467,7 +494,7 @@ def _safetensors_files(directory: str) -> list[str]:
     try:
         with open(index, "rb") as f:
             data = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, ModelFormatError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, ModelFormatError, RecursionError) as e:
         raise ModelFormatError(f"{index}: not valid JSON ({e})") from None
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
@@ -579,11 +606,7 @@ def _load_tokenizer(directory: str) -> Any:
     file = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(file):
         return None
-    from tokenizers import Tokenizer
-    try:
-        return Tokenizer.from_file(file)
-    except Exception as e:  # tokenizers raises a bare Exception on bad files
-        raise ModelFormatError(f"{file}: cannot load tokenizer ({e})") from None
+    return load_tokenizer_file(file)
 
 
 def fingerprint(config: dict, tensors: dict[str, TensorInfo]) -> str:

@@ -55,7 +55,7 @@ def _read_json(path: str) -> Any:
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelFormatError(f"{path}: cannot read: {e}") from None
 
 
@@ -235,7 +235,17 @@ class ChatTemplate:
         found = _strip_markers(self.render(marked), len(ranges))
         if found is not None and found[0] == plain:
             return plain, found[1]
-        return plain, self._find_in_order(plain, [value[a:b] for a, b in ranges])
+        steps = [value[a:b] for a, b in ranges]
+        try:
+            return plain, self._find_in_order(plain, steps)
+        except ChatTemplateError:
+            if field in REASONING_FIELDS and not any(x.strip() and x.strip() in plain for x in steps):
+                raise ChatTemplateError(
+                    f"{self.where}: the chat template drops the assistant's reasoning ({field}): "
+                    "its steps are not in the rendered text. --chat-think needs a template that shows "
+                    "the reasoning (e.g. Qwen3's <think> block); use --chat to give the steps as "
+                    "the assistant's answer instead") from None
+            raise
 
     def _find_in_order(self, text: str, steps: list[str]) -> list[tuple[int, int]]:
         out, pos = [], 0

@@ -274,7 +274,7 @@ def _pyarrow():
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ImportError("reading Parquet needs pyarrow: pip install 'rjepa_latent[parquet]'  (pyarrow)") from None
+        raise ImportError("reading Parquet needs pyarrow: pip install 'pyarrow>=14'") from None
     return pyarrow
 
 

@@ -3,6 +3,9 @@ step latents to a Dataset of records, with the rules of `rjepa-latent extract`
 (see docs/ray.md)."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 from typing import Any, Sequence
 
@@ -52,6 +55,15 @@ def batch_rows(batch: Any) -> list[dict]:
                     f"pandas.DataFrame), got {type(batch).__name__}")
 
 
+def content_id(row: dict) -> str:
+    """A row's id from its content: "sha256:" + the first 16 hex digits of the
+    sha256 of the row as canonical JSON (keys sorted, UTF-8; values JSON does
+    not know are written as their str)."""
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                      default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 class StepLatents:
     """Step latents of the records of a Ray Data batch, as a pyarrow table.
 
@@ -63,8 +75,14 @@ class StepLatents:
     `template`, `step_separator`, `step_regex`, `segment`, `strip_annotations`,
     `max_tokens` and `max_batch_tokens` mean what they mean for
     `extract_dataset`; `device` and `threads` default to what Ray assigned the
-    actor (`placement`). Rows are records of the CLI's formats and need an `id`
-    (or `cot_id`): Ray Data keeps no row order, so a position is no identity.
+    actor (`placement`). Rows are records of the CLI's formats. Ray Data keeps
+    no row order, so a position is no identity: a row's id is its
+    `id_column` where one is given (e.g. `id_column="question_id"`), else its
+    `id` (or `cot_id`) field, else one made from its content,
+    `content_id(row)`: "sha256:" and the first 16 hex digits of the sha256 of
+    the row as canonical JSON (keys sorted), the same for the same row in every
+    run and on every worker (GSM8K has no id column; identical rows get one id,
+    and the second of them in a batch is an error row: a duplicate id).
 
     Returns one row per input row: `id` (the input's id column as it is, so
     `CheckpointConfig(id_column="id")` matches it), `num_steps`, `num_tokens`
@@ -80,7 +98,7 @@ class StepLatents:
                  step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
                  segment: str = "auto", strip_annotations: bool = False, max_tokens: int | None = None,
                  max_batch_tokens: int | None = None, device: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, id_column: str | None = None) -> None:
         if isinstance(model, Model):
             raise TypeError("StepLatents takes a checkpoint path, not a Model: a Model cannot be "
                             "pickled to Ray workers, so each actor loads its own")
@@ -96,6 +114,9 @@ class StepLatents:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                        or max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if id_column is not None and (not isinstance(id_column, str) or not id_column):
+            raise ValueError(f"id_column must be a column name, got {id_column!r}")
+        self._id_column = id_column
         self._format, self._pooling = format, names[0]
         self._template = Template(template if template is not None else DEFAULT_TEMPLATE, step_separator)
         self._step_regex = step_regex
@@ -113,6 +134,7 @@ class StepLatents:
         import pyarrow as pa
         rows = batch_rows(batch)
         ids = self._ids(batch, rows)
+        rows = [self._with_id(row) for row in rows]
         results: list[Any] = [None] * len(rows)   # Item with its latents, or an error reason
         good = self._records(rows, results)
         done = tokenize_records(self._tok, [r for _, r in good], self._max_tokens)
@@ -138,6 +160,11 @@ class StepLatents:
         """The output's id column: the input's `id` column unchanged where it has
         one, else each record's id field as a string."""
         import pyarrow as pa
+        if self._id_column is not None:
+            return pa.array([None if row.get(self._id_column) is None else str(row[self._id_column])
+                             for row in rows], pa.string())
+        if not all(any(row.get(f) is not None for f in ID_FIELDS) for row in rows):
+            return pa.array([str(self._id_of(row)) for row in rows], pa.string())
         if hasattr(batch, "column_names") and "id" in batch.column_names:
             col = batch.column("id")
             return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -152,15 +179,31 @@ class StepLatents:
             out.append(None if rid is None else str(rid))
         return pa.array(out, pa.string())
 
+    def _id_of(self, row: dict) -> Any:
+        """The row's id (see the class docstring); None: its id_column is empty."""
+        if self._id_column is not None:
+            return row.get(self._id_column)
+        found = next((row[f] for f in ID_FIELDS if row.get(f) is not None), None)
+        return found if found is not None else content_id(row)
+
+    def _with_id(self, row: dict) -> dict:
+        """The row as the record reader takes it: its id in the `id` field."""
+        rid = self._id_of(row)
+        if rid is None:   # an empty id_column: no id at all (the row becomes an error)
+            return {k: v for k, v in row.items() if k not in ID_FIELDS}
+        if self._id_column is None and row.get("id") is not None:
+            return row
+        return {**{k: v for k, v in row.items() if k not in ID_FIELDS}, "id": str(rid)}
+
     def _records(self, rows: list[dict], results: list) -> list[tuple[int, Record]]:
         """(row position, Record) of the rows that are good records; the reasons of
         the others go into `results`. Each row is judged by `data.read_rows`, the
         rules of `rjepa-latent extract`."""
         todo, where = [], []
         for i, row in enumerate(rows):
-            if not any(row.get(f) is not None for f in ID_FIELDS):
-                results[i] = (f"the row has no {' or '.join(ID_FIELDS)} field: Ray Data keeps no row "
-                              "order, so each row needs its own id")
+            if not any(row.get(f) is not None for f in ID_FIELDS):   # only an empty id_column
+                results[i] = (f"the row's id column {self._id_column!r} is empty: Ray Data keeps no "
+                              "row order, so each row needs its own id")
                 continue
             todo.append(row)
             where.append(i)

@@ -1,5 +1,5 @@
-"""PyTorch datasets over a run directory (needs torch: pip install
-'rjepa_latent[torch]').
+"""PyTorch datasets over a run directory (needs torch: pip install torch, or
+pip install ".[torch]" in a clone of rjepa-latent).
 
 - `LatentDataset(run, layer=-2, pooling=None)`: map-style, one record per
   item: a dict with `id`, `latents` (torch.Tensor [num_steps, hidden] of the
@@ -16,7 +16,11 @@
 - `collate_steps(items)`: pads `latents` to the longest record of the batch
   ([B, max_rows, hidden]) and adds `mask` (bool [B, max_rows], True on real
   rows); `token_steps` is padded with -1; other fields become lists (or a
-  tensor for `num_steps`, `num_tokens`).
+  tensor for `num_steps`, `num_tokens`). It is the default: a LatentDataset
+  item is a `StepItem` (a dict), which torch's default collate hands to
+  `collate_steps`, so `DataLoader(LatentDataset(run), batch_size=8)` works
+  as it stands; `LatentDataset(run).loader(batch_size=8, ...)` is the same
+  DataLoader with `collate_steps` named explicitly.
 - `StepPairs(run, layer=-2, offset=1, pooling=None)`: every (z_t, z_{t+offset})
   pair of steps within one record, the unit a JEPA-style next-step predictor
   trains on: a dict with `z_t`, `z_next`, `id`, `step` (= t). Per-token runs
@@ -41,7 +45,7 @@ try:
     import torch
     from torch.utils.data import Dataset
 except ImportError:  # pragma: no cover - exercised by a test that hides torch
-    raise ImportError("rjepa_latent.torch needs PyTorch: pip install 'rjepa_latent[torch]'") from None
+    raise ImportError("rjepa_latent.torch needs PyTorch: pip install torch") from None
 
 
 
@@ -74,8 +78,20 @@ class _RunDataset(Dataset):
         return t.view(torch.bfloat16) if self._bf16 else t
 
 
+class StepItem(dict):
+    """A LatentDataset item: a dict whose batches torch's default collate
+    builds with `collate_steps` (records have different numbers of steps)."""
+
+
 class LatentDataset(_RunDataset):
     """One record per item (see the module docstring)."""
+
+    def loader(self, batch_size: int = 8, **kwargs: Any) -> "torch.utils.data.DataLoader":
+        """A DataLoader over this dataset whose batches are `collate_steps`'s
+        (padded `latents`, `mask`); other keyword arguments go to DataLoader."""
+        from torch.utils.data import DataLoader
+        kwargs.setdefault("collate_fn", collate_steps)
+        return DataLoader(self, batch_size=batch_size, **kwargs)
 
     def __init__(self, run: str | os.PathLike, layer: int = -2, pooling: str | None = None):
         super().__init__(run, layer, pooling)
@@ -86,7 +102,7 @@ class LatentDataset(_RunDataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.store[i]
-        out = {k: v for k, v in item.meta.items()}
+        out = StepItem(item.meta)
         out["latents"] = self._tensor(item.raw_pooled(self.pooling)[self._pos])
         if self.per_token:
             out["token_steps"] = torch.from_numpy(np.array(item.token_steps))
@@ -117,6 +133,19 @@ def collate_steps(items: list[dict]) -> dict:
         vals = [it.get(k) for it in items]
         out[k] = torch.tensor(vals) if k in ("num_steps", "num_tokens") else vals
     return out
+
+
+def _register_default_collate() -> None:
+    """Lets torch's default collate build StepItem batches with collate_steps
+    (its per-type table; a torch without one needs `loader()` or collate_fn)."""
+    try:
+        from torch.utils.data._utils.collate import default_collate_fn_map
+    except ImportError:  # pragma: no cover - older torch
+        return
+    default_collate_fn_map.setdefault(StepItem, lambda batch, collate_fn_map=None: collate_steps(batch))
+
+
+_register_default_collate()
 
 
 class StepPairs(_RunDataset):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 
@@ -12,7 +13,7 @@ from ..inputs.segment import DEFAULT_STEP_REGEX, SEGMENT_RULES
 from ..store.files import STORE_DTYPES
 from .driver import NothingExtracted
 from .local import extract_dataset
-from .report import format_summary, report_run
+from .report import cli_spelling, disk_full_message, format_summary, report_run
 from .spec import AUTO, DEFAULT_SHARD_SIZE, _unescape
 
 
@@ -123,8 +124,14 @@ def run(args: argparse.Namespace) -> int:
     except NothingExtracted as e:
         print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
         return 1
-    except (StoreError, ModelFormatError, ValueError, OSError, RuntimeError) as e:  # OSError: --out unwritable, disk full
-        print(f"rjepa-latent extract: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        raise   # the reader of stdout left: the console script ends quietly
+    except OSError as e:   # --out unwritable, disk full
+        text = disk_full_message(e, args.out) if e.errno == errno.ENOSPC else str(e)
+        print(f"rjepa-latent extract: error: {text}", file=sys.stderr)
+        return 2
+    except (StoreError, ModelFormatError, ValueError, RuntimeError) as e:
+        print(f"rjepa-latent extract: error: {cli_spelling(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # finished shards are listed; run the same command to resume
         print(f"\nrjepa-latent extract: interrupted; {args.out} keeps every finished shard: "

@@ -14,7 +14,7 @@ from ..engine.plan import part_shards
 from ..errors import StoreError
 from ..inputs.data import ErrorRecord
 from ..inputs.sources import PARQUET_SUFFIXES
-from ..store.files import ERRORS, damage_report, error_kind, stored_config
+from ..store.files import ERRORS, counted, damage_report, error_kind, stored_config
 from ..store.write import RunStore
 from .spec import AUTO, RunSpec
 
@@ -166,8 +166,9 @@ class RunDriver:
             kept = [e for k, e in self.store.entries.items() if k % n == i]
             self.kept = (len(kept), sum(e["records"][1] - e["records"][0] for e in kept))
             if kept:
-                print(f"rjepa-latent extract: resuming {self.out}: keeping {len(kept)} finished "
-                      f"shards ({self.kept[1]:,} records); the shards after them are read (finished "
+                print(f"rjepa-latent extract: resuming {self.out}: keeping "
+                      f"{counted(len(kept), 'finished shard')} ({counted(self.kept[1], 'record')}); "
+                      "the shards after them are read (finished "
                       "ones skipped without tokenizing) and the rest computed"
                       + (" (the dataset grew: a partial last shard is redone)" if self.store.grown else ""),
                       file=sys.stderr)
@@ -175,8 +176,9 @@ class RunDriver:
     def say_resumed(self, shards: int, records: int) -> None:
         """After a resume: what was kept and what remained (now done)."""
         if self.kept[0]:
-            print(f"rjepa-latent extract: resumed {self.out}: kept {self.kept[0]} finished shards "
-                  f"({self.kept[1]:,} records); {shards} shards ({records:,} records) remained and "
+            print(f"rjepa-latent extract: resumed {self.out}: kept "
+                  f"{counted(self.kept[0], 'finished shard')} ({counted(self.kept[1], 'record')}); "
+                  f"{counted(shards, 'shard')} ({counted(records, 'record')}) remained and "
                   "are done now", file=sys.stderr)
 
     def say_unknown_ids(self) -> None:
@@ -225,6 +227,7 @@ class RunDriver:
             "engine_tokens_per_s": tokens_run / compute_s if compute_s > 0 else 0.0,
             "records": self.num_records, "error_kinds": dict(kinds.most_common()),
             "errors_file": str(self.out / ERRORS), "shard_size": self.shard_size,
+            "error_example": _example(mine),
             "grown": self.store.grown, "unknown_ids": list(self.unknown_ids),
         }
 
@@ -280,10 +283,19 @@ def _early_stop(store: RunStore, records: list, fmt: str) -> None:
     sources = ", ".join(dict.fromkeys(r.source for r in records))
     what = f"all {len(records)} records" if len(records) < EARLY_STOP_RECORDS else \
         f"the first {len(records)} records"
+    first = records[0]
     raise NothingExtracted(
         f"{what} of {sources} are errors ({kinds}); stopped before extracting anything: is this the "
-        f"right file, and the right --format (now {fmt})? Each record's reason is in "
-        f"{store.out / ERRORS}")
+        f"right file, and the right --format (now {fmt})? The first in full: {first.source} line "
+        f"{first.line}: {first.reason}. Each record's reason is in {store.out / ERRORS}")
+
+
+def _example(entries: list[dict]) -> str | None:
+    """The first error of these shards in full, with where it is ('data.jsonl line 3: ...')."""
+    for s in entries:
+        for e in s["errors"]:
+            return f"{e.get('source')} line {e.get('line')}: {e.get('reason')}"
+    return None
 
 
 def error_kinds(errors: list[dict]) -> Counter:

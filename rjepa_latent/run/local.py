@@ -52,7 +52,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..engine.model import Model
+from ..checkpoints.loader import read_config
+from ..engine.model import Model, resolve_layers
 from ..errors import StoreError
 from ..inputs.data import DEFAULT_STEP_SEPARATOR
 from ..inputs.segment import DEFAULT_STEP_REGEX
@@ -213,6 +214,9 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     system=system, repair=repair, model=model)
     if Path(out).exists() and not Path(out).is_dir():   # before the model load
         raise StoreError(f"--out {out} exists and is not a directory")
+    if isinstance(model, (str, os.PathLike)):   # layers against the config, before the model load
+        num_layers = read_config(model)["num_layers"]
+        resolve_layers(spec.layers, num_layers, num_layers)
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
         return _extract(spec, m, out, strict=strict, progress=progress, t_start=t_start)
@@ -319,8 +323,12 @@ class _Runner:
         if not self.progress:
             return None
         from tqdm import tqdm
-        return tqdm(total=self.driver.spec.limit, unit="item", desc="extract", dynamic_ncols=True,
-                    file=sys.stderr)
+        # a resumed run starts from the records its kept shards already hold
+        i, n = self.driver.spec.part
+        done = sum(int(e["items"]) + len(e["errors"])
+                   for k, e in self.driver.store.entries.items() if k % n == i)
+        return tqdm(total=self.driver.spec.limit, initial=done, unit="item", desc="extract",
+                    dynamic_ncols=True, file=sys.stderr)
 
     def _compute(self, shard: dict, bar, t0: float) -> tuple:
         def on_batch(n_items: int, n_tok: int, dt: float) -> None:
@@ -346,5 +354,5 @@ def _put_checked(q: queue.Queue, item: Any, worker: _Worker) -> None:
             q.put(item, timeout=0.1)
             return
         except queue.Full:
-            if not worker.is_alive():
-                raise RuntimeError("writer thread ended unexpectedly")
+            if not worker.is_alive():   # it may have failed while we waited: its error first
+                raise worker.error or RuntimeError("writer thread ended unexpectedly")

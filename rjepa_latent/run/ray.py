@@ -3,7 +3,7 @@ by a pool of actors, one per GPU or per group of CPUs) and `StepLatents` (a
 callable class for `ray.data.Dataset.map_batches`). See docs/ray.md.
 
 Design choices:
-- Ray is an optional extra (`pip install 'rjepa-latent[ray]'`). This module
+- Ray is an optional extra (`pip install ".[ray]"` in a clone). This module
   imports without it, so the CLI can define `--ray` and its options; ray is
   imported only when something here runs (`extract`, `StepLatents(...)`,
   `--ray`), and then its absence is an ImportError naming the install command.
@@ -52,7 +52,7 @@ from typing import Any
 from ..engine.model import TOKEN_POOLING, Model
 
 
-INSTALL_HINT = "pip install 'rjepa-latent[ray]'"
+INSTALL_HINT = "pip install 'ray[data]==2.60.0'  (the ray extra: pip install \".[ray]\" in a clone)"
 
 
 def require_ray():

@@ -13,7 +13,8 @@ def add_arguments(p) -> None:
     g = p.add_argument_group(f"Ray (scale-out; needs {INSTALL_HINT})")
     g.add_argument("--ray", action="store_true",
                    help="run on a Ray cluster: join --address (or RAY_ADDRESS) or start a local one; "
-                        "the same options, run directory and bytes as without --ray")
+                        "the same options, run directory and bytes as without --ray (--device cpu: "
+                        "CPU workers, --device cuda: one GPU per worker)")
     g.add_argument("--address", default=None, metavar="ADDR",
                    help="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else a new "
                         "local cluster)")
@@ -48,6 +49,24 @@ def _cli_options(args) -> dict:
     return opts
 
 
+def _gpus_per_worker(device: str | None, gpus: float | None) -> float | None:
+    """--device as without Ray: `cpu` is CPU workers (no GPU each), `cuda` one
+    GPU per worker (unless --gpus-per-worker says how many); a device index is
+    Ray's to assign."""
+    if device is None:
+        return gpus
+    if device == "cpu":
+        if gpus:
+            raise ValueError(f"--device cpu (CPU workers) does not go with --gpus-per-worker {gpus:g}")
+        return 0
+    if device == "cuda":
+        if gpus is not None and gpus <= 0:
+            raise ValueError("--device cuda (a GPU per worker) does not go with --gpus-per-worker 0")
+        return 1 if gpus is None else gpus
+    raise ValueError(f"--device {device} does not go with --ray: {_NOT_HERE['device']}; give "
+                     "--device cuda (one GPU per worker) or --device cpu (CPU workers)")
+
+
 def run(args) -> int:
     """`rjepa-latent extract --ray ...`: extract's options and outputs, on Ray. Errors
     propagate to `pipeline.run`, which turns them into exit statuses."""
@@ -55,9 +74,9 @@ def run(args) -> int:
     if not args.ray:
         given = [f"--{k.replace('_', '-')}" for k in _RAY_OPTIONS if getattr(args, k, None) is not None]
         raise ValueError(f"{', '.join(given)} need --ray")
-    for flag, name in (("--device", "device"), ("--threads", "threads")):
-        if getattr(args, name, None) is not None:
-            raise ValueError(f"{flag} does not go with --ray: {_NOT_HERE[name]}")
+    if getattr(args, "threads", None) is not None:
+        raise ValueError(f"--threads does not go with --ray: {_NOT_HERE['threads']}")
+    gpus = _gpus_per_worker(getattr(args, "device", None), args.gpus_per_worker)
     if getattr(args, "part", "0/1") not in (None, "0/1"):
         raise ValueError(f"--part does not go with --ray: {_NOT_HERE['part']}")
     try:
@@ -65,7 +84,7 @@ def run(args) -> int:
     except ImportError as e:
         raise RuntimeError(str(e)) from None
     summary = extract(args.data, args.out, model=args.model, workers=args.workers,
-                      gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=gpus, cpus_per_worker=args.cpus_per_worker,
                       address=args.address, progress=not args.no_progress, **_cli_options(args))
     r = summary["ray"]
     return report_run(summary, args, format_summary(summary)

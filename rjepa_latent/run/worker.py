@@ -145,7 +145,8 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
         where = where.parent
     free = shutil.disk_usage(where).free
     gib = 1024 ** 3
-    print(f"rjepa-latent extract: per-token output: {tokens:,} tokens x {n_layers} layers x "
+    print(f"rjepa-latent extract: per-token output: {tokens:,} tokens x {n_layers} "
+          f"layer{'s' if n_layers != 1 else ''} x "
           f"{hidden} hidden x {itemsize} bytes (+ 4 bytes of step index per token) = "
           f"{need / gib:.3f} GiB; {free / gib:.3f} GiB free on {where}", file=sys.stderr)
     if need > free:

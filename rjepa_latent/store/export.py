@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--format parquet takes one --layer")
             pooling = stored_pooling(store, args.pooling)
             res = export_parquet(store, args.out, layer, args.row_group_rows, pooling)
-            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {layer}, "
+            shown = layer if layer >= 0 else layer + int(store.config["num_layers"]) + 1
+            given = f" = --layer {layer}" if layer < 0 else ""   # the hidden-state index, as by default
+            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (layer {shown}{given}, "
                   f"pooling {pooling}){'' if store.complete else '; partial run: finished shards only'}")
         else:
             res = export_npy(store, args.out, layers, args.pooling)

@@ -556,6 +556,12 @@ _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 _NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w-])")   # standalone: UTF-8, 0xff, float16 stay
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 shard', '2 shards', '1,200 records': a count and its noun, in the
+    right number (nouns here take a plain -s)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def error_kind(reason: str) -> str:
     """The one grouping rule of error reasons (extract's summary, `info`): the
     text before the first ': ' (or ' (' or '; '), quoted values as '…' and

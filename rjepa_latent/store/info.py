@@ -4,8 +4,9 @@ shard is opened).
 
 Reports records done / total (the total once the run finished: records are
 streamed), shards done / total, the errors grouped by reason with counts,
-the configuration that made the bytes (model fingerprint and type, layers,
-pooling, stored dtype, template, the engine identity), per-worker progress
+the configuration that made the bytes (every stored option: model
+fingerprint and type, layers, pooling, stored dtype, limit, ids, segment
+rule, annotation stripping, chat settings, template, the engine identity), per-worker progress
 for `--part` runs of format 1, and whether the run is complete. `--json`
 prints the same as one JSON object.
 
@@ -35,11 +36,18 @@ from ..errors import StoreError
 from .files import ERRORS, MANIFEST, _OWN_FILE, error_kind, read_manifests
 
 
-# configuration fields shown (in this order) when present in the manifest
+# configuration fields shown first (in this order) when present in the
+# manifest; every other stored option follows (none is hidden)
 CONFIG_FIELDS = ("model_fingerprint", "model_type", "num_layers", "hidden_size", "layers", "pooling",
-                 "dtype", "format", "template", "step_separator", "step_regex", "max_tokens",
-                 "shard_size", "tokenizer_sha256", "dataset_sha256", "engine_backend",
-                 "engine_dtype", "engine_kernel", "package_version")
+                 "dtype", "format", "limit", "ids", "segment", "strip_annotations", "chat",
+                 "chat_think", "system", "chat_template_sha256", "template", "step_separator",
+                 "step_regex", "max_tokens", "shard_size", "tokenizer_sha256", "dataset_sha256",
+                 "engine_backend", "engine_dtype", "engine_kernel", "engine_batch_tokens",
+                 "package_version")
+# shown on their own line (the input files)
+_SHOWN_APART = ("inputs",)
+# the text template is not used when records are rendered by the chat template
+_CHAT_UNUSED = ("template", "step_separator")
 
 def reason_group(reason: str) -> str:
     """The group of an error reason: `store.error_kind`, the one grouping rule."""
@@ -126,12 +134,20 @@ def _summarize(out: Path, manifests: dict[str, dict], first_name: str, first: di
         "tokens": sum(int(s["tokens"]) for s in done), "errors": len(errors),
         "errors_by_reason": sorted(({"reason": k, **v} for k, v in groups.items()),
                                    key=lambda g: (-g["count"], g["reason"])),
-        "config": {k: config[k] for k in CONFIG_FIELDS if k in config},
+        "config": _shown_config(config),
         "inputs": [f"{i.get('name')} ({i.get('bytes')} bytes)" for i in config.get("inputs", [])],
         "shard_kernels": kernels,
         "parts": parts,
         "manifests": sorted(manifests),
     }
+
+
+def _shown_config(config: dict) -> dict:
+    """Every stored option: the known ones in CONFIG_FIELDS order, then the
+    rest in the manifest's order."""
+    first = {k: config[k] for k in CONFIG_FIELDS if k in config}
+    return {**first, **{k: v for k, v in config.items()
+                        if k not in first and k not in _SHOWN_APART}}
 
 
 def _fmt(value) -> str:
@@ -142,6 +158,9 @@ def _fmt(value) -> str:
 
 def format_info(r: dict) -> str:
     pct = f" ({100 * r['records_done'] / r['records_total']:.0f}%)" if r["records_total"] else ""
+    limit = r["config"].get("limit")
+    if limit is not None and r["records_total"] is not None:
+        pct += f" (--limit {limit}: the first {limit} records of the input)"
     if r["records_total"] is None:   # a partial run: the total is known when it finishes
         counts = [f"records: {r['records_done']} done (the total is known when the run finishes)",
                   f"shards: {r['shards_done']} done"]
@@ -163,7 +182,12 @@ def format_info(r: dict) -> str:
             lines.append(f"  {p['part']}: {p['shards_done']} of {p['shards_total']} shards"
                          f"{', complete' if p['complete'] else ''}")
     lines.append("configuration:")
-    lines += [f"  {k}: {_fmt(v)}" for k, v in r["config"].items()]
+    chat = bool(r["config"].get("chat"))
+    for k, v in r["config"].items():
+        if k == "ids" and isinstance(v, dict):
+            v = f"{v.get('count')} ids (sha256 {v.get('sha256')})"
+        note = " (not used: --chat renders the records)" if chat and k in _CHAT_UNUSED else ""
+        lines.append(f"  {k}: {_fmt(v)}{note}")
     if r["inputs"]:
         lines.append(f"  inputs: {', '.join(r['inputs'])}")
     if len(r["shard_kernels"]) > 1:

@@ -214,8 +214,8 @@ def open_latents(path: str | Path, writable: bool = False, verify: bool = False,
     return LatentStore(path, writable, verify, progress)
 
 
-_INSTALL = {"pyarrow": "pip install 'rjepa_latent[parquet]'  (pyarrow)",
-            "datasets": "pip install 'rjepa_latent[datasets]'  (HF datasets)"}
+_INSTALL = {"pyarrow": "pip install 'pyarrow>=14'",
+            "datasets": "pip install 'datasets>=2.16' 'pyarrow>=14'  (HF datasets)"}
 
 
 FIXED_COLUMNS = ("id", "num_steps", "num_tokens")

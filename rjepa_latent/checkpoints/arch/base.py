@@ -266,8 +266,16 @@ def for_model_type(model_type, where: str) -> type[Family]:
 
 def for_hf_config(raw: dict, where: str) -> type[Family]:
     """By `model_type`; a config without one is looked up by `architectures`."""
-    if raw.get("model_type") is None:
-        for name in raw.get("architectures") or ():
+    names = raw.get("architectures")
+    if names is not None and (not isinstance(names, list)
+                              or not all(isinstance(n, str) for n in names)):
+        raise ModelFormatError(f"{where}: field 'architectures' must be a list of class names, "
+                               f"got {names!r:.80}")
+    model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ModelFormatError(f"{where}: field 'model_type' must be a string, got {model_type!r:.80}")
+    if model_type is None:
+        for name in names or ():
             if isinstance(name, str) and name in BY_HF_ARCHITECTURE:
                 return BY_HF_ARCHITECTURE[name]
     return for_model_type(raw.get("model_type"), where)
