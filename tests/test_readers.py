@@ -85,7 +85,7 @@ def test_a_plain_dataloader_batches_records_of_different_lengths(runs):
     plain = list(torch.utils.data.DataLoader(ds, batch_size=8))
     assert [b["latents"].shape[0] for b in plain] == [8, 2]
     assert plain[0]["latents"].shape == (8, max(n[:8]), 64)
-    assert plain[0]["mask"].sum(1).tolist() == n[:8] and plain[0]["id"] == [f"r{i}" for i in range(8)]
+    assert plain[0]["mask"].sum(1).tolist() == n[:8] and plain[0]["id"] == [ds[i]["id"] for i in range(8)]
     helper = list(ds.loader(batch_size=8, num_workers=2))
     for a, b in zip(plain, helper):
         assert a["id"] == b["id"] and torch.equal(a["latents"], b["latents"])
