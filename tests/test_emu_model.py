@@ -70,9 +70,9 @@ def test_forward_matches_the_cpu_engine(tiny_model_dir, monkeypatch, arch, dtype
 
 
 def test_emulated_counters_see_a_forward_and_no_device_memory_leaks(tiny_model_dir):
-    """On the emulated device only: its counters (what tests of sync counts
-    read) see the forward's launches, GEMMs and syncs, and close() gives
-    back every byte of device memory."""
+    """On the emulated device only: its counters see the forward's launches,
+    GEMMs and syncs, a batch waits for the device exactly once, and close()
+    gives back every byte of device memory."""
     rl = _cuda_or_skip()
     if "emulated" not in rl.build_info()["cuda_arch"]:
         pytest.skip("not the emulated device")
@@ -96,6 +96,17 @@ def test_emulated_counters_see_a_forward_and_no_device_memory_leaks(tiny_model_d
     after = now()
     assert after.launches > loaded.launches and after.gemms > loaded.gemms
     assert after.stream_syncs + after.event_syncs > loaded.stream_syncs + loaded.event_syncs
+    # one batch waits once (the event after its one asynchronous download),
+    # whatever the poolings and layers; no blocking copy, no stream sync
+    spans = [np.array([[0, 10], [10, 70]], np.int32), np.array([[0, 9]], np.int32)]
+    for args in ((None, (-1,), "mean"), (None, (0, 1, -1), ("mean", "max")), (None, (-1,), "none"),
+                 (spans, (-2, -1), ("mean", "last"))):
+        a = now()
+        m.extract([ids_of(70, 1), ids_of(9, 2)], *args)
+        b = now()
+        waits = (b.stream_syncs - a.stream_syncs, b.event_syncs - a.event_syncs,
+                 b.device_syncs - a.device_syncs, b.blocking_copies - a.blocking_copies)
+        assert waits == (0, 1, 0, 0), (args[1:], waits)
     m.close()
     assert now().device_bytes_in_use == before.device_bytes_in_use
     assert all(np.isfinite(np.asarray(o)).all() for o in out)
