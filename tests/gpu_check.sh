@@ -43,7 +43,8 @@
 #
 # Files under $OUT (default /tmp/rjepa_gpu_check): env.txt, build.log,
 # ptxas.txt, ops.log, model.log (the family and parity runs appended),
-# bench.log, gpu_bench.json, summary.txt. Exit status 0 when no stage failed.
+# bench.log, gpu_bench.json, summary.txt. Exit status 0 when no stage failed and
+# the op or model tests passed (a run with every check skipped is not a pass).
 set -uo pipefail
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -361,5 +362,8 @@ wait_prepare  # (already done unless the build failed)
   printf '%s\n' "${SUMMARY[@]}"
 } | tee "$OUT/summary.txt"
 rm -rf "$SCRATCH"
-# exit status: 0 only when no stage failed
-! printf '%s\n' "${SUMMARY[@]}" | grep -qE '^[a-z0-9]+ +FAIL'
+# exit status: 0 only when no stage failed and something was checked on the
+# device (the op tests or the model tests passed): a run whose stages were all
+# skipped, for want of time or of a build, is not a pass
+STAGES_TEXT=$(printf '%s\n' "${SUMMARY[@]}")
+! grep -qE '^[a-z0-9]+ +FAIL' <<<"$STAGES_TEXT" && grep -qE '^(ops|model|family) +ok' <<<"$STAGES_TEXT"

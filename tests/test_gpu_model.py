@@ -14,7 +14,7 @@ own bf16 run's error to the same reference (sdpa, as users run it). SLACK =
 quality; our engine keeps the residual stream in f32 and rounds less than
 HF's bf16 path, so it is expected below 1.0x.
 
-fp32 criterion (issue 4): our CUDA engine in its fp32 mode (dtype="float32":
+fp32 criterion: our CUDA engine in its fp32 mode (dtype="float32":
 f32 storage, f32 GEMMs without TF32) is within 1e-4 relative error of the same
 HF fp32 reference on every layer; our CPU engine (fp32) is held to the same
 bound, which also validates the reference itself. The HF fp32 reference is

@@ -965,19 +965,23 @@ cudaError_t cudaMalloc(void **ptr, size_t size)
     return cudaSuccess;
 }
 
+// cudaFree and cudaFreeHost synchronise the device with the host: nothing
+// queued may still read or write the memory they give back
+static void drain_all_streams()
+{
+    default_stream()->drain();
+    std::vector<CUstream_st *> all;
+    {
+        std::lock_guard<std::mutex> lk(g_streams_mu);
+        for (auto &kv : g_streams) all.push_back(kv.second);
+    }
+    for (auto *s : all) s->drain();
+}
+
 cudaError_t cudaFree(void *ptr)
 {
     if (!ptr) return cudaSuccess;
-    // cudaFree synchronises the device with the host
-    default_stream()->drain();
-    {
-        std::vector<CUstream_st *> all;
-        {
-            std::lock_guard<std::mutex> lk(g_streams_mu);
-            for (auto &kv : g_streams) all.push_back(kv.second);
-        }
-        for (auto *s : all) s->drain();
-    }
+    drain_all_streams();
     std::lock_guard<std::mutex> lk(g_mem_mu);
     auto it = g_device.find((uintptr_t)ptr);
     if (it == g_device.end()) return fail(cudaErrorInvalidDevicePointer);
@@ -1004,6 +1008,7 @@ cudaError_t cudaMallocHost(void **ptr, size_t size) { return cudaHostAlloc(ptr, 
 cudaError_t cudaFreeHost(void *ptr)
 {
     if (!ptr) return cudaSuccess;
+    drain_all_streams();
     std::lock_guard<std::mutex> lk(g_mem_mu);
     auto it = g_pinned.find((uintptr_t)ptr);
     if (it == g_pinned.end()) return fail(cudaErrorInvalidValue);

@@ -56,7 +56,7 @@ def gpu_unavailable() -> str | None:
     except ImportError as e:
         return f"rjepa_latent cannot be imported ({e})"
     info = build_info()
-    if not (info.get("cuda") or info.get("emulated")):
+    if not info.get("cuda"):   # true in the emulated build too
         return "rjepa_latent was built without CUDA (build_info()['cuda'] is False)"
     if _core.cuda_device_count() <= 0:
         return "no CUDA device visible to rjepa_latent"
