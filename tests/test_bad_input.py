@@ -332,18 +332,25 @@ def test_early_stop_after_the_first_1000_errors_and_a_later_good_record(model_di
     assert "999 errors" in out and "errors by reason: 999 x cannot tell the format from the fields ['…']. Each" in out
 
 
-def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys, monkeypatch):
+def _interrupted_then_resumed(model_dir, tmp_path, capsys, monkeypatch, n_rows: int,
+                              extra: list[str]) -> str:
+    """`extract` of n_rows one-step records in shards of 2, interrupted (exit 130)
+    when shard 2 starts, then resumed to the end: the resumed run's stderr."""
     from rjepa_latent.run import local as rl_local
-    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(6)]
+    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(n_rows)]
     (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
     args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
-            "--no-progress", "--out", str(tmp_path / "run"), "--shard-size", "2"]
+            "--out", str(tmp_path / "run"), "--shard-size", "2", *extra]
     compute = interrupt_at_shard(monkeypatch, 2)
     assert cli_main(args) == 130
     monkeypatch.setattr(rl_local._Runner, "_compute", compute)
     capsys.readouterr()
     assert cli_main(args) == 0
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_resume_says_what_it_keeps_and_what_remains(model_dir, tmp_path, capsys, monkeypatch):
+    err = _interrupted_then_resumed(model_dir, tmp_path, capsys, monkeypatch, 6, ["--no-progress"])
     # records are streamed: what remains is known once they are read, so it is said at the end
     assert f"resuming {tmp_path / 'run'}: keeping 2 finished shards (4 records)" in err
     assert f"resumed {tmp_path / 'run'}: kept 2 finished shards (4 records); 1 shard (2 records) remained" in err
@@ -404,17 +411,7 @@ def test_an_early_stop_shows_one_reason_in_full(model_dir, tmp_path, capsys):
 def test_a_resumed_progress_bar_counts_the_kept_records(model_dir, tmp_path, capsys, monkeypatch):
     """--limit 6 in shards of 2, stopped after 2 shards: the resumed bar starts
     at 4 and ends at 6/6 (100%), not at 2/6."""
-    from rjepa_latent.run import local as rl_local
-    rows = [{"id": f"r{i}", "steps": [f"step {i}"]} for i in range(9)]
-    (tmp_path / "d.jsonl").write_bytes(b"".join(j(r) + b"\n" for r in rows))
-    args = ["extract", str(tmp_path / "d.jsonl"), "--model", str(model_dir), "--device", "cpu",
-            "--out", str(tmp_path / "run"), "--shard-size", "2", "--limit", "6"]
-    compute = interrupt_at_shard(monkeypatch, 2)
-    assert cli_main(args) == 130
-    monkeypatch.setattr(rl_local._Runner, "_compute", compute)
-    capsys.readouterr()
-    assert cli_main(args) == 0
-    err = capsys.readouterr().err
+    err = _interrupted_then_resumed(model_dir, tmp_path, capsys, monkeypatch, 9, ["--limit", "6"])
     assert "4/6" in err and "6/6" in err and "100%" in err, err
     assert "0/6" not in err and "2/6" not in err, err
 

@@ -23,7 +23,6 @@ toolkit (the header comparison uses the toolkit when it is installed).
 from __future__ import annotations
 
 import ctypes as C
-import functools
 import os
 import re
 import subprocess
@@ -34,23 +33,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_backend_ops import _setup_globals  # setup.py's helpers (the emulated build flags)
+
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "kernels" / "emu"
 cudaSuccess, cudaErrorMemoryAllocation, cudaErrorLaunchFailure = 0, 2, 719
 cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
-
-
-@functools.lru_cache(maxsize=None)
-def _setup_globals() -> dict:
-    import runpy
-
-    import setuptools
-    real = setuptools.setup
-    setuptools.setup = lambda **kw: None
-    try:
-        return runpy.run_path(str(ROOT / "setup.py"))
-    finally:
-        setuptools.setup = real
 
 
 @pytest.fixture(scope="session")
