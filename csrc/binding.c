@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "gemm_builtin.h"
 
 #ifndef RL_VERSION
 #error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"
@@ -881,9 +882,20 @@ static PyObject *core_build_info(PyObject *mod, PyObject *unused)
 #else
     PyObject *omp = Py_False;
 #endif
-    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:O}", "version", RL_VERSION, "blas", blas,
+    /* the CPU GEMM's kernels: the ones a CPU Model made now would use
+     * (RJEPA_CPU_ISA, else the widest), and all this CPU runs */
+    rl_cpu_isa isa;
+    char isa_s[256], isas[64] = "";
+    if (rl_gemm_isa_from_env(&isa, isa_s, sizeof isa_s) == 0)
+        snprintf(isa_s, sizeof isa_s, "%s", rl_gemm_isa_name(isa));
+    for (int i = RL_ISA_COUNT - 1; i >= 0; i--)
+        if (rl_gemm_isa_available((rl_cpu_isa)i))
+            snprintf(isas + strlen(isas), sizeof isas - strlen(isas), "%s%s", *isas ? " " : "",
+                     rl_gemm_isa_name((rl_cpu_isa)i));
+    return Py_BuildValue("{s:s,s:s,s:O,s:s,s:O,s:s,s:s}", "version", RL_VERSION, "blas", blas,
                          "cuda", rl_cuda_compiled() ? Py_True : Py_False,
-                         "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "", "openmp", omp);
+                         "cuda_arch", rl_cuda_compiled() ? RL_CUDA_ARCHS : "", "openmp", omp,
+                         "cpu_isa", isa_s, "cpu_isas", isas);
 }
 
 static int append_str(PyObject *list, const char *str)

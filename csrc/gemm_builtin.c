@@ -1,138 +1,299 @@
-/* gemm_builtin.c - the CPU backend's GEMM when the build has no OpenBLAS
- * (RJEPA_BLAS=builtin, or no scipy-openblas32 at build time: setup.py
- * defines RL_BLAS_BUILTIN and compiles this file's code only then).
+/* gemm_builtin.c - the engine's own fp32 GEMM (interface and exactness
+ * contract: gemm_builtin.h). The CPU backend's default GEMM (RJEPA_GEMM
+ * selects OpenBLAS instead where the build has it); always compiled.
  *
  * Design choices:
- * - Exact fp32 with one summation order: every output element is
- *   sum_{k=0..K-1} a[m,k] * b[k,n], multiplied and added in fp32 in
- *   increasing k (no FMA contraction: setup.py passes -ffp-contract=off), then
- *   alpha * sum (+ beta * c). Its bits therefore depend on the operands
- *   alone: not on M, N, the blocking, the thread count or which rows are
- *   packed with it, so packing and thread count are bitwise neutral by
- *   construction (ops_cpu.c keeps its per-sequence jobs all the same).
- * - Blocked for the cache and the vectorizer: a panel of NR columns of B is
- *   packed k-major ([K][NR], zero-padded), and MR rows of A are swept over it
- *   with an MR x NR accumulator tile; the j loop over the tile is what the
- *   compiler vectorizes (each lane is another output, so vectorizing does not
- *   reorder any sum).
- * - OpenMP over column panels only when called outside a parallel region
- *   with n_threads > 1 (ops_cpu.c calls it single-threaded from its own jobs).
+ * - One summation order per output element in every ISA: acc = fma(a, b,
+ *   acc) over k in increasing order from 0, one rounding per step (AVX
+ *   vfmadd, or fmaf in the fallback), then the same C epilogue for all. So
+ *   results are bitwise independent of the ISA, the thread count, M (the
+ *   engine can run a GEMM over a whole packed batch and stay batch
+ *   invariant) and the blocking; an unavailable ISA falls back to the portable
+ *   kernel with the same bits.
+ * - GotoBLAS-style blocking, simplified: op(B) is packed per call into column
+ *   panels [K][NR] (zero-padded), a group of panels sized for L2 at a time;
+ *   each MR-row slice of A is swept over the group with an MR x NR
+ *   register tile that holds the whole K sum (no partial sums in memory), so
+ *   the A slice is reused from L1 across the group's panels.
+ * - Threads own whole panel groups (output columns): no reduction is split.
+ * - The micro-kernels use intrinsics under target attributes, chosen at run
+ *   time, so one build runs on any x86-64 and uses what the CPU has.
  */
+#define _POSIX_C_SOURCE 200809L   /* posix_memalign */
 #include "gemm_builtin.h"
 
-#ifdef RL_BLAS_BUILTIN
-
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define MR 4
-#define NR 16
-#define STACK_K 256          /* panels of K <= STACK_K live on the stack (16 KiB) */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RL_GEMM_X86 1
+#include <immintrin.h>
+#endif
 
-/* Packs columns [n0, n0 + nr) of op(B) into P[K][NR], zero-padded to NR. */
-static void pack_panel(float *P, const float *B, int64_t ldb, int transb, int64_t K, int64_t n0,
-                       int64_t nr)
+#define MR_MAX 12
+#define NR_MAX 32
+#define GROUP_BYTES (384 * 1024)   /* packed panels of one group: about a third of L2 */
+#define STACK_FLOATS 8192          /* packed panels this small live on the stack */
+
+typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, float *tile);
+
+/* ---- micro-kernels: tile[MR][NR] = sum_k A[i, k] * P[k][j] --------------- */
+
+/* fmaf is one correctly rounded operation whatever computes it: libm's
+ * software fmaf on CPUs without FMA, or (the "fma" clone, picked at load
+ * time on x86-64) the compiler's vectorized vfmadd, so both clones give the
+ * same bits. */
+#if defined(RL_GEMM_X86) && defined(__linux__)
+__attribute__((target_clones("fma", "default")))
+#endif
+static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P, float *tile)
 {
+    enum { MR = 4, NR = 16 };
+    float acc[MR][NR];
+    memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < K; k++) {
-        float *p = P + k * NR;
-        if (transb)                                   /* B is [N, K]: column n is row n */
-            for (int64_t j = 0; j < nr; j++) p[j] = B[(n0 + j) * ldb + k];
-        else                                          /* B is [K, N] */
-            memcpy(p, B + k * ldb + n0, (size_t)nr * sizeof(float));
-        for (int64_t j = nr; j < NR; j++) p[j] = 0.0f;
+        const float *p = P + k * NR;
+        for (int i = 0; i < MR; i++) {
+            const float x = A[i * lda + k];
+            for (int j = 0; j < NR; j++) acc[i][j] = fmaf(x, p[j], acc[i][j]);
+        }
+    }
+    memcpy(tile, acc, sizeof acc);
+}
+
+#ifdef RL_GEMM_X86
+__attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float *A, int64_t lda,
+                                                           const float *P, float *tile)
+{
+    /* 6 x 16: 12 accumulators, 2 B vectors, 1 broadcast of the 16 ymm */
+    const float *a0 = A, *a1 = A + lda, *a2 = a1 + lda, *a3 = a2 + lda, *a4 = a3 + lda,
+                *a5 = a4 + lda;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(P + k * 16), b1 = _mm256_loadu_ps(P + k * 16 + 8);
+        __m256 x;
+#define ROW(i)                                          \
+        x = _mm256_broadcast_ss(a##i + k);              \
+        c##i##0 = _mm256_fmadd_ps(x, b0, c##i##0);      \
+        c##i##1 = _mm256_fmadd_ps(x, b1, c##i##1);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+    _mm256_storeu_ps(tile + 0, c00);  _mm256_storeu_ps(tile + 8, c01);
+    _mm256_storeu_ps(tile + 16, c10); _mm256_storeu_ps(tile + 24, c11);
+    _mm256_storeu_ps(tile + 32, c20); _mm256_storeu_ps(tile + 40, c21);
+    _mm256_storeu_ps(tile + 48, c30); _mm256_storeu_ps(tile + 56, c31);
+    _mm256_storeu_ps(tile + 64, c40); _mm256_storeu_ps(tile + 72, c41);
+    _mm256_storeu_ps(tile + 80, c50); _mm256_storeu_ps(tile + 88, c51);
+}
+
+__attribute__((target("avx512f"))) static void kern_avx512(int64_t K, const float *A, int64_t lda,
+                                                            const float *P, float *tile)
+{
+    /* 12 x 32: 24 accumulators, 2 B vectors, 1 broadcast of the 32 zmm */
+    __m512 c[12][2];
+    for (int i = 0; i < 12; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 b0 = _mm512_loadu_ps(P + k * 32), b1 = _mm512_loadu_ps(P + k * 32 + 16);
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) {
+            const __m512 x = _mm512_set1_ps(A[i * lda + k]);
+            c[i][0] = _mm512_fmadd_ps(x, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(x, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < 12; i++) {
+        _mm512_storeu_ps(tile + i * 32, c[i][0]);
+        _mm512_storeu_ps(tile + i * 32 + 16, c[i][1]);
+    }
+}
+#endif
+
+static const struct kernel_info {
+    const char *name;
+    int mr, nr;
+    kern_fn fn;
+} KERNELS[RL_ISA_COUNT] = {
+    [RL_ISA_GENERIC] = {"generic", 4, 16, kern_generic},
+#ifdef RL_GEMM_X86
+    [RL_ISA_AVX2] = {"avx2", 6, 16, kern_avx2},
+    [RL_ISA_AVX512] = {"avx512", 12, 32, kern_avx512},
+#else
+    [RL_ISA_AVX2] = {"avx2", 0, 0, NULL},
+    [RL_ISA_AVX512] = {"avx512", 0, 0, NULL},
+#endif
+};
+
+const char *rl_gemm_isa_name(rl_cpu_isa isa)
+{
+    return (unsigned)isa < RL_ISA_COUNT ? KERNELS[isa].name : "unknown";
+}
+
+int rl_gemm_isa_available(rl_cpu_isa isa)
+{
+    switch (isa) {
+    case RL_ISA_GENERIC: return 1;
+#ifdef RL_GEMM_X86
+    /* libgcc's checks include the OS saving the wider registers (XGETBV) */
+    case RL_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case RL_ISA_AVX512: return __builtin_cpu_supports("avx512f");
+#endif
+    default: return 0;
     }
 }
 
-/* Wider vectors where the CPU has them (chosen at load time by ifunc). Every
- * clone performs the same IEEE operations per output in the same order (no
- * FMA: AVX2 does not imply it, and -ffp-contract=off), so all give the same
- * bits; only the number of outputs per instruction differs
- * (tests/test_core_builtin_gemm.py compares with a build without clones,
- * -DRL_NO_TILE_CLONES). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && \
-    !defined(RL_NO_TILE_CLONES)
-#define RL_TILE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RL_TILE_CLONES
-#endif
-
-/* C[m0..m0+mr, n0..n0+nr) from A rows and a packed panel. */
-RL_TILE_CLONES static void tile(const float *A, int64_t lda, const float *P, int64_t K,
-                                int64_t m0, int64_t mr, int64_t n0, int64_t nr, float alpha,
-                                float beta, float *C, int64_t ldc)
+int rl_gemm_isa_from_env(rl_cpu_isa *isa, char *err, size_t cap)
 {
-    float acc[MR][NR];
-    memset(acc, 0, sizeof acc);
-    if (mr == MR) {
-        const float *a0 = A + m0 * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-        for (int64_t k = 0; k < K; k++) {
-            const float *p = P + k * NR;
-            const float x0 = a0[k], x1 = a1[k], x2 = a2[k], x3 = a3[k];
-            for (int j = 0; j < NR; j++) {
-                acc[0][j] += x0 * p[j];
-                acc[1][j] += x1 * p[j];
-                acc[2][j] += x2 * p[j];
-                acc[3][j] += x3 * p[j];
+    const char *want = getenv("RJEPA_CPU_ISA");
+    if (want && *want) {
+        for (int i = 0; i < RL_ISA_COUNT; i++)
+            if (strcmp(want, KERNELS[i].name) == 0) {
+                if (!rl_gemm_isa_available((rl_cpu_isa)i)) {
+                    snprintf(err, cap, "RJEPA_CPU_ISA=%s, but this %s does not run %s code "
+                             "(available here: %s%s%s)", want,
+                             KERNELS[i].fn ? "CPU" : "build", want,
+                             rl_gemm_isa_available(RL_ISA_AVX512) ? "avx512, " : "",
+                             rl_gemm_isa_available(RL_ISA_AVX2) ? "avx2, " : "", "generic");
+                    return -1;
+                }
+                *isa = (rl_cpu_isa)i;
+                return 0;
             }
-        }
-    } else {
-        for (int64_t i = 0; i < mr; i++) {
-            const float *a = A + (m0 + i) * lda;
-            for (int64_t k = 0; k < K; k++) {
-                const float *p = P + k * NR;
-                const float x = a[k];
-                for (int j = 0; j < NR; j++) acc[i][j] += x * p[j];
-            }
-        }
+        snprintf(err, cap, "RJEPA_CPU_ISA must be avx512, avx2 or generic (or unset: the widest "
+                 "this CPU runs), got '%s'", want);
+        return -1;
     }
+    *isa = rl_gemm_isa_available(RL_ISA_AVX512) ? RL_ISA_AVX512
+         : rl_gemm_isa_available(RL_ISA_AVX2) ? RL_ISA_AVX2 : RL_ISA_GENERIC;
+    return 0;
+}
+
+/* ---- driver ------------------------------------------------------------- */
+
+/* Columns [n0, n0 + nr) of op(B) into P[K][NR], zero-padded to NR. */
+static void pack_panel(float *P, int NR, const float *B, int64_t ldb, int transb, int64_t K,
+                       int64_t n0, int64_t nr)
+{
+    if (transb) {                                     /* B is [N, K]: column n is row n */
+        for (int64_t j = 0; j < nr; j++) {
+            const float *b = B + (n0 + j) * ldb;
+            for (int64_t k = 0; k < K; k++) P[k * NR + j] = b[k];
+        }
+    } else {                                          /* B is [K, N] */
+        for (int64_t k = 0; k < K; k++) memcpy(P + k * NR, B + k * ldb + n0, (size_t)nr * 4);
+    }
+    if (nr < NR)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = nr; j < NR; j++) P[k * NR + j] = 0.0f;
+}
+
+/* The epilogue, the same code whatever kernel filled the tile. */
+static void epilogue(const float *tile, int NR, int64_t mr, int64_t nr, float alpha,
+                     const float *bias, float beta, float *C, int64_t ldc)
+{
     for (int64_t i = 0; i < mr; i++) {
-        float *c = C + (m0 + i) * ldc + n0;
+        const float *t = tile + i * NR;
+        float *c = C + i * ldc;
+        float v[NR_MAX];
+        for (int64_t j = 0; j < nr; j++) v[j] = alpha * t[j];
+        if (bias)
+            for (int64_t j = 0; j < nr; j++) v[j] = v[j] + bias[j];
         if (beta == 0.0f)                             /* C is not read (may hold NaN) */
-            for (int64_t j = 0; j < nr; j++) c[j] = alpha * acc[i][j];
+            for (int64_t j = 0; j < nr; j++) c[j] = v[j];
         else if (beta == 1.0f)
-            for (int64_t j = 0; j < nr; j++) c[j] = c[j] + alpha * acc[i][j];
+            for (int64_t j = 0; j < nr; j++) c[j] = c[j] + v[j];
         else
-            for (int64_t j = 0; j < nr; j++) c[j] = beta * c[j] + alpha * acc[i][j];
+            for (int64_t j = 0; j < nr; j++) c[j] = beta * c[j] + v[j];
     }
+}
+
+int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                const float *A, int64_t lda, const float *B, int64_t ldb, const float *bias,
+                float beta, float *C, int64_t ldc, int n_threads)
+{
+    if (M <= 0 || N <= 0) return 0;
+    if ((unsigned)isa >= RL_ISA_COUNT || !KERNELS[isa].fn || !rl_gemm_isa_available(isa))
+        isa = RL_ISA_GENERIC;                         /* the same bits, slower */
+    const struct kernel_info *ki = &KERNELS[isa];
+    const int MR = ki->mr, NR = ki->nr;
+    const int64_t Kp = K > 0 ? K : 1;                 /* K == 0: tiles of zeros */
+    const int64_t panels = (N + NR - 1) / NR, panel_floats = Kp * NR;
+#ifdef _OPENMP
+    const int nt = n_threads > 1 && !omp_in_parallel() && panels > 1 &&
+                   M * N * K >= (1 << 18) ? n_threads : 1;
+#else
+    const int nt = 1;
+    (void)n_threads;
+#endif
+    /* panel groups: a group's packed panels fit GROUP_BYTES, and there are a
+     * multiple of nt groups (each thread the same number of rounds) */
+    int64_t fit = GROUP_BYTES / (panel_floats * 4);
+    if (fit < 1) fit = 1;
+    int64_t rounds = (panels + (int64_t)nt * fit - 1) / ((int64_t)nt * fit);
+    int64_t G = (panels + rounds * nt - 1) / (rounds * nt);
+    const int64_t groups = (panels + G - 1) / G;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+    {
+        float stack_p[STACK_FLOATS] __attribute__((aligned(64)));
+        float stack_a[MR_MAX * 256] __attribute__((aligned(64)));
+        float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+        const size_t p_floats = (size_t)(G * panel_floats), a_floats = (size_t)(MR * Kp);
+        float *P = stack_p, *Ab = stack_a;
+        if (p_floats > STACK_FLOATS && posix_memalign((void **)&P, 64, p_floats * 4) != 0)
+            P = NULL;
+        if (a_floats > sizeof stack_a / 4 && posix_memalign((void **)&Ab, 64, a_floats * 4) != 0)
+            Ab = NULL;
+        if (!P || !Ab) failed = 1;
+        /* every thread reaches the worksharing loop, also one without scratch */
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!P || !Ab) continue;
+            const int64_t p0 = g * G, np = panels - p0 < G ? panels - p0 : G;
+            for (int64_t q = 0; q < np; q++) {
+                const int64_t n0 = (p0 + q) * NR;
+                pack_panel(P + q * panel_floats, NR, B, ldb, transb, K, n0,
+                           N - n0 < NR ? N - n0 : NR);
+                if (K == 0) memset(P + q * panel_floats, 0, (size_t)NR * 4);
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                const int64_t mr = M - m0 < MR ? M - m0 : MR;
+                const float *a = A + m0 * lda;
+                int64_t la = lda;
+                if (mr < MR || K == 0) {                /* a zero-padded copy of the last rows */
+                    memset(Ab, 0, a_floats * 4);
+                    for (int64_t i = 0; i < mr; i++) memcpy(Ab + i * Kp, a + i * lda, (size_t)K * 4);
+                    a = Ab;
+                    la = Kp;
+                }
+                for (int64_t q = 0; q < np; q++) {
+                    const int64_t n0 = (p0 + q) * NR, nr = N - n0 < NR ? N - n0 : NR;
+                    ki->fn(Kp, a, la, P + q * panel_floats, tile);
+                    epilogue(tile, NR, mr, nr, alpha, bias ? bias + n0 : NULL, beta,
+                             C + m0 * ldc + n0, ldc);
+                }
+            }
+        }
+        if (P != stack_p) free(P);
+        if (Ab != stack_a) free(Ab);
+    }
+    return failed ? -1 : 0;
 }
 
 int rl_gemm_builtin(int transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
                     int n_threads)
 {
-    if (M <= 0 || N <= 0) return 0;
-    const int64_t panels = (N + NR - 1) / NR;
-    int failed = 0;
-#ifdef _OPENMP
-    const int par = n_threads > 1 && panels > 1 && !omp_in_parallel() && M * N * K >= (1 << 18);
-#else
-    const int par = 0;
-    (void)n_threads;
-#endif
-#pragma omp parallel num_threads(n_threads > 1 ? n_threads : 1) if (par) reduction(| : failed)
-    {
-        /* the panel: on the stack when small (attention's GEMMs, called per
-         * head and block), else on the heap */
-        float small[STACK_K * NR];
-        float *P = K <= STACK_K ? small : malloc((size_t)K * NR * sizeof(float));
-        if (!P) failed = 1;
-        /* every thread reaches the worksharing loop, also one whose malloc failed */
-#pragma omp for schedule(static)
-        for (int64_t pi = 0; pi < panels; pi++) {
-            if (!P) continue;
-            const int64_t n0 = pi * NR, nr = N - n0 < NR ? N - n0 : NR;
-            pack_panel(P, B, ldb, transb, K, n0, nr);
-            for (int64_t m0 = 0; m0 < M; m0 += MR)
-                tile(A, lda, P, K, m0, M - m0 < MR ? M - m0 : MR, n0, nr, alpha, beta, C, ldc);
-        }
-        if (P != small) free(P);
-    }
-    return failed ? -1 : 0;
+    rl_cpu_isa isa;
+    char err[160];
+    if (rl_gemm_isa_from_env(&isa, err, sizeof err) != 0)   /* the widest */
+        isa = rl_gemm_isa_available(RL_ISA_AVX512) ? RL_ISA_AVX512
+            : rl_gemm_isa_available(RL_ISA_AVX2) ? RL_ISA_AVX2 : RL_ISA_GENERIC;
+    return rl_gemm_f32(isa, transb, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc, n_threads);
 }
-
-#else  /* !RL_BLAS_BUILTIN: the CPU backend uses OpenBLAS */
-typedef int rl_gemm_builtin_unused_; /* ISO C forbids an empty translation unit */
-#endif

@@ -1,17 +1,54 @@
-/* gemm_builtin.h - the plain-C fp32 GEMM of builds without OpenBLAS
- * (RL_BLAS_BUILTIN; see gemm_builtin.c). */
+/* gemm_builtin.h - the engine's own fp32 GEMM (gemm_builtin.c): the CPU
+ * backend's default GEMM, with micro-kernels for AVX-512, AVX2+FMA and a
+ * portable fallback that all give the same bits.
+ *
+ * Entry point for any caller that holds a plain row-major weight (a layer's
+ * weights as loaded, or a scratch buffer a quantized weight was just
+ * dequantized into): call rl_gemm_f32 with transb = 1 and B = W [N, K].
+ * The weight is packed into column panels inside the call (cost O(N*K),
+ * against O(M*N*K) for the product), so nothing is kept between calls and
+ * the buffer may be overwritten right after the call returns.
+ *
+ * Exactness: every output element is
+ *     acc = 0; for k = 0..K-1: acc = fma(a[m,k], b[k,n], acc)    (fp32, one rounding each)
+ *     t = alpha * acc; t = t + bias[n]; c = t | c + t | beta * c + t
+ * in every ISA (the fallback uses fmaf), so its bits depend on its operands
+ * alone: not on M, N, which rows share the call, the blocking, the thread
+ * count or the ISA. */
 #ifndef RL_GEMM_BUILTIN_H
 #define RL_GEMM_BUILTIN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
-/* Row-major C[M, N] = alpha * A[M, K] op(B) + beta * C, op(B) = B^T with B
- * [N, K] (transb = 1) or B [K, N] (transb = 0); lda/ldb/ldc are row strides.
- * beta == 0: C is only written. Every element is summed in fp32 over k in
- * increasing order, so its bits depend on its operands alone. n_threads > 1
- * splits column panels over OpenMP threads when not already inside a
- * parallel region. Returns 0, or -1 when its scratch could not be allocated
- * (C is then unspecified). */
+typedef enum {
+    RL_ISA_GENERIC = 0,   /* portable C, fmaf                     */
+    RL_ISA_AVX2 = 1,      /* AVX2 + FMA, 6 x 16 register tile     */
+    RL_ISA_AVX512 = 2,    /* AVX-512F, 12 x 32 register tile      */
+    RL_ISA_COUNT
+} rl_cpu_isa;
+
+/* "generic", "avx2" or "avx512". */
+const char *rl_gemm_isa_name(rl_cpu_isa isa);
+/* 1 when this build has the ISA's kernel and this CPU (and OS) runs it. */
+int rl_gemm_isa_available(rl_cpu_isa isa);
+/* The ISA to use: RJEPA_CPU_ISA (avx512 | avx2 | generic) when set, else the
+ * widest available. 0, or -1 with a message in err when the variable names
+ * an unknown ISA or one this CPU lacks. */
+int rl_gemm_isa_from_env(rl_cpu_isa *isa, char *err, size_t cap);
+
+/* Row-major C[M, N] = beta * C + (alpha * A[M, K] op(B) + bias), op(B) = B^T
+ * for B [N, K] (transb = 1) or B [K, N] (transb = 0); lda/ldb/ldc are row
+ * strides; bias [N] or NULL. beta == 0: C is only written (it may hold NaN).
+ * n_threads > 1 splits the column panels over OpenMP threads when not already
+ * inside a parallel region. Returns 0, or -1 when its scratch could not be
+ * allocated (C is then unspecified). */
+int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                const float *A, int64_t lda, const float *B, int64_t ldb, const float *bias,
+                float beta, float *C, int64_t ldc, int n_threads);
+
+/* rl_gemm_f32 without a bias, on the ISA rl_gemm_isa_from_env picks (the
+ * widest available when RJEPA_CPU_ISA is unset or invalid). */
 int rl_gemm_builtin(int transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
                     int n_threads);

@@ -1,14 +1,15 @@
-/* ops_cpu.c - the CPU backend: fp32 storage and compute, OpenBLAS GEMM
- * (scipy-openblas32) or, in builds without it (RL_BLAS_BUILTIN), the plain-C
- * GEMM of gemm_builtin.c; OpenMP for everything else.
+/* ops_cpu.c - the CPU backend: fp32 storage and compute, the engine's own
+ * GEMM (gemm_builtin.c; RJEPA_CPU_ISA picks its kernels) or, with
+ * RJEPA_GEMM=openblas in builds that link it, OpenBLAS (scipy-openblas32);
+ * OpenMP for everything else.
  *
  * Design choices:
  * - Packing must be bitwise neutral: a sequence gives the same bits alone or
- *   anywhere in a packed batch. OpenBLAS results for a row depend on M, so
- *   GEMMs run once per sequence (never over the whole packed batch; the
- *   builtin GEMM does not need this but runs the same jobs); every
- *   other op computes a row/head/span from that row's data only, in a fixed
- *   order, with no reduction split across threads.
+ *   anywhere in a packed batch. The own GEMM's bits depend on a row's
+ *   operands alone, so it runs over the whole packed batch at once (large M);
+ *   OpenBLAS results for a row depend on M, so with it GEMMs run once per
+ *   sequence. Every other op computes a row/head/span from that row's data
+ *   only, in a fixed order, with no reduction split across threads.
  * - Numerics follow HF transformers in fp32: RMSNorm x * 1/sqrt(mean(x^2)+eps)
  *   * (offset + w), rotate_half RoPE with cos/sin of (pos * inv_freq) in fp32,
  *   scores scaled then soft-capped (cap * tanh(s / cap)), softmax in fp32 with
@@ -20,9 +21,8 @@
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign */
 #include "ops_cpu.h"
 
-#ifdef RL_BLAS_BUILTIN
 #include "gemm_builtin.h"
-#else
+#ifndef RL_BLAS_BUILTIN
 #include <cblas.h>
 #endif
 #include <malloc.h>
@@ -50,27 +50,30 @@ typedef struct {
     int64_t *jobs;          /* [jobs_len, 2] GEMM jobs: sequence, first column     */
     int64_t jobs_len;
     char kernel[192];       /* rl_backend.kernel: the BLAS build and its core type  */
+    int openblas;           /* RJEPA_GEMM=openblas: GEMMs per sequence by OpenBLAS  */
+    rl_cpu_isa isa;         /* the own GEMM's kernels (RJEPA_CPU_ISA)               */
 } cpu_impl;
 
 /* ---- GEMM --------------------------------------------------------------- */
 
 /* Row-major C[M, N] = alpha * A[M, K] op(B) + beta * C (op(B) = B^T for
  * transb, B [N, K]; else B [K, N]); 0 or -1 (no scratch memory). OpenBLAS
- * runs on one thread (rl_backend_cpu_create sets it); the builtin GEMM uses
+ * runs on one thread (rl_backend_cpu_create sets it); the own GEMM uses
  * up to n_threads when called outside a parallel region. */
-static int sgemm(int transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                 int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc,
-                 int n_threads)
+static int sgemm(const cpu_impl *im, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc, int n_threads)
 {
-#ifdef RL_BLAS_BUILTIN
-    return rl_gemm_builtin(transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, n_threads);
-#else
-    (void)n_threads;
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transb ? CblasTrans : CblasNoTrans,
-                      (blasint)M, (blasint)N, (blasint)K, alpha, A, (blasint)lda, B, (blasint)ldb,
-                      beta, C, (blasint)ldc);
-    return 0;
+#ifndef RL_BLAS_BUILTIN
+    if (im->openblas) {
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transb ? CblasTrans : CblasNoTrans,
+                          (blasint)M, (blasint)N, (blasint)K, alpha, A, (blasint)lda, B,
+                          (blasint)ldb, beta, C, (blasint)ldc);
+        return 0;
+    }
 #endif
+    return rl_gemm_f32(im->isa, transb, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc,
+                       n_threads);
 }
 
 void rl_cpu_blas_name(char *buf, size_t cap)
@@ -229,6 +232,12 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
     float *Y = y;
     cpu_impl *im = impl_of(be);
     const int32_t *cu = seg->cu_seqlens_host;
+    if (!im->openblas) {   /* one GEMM over the packed batch, bias and residual add fused */
+        if (rl_gemm_f32(im->isa, 1, M, N, K, 1.0f, X, K, W, K, B, accumulate ? 1.0f : 0.0f, Y, N,
+                        im->n_threads) != 0)
+            return RL_FAIL(RL_ERR_NOMEM, "out of host memory (GEMM scratch)");
+        return RL_OK;
+    }
     /* job j of the batch -> (sequence, first column); built on the host */
     int64_t n_jobs = 0;
     for (int64_t s = 0; s < seg->n_seqs; s++) n_jobs += gemm_jobs_of(cu[s + 1] - cu[s], N);
@@ -251,7 +260,7 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
         int64_t s = im->jobs[2 * j], n0 = im->jobs[2 * j + 1];
         int64_t r0 = cu[s], m = cu[s + 1] - r0;
         int64_t nn = gemm_jobs_of(m, N) == 1 ? N : (N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS);
-        if (sgemm(1, m, nn, K, 1.0f, X + r0 * K, K, W + n0 * K, K, accumulate ? 1.0f : 0.0f,
+        if (sgemm(im, 1, m, nn, K, 1.0f, X + r0 * K, K, W + n0 * K, K, accumulate ? 1.0f : 0.0f,
                   Y + r0 * N + n0, N, inner) != 0) {
             failed = 1;
             continue;
@@ -361,14 +370,14 @@ static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *
  * Softmax in fp32 with the row max subtracted; masked entries are exact
  * zeros. Runs on the calling thread; 0, or -1 when the GEMM found no scratch
  * memory. */
-static int attend_head(const float *q, const float *k, const float *v, float *o, int64_t n,
+static int attend_head(const cpu_impl *im, const float *q, const float *k, const float *v, float *o, int64_t n,
                        int64_t W, int64_t Wo, int64_t hd, float scale, int64_t window,
                        float softcap, float *P)
 {
     for (int64_t i0 = 0; i0 < n; i0 += ATT_BLK) {
         int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK;
         int64_t k0 = window > 0 && i0 - window + 1 > 0 ? i0 - window + 1 : 0, nk = i0 + mb - k0;
-        if (sgemm(1, mb, nk, hd, scale, q + i0 * W, W, k + k0 * W, W, 0.0f, P, nk, 1) != 0)
+        if (sgemm(im, 1, mb, nk, hd, scale, q + i0 * W, W, k + k0 * W, W, 0.0f, P, nk, 1) != 0)
             return -1;
         for (int64_t r = 0; r < mb; r++) {
             float *p = P + r * nk;
@@ -386,7 +395,7 @@ static int attend_head(const float *q, const float *k, const float *v, float *o,
             for (int64_t j = first; j <= last; j++) p[j] *= inv;
             for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
         }
-        if (sgemm(0, mb, hd, nk, 1.0f, P, nk, v + k0 * W, W, 0.0f, o + i0 * Wo, Wo, 1) != 0)
+        if (sgemm(im, 0, mb, hd, nk, 1.0f, P, nk, v + k0 * W, W, 0.0f, o + i0 * Wo, Wo, 1) != 0)
             return -1;
     }
     return 0;
@@ -437,7 +446,7 @@ static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const voi
     for (int64_t job = 0; job < B * nh; job++) {
         int64_t s = job / nh, h = job % nh, kvh = h / group, r0 = cu[s], n = cu[s + 1] - r0;
         const float *base = QKV + r0 * W;
-        failed |= attend_head(base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
+        failed |= attend_head(im, base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
                               O + r0 * Wo + h * hd, n, W, Wo, hd, scale, window, softcap,
                               im->scores + (int64_t)thread_id() * im->scores_len) != 0;
     }
@@ -565,17 +574,39 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
 #ifdef _OPENMP
     omp_set_num_threads(n_threads);
 #endif
+    char err[256];
+    const char *gemm = getenv("RJEPA_GEMM");
+    if (rl_gemm_isa_from_env(&im->isa, err, sizeof err) != 0) {
+        free(be); free(im);
+        return RL_FAIL(RL_ERR_INVALID, "%s", err);
+    }
+    if (gemm && *gemm && strcmp(gemm, "builtin") != 0 && strcmp(gemm, "openblas") != 0) {
+        free(be); free(im);
+        return RL_FAIL(RL_ERR_INVALID, "RJEPA_GEMM must be builtin (the default) or openblas, "
+                       "got '%s'", gemm);
+    }
+    im->openblas = gemm && strcmp(gemm, "openblas") == 0;
 #ifdef RL_BLAS_BUILTIN
-    /* its bits depend on the operands alone (gemm_builtin.c) */
-    snprintf(im->kernel, sizeof im->kernel, "builtin C GEMM (fp32, fixed summation order)");
+    if (im->openblas) {
+        free(be); free(im);
+        return RL_FAIL(RL_ERR_INVALID, "RJEPA_GEMM=openblas, but this build links no OpenBLAS "
+                       "(built with RJEPA_BLAS=builtin or without scipy-openblas32)");
+    }
 #else
-    /* all parallelism is OpenMP's: OpenBLAS runs inside our threads */
-    scipy_openblas_set_num_threads(1);
-    /* the core type is what OpenBLAS picked for this CPU (or OPENBLAS_CORETYPE):
-     * another core type rounds GEMMs differently */
-    snprintf(im->kernel, sizeof im->kernel, "%s; core %s", scipy_openblas_get_config(),
-             scipy_openblas_get_corename());
+    if (im->openblas) {
+        /* all parallelism is OpenMP's: OpenBLAS runs inside our threads */
+        scipy_openblas_set_num_threads(1);
+        /* the core type is what OpenBLAS picked for this CPU (or OPENBLAS_CORETYPE):
+         * another core type rounds GEMMs differently */
+        snprintf(im->kernel, sizeof im->kernel, "%s; core %s", scipy_openblas_get_config(),
+                 scipy_openblas_get_corename());
+    }
 #endif
+    /* the own GEMM's bits depend on the operands alone (gemm_builtin.h), not on
+     * the ISA that computes them, so the ISA is not part of the kernel's name */
+    if (!im->openblas)
+        snprintf(im->kernel, sizeof im->kernel,
+                 "rjepa fp32 GEMM (fma, fixed summation order; avx512 = avx2 = generic)");
     *be = (rl_backend){
         .name = "cpu", .kernel = im->kernel, .weight_dtype = RL_F32, .act_dtype = RL_F32, .res_dtype = RL_F32,
         .impl = im, .alloc = cpu_alloc, .free = cpu_free, .host_alloc = cpu_alloc,

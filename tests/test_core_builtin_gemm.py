@@ -2,10 +2,11 @@
 
 The extension is built CPU-only with the builtin C GEMM into a temporary
 directory, next to a copy of the Python package, and run in a subprocess:
-- it links no BLAS, never imports scipy_openblas32, and says
-  "builtin C GEMM" in build_info()["blas"] and in Engine.kernel;
-- hidden states of tiny random HF checkpoints equal this (OpenBLAS) build's
-  to <= 1e-5 relative per layer, and HF's to the parity bound;
+- it links no BLAS, never imports scipy_openblas32, says "builtin C GEMM"
+  in build_info()["blas"] and names the engine's own GEMM in Engine.kernel;
+- hidden states of tiny random HF checkpoints equal this build's bitwise
+  (the same own GEMM, the default of every build) and HF's to the parity
+  bound;
 - packing stays bitwise neutral and results do not depend on the thread
   count (long sequences included, whose GEMMs run in column jobs).
 """
@@ -99,9 +100,6 @@ def _rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def test_builtin_gemm_build_matches_openblas_build_and_hf(builtin_pkg, tiny_model_dir, tmp_path):
     import rjepa_latent as rl
-    # where this build is the builtin GEMM itself (no scipy-openblas32), the
-    # comparison with OpenBLAS is left out; HF parity and the rest still run
-    openblas = rl.build_info()["blas"].startswith("scipy-openblas32")
     dirs = {a: str(tiny_model_dir(a)) for a in ARCHS}
     out = tmp_path / "builtin.npz"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -111,7 +109,7 @@ def test_builtin_gemm_build_matches_openblas_build_and_hf(builtin_pkg, tiny_mode
     assert r.returncode == 0, r.stderr[-6000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info == {"blas": "builtin C GEMM", "cuda": False, "openblas_imported": False,
-                    "kernel": "builtin C GEMM (fp32, fixed summation order)",
+                    "kernel": "rjepa fp32 GEMM (fma, fixed summation order; avx512 = avx2 = generic)",
                     "packing_bitwise_1": True, "packing_bitwise_3": True,
                     "threads_bitwise": True}, info
     (so,) = (builtin_pkg / "rjepa_latent").glob("_core*.so")
@@ -127,17 +125,13 @@ def test_builtin_gemm_build_matches_openblas_build_and_hf(builtin_pkg, tiny_mode
             ob = m.hidden_states(ids)
             hf = hf_hidden_states(dirs[arch], ids)
             assert ours.shape == ob.shape == hf.shape
-            e_ob, e_hf = _rel_err(ours, ob).max(), _rel_err(ours, hf).max()
-            worst[arch] = max(worst.get(arch, 0.0), e_ob)
+            e_hf = _rel_err(ours, hf).max()
+            worst[arch] = max(worst.get(arch, 0.0), e_hf)
             assert e_hf <= TOL, f"{arch} T={n}: builtin vs HF {e_hf:.3g}"
-            if openblas:
-                assert e_ob <= TOL, f"{arch} T={n}: builtin vs OpenBLAS {e_ob:.3g}"
-            else:
-                assert np.array_equal(ours, ob)   # the same builtin GEMM in both
+            assert np.array_equal(ours, ob)   # the same own GEMM in both builds
             assert not np.array_equal(ours, np.zeros_like(ours))
         m.close()
-    print(f"\nworst relative error builtin vs {'OpenBLAS' if openblas else 'this build'}:",
-          ", ".join(f"{a} {e:.2e}" for a, e in worst.items()))
+    print("\nworst relative error builtin vs HF:", ", ".join(f"{a} {e:.2e}" for a, e in worst.items()))
 
     from test_core_engine import make_config, make_engine, make_weights, run
     from test_determinism import WIDE
@@ -147,42 +141,4 @@ def test_builtin_gemm_build_matches_openblas_build_and_hf(builtin_pkg, tiny_mode
     seqs = [rng.integers(0, cfg["vocab_size"], n) for n in (300, 7, 257, 120)]
     spans = [[(0, len(s)), (len(s) // 2, len(s))] for s in seqs]
     ob = run(make_engine(cfg, w, max_tokens=1024, n_threads=2), seqs, [1, 2, 3], spans)
-    assert _rel_err(got["wide"], ob).max() <= TOL
-
-
-WIDE_SCRIPT = r"""
-import sys
-import numpy as np
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from test_core_engine import make_config, make_engine, make_weights, run
-from test_determinism import WIDE
-cfg = make_config(**WIDE)
-w = make_weights(cfg, seed=11)
-rng = np.random.default_rng(12)
-seqs = [rng.integers(0, cfg["vocab_size"], n) for n in (300, 7, 257, 120, 3)]
-spans = [[(0, len(s)), (0, 1)] for s in seqs]
-np.save(sys.argv[3], run(make_engine(cfg, w, max_tokens=1024, n_threads=2), seqs, [0, 1, 2, 3],
-                         spans, "mean"))
-"""
-
-
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the GEMM tile is cloned on x86-64 only")
-def test_builtin_gemm_bits_do_not_depend_on_vector_width(builtin_pkg, tmp_path):
-    """The x86-64 build clones the GEMM tile for AVX-512 / AVX2 / baseline
-    (chosen by the CPU at load time); a build without clones must give the
-    same bits on this machine, whatever clone it picked."""
-    plain = _build(tmp_path / "plain", CFLAGS="-DRL_NO_TILE_CLONES")
-    if shutil.which("nm"):   # the two builds really differ in their tile code
-        syms = [subprocess.run(["nm", str(next((p / "rjepa_latent").glob("_core*.so")))],
-                               capture_output=True, text=True).stdout for p in (builtin_pkg, plain)]
-        assert "tile.avx2" in syms[0] and "tile.avx2" not in syms[1]
-    outs = []
-    for pkg in (builtin_pkg, plain):
-        out = tmp_path / f"{len(outs)}.npy"
-        r = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, str(pkg), str(ROOT / "tests"),
-                            str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-        assert r.returncode == 0, r.stderr[-4000:]
-        outs.append(np.load(out))
-    assert outs[0].shape == (4, 10, 320) and np.abs(outs[0]).max() > 0.1
-    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(got["wide"], ob)
