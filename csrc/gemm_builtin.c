@@ -15,7 +15,8 @@
  *   each MR-row slice of A is swept over the group with an MR x NR
  *   register tile that holds the whole K sum (no partial sums in memory), so
  *   the A slice is reused from L1 across the group's panels.
- * - Threads own whole panel groups (output columns): no reduction is split.
+ * - Threads take jobs of (panel group, MC rows) dynamically: no reduction is
+ *   split, so the split never changes a bit.
  * - The micro-kernels use intrinsics under target attributes, chosen at run
  *   time, so one build runs on any x86-64 and uses what the CPU has.
  */
@@ -39,6 +40,8 @@
 #define NR_MAX 32
 #define GROUP_BYTES (384 * 1024)   /* packed panels of one group: about a third of L2 */
 #define STACK_FLOATS 8192          /* packed panels this small live on the stack */
+#define MC 192                     /* rows per job: a multiple of every MR */
+#define JOBS_PER_THREAD 4
 
 typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, float *tile);
 
@@ -225,19 +228,24 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
     const int64_t Kp = K > 0 ? K : 1;                 /* K == 0: tiles of zeros */
     const int64_t panels = (N + NR - 1) / NR, panel_floats = Kp * NR;
 #ifdef _OPENMP
-    const int nt = n_threads > 1 && !omp_in_parallel() && panels > 1 &&
+    const int nt = n_threads > 1 && !omp_in_parallel() && (panels > 1 || M > MC) &&
                    M * N * K >= (1 << 18) ? n_threads : 1;
 #else
     const int nt = 1;
     (void)n_threads;
 #endif
-    /* panel groups: a group's packed panels fit GROUP_BYTES, and there are a
-     * multiple of nt groups (each thread the same number of rounds) */
+    /* jobs: a group of panels (packed together, fitting GROUP_BYTES) times a
+     * chunk of MC rows; at least JOBS_PER_THREAD per thread, taken
+     * dynamically, so a thread slowed by other processes does not hold the
+     * rest up (which thread computes what never changes a bit) */
     int64_t fit = GROUP_BYTES / (panel_floats * 4);
     if (fit < 1) fit = 1;
-    int64_t rounds = (panels + (int64_t)nt * fit - 1) / ((int64_t)nt * fit);
-    int64_t G = (panels + rounds * nt - 1) / (rounds * nt);
-    const int64_t groups = (panels + G - 1) / G;
+    const int64_t mchunks = (M + MC - 1) / MC;
+    int64_t want_groups = ((int64_t)nt * JOBS_PER_THREAD + mchunks - 1) / mchunks;
+    int64_t G = (panels + want_groups - 1) / want_groups;
+    if (G > fit) G = fit;
+    if (G < 1) G = 1;
+    const int64_t groups = (panels + G - 1) / G, jobs = groups * mchunks;
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
@@ -251,19 +259,24 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
         if (a_floats > sizeof stack_a / 4 && posix_memalign((void **)&Ab, 64, a_floats * 4) != 0)
             Ab = NULL;
         if (!P || !Ab) failed = 1;
+        int64_t packed = -1;                          /* the group P holds */
         /* every thread reaches the worksharing loop, also one without scratch */
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t job = 0; job < jobs; job++) {
             if (!P || !Ab) continue;
-            const int64_t p0 = g * G, np = panels - p0 < G ? panels - p0 : G;
-            for (int64_t q = 0; q < np; q++) {
-                const int64_t n0 = (p0 + q) * NR;
-                pack_panel(P + q * panel_floats, NR, B, ldb, transb, K, n0,
-                           N - n0 < NR ? N - n0 : NR);
-                if (K == 0) memset(P + q * panel_floats, 0, (size_t)NR * 4);
+            const int64_t g = job / mchunks, p0 = g * G, np = panels - p0 < G ? panels - p0 : G;
+            if (g != packed) {
+                for (int64_t q = 0; q < np; q++) {
+                    const int64_t n0 = (p0 + q) * NR;
+                    pack_panel(P + q * panel_floats, NR, B, ldb, transb, K, n0,
+                               N - n0 < NR ? N - n0 : NR);
+                    if (K == 0) memset(P + q * panel_floats, 0, (size_t)NR * 4);
+                }
+                packed = g;
             }
-            for (int64_t m0 = 0; m0 < M; m0 += MR) {
-                const int64_t mr = M - m0 < MR ? M - m0 : MR;
+            const int64_t m_end = (job % mchunks + 1) * MC < M ? (job % mchunks + 1) * MC : M;
+            for (int64_t m0 = job % mchunks * MC; m0 < m_end; m0 += MR) {
+                const int64_t mr = m_end - m0 < MR ? m_end - m0 : MR;
                 const float *a = A + m0 * lda;
                 int64_t la = lda;
                 if (mr < MR || K == 0) {                /* a zero-padded copy of the last rows */

@@ -243,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         say(f"loading {model_name} into this engine ({args.threads} threads)")
         engine = Model(path, device="cpu", threads=args.threads, max_batch_tokens=args.max_batch_tokens)
         layer = engine.resolve_layers([args.layer])[0]
+        kernel = engine.kernel
         seqs, spans, used = load_workload(data, engine.tokenizer, args.n_seqs,
                                           engine.config.get("max_position_embeddings"),
                                           engine.config["vocab_size"], args.seed)
@@ -274,7 +275,9 @@ def _run(args: argparse.Namespace) -> int:
     engine.close()
     res = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
-        "blas": build_info()["blas"], "model": model_name,
+        "blas": build_info()["blas"], "model": model_name, "kernel": kernel,
+        "cpu_isa": build_info()["cpu_isa"] if "openblas" not in kernel.lower() else "openblas",
+        "cpu_isas": build_info()["cpu_isas"],
         "workload": f"{len(seqs)} sequences from {used} records of {Path(data).name}, {tokens} tokens "
                     f"(mean {tokens / len(seqs):.0f}), {sum(len(s) for s in spans)} steps, "
                     f"layer {args.layer} mean-pooled per step",
@@ -307,7 +310,9 @@ def format_table(r: dict) -> str:
                  (f"HF transformers fp32, batch {r['hf_batch']}, length-sorted",
                   r["hf_sorted_tokens_per_s"], r["speedup_vs_hf_sorted"])]
     lines = [f"machine: {r['machine']}; threads: {r['threads']}; load average at the end: "
-             f"{r['load_average']:.1f}", f"BLAS: {r['blas']}", f"model: {r['model']}",
+             f"{r['load_average']:.1f}", f"BLAS: {r['blas']}",
+             f"GEMM: {r['kernel']}; ISA: {r['cpu_isa']} (this CPU runs: {r['cpu_isas']}; "
+             "RJEPA_CPU_ISA or RJEPA_GEMM=openblas choose)", f"model: {r['model']}",
              f"workload: {r['workload']}", "",
              f"| {'runner':50s} | {'tokens/s':>9s} | {'engine speedup':>14s} |",
              f"|{'-' * 52}|{'-' * 11}|{'-' * 16}|"]
