@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -52,6 +53,8 @@ typedef struct {
     char kernel[192];       /* rl_backend.kernel: the BLAS build and its core type  */
     int openblas;           /* RJEPA_GEMM=openblas: GEMMs per sequence by OpenBLAS  */
     rl_cpu_isa isa;         /* the own GEMM's kernels (RJEPA_CPU_ISA)               */
+    double prof_s[8];       /* RJEPA_CPU_PROFILE=1: seconds per op (PROF_NAMES)     */
+    double prof_gemm_flops; /* and the GEMMs' floating-point operations             */
 } cpu_impl;
 
 /* ---- GEMM --------------------------------------------------------------- */
@@ -515,6 +518,89 @@ static rl_status cpu_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int
     return RL_OK;
 }
 
+/* ---- profile (RJEPA_CPU_PROFILE=1) ----------------------------------------- */
+
+/* Wall time per op, printed to stderr when the backend is destroyed: where a
+ * CPU forward spends its time, and the GEMMs' GFLOP/s. The wrappers replace
+ * the ops in the table only when profiling, so normal runs pay nothing. */
+static const char *const PROF_NAMES[] = {"gemm", "attention", "qk_norm_rope", "rmsnorm",
+                                         "glu", "embed", "pool", "cast"};
+
+static double prof_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+#define PROF_CALL(i, call)                                                  \
+    do {                                                                    \
+        double t0_ = prof_now();                                            \
+        rl_status st_ = call;                                               \
+        impl_of(be)->prof_s[i] += prof_now() - t0_;                         \
+        return st_;                                                         \
+    } while (0)
+
+static rl_status prof_gemm(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
+                           const void *bias, void *y, int64_t M, int64_t N, int64_t K, int acc)
+{
+    impl_of(be)->prof_gemm_flops += 2.0 * (double)M * (double)N * (double)K;
+    PROF_CALL(0, cpu_gemm(be, seg, x, w, bias, y, M, N, K, acc));
+}
+static rl_status prof_attention(rl_backend *be, const rl_segments *seg, const void *qkv, void *out,
+                                int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                                int64_t window, float softcap)
+{
+    PROF_CALL(1, cpu_attention(be, seg, qkv, out, T, nh, nkv, hd, scale, window, softcap));
+}
+static rl_status prof_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *qkv, int64_t T,
+                                   int64_t nh, int64_t nkv, int64_t hd, const void *q_norm,
+                                   const void *k_norm, int norm_mode, float w_offset, float eps,
+                                   const float *inv_freq)
+{
+    PROF_CALL(2, cpu_qk_norm_rope(be, seg, qkv, T, nh, nkv, hd, q_norm, k_norm, norm_mode,
+                                  w_offset, eps, inv_freq));
+}
+static rl_status prof_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
+                              void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
+                              float w_offset, int accumulate)
+{
+    PROF_CALL(3, cpu_rmsnorm(be, x, x_dtype, w, y, out_dtype, rows, d, eps, w_offset, accumulate));
+}
+static rl_status prof_glu(rl_backend *be, const void *gu, void *out, int64_t T, int64_t ff, int act)
+{
+    PROF_CALL(4, cpu_glu(be, gu, out, T, ff, act));
+}
+static rl_status prof_embed(rl_backend *be, const int32_t *tokens, int64_t T, const void *table,
+                            int64_t d, void *x, float scale)
+{
+    PROF_CALL(5, cpu_embed(be, tokens, T, table, d, x, scale));
+}
+static rl_status prof_pool(rl_backend *be, const void *x, rl_dtype src_dtype, int64_t d,
+                           const int32_t *spans, int64_t S, rl_pool mode, float *out)
+{
+    PROF_CALL(6, cpu_pool(be, x, src_dtype, d, spans, S, mode, out));
+}
+static rl_status prof_cast(rl_backend *be, const void *src, rl_dtype src_dtype, void *dst,
+                           rl_dtype dst_dtype, int64_t n)
+{
+    PROF_CALL(7, cpu_cast(be, src, src_dtype, dst, dst_dtype, n));
+}
+
+static void prof_report(const cpu_impl *im)
+{
+    double total = 0.0;
+    for (int i = 0; i < 8; i++) total += im->prof_s[i];
+    if (total <= 0.0) return;
+    fprintf(stderr, "rjepa_latent CPU profile (%s): %.3f s in ops", im->kernel, total);
+    for (int i = 0; i < 8; i++)
+        fprintf(stderr, "; %s %.3f s (%.1f%%)", PROF_NAMES[i], im->prof_s[i],
+                100.0 * im->prof_s[i] / total);
+    fprintf(stderr, "; gemm %.1f GFLOP/s over %.2f GFLOP\n",
+            im->prof_s[0] > 0 ? im->prof_gemm_flops / im->prof_s[0] * 1e-9 : 0.0,
+            im->prof_gemm_flops * 1e-9);
+}
+
 /* ---- construction ------------------------------------------------------- */
 
 /* fp32 storage only; attention and pooling take any (even) head_dim, any
@@ -534,6 +620,7 @@ static void cpu_destroy(rl_backend *be)
     if (!be) return;
     cpu_impl *im = impl_of(be);
     if (im) {
+        if (be->gemm == prof_gemm) prof_report(im);
         free(im->scores);
         free(im->sums);
         for (int i = 0; i < 2; i++) {
@@ -617,6 +704,17 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
         .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,
         .glu = cpu_glu, .cast = cpu_cast, .pool = cpu_pool, .destroy = cpu_destroy, .caps = &CPU_CAPS,
     };
+    const char *prof = getenv("RJEPA_CPU_PROFILE");
+    if (prof && *prof && strcmp(prof, "0") != 0) {
+        be->gemm = prof_gemm;
+        be->attention = prof_attention;
+        be->qk_norm_rope = prof_qk_norm_rope;
+        be->rmsnorm = prof_rmsnorm;
+        be->glu = prof_glu;
+        be->embed = prof_embed;
+        be->pool = prof_pool;
+        be->cast = prof_cast;
+    }
     *out = be;
     return RL_OK;
 }
