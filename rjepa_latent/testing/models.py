@@ -300,7 +300,7 @@ def _write_gguf(path: Path, public: dict, seed: int, dtype: str) -> Path:
             from .gguf_blocks import random_blocks
             type_name = _mixed_type(kind, layer) if dtype == "Q4_K_M" else dtype
             blocks = random_blocks(type_name, arr.shape[0], arr.shape[1],
-                                   np.random.default_rng([seed, index]), amplitude=0.5)
+                                   np.random.default_rng([seed, index]), amplitude=0.25)
             w.add_tensor(name, blocks, raw_shape=blocks.shape,
                          raw_dtype=gguf.GGMLQuantizationType[type_name])
     w.write_header_to_file()
