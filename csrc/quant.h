@@ -10,6 +10,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum {
     RL_QF_NONE = 0,
     RL_QF_GGUF = 1,       /* subtype: the GGML type id; part[0]: the blocks, rows after rows */
@@ -62,4 +66,7 @@ int rl_qtensor_validate(const rl_qtensor *q, char *err, size_t errlen);
 int rl_dequant_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
                         size_t errlen);
 
+#ifdef __cplusplus
+}
+#endif
 #endif /* RL_QUANT_H */

@@ -267,3 +267,30 @@ def test_resident_memory_follows_file_size(tmp_path):
     assert kept["weight_bytes"] == cfg["weight_bytes"]
     assert grew <= 1.25 * size + scratch + 48 * 2**20, (grew, size)
     assert dense["after"] - dense["base"] > 4 * size   # what keeping saves
+
+
+# ----------------------------------------------------------------- CUDA (and the emulated device)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_keep_equals_dequantize(files, dtype):
+    """The device kernels dequantize each block to the CPU's fp32 values and
+    round them once into the weight dtype, as an upload of the dequantized
+    weights does: kept and dequantized models give the same bits; and the
+    fp32 mode follows the CPU engine."""
+    from rjepa_latent import _core as core
+    if not rl.build_info()["cuda"]:
+        pytest.skip("CUDA not compiled in")
+    if core.cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    path = files("Q4_K_M", "qwen3")
+    ids = np.random.default_rng(2).integers(2, 300, 45).astype(np.int32)
+    kept = rl.Model(path, device="cuda:0", dtype=dtype, max_batch_tokens=64)
+    dense = rl.Model(path, device="cuda:0", dtype=dtype, max_batch_tokens=64, weights="dequantize")
+    assert kept.weights == "keep"
+    a = kept.hidden_states(ids)
+    np.testing.assert_array_equal(a, dense.hidden_states(ids))
+    if dtype == "float32":
+        ref = rl.Model(path, device="cpu", max_batch_tokens=64).hidden_states(ids)
+        assert _worst(a, ref) <= 1e-4
+    assert kept.memory_report()["weight_bytes"] < dense.memory_report()["weight_bytes"]
