@@ -21,6 +21,7 @@
 #include "common.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -81,10 +82,16 @@ size_t rl_qtensor_row_bytes(const rl_qtensor *q)
     return (size_t)(q->cols / ti->block) * (size_t)ti->bytes;
 }
 
-static inline float f16(const uint8_t *p)
+/* float16 -> float32 by table (exact, as rl_f16_to_f32: 256 KiB, filled once) */
+static float F16_TABLE[65536];
+static pthread_once_t f16_once = PTHREAD_ONCE_INIT;
+
+static void fill_f16_table(void)
 {
-    return rl_f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+    for (uint32_t h = 0; h < 65536; h++) F16_TABLE[h] = rl_f16_to_f32((uint16_t)h);
 }
+
+static inline float f16(const uint8_t *p) { return F16_TABLE[p[0] | (p[1] << 8)]; }
 
 static inline uint16_t u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
@@ -238,21 +245,25 @@ static inline void blk_q2_k(const uint8_t *b, float *y)
 static inline void blk_q3_k(const uint8_t *b, float *y)
 {
     const uint8_t *hm = b, *qs = b + 32, *sc = b + 96;
-    float d = f16(b + 108);
+    float d = f16(b + 108), dl[16];
     for (int g = 0; g < 16; g++) {
         int lo = (sc[g % 8] >> (4 * (g / 8))) & 0xF;
         int hi = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
-        float dl = d * (float)((int8_t)(uint8_t)(lo | hi << 4) - 32);
-        int h = g / 8, s = (g % 8) / 2, j0 = (g % 2) * 16;
-        const uint8_t *q = qs + h * 32 + j0;
-        float *out = y + g * 16;
-        for (int j = 0; j < 16; j++) {
-            int o = g * 16 + j;
-            int low = (q[j] >> (2 * s)) & 3;
-            int high = ((hm[o % 32] >> (o / 32)) & 1) ^ 1;
-            out[j] = dl * (float)(low - (high << 2));
-        }
+        dl[g] = d * (float)((int8_t)(uint8_t)(lo | hi << 4) - 32);
     }
+    /* element h*128 + j*32 + l: bits 2j of qs[h*32 + l], bit h*4 + j of hm[l] */
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++)
+            for (int half = 0; half < 2; half++) {
+                float s = dl[h * 8 + 2 * j + half];
+                float *out = y + h * 128 + j * 32 + half * 16;
+                const uint8_t *q = qs + h * 32 + half * 16, *m = hm + half * 16;
+                for (int l = 0; l < 16; l++) {
+                    int low = (q[l] >> (2 * j)) & 3;
+                    int high = ((m[l] >> (h * 4 + j)) & 1) ^ 1;
+                    out[l] = s * (float)(low - (high << 2));
+                }
+            }
 }
 
 /* The 6-bit scales and mins of Q4_K / Q5_K sub-block i (0..7). */
@@ -312,16 +323,21 @@ static inline void blk_q6_k(const uint8_t *b, float *y)
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
     float d = f16(b + 208);
-    for (int g = 0; g < 16; g++) {
-        float dl = d * (float)sc[g];
-        float *out = y + g * 16;
-        for (int j = 0; j < 16; j++) {
-            int o = g * 16 + j, h = o / 128, r = o % 128;
-            int lo = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
-            int hi = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
-            out[j] = dl * (float)((int8_t)(uint8_t)(lo | hi << 4) - 32);
-        }
-    }
+    /* within half h: element l + 32k takes nibble k/2 of ql[h*64 + l + 32(k%2)]
+       and bits 2k of qh[h*32 + l] */
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 4; k++)
+            for (int half = 0; half < 2; half++) {
+                int g = h * 8 + k * 2 + half;
+                float dl = d * (float)sc[g];
+                const uint8_t *lo = ql + h * 64 + 32 * (k % 2) + half * 16;
+                const uint8_t *hi = qh + h * 32 + half * 16;
+                float *out = y + g * 16;
+                for (int l = 0; l < 16; l++) {
+                    int v = ((lo[l] >> (4 * (k / 2))) & 0xF) | ((hi[l] >> (2 * k)) & 3) << 4;
+                    out[l] = dl * (float)(v - 32);
+                }
+            }
 }
 
 /* IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]; 8 sub-blocks of 32. */
@@ -423,6 +439,7 @@ int rl_dequant_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
                  (long long)r1, (long long)q->rows);
         return 1;
     }
+    pthread_once(&f16_once, fill_f16_table);
     const uint8_t *src = (const uint8_t *)q->part[0] + (size_t)r0 * row_bytes;
     int64_t per_row = q->cols / ti->block;
     fn(src, (r1 - r0) * per_row, out);
