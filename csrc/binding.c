@@ -34,6 +34,8 @@
 
 #include "engine.h"
 #include "gemm_builtin.h"
+#include "binding_quant.h"
+#include "qweights.h"
 
 #ifndef RL_VERSION
 #error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"
@@ -450,12 +452,13 @@ static int engine_ready(EngineObject *self)
 
 static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"config", "device", "n_threads", "dtype", NULL};
-    PyObject *cfg_obj;
+    static char *kwlist[] = {"config", "device", "n_threads", "dtype", "keep", NULL};
+    PyObject *cfg_obj, *keep_obj = NULL;
     const char *device, *dtype_s = NULL;
     int n_threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|iz", kwlist, &cfg_obj, &device, &n_threads,
-                                     &dtype_s))
+    unsigned keep;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|izO", kwlist, &cfg_obj, &device, &n_threads,
+                                     &dtype_s, &keep_obj) || rl_py_keep_mask(keep_obj, &keep) < 0)
         return -1;
     if (self->m || self->closed) {
         PyErr_SetString(PyExc_RuntimeError, self->closed ? "this Engine is closed (create a new one)"
@@ -485,7 +488,7 @@ static int engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     rl_status st;
     Py_BEGIN_ALLOW_THREADS
     st = idx < 0 ? rl_backend_cpu_create(n_threads, &be) : rl_backend_cuda_create_ex(idx, dt, &be);
-    if (st == RL_OK) st = rl_model_create(&cfg, be, &m);
+    if (st == RL_OK) st = rl_model_create_kept(&cfg, be, keep, &m);
     Py_END_ALLOW_THREADS
     if (st != RL_OK) { raise_status(S, st); return -1; }
     if (self->m) {   /* another thread's __init__ finished first: keep its model */
@@ -608,6 +611,34 @@ static PyObject *engine_set_tensor(EngineObject *self, PyObject *args, PyObject 
     }
     rl_status st;
     ENGINE_CALL(self, st, m, rl_model_set_tensor(m, kind, layer, view.buf, dt, shape, ndim));
+    PyBuffer_Release(&view);
+    if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_set_tensor_quantized(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"kind", "layer", "data", "ggml_type", "shape", NULL};
+    const char *kind_s;
+    long long layer;
+    int ggml_type;
+    PyObject *data, *shape_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sLOiO", kwlist, &kind_s, &layer, &data,
+                                     &ggml_type, &shape_obj))
+        return NULL;
+    if (!engine_ready(self)) return NULL;
+    rl_tensor_kind kind;
+    int64_t shape[8];
+    int ndim;
+    if (parse_kind(kind_s, &kind) < 0 || parse_shape(shape_obj, shape, &ndim) < 0) return NULL;
+    if (ndim != 2)
+        return PyErr_Format(PyExc_ValueError, "a quantized tensor is a matrix: shape of '%s' "
+                            "must have 2 dimensions, got %d", kind_s, ndim);
+    rl_qtensor q;
+    Py_buffer view;
+    if (rl_py_gguf_qtensor(data, ggml_type, shape[0], shape[1], &q, &view) < 0) return NULL;
+    rl_status st;
+    ENGINE_CALL(self, st, m, rl_model_set_tensor_quantized(m, kind, layer, &q));
     PyBuffer_Release(&view);
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
@@ -822,6 +853,10 @@ static PyMethodDef engine_methods[] = {
      "tensor_shape(kind, layer=0) -> tuple | None (None: not used or not loaded)"},
     {"set_tensor", (PyCFunction)(void (*)(void))engine_set_tensor, METH_VARARGS | METH_KEYWORDS,
      "set_tensor(kind, layer, data, dtype, shape): copy one checkpoint tensor in"},
+    {"set_tensor_quantized", (PyCFunction)(void (*)(void))engine_set_tensor_quantized,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_tensor_quantized(kind, layer, data, ggml_type, shape): copy the GGUF blocks of a kind "
+     "kept quantized (Engine(keep=...)) in, unchanged"},
     {"check_complete", (PyCFunction)engine_check_complete, METH_NOARGS,
      "raise RuntimeError naming the first tensor never set"},
     {"reserve", (PyCFunction)engine_reserve, METH_VARARGS,
@@ -1029,12 +1064,13 @@ static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
 
 static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"config", "device", "max_tokens", "dtype", NULL};
-    PyObject *cfg_obj;
+    static char *kwlist[] = {"config", "device", "max_tokens", "dtype", "keep", NULL};
+    PyObject *cfg_obj, *keep_obj = NULL;
     const char *device, *dtype_s = NULL;
     long long max_tokens;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OsL|z", kwlist, &cfg_obj, &device, &max_tokens,
-                                     &dtype_s))
+    unsigned keep;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OsL|zO", kwlist, &cfg_obj, &device, &max_tokens,
+                                     &dtype_s, &keep_obj) || rl_py_keep_mask(keep_obj, &keep) < 0)
         return NULL;
     core_state *S = module_state(mod);
     rl_config cfg;
@@ -1050,7 +1086,9 @@ static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
     if (max_tokens < 1 || max_tokens > (1LL << 30))   /* rl_model_reserve's range */
         return PyErr_Format(PyExc_ValueError, "max_tokens must be in [1, 2^30], got %lld",
                             max_tokens);
-    size_t w = rl_weights_bytes(&cfg, wd);
+    /* kept kinds: no dense buffer, one scratch (their stored bytes are the caller's to add) */
+    size_t w = rl_weights_bytes(&cfg, wd) - rl_qw_dense_bytes_kept(&cfg, keep, wd)
+             + rl_qw_scratch_bytes(&cfg, keep, wd);
     size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
 }
@@ -1106,7 +1144,8 @@ static PyMethodDef core_methods[] = {
     {"plan_bytes", (PyCFunction)(void (*)(void))core_plan_bytes, METH_VARARGS | METH_KEYWORDS,
      "plan_bytes(config, device, max_tokens, dtype=None) -> (weight_bytes, workspace_bytes) of "
      "an engine with a workspace of max_tokens tokens; ValueError if that backend cannot run "
-     "config"},
+     "config; keep: kinds kept quantized (their dense bytes left out, the scratch counted)"},
+    RL_QUANT_METHODS
     {NULL, NULL, 0, NULL},
 };
 

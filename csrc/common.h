@@ -240,6 +240,7 @@ typedef struct rl_backend_caps {
     unsigned features;          /* bits 1u << rl_feature it runs                    */
 } rl_backend_caps;
 
+struct rl_qtensor_s;   /* quant.h */
 typedef struct rl_backend rl_backend;
 struct rl_backend {
     const char *name;              /* "cpu" or "cuda:N"                       */
@@ -322,6 +323,15 @@ struct rl_backend {
 
     /* what this backend supports (static storage; never NULL) */
     const rl_backend_caps *caps;
+
+    /* weights kept quantized (qweights.c; q->part[] in backend memory). NULL on
+       the CPU, whose memory is host memory: the engine dequantizes there itself.
+       dequant_rows: rows [r0, r1) -> out [(r1-r0), cols] in out_dtype;
+       dequant_gather: x[t,:] = row tokens[t] * scale, res_dtype (the embedding) */
+    rl_status (*dequant_rows)(rl_backend *be, const struct rl_qtensor_s *q, int64_t r0, int64_t r1,
+                              void *out, rl_dtype out_dtype);
+    rl_status (*dequant_gather)(rl_backend *be, const struct rl_qtensor_s *q, const int32_t *tokens,
+                                int64_t T, void *x, float scale);
 };
 
 /* The process-wide pool of pinned host blocks that CUDA results live in

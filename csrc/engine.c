@@ -25,6 +25,7 @@
  *   only before it overwrites rows still being downloaded.
  */
 #include "engine.h"
+#include "qweights.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -40,6 +41,8 @@ struct rl_model {
     rl_workspace ws;
     int32_t *host_pos;     /* [max_tokens]    host scratch: positions               */
     int32_t *host_spans;   /* [max_tokens, 2] host scratch: absolute spans of a chunk */
+    unsigned keep;         /* kinds kept quantized (qweights.h), 0: none  */
+    rl_qweights *qw;       /* their stored bytes and dequantization scratch */
 };
 
 /* ---- weights ------------------------------------------------------------ */
@@ -63,25 +66,25 @@ static rl_status alloc_layer(rl_model *m, rl_layer_weights *lw)
     int proj = c->qk_norm == RL_QK_NORM_PROJ;
     int pre = c->norms != RL_NORMS_POST, post = c->norms != RL_NORMS_PRE;
     if (pre) RL_TRY(alloc_weight(m, &lw->attn_norm, d, wd));
-    RL_TRY(alloc_weight(m, &lw->wqkv, qkv * d, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_Q)) RL_TRY(alloc_weight(m, &lw->wqkv, qkv * d, wd));
     if (c->attn_qkv_bias) RL_TRY(alloc_weight(m, &lw->bqkv, qkv, wd));
     if (c->qk_norm) {
         RL_TRY(alloc_weight(m, &lw->q_norm, proj ? q : hd, wd));
         RL_TRY(alloc_weight(m, &lw->k_norm, proj ? kv : hd, wd));
     }
-    RL_TRY(alloc_weight(m, &lw->wo, d * q, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_O)) RL_TRY(alloc_weight(m, &lw->wo, d * q, wd));
     if (c->attn_o_bias) RL_TRY(alloc_weight(m, &lw->bo, d, wd));
     if (post) {
         RL_TRY(alloc_weight(m, &lw->post_attn_norm, d, wd));
         RL_TRY(alloc_weight(m, &lw->post_ffn_norm, d, wd));
     }
     if (pre) RL_TRY(alloc_weight(m, &lw->ffn_norm, d, wd));
-    RL_TRY(alloc_weight(m, &lw->wgu, 2 * ff * d, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_GATE)) RL_TRY(alloc_weight(m, &lw->wgu, 2 * ff * d, wd));
     if (c->mlp_bias) {
         RL_TRY(alloc_weight(m, &lw->bgu, 2 * ff, wd));
         RL_TRY(alloc_weight(m, &lw->bdown, d, wd));
     }
-    RL_TRY(alloc_weight(m, &lw->wdown, d * ff, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_DOWN)) RL_TRY(alloc_weight(m, &lw->wdown, d * ff, wd));
     return RL_OK;
 }
 
@@ -130,6 +133,8 @@ static void free_weights(rl_model *m)
     free(m->w.layers);
     free(m->w.filled);
     memset(&m->w, 0, sizeof m->w);
+    rl_qw_free(m->qw, be);
+    m->qw = NULL;
 }
 
 /* Fails with RL_ERR_DEVICE_MEMORY when the backend knows its free memory and
@@ -149,12 +154,16 @@ static rl_status alloc_weights(rl_model *m)
 {
     const rl_config *c = &m->cfg;
     rl_dtype wd = m->be->weight_dtype;
-    RL_TRY(check_fits(m, rl_weights_bytes(c, wd), "the model weights",
+    RL_TRY(check_fits(m, rl_weights_bytes(c, wd) - rl_qw_dense_bytes_kept(c, m->keep, wd)
+                      + rl_qw_scratch_bytes(c, m->keep, wd), "the model weights",
                       "lower max_layer or use a smaller model"));
+    RL_TRY(rl_qw_create(m->be, c, m->n_loaded, m->keep, &m->qw));
+    m->w.bytes += rl_qw_scratch_held(m->qw);
     m->w.layers = calloc((size_t)(m->n_loaded > 0 ? m->n_loaded : 1), sizeof *m->w.layers);
     m->w.filled = calloc((size_t)RL_T_COUNT * (size_t)(1 + m->n_loaded), 1);
     if (!m->w.layers || !m->w.filled) return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
-    RL_TRY(alloc_weight(m, &m->w.embed, (size_t)c->vocab_size * (size_t)c->hidden_size, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_EMBED))
+        RL_TRY(alloc_weight(m, &m->w.embed, (size_t)c->vocab_size * (size_t)c->hidden_size, wd));
     if (c->max_layer == c->num_layers)
         RL_TRY(alloc_weight(m, &m->w.final_norm, (size_t)c->hidden_size, wd));
     RL_TRY(alloc_weight(m, (void **)&m->w.inv_freq, (size_t)c->head_dim / 2, RL_F32));
@@ -241,9 +250,15 @@ rl_status rl_backend_check_config(const rl_backend *be, const rl_config *cfg)
 
 rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out)
 {
+    return rl_model_create_kept(cfg, be, 0, out);
+}
+
+rl_status rl_model_create_kept(const rl_config *cfg, rl_backend *be, unsigned keep, rl_model **out)
+{
     *out = NULL;
     if (!be) return RL_FAIL(RL_ERR_INVALID, "no backend");
     rl_status st = cfg ? rl_config_validate(cfg) : RL_FAIL(RL_ERR_INVALID, "no config");
+    if (st == RL_OK) st = rl_qw_check_kinds(keep);
     /* what the backend cannot run fails here, before any weight is allocated */
     if (st == RL_OK) st = rl_backend_check_config(be, cfg);
     if (st != RL_OK) { be->destroy(be); return st; }
@@ -252,6 +267,7 @@ rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out)
     m->cfg = *cfg;
     m->be = be;
     m->n_loaded = rl_config_loaded_layers(cfg);
+    m->keep = keep;
     st = alloc_weights(m);
     if (st != RL_OK) { rl_model_free(m); return st; }
     *out = m;
@@ -339,11 +355,40 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
         format_shape(want_s, sizeof want_s, want, wnd);
         return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s has shape %s, expected %s", name, got_s, want_s);
     }
+    if (rl_qw_keeps(m->qw, kind))
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor: %s is kept quantized in this model: hand "
+                       "it over with set_tensor_quantized", name);
     size_t off, n = (size_t)want[0] * (size_t)(wnd == 2 ? want[1] : 1);
     void *dst = tensor_dest(m, kind, layer, &off);
     rl_dtype dst_dtype = kind == RL_T_ROPE_INV_FREQ || kind == RL_T_ROPE_INV_FREQ_SWA
                        ? RL_F32 : m->be->weight_dtype;
     RL_TRY(m->be->upload(m->be, dst, dst_dtype, off, src, src_dtype, n));
+    m->w.filled[(size_t)(global ? 0 : 1 + layer) * RL_T_COUNT + kind] = 1;
+    return RL_OK;
+}
+
+rl_status rl_model_set_tensor_quantized(rl_model *m, rl_tensor_kind kind, int64_t layer,
+                                        const rl_qtensor *q)
+{
+    if ((int)kind < 0 || kind >= RL_T_COUNT || !rl_qw_keeps(m->qw, kind))
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: tensor kind '%s' is not kept "
+                       "quantized in this model", rl_tensor_kind_name(kind));
+    int global = rl_tensor_kind_is_global(kind);
+    if (global) layer = 0;
+    char name[64];
+    format_tensor(name, sizeof name, kind, layer);
+    if (!global && (layer < 0 || layer >= m->n_loaded))
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: layer %lld of %s is not loaded "
+                       "(loaded layers: 0..%lld)", (long long)layer, rl_tensor_kind_name(kind),
+                       (long long)m->n_loaded - 1);
+    int64_t want[2];
+    if (rl_tensor_shape(&m->cfg, kind, want) != 2 || q->rows != want[0] || q->cols != want[1])
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s has shape [%lld, %lld], "
+                       "expected [%lld, %lld]", name, (long long)q->rows, (long long)q->cols,
+                       (long long)want[0], (long long)want[1]);
+    size_t prev = rl_qw_stored_bytes(m->qw), added;
+    RL_TRY(rl_qw_set(m->qw, m->be, kind, layer, q, name, &added));
+    m->w.bytes = m->w.bytes + rl_qw_stored_bytes(m->qw) - prev;
     m->w.filled[(size_t)(global ? 0 : 1 + layer) * RL_T_COUNT + kind] = 1;
     return RL_OK;
 }
@@ -577,20 +622,25 @@ static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64
 
     if (pre) RL_TRY(be->rmsnorm(be, ws->x, res, lw->attn_norm, ws->h, act, T, d, eps, off, 0));
     else RL_TRY(be->cast(be, ws->x, res, ws->h, act, T * d));
-    RL_TRY(be->gemm(be, seg, ws->h, lw->wqkv, lw->bqkv, ws->qkv, T, nqkv, d, 0));
+    const void *w;   /* the dense weight, or a kept one dequantized into the scratch */
+    RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_Q, lw->wqkv, &w));
+    RL_TRY(be->gemm(be, seg, ws->h, w, lw->bqkv, ws->qkv, T, nqkv, d, 0));
     RL_TRY(be->qk_norm_rope(be, seg, ws->qkv, T, nh, nkv, hd, lw->q_norm, lw->k_norm, c->qk_norm,
                             off, eps, inv_freq));
     RL_TRY(be->attention(be, seg, ws->qkv, ws->attn, T, nh, nkv, hd, scale,
                          sliding ? c->sliding_window : 0, c->attn_softcap));
-    RL_TRY(be->gemm(be, seg, ws->attn, lw->wo, lw->bo, out, T, d, nh * hd, !post));
+    RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_O, lw->wo, &w));
+    RL_TRY(be->gemm(be, seg, ws->attn, w, lw->bo, out, T, d, nh * hd, !post));
     if (post)
         RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_attn_norm, ws->x, res, T, d, eps, off, 1));
 
     if (pre) RL_TRY(be->rmsnorm(be, ws->x, res, lw->ffn_norm, ws->h, act, T, d, eps, off, 0));
     else RL_TRY(be->cast(be, ws->x, res, ws->h, act, T * d));
-    RL_TRY(be->gemm(be, seg, ws->h, lw->wgu, lw->bgu, ws->gu, T, 2 * ff, d, 0));
+    RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_GATE, lw->wgu, &w));
+    RL_TRY(be->gemm(be, seg, ws->h, w, lw->bgu, ws->gu, T, 2 * ff, d, 0));
     RL_TRY(be->glu(be, ws->gu, ws->h, T, ff, c->act));
-    RL_TRY(be->gemm(be, seg, ws->h, lw->wdown, lw->bdown, out, T, d, ff, !post));
+    RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_DOWN, lw->wdown, &w));
+    RL_TRY(be->gemm(be, seg, ws->h, w, lw->bdown, out, T, d, ff, !post));
     if (post)
         RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_ffn_norm, ws->x, res, T, d, eps, off, 1));
     return RL_OK;
@@ -634,8 +684,10 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
 
     int64_t deepest = 0, T = b->n_tokens;
     for (int64_t p = 0; p < b->n_layers; p++) if (b->layers[p] > deepest) deepest = b->layers[p];
-    RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x,
-                     c->embed_scale != 0.0f ? c->embed_scale : 1.0f));
+    float escale = c->embed_scale != 0.0f ? c->embed_scale : 1.0f;
+    if (rl_qw_keeps(m->qw, RL_T_EMBED))
+        RL_TRY(rl_qw_embed(m->qw, be, b->tokens, ws->tokens, T, c->hidden_size, ws->x, escale));
+    else RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x, escale));
     RL_TRY(pool_index(m, fs, 0, ws->x, be->res_dtype));
     int64_t n_run = deepest < c->num_layers ? deepest : c->num_layers;
     for (int64_t l = 0; l < n_run; l++) {

@@ -111,6 +111,14 @@ typedef struct rl_model rl_model;
 /* Takes ownership of `be` (also on failure). Validates cfg, checks it against
  * the backend's capabilities, then allocates every weight buffer. */
 rl_status rl_model_create(const rl_config *cfg, rl_backend *be, rl_model **out);
+/* The same, keeping the kinds in `keep` (bits 1u << rl_tensor_kind; see
+ * qweights.h) in their stored quantized format: their dense buffers are not
+ * allocated and they are handed over with rl_model_set_tensor_quantized. */
+rl_status rl_model_create_kept(const rl_config *cfg, rl_backend *be, unsigned keep, rl_model **out);
+/* Copies the stored bytes of one kept weight (a descriptor over host memory,
+ * rows x cols = the kind's shape) into backend memory, after validating them. */
+rl_status rl_model_set_tensor_quantized(rl_model *m, rl_tensor_kind kind, int64_t layer,
+                                        const struct rl_qtensor_s *q);
 /* Copies (converting) one tensor. `layer` is ignored for global kinds.
  * The shape must equal rl_tensor_shape's. */
 rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, const void *src,

@@ -69,6 +69,8 @@
 
 #include "common.h"
 #include "cuda_internal.h"
+#include "cuda_dequant.h"
+#include "quant.h"
 
 #define STAGE_BYTES ((size_t)32 << 20)       /* per pinned staging buffer  */
 #define BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
@@ -942,6 +944,48 @@ static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, co
     ON_OP(be, "embed", embed_in(be, tokens, T, table, d, x, scale));
 }
 
+/* weights kept quantized (csrc/qweights.c): GGUF blocks in device memory */
+static rl_status dequant_check(const rl_qtensor *q)
+{
+    if (q->family != RL_QF_GGUF || !rl_k_dequant_supports(q->subtype))
+        return RL_FAIL(RL_ERR_INVALID, "CUDA dequantize: quantization family %d (type %d) is not "
+                       "supported by this build yet (supported: GGUF blocks)", q->family,
+                       q->subtype);
+    return RL_OK;
+}
+
+static rl_status dequant_rows_in(rl_backend *be, const rl_qtensor *q, int64_t r0, int64_t r1,
+                                 void *out, rl_dtype out_dtype)
+{
+    RL_TRY(dequant_check(q));
+    CU_CHECK(rl_k_dequant_gguf(impl_of(be)->stream, q->subtype, q->part[0],
+                               rl_qtensor_row_bytes(q), q->cols, r0, r1, out,
+                               out_dtype == RL_F32));
+    return RL_OK;
+}
+
+static rl_status cuda_dequant_rows(rl_backend *be, const rl_qtensor *q, int64_t r0, int64_t r1,
+                                   void *out, rl_dtype out_dtype)
+{
+    ON_OP(be, "dequantize", dequant_rows_in(be, q, r0, r1, out, out_dtype));
+}
+
+static rl_status dequant_gather_in(rl_backend *be, const rl_qtensor *q, const int32_t *tokens,
+                                   int64_t T, void *x, float scale)
+{
+    RL_TRY(dequant_check(q));
+    CU_CHECK(rl_k_dequant_gather(impl_of(be)->stream, q->subtype, q->part[0],
+                                 rl_qtensor_row_bytes(q), q->cols, tokens, T, x, scale,
+                                 !impl_of(be)->f32));
+    return RL_OK;
+}
+
+static rl_status cuda_dequant_gather(rl_backend *be, const rl_qtensor *q, const int32_t *tokens,
+                                     int64_t T, void *x, float scale)
+{
+    ON_OP(be, "embed", dequant_gather_in(be, q, tokens, T, x, scale));
+}
+
 static rl_status cuda_rmsnorm(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w,
                               void *y, rl_dtype out_dtype, int64_t rows, int64_t d, float eps,
                               float w_offset, int accumulate)
@@ -1069,6 +1113,8 @@ static void fill_table(rl_backend *be, rl_dtype dtype)
     be->glu = cuda_glu;
     be->cast = cuda_cast;
     be->pool = cuda_pool;
+    be->dequant_rows = cuda_dequant_rows;
+    be->dequant_gather = cuda_dequant_gather;
     be->destroy = cuda_destroy;
     be->caps = &CUDA_CAPS;
 }

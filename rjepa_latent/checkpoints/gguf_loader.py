@@ -17,8 +17,14 @@ Design choices:
   (the C core's answer) under the config; names, metadata keys and the q/k
   permutation come from the family's registry unit. Nothing here names a
   family.
-- Weights are dequantized to float32 one tensor at a time (`gguf.quants`), so
+- `weights="keep"` (the default when a matrix is stored quantized) hands the
+  matrices (and the embedding) to the engine as their stored blocks, read
+  from the memory map and never dequantized here (`quantized.KeptTensor`);
+  `weights="dequantize"` dequantizes them to float32 one tensor at a time
+  (the engine's own C dequantizer, bitwise as `gguf.quants.dequantize`), so
   at most one dequantized tensor is alive besides the engine's own copy.
+  Either way the pages of a tensor are dropped from the map once it is
+  copied, so resident memory follows what the engine holds, not the file.
 - GGUF lists dimensions innermost first (ne0 = columns); numpy order is the
   reverse, which is what the engine and HF use.
 - llama.cpp's converter interleaves the rows of attn_q / attn_k within each
@@ -47,14 +53,19 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
+from .. import _core
 from . import arch
 from ..errors import ModelFormatError
 from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
                          engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
+from .quantized import KEEPABLE, KEPT_DTYPE, KeptSource, KeptTensor, release_pages
 
 
-# GGML tensor types this loader dequantizes (name -> dequantized on load)
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# GGML tensor types this loader reads (kept as stored or dequantized on load)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+_DENSE_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_ARCHITECTURES = arch.SUPPORTED_GGUF_ARCHITECTURES
 # kinds whose rows llama.cpp permutes, with the config field giving their head count
 _PERMUTED = {"q": "num_heads", "k": "num_kv_heads", "q_bias": "num_heads",
@@ -82,16 +93,32 @@ _PRE_SPLITS = {
 }
 
 
-def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
+def load_gguf(path: str | os.PathLike, max_layer: int | None = None,
+              weights: str | None = None) -> CheckpointSource:
     """Validate a GGUF file and return its CheckpointSource (see checkpoint.py).
     `max_layer` (HF hidden-state index, None = all, negative from the end)
-    limits which decoder layers are read. No tensor is dequantized until
-    `tensors()` is iterated."""
-    g = GGUFFile(os.fspath(path), max_layer)
-    return CheckpointSource(config=g.config, engine_config=engine_config(g.config, g.max_layer),
-                            tokenizer=g.tokenizer, fingerprint=g.fingerprint,
-                            sliding_window=g.config["sliding_window"],
-                            tensor_feed=g.tensors, on_close=g.close)
+    limits which decoder layers are read; `weights` is "keep", "dequantize"
+    or None (keep when a matrix is stored quantized; see the module
+    docstring). No tensor is read until `tensors()` is iterated."""
+    g = GGUFFile(os.fspath(path), max_layer, weights)
+    return KeptSource(config=g.config, engine_config=engine_config(g.config, g.max_layer),
+                      tokenizer=g.tokenizer, fingerprint=g.fingerprint,
+                      sliding_window=g.config["sliding_window"],
+                      tensor_feed=g.tensors, on_close=g.close, keep=g.keep,
+                      stored_bytes=g.stored_bytes)
+
+
+def gguf_storage(path: str | os.PathLike, max_layer: int | None = None,
+                 weights: str | None = None) -> tuple[tuple[str, ...], int]:
+    """(kinds kept quantized, their stored bytes) of loading `path` so: from
+    the tensor table only, for memory plans."""
+    path = os.fspath(path)
+    reader = _open_reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _read_config(_Metadata(reader, path), tensors, path)
+    family = arch.for_model_type(cfg["model_type"], path)
+    layout = tensor_layout(cfg, resolve_max_layer(max_layer, cfg["num_layers"]))
+    return _storage(layout, tensors, family, weights, path)
 
 
 def read_gguf_config(path: str | os.PathLike) -> dict:
@@ -388,10 +415,33 @@ def _check_tensor(t: Any, shape: tuple, path: str) -> None:
                                f"{need} (file truncated or corrupt)")
 
 
-def _dequantize(t: Any, shape: tuple) -> np.ndarray:
-    from gguf.quants import dequantize
-    arr = dequantize(t.data, t.tensor_type)
-    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+def _dequantize(t: Any, shape: tuple, path: str) -> np.ndarray:
+    """float32 in `shape`, bitwise as gguf.quants.dequantize (the engine's C
+    dequantizer); inconsistent blocks or a non-finite scale name the tensor."""
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    try:
+        arr = _core.dequantize_gguf(np.ascontiguousarray(t.data), int(t.tensor_type), rows,
+                                    int(shape[-1]))
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: tensor {t.name!r}: {e}") from None
+    return arr.reshape(shape)
+
+
+def _storage(layout: list, tensors: dict[str, Any], family: Any, weights: str | None,
+             path: str) -> tuple[tuple[str, ...], int]:
+    """Kinds kept quantized and their stored bytes under `weights`."""
+    if weights not in (None, "keep", "dequantize"):
+        raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
+    kept = [(kind, tensors.get(family.gguf_name(kind, layer))) for kind, layer, _ in layout
+            if kind in KEEPABLE]
+    if weights is None:
+        quantized = any(t is not None and getattr(t.tensor_type, "name", "") not in _DENSE_TYPES
+                        for _, t in kept)
+        weights = "keep" if quantized else "dequantize"
+    if weights == "dequantize":
+        return (), 0
+    return (tuple(k for k in KEEPABLE if any(kind == k for kind, _ in kept)),
+            sum(int(t.n_bytes) for _, t in kept if t is not None))
 
 
 def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -441,7 +491,7 @@ class GGUFFile:
     """A validated GGUF file: `config`, `max_layer` (resolved), `tokenizer`,
     `fingerprint`, and the tensor feed `tensors()`."""
 
-    def __init__(self, path: str, max_layer: int | None):
+    def __init__(self, path: str, max_layer: int | None, weights: str | None = None):
         self.path = path
         self._reader = _open_reader(path)
         meta = _Metadata(self._reader, path)
@@ -457,6 +507,8 @@ class GGUFFile:
         self.max_layer = resolve_max_layer(max_layer, n_layers)
         self._layout = tensor_layout(self.config, self.max_layer)
         self._validate()
+        self.keep, self.stored_bytes = _storage(self._layout, self._tensors, self.family,
+                                                weights, path)
         self.tokenizer = build_tokenizer(meta, path)
         self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
 
@@ -494,9 +546,10 @@ class GGUFFile:
         if freqs is not None:
             _check_tensor(freqs, (self.config["head_dim"] // 2,), self.path)
 
-    def tensors(self) -> Iterator[tuple[str, int, np.ndarray, str, tuple]]:
-        """(kind, layer, buffer, dtype, shape) for the engine in layout order,
-        one dequantized float32 tensor at a time."""
+    def tensors(self) -> Iterator[tuple[str, int, Any, str, tuple]]:
+        """(kind, layer, buffer, dtype, shape) for the engine in layout order:
+        kept kinds as `KeptTensor` records (dtype KEPT_DTYPE), the others one
+        dequantized float32 tensor at a time."""
         fam = self.family
         for kind, layer, shape in self._layout:
             if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
@@ -504,16 +557,36 @@ class GGUFFile:
                     rope_inv_freq_swa(self.config)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
-            arr = _dequantize(self._tensors[fam.gguf_name(kind, layer)], shape)
-            if fam.gguf_permuted_qk and kind in _PERMUTED:
+            t = self._tensors[fam.gguf_name(kind, layer)]
+            permuted = fam.gguf_permuted_qk and kind in _PERMUTED
+            if kind in self.keep:
+                blocks = np.asarray(t.data).view(np.uint8).reshape(shape[0], -1)
+                if permuted:   # whole rows of blocks move: the same permutation as below
+                    rows = _unpermute_rows(np.arange(shape[0])[:, None],
+                                           self.config[_PERMUTED[kind]])[:, 0]
+                    blocks = np.ascontiguousarray(blocks[rows])
+                yield kind, layer, KeptTensor(t.name, self.path, int(t.tensor_type), blocks,
+                                              lambda t=t: self._release(t)), KEPT_DTYPE, shape
+                continue
+            arr = _dequantize(t, shape, self.path)
+            self._release(t)
+            if permuted:
                 arr = _unpermute_rows(arr, self.config[_PERMUTED[kind]])
             yield kind, layer, arr, "float32", shape
             del arr  # keep at most one dequantized tensor alive
 
+    def _release(self, t: Any) -> None:
+        """Drops the mapped pages of tensor `t` (read-only file pages: they are
+        read again from the file if touched), so they stop counting as this
+        process's resident memory once the engine holds its own copy."""
+        if self._reader is not None:
+            release_pages(self._reader.data, int(t.data_offset), int(t.n_bytes))
+
     def _rope_inv_freq(self) -> np.ndarray:
         name = self.family.GGUF_ROPE_FREQS
         freqs = self._tensors.get(name) if name else None
-        factors = _dequantize(freqs, (self.config["head_dim"] // 2,)) if freqs is not None else None
+        factors = _dequantize(freqs, (self.config["head_dim"] // 2,), self.path) \
+            if freqs is not None else None
         return _rope_inv_freq(self.config, factors)
 
     def close(self) -> None:

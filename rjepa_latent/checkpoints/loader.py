@@ -11,17 +11,43 @@ def _is_gguf(path: str) -> bool:
     return path.lower().endswith(".gguf")
 
 
-def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
+def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None,
+                    weights: str | None = None) -> CheckpointSource:
     """A path ending in .gguf -> the GGUF loader, anything else -> an HF
     directory. A missing path is FileNotFoundError, a malformed one
-    ModelFormatError."""
+    ModelFormatError. `weights`: "keep", "dequantize" or None (the format's
+    default; see `checkpoint_storage`)."""
     path = os.fspath(path)
     if _is_gguf(path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file {path!r} does not exist")
         from .gguf_loader import load_gguf
-        return load_gguf(path, max_layer)
+        return load_gguf(path, max_layer, weights)
+    _check_dense_weights(path, weights)
     return load_hf(path, max_layer)
+
+
+def _check_dense_weights(path: str, weights: str | None) -> None:
+    if weights not in (None, "keep", "dequantize"):
+        raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
+    if weights == "keep":
+        raise ValueError(f"{path}: weights='keep' needs a checkpoint stored quantized (a GGUF "
+                         "file); this one is loaded in the compute dtype (weights='dequantize')")
+
+
+def checkpoint_storage(path: str | os.PathLike, max_layer: int | None = None,
+                       weights: str | None = None) -> tuple[tuple[str, ...], int]:
+    """(tensor kinds kept quantized, their stored bytes) when `path` is loaded
+    with `weights` (None: keep when the file stores its matrices quantized):
+    from the tensor table, no weights read; ((), 0) when nothing is kept."""
+    path = os.fspath(path)
+    if _is_gguf(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+        from .gguf_loader import gguf_storage
+        return gguf_storage(path, max_layer, weights)
+    _check_dense_weights(path, weights)
+    return (), 0
 
 
 def read_config(path: str | os.PathLike) -> dict:

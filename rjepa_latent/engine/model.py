@@ -26,6 +26,11 @@ Design choices:
   "float32" on CUDA is the fp32 reference mode (no TF32); the CPU engine is
   fp32 only. (The `dtype` of `extract_dataset` is the stored dtype, another
   thing.)
+- `weights="keep"` (the default for a checkpoint stored quantized) keeps the
+  matrices and the embedding in their stored format in engine memory, each
+  layer's dequantized into one reusable scratch just before its GEMMs;
+  `"dequantize"` converts them to the compute dtype at load. On the CPU both
+  give the same bits.
 - `max_batch_tokens` is the batch budget; the engine's workspace is reserved
   for it at load. A call that needs more (one sequence longer than the budget,
   or a larger per-call budget) grows the CPU workspace for that call only and
@@ -55,7 +60,8 @@ from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
 from .._native import cuda_emulated
 from ..checkpoints.checkpoint import CheckpointSource, engine_config, hidden_state_index
-from ..checkpoints.loader import open_checkpoint, read_config
+from ..checkpoints.loader import checkpoint_storage, open_checkpoint, read_config
+from ..checkpoints.quantized import KEPT_DTYPE
 from ..errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                       SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
@@ -165,9 +171,14 @@ def device_engine_config(eng_cfg: dict, device: str) -> tuple[dict, int | None]:
             int(window))
 
 
-def _plan_memory(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str) -> dict:
-    """Weight and workspace bytes from the config: arithmetic, no device needed."""
-    weight, workspace = _core.plan_bytes(eng_cfg, device, int(max_batch_tokens), dtype=dtype)
+def _plan_memory(eng_cfg: dict, device: str, max_batch_tokens: int, dtype: str,
+                 kept: tuple[tuple[str, ...], int] = ((), 0)) -> dict:
+    """Weight and workspace bytes from the config: arithmetic, no device needed.
+    `kept`: (kinds kept quantized, their stored bytes): those count as stored
+    plus one dequantization scratch instead of their dense size."""
+    weight, workspace = _core.plan_bytes(eng_cfg, device, int(max_batch_tokens), dtype=dtype,
+                                         keep=kept[0])
+    weight += kept[1]
     return {"device": device, "dtype": dtype, "max_batch_tokens": int(max_batch_tokens),
             "max_layer": eng_cfg["max_layer"], "weight_bytes": int(weight),
             "workspace_bytes": int(workspace), "total_bytes": int(weight) + int(workspace)}
@@ -184,11 +195,12 @@ def _device_memory_info(device: str) -> tuple[int, int] | None:
     return int(free), int(total)
 
 
-def _largest_fitting_batch(eng_cfg: dict, device: str, dtype: str, available: int) -> int:
+def _largest_fitting_batch(eng_cfg: dict, device: str, dtype: str, available: int,
+                           kept: tuple[tuple[str, ...], int] = ((), 0)) -> int:
     """The largest max_batch_tokens whose weights + workspace fit in `available`
     bytes (0: not even one token). plan_bytes grows with the token count."""
     def need(t: int) -> int:
-        return sum(_core.plan_bytes(eng_cfg, device, t, dtype=dtype))
+        return sum(_core.plan_bytes(eng_cfg, device, t, dtype=dtype, keep=kept[0])) + kept[1]
     if need(1) > available:
         return 0
     lo, hi = 1, MAX_WORKSPACE_TOKENS
@@ -226,7 +238,7 @@ def _check_batch_tokens(device: str, max_batch_tokens: int | None) -> int:
 def memory_plan(path: str | os.PathLike, device: str | None = None,
                 max_batch_tokens: int | None = None,
                 layers: Sequence[int] | None = None, dtype: str | None = None,
-                device_memory: int | None = None) -> dict:
+                device_memory: int | None = None, weights: str | None = None) -> dict:
     """Bytes a Model would allocate (weights of the layers needed for `layers`,
     default all, plus the workspace for `max_batch_tokens`), from the config
     only: no weights are read and no device is needed, `device="cuda"` included.
@@ -234,7 +246,9 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
     `device_memory` (bytes) plans for a device of that size (one you may not
     have); with it, or with a real device's free memory, `fits` and
     `max_fitting_batch_tokens` say whether this plan fits and the largest
-    max_batch_tokens that would (headroom included on CUDA). `dtype` as for Model."""
+    max_batch_tokens that would (headroom included on CUDA). `dtype` and
+    `weights` as for Model: weights kept quantized count their stored bytes
+    (`kept_bytes`) plus one dequantization scratch in weight_bytes."""
     device = _parse_device(device)
     dtype = resolve_engine_dtype(dtype, device)
     tokens = _check_batch_tokens(device, max_batch_tokens)
@@ -246,7 +260,9 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(resolve_layers(layers, n, n))
     eng_cfg, _ = device_engine_config(engine_config(cfg, max_layer), device)
-    mem = _plan_memory(eng_cfg, device, tokens, dtype)
+    kept = checkpoint_storage(path, max_layer, weights)
+    mem = _plan_memory(eng_cfg, device, tokens, dtype, kept)
+    mem.update(weights="keep" if kept[0] else "dequantize", kept_bytes=kept[1])
     info = _device_memory_info(device)
     if info is not None:
         mem.update(free_bytes=info[0], total_device_bytes=info[1])
@@ -258,7 +274,7 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
             mem["device_memory"] = int(device_memory)
         mem.update(headroom_bytes=headroom, fits=mem["total_bytes"] + headroom <= available,
                    max_fitting_batch_tokens=_largest_fitting_batch(
-                       eng_cfg, device, dtype, available - headroom))
+                       eng_cfg, device, dtype, available - headroom, kept))
     return mem
 
 
@@ -367,7 +383,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, device: str | None = None,
                  max_layer: int | None = None, max_batch_tokens: int | None = None,
-                 threads: int | None = None, dtype: str | None = None) -> None:
+                 threads: int | None = None, dtype: str | None = None,
+                 weights: str | None = None) -> None:
         self._engine = None
         self.path: str = os.fspath(path)   # the checkpoint (its chat template, tokenizer files)
         self.device = resolve_device(device)
@@ -375,7 +392,7 @@ class Model:
         self.dtype: str = resolve_engine_dtype(dtype, self.device)  # compute dtype
         self.max_batch_tokens = _check_batch_tokens(self.device, max_batch_tokens)
         self._auto_batch_tokens = max_batch_tokens is None
-        src = open_checkpoint(path, max_layer)
+        src = open_checkpoint(path, max_layer, weights)
         try:
             self._load(src, threads)
         finally:
@@ -391,10 +408,13 @@ class Model:
         self.sliding_window: int | None = src.sliding_window
         # a device without windowed attention takes sequences up to the window only
         eng_cfg, self._window_limit = device_engine_config(src.engine_config, self.device)
+        # kinds kept quantized ("keep") and their stored bytes; none: "dequantize"
+        kept = (tuple(getattr(src, "keep", ())), int(getattr(src, "stored_bytes", 0)))
+        self.weights: str = "keep" if kept[0] else "dequantize"
         if self.device != "cpu":
             def fitted() -> dict:
                 mem = _plan_memory(eng_cfg, self.device, self.max_batch_tokens,
-                                   self.dtype)
+                                   self.dtype, kept)
                 free, total = _core.cuda_mem_info(int(self.device[5:]))
                 return {**mem, "free_bytes": int(free), "total_device_bytes": int(total)}
             mem = fitted()
@@ -404,9 +424,13 @@ class Model:
                 self.max_batch_tokens //= 2
                 mem = fitted()
             _check_fits(mem)
-        engine = _core.Engine(eng_cfg, self.device, int(threads or 0), dtype=self.dtype)
+        engine = _core.Engine(eng_cfg, self.device, int(threads or 0), dtype=self.dtype,
+                              keep=kept[0])
         for kind, layer, buf, dtype, shape in src.tensors():
-            engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
+            if dtype == KEPT_DTYPE:
+                buf.hand_to(engine, kind, layer, shape)
+            else:
+                engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
         engine.reserve(self.max_batch_tokens)
         engine.verify_resident()

@@ -26,7 +26,11 @@ import numpy as np
 
 FORMATS = ("hf", "gguf")
 DTYPES = ("float32", "float16", "bfloat16")
-GGUF_QUANTIZED = ("Q8_0", "Q4_0", "Q4_1")   # also accepted for format="gguf"
+# also accepted for format="gguf": one GGML type for every matrix, or a mix
+GGUF_QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                  "IQ4_NL", "IQ4_XS", "Q4_K_M")
+# types gguf-py quantizes from the float weights; the others are random valid blocks
+_GGUF_QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # exactly representable in float32: the GGUF file (float32 metadata) and
 # config.json then state the same epsilon, and both loaders agree bitwise
 RMS_NORM_EPS = 2.0 ** -17
@@ -276,7 +280,7 @@ def _write_gguf(path: Path, public: dict, seed: int, dtype: str) -> Path:
     heads = {"q": public["num_heads"], "k": public["num_kv_heads"],
              "q_bias": public["num_heads"], "k_bias": public["num_kv_heads"]}
     shifted = bool(public.get("norm_offset"))
-    for kind, layer, arr in _weights(public, seed):
+    for index, (kind, layer, arr) in enumerate(_weights(public, seed)):
         if shifted and kind.endswith("norm"):
             arr = arr + np.float32(1.0)   # llama.cpp's converter stores Gemma's (1 + w)
         if fam.gguf_permuted_qk and kind in heads:
@@ -289,14 +293,26 @@ def _write_gguf(path: Path, public: dict, seed: int, dtype: str) -> Path:
             w.add_tensor(name, arr)
         elif dtype == "float16":
             w.add_tensor(name, arr.astype(np.float16))
-        else:
+        elif dtype in ("bfloat16",) + _GGUF_QUANTIZABLE:
             qtype = getattr(gguf.GGMLQuantizationType, "BF16" if dtype == "bfloat16" else dtype)
             w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            from .gguf_blocks import random_blocks
+            type_name = _mixed_type(kind, layer) if dtype == "Q4_K_M" else dtype
+            blocks = random_blocks(type_name, arr.shape[0], arr.shape[1],
+                                   np.random.default_rng([seed, index]), amplitude=0.25)
+            w.add_tensor(name, blocks, raw_shape=blocks.shape,
+                         raw_dtype=gguf.GGMLQuantizationType[type_name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _mixed_type(kind: str, layer: int) -> str:
+    """Q4_K_M-like: Q6_K for v and down of every other layer, Q4_K elsewhere."""
+    return "Q6_K" if kind in ("v", "down") and layer % 2 == 0 else "Q4_K"
 
 
 def tiny_model(path: str | os.PathLike | None = None, *, family: str = "qwen3", hidden: int = 64,
@@ -310,8 +326,12 @@ def tiny_model(path: str | os.PathLike | None = None, *, family: str = "qwen3", 
     `dtype`: float32, float16 or bfloat16), tokenizer.json and
     tokenizer_config.json; HF transformers loads it too. format "gguf": a GGUF
     file with the tokenizer in its metadata (`path` ending in .gguf, or a
-    directory that gets model.gguf; matrices in `dtype`, or Q8_0 / Q4_0 /
-    Q4_1; norms float32). Mistral is written as llama.cpp writes it, as
+    directory that gets model.gguf; matrices in `dtype`, or a GGML type of
+    GGUF_QUANTIZED: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 quantize the random float
+    weights, the K-quants and IQ4 types are random valid blocks (see
+    `gguf_blocks`; their rows need a multiple of 256 values (32 for IQ4_NL),
+    so `hidden` 256 or more), "Q4_K_M" mixes Q4_K and Q6_K as llama.cpp's
+    preset does; norms float32). Mistral is written as llama.cpp writes it, as
     architecture `llama`.
 
     hidden/heads is the head size (even); intermediate size 2 * hidden;

@@ -276,7 +276,7 @@ def load_reference_from_weights(path: str, torch, dtype, where: str, n_layers: i
     import transformers as T
     from ..checkpoints import arch
     from ..checkpoints.loader import open_checkpoint
-    src = open_checkpoint(path, None if n_layers is None else n_layers)
+    src = open_checkpoint(path, None if n_layers is None else n_layers, weights="dequantize")
     try:
         c = src.config
         family = arch.for_model_type(c["model_type"], path)

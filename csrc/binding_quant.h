@@ -1,0 +1,31 @@
+/* binding_quant.h - the `_core` pieces for weights kept quantized
+ * (binding_quant.c), used by binding.c's Engine and method table. */
+#ifndef RL_BINDING_QUANT_H
+#define RL_BINDING_QUANT_H
+
+#include <Python.h>
+
+#include "quant.h"
+
+/* A sequence of tensor kind names ("q", "embed", ...) -> a keep mask; None or
+ * NULL -> 0. -1 with a Python exception when a name is not a kind. */
+int rl_py_keep_mask(PyObject *kinds, unsigned *mask);
+/* A GGUF descriptor over a C-contiguous buffer of blocks (the buffer is held
+ * in *view: release it after use). -1 with a Python exception. */
+int rl_py_gguf_qtensor(PyObject *data, int ggml_type, long long rows, long long cols,
+                       rl_qtensor *q, Py_buffer *view);
+
+PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds);
+PyObject *rl_py_gguf_type_info(PyObject *mod, PyObject *args);
+
+#define RL_QUANT_METHODS                                                                     \
+    {"dequantize_gguf", (PyCFunction)(void (*)(void))rl_py_dequantize_gguf,                  \
+     METH_VARARGS | METH_KEYWORDS,                                                           \
+     "dequantize_gguf(data, ggml_type, rows, cols) -> float32 [rows, cols]: GGUF blocks "   \
+     "dequantized as gguf-py does; ValueError when the blocks are inconsistent or hold a "   \
+     "non-finite scale"},                                                                   \
+    {"gguf_type_info", rl_py_gguf_type_info, METH_VARARGS,                                   \
+     "gguf_type_info(ggml_type) -> (block_elems, block_bytes), or None when unsupported"},
+
+
+#endif /* RL_BINDING_QUANT_H */

@@ -1,0 +1,253 @@
+/* qweights.c - weights kept quantized (qweights.h).
+ *
+ * Design choices:
+ * - The quantized bytes live in backend memory (be->alloc); a descriptor per
+ *   (kind, layer) points at them, so the same descriptor is what a device
+ *   kernel reads.
+ * - The CPU backend has no dequantization op (its memory is host memory):
+ *   rows are dequantized here with quant.c, split across OpenMP threads by
+ *   rows, straight into the fp32 scratch the GEMM then reads. A device
+ *   backend dequantizes with its own op (be->dequant_rows, into its weight
+ *   dtype); one without it cannot keep weights quantized and says so.
+ * - Families other than GGUF blocks reach the same dispatch (dequant_host)
+ *   and are refused there until their dequantizer is built in.
+ */
+#include "qweights.h"
+
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct rl_qweights {
+    unsigned kinds;
+    int64_t n_loaded;
+    rl_qtensor *t;          /* [(1 + n_loaded) * RL_T_COUNT]; part[0] in backend memory */
+    void *scratch;          /* the largest kept matrix, weight_dtype */
+    size_t scratch_bytes;
+    size_t stored_bytes;
+};
+
+static int keeps(unsigned kinds, rl_tensor_kind k) { return (kinds >> k) & 1u; }
+
+rl_status rl_qw_check_kinds(unsigned kinds)
+{
+    if (kinds & ~RL_QW_KEEPABLE)
+        return RL_FAIL(RL_ERR_INVALID, "only embed, q, k, v, o, gate, up and down can be kept "
+                       "quantized (keep mask 0x%x)", kinds);
+    unsigned qkv = kinds & ((1u << RL_T_Q) | (1u << RL_T_K) | (1u << RL_T_V));
+    unsigned gu = kinds & ((1u << RL_T_GATE) | (1u << RL_T_UP));
+    if (qkv && qkv != ((1u << RL_T_Q) | (1u << RL_T_K) | (1u << RL_T_V)))
+        return RL_FAIL(RL_ERR_INVALID, "q, k and v are one fused matrix: keep all three "
+                       "quantized or none");
+    if (gu && gu != ((1u << RL_T_GATE) | (1u << RL_T_UP)))
+        return RL_FAIL(RL_ERR_INVALID, "gate and up are one fused matrix: keep both quantized "
+                       "or neither");
+    return RL_OK;
+}
+
+static size_t elems(const rl_config *c, rl_tensor_kind k)
+{
+    int64_t s[2];
+    int nd = rl_tensor_shape(c, k, s);
+    return nd == 2 ? (size_t)s[0] * (size_t)s[1] : nd == 1 ? (size_t)s[0] : 0;
+}
+
+size_t rl_qw_dense_bytes_kept(const rl_config *cfg, unsigned kinds, rl_dtype wd)
+{
+    size_t per_layer = 0, es = rl_dtype_size(wd);
+    for (int k = 0; k < RL_T_COUNT; k++)
+        if (keeps(kinds, (rl_tensor_kind)k) && k != RL_T_EMBED)
+            per_layer += elems(cfg, (rl_tensor_kind)k);
+    size_t bytes = per_layer * es * (size_t)rl_config_loaded_layers(cfg);
+    if (keeps(kinds, RL_T_EMBED)) bytes += elems(cfg, RL_T_EMBED) * es;
+    return bytes;
+}
+
+size_t rl_qw_scratch_bytes(const rl_config *cfg, unsigned kinds, rl_dtype wd)
+{
+    size_t most = 0;
+    if (keeps(kinds, RL_T_Q))
+        most = elems(cfg, RL_T_Q) + elems(cfg, RL_T_K) + elems(cfg, RL_T_V);
+    if (keeps(kinds, RL_T_GATE) && elems(cfg, RL_T_GATE) + elems(cfg, RL_T_UP) > most)
+        most = elems(cfg, RL_T_GATE) + elems(cfg, RL_T_UP);
+    if (keeps(kinds, RL_T_O) && elems(cfg, RL_T_O) > most) most = elems(cfg, RL_T_O);
+    if (keeps(kinds, RL_T_DOWN) && elems(cfg, RL_T_DOWN) > most) most = elems(cfg, RL_T_DOWN);
+    if (keeps(kinds, RL_T_EMBED) && !most) most = 1;   /* the table exists; no matrix scratch */
+    return most * rl_dtype_size(wd);
+}
+
+static rl_qtensor *slot(rl_qweights *qw, rl_tensor_kind kind, int64_t layer)
+{
+    int64_t s = rl_tensor_kind_is_global(kind) ? 0 : 1 + layer;
+    return &qw->t[(size_t)s * RL_T_COUNT + kind];
+}
+
+rl_status rl_qw_create(rl_backend *be, const rl_config *cfg, int64_t n_loaded, unsigned kinds,
+                       rl_qweights **out)
+{
+    *out = NULL;
+    if (!kinds) return RL_OK;
+    RL_TRY(rl_qw_check_kinds(kinds));
+    if (!be->dequant_rows && strcmp(be->name, "cpu") != 0)
+        return RL_FAIL(RL_ERR_INVALID, "device %s cannot keep weights quantized (no "
+                       "dequantization kernels in this build); load with weights='dequantize'",
+                       be->name);
+    rl_qweights *qw = calloc(1, sizeof *qw);
+    if (qw) qw->t = calloc((size_t)(1 + n_loaded) * RL_T_COUNT, sizeof *qw->t);
+    if (!qw || !qw->t) {
+        free(qw);
+        return RL_FAIL(RL_ERR_NOMEM, "out of host memory");
+    }
+    qw->kinds = kinds;
+    qw->n_loaded = n_loaded;
+    size_t sb = rl_qw_scratch_bytes(cfg, kinds, be->weight_dtype);
+    rl_status st = be->alloc(be, &qw->scratch, sb);
+    if (st != RL_OK) {
+        rl_qw_free(qw, be);
+        return st;
+    }
+    qw->scratch_bytes = sb;
+    *out = qw;
+    return RL_OK;
+}
+
+void rl_qw_free(rl_qweights *qw, rl_backend *be)
+{
+    if (!qw) return;
+    if (qw->t)
+        for (size_t i = 0; i < (size_t)(1 + qw->n_loaded) * RL_T_COUNT; i++)
+            if (qw->t[i].part[0]) be->free(be, (void *)qw->t[i].part[0]);
+    if (qw->scratch) be->free(be, qw->scratch);
+    free(qw->t);
+    free(qw);
+}
+
+int rl_qw_keeps(const rl_qweights *qw, rl_tensor_kind kind) { return qw && keeps(qw->kinds, kind); }
+
+size_t rl_qw_stored_bytes(const rl_qweights *qw) { return qw ? qw->stored_bytes : 0; }
+size_t rl_qw_scratch_held(const rl_qweights *qw) { return qw ? qw->scratch_bytes : 0; }
+
+/* Raw bytes into backend memory through the i32 upload (the op that copies
+ * without converting); a tail of 1-3 bytes goes as one padded word. */
+static rl_status upload_bytes(rl_backend *be, void *dst, const void *src, size_t n)
+{
+    size_t words = n / 4;
+    if (words) RL_TRY(be->upload_i32(be, dst, src, words));
+    if (n % 4) {
+        int32_t tail = 0;
+        memcpy(&tail, (const char *)src + words * 4, n % 4);
+        RL_TRY(be->upload_i32(be, (int32_t *)dst + words, &tail, 1));
+    }
+    return RL_OK;
+}
+
+rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_t layer,
+                    const rl_qtensor *host, const char *name, size_t *bytes_added)
+{
+    *bytes_added = 0;
+    char err[256];
+    if (rl_qtensor_validate(host, err, sizeof err))
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: %s", name, err);
+    rl_qtensor *dst = slot(qw, kind, layer);
+    if (dst->part[0]) {   /* set again: the new bytes replace the old */
+        be->free(be, (void *)dst->part[0]);
+        qw->stored_bytes -= dst->part_bytes[0];
+        memset(dst, 0, sizeof *dst);
+    }
+    size_t n = host->part_bytes[0];
+    void *mem = NULL;
+    RL_TRY(be->alloc(be, &mem, (n + 3) / 4 * 4));
+    rl_status st = upload_bytes(be, mem, host->part[0], n);
+    if (st != RL_OK) {
+        be->free(be, mem);
+        return st;
+    }
+    *dst = *host;
+    dst->part[0] = mem;
+    for (int i = 1; i < RL_QUANT_MAX_PARTS; i++) dst->part[i] = NULL, dst->part_bytes[i] = 0;
+    qw->stored_bytes += n;
+    *bytes_added = n;
+    return RL_OK;
+}
+
+/* Rows [0, q->rows) of a host-resident descriptor into out (fp32), threads
+ * splitting the rows. */
+static rl_status dequant_host(const rl_qtensor *q, float *out)
+{
+    if (q->family != RL_QF_GGUF)
+        return RL_FAIL(RL_ERR_INVALID, "dequantizing quantization family %d is not supported "
+                       "by this build yet (supported: GGUF blocks)", q->family);
+    int64_t rows = q->rows, cols = q->cols;
+    int nt = omp_get_max_threads();
+    int64_t chunk = (rows + nt - 1) / nt;
+    int failed = 0;
+    char err[256] = "";
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|:failed) if (rows * cols > 65536)
+    for (int i = 0; i < nt; i++) {
+        int64_t r0 = (int64_t)i * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+        if (r0 >= r1) continue;
+        char e[256];
+        if (rl_dequant_rows_f32(q, r0, r1, out + r0 * cols, e, sizeof e)) {
+            failed = 1;
+#pragma omp critical
+            snprintf(err, sizeof err, "%s", e);
+        }
+    }
+    if (failed) return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", err);
+    return RL_OK;
+}
+
+static rl_status dequant_into(rl_backend *be, const rl_qtensor *q, void *out)
+{
+    if (be->dequant_rows) return be->dequant_rows(be, q, 0, q->rows, out, be->weight_dtype);
+    return dequant_host(q, out);
+}
+
+rl_status rl_qw_matrix(rl_qweights *qw, rl_backend *be, int64_t layer, rl_tensor_kind first,
+                       const void *dense, const void **w)
+{
+    *w = dense;
+    if (!rl_qw_keeps(qw, first)) return RL_OK;
+    rl_tensor_kind parts[3] = {first, RL_T_COUNT, RL_T_COUNT};
+    if (first == RL_T_Q) parts[1] = RL_T_K, parts[2] = RL_T_V;
+    if (first == RL_T_GATE) parts[1] = RL_T_UP;
+    size_t es = rl_dtype_size(be->weight_dtype), off = 0;
+    for (int i = 0; i < 3 && parts[i] != RL_T_COUNT; i++) {
+        const rl_qtensor *q = slot(qw, parts[i], layer);
+        if (!q->part[0])
+            return RL_FAIL(RL_ERR_STATE, "quantized tensor '%s' of layer %lld was never set",
+                           rl_tensor_kind_name(parts[i]), (long long)layer);
+        RL_TRY(dequant_into(be, q, (char *)qw->scratch + off * es));
+        off += (size_t)q->rows * (size_t)q->cols;
+    }
+    *w = qw->scratch;
+    return RL_OK;
+}
+
+rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_host,
+                      const int32_t *tokens_dev, int64_t T, int64_t d, void *x, float scale)
+{
+    const rl_qtensor *q = slot(qw, RL_T_EMBED, 0);
+    if (!q->part[0]) return RL_FAIL(RL_ERR_STATE, "quantized tensor 'embed' was never set");
+    if (be->dequant_gather) return be->dequant_gather(be, q, tokens_dev, T, x, scale);
+    float *out = x;
+    int failed = 0;
+    char err[256] = "";
+#pragma omp parallel for schedule(static) reduction(|:failed) if (T * d > 65536)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * d;
+        char e[256];
+        if (rl_dequant_rows_f32(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
+            failed = 1;
+#pragma omp critical
+            snprintf(err, sizeof err, "%s", e);
+            continue;
+        }
+        /* as the embedding op: an fp32 multiply, none when the scale is 1 */
+        if (scale != 1.0f)
+            for (int64_t i = 0; i < d; i++) o[i] = o[i] * scale;
+    }
+    if (failed) return RL_FAIL(RL_ERR_INVALID, "embed: %s", err);
+    return RL_OK;
+}

@@ -1,0 +1,216 @@
+"""Weights kept quantized against dequantized at load, on the CPU: a random
+Qwen3-shaped model written as a Q4_K_M-like GGUF file (Q4_K, with Q6_K for v
+and down of every other layer and float32 norms), loaded in a fresh process
+per mode: load time, peak RSS (VmHWM, against the file size), and tokens/s of
+layer -2 step extraction (mean over each step's tokens) over the word
+problems of rjepa_latent/samples (question + steps, tokenized with the tiny
+test tokenizer: the weights are random, only the shapes matter).
+
+    python tests/bench_quant.py [--shape 8b|1.7b|0.6b] [--layers N] [--texts 8]
+                                [--threads 2] [--dir /tmp] [--modes keep,dequantize]
+
+Shapes are Qwen3's (hidden, intermediate, heads, kv heads, head_dim 128,
+vocab 151936, tied embeddings); --layers cuts the depth (the time per layer
+and the memory per layer do not change). A mode whose dense weights would not
+fit in the memory available now is skipped and said so. The file is written
+into --dir and deleted afterwards. Not a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {   # hidden, intermediate, layers, heads, kv heads
+    "8b": (4096, 12288, 36, 32, 8),
+    "1.7b": (2048, 6144, 28, 16, 8),
+    "0.6b": (1024, 3072, 28, 16, 8),
+}
+VOCAB = 151936
+AMPLITUDE = 0.05   # largest |weight| of a tensor, about
+
+
+def mixed_type(kind: str, layer: int) -> str:
+    return "Q6_K" if kind in ("v", "down") and layer % 2 == 0 else "Q4_K"
+
+
+def random_tensor(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks with one float16 scale for the whole tensor, chosen on a
+    sample row so the largest value is about AMPLITUDE (fast for GBs)."""
+    import gguf
+    from rjepa_latent import _core
+    from rjepa_latent.testing.gguf_blocks import SCALE_OFFSETS
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, size=(rows, cols // block * nbytes), dtype=np.uint8)
+    view = data.reshape(rows, -1, nbytes)
+    one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    for off in SCALE_OFFSETS[type_name]:
+        view[:1, :, off:off + 2] = one
+    peak = float(np.abs(_core.dequantize_gguf(data[:1], int(qtype), 1, cols)).max())
+    scale = np.frombuffer(np.float16(AMPLITUDE / max(peak, 1e-30)).tobytes(), np.uint8)
+    for off in SCALE_OFFSETS[type_name]:
+        view[:, :, off:off + 2] = scale
+    return data
+
+
+def write_model(path: Path, shape: str, layers: int | None) -> dict:
+    """Streams the file tensor by tensor (never the whole model in memory)."""
+    import gguf
+    from rjepa_latent.checkpoints import arch, checkpoint
+    from rjepa_latent.testing.models import hf_config
+    hidden, ff, n_layers, heads, kv = SHAPES[shape]
+    n_layers = layers or n_layers
+    raw = hf_config("qwen3", hidden=hidden, layers=n_layers, heads=heads, kv_heads=kv, vocab=VOCAB)
+    raw.update(intermediate_size=ff, head_dim=128)
+    public, _ = checkpoint.config_from_dict(raw, f"qwen3 {shape}")
+    fam = arch.for_model_type("qwen3", str(path))
+    w = gguf.GGUFWriter(str(path), fam.gguf_architecture)
+    prefix = fam.gguf_architecture + "."
+    values = {**public, "value_dim": 128, "rope_dim": 128}
+    for field, key in fam.GGUF_KEYS.items():
+        value = values.get(field)
+        if value is None or field.startswith("rope_scaling") or field == "vocab_size":
+            continue
+        if isinstance(value, float) or field in ("rms_norm_eps", "rope_theta"):
+            w.add_float32(prefix + key, float(value))
+        else:
+            w.add_uint32(prefix + key, int(value))
+    layout = [(k, l, s) for k, l, s in checkpoint.tensor_layout(public, n_layers)
+              if k not in fam.COMPUTED]
+    plan = []
+    for kind, layer, shp in layout:
+        if len(shp) == 1:
+            plan.append((kind, layer, shp, None))
+            w.add_tensor_info(fam.gguf_name(kind, layer), shp, np.dtype(np.float32), 4 * shp[0])
+        else:
+            t = mixed_type(kind, layer)
+            qtype = gguf.GGMLQuantizationType[t]
+            nbytes = shp[0] * shp[1] // gguf.GGML_QUANT_SIZES[qtype][0] * \
+                gguf.GGML_QUANT_SIZES[qtype][1]
+            plan.append((kind, layer, shp, t))
+            w.add_tensor_info(fam.gguf_name(kind, layer), (shp[0], nbytes // shp[0]),
+                              np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for kind, layer, shp, t in plan:
+        arr = np.ones(shp, np.float32) if t is None else random_tensor(t, shp[0], shp[1], rng)
+        w.write_tensor_data(arr)
+    w.close()
+    return public
+
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import rjepa_latent as rl
+path, weights, threads, texts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
+t1 = time.perf_counter()
+m = rl.Model(path, device="cpu", threads=threads, weights=weights, max_batch_tokens=2048)
+load = time.perf_counter() - t1
+seqs, spans = json.load(open(texts))
+n = sum(len(s) for s in seqs)
+m.extract(seqs[:1], spans[:1], layers=[-2])     # warm-up (first-touch of the scratch)
+t2 = time.perf_counter()
+out = m.extract(seqs, spans, layers=[-2])
+run = time.perf_counter() - t2
+print(json.dumps({"weights": m.weights, "load_s": load, "import_rss": base,
+                  "peak_rss": status("VmHWM"), "weight_bytes": m.memory_report()["weight_bytes"],
+                  "tokens": n, "extract_s": run, "tokens_per_s": n / run,
+                  "finite": bool(all(np.isfinite(o).all() for o in out))}))
+"""
+
+
+def workload(path: Path, n_texts: int) -> Path:
+    """Token ids and step spans of the sample word problems (question, then
+    one span per step), as JSON for the child processes."""
+    from rjepa_latent.testing.models import tokenizer
+    tok = tokenizer(320)
+    here = Path(__file__).resolve().parent.parent / "rjepa_latent" / "samples" / "word_problems.jsonl"
+    records = [json.loads(line) for line in here.read_text().splitlines() if line.strip()]
+    seqs, spans = [], []
+    for rec in (records * (n_texts // len(records) + 1))[:n_texts]:
+        ids = tok.encode(rec["question"]).ids
+        sp = []
+        for step in rec["steps"]:
+            piece = tok.encode(" " + step, add_special_tokens=False).ids
+            sp.append([len(ids), len(ids) + len(piece)])
+            ids += piece
+        seqs.append(ids)
+        spans.append(sp)
+    out = path.with_suffix(".texts.json")
+    out.write_text(json.dumps([seqs, spans]))
+    return out
+
+
+def available_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--texts", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--modes", default="keep,dequantize")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rjepa-bench-quant-", dir=args.dir))
+    path = tmp / f"qwen3-{args.shape}-Q4_K_M.gguf"
+    try:
+        t = time.perf_counter()
+        public = write_model(path, args.shape, args.layers)
+        size = path.stat().st_size
+        print(f"wrote {path.name}: {size / 2**30:.2f} GiB, {public['num_layers']} layers, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+        texts = workload(path, args.texts)
+        dense = 4 * sum(int(np.prod(s)) for _, _, s in
+                        __import__("rjepa_latent.checkpoints.checkpoint", fromlist=["x"])
+                        .tensor_layout(public, public["num_layers"]))
+        print("| mode | load s | peak RSS GiB (after import) | peak RSS / file | weights GiB | "
+              "tokens | tokens/s |")
+        print("|---|---|---|---|---|---|---|")
+        for mode in args.modes.split(","):
+            if mode == "dequantize" and dense > 0.8 * available_bytes():
+                print(f"| {mode} | skipped: dense fp32 weights {dense / 2**30:.1f} GiB do not fit "
+                      f"the {available_bytes() / 2**30:.1f} GiB available | | | | | |", flush=True)
+                continue
+            r = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(args.threads),
+                                str(texts)], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"| {mode} | failed: {r.stderr.strip().splitlines()[-1:]} |", flush=True)
+                continue
+            s = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"| {s['weights']} | {s['load_s']:.1f} | {s['peak_rss'] / 2**30:.2f} "
+                  f"({(s['peak_rss'] - s['import_rss']) / 2**30:.2f}) | "
+                  f"{s['peak_rss'] / size:.2f} | {s['weight_bytes'] / 2**30:.2f} | {s['tokens']} | "
+                  f"{s['tokens_per_s']:.1f} |", flush=True)
+    finally:
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
+if __name__ == "__main__":
+    main()
