@@ -13,6 +13,7 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .token_rows import KEY_TENSORS, OUTLIER_TENSOR
 from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
                     damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
 
@@ -73,6 +74,18 @@ class LatentItem:
         if self._token_steps is None:
             self._token_steps = token_steps_of(self.token_spans, int(self.meta["num_tokens"]))
         return self._token_steps
+
+    # per-token runs with row keys (docs/tokens.md): each row's position in the
+    # text, token id, norm per layer [n_layers, rows], outlier marks (0/1)
+    token_keys: dict = {}
+
+    def token_key(self, name: str) -> np.ndarray:
+        """A per-token row key: "token_positions", "token_ids", "token_norms" or
+        "token_outliers" (zero-copy views); KeyError when the run has none."""
+        if name not in self.token_keys:
+            raise KeyError(f"this item stores no {name!r} (it has {sorted(self.token_keys) or 'no row keys'}: "
+                           "per-token runs store them; outliers only with --outliers)")
+        return self.token_keys[name]
 
     def __repr__(self) -> str:
         return (f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)}, "
@@ -188,8 +201,11 @@ class LatentStore:
             ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
             token_steps = arr["token_steps"][ra:rb]
         raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
-        return LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
+        item = LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
                           token_steps)
+        if self.per_token:
+            item.token_keys = {k: arr[k][..., ra:rb] for k in KEY_TENSORS + (OUTLIER_TENSOR,) if k in arr}
+        return item
 
     def __iter__(self) -> Iterator[LatentItem]:
         for p in range(len(self)):
