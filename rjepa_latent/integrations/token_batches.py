@@ -1,0 +1,100 @@
+"""`TokenBatches(store, site, batch_size, shuffle_buffer=0, ...)`: torch batches
+of a token store's rows (`rjepa-latent tokens`), for SAE and probe training.
+
+An `IterableDataset` yielding `[batch_size, width]` tensors (bfloat16 stores
+give bfloat16 tensors; `keys=True` yields `(rows, keys)` with keys int32
+`[batch_size, 3]`: record, position, token_id). The store is shuffled
+globally already, so reading chunks in order is one epoch of a uniformly
+shuffled dataset; `shuffle_buffer=N` reshuffles every epoch on top of it
+(chunk order permuted, rows mixed in a buffer of about N rows; `set_epoch`
+changes the draw). Memory: one chunk plus the buffer. With a DataLoader of
+several workers (`batch_size=None` on the DataLoader: each item is a batch
+already), each worker reads every n-th chunk.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..store.token_store import KEY_COLUMNS, TokenStore
+
+try:
+    import torch
+    from torch.utils.data import IterableDataset
+except ImportError:  # pragma: no cover - exercised by a test that hides torch
+    raise ImportError("rjepa_latent.torch needs PyTorch: pip install torch") from None
+
+
+class TokenBatches(IterableDataset):
+    """Batches of one site of a token store (see the module docstring)."""
+
+    def __init__(self, store: str | os.PathLike, site: str | None = None, batch_size: int = 4096, *,
+                 shuffle_buffer: int = 0, seed: int = 0, drop_last: bool = False, keys: bool = False):
+        for name, v, low in (("batch_size", batch_size, 1), ("shuffle_buffer", shuffle_buffer, 0),
+                             ("seed", seed, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        self.path = os.fspath(store)
+        ts = TokenStore(self.path)
+        self.site = ts._site(site or ts.sites[0])
+        self.rows, self.chunks, self.width, self.dtype = ts.rows, ts.chunks, ts.widths[self.site], ts.dtype
+        self.batch_size, self.shuffle_buffer, self.seed = int(batch_size), int(shuffle_buffer), int(seed)
+        self.drop_last, self.keys = bool(drop_last), bool(keys)
+        self.epoch = 0
+        self._store: TokenStore | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose shuffle the next iteration draws (with shuffle_buffer)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.rows // self.batch_size if self.drop_last else -(-self.rows // self.batch_size)
+
+    def _tensor(self, rows: np.ndarray):
+        t = torch.from_numpy(rows)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def __iter__(self):
+        if self._store is None:   # opened in each process
+            self._store = TokenStore(self.path)
+        info = torch.utils.data.get_worker_info()
+        order = np.arange(self.chunks)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle_buffer:
+            order = rng.permutation(order)
+        if info is not None:
+            order = order[info.id::info.num_workers]
+        pend_x, pend_k, held = [], [], 0
+        bs = self.batch_size
+        for c in order:
+            x = self._store.chunk(self.site, int(c))
+            k = np.stack([self._store.keys(int(c))[n] for n in KEY_COLUMNS], 1) if self.keys else None
+            pend_x.append(x)
+            pend_k.append(k)
+            held += len(x)
+            if held < max(self.shuffle_buffer, bs):
+                continue
+            xs = np.concatenate(pend_x) if len(pend_x) > 1 else pend_x[0]
+            ks = (np.concatenate(pend_k) if len(pend_k) > 1 else pend_k[0]) if self.keys else None
+            if self.shuffle_buffer:
+                perm = rng.permutation(len(xs))
+                xs, ks = xs[perm], (ks[perm] if self.keys else None)
+            full = len(xs) // bs * bs
+            for a in range(0, full, bs):
+                yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
+            pend_x, pend_k, held = [xs[full:]], [ks[full:] if self.keys else None], len(xs) - full
+        if held and not self.drop_last:
+            xs = np.concatenate(pend_x)
+            ks = np.concatenate(pend_k) if self.keys else None
+            for a in range(0, held, bs):
+                yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
+        elif held and self.drop_last:
+            xs = np.concatenate(pend_x)
+            ks = np.concatenate(pend_k) if self.keys else None
+            for a in range(0, held - held % bs, bs):
+                yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
+
+    def _out(self, x: np.ndarray, k: np.ndarray | None):
+        t = self._tensor(np.array(x, copy=True))   # writable, owned by the batch
+        return (t, torch.from_numpy(np.array(k, copy=True))) if self.keys else t
