@@ -8,7 +8,9 @@ norm and outlier mark (`outliers=`).
   character outside the messages' own strings: role names, headers, the line
   breaks the template adds). `steps`: only tokens inside a step (the span
   rule's tokens, `token_steps >= 0`).
-- `drop_bos`: also drop position 0 when it is the model's BOS token.
+- `drop_bos`: also drop position 0 when it is a special token: the BOS the
+  tokenizer or the chat template puts first (a template without a BOS, such
+  as ChatML, opens with `<|im_start|>`): the sequence's attention sink.
 - `chat_content_ranges` finds the messages' strings in a rendered chat text
   the way the step ranges are found: one more render with invisible markers
   around each string.
@@ -55,7 +57,7 @@ def special_token_ids(tokenizer) -> np.ndarray:
 
 
 def selected_positions(ids: np.ndarray, spans: np.ndarray, mode: str, *, special_ids: np.ndarray,
-                       bos_id: int | None, drop_bos: bool, offsets: np.ndarray | None = None,
+                       drop_bos: bool, offsets: np.ndarray | None = None,
                        content: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """int32 positions (ascending) of the tokens `mode` keeps in one sequence.
     `offsets` [T, 2] (character ranges) and `content` (a chat text's message
@@ -76,7 +78,7 @@ def selected_positions(ids: np.ndarray, spans: np.ndarray, mode: str, *, special
         for a, b in np.asarray(spans).reshape(-1, 2):
             inside[a:b] = True
         keep &= inside
-    if drop_bos and t and bos_id is not None and int(ids[0]) == bos_id:
+    if drop_bos and t and np.isin(ids[0], special_ids):
         keep[0] = False
     return np.flatnonzero(keep).astype(np.int32)
 

@@ -47,9 +47,7 @@ class ShardWorker:
         self.selection = self.config.get("token_selection")
         self.outliers = self.config.get("outliers")
         if self.selection is not None:
-            bos = m.config.get("bos_token_id")
             self._select = dict(special_ids=special_token_ids(getattr(self.tok, "_tok", self.tok)),
-                                bos_id=bos if isinstance(bos, int) else None,
                                 drop_bos=self.selection["drop_bos"])
 
     def run_config(self) -> dict:
