@@ -123,7 +123,7 @@ class _RunRows:
         rec = np.repeat(np.arange(item_base, item_base + len(counts), dtype=np.int32), counts)
         return np.stack([rec, np.asarray(arr["token_positions"]), np.asarray(arr["token_ids"])], axis=1)
 
-    def blocks(self, site: str, si: int, out_dtype: str) -> Iterator[np.ndarray]:
+    def blocks(self, site: str, si: int, out_dtype: str, block_bytes: int = _BLOCK_BYTES) -> Iterator[np.ndarray]:
         """The site's rows of shard si in order, in blocks, as `out_dtype` (stored form)."""
         name, layer = self.avail[site]
         t = self._tensors(si)[name]
@@ -132,7 +132,7 @@ class _RunRows:
         rows, width = (shape[1], shape[2]) if len(shape) == 3 else (shape[0], shape[1])
         base = t["start"] + t["data_offsets"][0] + (layer or 0) * rows * width * np.dtype(src).itemsize
         row_bytes = width * np.dtype(src).itemsize
-        step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+        step = max(1, block_bytes // max(row_bytes, 1))
         fd = os.open(t["path"], os.O_RDONLY)
         try:
             for r0 in range(0, rows, step):
@@ -297,7 +297,8 @@ def build_token_store(run: str | os.PathLike, out: str | os.PathLike, *, sites: 
                              out / KEYS, out / _BUILD, seed, buckets, chunk_rows)
     site_sizes = {}
     for s in src.sites:
-        site_sizes[s] = _shuffle_one(lambda si, s=s: src.blocks(s, si, dtype), shard_rows, widths[s],
+        block = min(_BLOCK_BYTES, memory_bytes // 8)   # a block, its sorted copy, its conversion
+        site_sizes[s] = _shuffle_one(lambda si, s=s: src.blocks(s, si, dtype, block), shard_rows, widths[s],
                                      np_dtype, st_dtype, out / s, out / _BUILD, seed, buckets, chunk_rows)
     n_chunks = len(key_sizes)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config,
