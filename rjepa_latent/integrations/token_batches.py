@@ -65,36 +65,42 @@ class TokenBatches(IterableDataset):
             order = rng.permutation(order)
         if info is not None:
             order = order[info.id::info.num_workers]
-        pend_x, pend_k, held = [], [], 0
         bs = self.batch_size
+        need = max(self.shuffle_buffer, bs)
+        pend: list[tuple] = []
+        held = 0
         for c in order:
-            x = self._store.chunk(self.site, int(c))
+            x = self._store.chunk(self.site, int(c))      # a fresh array: batches are views of it
             k = np.stack([self._store.keys(int(c))[n] for n in KEY_COLUMNS], 1) if self.keys else None
-            pend_x.append(x)
-            pend_k.append(k)
+            pend.append((x, k))
             held += len(x)
-            if held < max(self.shuffle_buffer, bs):
+            if held < need:
                 continue
-            xs = np.concatenate(pend_x) if len(pend_x) > 1 else pend_x[0]
-            ks = (np.concatenate(pend_k) if len(pend_k) > 1 else pend_k[0]) if self.keys else None
+            xs, ks = self._joined(pend)
             if self.shuffle_buffer:
                 perm = rng.permutation(len(xs))
                 xs, ks = xs[perm], (ks[perm] if self.keys else None)
             full = len(xs) // bs * bs
             for a in range(0, full, bs):
                 yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
-            pend_x, pend_k, held = [xs[full:]], [ks[full:] if self.keys else None], len(xs) - full
-        if held and not self.drop_last:
-            xs = np.concatenate(pend_x)
-            ks = np.concatenate(pend_k) if self.keys else None
-            for a in range(0, held, bs):
-                yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
-        elif held and self.drop_last:
-            xs = np.concatenate(pend_x)
-            ks = np.concatenate(pend_k) if self.keys else None
-            for a in range(0, held - held % bs, bs):
+            pend = [(xs[full:], ks[full:] if self.keys else None)] if full < len(xs) else []
+            held = len(xs) - full
+        if held:
+            xs, ks = self._joined(pend)
+            if self.shuffle_buffer:
+                perm = rng.permutation(len(xs))
+                xs, ks = xs[perm], (ks[perm] if self.keys else None)
+            end = held - held % bs if self.drop_last else held
+            for a in range(0, end, bs):
                 yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
 
+    def _joined(self, pend: list[tuple]):
+        if len(pend) == 1:
+            return pend[0]
+        return (np.concatenate([x for x, _ in pend]),
+                np.concatenate([k for _, k in pend]) if self.keys else None)
+
     def _out(self, x: np.ndarray, k: np.ndarray | None):
-        t = self._tensor(np.array(x, copy=True))   # writable, owned by the batch
-        return (t, torch.from_numpy(np.array(k, copy=True))) if self.keys else t
+        # x is a view of an array this iteration made (read, joined or permuted), no one else's
+        t = self._tensor(x)
+        return (t, torch.from_numpy(k)) if self.keys else t

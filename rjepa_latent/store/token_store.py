@@ -208,6 +208,18 @@ class _Chunks:
         self.fill = 0
 
 
+def _enough_files(buckets: int) -> None:
+    """Pass 1 keeps one file per bucket open: raise the soft limit when needed."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = buckets + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise StoreError(f"the shuffle needs {buckets} open bucket files but the limit is {hard}; "
+                             "give it more memory (--memory) so it needs fewer buckets")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def _bucket_of(seed: int, si: int, rows: int, buckets: int) -> np.ndarray:
     return np.random.default_rng([seed, 0, si]).integers(0, buckets, rows, dtype=np.int64)
 
@@ -216,6 +228,7 @@ def _shuffle_one(rows_of, shard_rows: list[int], width: int, dtype, st_dtype: st
                  folder: Path, tmp: Path, seed: int, buckets: int, chunk_rows: int) -> list[int]:
     """Both passes for one site (or the keys); returns the chunk sizes."""
     tmp.mkdir(parents=True, exist_ok=True)
+    _enough_files(buckets)
     fds = [os.open(tmp / f"b{b:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for b in range(buckets)]
     counts = np.zeros(buckets, np.int64)
     try:
@@ -252,13 +265,16 @@ def _shuffle_one(rows_of, shard_rows: list[int], width: int, dtype, st_dtype: st
 
 def build_token_store(run: str | os.PathLike, out: str | os.PathLike, *, sites: Sequence[str] | None = None,
                       layers: Sequence[int] | None = None, dtype: str | None = None, seed: int = 0,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS, memory_bytes: int = DEFAULT_MEMORY) -> dict:
+                      chunk_rows: int | None = None, memory_bytes: int = DEFAULT_MEMORY) -> dict:
     """Shuffle the rows of the per-token run `run` into the token store `out`
-    (every site unless `sites` / `layers` choose; `dtype` default the run's).
+    (every site unless `sites` / `layers` choose; `dtype` default the run's;
+    `chunk_rows` default DEFAULT_CHUNK_ROWS, fewer when a chunk would take
+    over a quarter of `memory_bytes`).
     A finished store of the same options is left as it is; one of other
     options is refused; an unfinished one (no manifest) is built again.
     Returns the manifest."""
-    for name, v, low in (("seed", seed, 0), ("chunk_rows", chunk_rows, 1), ("memory_bytes", memory_bytes, 1)):
+    for name, v, low in (("seed", seed, 0), ("chunk_rows", 1 if chunk_rows is None else chunk_rows, 1),
+                         ("memory_bytes", memory_bytes, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     src = _RunRows(Path(run), sites, layers)
@@ -271,6 +287,8 @@ def build_token_store(run: str | os.PathLike, out: str | os.PathLike, *, sites: 
     widths = {s: src.width(s) for s in src.sites}
     st_dtype, np_dtype = STORE_DTYPES[dtype]
     row_bytes = max([w * np.dtype(np_dtype).itemsize for w in widths.values()] + [12])
+    if chunk_rows is None:
+        chunk_rows = max(1, min(DEFAULT_CHUNK_ROWS, memory_bytes // 4 // row_bytes))
     chunk_bytes = chunk_rows * row_bytes
     if chunk_bytes * 2 > memory_bytes:
         raise ValueError(f"chunk_rows={chunk_rows} of {row_bytes} bytes take {chunk_bytes:,} bytes; "
@@ -355,19 +373,19 @@ class TokenStore:
             raise IndexError(f"chunk {c} out of range for {self.chunks} chunks")
         path = self.path / folder / f"chunk-{c:05d}.safetensors"
         want = self.manifest["chunk_bytes"][folder][c]
-        data = path.read_bytes() if path.is_file() else b""
+        # one read into a fresh, writable array; the tensors are views of it
+        data = np.fromfile(path, np.uint8) if path.is_file() else np.zeros(0, np.uint8)
         if len(data) != want:
             raise StoreError(f"{path}: {len(data)} bytes, the manifest says {want}; the store is "
                              "damaged: build it again")
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
+        n = int(data[:8].view("<u8")[0])
+        header = json.loads(data[8:8 + n].tobytes())
         out = {}
         for k, v in header.items():
             if k == "__metadata__":
                 continue
             a, b = v["data_offsets"]
-            out[k] = np.frombuffer(data, _ST[v["dtype"]], offset=8 + n + a,
-                                   count=(b - a) // np.dtype(_ST[v["dtype"]]).itemsize).reshape(v["shape"])
+            out[k] = data[8 + n + a:8 + n + b].view(_ST[v["dtype"]]).reshape(v["shape"])
         return out
 
     def chunk(self, site: str, c: int, raw: bool = True) -> np.ndarray:
@@ -408,8 +426,8 @@ def add_arguments(p) -> None:
                    help="comma-separated hidden-state layers to store (their sites are layer-N)")
     p.add_argument("--dtype", default=None, choices=list(STORE_DTYPES), help="stored dtype (default the run's)")
     p.add_argument("--seed", type=int, default=0, help="the shuffle's seed (default 0)")
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
-                   help=f"rows per chunk file (default {DEFAULT_CHUNK_ROWS})")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help=f"rows per chunk file (default {DEFAULT_CHUNK_ROWS}, or what a quarter of --memory holds)")
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY >> 20, metavar="MIB",
                    help=f"memory the shuffle may hold, MiB (default {DEFAULT_MEMORY >> 20})")
 
