@@ -186,3 +186,20 @@ def test_bad_options_are_refused(tmp_path, data, llama):
     st = rl.open_latents(tmp_path / "c")
     assert st.config["token_selection"] == {"tokens": "steps", "drop_bos": True}
     assert st.config["outliers"] == {"k": 2.0, "drop": False}
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, llama, monkeypatch):
+    from conftest import interrupt_at_shard
+    from rjepa_latent.testing.runs import sample_records, write_records
+    data = write_records(tmp_path / "d.jsonl", sample_records(12, seed=3))
+    kw = dict(tokens="text", drop_bos=True, outliers=1.2, drop_outliers=True, shard_size=4)
+    _extract(data, llama, tmp_path / "whole", **kw)
+    compute = interrupt_at_shard(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(data, llama, tmp_path / "cut", **kw)
+    monkeypatch.setattr("rjepa_latent.run.local._Runner._compute", compute)
+    _extract(data, llama, tmp_path / "cut", **kw)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "cut").iterdir())
+    for f in files:
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
