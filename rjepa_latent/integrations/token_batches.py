@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ..store.files import STORE_DTYPES
 from ..store.token_store import KEY_COLUMNS, TokenStore
 
 try:
@@ -65,8 +66,11 @@ class TokenBatches(IterableDataset):
             order = rng.permutation(order)
         if info is not None:
             order = order[info.id::info.num_workers]
+        if self.shuffle_buffer:
+            yield from self._shuffled(order, rng)
+            return
         bs = self.batch_size
-        need = max(self.shuffle_buffer, bs)
+        need = bs
         pend: list[tuple] = []
         held = 0
         for c in order:
@@ -77,9 +81,6 @@ class TokenBatches(IterableDataset):
             if held < need:
                 continue
             xs, ks = self._joined(pend)
-            if self.shuffle_buffer:
-                perm = rng.permutation(len(xs))
-                xs, ks = xs[perm], (ks[perm] if self.keys else None)
             full = len(xs) // bs * bs
             for a in range(0, full, bs):
                 yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
@@ -87,12 +88,40 @@ class TokenBatches(IterableDataset):
             held = len(xs) - full
         if held:
             xs, ks = self._joined(pend)
-            if self.shuffle_buffer:
-                perm = rng.permutation(len(xs))
-                xs, ks = xs[perm], (ks[perm] if self.keys else None)
             end = held - held % bs if self.drop_last else held
             for a in range(0, end, bs):
                 yield self._out(xs[a:a + bs], ks[a:a + bs] if self.keys else None)
+
+    def _shuffled(self, order: np.ndarray, rng: np.random.Generator):
+        """Chunks read straight into one buffer of about `shuffle_buffer` rows;
+        each batch is a random draw of its rows (a fresh array), the rows not
+        drawn stay for the next fill."""
+        bs, ts = self.batch_size, self._store
+        chunk_rows = int(ts.config["chunk_rows"])
+        cap = max(self.shuffle_buffer, bs) + chunk_rows
+        buf = np.empty((cap, self.width), STORE_DTYPES[self.dtype][1])
+        kbuf = np.empty((cap, 3), np.int32) if self.keys else None
+        fill = 0
+        for i, c in enumerate(order):
+            n = ts.read_rows_into(self.site, int(c), buf[fill:])
+            if self.keys:
+                k = ts.keys(int(c))
+                kbuf[fill:fill + n] = np.stack([k[name] for name in KEY_COLUMNS], 1)
+            fill += n
+            last = i == len(order) - 1
+            if fill < max(self.shuffle_buffer, bs) and not last:
+                continue
+            perm = rng.permutation(fill)
+            full = fill // bs * bs
+            end = fill if last and not self.drop_last else full
+            for a in range(0, end, bs):
+                take = perm[a:a + bs]
+                yield self._out(buf[take], kbuf[take] if self.keys else None)
+            rest = perm[full:] if not last else perm[:0]
+            buf[:len(rest)] = buf[rest]
+            if self.keys:
+                kbuf[:len(rest)] = kbuf[rest]
+            fill = len(rest)
 
     def _joined(self, pend: list[tuple]):
         if len(pend) == 1:

@@ -395,6 +395,24 @@ class TokenStore:
     def keys(self, c: int) -> dict[str, np.ndarray]:
         return self._read(KEYS, c)
 
+    def read_rows_into(self, site: str, c: int, out: np.ndarray) -> int:
+        """Read chunk c's rows of `site` straight into `out` (at least the chunk's
+        rows, stored dtype: bf16 as uint16); returns the number of rows."""
+        if not 0 <= c < self.chunks:
+            raise IndexError(f"chunk {c} out of range for {self.chunks} chunks")
+        path = self.path / self._site(site) / f"chunk-{c:05d}.safetensors"
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != self.manifest["chunk_bytes"][site][c]:
+                raise StoreError(f"{path}: not the size the manifest says; the store is damaged: build it again")
+            n = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(n))["rows"]
+            rows = int(info["shape"][0])
+            a, b = info["data_offsets"]
+            f.seek(8 + n + a)
+            if f.readinto(memoryview(out[:rows]).cast("B")) != b - a:
+                raise StoreError(f"{path}: shorter than its header says; the store is damaged")
+        return rows
+
     def to_hf_dataset(self, site: str | None = None):
         """A `datasets.Dataset` of flat rows: record, position, token_id and `x`
         (the row, float32) of `site` (default the first), in store order."""
@@ -418,11 +436,20 @@ def open_tokens(path: str | os.PathLike) -> TokenStore:
 
 # ---------------------------------------------------------------- rjepa-latent tokens
 
+def _layer_list(text: str) -> list[int]:
+    import argparse
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers (e.g. 12,-2), "
+                                         f"got {text!r}") from None
+
+
 def add_arguments(p) -> None:
     p.add_argument("run", metavar="RUN", help="a finished per-token run directory (--pooling none)")
     p.add_argument("--out", required=True, help="the token store's directory (created)")
     p.add_argument("--sites", default=None, help="comma-separated sites to store (default every one)")
-    p.add_argument("--layers", default=None,
+    p.add_argument("--layers", default=None, type=_layer_list,
                    help="comma-separated hidden-state layers to store (their sites are layer-N)")
     p.add_argument("--dtype", default=None, choices=list(STORE_DTYPES), help="stored dtype (default the run's)")
     p.add_argument("--seed", type=int, default=0, help="the shuffle's seed (default 0)")
@@ -435,7 +462,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
     try:
-        layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
+        layers = args.layers
         sites = None if args.sites is None else [s.strip() for s in args.sites.split(",") if s.strip()]
         m = build_token_store(args.run, args.out, sites=sites, layers=layers, dtype=args.dtype,
                               seed=args.seed, chunk_rows=args.chunk_rows, memory_bytes=args.memory << 20)
