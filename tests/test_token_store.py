@@ -68,6 +68,7 @@ def test_store_holds_exactly_the_runs_rows(tmp_path, run):
     row = ds[3]
     np.testing.assert_array_equal(np.asarray(row["x"], np.float32), ts.chunk("layer-2", 0, raw=False)[3])
     assert (row["record"], row["position"]) == first[3]
+    assert ts.ids == rl.open_latents(run).ids
 
 
 def test_deterministic_per_seed_and_different_for_another(tmp_path, run):

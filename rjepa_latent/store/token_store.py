@@ -6,6 +6,7 @@
 
 Layout of DIR (docs/tokens.md):
   manifest.json                     written last: sites, widths, dtype, rows, chunks, seed
+  ids.json                          the run's item ids: ids[record]
   keys/chunk-CCCCC.safetensors      record, position, token_id (int32 [n] each) of chunk C
   <site>/chunk-CCCCC.safetensors    rows [n, width] of that site, same row order
 
@@ -38,12 +39,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import StoreError
-from .files import STORE_DTYPES, _json_bytes, bf16_from_f32, f32_from_bf16, safetensors_chunks
+from .files import STORE_DTYPES, _fsync_dir, _json_bytes, bf16_from_f32, f32_from_bf16, safetensors_chunks
 from .token_rows import KEY_TENSORS
 
 FORMAT = "rjepa-latent-tokens"
 FORMAT_VERSION = 1
 KEYS = "keys"
+IDS = "ids.json"                  # the id of each record index (item of the run, in order)
 KEY_COLUMNS = ("record", "position", "token_id")
 DEFAULT_CHUNK_ROWS = 65536
 DEFAULT_MEMORY = 1 << 30          # bytes the shuffle may hold (two buckets and a chunk)
@@ -304,7 +306,7 @@ def build_token_store(run: str | os.PathLike, out: str | os.PathLike, *, sites: 
             return have
         raise StoreError(f"{out} holds a token store made with other options ({have.get('config')}); "
                          "use another --out or delete it")
-    if out.exists() and any(p.name not in (KEYS, _BUILD, *src.sites) and not p.name.startswith(".")
+    if out.exists() and any(p.name not in (KEYS, _BUILD, IDS, *src.sites) and not p.name.startswith(".")
                             for p in out.iterdir()):
         raise StoreError(f"--out {out} holds other files; use an empty or new directory")
     for p in [out / _BUILD, out / KEYS, *(out / s for s in src.sites)]:   # a killed build: start over
@@ -319,13 +321,16 @@ def build_token_store(run: str | os.PathLike, out: str | os.PathLike, *, sites: 
         site_sizes[s] = _shuffle_one(lambda si, s=s: src.blocks(s, si, dtype, block), shard_rows, widths[s],
                                      np_dtype, st_dtype, out / s, out / _BUILD, seed, buckets, chunk_rows)
     n_chunks = len(key_sizes)
+    ids = _write_file(out / IDS, [_json_bytes(list(src.store.ids), indent=None)])
+    for folder in [out / KEYS, *(out / s for s in src.sites), out]:   # every rename durable first
+        _fsync_dir(folder)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config,
                 "run": {"model_fingerprint": src.store.config["model_fingerprint"],
                         "layers": src.store.config["layers"],
                         "token_selection": src.store.config.get("token_selection"),
                         "outliers": src.store.config.get("outliers"), "items": len(src.store)},
                 "rows": total, "widths": widths, "chunks": n_chunks,
-                "chunk_bytes": {KEYS: key_sizes, **site_sizes}, "complete": True}
+                "chunk_bytes": {KEYS: key_sizes, **site_sizes}, "ids_bytes": ids, "complete": True}
     _write_file(out / "manifest.json", [_json_bytes(manifest)])
     shutil.rmtree(out / _BUILD, ignore_errors=True)
     return manifest
@@ -394,6 +399,15 @@ class TokenStore:
 
     def keys(self, c: int) -> dict[str, np.ndarray]:
         return self._read(KEYS, c)
+
+    @property
+    def ids(self) -> list[str]:
+        """The run's item ids: `ids[record]` is the id of a row's record."""
+        path = self.path / IDS
+        data = path.read_bytes() if path.is_file() else b""
+        if len(data) != self.manifest["ids_bytes"]:
+            raise StoreError(f"{path}: not the size the manifest says; the store is damaged: build it again")
+        return json.loads(data)
 
     def read_rows_into(self, site: str, c: int, out: np.ndarray) -> int:
         """Read chunk c's rows of `site` straight into `out` (at least the chunk's
