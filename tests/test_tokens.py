@@ -203,3 +203,18 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, llama, monkeypatch)
     assert files == sorted(p.name for p in (tmp_path / "cut").iterdir())
     for f in files:
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
+
+
+def test_readers_carry_the_row_keys(tmp_path, data, llama):
+    from rjepa_latent.store import export as rl_export
+    _extract(data, llama, tmp_path / "run", tokens="steps")
+    st = rl.open_latents(tmp_path / "run")
+    table = st.to_hf_dataset(1)
+    for i, it in enumerate(st):
+        assert table[i]["token_positions"] == it.token_key("token_positions").tolist()
+        assert table[i]["token_ids"] == it.token_key("token_ids").tolist()
+        assert table[i]["token_steps"] == it.token_steps.tolist()
+    res = rl_export.export_npy(st, tmp_path / "npy", layers=[2])
+    assert "token_ids.npy" in res["files"] and "token_positions.npy" in res["files"]
+    ids = np.load(tmp_path / "npy" / "token_ids.npy")
+    np.testing.assert_array_equal(ids, np.concatenate([it.token_key("token_ids") for it in st]))

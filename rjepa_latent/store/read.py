@@ -313,16 +313,19 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
     pooling = stored_pooling(store, pooling)
     hidden = int(store.config["hidden_size"])
     bf16 = store.config["dtype"] == "bfloat16"
-    pieces, rows, token_steps = [], [], []
+    pieces, rows = [], []
+    token_lists: dict[str, list] = {"token_steps": [], "token_positions": [], "token_ids": []}
     for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
         flat = np.ascontiguousarray(lat).reshape(-1)
         values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
         steps = pa.FixedSizeListArray.from_arrays(values, hidden)
         pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
-        if store.per_token:
-            token_steps.append(pa.ListArray.from_arrays(
-                pa.array(offsets.astype(np.int32)),
-                pa.array(np.asarray(store.shard_arrays(si)["token_steps"], np.int32))))
+        if store.per_token:   # each row's step, and its position and token id where stored
+            arrays = store.shard_arrays(si)
+            for key, parts in token_lists.items():
+                if key in arrays:
+                    parts.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                          pa.array(np.asarray(arrays[key], np.int32))))
         rows.extend(meta)
     field_meta = {"dtype": "bfloat16"} if bf16 else None
     if pieces:
@@ -332,7 +335,9 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
         latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
     cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
     if store.per_token:
-        cols["token_steps"] = pa.chunked_array(token_steps, type=pa.list_(pa.int32()))
+        for key, parts in token_lists.items():
+            if key == "token_steps" or parts:
+                cols[key] = pa.chunked_array(parts, type=pa.list_(pa.int32()))
     cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
                  "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
                  **_metadata_columns(rows, pa)})
