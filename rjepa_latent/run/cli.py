@@ -102,8 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="all", choices=TOKEN_MODES,
                    help="tokens kept per token (--pooling none) and pooled per step: all, text (no "
                         "special tokens, no chat scaffolding), steps (inside steps only), no-special")
-    p.add_argument("--drop-bos", action="store_true", help="also drop each text's first token when it is a special token (BOS, or a chat "
-                        "template's opening token): the attention sink")
+    p.add_argument("--drop-bos", action="store_true",
+                   help="also drop each text's first token when it is a special token (BOS, or a "
+                        "chat template's opening token): the attention sink")
     p.add_argument("--outliers", type=float, default=None, metavar="K",
                    help="per-token runs: mark rows whose norm is over K x their layer's median norm "
                         "in the shard")
