@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "parity": ("rjepa_latent.tools.parity", "compare this engine with HF transformers on a model, layer by layer"),
     "verify": ("rjepa_latent.store.verify", "check a run directory's files against its manifest (every sha256)"),
     "export": ("rjepa_latent.store.export", "write a run as Parquet or flat .npy arrays for training"),
+    "tokens": ("rjepa_latent.store.token_store", "shuffle a per-token run into flat row chunks for SAE training"),
     "demo": ("rjepa_latent.tools.demo", "run the built-in demo: sample chains of thought, default model, a picture"),
 }
 

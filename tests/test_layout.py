@@ -48,7 +48,7 @@ PUBLIC = {
         "SequenceTypeError", "TokenIdError", "SequenceLengthError", "SpanError", "SpanTypeError", "LayerError",
         "LayerTypeError", "build_info", "Model", "memory_plan", "check_parity", "extract_dataset",
         "open_latents", "encode_steps", "__version__"],
-    "rjepa_latent.torch": ["LatentDataset", "StepPairs", "collate_steps"],
+    "rjepa_latent.torch": ["LatentDataset", "StepPairs", "collate_steps", "TokenBatches"],
     "rjepa_latent.ray": ["INSTALL_HINT", "IN_FLIGHT", "MAX_RESTARTS", "SHARD_ATTEMPTS", "START_TIMEOUT_S",
                          "TOKEN_PREFIX", "StepLatents", "batch_rows", "connect", "extract", "latent_columns",
                          "placement", "require_ray", "add_arguments", "wanted", "run"],

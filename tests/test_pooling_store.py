@@ -381,7 +381,7 @@ def test_arrow_hf_and_exports(runs, tmp_path):
 
     res = rl_export.export_npy(tok, tmp_path / "npy", layers=[1])
     assert res["files"] == ["latents.layer-1.npy", "token_offsets.npy", "token_steps.npy",
-                            "items.jsonl"] and res["pooling"] == "none"
+                            "token_positions.npy", "token_ids.npy", "items.jsonl"] and res["pooling"] == "none"
     flat = np.load(tmp_path / "npy" / "latents.layer-1.npy", mmap_mode="r")
     offs = np.load(tmp_path / "npy" / "token_offsets.npy")
     steps = np.load(tmp_path / "npy" / "token_steps.npy")

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .chat import ChatTemplate, ChatTemplateError, load_chat_template, steps_of_messages
+from .select import ChatText, chat_content_ranges
 from .segment import (DEFAULT_STEP_REGEX, Segmenter, _BadRecord, _LINE_BREAK, _given_ranges, _marker_ranges,
                       remove_annotations)
 from .sources import input_sources, source_stem
@@ -73,6 +74,7 @@ class Record:
     meta: dict
     source: str
     line: int
+    content: list | None = None   # a chat text's message ranges (the rest is template scaffolding)
 
 
 @dataclass
@@ -202,7 +204,8 @@ class Chat:
     def render_steps(self, msgs: list[dict], idx: int, field_: str,
                      ranges: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
         try:
-            return self.template.render_steps(msgs, idx, field_, ranges)
+            text, found = self.template.render_steps(msgs, idx, field_, ranges)
+            return ChatText(text, chat_content_ranges(self.template, msgs, text)), found
         except ChatTemplateError as e:
             raise _BadRecord(str(e)) from None
         except Exception as e:   # the template is foreign code: whatever it raises is this record's error
@@ -539,7 +542,7 @@ def _records(sources: list, fmt: str, opts: _Options) -> Iterator[Record | Error
                 first = seen.add(rid, f"{name}:{line}")
                 if first is not None:
                     raise _BadRecord(f"duplicate id {rid!r} (first seen at {first})")
-                yield Record(index, rid, text, ranges, meta, name, line)
+                yield Record(index, rid, str(text), ranges, meta, name, line, getattr(text, "content", None))
             except (_BadRecord, RecursionError) as e:
                 if rid is not None and not _utf8_ok(rid):
                     rid = None  # errors.jsonl is UTF-8

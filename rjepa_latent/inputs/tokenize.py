@@ -56,6 +56,8 @@ class Item:
     meta: dict
     source: str
     line: int
+    offsets: np.ndarray | None = None     # int64 [T, 2]: each token's character range
+    content: list | None = None           # a chat text's message ranges (Record.content)
 
 
 def prepare_tokenizer(tokenizer):
@@ -184,7 +186,7 @@ def _item(rec: Record, enc, max_text_tokens: int | None) -> Item | ErrorRecord:
                            f"{rec.text[a:b][:40]!r}): the tokenizer merged it into a token of "
                            "an earlier step or the question")
     return Item(rec.index, rec.id, rec.text, np.asarray(enc.ids, dtype=np.int32), spans,
-                rec.meta, rec.source, rec.line)
+                rec.meta, rec.source, rec.line, offsets, rec.content)
 
 
 _prepared_cache: dict[str, Any] = {}

@@ -10,6 +10,7 @@ import sys
 from ..engine.model import POOLINGS, resolve_poolings
 from ..inputs.data import FORMATS
 from ..inputs.segment import DEFAULT_STEP_REGEX, SEGMENT_RULES
+from ..inputs.select import TOKEN_MODES
 from ..store.files import STORE_DTYPES
 from .driver import NothingExtracted
 from .local import extract_dataset
@@ -98,6 +99,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repair", action="store_true",
                    help="check every committed file's sha256 and redo exactly the damaged or missing "
                         "shards (a single run; the other options as for the run)")
+    p.add_argument("--tokens", default="all", choices=TOKEN_MODES,
+                   help="tokens kept per token (--pooling none) and pooled per step: all, text (no "
+                        "special tokens, no chat scaffolding), steps (inside steps only), no-special")
+    p.add_argument("--drop-bos", action="store_true",
+                   help="also drop each text's first token when it is a special token (BOS, or a "
+                        "chat template's opening token): the attention sink")
+    p.add_argument("--outliers", type=float, default=None, metavar="K",
+                   help="per-token runs: mark rows whose norm is over K x their layer's median norm "
+                        "in the shard")
+    p.add_argument("--drop-outliers", action="store_true", help="leave the --outliers rows out")
     p.add_argument("--strict", action="store_true", help="exit status 1 if any record is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from . import ray_cli   # --ray and its options live in run/ray_cli.py (ray itself is not imported)
@@ -150,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         step_regex=args.step_regex, max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
         shard_size=args.shard_size, part=args.part, progress=not args.no_progress,
         device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change,
-        repair=args.repair, limit=args.limit, ids=args.ids)
+        repair=args.repair, limit=args.limit, ids=args.ids, tokens=args.tokens,
+        drop_bos=args.drop_bos, outliers=args.outliers, drop_outliers=args.drop_outliers)
     return report_run(summary, args, format_summary(summary))
 

@@ -229,6 +229,7 @@ class RunDriver:
             "errors_file": str(self.out / ERRORS), "shard_size": self.shard_size,
             "error_example": _example(mine),
             "grown": self.store.grown, "unknown_ids": list(self.unknown_ids),
+            **({"outliers": sum(s.get("outliers", 0) for s in mine)} if "outliers" in self.config else {}),
         }
 
 

@@ -158,7 +158,9 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     allow_kernel_change: bool = False, segment: str = "auto",
                     strip_annotations: bool = False, chat: bool = False, chat_think: bool = False,
                     system: str | None = None, repair: bool = False, limit: int | None = None,
-                    ids: str | os.PathLike | Sequence[str] | None = None) -> dict:
+                    ids: str | os.PathLike | Sequence[str] | None = None, tokens: str = "all",
+                    drop_bos: bool = False, outliers: float | None = None,
+                    drop_outliers: bool = False) -> dict:
     """Extract step latents of the records in `inputs` into the run directory `out`.
 
     `inputs` is a path or a list of paths of .jsonl / .json / .parquet files, or
@@ -183,6 +185,10 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     token's hidden state; the disk it needs is checked first). `shard_size`:
     records per shard, or "auto" (default: about SHARD_TARGET_S seconds of a slow
     machine per shard, see docs/formats.md; resolved once and stored).
+    `tokens` ("all", "text", "steps", "no-special") and `drop_bos` select the
+    tokens a per-token run stores and a pooled span pools; `outliers=K` marks
+    per-token rows whose norm is over K x their layer's median norm in the
+    shard, `drop_outliers` leaves them out (docs/tokens.md).
     `limit`: only the first `limit` records; `ids`: only the records with these
     ids (a file of one id per line, or a sequence); a later run without `limit`
     grows the run, one with other `ids` is refused.
@@ -211,7 +217,8 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     max_batch_tokens=max_batch_tokens, shard_size=shard_size, limit=limit, ids=ids,
                     part=part, allow_kernel_change=allow_kernel_change, segment=segment,
                     strip_annotations=strip_annotations, chat=chat, chat_think=chat_think,
-                    system=system, repair=repair, model=model)
+                    system=system, repair=repair, model=model, tokens=tokens, drop_bos=drop_bos,
+                    outliers=outliers, drop_outliers=drop_outliers)
     if Path(out).exists() and not Path(out).is_dir():   # before the model load
         raise StoreError(f"--out {out} exists and is not a directory")
     if isinstance(model, (str, os.PathLike)):   # layers against the config, before the model load

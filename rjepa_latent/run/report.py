@@ -86,6 +86,8 @@ def format_errors(s: dict, top: int = 5) -> str:
 def format_summary(s: dict) -> str:
     counts = (f"{counted(s['items'], 'item')}, {counted(s['steps'], 'step')}, "
               f"{counted(s['errors'], 'error')}")
+    if "outliers" in s:   # per-token rows over --outliers K x the median norm
+        counts += f", {counted(s['outliers'], 'outlier row')}"
     if s["noop"]:
         return f"{s['out']}: already complete ({counts}); nothing to do" + format_errors(s)
     ratio = s["tokens_per_s"] / s["engine_tokens_per_s"] if s["engine_tokens_per_s"] else 0.0

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..engine.model import Model, resolve_poolings
+from ..engine.model import Model, TOKEN_POOLING, resolve_poolings
 from ..inputs.data import (Chat, DEFAULT_STEP_SEPARATOR, DEFAULT_TEMPLATE, ErrorRecord, FORMATS, Record,
                            Template, read_records)
 from ..inputs.segment import DEFAULT_STEP_REGEX, Segmenter
+from ..inputs.select import check_selection
 from ..inputs.sources import dataset_fingerprint, input_sources, is_dataset
 from ..inputs.tokenize import prepare_tokenizer, tokenizer_hash
 from ..store.files import STORE_DTYPES
@@ -89,6 +90,10 @@ class RunSpec:
     part: tuple = (0, 1)
     allow_kernel_change: bool = False
     repair: bool = False
+    tokens: str = "all"             # which tokens are kept (inputs/select.py)
+    drop_bos: bool = False
+    outliers: float | None = None   # K: rows over K x the shard's median norm are outliers
+    drop_outliers: bool = False
 
     @property
     def pooling_value(self) -> str | list[str]:
@@ -145,7 +150,8 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
              ids: str | os.PathLike | Sequence[str] | None = None, part: Any = (0, 1),
              allow_kernel_change: bool = False, segment: str = "auto", strip_annotations: bool = False,
              chat: bool = False, chat_think: bool = False, system: str | None = None,
-             repair: bool = False, model: Any = None) -> RunSpec:
+             repair: bool = False, model: Any = None, tokens: str = "all", drop_bos: bool = False,
+             outliers: float | None = None, drop_outliers: bool = False) -> RunSpec:
     """Check every option of `extract_dataset` (except the model itself; `model`,
     a path or a Model, only locates a chat template) and return the RunSpec.
     Missing or unreadable inputs, a bad option, a model without a usable chat
@@ -167,6 +173,9 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
     for name, v in (("max_tokens", max_tokens), ("max_batch_tokens", max_batch_tokens), ("limit", limit)):
         _positive(name, v)
     part = parse_part(part)
+    check_selection(tokens, drop_bos, outliers, drop_outliers)
+    if outliers is not None and tuple(names) != (TOKEN_POOLING,):
+        raise ValueError("outliers (--outliers) marks rows of per-token output: it needs pooling='none'")
     if repair and part[1] != 1:
         raise ValueError("repair runs as a single run (part 0/1, the default), after every --part "
                          "worker stopped: it checks and redoes shards of all parts")
@@ -201,7 +210,9 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
         step_regex=step_regex, segment=segment, strip_annotations=bool(strip_annotations), chat=chat,
         chat_think=bool(chat_think), system=system, model_path=model_path, max_tokens=max_tokens,
         max_batch_tokens=max_batch_tokens, shard_size=shard_size, limit=limit, ids=ids, part=part,
-        allow_kernel_change=bool(allow_kernel_change), repair=bool(repair))
+        allow_kernel_change=bool(allow_kernel_change), repair=bool(repair), tokens=tokens,
+        drop_bos=drop_bos, outliers=None if outliers is None else float(outliers),
+        drop_outliers=bool(drop_outliers))
 
 
 def batch_budget(spec: RunSpec, m: Model) -> int:
@@ -212,6 +223,19 @@ def batch_budget(spec: RunSpec, m: Model) -> int:
                          f"of workspace this Model reserved on {m.device}; load the Model with "
                          f"max_batch_tokens={budget}, or pass a smaller one")
     return budget
+
+
+def _selection_config(spec: RunSpec) -> dict:
+    """Token selection in the configuration: always for a per-token run (its
+    shards then hold each row's position, token id and norm), for a pooled run
+    only when not the default (its configuration stays as it was)."""
+    per_token = spec.pooling == TOKEN_POOLING
+    if not per_token and spec.tokens == "all" and not spec.drop_bos:
+        return {}
+    out = {"token_selection": {"tokens": spec.tokens, "drop_bos": spec.drop_bos}}
+    if spec.outliers is not None:
+        out["outliers"] = {"k": spec.outliers, "drop": spec.drop_outliers}
+    return out
 
 
 def run_tokenizer(spec: RunSpec, m: Model):
@@ -242,6 +266,7 @@ def run_config(spec: RunSpec, m: Model) -> dict:
         # does): the budget that decides it is part of the run there
         **({"engine_batch_tokens": budget} if m.backend != "cpu" else {}),
         **_reading_config(spec.reading()),
+        **_selection_config(spec),
         **({"limit": spec.limit} if spec.limit is not None else {}),
         **({"ids": {"count": len(spec.ids), "sha256": hashlib.sha256(
             "\n".join(spec.ids).encode("utf-8", "surrogatepass")).hexdigest()}} if spec.ids else {}),

@@ -15,6 +15,8 @@ from ..engine.plan import plan_batches
 from ..errors import InputError, StoreError, TokenIdError
 from ..inputs.data import ErrorRecord, Record
 from ..inputs.tokenize import Item, tokenize_records
+from ..inputs.select import selected_positions, special_token_ids, trimmed_spans
+from ..store.token_rows import outlier_marks, row_norms
 from ..store.files import STORE_DTYPES, convert_latents
 from ..store.write import check_run_config, commit_shard
 from .driver import EXTENT, RunDriver, _stored_config
@@ -42,6 +44,11 @@ class ShardWorker:
         self.per_token = self.pooling == TOKEN_POOLING
         self.kernel = m.kernel
         self._run_config: dict | None = None
+        self.selection = self.config.get("token_selection")
+        self.outliers = self.config.get("outliers")
+        if self.selection is not None:
+            self._select = dict(special_ids=special_token_ids(getattr(self.tok, "_tok", self.tok)),
+                                drop_bos=self.selection["drop_bos"])
 
     def run_config(self) -> dict:
         """The stored run's configuration, checked against this worker's (once):
@@ -64,8 +71,17 @@ class ShardWorker:
             [t for t in done if isinstance(t, ErrorRecord)]
         good = []
         for t in sorted((t for t in done if isinstance(t, Item)), key=lambda it: it.index):
+            spans = t.spans
+            if self.selection is not None:   # the kept positions travel with the item
+                t.keep = selected_positions(t.ids, t.spans, self.selection["tokens"], offsets=t.offsets,
+                                            content=t.content, **self._select)
+                if not self.per_token:
+                    spans, reason = trimmed_spans(t.spans, t.keep, len(t.ids))
+                    if reason is not None:
+                        errors.append(ErrorRecord(t.index, t.id, t.source, t.line, reason))
+                        continue
             try:
-                good.append((t, self.m.check(t.ids, None if self.per_token else t.spans,
+                good.append((t, self.m.check(t.ids, None if self.per_token else spans,
                                              per_token=self.per_token, name="ids", spans_name="spans")))
             except InputError as e:
                 errors.append(ErrorRecord(t.index, t.id, t.source, t.line, _refusal(e)))
@@ -96,17 +112,25 @@ class ShardWorker:
         """Convert a computed shard to the stored dtype (items it cannot represent
         become errors) and commit it; returns its journal entry."""
         index, records, items, results, errors = job
-        good, lats, errors = [], [], list(errors)
+        good, lats, errors, rows = [], [], list(errors), []
         for it, r in zip(items, results):
-            lat, reason = convert_latents(np.asarray(r, dtype=np.float32), self.store_dtype)
+            r = np.asarray(r, dtype=np.float32)
+            if self.per_token and self.selection is not None:
+                r = r[:, it.keep]
+            lat, reason = convert_latents(r, self.store_dtype)
             if reason is None:
                 good.append(it)
                 lats.append(lat)
+                if self.per_token and self.selection is not None:
+                    rows.append({"positions": it.keep, "norms": row_norms(r)})
             else:
                 errors.append(ErrorRecord(it.index, it.id, it.source, it.line, reason))
         errors.sort(key=lambda e: e.index)
+        if self.outliers is not None:
+            lats = mark_outliers(rows, lats, self.outliers["k"], self.outliers["drop"])
         return commit_shard(self.out, self.run_config(), index, records, good, lats,
-                            [e.to_json() for e in errors], self.kernel)
+                            [e.to_json() for e in errors], self.kernel,
+                            token_rows=rows if self.per_token and self.selection is not None else None)
 
     def run_shard(self, k: int, rng: tuple[int, int], records: list) -> dict:
         """All of one shard, here; returns {index, records, items, steps, tokens,
@@ -118,6 +142,27 @@ class ShardWorker:
         return {"index": k, "records": list(rng), "items": entry["items"], "steps": entry["steps"],
                 "tokens": entry["tokens"], "errors": len(entry["errors"]),
                 "seconds": time.perf_counter() - t, "entry": entry}
+
+
+def mark_outliers(rows: list[dict], lats: list[np.ndarray], k: float, drop: bool) -> list[np.ndarray]:
+    """Mark each row whose norm is over k x its layer's median norm over the
+    shard's rows (`rows[i]["outliers"]`, bool [n_layers, rows]); with `drop`,
+    leave out the rows marked in any layer (from the latents and the rows)."""
+    counts = [r["norms"].shape[1] for r in rows]
+    allnorms = np.concatenate([r["norms"] for r in rows], axis=1) if rows else np.zeros((0, 0), np.float32)
+    marks = outlier_marks(allnorms, k) if rows else allnorms.astype(bool)
+    out, at = [], 0
+    for r, lat, c in zip(rows, lats, counts):
+        mark = marks[:, at:at + c]
+        at += c
+        r["outliers"] = mark
+        r["marked"] = int(mark.any(axis=0).sum())
+        if drop:
+            kept = ~mark.any(axis=0)
+            r["positions"], r["norms"], r["outliers"] = r["positions"][kept], r["norms"][:, kept], mark[:, kept]
+            lat = lat[:, kept]
+        out.append(lat)
+    return out
 
 
 def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:

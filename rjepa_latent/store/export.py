@@ -12,8 +12,10 @@ Layout of every table (one row per record):
 Per-token runs (pooling "none") have the same table with `latents`
 [num_tokens, hidden] (a row per token, not per step) and one more column,
 `token_steps` list<int32> [num_tokens] (each token's step, -1 outside every
-step); `export_npy` writes `token_offsets.npy` and `token_steps.npy` in place
-of `step_offsets.npy`.
+step), plus `token_positions` and `token_ids` (each row's position and token
+id) where the run stores them; `export_npy` writes `token_offsets.npy` and
+`token_steps.npy` (and `token_positions.npy`, `token_ids.npy`) in place of
+`step_offsets.npy`.
 This is the layout HF `datasets` reads (its `Array2D` and Ray's / pyarrow's
 tensor extension types are not interchangeable between them), and pyarrow
 reads it back without a copy. The latents column is built over the shard's
@@ -69,7 +71,8 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
     [records + 1], `items.jsonl` (one line of metadata per record, same order).
     Per-token runs: `latents.layer-K.npy` [total_tokens, hidden],
     `token_offsets.npy` int64 [records + 1] and `token_steps.npy` int32
-    [total_tokens] instead of step_offsets.npy. bf16 runs are written as uint16
+    [total_tokens] (and `token_positions.npy`, `token_ids.npy` where the run
+    stores them) instead of step_offsets.npy. bf16 runs are written as uint16
     bits. Written into a temporary directory beside `out` and renamed at the
     end: an interrupted export leaves no `out`; an existing non-empty `out` is
     refused (no stale files of an earlier export mixed in)."""
@@ -126,6 +129,11 @@ def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[in
                  for si in range(len(store.shards))]
         np.save(out / "token_steps.npy", np.concatenate(steps) if steps else np.zeros(0, np.int32))
         extra.append("token_steps.npy")
+        for key in ("token_positions", "token_ids"):   # each row's keys, where the run stores them
+            if store.shards and key in store.shard_arrays(0):
+                np.save(out / f"{key}.npy", np.concatenate([np.asarray(store.shard_arrays(si)[key], np.int32)
+                                                            for si in range(len(store.shards))]))
+                extra.append(f"{key}.npy")
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for si in range(len(store.shards)):
             for row in store.shard_meta(si):

@@ -266,6 +266,9 @@ def shard_layout(config: dict, entry: dict) -> list[tuple[str, str, tuple]]:
     out = [("step_offsets", "I64", (items + 1,)), ("token_spans", "I32", (steps, 2))]
     if per_token:
         out += [("token_offsets", "I64", (items + 1,)), ("token_steps", "I32", (tokens,))]
+        if "token_selection" in config:   # each row's position, token id, norm
+            from .token_rows import token_key_layout
+            out += token_key_layout(config, tokens)
     rows = tokens if per_token else steps
     out += [(latents_tensor(poolings, p), st_dtype, (nl, rows, d)) for p in poolings]
     return out

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .token_rows import KEY_TENSORS, OUTLIER_TENSOR
 from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
                     damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
 
@@ -73,6 +74,18 @@ class LatentItem:
         if self._token_steps is None:
             self._token_steps = token_steps_of(self.token_spans, int(self.meta["num_tokens"]))
         return self._token_steps
+
+    # per-token runs with row keys (docs/tokens.md): each row's position in the
+    # text, token id, norm per layer [n_layers, rows], outlier marks (0/1)
+    token_keys: dict = {}
+
+    def token_key(self, name: str) -> np.ndarray:
+        """A per-token row key: "token_positions", "token_ids", "token_norms" or
+        "token_outliers" (zero-copy views); KeyError when the run has none."""
+        if name not in self.token_keys:
+            raise KeyError(f"this item stores no {name!r} (it has {sorted(self.token_keys) or 'no row keys'}: "
+                           "per-token runs store them; outliers only with --outliers)")
+        return self.token_keys[name]
 
     def __repr__(self) -> str:
         return (f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)}, "
@@ -188,8 +201,11 @@ class LatentStore:
             ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
             token_steps = arr["token_steps"][ra:rb]
         raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
-        return LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
+        item = LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
                           token_steps)
+        if self.per_token:
+            item.token_keys = {k: arr[k][..., ra:rb] for k in KEY_TENSORS + (OUTLIER_TENSOR,) if k in arr}
+        return item
 
     def __iter__(self) -> Iterator[LatentItem]:
         for p in range(len(self)):
@@ -297,16 +313,19 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
     pooling = stored_pooling(store, pooling)
     hidden = int(store.config["hidden_size"])
     bf16 = store.config["dtype"] == "bfloat16"
-    pieces, rows, token_steps = [], [], []
+    pieces, rows = [], []
+    token_lists: dict[str, list] = {"token_steps": [], "token_positions": [], "token_ids": []}
     for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
         flat = np.ascontiguousarray(lat).reshape(-1)
         values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
         steps = pa.FixedSizeListArray.from_arrays(values, hidden)
         pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
-        if store.per_token:
-            token_steps.append(pa.ListArray.from_arrays(
-                pa.array(offsets.astype(np.int32)),
-                pa.array(np.asarray(store.shard_arrays(si)["token_steps"], np.int32))))
+        if store.per_token:   # each row's step, and its position and token id where stored
+            arrays = store.shard_arrays(si)
+            for key, parts in token_lists.items():
+                if key in arrays:
+                    parts.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                          pa.array(np.asarray(arrays[key], np.int32))))
         rows.extend(meta)
     field_meta = {"dtype": "bfloat16"} if bf16 else None
     if pieces:
@@ -316,7 +335,9 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
         latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
     cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
     if store.per_token:
-        cols["token_steps"] = pa.chunked_array(token_steps, type=pa.list_(pa.int32()))
+        for key, parts in token_lists.items():
+            if key == "token_steps" or parts:
+                cols[key] = pa.chunked_array(parts, type=pa.list_(pa.int32()))
     cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
                  "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
                  **_metadata_columns(rows, pa)})

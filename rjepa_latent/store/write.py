@@ -13,6 +13,7 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .token_rows import row_norms, stored_f32, token_key_tensors
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
                     _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
                     _verify, atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
@@ -20,23 +21,30 @@ from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, S
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
-                 latents: list[np.ndarray], errors: list[dict], kernel: str | None = None) -> dict:
+                 latents: list[np.ndarray], errors: list[dict], kernel: str | None = None,
+                 token_rows: list[dict] | None = None) -> dict:
     """Write shard `index` and commit it: its .safetensors and .jsonl, then its
     journal entry (each atomic and fsynced), so whatever has an entry is complete.
     Needs no lock: shards are disjoint files and temporaries carry a unique tag
     (`write_tag`), so processes may commit different shards into one directory at
     once. Items in input order, latents already in the stored dtype: per item
     [n_layers, n_rows, hidden], or [n_poolings, n_layers, n_rows, hidden] for a
-    run of several poolings; rows are steps, or tokens for a per-token run."""
+    run of several poolings; rows are steps, or tokens for a per-token run.
+    `token_rows` (per-token runs with a token selection): per item the kept
+    `positions`, their `norms` [n_layers, rows] and (with outliers) `outliers`."""
     tag = write_tag(index)
     name = f"shard-{index:05d}"
     nl, d = len(config["layers"]), config["hidden_size"]
     st_dtype, np_dtype = STORE_DTYPES[config["dtype"]]
     poolings = run_poolings(config)
     per_token = poolings == [TOKEN_POOLING]
+    keyed = per_token and "token_selection" in config
+    if keyed and token_rows is None:   # every token, its norm from the stored values
+        token_rows = [{"positions": np.arange(len(it.ids), dtype=np.int32),
+                       "norms": row_norms(stored_f32(lat, config["dtype"]))} for it, lat in zip(items, latents)]
     lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
-    for it, lat in zip(items, lats):
-        rows_want = len(it.ids) if per_token else len(it.spans)
+    for i, (it, lat) in enumerate(zip(items, lats)):
+        rows_want = (len(token_rows[i]["positions"]) if keyed else len(it.ids)) if per_token else len(it.spans)
         if lat.shape != (len(poolings), nl, rows_want, d):
             raise StoreError(f"item {it.id!r}: latents of shape {tuple(lat.shape)}, the run stores "
                              f"{(len(poolings), nl, rows_want, d)} (poolings, layers, rows, hidden)")
@@ -47,10 +55,15 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
     tensors = [("step_offsets", "I64", offsets), ("token_spans", "I32", spans)]
     if per_token:
         tok_offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum([len(it.ids) for it in items], out=tok_offsets[1:])
+        np.cumsum([len(r["positions"]) for r in token_rows] if keyed else [len(it.ids) for it in items],
+                  out=tok_offsets[1:])
         token_steps = (np.concatenate([token_steps_of(it.spans, len(it.ids)) for it in items])
                        if items else np.zeros(0, np.int32))
-        tensors += [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
+        if keyed:
+            tensors += token_key_tensors(config, items, token_rows)
+            token_steps = (np.concatenate([token_steps_of(it.spans, len(it.ids))[r["positions"]]
+                                           for it, r in zip(items, token_rows)]) if items else token_steps)
+        tensors[2:2] = [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
     for q, p in enumerate(poolings):
         lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
                np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
@@ -60,8 +73,11 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
         tensors, {"poolings": ",".join(poolings)}), tag)
     js = atomic_write(out / f"{name}.jsonl", [_jsonl_bytes(rows)], tag)
     entry = {"index": index, "records": [int(records[0]), int(records[1])], "items": len(items),
-             "steps": int(offsets[-1]), "tokens": int(sum(len(it.ids) for it in items)),
+             "steps": int(offsets[-1]),
+             "tokens": int(tok_offsets[-1]) if per_token else int(sum(len(it.ids) for it in items)),
              "errors": errors, "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
+    if "outliers" in config and token_rows is not None:
+        entry["outliers"] = int(sum(r.get("marked", 0) for r in token_rows))
     if kernel is not None:
         entry["kernel"] = kernel  # the kernel identity that computed this shard
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
@@ -309,7 +325,8 @@ class RunStore:
         final = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
                  "num_records": num_records, "num_shards": n, "complete": True,
                  "totals": {key: sum(e[key] for e in listed) for key in ("items", "steps", "tokens")}
-                 | {"errors": sum(len(e["errors"]) for e in listed)},
+                 | {"errors": sum(len(e["errors"]) for e in listed)}
+                 | ({"outliers": sum(e.get("outliers", 0) for e in listed)} if "outliers" in self.config else {}),
                  "shards": listed}
         if self._stored == final and (self.out / ERRORS).is_file():
             return True

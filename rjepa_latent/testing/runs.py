@@ -161,6 +161,8 @@ def fake_run(out: str | os.PathLike, *, records: int = 100, layers: Sequence[int
         "dataset_sha256": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
         "shard_size": int(shard_size), "engine_backend": "cpu", "engine_dtype": "float32",
         "engine_kernel": FAKE_KERNEL, "package_version": __version__,
+        # per-token rows keep their position, token id and norm (every token)
+        **({"token_selection": {"tokens": "all", "drop_bos": False}} if per_token else {}),
     }
     rng = np.random.default_rng(seed)
     store = RunStore(out, config)
