@@ -1,0 +1,307 @@
+/* quant_hf.c - AWQ / GPTQ / FP8-block dequantization on the CPU (quant_hf.h).
+ *
+ * Design choices:
+ * - Every part size, the scales (finite) and g_idx (in range) are checked
+ *   before anything is written, so a damaged file is an error, never an
+ *   out-of-bounds read; FP8 NaN codes are found in the same pass as the
+ *   dequantization and reported after it.
+ * - Parts come from mmap'd safetensors slices, whose offsets need not be
+ *   aligned: every load goes through memcpy (one unaligned load on x86/arm).
+ * - Rows are split over OpenMP threads in blocks that share the parts'
+ *   cache lines (8 rows per AWQ word column, 16 rows per GPTQ line of words);
+ *   per row, the scales and zero points of every group are converted to fp32
+ *   once, so the inner loops are shifts, a subtract and a multiply.
+ * - (q - zero) is a small integer, exact in fp32, so each weight is one
+ *   rounding: the product with the exactly converted scale. */
+#include "quant_hf.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static inline uint32_t ld_u32(const void *base, int64_t i)
+{
+    uint32_t v;
+    memcpy(&v, (const unsigned char *)base + 4 * i, 4);
+    return v;
+}
+
+static size_t scale_size(int dt) { return dt == RL_QHF_SCALE_F32 ? 4 : 2; }
+
+static inline float ld_scale(const void *base, int dt, int64_t i)
+{
+    const unsigned char *p = (const unsigned char *)base;
+    if (dt == RL_QHF_SCALE_F32) {
+        float f;
+        memcpy(&f, p + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return dt == RL_QHF_SCALE_BF16 ? rl_bf16_to_f32(h) : rl_f16_to_f32(h);
+}
+
+static int check_part(const rl_qtensor *q, int i, const char *name, size_t want, char *err,
+                      size_t errlen)
+{
+    if (!q->part[i])
+        return fail(err, errlen, "%s is missing", name);
+    if (q->part_bytes[i] != want)
+        return fail(err, errlen, "%s has %zu bytes, expected %zu for a [%lld, %lld] weight", name,
+                    q->part_bytes[i], want, (long long)q->rows, (long long)q->cols);
+    return 0;
+}
+
+/* Scales [groups, rows] of rows [r0, r1): all finite. */
+static int check_scales(const void *s, int dt, int64_t groups, int64_t rows, int64_t r0,
+                        int64_t r1, char *err, size_t errlen)
+{
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t r = r0; r < r1; r++) {
+            float v = ld_scale(s, dt, g * rows + r);
+            if (!isfinite(v))
+                return fail(err, errlen, "scale [%lld, %lld] is %g (not finite)", (long long)g,
+                            (long long)r, (double)v);
+        }
+    return 0;
+}
+
+/* ---- AWQ (GEMM packing) ------------------------------------------------- */
+
+/* Shift of the output feature 8w + j inside its word. */
+static const int awq_shift[8] = {0, 16, 4, 20, 8, 24, 12, 28};
+
+static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                    size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols, group = q->group;
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if (RL_QHF_BITS(q->subtype) != 4)
+        return fail(err, errlen, "AWQ with %d bits is not supported (4 bits only)",
+                    RL_QHF_BITS(q->subtype));
+    if (rows % 8 || group <= 0 || cols % group)
+        return fail(err, errlen, "AWQ weight [%lld, %lld]: out_features must be a multiple of 8 "
+                    "and in_features of the group size %lld", (long long)rows, (long long)cols,
+                    (long long)group);
+    const int64_t words = rows / 8, groups = cols / group;
+    if (check_part(q, 0, "qweight", (size_t)(cols * words * 4), err, errlen) < 0 ||
+        (q->part[1] && check_part(q, 1, "qzeros", (size_t)(groups * words * 4), err, errlen) < 0) ||
+        check_part(q, 2, "scales", (size_t)(groups * rows) * scale_size(dt), err, errlen) < 0 ||
+        check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0)
+        return -1;
+    const void *qw = q->part[0], *qz = q->part[1], *sc = q->part[2];
+    const int64_t first = r0 / 8, last = (r1 + 7) / 8;   /* word columns touched */
+#pragma omp parallel for schedule(static)
+    for (int64_t w = first; w < last; w++) {
+        const int64_t a = w * 8 > r0 ? w * 8 : r0, b = w * 8 + 8 < r1 ? w * 8 + 8 : r1;
+        for (int64_t g = 0; g < groups; g++) {
+            float s[8], z[8];
+            uint32_t zw = qz ? ld_u32(qz, g * words + w) : 0;
+            for (int64_t o = a; o < b; o++) {
+                s[o - a] = ld_scale(sc, dt, g * rows + o);
+                z[o - a] = qz ? (float)((zw >> awq_shift[o % 8]) & 15u) : 8.0f;
+            }
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                const uint32_t v = ld_u32(qw, i * words + w);
+                for (int64_t o = a; o < b; o++)
+                    out[(o - r0) * cols + i] =
+                        ((float)((v >> awq_shift[o % 8]) & 15u) - z[o - a]) * s[o - a];
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- GPTQ ---------------------------------------------------------------- */
+
+#define GPTQ_BLOCK 16
+
+/* One block of rows [a, b): S and Z hold groups floats per row. Inlined with
+ * a constant `bits`, so the field extraction unrolls. */
+static inline void gptq_block(const void *qw, const int32_t *gid, int64_t rows, int64_t cols,
+                              int64_t a, int64_t b, int64_t r0, int64_t groups, const float *S,
+                              const float *Z, float *out, const int bits)
+{
+    const int pf = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int64_t p = 0; p < cols / pf; p++)
+        for (int64_t o = a; o < b; o++) {
+            const uint32_t v = ld_u32(qw, p * rows + o);
+            const float *s = S + (o - a) * groups, *z = Z + (o - a) * groups;
+            float *dst = out + (o - r0) * cols + p * pf;
+            const int32_t *g = gid + p * pf;
+            for (int j = 0; j < pf; j++)
+                dst[j] = ((float)((v >> (bits * j)) & mask) - z[g[j]]) * s[g[j]];
+        }
+}
+
+static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                     size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols;
+    const int bits = RL_QHF_BITS(q->subtype), dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    const int minus_one = (q->subtype & RL_QHF_ZERO_MINUS_ONE) != 0;
+    if (bits != 2 && bits != 4 && bits != 8)
+        return fail(err, errlen, "GPTQ with %d bits is not supported (2, 4 or 8 bits)", bits);
+    const int64_t pf = 32 / bits;
+    if (rows % pf || cols % pf)
+        return fail(err, errlen, "GPTQ weight [%lld, %lld]: both sizes must be multiples of %lld",
+                    (long long)rows, (long long)cols, (long long)pf);
+    if (!q->part[2] || q->part_bytes[2] % ((size_t)rows * scale_size(dt)) ||
+        q->part_bytes[2] == 0)
+        return fail(err, errlen, "scales has %zu bytes, not a whole number of groups of %lld "
+                    "scales", q->part_bytes[2], (long long)rows);
+    const int64_t groups = (int64_t)(q->part_bytes[2] / ((size_t)rows * scale_size(dt)));
+    if (!q->part[3] && (q->group <= 0 || cols % q->group || cols / q->group != groups))
+        return fail(err, errlen, "scales hold %lld groups but in_features %lld in groups of %lld "
+                    "need %lld", (long long)groups, (long long)cols, (long long)q->group,
+                    (long long)(q->group > 0 ? (cols + q->group - 1) / q->group : 0));
+    if (check_part(q, 0, "qweight", (size_t)(cols / pf * rows * 4), err, errlen) < 0 ||
+        (q->part[1] && check_part(q, 1, "qzeros", (size_t)(groups * (rows / pf) * 4), err,
+                                  errlen) < 0) ||
+        (q->part[3] && check_part(q, 3, "g_idx", (size_t)(cols * 4), err, errlen) < 0) ||
+        check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0)
+        return -1;
+    int32_t *gid = malloc((size_t)cols * sizeof(int32_t));
+    if (!gid) return fail(err, errlen, "out of memory (%lld group indices)", (long long)cols);
+    for (int64_t i = 0; i < cols; i++) {
+        int32_t g = q->part[3] ? (int32_t)ld_u32(q->part[3], i) : (int32_t)(i / q->group);
+        if (g < 0 || g >= groups) {
+            free(gid);
+            return fail(err, errlen, "g_idx[%lld] is %d, outside 0..%lld (the groups of scales)",
+                        (long long)i, (int)g, (long long)groups - 1);
+        }
+        gid[i] = g;
+    }
+    const void *qw = q->part[0], *qz = q->part[1], *sc = q->part[2];
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t nblocks = (r1 - r0 + GPTQ_BLOCK - 1) / GPTQ_BLOCK;
+    int oom = 0;
+#pragma omp parallel
+    {
+        float *S = malloc(sizeof(float) * 2 * GPTQ_BLOCK * (size_t)groups);
+        float *Z = S ? S + GPTQ_BLOCK * groups : NULL;
+        if (!S) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            if (!S) continue;
+            const int64_t a = r0 + blk * GPTQ_BLOCK;
+            const int64_t b = a + GPTQ_BLOCK < r1 ? a + GPTQ_BLOCK : r1;
+            for (int64_t o = a; o < b; o++)
+                for (int64_t g = 0; g < groups; g++) {
+                    S[(o - a) * groups + g] = ld_scale(sc, dt, g * rows + o);
+                    uint32_t zf = qz ? (ld_u32(qz, g * (rows / pf) + o / pf) >>
+                                        (bits * (o % pf))) & mask
+                                     : 1u << (bits - 1);
+                    Z[(o - a) * groups + g] = (float)(zf + (qz && minus_one ? 1u : 0u));
+                }
+            if (bits == 4) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 4);
+            else if (bits == 8) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 8);
+            else gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 2);
+        }
+        free(S);
+    }
+    free(gid);
+    if (oom) return fail(err, errlen, "out of memory (scales of %lld groups)", (long long)groups);
+    return 0;
+}
+
+/* ---- FP8 e4m3fn with block scales ----------------------------------------- */
+
+/* e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities,
+ * S.1111.111 is NaN. Every value is exact in fp32. */
+static float e4m3_to_f32(unsigned b)
+{
+    const unsigned e = (b >> 3) & 15u, m = b & 7u;
+    float v;
+    if (e == 15 && m == 7) v = NAN;
+    else if (e == 0) v = ldexpf((float)m, -9);
+    else v = ldexpf((float)(8 + m), (int)e - 10);
+    return (b & 0x80u) ? -v : v;
+}
+
+static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                    size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols, B = q->group;
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if (B <= 0) return fail(err, errlen, "FP8 block size %lld is not positive", (long long)B);
+    const int64_t srows = (rows + B - 1) / B, scols = (cols + B - 1) / B;
+    if (check_part(q, 0, "weight", (size_t)(rows * cols), err, errlen) < 0 ||
+        check_part(q, 1, "weight_scale_inv", (size_t)(srows * scols) * scale_size(dt), err,
+                   errlen) < 0 ||
+        check_scales(q->part[1], dt, 1, srows * scols, (r0 / B) * scols,
+                     ((r1 + B - 1) / B) * scols, err, errlen) < 0)
+        return -1;
+    float lut[256];
+    for (unsigned b = 0; b < 256; b++) lut[b] = e4m3_to_f32(b);
+    const unsigned char *w = (const unsigned char *)q->part[0];
+    const void *sc = q->part[1];
+    int64_t nan_at = -1;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        const unsigned char *src = w + r * cols;
+        float *dst = out + (r - r0) * cols;
+        int bad = 0;
+        for (int64_t cb = 0; cb < scols; cb++) {
+            const float s = ld_scale(sc, dt, (r / B) * scols + cb);
+            const int64_t end = (cb + 1) * B < cols ? (cb + 1) * B : cols;
+            for (int64_t c = cb * B; c < end; c++) {
+                dst[c] = lut[src[c]] * s;
+                bad |= (src[c] & 0x7Fu) == 0x7Fu;
+            }
+        }
+        if (bad) {
+#pragma omp critical(rl_fp8_nan)
+            if (nan_at < 0 || r < nan_at) nan_at = r;
+        }
+    }
+    if (nan_at >= 0) {
+        int64_t c = 0;
+        while ((w[nan_at * cols + c] & 0x7Fu) != 0x7Fu) c++;
+        return fail(err, errlen, "weight [%lld, %lld] is an e4m3 NaN", (long long)nan_at,
+                    (long long)c);
+    }
+    return 0;
+}
+
+int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
+                           char *err, size_t errlen)
+{
+    if (!q || !out) return fail(err, errlen, "no tensor or no output");
+    if (q->rows <= 0 || q->cols <= 0)
+        return fail(err, errlen, "weight shape [%lld, %lld] is empty", (long long)q->rows,
+                    (long long)q->cols);
+    if (r0 < 0 || r1 < r0 || r1 > q->rows)
+        return fail(err, errlen, "rows [%lld, %lld) outside 0..%lld", (long long)r0,
+                    (long long)r1, (long long)q->rows);
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if (dt != RL_QHF_SCALE_F16 && dt != RL_QHF_SCALE_BF16 && dt != RL_QHF_SCALE_F32)
+        return fail(err, errlen, "scale dtype code %d is not f16, bf16 or f32", dt);
+    if (r0 == r1) return 0;
+    switch (q->family) {
+    case RL_QF_AWQ: return awq_rows(q, r0, r1, out, err, errlen);
+    case RL_QF_GPTQ: return gptq_rows(q, r0, r1, out, err, errlen);
+    case RL_QF_FP8_BLOCK: return fp8_rows(q, r0, r1, out, err, errlen);
+    default: return fail(err, errlen, "quantized family %d is not an HF directory format",
+                         q->family);
+    }
+}
