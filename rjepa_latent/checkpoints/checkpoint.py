@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
-from . import arch
+from . import arch, quantized
 from ..errors import ModelFormatError
 from .tokenizer_file import load_tokenizer_file
 
@@ -653,6 +653,9 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             info = found[(kind, layer)]
+            if isinstance(info, quantized.QuantWeight):
+                yield kind, layer, info.dequantize(maps), "float32", info.shape
+                continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:
                     maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -678,8 +681,9 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
                                f"safetensors files, or a .gguf file)")
     cfg, _ = load_hf_config(directory)
     resolved = resolve_max_layer(max_layer, cfg["num_layers"])
+    scheme = quantized.read_scheme(directory)
     tensors = read_checkpoint_headers(directory)
-    found = match_tensors(cfg, tensors, directory)
+    found = match_tensors(cfg, quantized.logical_tensors(scheme, tensors, directory), directory)
     maps: dict[str, mmap.mmap] = {}
 
     def close() -> None:
