@@ -85,6 +85,8 @@ static int check_scales(const void *s, int dt, int64_t groups, int64_t rows, int
 
 /* Shift of the output feature 8w + j inside its word. */
 static const int awq_shift[8] = {0, 16, 4, 20, 8, 24, 12, 28};
+#define AWQ_WORDS 8
+#define AWQ_TILE 64
 
 static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
                     size_t errlen)
@@ -105,22 +107,47 @@ static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
         check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0)
         return -1;
     const void *qw = q->part[0], *qz = q->part[1], *sc = q->part[2];
+    /* blocks of AWQ_WORDS word columns (8 output rows each): one line of
+     * qweight per input feature feeds 8 * AWQ_WORDS rows */
     const int64_t first = r0 / 8, last = (r1 + 7) / 8;   /* word columns touched */
+    const int64_t nblocks = (last - first + AWQ_WORDS - 1) / AWQ_WORDS;
 #pragma omp parallel for schedule(static)
-    for (int64_t w = first; w < last; w++) {
-        const int64_t a = w * 8 > r0 ? w * 8 : r0, b = w * 8 + 8 < r1 ? w * 8 + 8 : r1;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t w0 = first + blk * AWQ_WORDS;
+        const int64_t w1 = w0 + AWQ_WORDS < last ? w0 + AWQ_WORDS : last;
+        const int64_t a = w0 * 8 > r0 ? w0 * 8 : r0, b = w1 * 8 < r1 ? w1 * 8 : r1;
+        float tile[8 * AWQ_WORDS * AWQ_TILE];     /* [rows of the block][AWQ_TILE inputs] */
+        const int full = a == w0 * 8 && b == w1 * 8;
         for (int64_t g = 0; g < groups; g++) {
-            float s[8], z[8];
-            uint32_t zw = qz ? ld_u32(qz, g * words + w) : 0;
+            float s[8 * AWQ_WORDS], z[8 * AWQ_WORDS];
             for (int64_t o = a; o < b; o++) {
                 s[o - a] = ld_scale(sc, dt, g * rows + o);
-                z[o - a] = qz ? (float)((zw >> awq_shift[o % 8]) & 15u) : 8.0f;
+                z[o - a] = qz ? (float)((ld_u32(qz, g * words + o / 8) >> awq_shift[o % 8]) & 15u)
+                              : 8.0f;
             }
-            for (int64_t i = g * group; i < (g + 1) * group; i++) {
-                const uint32_t v = ld_u32(qw, i * words + w);
+            /* decode into an L1-sized tile, then write whole row segments */
+            for (int64_t i0 = g * group; i0 < (g + 1) * group; i0 += AWQ_TILE) {
+                const int64_t n = (g + 1) * group - i0 < AWQ_TILE ? (g + 1) * group - i0 : AWQ_TILE;
+                if (full)
+                    for (int64_t i = 0; i < n; i++)
+                        for (int64_t w = w0; w < w1; w++) {
+                            const uint32_t v = ld_u32(qw, (i0 + i) * words + w);
+                            float *t = tile + (w - w0) * 8 * AWQ_TILE + i;
+                            const float *sw = s + (w - w0) * 8, *zw = z + (w - w0) * 8;
+                            for (int j = 0; j < 8; j++)
+                                t[j * AWQ_TILE] =
+                                    ((float)((v >> awq_shift[j]) & 15u) - zw[j]) * sw[j];
+                        }
+                else       /* a row range that cuts a word */
+                    for (int64_t i = 0; i < n; i++)
+                        for (int64_t o = a; o < b; o++) {
+                            const uint32_t v = ld_u32(qw, (i0 + i) * words + o / 8);
+                            tile[(o - a) * AWQ_TILE + i] =
+                                ((float)((v >> awq_shift[o % 8]) & 15u) - z[o - a]) * s[o - a];
+                        }
                 for (int64_t o = a; o < b; o++)
-                    out[(o - r0) * cols + i] =
-                        ((float)((v >> awq_shift[o % 8]) & 15u) - z[o - a]) * s[o - a];
+                    memcpy(out + (o - r0) * cols + i0, tile + (o - a) * AWQ_TILE,
+                           (size_t)n * sizeof(float));
             }
         }
     }
@@ -129,13 +156,13 @@ static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
 
 /* ---- GPTQ ---------------------------------------------------------------- */
 
-#define GPTQ_BLOCK 16
+#define GPTQ_BLOCK 64
 
 /* One block of rows [a, b): S and Z hold groups floats per row. Inlined with
  * a constant `bits`, so the field extraction unrolls. */
 static inline void gptq_block(const void *qw, const int32_t *gid, int64_t rows, int64_t cols,
                               int64_t a, int64_t b, int64_t r0, int64_t groups, const float *S,
-                              const float *Z, float *out, const int bits)
+                              const float *Z, float *out, int uniform, const int bits)
 {
     const int pf = 32 / bits;
     const uint32_t mask = (1u << bits) - 1u;
@@ -145,8 +172,14 @@ static inline void gptq_block(const void *qw, const int32_t *gid, int64_t rows, 
             const float *s = S + (o - a) * groups, *z = Z + (o - a) * groups;
             float *dst = out + (o - r0) * cols + p * pf;
             const int32_t *g = gid + p * pf;
-            for (int j = 0; j < pf; j++)
-                dst[j] = ((float)((v >> (bits * j)) & mask) - z[g[j]]) * s[g[j]];
+            if (uniform) {       /* one group for the whole word: scalars, no gathers */
+                const float sg = s[g[0]], zg = z[g[0]];
+                for (int j = 0; j < pf; j++)
+                    dst[j] = ((float)((v >> (bits * j)) & mask) - zg) * sg;
+            } else {
+                for (int j = 0; j < pf; j++)
+                    dst[j] = ((float)((v >> (bits * j)) & mask) - z[g[j]]) * s[g[j]];
+            }
         }
 }
 
@@ -188,6 +221,10 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
         }
         gid[i] = g;
     }
+    /* every word's pf input features in one group (no act-order, groups of
+     * whole words): the common layout, without per-feature gathers */
+    int uniform = 1;
+    for (int64_t i = 0; i < cols && uniform; i++) uniform = gid[i] == gid[i - i % pf];
     const void *qw = q->part[0], *qz = q->part[1], *sc = q->part[2];
     const uint32_t mask = (1u << bits) - 1u;
     const int64_t nblocks = (r1 - r0 + GPTQ_BLOCK - 1) / GPTQ_BLOCK;
@@ -213,9 +250,9 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
                                      : 1u << (bits - 1);
                     Z[(o - a) * groups + g] = (float)(zf + (qz && minus_one ? 1u : 0u));
                 }
-            if (bits == 4) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 4);
-            else if (bits == 8) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 8);
-            else gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, 2);
+            if (bits == 4) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, uniform, 4);
+            else if (bits == 8) gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, uniform, 8);
+            else gptq_block(qw, gid, rows, cols, a, b, r0, groups, S, Z, out, uniform, 2);
         }
         free(S);
     }
@@ -227,15 +264,22 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
 /* ---- FP8 e4m3fn with block scales ----------------------------------------- */
 
 /* e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities,
- * S.1111.111 is NaN. Every value is exact in fp32. */
-static float e4m3_to_f32(unsigned b)
+ * S.1111.111 is NaN. Its exponent and mantissa placed at the top of an fp32
+ * field are the fp32 of the value times 2^-120 (a subnormal fp32 for the
+ * subnormal codes), so one exact multiply by 2^120 decodes every code: no
+ * table, no branch, and the loop vectorizes. */
+static inline float e4m3_to_f32(uint32_t b)
 {
-    const unsigned e = (b >> 3) & 15u, m = b & 7u;
+    uint32_t bits = (b & 0x7Fu) << 20;
+    float mag;
+    memcpy(&mag, &bits, 4);
+    mag *= 0x1p120f;
+    uint32_t out;
+    memcpy(&out, &mag, 4);
+    out |= (b & 0x80u) << 24;
     float v;
-    if (e == 15 && m == 7) v = NAN;
-    else if (e == 0) v = ldexpf((float)m, -9);
-    else v = ldexpf((float)(8 + m), (int)e - 10);
-    return (b & 0x80u) ? -v : v;
+    memcpy(&v, &out, 4);
+    return v;
 }
 
 static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
@@ -251,8 +295,6 @@ static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
         check_scales(q->part[1], dt, 1, srows * scols, (r0 / B) * scols,
                      ((r1 + B - 1) / B) * scols, err, errlen) < 0)
         return -1;
-    float lut[256];
-    for (unsigned b = 0; b < 256; b++) lut[b] = e4m3_to_f32(b);
     const unsigned char *w = (const unsigned char *)q->part[0];
     const void *sc = q->part[1];
     int64_t nan_at = -1;
@@ -260,13 +302,13 @@ static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
     for (int64_t r = r0; r < r1; r++) {
         const unsigned char *src = w + r * cols;
         float *dst = out + (r - r0) * cols;
-        int bad = 0;
+        unsigned bad = 0;
         for (int64_t cb = 0; cb < scols; cb++) {
             const float s = ld_scale(sc, dt, (r / B) * scols + cb);
             const int64_t end = (cb + 1) * B < cols ? (cb + 1) * B : cols;
             for (int64_t c = cb * B; c < end; c++) {
-                dst[c] = lut[src[c]] * s;
-                bad |= (src[c] & 0x7Fu) == 0x7Fu;
+                dst[c] = e4m3_to_f32(src[c]) * s;
+                bad |= (unsigned)((src[c] & 0x7Fu) == 0x7Fu);
             }
         }
         if (bad) {
