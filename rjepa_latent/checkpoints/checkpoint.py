@@ -16,7 +16,9 @@ What it does:
 - `read_safetensors_header`: validates one .safetensors file to the spec
   before any data is touched. Offsets are checked here, in Python, so the C
   side only ever receives bounded `memoryview` slices of an mmap.
-- `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader):
+- `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader;
+  AWQ / GPTQ / FP8 directories through `quantized`, each weight dequantized
+  to fp32 as the feed reaches it):
   names and shapes are checked against the config before data is read; all
   missing and all unexpected tensors are reported at once; tensors of layers
   that can never be requested under `max_layer` are not read at all.
