@@ -11,6 +11,8 @@
  *   cache lines (8 rows per AWQ word column, 16 rows per GPTQ line of words);
  *   per row, the scales and zero points of every group are converted to fp32
  *   once, so the inner loops are shifts, a subtract and a multiply.
+ * - Unpacked fields go to float through int32 (SSE2 has no unsigned
+ *   conversion, which would keep the loops scalar).
  * - (q - zero) is a small integer, exact in fp32, so each weight is one
  *   rounding: the product with the exactly converted scale. */
 #include "quant_hf.h"
@@ -136,14 +138,14 @@ static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
                             const float *sw = s + (w - w0) * 8, *zw = z + (w - w0) * 8;
                             for (int j = 0; j < 8; j++)
                                 t[j * AWQ_TILE] =
-                                    ((float)((v >> awq_shift[j]) & 15u) - zw[j]) * sw[j];
+                                    ((float)(int32_t)((v >> awq_shift[j]) & 15u) - zw[j]) * sw[j];
                         }
                 else       /* a row range that cuts a word */
                     for (int64_t i = 0; i < n; i++)
                         for (int64_t o = a; o < b; o++) {
                             const uint32_t v = ld_u32(qw, (i0 + i) * words + o / 8);
                             tile[(o - a) * AWQ_TILE + i] =
-                                ((float)((v >> awq_shift[o % 8]) & 15u) - z[o - a]) * s[o - a];
+                                ((float)(int32_t)((v >> awq_shift[o % 8]) & 15u) - z[o - a]) * s[o - a];
                         }
                 for (int64_t o = a; o < b; o++)
                     memcpy(out + (o - r0) * cols + i0, tile + (o - a) * AWQ_TILE,
@@ -175,10 +177,10 @@ static inline void gptq_block(const void *qw, const int32_t *gid, int64_t rows, 
             if (uniform) {       /* one group for the whole word: scalars, no gathers */
                 const float sg = s[g[0]], zg = z[g[0]];
                 for (int j = 0; j < pf; j++)
-                    dst[j] = ((float)((v >> (bits * j)) & mask) - zg) * sg;
+                    dst[j] = ((float)(int32_t)((v >> (bits * j)) & mask) - zg) * sg;
             } else {
                 for (int j = 0; j < pf; j++)
-                    dst[j] = ((float)((v >> (bits * j)) & mask) - z[g[j]]) * s[g[j]];
+                    dst[j] = ((float)(int32_t)((v >> (bits * j)) & mask) - z[g[j]]) * s[g[j]];
             }
         }
 }
@@ -264,19 +266,19 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
 /* ---- FP8 e4m3fn with block scales ----------------------------------------- */
 
 /* e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities,
- * S.1111.111 is NaN. Its exponent and mantissa placed at the top of an fp32
- * field are the fp32 of the value times 2^-120 (a subnormal fp32 for the
- * subnormal codes), so one exact multiply by 2^120 decodes every code: no
- * table, no branch, and the loop vectorizes. */
+ * S.1111.111 is NaN. A normal code is its fp32 bits directly (exponent
+ * rebased by 120); a subnormal one is m * 2^-9, an exact product. No table
+ * and no subnormal fp32 arithmetic (which a flush-to-zero mode set by any
+ * library in the process would change), and the loop vectorizes. */
 static inline float e4m3_to_f32(uint32_t b)
 {
-    uint32_t bits = (b & 0x7Fu) << 20;
-    float mag;
-    memcpy(&mag, &bits, 4);
-    mag *= 0x1p120f;
-    uint32_t out;
-    memcpy(&out, &mag, 4);
-    out |= (b & 0x80u) << 24;
+    const uint32_t em = b & 0x7Fu;
+    const uint32_t normal = (em << 20) + (120u << 23);
+    const float sub = (float)(int32_t)em * 0x1p-9f;   /* the value when em < 8 */
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, 4);
+    const uint32_t m = 0u - (uint32_t)(em < 8);   /* a mask, not a branch: it vectorizes */
+    const uint32_t out = (sub_bits & m) | (normal & ~m) | (b & 0x80u) << 24;
     float v;
     memcpy(&v, &out, 4);
     return v;
