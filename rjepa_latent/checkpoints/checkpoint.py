@@ -649,6 +649,7 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
     layout = tensor_layout(cfg, max_layer)
 
     def feed() -> Iterator[TensorRecord]:
+        scratch = quantized.Scratch()
         for kind, layer, shape in layout:
             if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
                 inv = rope_inv_freq(cfg) if kind == "rope_inv_freq" else rope_inv_freq_swa(cfg)
@@ -656,7 +657,7 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                 continue
             info = found[(kind, layer)]
             if isinstance(info, quantized.QuantWeight):
-                yield kind, layer, info.dequantize(maps), "float32", info.shape
+                yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
                 continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:

@@ -138,6 +138,19 @@ def read_scheme(directory: str) -> QuantScheme | None:
 # parts -> logical weights
 
 
+class Scratch:
+    """One float32 buffer reused for every weight of a tensor feed (a fresh
+    one per weight would fault in new pages each time)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, np.float32)
+
+    def get(self, rows: int, cols: int) -> np.ndarray:
+        if self.buf.size < rows * cols:
+            self.buf = np.empty(rows * cols, np.float32)
+        return self.buf[:rows * cols].reshape(rows, cols)
+
+
 @dataclass
 class QuantWeight:
     """One quantized module's logical weight; stands where the loader expects
@@ -212,11 +225,12 @@ class QuantWeight:
         finally:
             view.release()
 
-    def dequantize(self, maps: dict[str, mmap.mmap]) -> np.ndarray:
-        """The fp32 [out_features, in_features] weight."""
+    def dequantize(self, maps: dict[str, mmap.mmap], scratch: Scratch | None = None) -> np.ndarray:
+        """The fp32 [out_features, in_features] weight (in `scratch` when
+        given: valid until its next use)."""
         self.check_data(maps)
         family, subtype, rows, cols, group, views = self.qtensor(maps)
-        out = np.empty((rows, cols), np.float32)
+        out = (scratch or Scratch()).get(rows, cols)
         try:
             _core.dequant_hf(family, subtype, rows, cols, group, views, out, 0, rows)
         except ValueError as e:
