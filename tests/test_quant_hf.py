@@ -290,7 +290,9 @@ def layouts(tmp_path_factory):
 
 
 CASES = [("qwen3", lay) for lay in LAYOUTS] + [("llama", "awq"), ("llama", "gptq4_asym_actorder"),
-                                               ("qwen2", "gptq4_sym"), ("qwen2", "fp8")]
+                                               ("qwen2", "gptq4_sym"), ("qwen2", "fp8"),
+                                               ("gemma3_text", "awq"), ("olmo2", "gptq8_v2"),
+                                               ("mistral", "fp8_bf16_b32")]
 
 
 @pytest.mark.parametrize("family,layout", CASES)
