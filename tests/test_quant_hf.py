@@ -442,3 +442,39 @@ def test_core_refuses_inconsistent_parts_without_reading_past_them():
     with pytest.raises(ValueError, match="out has"):
         _core.dequant_hf(quantized.RL_QF_AWQ, 4, 32, 64, 32, (qweight[:8], None, scales),
                          np.empty((3, 3), np.float32), 0, 32)
+
+
+def test_sharded_and_partly_unquantized_directories(layouts, tmp_path):
+    """A module's parts may sit in different shards, and a module left
+    unquantized (modules_to_not_convert) is a plain weight beside quantized
+    ones: both load to the same network."""
+    qdir, ref = layouts("qwen3", "gptq4_asym_actorder")
+    t = read_tensors(qdir / "model.safetensors")
+    names = sorted(t)
+    shard_of = {n: ("a" if n.endswith((".qweight", ".g_idx", "norm.weight")) else "b")
+                for n in names}
+    assert shard_of[f"{P}.qweight"] != shard_of[f"{P}.scales"]      # parts split over shards
+    out = tmp_path / "sharded"
+    shutil.copytree(qdir, out)
+    (out / "model.safetensors").unlink()
+    for s in ("a", "b"):
+        _write_safetensors(out / f"model-{s}.safetensors",
+                           {n: t[n] for n in names if shard_of[n] == s})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f"model-{shard_of[n]}.safetensors" for n in names}}))
+    # down_proj of layer 1 stored plain, as its reference-dequantized fp32 weight
+    plain = tmp_path / "plain"
+    ref_w = read_tensors(ref / "model.safetensors")[f"{M}.weight"]
+
+    def unquantize(t):
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            t.pop(f"{M}.{part}")
+        t[f"{M}.weight"] = ref_w
+    rewrite(qdir, plain, unquantize,
+            lambda q: q.update(modules_to_not_convert=["model.layers.1.mlp.down_proj"]))
+    ids = np.arange(3, 40)
+    with rl.Model(ref, device="cpu") as r:
+        want = r.hidden_states(ids)
+    for d in (out, plain):
+        with rl.Model(d, device="cpu") as m:
+            np.testing.assert_array_equal(m.hidden_states(ids), want)
