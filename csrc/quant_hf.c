@@ -334,6 +334,10 @@ int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *o
     if (q->rows <= 0 || q->cols <= 0)
         return fail(err, errlen, "weight shape [%lld, %lld] is empty", (long long)q->rows,
                     (long long)q->cols);
+    /* far above any model; keeps every byte count below in int64 */
+    if (q->cols > (INT64_C(1) << 40) || q->rows > (INT64_C(1) << 56) / q->cols)
+        return fail(err, errlen, "weight shape [%lld, %lld] is too large", (long long)q->rows,
+                    (long long)q->cols);
     if (r0 < 0 || r1 < r0 || r1 > q->rows)
         return fail(err, errlen, "rows [%lld, %lld) outside 0..%lld", (long long)r0,
                     (long long)r1, (long long)q->rows);

@@ -439,6 +439,8 @@ def test_core_refuses_inconsistent_parts_without_reading_past_them():
         g = np.zeros(64, np.int32)
         g[3] = 7
         ours(quantized.RL_QF_GPTQ, 4, 32, 64, 32, (np.zeros((8, 32), np.int32), None, scales, g))
+    with pytest.raises(ValueError, match="too large"):
+        ours(quantized.RL_QF_FP8_BLOCK, 8, 1 << 40, 1 << 20, 128, (qweight, scales), 0, 0)
     with pytest.raises(ValueError, match="out has"):
         _core.dequant_hf(quantized.RL_QF_AWQ, 4, 32, 64, 32, (qweight[:8], None, scales),
                          np.empty((3, 3), np.float32), 0, 32)
