@@ -24,7 +24,7 @@ import pytest
 
 import rjepa_latent as rl
 from rjepa_latent import _core
-from rjepa_latent.checkpoints import quantized
+from rjepa_latent.checkpoints import hf_quantized as quantized
 from rjepa_latent.checkpoints.checkpoint import read_safetensors_header
 from rjepa_latent.errors import ModelFormatError
 from rjepa_latent.testing import tiny_model

@@ -387,8 +387,8 @@ def _reference(path: str, torch, dtype, where: str, n_layers: int | None, notes:
     """transformers reading the file itself; for a GGUF file it cannot read,
     transformers' model class on this package's reading of the weights; for
     a quantized HF directory, transformers' model on the dequantized weights."""
-    from ..checkpoints import quantized
-    if os.path.isdir(path) and quantized.read_scheme(path) is not None:
+    from ..checkpoints import hf_quantized
+    if os.path.isdir(path) and hf_quantized.read_scheme(path) is not None:
         note = ("a quantized checkpoint: the reference is transformers' model holding the "
                 "weights as rjepa_latent dequantizes them (fp32)")
         if note not in notes:
