@@ -36,6 +36,7 @@
 #include "gemm_builtin.h"
 #include "binding_quant.h"
 #include "qweights.h"
+#include "quant_hf.h"
 
 #ifndef RL_VERSION
 #error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"
@@ -1062,6 +1063,64 @@ static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
     return Py_BuildValue("(KK)", (unsigned long long)free_b, (unsigned long long)total_b);
 }
 
+/* dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1): rows [r0, r1) of an
+ * AWQ / GPTQ / FP8-block weight (quant_hf.h) into `out`, a writable C-contiguous buffer of
+ * (r1 - r0) * cols float32; `parts`: a tuple of up to 4 buffers or None. ValueError with
+ * the reason when the parts are inconsistent or damaged. */
+static PyObject *core_dequant_hf(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"family", "subtype", "rows", "cols", "group", "parts", "out", "r0",
+                             "r1", NULL};
+    int family, subtype;
+    long long rows, cols, group, r0, r1;
+    PyObject *parts, *out_obj;
+    (void)mod;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLO!OLL", kwlist, &family, &subtype, &rows,
+                                     &cols, &group, &PyTuple_Type, &parts, &out_obj, &r0, &r1))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(parts);
+    if (n > RL_QUANT_MAX_PARTS)
+        return PyErr_Format(PyExc_ValueError, "parts has %zd entries, at most %d", n,
+                            RL_QUANT_MAX_PARTS);
+    rl_qtensor q;
+    memset(&q, 0, sizeof q);
+    q.family = family;
+    q.subtype = subtype;
+    q.rows = rows;
+    q.cols = cols;
+    q.group = group;
+    Py_buffer views[RL_QUANT_MAX_PARTS], outv;
+    int got = 0;
+    PyObject *ret = NULL;
+    for (; got < n; got++) {
+        PyObject *o = PyTuple_GET_ITEM(parts, got);
+        if (o == Py_None) { views[got].obj = NULL; continue; }
+        if (PyObject_GetBuffer(o, &views[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        q.part[got] = views[got].buf;
+        q.part_bytes[got] = (size_t)views[got].len;
+    }
+    if (PyObject_GetBuffer(out_obj, &outv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    if (r0 < 0 || r1 < r0 || r1 > rows || cols <= 0 ||
+        (size_t)outv.len != (size_t)(r1 - r0) * (size_t)cols * sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes; rows [%lld, %lld) of %lld columns of "
+                     "float32 need %lld", outv.len, r0, r1, cols,
+                     (r1 - r0) * cols * (long long)sizeof(float));
+    } else {
+        char err[256] = {0};
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = rl_dequant_hf_rows_f32(&q, r0, r1, (float *)outv.buf, err, sizeof err);
+        Py_END_ALLOW_THREADS
+        if (rc < 0) PyErr_SetString(PyExc_ValueError, err);
+        else ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&outv);
+done:
+    for (int i = 0; i < got; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+    return ret;
+}
+
 static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"config", "device", "max_tokens", "dtype", "keep", NULL};
@@ -1146,6 +1205,9 @@ static PyMethodDef core_methods[] = {
      "an engine with a workspace of max_tokens tokens; ValueError if that backend cannot run "
      "config; keep: kinds kept quantized (their dense bytes left out, the scratch counted)"},
     RL_QUANT_METHODS
+    {"dequant_hf", (PyCFunction)(void (*)(void))core_dequant_hf, METH_VARARGS | METH_KEYWORDS,
+     "dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1): rows [r0, r1) of an "
+     "AWQ / GPTQ / FP8-block weight into out (float32); ValueError naming what is wrong"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,7 +16,9 @@ What it does:
 - `read_safetensors_header`: validates one .safetensors file to the spec
   before any data is touched. Offsets are checked here, in Python, so the C
   side only ever receives bounded `memoryview` slices of an mmap.
-- `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader):
+- `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader;
+  AWQ / GPTQ / FP8 directories through `hf_quantized`, each weight dequantized
+  to fp32 as the feed reaches it):
   names and shapes are checked against the config before data is read; all
   missing and all unexpected tensors are reported at once; tensors of layers
   that can never be requested under `max_layer` are not read at all.
@@ -42,7 +44,7 @@ import numpy as np
 
 from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
-from . import arch
+from . import arch, hf_quantized
 from ..errors import ModelFormatError
 from .tokenizer_file import load_tokenizer_file
 
@@ -647,12 +649,16 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
     layout = tensor_layout(cfg, max_layer)
 
     def feed() -> Iterator[TensorRecord]:
+        scratch = hf_quantized.Scratch()
         for kind, layer, shape in layout:
             if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
                 inv = rope_inv_freq(cfg) if kind == "rope_inv_freq" else rope_inv_freq_swa(cfg)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             info = found[(kind, layer)]
+            if isinstance(info, hf_quantized.QuantWeight):
+                yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
+                continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:
                     maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -678,8 +684,9 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
                                f"safetensors files, or a .gguf file)")
     cfg, _ = load_hf_config(directory)
     resolved = resolve_max_layer(max_layer, cfg["num_layers"])
+    scheme = hf_quantized.read_scheme(directory)
     tensors = read_checkpoint_headers(directory)
-    found = match_tensors(cfg, tensors, directory)
+    found = match_tensors(cfg, hf_quantized.logical_tensors(scheme, tensors, directory), directory)
     maps: dict[str, mmap.mmap] = {}
 
     def close() -> None:

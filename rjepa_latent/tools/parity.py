@@ -341,9 +341,59 @@ class _quiet_transformers:
             self.T.utils.logging.enable_progress_bar()
 
 
+def _f32_copy(buf, dtype: str, shape) -> np.ndarray:
+    """A feed item (buffer of float32, float16 or bfloat16) as a float32 array
+    of its own (the feed reuses its buffers)."""
+    raw = np.frombuffer(buf, {"float32": np.float32, "float16": np.float16,
+                              "bfloat16": np.uint16}[dtype])
+    if dtype == "bfloat16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32).reshape(shape)
+
+
+def load_reference_dequantized(path: str, torch, dtype, where: str, n_layers: int | None):
+    """A quantized HF directory (AWQ, GPTQ, FP8): transformers' model of its
+    config.json (quantization_config dropped) holding the weights as this
+    package dequantizes them, in fp32, and the rest of the checkpoint as is."""
+    import transformers as T
+    from ..checkpoints import arch
+    from ..checkpoints.loader import open_checkpoint
+    cfg = T.AutoConfig.from_pretrained(path)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    if n_layers is not None:
+        cfg.num_hidden_layers = n_layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:n_layers]
+    cfg._attn_implementation = "eager" if dtype == torch.float32 else "sdpa"
+    with _quiet_transformers(T):
+        model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    src = open_checkpoint(path, n_layers)
+    try:
+        family = arch.for_model_type(src.config["model_type"], path)
+        state = {family.hf_name(kind, layer): torch.from_numpy(_f32_copy(buf, dt, shape))
+                 for kind, layer, buf, dt, shape in src.tensors() if kind not in family.COMPUTED}
+    finally:
+        src.close()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unused = [k for k in missing if not k.startswith("lm_head") and k != "model.norm.weight"]
+    if unexpected or unused:
+        raise ValueError(f"{path}: weights do not fit transformers' model: missing {unused[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.to(dtype=dtype, device=where).eval()
+
+
 def _reference(path: str, torch, dtype, where: str, n_layers: int | None, notes: list[str]):
     """transformers reading the file itself; for a GGUF file it cannot read,
-    transformers' model class on this package's reading of the weights."""
+    transformers' model class on this package's reading of the weights; for
+    a quantized HF directory, transformers' model on the dequantized weights."""
+    from ..checkpoints import hf_quantized
+    if os.path.isdir(path) and hf_quantized.read_scheme(path) is not None:
+        note = ("a quantized checkpoint: the reference is transformers' model holding the "
+                "weights as rjepa_latent dequantizes them (fp32)")
+        if note not in notes:
+            notes.append(note)
+        return load_reference_dequantized(path, torch, dtype, where, n_layers)
     try:
         return load_reference(path, torch, dtype, where, n_layers)
     except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
