@@ -289,6 +289,7 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
             raise StoreError(f"{path}: tensor {name!r} is {got} {list(a.shape)}, the manifest says "
                              f"{st_dtype} {list(shape)} (items {entry['items']}, steps {entry['steps']}, "
                              f"tokens {entry['tokens']}){fix}")
+    _check_offsets(path, arrays, layout)
     pool = meta.get("poolings")
     if pool is not None and pool != ",".join(run_poolings(config)):
         raise StoreError(f"{path}: header lists poolings {pool!r}, the run stores "
@@ -300,6 +301,28 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
         off = arrays[name]
         if off[0] != 0 or off[-1] != last or (np.diff(off) < 0).any():
             raise StoreError(f"{path}: {name} does not run from 0 to {last} in order{fix}")
+
+
+def _check_offsets(path: Path, arrays: dict[str, np.ndarray], layout: list) -> None:
+    """Each tensor's data_offsets must be the ones the layout gives (the tensors
+    back to back, in file order, from the payload's start): two tensors of one
+    shape with their offsets swapped would otherwise serve each other's values."""
+    buf = arrays[layout[0][0]]
+    while isinstance(buf, np.ndarray):
+        buf = buf.base
+    if buf is None:
+        return   # not views of a file's buffer
+    start = np.frombuffer(buf, np.uint8, count=0).__array_interface__["data"][0]
+    (n,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
+    offset = 0
+    for name, _, _ in layout:
+        a = arrays[name]
+        got = a.__array_interface__["data"][0] - start - 8 - n
+        if got != offset:
+            raise StoreError(f"{path}: tensor {name!r} starts at payload byte {got}, the layout the "
+                             f"manifest implies puts it at {offset} (its data_offsets were "
+                             f"edited){_DAMAGED}")
+        offset += a.nbytes
 
 
 def bf16_from_f32(x: np.ndarray) -> np.ndarray:
