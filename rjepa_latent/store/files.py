@@ -90,7 +90,10 @@ _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _JOURNAL = re.compile(r"^shard-(\d{5,})\.json$")
 # a temporary: .<final name>.tmp-<tag> (`write_tag`: host, pid, what it writes)
 _TMP = re.compile(r"^\.(?:shard-(\d{5,})\.)?.+\.tmp-[A-Za-z0-9._-]+$")
-_OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5,}\.(safetensors|jsonl|json)"
+QUARANTINE = "quarantine"   # where --repair moves shard files that are not the run's
+_SHARD_FILE = re.compile(r"^shard-(\d{5,})\.(safetensors|jsonl|json)$")
+_OWN_FILE = re.compile(r"^(quarantine|manifest(\.part-\d{5}-of-\d{5})?\.json"
+                       r"|shard-\d{5,}\.(safetensors|jsonl|json)"
                        r"|errors\.jsonl|\..+\.tmp-[A-Za-z0-9._-]+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 MAX_OPEN_SHARDS = 16  # shards a reader keeps mapped (one file descriptor each)
@@ -357,7 +360,58 @@ def journal_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def _load_json(path: Path, what: str = "manifest") -> dict:
+class ManifestEdited(StoreError):
+    """manifest.json is not what rjepa-latent wrote: its content hash differs, or
+    its shard list or counts contradict each other."""
+
+
+MANIFEST_SHA256 = "manifest_sha256"   # manifest.json's hash of its own content (all but this key)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's content (canonical JSON of every key but the hash)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                                     allow_nan=False).encode("utf-8")).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    """The manifest as written: its content and the hash of it."""
+    return {**manifest, MANIFEST_SHA256: manifest_digest(manifest)}
+
+
+_EDITED = ("; manifest.json was changed after rjepa-latent wrote it, so nothing is served or "
+           "resumed from it. `rjepa-latent extract ... --repair` with the run's own options "
+           "rebuilds it from the shards' journal entries (the source of truth); otherwise restore it")
+
+
+def check_manifest(path: Path, m: dict) -> None:
+    """Raise ManifestEdited unless a format-2 manifest's shard list and counts agree
+    with each other (shard k holds records [k*S, min((k+1)*S, N)], indices 0..n-1,
+    the totals their sums) and, when it carries one, with its content hash."""
+    h = m.get(MANIFEST_SHA256)
+    if h is not None and h != manifest_digest(m):
+        raise ManifestEdited(f"{path}: its content does not match its {MANIFEST_SHA256}{_EDITED}")
+    if m.get("format_version") != FORMAT_VERSION or not m.get("complete"):
+        return
+    try:
+        n, size, shards = m["num_records"], int(m["config"]["shard_size"]), m["shards"]
+        want = [[k * size, min((k + 1) * size, n)] for k in range((n + size - 1) // size)]
+        got = [[int(r) for r in s["records"]] for s in shards]
+        idx = [s["index"] for s in shards]
+        totals = m.get("totals") or {}
+        sums = {key: sum(s[key] for s in shards) for key in ("items", "steps", "tokens")}
+        sums["errors"] = sum(len(s["errors"]) for s in shards)
+        ok = (m["num_shards"] == len(want) and idx == list(range(len(want))) and got == want
+              and all(totals.get(k, v) == v for k, v in sums.items()))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise ManifestEdited(f"{path}: its shard list, num_records, num_shards or totals do not "
+                             f"agree with each other{_EDITED}")
+
+
+def _load_json(path: Path, what: str = "manifest", check: bool = True) -> dict:
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"), parse_constant=_no_constant)
@@ -368,6 +422,10 @@ def _load_json(path: Path, what: str = "manifest") -> dict:
     if obj.get("format_version") not in READ_VERSIONS:
         raise StoreError(f"{path}: format version {obj.get('format_version')} is not one this "
                          f"rjepa-latent reads ({', '.join(map(str, READ_VERSIONS))})")
+    if path.name == MANIFEST:
+        if check:
+            check_manifest(path, obj)
+        obj.pop(MANIFEST_SHA256, None)   # the content, as every reader and writer sees it
     return obj
 
 
@@ -453,7 +511,8 @@ def read_manifests(out: Path) -> dict[str, dict]:
 def stored_config(out: Path) -> dict | None:
     """The configuration in manifest.json (None: no readable run there)."""
     try:
-        return _load_json(Path(out) / MANIFEST).get("config") if (Path(out) / MANIFEST).is_file() else None
+        path = Path(out) / MANIFEST   # unchecked: RunStore checks it (and may mend it)
+        return _load_json(path, check=False).get("config") if path.is_file() else None
     except StoreError:
         return None
 
@@ -554,7 +613,12 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
     bad: dict[str, str] = {}
-    m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    try:
+        m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    except ManifestEdited as e:   # nothing else can be checked against it
+        return {MANIFEST: str(e)[len(f"{path / MANIFEST}: "):].split("; ")[0]
+                + "; `rjepa-latent extract ... --repair` with the run's own options rebuilds it "
+                "from the journal"}
     if m is not None and m["format_version"] == FORMAT_VERSION and not m.get("complete"):
         entries, bad = read_journal_lenient(path)   # a damaged entry is listed, not fatal
         manifests = {MANIFEST: {**m, "num_records": None, "num_shards": None,
@@ -566,13 +630,29 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
                          "(or no shard finished yet)")
     problems = {**bad, **_verify(path, manifests, full, progress)}
     if m is not None and m["format_version"] == FORMAT_VERSION and m.get("complete"):
-        listed = {s["index"] for s in m["shards"]}   # a finished run lists every entry it has
-        for k, name in sorted(_journal_names(path).items()):
-            if k not in listed:
-                problems[name] = (f"a journal entry of shard {k}, which the finished run does not "
-                                  f"hold (its {m['num_shards']} shards are listed in {MANIFEST}); "
-                                  "not written by this run: delete it")
+        # a finished run lists every shard it has: any other shard file is a stray
+        problems.update(stray_files(path, {s["index"] for s in m["shards"]}))
     return problems
+
+
+def stray_files(out: Path, keep: Iterable[int], num_shards: int | None = None) -> dict[str, str]:
+    """{file: why} of the shard files (.safetensors, .jsonl, journal .json) in `out`
+    that are not the run's: of a shard not in `keep` (a finished run's listed
+    shards), or at or beyond `num_shards` (a run whose record count is known)."""
+    keep = set(keep)
+    found = {}
+    for p in sorted(out.iterdir()):
+        m = _SHARD_FILE.match(p.name)
+        if not m:
+            continue
+        k = int(m.group(1))
+        if num_shards is not None and k >= num_shards:
+            found[p.name] = (f"a stray: shard {k} lies beyond the run's {num_shards} shard(s); "
+                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
+        elif k not in keep:
+            found[p.name] = (f"a stray: the finished run does not hold shard {k}; "
+                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
+    return found
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")

@@ -17,6 +17,10 @@ trust a shard's bytes.
   them; a lost note only costs one more hash. ctime_ns is part of the
   identity because no user call can set it: a write followed by restoring
   the mtime is still seen.
+- Strays: shard files a run does not hold (another run's, a copy) are
+  reported by verify and by a resume, and `extract --repair` moves them into
+  quarantine/ inside the run directory, in a partial run (when it finishes
+  and so knows its shard count) as in a finished one.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import StoreError
-from .files import file_sha256
+from .files import QUARANTINE, _fsync_dir, file_sha256
 
 TRUST_ENV = "RJEPA_TRUST_SHARDS"
 CHECKS = ("payload", "header")   # open_latents(check=...): what a first mapping checks
@@ -49,12 +54,13 @@ def file_identity(path: Path, st: os.stat_result) -> tuple:
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def check_mapped_payload(path: Path, fd: int, mm, info: dict, check: str | None = None) -> None:
+def check_mapped_payload(path: Path, st: os.stat_result, mm, info: dict, check: str | None = None) -> None:
     """Raise StoreError naming `path` unless the mapped file's sha256 is the manifest's
-    (`info`: the entry's {"bytes", "sha256"}); once per process and file identity."""
+    (`info`: the entry's {"bytes", "sha256"}; `st`: the mapped file's fstat); once per
+    process and file identity."""
     if reader_check(check) == "header":
         return
-    key = file_identity(path, os.fstat(fd))
+    key = file_identity(path, st)
     got = _seen.get(key)
     if got is None:
         got = _seen[key] = hashlib.sha256(mm).hexdigest()
@@ -132,3 +138,29 @@ def unchecked_payloads(out: Path, entries: dict[int, dict], skip=()) -> dict[str
             else:
                 note_checked(p, got)
     return problems
+
+
+# ------------------------------------------------------------ strays
+
+
+
+def quarantine(out: Path, files: Iterable[str]) -> list[str]:
+    """Move `files` of `out` into out/quarantine/ (a name taken there gets a
+    numbered suffix); returns where each went, relative to `out`."""
+    moved = []
+    qdir = out / QUARANTINE
+    for name in sorted(files):
+        src = out / name
+        if not src.is_file():
+            continue
+        qdir.mkdir(exist_ok=True)
+        dst, n = qdir / name, 0
+        while dst.exists():
+            n += 1
+            dst = qdir / f"{name}.{n}"
+        os.replace(src, dst)
+        moved.append(str(dst.relative_to(out)))
+    if moved:
+        _fsync_dir(out)
+        _fsync_dir(qdir)
+    return moved

@@ -160,12 +160,13 @@ class LatentStore:
                     raise StoreError(f"{path}: {size} bytes, the manifest says {info.get('bytes')}; the "
                                      "file is damaged: `rjepa-latent extract ... --repair` redoes it")
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if self.writable else mmap.ACCESS_READ)
-                check_mapped_payload(path, f.fileno(), mm, info, getattr(self, "check", None))
+                identity = os.fstat(f.fileno())   # of the file mapped: its payload check's key
         except OSError as e:
             raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
                              "manifest: `rjepa-latent extract ... --repair` redoes it") from None
         arrays, meta = _parse_safetensors(path, mm, size)
         check_shard_arrays(path, arrays, meta, self.config, entry)
+        check_mapped_payload(path, identity, mm, info, getattr(self, "check", None))
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)

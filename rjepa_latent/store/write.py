@@ -13,10 +13,12 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .integrity import note_checked, quarantine, unchecked_payloads
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
-                    _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
-                    _verify, atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
-                    read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of, write_tag)
+                    _OWN_FILE, _PART_MANIFEST, _TMP, ManifestEdited, _json_bytes, _jsonl_bytes, _load_json,
+                    _sidecar_row, _verify, atomic_write, config_differences, damage_report, journal_bytes,
+                    journal_name, latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks,
+                    sealed, stray_files, token_steps_of, write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
@@ -65,6 +67,7 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
     if kernel is not None:
         entry["kernel"] = kernel  # the kernel identity that computed this shard
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
+    note_checked(out / f"{name}.safetensors", st["sha256"])   # a resume need not hash it again
     return entry
 
 
@@ -109,7 +112,8 @@ class RunStore:
     requested run extends the stored one, else refused as a clash."""
 
     def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1),
-                 allow_kernel_change: bool = False, extent: Iterable[str] = (), grows=None):
+                 allow_kernel_change: bool = False, extent: Iterable[str] = (), grows=None,
+                 mend: bool = False):
         self.out = Path(out)
         self.part = part
         self.kernel = config.get("engine_kernel")  # what this process computes with
@@ -118,6 +122,10 @@ class RunStore:
         self.grown = False
         self.entries: dict[int, dict] = {}
         self.bad_entries: dict[str, str] = {}
+        self.edited: str | None = None   # why manifest.json is not trusted (rebuilt from the journal)
+        self.mend = mend                 # --repair: mend the manifest, quarantine strays
+        self.strays: dict[str, str] = {}
+        self.quarantined: list[str] = []
         self._stored: dict | None = None
         self._lock_fd = None
         self.num_records: int | None = None
@@ -127,11 +135,22 @@ class RunStore:
             if old:
                 raise StoreError(_OLD_FORMAT.format(out=self.out))
             return
-        m = _load_json(self.out / MANIFEST)
+        try:
+            m = _load_json(self.out / MANIFEST)
+        except ManifestEdited as e:
+            if not mend:
+                raise
+            m, self.edited = _load_json(self.out / MANIFEST, check=False), str(e)
         if m["format_version"] != FORMAT_VERSION:
             raise StoreError(_OLD_FORMAT.format(out=self.out))
         stored = m["config"]
-        check_run_config(self.out, stored, config, allow_kernel_change, extent)
+        try:
+            check_run_config(self.out, stored, config, allow_kernel_change, extent)
+        except StoreError as e:
+            if self.edited:   # its configuration cannot be confirmed: nothing to rebuild it from
+                raise StoreError(f"{self.edited.split('; ')[0]}, and its configuration is not this "
+                                 f"command's, so it cannot be rebuilt; nothing was changed.\n{e}") from None
+            raise
         changed = [k for k in extent if stored.get(k) != config.get(k)]
         if changed:
             if grows is None or not grows(stored, config):
@@ -149,7 +168,10 @@ class RunStore:
             if k not in config:
                 self.config.pop(k, None)
         self._stored = m
-        if m.get("complete"):
+        if self.edited:   # the configuration is confirmed by the command: the shards come from the journal
+            self._stored = {**m, "complete": False}
+            self._read_journal()
+        elif m.get("complete"):
             self.entries = {s["index"]: s for s in m["shards"]}
             if self.grown:   # finished over less data: not complete any more
                 self._stored = {**m, "complete": False}
@@ -264,7 +286,18 @@ class RunStore:
     def check_committed(self, full: bool = False, progress: bool = False) -> dict[str, str]:
         """Problems of the committed shards and of errors.jsonl, as {file name: what
         is wrong}; see `verify_run` (`full` adds the payload sha256)."""
-        return {**self.bad_entries, **_verify(self.out, self.manifests, full, progress)}
+        problems = {**self.bad_entries, **_verify(self.out, self.manifests, full, progress)}
+        if not full:   # trust a payload only when hashed since its commit
+            problems.update(unchecked_payloads(self.out, self.entries, skip=problems))
+        self.strays = stray_files(self.out, self.entries) if self.is_complete() else {}
+        return {**problems, **self.strays}
+
+    def quarantine_strays(self, strays: Iterable[str]) -> list[str]:
+        """Move shard files that are not this run's into quarantine/ (--repair)."""
+        for name in strays:
+            if (m := _JOURNAL.match(name)):
+                self.entries.pop(int(m.group(1)), None)   # a committed-looking stray of a partial run
+        return quarantine(self.out, strays)
 
     def forget(self, files: Iterable[str]) -> list[int]:
         """Drop the shards of `files` (damaged) from the committed ones, so this run
@@ -300,11 +333,14 @@ class RunStore:
             self.refresh()   # shards other processes committed and nobody noted
             if not covered():
                 return False
-        extra = sorted(k for k in self.entries if k >= n)
-        if extra:
-            raise StoreError(f"{self.out}: committed shard(s) {extra[:5]} lie beyond the "
-                             f"{num_records} records of the inputs; the directory was modified "
-                             "outside rjepa-latent")
+        strays = stray_files(self.out, range(n), n)
+        if strays:   # files of shards beyond the inputs' records: not this run's
+            if not self.mend:
+                raise StoreError(f"{self.out}: {len(strays)} shard file(s) beyond the {num_records} "
+                                 "records of the inputs, not written by this run; the run is not "
+                                 "finished:\n" + damage_report(self.out, strays) + "\nRun the same "
+                                 "command with --repair to move them into quarantine/")
+            self.quarantined += self.quarantine_strays(strays)
         listed = [self.entries[k] for k in range(n)]
         final = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
                  "num_records": num_records, "num_shards": n, "complete": True,
@@ -325,7 +361,7 @@ class RunStore:
         atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], write_tag("errors"))
 
     def _put_manifest(self, manifest: dict) -> None:
-        atomic_write(self.out / MANIFEST, [_json_bytes(manifest)], write_tag("manifest"))
+        atomic_write(self.out / MANIFEST, [_json_bytes(sealed(manifest))], write_tag("manifest"))
         self._stored = manifest
 
 
