@@ -205,7 +205,10 @@ class RunDriver:
         record count: call after `pending` was read to its end."""
         if self.num_records is None:
             raise RuntimeError("finish() before the records were read to their end")
-        return self.store.finish(self.num_records)
+        done = self.store.finish(self.num_records)
+        n = -(-self.num_records // self.shard_size)
+        self.repaired = [k for k in self.repaired if k < n]   # the others were strays, quarantined
+        return done
 
     def close(self) -> None:
         self.store.close()

@@ -54,6 +54,11 @@ def file_identity(path: Path, st: os.stat_result) -> tuple:
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
+def payload_sha256(buf) -> str:
+    """sha256 of a mapped file (hashlib releases the GIL over large buffers)."""
+    return hashlib.sha256(buf).hexdigest()
+
+
 def check_mapped_payload(path: Path, st: os.stat_result, mm, info: dict, check: str | None = None) -> None:
     """Raise StoreError naming `path` unless the mapped file's sha256 is the manifest's
     (`info`: the entry's {"bytes", "sha256"}; `st`: the mapped file's fstat); once per
@@ -63,7 +68,7 @@ def check_mapped_payload(path: Path, st: os.stat_result, mm, info: dict, check: 
     key = file_identity(path, st)
     got = _seen.get(key)
     if got is None:
-        got = _seen[key] = hashlib.sha256(mm).hexdigest()
+        got = _seen[key] = payload_sha256(mm)
     if got != info.get("sha256"):
         raise StoreError(f"{path}: its sha256 differs from the manifest's (the payload changed "
                          "after the shard was written, or the file is another run's); the file "
