@@ -159,8 +159,12 @@ CASES = [
     Damage("other_weights_shard", other_weights, "shard-00001.safetensors"),
     Damage("swapped_data_offsets", swapped_offsets, "shard-00001.safetensors", quick=True),
     Damage("layers_reordered", edit_manifest(_set(("config", "layers"), [2, 1])), "manifest.json",
-           quick=True, mend=False),
+           quick=True),
     Damage("layers_changed", edit_manifest(_set(("config", "layers"), [0, 2])), "manifest.json",
+           quick=True),
+    Damage("layers_reordered_hash_dropped", edit_manifest(_set(("config", "layers"), [2, 1]),
+                                                          keep_hash=False), "manifest.json", quick=True),
+    Damage("inputs_edited", edit_manifest(_set(("config", "dataset_sha256"), "0" * 64)), "manifest.json",
            quick=True, mend=False),
     Damage("num_records_lowered", edit_manifest(_set(("num_records",), 10)), "manifest.json", quick=True),
     Damage("shard_entry_deleted", edit_manifest(_drop_entry), "manifest.json", quick=True),
@@ -236,7 +240,8 @@ def test_damage(case: Damage, world, tmp_path, capsys):
     assert s["complete"]
     assert snapshot(out) == world.snap
     if not case.served:
-        assert sorted(s["quarantined"]) == sorted(f"quarantine/{p.name}" for p in (out / "quarantine").iterdir())
+        moved = sorted(f"quarantine/{p.name}" for p in (out / "quarantine").iterdir())
+        assert sorted(s["quarantined"]) == moved
         assert any(q.endswith(case.file) for q in s["quarantined"])
     assert verify_run(out) == {}
     again = rl.extract_dataset(world.data, world.model, out, repair=True, **OPTS)

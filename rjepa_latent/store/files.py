@@ -368,6 +368,19 @@ class ManifestEdited(StoreError):
 MANIFEST_SHA256 = "manifest_sha256"   # manifest.json's hash of its own content (all but this key)
 
 
+# configuration fields a grown run changes (its extent): left out of `config_digest`
+CONFIG_EXTENT = ("inputs", "dataset_sha256", "limit")
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a run's configuration without its extent: every journal entry
+    carries it (config_sha256), so the journal confirms or refutes a manifest's
+    configuration."""
+    body = {k: v for k, v in config.items() if k not in CONFIG_EXTENT}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                                     allow_nan=False).encode("utf-8")).hexdigest()
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of a manifest's content (canonical JSON of every key but the hash)."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
@@ -380,8 +393,8 @@ def sealed(manifest: dict) -> dict:
     return {**manifest, MANIFEST_SHA256: manifest_digest(manifest)}
 
 
-_EDITED = ("; manifest.json was changed after rjepa-latent wrote it, so nothing is served or "
-           "resumed from it. `rjepa-latent extract ... --repair` with the run's own options "
+_EDITED = ("; manifest.json is damaged or was edited after rjepa-latent wrote it, so nothing is "
+           "served or resumed from it. `rjepa-latent extract ... --repair` with the run's own options "
            "rebuilds it from the shards' journal entries (the source of truth); otherwise restore it")
 
 
@@ -402,13 +415,15 @@ def check_manifest(path: Path, m: dict) -> None:
         totals = m.get("totals") or {}
         sums = {key: sum(s[key] for s in shards) for key in ("items", "steps", "tokens")}
         sums["errors"] = sum(len(s["errors"]) for s in shards)
+        digest = config_digest(m["config"])
         ok = (m["num_shards"] == len(want) and idx == list(range(len(want))) and got == want
-              and all(totals.get(k, v) == v for k, v in sums.items()))
+              and all(totals.get(k, v) == v for k, v in sums.items())
+              and all(s.get("config_sha256", digest) == digest for s in shards))
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         ok = False
     if not ok:
-        raise ManifestEdited(f"{path}: its shard list, num_records, num_shards or totals do not "
-                             f"agree with each other{_EDITED}")
+        raise ManifestEdited(f"{path}: its configuration, shard list, num_records, num_shards or "
+                             f"totals do not agree with each other{_EDITED}")
 
 
 def _load_json(path: Path, what: str = "manifest", check: bool = True) -> dict:
@@ -442,8 +457,9 @@ def _journal_names(out: Path) -> dict[int, str]:
     return names
 
 
-def read_journal_entry(out: Path, index: int) -> dict:
-    """Shard `index`'s journal entry, checked to be strict JSON of its own shard."""
+def read_journal_entry(out: Path, index: int, config: dict | None = None) -> dict:
+    """Shard `index`'s journal entry, checked to be strict JSON of its own shard
+    (and, given the run's `config`, computed under it)."""
     path = out / journal_name(index)
     entry = _load_json(path, "journal entry")
     try:
@@ -455,20 +471,23 @@ def read_journal_entry(out: Path, index: int) -> dict:
     if not ok:
         raise StoreError(f"{path}: not the journal entry of shard {index} (fields missing or "
                          f"malformed){_DAMAGED}")
+    if config is not None and entry.get("config_sha256", config_digest(config)) != config_digest(config):
+        raise StoreError(f"{path}: computed under another configuration than {MANIFEST}'s (another "
+                         f"run's shard, or {MANIFEST} was edited){_DAMAGED}")
     return entry
 
 
-def read_journal(out: Path) -> dict[int, dict]:
+def read_journal(out: Path, config: dict | None = None) -> dict[int, dict]:
     """Every committed shard's entry of a partial run, by index (one small file each)."""
-    return {k: read_journal_entry(out, k) for k in sorted(_journal_names(out))}
+    return {k: read_journal_entry(out, k, config) for k in sorted(_journal_names(out))}
 
 
-def read_journal_lenient(out: Path) -> tuple[dict[int, dict], dict[str, str]]:
+def read_journal_lenient(out: Path, config: dict | None = None) -> tuple[dict[int, dict], dict[str, str]]:
     """(the readable entries by index, {journal file: what is wrong} for the others)."""
     entries, bad = {}, {}
     for k in sorted(_journal_names(out)):
         try:
-            entries[k] = _strip_entry(read_journal_entry(out, k))
+            entries[k] = _strip_entry(read_journal_entry(out, k, config))
         except StoreError as e:
             msg = str(e).split("; the file is damaged")[0]
             bad[journal_name(k)] = msg[len(f"{out / journal_name(k)}: "):] if msg.startswith(str(out)) else msg
@@ -504,7 +523,7 @@ def read_manifests(out: Path) -> dict[str, dict]:
                          "the directory mixes two runs: keep one run per directory")
     if not m.get("complete"):
         m = {**m, "num_records": None, "num_shards": None,
-             "shards": [_strip_entry(e) for e in read_journal(out).values()]}
+             "shards": [_strip_entry(e) for e in read_journal(out, m["config"]).values()]}
     return {MANIFEST: m}
 
 
@@ -620,7 +639,7 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
                 + "; `rjepa-latent extract ... --repair` with the run's own options rebuilds it "
                 "from the journal"}
     if m is not None and m["format_version"] == FORMAT_VERSION and not m.get("complete"):
-        entries, bad = read_journal_lenient(path)   # a damaged entry is listed, not fatal
+        entries, bad = read_journal_lenient(path, m["config"])   # a damaged entry is listed, not fatal
         manifests = {MANIFEST: {**m, "num_records": None, "num_shards": None,
                                 "shards": [entries[k] for k in sorted(entries)]}}
     else:

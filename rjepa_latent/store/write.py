@@ -18,7 +18,7 @@ from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, S
                     _OWN_FILE, _PART_MANIFEST, _TMP, ManifestEdited, _json_bytes, _jsonl_bytes, _load_json,
                     _sidecar_row, _verify, atomic_write, config_differences, damage_report, journal_bytes,
                     journal_name, latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks,
-                    sealed, stray_files, token_steps_of, write_tag)
+                    config_digest, sealed, stray_files, token_steps_of, write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
@@ -66,6 +66,7 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
              "errors": errors, "files": {f"{name}.safetensors": st, f"{name}.jsonl": js}}
     if kernel is not None:
         entry["kernel"] = kernel  # the kernel identity that computed this shard
+    entry["config_sha256"] = config_digest(config)   # the journal confirms the run's configuration
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
     note_checked(out / f"{name}.safetensors", st["sha256"])   # a resume need not hash it again
     return entry
@@ -147,11 +148,21 @@ class RunStore:
         try:
             check_run_config(self.out, stored, config, allow_kernel_change, extent)
         except StoreError as e:
-            if self.edited:   # its configuration cannot be confirmed: nothing to rebuild it from
+            if not self.edited:
+                raise
+            entries, bad = read_journal_lenient(self.out, config)
+            if (bad or not entries or any("config_sha256" not in x for x in entries.values())
+                    or any(stored.get(k) != config.get(k) for k in extent)):
                 raise StoreError(f"{self.edited.split('; ')[0]}, and its configuration is not this "
-                                 f"command's, so it cannot be rebuilt; nothing was changed.\n{e}") from None
-            raise
+                                 "command's nor confirmed by the shards' journal entries, so it "
+                                 f"cannot be rebuilt; nothing was changed.\n{e}") from None
+            stored = m["config"] = {**config}   # every entry was computed under this command's
         changed = [k for k in extent if stored.get(k) != config.get(k)]
+        if changed and self.edited:   # the journal does not record the data: nothing confirms it
+            raise StoreError(f"{self.edited.split('; ')[0]}, and the data it names is not this "
+                             "command's, so it cannot be rebuilt; nothing was changed. Differences "
+                             "of its configuration:\n" + "\n".join(config_differences(
+                                 {k: stored.get(k) for k in changed}, {k: config.get(k) for k in changed})))
         if changed:
             if grows is None or not grows(stored, config):
                 diff = config_differences({k: stored.get(k) for k in changed},
@@ -181,7 +192,7 @@ class RunStore:
     def _read_journal(self) -> None:
         """The committed entries; an unreadable entry file is damage (`bad_entries`),
         which --repair redoes like any damaged shard."""
-        entries, bad = read_journal_lenient(self.out)
+        entries, bad = read_journal_lenient(self.out, self.config)
         self.entries.update(entries)   # the journal on disk is authoritative
         self.bad_entries.update({f: why for f, why in bad.items()
                                  if int(_JOURNAL.match(f).group(1)) not in self.entries})
