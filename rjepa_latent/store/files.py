@@ -42,12 +42,14 @@ Design choices:
   configuration's `pooling` (a name, or a list of names) say which. A
   per-token run ("none") stores every token's row and each token's step.
 - Integrity (nothing damaged is served): every open of a shard checks its
-  size, its header against the manifest entry (dtypes, shapes, offsets, the
-  counts of items, steps, tokens and poolings) and the sha256 of its sidecar
-  (.jsonl, small); the payload sha256 is streamed only on request
+  size, its header against the manifest entry (dtypes, shapes, data offsets,
+  the counts of items, steps, tokens and poolings) and the sha256 of its
+  sidecar (.jsonl, small); the payload sha256 once per process and file
+  state (store/integrity.py), and every sha256 at once on request
   (`verify_run`, `open_latents(verify=True)`, `rjepa-latent verify`,
-  `extract --repair`), since it costs a full read of the run. Every problem
-  is a StoreError naming the file. Sidecars are strict JSON: a non-finite
+  `extract --repair`). manifest.json carries `manifest_sha256` over its
+  content and each journal entry `config_sha256`, so an edited manifest is
+  refused (`ManifestEdited`). Every problem is a StoreError naming the file. Sidecars are strict JSON: a non-finite
   float in a carried field is written as null and its name listed in the
   row's `nonfinite_fields`.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
