@@ -16,7 +16,7 @@ import rjepa_latent as rl
 from rjepa_latent.run import local as rl_local
 from rjepa_latent.run import spec as rl_spec
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.store.files import ENGINE_IDENTITY
+from rjepa_latent.store.files import ENGINE_IDENTITY, config_digest
 from conftest import interrupt_at_shard
 
 OTHER_KERNEL = "scipy-openblas32 OpenBLAS 0.3.0 SkylakeX (another machine)"
@@ -59,6 +59,7 @@ def partial_run(data: Path, model, out: Path, monkeypatch, edit) -> None:
     m.pop("manifest_sha256")   # an older writer's manifest: no content hash
     (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
     for p, entry in zip(journal, shards):
+        entry["config_sha256"] = config_digest(m["config"])   # as that engine wrote its entries
         p.write_text(json.dumps(entry) + "\n")
 
 

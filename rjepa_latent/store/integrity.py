@@ -81,7 +81,10 @@ def check_mapped_payload(path: Path, st: os.stat_result, mm, info: dict, check: 
 def _notes_dir() -> Path | None:
     root = os.environ.get(CACHE_ENV)
     if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        home = os.path.expanduser("~")
+        base = os.environ.get("XDG_CACHE_HOME") or (None if home == "~" else os.path.join(home, ".cache"))
+        if base is None:
+            return None   # no home: no notes (a resume hashes what it trusts)
         root = os.path.join(base, "rjepa_latent")
     return Path(root) / "checked"
 
@@ -101,6 +104,8 @@ def note_checked(path: Path, sha256: str) -> None:
         key = file_identity(path, os.stat(path))
         _seen[key] = sha256
         note = _note_path(path)
+        if note is None:
+            return
         note.parent.mkdir(parents=True, exist_ok=True)
         tmp = note.with_name(f".{note.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"identity": list(key), "sha256": sha256}))
@@ -112,8 +117,11 @@ def note_checked(path: Path, sha256: str) -> None:
 def _noted(path: Path, key: tuple) -> str | None:
     if key in _seen:
         return _seen[key]
+    note_path = _note_path(path)
+    if note_path is None:
+        return None
     try:
-        note = json.loads(_note_path(path).read_text())
+        note = json.loads(note_path.read_text())
         if tuple(note["identity"]) == key and isinstance(note["sha256"], str):
             return note["sha256"]
     except (OSError, TypeError, ValueError, KeyError, AttributeError):
