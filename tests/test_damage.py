@@ -391,3 +391,17 @@ def test_an_edited_manifest_is_rebuilt_from_the_journal_through_the_cli(world, t
     assert cli_main(args + ["--repair"]) == 0
     assert "rebuilding it from the shards' journal entries" in capsys.readouterr().err
     assert snapshot(out) == world.snap
+
+
+def test_notes_are_best_effort(tmp_path, monkeypatch):
+    """A cache directory that cannot be written costs hashes, never a failed run."""
+    from rjepa_latent.store.files import listed_shards, read_manifests
+    from rjepa_latent.testing import fake_run
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("x")
+    monkeypatch.setenv("RJEPA_CACHE_DIR", str(blocker))
+    run = fake_run(tmp_path / "run", records=10, shard_size=5)
+    integrity._seen.clear()
+    seen = _count_hashes(monkeypatch)
+    assert integrity.unchecked_payloads(run, listed_shards(read_manifests(run))) == {}
+    assert seen["resume"] == 2 and verify_run(run) == {}
