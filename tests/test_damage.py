@@ -32,7 +32,8 @@ from rjepa_latent import StoreError
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.store import export as rl_export
 from rjepa_latent.store import integrity
-from rjepa_latent.store.files import MANIFEST_SHA256, verify_run
+from rjepa_latent.store.files import verify_run
+from rjepa_latent.store.integrity import MANIFEST_SHA256
 from rjepa_latent.store.read import arrow_table
 from rjepa_latent.testing import sample_records, tiny_model, write_records
 
@@ -260,17 +261,17 @@ def test_the_table_covers_the_damage_kinds():
 def _count_hashes(monkeypatch) -> dict:
     """Count the payload hashes of readers (per mapping) and of resumes (per file)."""
     seen = {"reader": 0, "resume": 0}
-    real_sha, real_file = integrity.payload_sha256, integrity.file_sha256
+    real_sha, real_file = integrity.payload_sha256, integrity.hash_file
 
     def sha(buf):
         seen["reader"] += 1
         return real_sha(buf)
 
-    def file_sha(path, on_bytes=None):
+    def file_sha(path):
         seen["resume"] += 1
-        return real_file(path, on_bytes)
+        return real_file(path)
     monkeypatch.setattr(integrity, "payload_sha256", sha)
-    monkeypatch.setattr(integrity, "file_sha256", file_sha)
+    monkeypatch.setattr(integrity, "hash_file", file_sha)
     return seen
 
 

@@ -16,7 +16,8 @@ import rjepa_latent as rl
 from rjepa_latent.run import local as rl_local
 from rjepa_latent.run import spec as rl_spec
 from rjepa_latent.cli import main as cli_main
-from rjepa_latent.store.files import ENGINE_IDENTITY, config_digest
+from rjepa_latent.store.files import ENGINE_IDENTITY
+from rjepa_latent.store.integrity import config_digest
 from conftest import interrupt_at_shard
 
 OTHER_KERNEL = "scipy-openblas32 OpenBLAS 0.3.0 SkylakeX (another machine)"

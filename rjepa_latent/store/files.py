@@ -49,9 +49,9 @@ Design choices:
   (`verify_run`, `open_latents(verify=True)`, `rjepa-latent verify`,
   `extract --repair`). manifest.json carries `manifest_sha256` over its
   content and each journal entry `config_sha256`, so an edited manifest is
-  refused (`ManifestEdited`). Every problem is a StoreError naming the file. Sidecars are strict JSON: a non-finite
-  float in a carried field is written as null and its name listed in the
-  row's `nonfinite_fields`.
+  refused (`ManifestEdited`). Every problem is a StoreError naming the file.
+  Sidecars are strict JSON: a non-finite float in a carried field is written
+  as null and its name listed in the row's `nonfinite_fields`.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
   step (mid-write, after fsync, after rename, after the directory fsync), so
   tests can kill deterministically at many distinct instants.
@@ -75,6 +75,8 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .integrity import (MANIFEST_SHA256, ManifestEdited, check_manifest, check_offsets, config_digest,
+                        stray_files)
 
 
 FORMAT = "rjepa-latent"
@@ -92,8 +94,6 @@ _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _JOURNAL = re.compile(r"^shard-(\d{5,})\.json$")
 # a temporary: .<final name>.tmp-<tag> (`write_tag`: host, pid, what it writes)
 _TMP = re.compile(r"^\.(?:shard-(\d{5,})\.)?.+\.tmp-[A-Za-z0-9._-]+$")
-QUARANTINE = "quarantine"   # where --repair moves shard files that are not the run's
-_SHARD_FILE = re.compile(r"^shard-(\d{5,})\.(safetensors|jsonl|json)$")
 _OWN_FILE = re.compile(r"^(quarantine|manifest(\.part-\d{5}-of-\d{5})?\.json"
                        r"|shard-\d{5,}\.(safetensors|jsonl|json)"
                        r"|errors\.jsonl|\..+\.tmp-[A-Za-z0-9._-]+)$")
@@ -294,7 +294,7 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
             raise StoreError(f"{path}: tensor {name!r} is {got} {list(a.shape)}, the manifest says "
                              f"{st_dtype} {list(shape)} (items {entry['items']}, steps {entry['steps']}, "
                              f"tokens {entry['tokens']}){fix}")
-    _check_offsets(path, arrays, layout)
+    check_offsets(path, arrays, layout, _DAMAGED)
     pool = meta.get("poolings")
     if pool is not None and pool != ",".join(run_poolings(config)):
         raise StoreError(f"{path}: header lists poolings {pool!r}, the run stores "
@@ -306,28 +306,6 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
         off = arrays[name]
         if off[0] != 0 or off[-1] != last or (np.diff(off) < 0).any():
             raise StoreError(f"{path}: {name} does not run from 0 to {last} in order{fix}")
-
-
-def _check_offsets(path: Path, arrays: dict[str, np.ndarray], layout: list) -> None:
-    """Each tensor's data_offsets must be the ones the layout gives (the tensors
-    back to back, in file order, from the payload's start): two tensors of one
-    shape with their offsets swapped would otherwise serve each other's values."""
-    buf = arrays[layout[0][0]]
-    while isinstance(buf, np.ndarray):
-        buf = buf.base
-    if buf is None:
-        return   # not views of a file's buffer
-    start = np.frombuffer(buf, np.uint8, count=0).__array_interface__["data"][0]
-    (n,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
-    offset = 0
-    for name, _, _ in layout:
-        a = arrays[name]
-        got = a.__array_interface__["data"][0] - start - 8 - n
-        if got != offset:
-            raise StoreError(f"{path}: tensor {name!r} starts at payload byte {got}, the layout the "
-                             f"manifest implies puts it at {offset} (its data_offsets were "
-                             f"edited){_DAMAGED}")
-        offset += a.nbytes
 
 
 def bf16_from_f32(x: np.ndarray) -> np.ndarray:
@@ -362,72 +340,6 @@ def journal_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-class ManifestEdited(StoreError):
-    """manifest.json is not what rjepa-latent wrote: its content hash differs, or
-    its shard list or counts contradict each other."""
-
-
-MANIFEST_SHA256 = "manifest_sha256"   # manifest.json's hash of its own content (all but this key)
-
-
-# configuration fields a grown run changes (its extent): left out of `config_digest`
-CONFIG_EXTENT = ("inputs", "dataset_sha256", "limit")
-
-
-def config_digest(config: dict) -> str:
-    """sha256 of a run's configuration without its extent: every journal entry
-    carries it (config_sha256), so the journal confirms or refutes a manifest's
-    configuration."""
-    body = {k: v for k, v in config.items() if k not in CONFIG_EXTENT}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                                     allow_nan=False).encode("utf-8")).hexdigest()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of a manifest's content (canonical JSON of every key but the hash)."""
-    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                                     allow_nan=False).encode("utf-8")).hexdigest()
-
-
-def sealed(manifest: dict) -> dict:
-    """The manifest as written: its content and the hash of it."""
-    return {**manifest, MANIFEST_SHA256: manifest_digest(manifest)}
-
-
-_EDITED = ("; manifest.json is damaged or was edited after rjepa-latent wrote it, so nothing is "
-           "served or resumed from it. `rjepa-latent extract ... --repair` with the run's own options "
-           "rebuilds it from the shards' journal entries (the source of truth); otherwise restore it")
-
-
-def check_manifest(path: Path, m: dict) -> None:
-    """Raise ManifestEdited unless a format-2 manifest's shard list and counts agree
-    with each other (shard k holds records [k*S, min((k+1)*S, N)], indices 0..n-1,
-    the totals their sums) and, when it carries one, with its content hash."""
-    h = m.get(MANIFEST_SHA256)
-    if h is not None and h != manifest_digest(m):
-        raise ManifestEdited(f"{path}: its content does not match its {MANIFEST_SHA256}{_EDITED}")
-    if m.get("format_version") != FORMAT_VERSION or not m.get("complete"):
-        return
-    try:
-        n, size, shards = m["num_records"], int(m["config"]["shard_size"]), m["shards"]
-        want = [[k * size, min((k + 1) * size, n)] for k in range((n + size - 1) // size)]
-        got = [[int(r) for r in s["records"]] for s in shards]
-        idx = [s["index"] for s in shards]
-        totals = m.get("totals") or {}
-        sums = {key: sum(s[key] for s in shards) for key in ("items", "steps", "tokens")}
-        sums["errors"] = sum(len(s["errors"]) for s in shards)
-        digest = config_digest(m["config"])
-        ok = (m["num_shards"] == len(want) and idx == list(range(len(want))) and got == want
-              and all(totals.get(k, v) == v for k, v in sums.items())
-              and all(s.get("config_sha256", digest) == digest for s in shards))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        ok = False
-    if not ok:
-        raise ManifestEdited(f"{path}: its configuration, shard list, num_records, num_shards or "
-                             f"totals do not agree with each other{_EDITED}")
-
-
 def _load_json(path: Path, what: str = "manifest", check: bool = True) -> dict:
     try:
         with open(path, "rb") as f:
@@ -441,7 +353,7 @@ def _load_json(path: Path, what: str = "manifest", check: bool = True) -> dict:
                          f"rjepa-latent reads ({', '.join(map(str, READ_VERSIONS))})")
     if path.name == MANIFEST:
         if check:
-            check_manifest(path, obj)
+            check_manifest(path, obj, FORMAT_VERSION)
         obj.pop(MANIFEST_SHA256, None)   # the content, as every reader and writer sees it
     return obj
 
@@ -654,26 +566,6 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
         # a finished run lists every shard it has: any other shard file is a stray
         problems.update(stray_files(path, {s["index"] for s in m["shards"]}))
     return problems
-
-
-def stray_files(out: Path, keep: Iterable[int], num_shards: int | None = None) -> dict[str, str]:
-    """{file: why} of the shard files (.safetensors, .jsonl, journal .json) in `out`
-    that are not the run's: of a shard not in `keep` (a finished run's listed
-    shards), or at or beyond `num_shards` (a run whose record count is known)."""
-    keep = set(keep)
-    found = {}
-    for p in sorted(out.iterdir()):
-        m = _SHARD_FILE.match(p.name)
-        if not m:
-            continue
-        k = int(m.group(1))
-        if num_shards is not None and k >= num_shards:
-            found[p.name] = (f"a stray: shard {k} lies beyond the run's {num_shards} shard(s); "
-                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
-        elif k not in keep:
-            found[p.name] = (f"a stray: the finished run does not hold shard {k}; "
-                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
-    return found
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")

@@ -27,12 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import struct
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import StoreError
-from .files import QUARANTINE, _fsync_dir, file_sha256
+import numpy as np
 
+from ..errors import StoreError
+
+QUARANTINE = "quarantine"   # where --repair moves shard files that are not the run's
+_SHARD_FILE = re.compile(r"^shard-(\d{5,})\.(safetensors|jsonl|json)$")
 TRUST_ENV = "RJEPA_TRUST_SHARDS"
 CHECKS = ("payload", "header")   # open_latents(check=...): what a first mapping checks
 CACHE_ENV = "RJEPA_CACHE_DIR"
@@ -74,6 +79,107 @@ def check_mapped_payload(path: Path, st: os.stat_result, mm, info: dict, check: 
                          "after the shard was written, or the file is another run's); the file "
                          "is damaged: `rjepa-latent verify RUN` lists every damaged shard, "
                          "`rjepa-latent extract ... --repair` redoes them")
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file, streamed in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_offsets(path: Path, arrays: dict[str, np.ndarray], layout: list, damaged: str = "") -> None:
+    """Each tensor's data_offsets must be the ones the layout gives (the tensors
+    back to back, in file order, from the payload's start): two tensors of one
+    shape with their offsets swapped would otherwise serve each other's values."""
+    buf = arrays[layout[0][0]]
+    while isinstance(buf, np.ndarray):
+        buf = buf.base
+    if buf is None:
+        return   # not views of a file's buffer
+    start = np.frombuffer(buf, np.uint8, count=0).__array_interface__["data"][0]
+    (n,) = struct.unpack("<Q", bytes(memoryview(buf)[:8]))
+    offset = 0
+    for name, _, _ in layout:
+        a = arrays[name]
+        got = a.__array_interface__["data"][0] - start - 8 - n
+        if got != offset:
+            raise StoreError(f"{path}: tensor {name!r} starts at payload byte {got}, the layout the "
+                             f"manifest implies puts it at {offset} (its data_offsets were "
+                             f"edited){damaged}")
+        offset += a.nbytes
+
+
+# ------------------------------------------------------------ the manifest and the journal
+
+class ManifestEdited(StoreError):
+    """manifest.json is not what rjepa-latent wrote: its content hash differs, or
+    its shard list or counts contradict each other."""
+
+
+MANIFEST_SHA256 = "manifest_sha256"   # manifest.json's hash of its own content (all but this key)
+
+
+# configuration fields a grown run changes (its extent): left out of `config_digest`
+CONFIG_EXTENT = ("inputs", "dataset_sha256", "limit")
+
+
+def _canonical_sha256(obj: dict, leave_out: Iterable[str]) -> str:
+    body = {k: v for k, v in obj.items() if k not in leave_out}   # sorted keys: order never matters
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                                     allow_nan=False).encode("utf-8")).hexdigest()
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a run's configuration without its extent: every journal entry
+    carries it (config_sha256), so the journal confirms or refutes a manifest's
+    configuration."""
+    return _canonical_sha256(config, CONFIG_EXTENT)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's content (canonical JSON of every key but the hash)."""
+    return _canonical_sha256(manifest, (MANIFEST_SHA256,))
+
+
+def sealed(manifest: dict) -> dict:
+    """The manifest as written: its content and the hash of it."""
+    return {**manifest, MANIFEST_SHA256: manifest_digest(manifest)}
+
+
+_EDITED = ("; manifest.json is damaged or was edited after rjepa-latent wrote it, so nothing is "
+           "served or resumed from it. `rjepa-latent extract ... --repair` with the run's own options "
+           "rebuilds it from the shards' journal entries (the source of truth); otherwise restore it")
+
+
+def check_manifest(path: Path, m: dict, format_version: int) -> None:
+    """Raise ManifestEdited unless a format-2 manifest's shard list and counts agree
+    with each other (shard k holds records [k*S, min((k+1)*S, N)], indices 0..n-1,
+    the totals their sums) and, when it carries one, with its content hash."""
+    h = m.get(MANIFEST_SHA256)
+    if h is not None and h != manifest_digest(m):
+        raise ManifestEdited(f"{path}: its content does not match its {MANIFEST_SHA256}{_EDITED}")
+    if m.get("format_version") != format_version or not m.get("complete"):
+        return
+    try:
+        n, size, shards = m["num_records"], int(m["config"]["shard_size"]), m["shards"]
+        want = [[k * size, min((k + 1) * size, n)] for k in range((n + size - 1) // size)]
+        got = [[int(r) for r in s["records"]] for s in shards]
+        idx = [s["index"] for s in shards]
+        totals = m.get("totals") or {}
+        sums = {key: sum(s[key] for s in shards) for key in ("items", "steps", "tokens")}
+        sums["errors"] = sum(len(s["errors"]) for s in shards)
+        digest = config_digest(m["config"])
+        ok = (m["num_shards"] == len(want) and idx == list(range(len(want))) and got == want
+              and all(totals.get(k, v) == v for k, v in sums.items())
+              and all(s.get("config_sha256", digest) == digest for s in shards))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise ManifestEdited(f"{path}: its configuration, shard list, num_records, num_shards or "
+                             f"totals do not agree with each other{_EDITED}")
 
 
 # ------------------------------------------------------------ notes of checked files
@@ -145,7 +251,7 @@ def unchecked_payloads(out: Path, entries: dict[int, dict], skip=()) -> dict[str
                 continue   # missing: the header check names it
             if _noted(p, key) == info.get("sha256"):
                 continue
-            got = file_sha256(p)
+            got = hash_file(p)
             if got != info.get("sha256"):
                 problems[fname] = "sha256 differs from the manifest's (its payload changed)"
             else:
@@ -154,6 +260,26 @@ def unchecked_payloads(out: Path, entries: dict[int, dict], skip=()) -> dict[str
 
 
 # ------------------------------------------------------------ strays
+
+def stray_files(out: Path, keep: Iterable[int], num_shards: int | None = None) -> dict[str, str]:
+    """{file: why} of the shard files (.safetensors, .jsonl, journal .json) in `out`
+    that are not the run's: of a shard not in `keep` (a finished run's listed
+    shards), or at or beyond `num_shards` (a run whose record count is known)."""
+    keep = set(keep)
+    found = {}
+    for p in sorted(out.iterdir()):
+        m = _SHARD_FILE.match(p.name)
+        if not m:
+            continue
+        k = int(m.group(1))
+        if num_shards is not None and k >= num_shards:
+            found[p.name] = (f"a stray: shard {k} lies beyond the run's {num_shards} shard(s); "
+                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
+        elif k not in keep:
+            found[p.name] = (f"a stray: the finished run does not hold shard {k}; "
+                             f"`rjepa-latent extract ... --repair` moves it into {QUARANTINE}/")
+    return found
+
 
 
 
@@ -173,7 +299,10 @@ def quarantine(out: Path, files: Iterable[str]) -> list[str]:
             dst = qdir / f"{name}.{n}"
         os.replace(src, dst)
         moved.append(str(dst.relative_to(out)))
-    if moved:
-        _fsync_dir(out)
-        _fsync_dir(qdir)
+    for d in (out, qdir) if moved else ():   # the moves survive a crash
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return moved

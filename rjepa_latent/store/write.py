@@ -13,12 +13,13 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
-from .integrity import note_checked, quarantine, unchecked_payloads
+from .integrity import (ManifestEdited, config_digest, note_checked, quarantine, sealed, stray_files,
+                        unchecked_payloads)
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
-                    _OWN_FILE, _PART_MANIFEST, _TMP, ManifestEdited, _json_bytes, _jsonl_bytes, _load_json,
-                    _sidecar_row, _verify, atomic_write, config_differences, damage_report, journal_bytes,
-                    journal_name, latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks,
-                    config_digest, sealed, stray_files, token_steps_of, write_tag)
+                    _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
+                    _verify, atomic_write, config_differences, damage_report, journal_bytes, journal_name,
+                    latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of,
+                    write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
