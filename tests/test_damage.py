@@ -406,3 +406,19 @@ def test_notes_are_best_effort(tmp_path, monkeypatch):
     seen = _count_hashes(monkeypatch)
     assert integrity.unchecked_payloads(run, listed_shards(read_manifests(run))) == {}
     assert seen["resume"] == 2 and verify_run(run) == {}
+
+
+def test_growth_trusts_only_checked_shards(world, tmp_path):
+    """Records appended to the data grow a finished run: its shards are checked first."""
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    shutil.copytree(world.ref, out)
+    data.write_bytes(world.data.read_bytes())
+    flip_in("token_spans", restore_times=True)(out, world)
+    with open(data, "a") as f:
+        f.write(world.data.read_text().splitlines()[0].replace('"id": "', '"id": "more-') + "\n")
+    before = snapshot(out)
+    with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sha256 differs"):
+        rl.extract_dataset(data, world.model, out, **OPTS)
+    assert snapshot(out) == before
+    s = rl.extract_dataset(data, world.model, out, repair=True, **OPTS)
+    assert s["complete"] and s["grown"] and 1 in s["repaired"] and verify_run(out) == {}
