@@ -1,5 +1,5 @@
-"""Payload checks of a run directory's shards: what makes a reader and a resume
-trust a shard's bytes.
+"""What makes a reader and a resume trust a run directory: shard payloads,
+tensor offsets, the manifest, and the shard files it holds.
 
 - A reader (open_latents, LatentDataset, the exports) hashes a shard's
   .safetensors the first time this process maps it and compares the sha256
@@ -17,6 +17,14 @@ trust a shard's bytes.
   them; a lost note only costs one more hash. ctime_ns is part of the
   identity because no user call can set it: a write followed by restoring
   the mtime is still seen.
+- Each tensor of a shard lies where the layout the manifest implies puts it
+  (back to back, in file order): equal shapes cannot trade places.
+- manifest.json carries `manifest_sha256` over its content, and every journal
+  entry `config_sha256` (the configuration without its extent); a finished
+  manifest's shard list must agree with itself and with the entries'
+  configuration, else ManifestEdited. The journal is the source of truth:
+  `extract --repair` rebuilds an edited manifest from it when the entries
+  confirm the command's configuration and the command names the same data.
 - Strays: shard files a run does not hold (another run's, a copy) are
   reported by verify and by a resume, and `extract --repair` moves them into
   quarantine/ inside the run directory, in a partial run (when it finishes
