@@ -194,6 +194,7 @@ def _as_format_1(out: Path) -> None:
     """Rewrite a finished format-2 run as format 1 wrote it: one manifest, no journal."""
     m = json.loads((out / "manifest.json").read_text())
     m["format_version"] = 1
+    m.pop("manifest_sha256")   # format 1 carried no content hash
     (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
     for p in out.glob("shard-*.json"):
         p.unlink()

@@ -17,6 +17,7 @@ from rjepa_latent.run import local as rl_local
 from rjepa_latent.run import spec as rl_spec
 from rjepa_latent.cli import main as cli_main
 from rjepa_latent.store.files import ENGINE_IDENTITY
+from rjepa_latent.store.integrity import config_digest
 from conftest import interrupt_at_shard
 
 OTHER_KERNEL = "scipy-openblas32 OpenBLAS 0.3.0 SkylakeX (another machine)"
@@ -56,8 +57,10 @@ def partial_run(data: Path, model, out: Path, monkeypatch, edit) -> None:
     assert [p.name for p in journal] == ["shard-00000.json"]
     shards = [json.loads(p.read_text()) for p in journal]
     edit(m["config"], shards)
+    m.pop("manifest_sha256")   # an older writer's manifest: no content hash
     (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
     for p, entry in zip(journal, shards):
+        entry["config_sha256"] = config_digest(m["config"])   # as that engine wrote its entries
         p.write_text(json.dumps(entry) + "\n")
 
 

@@ -44,7 +44,7 @@ class RunDriver:
         if stored is not None and spec.shard_size == AUTO and "shard_size" in stored:
             requested["shard_size"] = stored["shard_size"]   # resolved once, when the run began
         self.store = RunStore(self.out, requested, spec.part, allow_kernel_change=spec.allow_kernel_change,
-                              extent=EXTENT, grows=self._grows)
+                              extent=EXTENT, grows=self._grows, mend=spec.repair)
         self.config = self.store.config
         self.shard_size: int = self.config["shard_size"]
         self.num_records: int | None = None
@@ -60,6 +60,9 @@ class RunDriver:
         """Check the committed shards (with `repair`: every sha256, and forget the
         damaged ones so they are redone); raise StoreError naming damage otherwise."""
         problems = self.store.check_committed(full=self.spec.repair, progress=self.progress)
+        if self.spec.repair and self.store.strays:   # not the run's files: moved aside, not redone
+            self.store.quarantined += self.store.quarantine_strays(self.store.strays)
+            problems = {f: why for f, why in problems.items() if f not in self.store.strays}
         damaged = {f: why for f, why in problems.items() if f != ERRORS}   # errors.jsonl is derived
         if damaged and not self.spec.repair:
             raise StoreError(
@@ -69,6 +72,9 @@ class RunDriver:
                 f"(`rjepa-latent verify {self.out}` checks every sha256)")
         self.problems = problems
         self.repaired = self.store.forget(damaged)
+        if self.store.edited:
+            print(f"rjepa-latent extract: --repair: {self.store.edited.split('; ')[0]}; rebuilding it "
+                  "from the shards' journal entries", file=sys.stderr)
 
     @property
     def complete(self) -> bool:
@@ -199,7 +205,10 @@ class RunDriver:
         record count: call after `pending` was read to its end."""
         if self.num_records is None:
             raise RuntimeError("finish() before the records were read to their end")
-        return self.store.finish(self.num_records)
+        done = self.store.finish(self.num_records)
+        n = -(-self.num_records // self.shard_size)
+        self.repaired = [k for k in self.repaired if k < n]   # the others were strays, quarantined
+        return done
 
     def close(self) -> None:
         self.store.close()
@@ -230,6 +239,7 @@ class RunDriver:
             "error_example": _example(mine),
             "grown": self.store.grown, "unknown_ids": list(self.unknown_ids),
             **({"outliers": sum(s.get("outliers", 0) for s in mine)} if "outliers" in self.config else {}),
+            "quarantined": list(self.store.quarantined),
         }
 
 

@@ -21,6 +21,9 @@ def report_run(summary: dict, args: argparse.Namespace, text: str) -> int:
         print("rjepa-latent extract: --repair: every committed file checked; "
               + (f"redid shard(s) {', '.join(map(str, fixed))}" if fixed else "no shard was damaged"),
               file=sys.stderr)
+        if summary.get("quarantined"):
+            print("rjepa-latent extract: --repair: moved files that are not this run's into "
+                  f"quarantine/: {', '.join(summary['quarantined'])}", file=sys.stderr)
     print(text)
     if nothing_extracted(summary):
         why = ("the inputs hold no records" if not summary["records"] else

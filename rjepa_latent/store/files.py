@@ -42,14 +42,16 @@ Design choices:
   configuration's `pooling` (a name, or a list of names) say which. A
   per-token run ("none") stores every token's row and each token's step.
 - Integrity (nothing damaged is served): every open of a shard checks its
-  size, its header against the manifest entry (dtypes, shapes, offsets, the
-  counts of items, steps, tokens and poolings) and the sha256 of its sidecar
-  (.jsonl, small); the payload sha256 is streamed only on request
+  size, its header against the manifest entry (dtypes, shapes, data offsets,
+  the counts of items, steps, tokens and poolings) and the sha256 of its
+  sidecar (.jsonl, small); the payload sha256 once per process and file
+  state (store/integrity.py), and every sha256 at once on request
   (`verify_run`, `open_latents(verify=True)`, `rjepa-latent verify`,
-  `extract --repair`), since it costs a full read of the run. Every problem
-  is a StoreError naming the file. Sidecars are strict JSON: a non-finite
-  float in a carried field is written as null and its name listed in the
-  row's `nonfinite_fields`.
+  `extract --repair`). manifest.json carries `manifest_sha256` over its
+  content and each journal entry `config_sha256`, so an edited manifest is
+  refused (`ManifestEdited`). Every problem is a StoreError naming the file.
+  Sidecars are strict JSON: a non-finite float in a carried field is written
+  as null and its name listed in the row's `nonfinite_fields`.
 - Test hook: RJEPA_TEST_KILL_AT=k SIGKILLs the process at the k-th write
   step (mid-write, after fsync, after rename, after the directory fsync), so
   tests can kill deterministically at many distinct instants.
@@ -73,6 +75,8 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
+from .integrity import (MANIFEST_SHA256, ManifestEdited, check_manifest, check_offsets, config_digest,
+                        stray_files)
 
 
 FORMAT = "rjepa-latent"
@@ -90,7 +94,8 @@ _PART_MANIFEST = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _JOURNAL = re.compile(r"^shard-(\d{5,})\.json$")
 # a temporary: .<final name>.tmp-<tag> (`write_tag`: host, pid, what it writes)
 _TMP = re.compile(r"^\.(?:shard-(\d{5,})\.)?.+\.tmp-[A-Za-z0-9._-]+$")
-_OWN_FILE = re.compile(r"^(manifest(\.part-\d{5}-of-\d{5})?\.json|shard-\d{5,}\.(safetensors|jsonl|json)"
+_OWN_FILE = re.compile(r"^(quarantine|manifest(\.part-\d{5}-of-\d{5})?\.json"
+                       r"|shard-\d{5,}\.(safetensors|jsonl|json)"
                        r"|errors\.jsonl|\..+\.tmp-[A-Za-z0-9._-]+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 MAX_OPEN_SHARDS = 16  # shards a reader keeps mapped (one file descriptor each)
@@ -292,6 +297,7 @@ def check_shard_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, co
             raise StoreError(f"{path}: tensor {name!r} is {got} {list(a.shape)}, the manifest says "
                              f"{st_dtype} {list(shape)} (items {entry['items']}, steps {entry['steps']}, "
                              f"tokens {entry['tokens']}){fix}")
+    check_offsets(path, arrays, layout, _DAMAGED)
     pool = meta.get("poolings")
     if pool is not None and pool != ",".join(run_poolings(config)):
         raise StoreError(f"{path}: header lists poolings {pool!r}, the run stores "
@@ -337,7 +343,7 @@ def journal_name(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def _load_json(path: Path, what: str = "manifest") -> dict:
+def _load_json(path: Path, what: str = "manifest", check: bool = True) -> dict:
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"), parse_constant=_no_constant)
@@ -348,6 +354,10 @@ def _load_json(path: Path, what: str = "manifest") -> dict:
     if obj.get("format_version") not in READ_VERSIONS:
         raise StoreError(f"{path}: format version {obj.get('format_version')} is not one this "
                          f"rjepa-latent reads ({', '.join(map(str, READ_VERSIONS))})")
+    if path.name == MANIFEST:
+        if check:
+            check_manifest(path, obj, FORMAT_VERSION)
+        obj.pop(MANIFEST_SHA256, None)   # the content, as every reader and writer sees it
     return obj
 
 
@@ -364,8 +374,9 @@ def _journal_names(out: Path) -> dict[int, str]:
     return names
 
 
-def read_journal_entry(out: Path, index: int) -> dict:
-    """Shard `index`'s journal entry, checked to be strict JSON of its own shard."""
+def read_journal_entry(out: Path, index: int, config: dict | None = None) -> dict:
+    """Shard `index`'s journal entry, checked to be strict JSON of its own shard
+    (and, given the run's `config`, computed under it)."""
     path = out / journal_name(index)
     entry = _load_json(path, "journal entry")
     try:
@@ -377,20 +388,23 @@ def read_journal_entry(out: Path, index: int) -> dict:
     if not ok:
         raise StoreError(f"{path}: not the journal entry of shard {index} (fields missing or "
                          f"malformed){_DAMAGED}")
+    if config is not None and entry.get("config_sha256", config_digest(config)) != config_digest(config):
+        raise StoreError(f"{path}: computed under another configuration than {MANIFEST}'s (another "
+                         f"run's shard, or {MANIFEST} was edited){_DAMAGED}")
     return entry
 
 
-def read_journal(out: Path) -> dict[int, dict]:
+def read_journal(out: Path, config: dict | None = None) -> dict[int, dict]:
     """Every committed shard's entry of a partial run, by index (one small file each)."""
-    return {k: read_journal_entry(out, k) for k in sorted(_journal_names(out))}
+    return {k: read_journal_entry(out, k, config) for k in sorted(_journal_names(out))}
 
 
-def read_journal_lenient(out: Path) -> tuple[dict[int, dict], dict[str, str]]:
+def read_journal_lenient(out: Path, config: dict | None = None) -> tuple[dict[int, dict], dict[str, str]]:
     """(the readable entries by index, {journal file: what is wrong} for the others)."""
     entries, bad = {}, {}
     for k in sorted(_journal_names(out)):
         try:
-            entries[k] = _strip_entry(read_journal_entry(out, k))
+            entries[k] = _strip_entry(read_journal_entry(out, k, config))
         except StoreError as e:
             msg = str(e).split("; the file is damaged")[0]
             bad[journal_name(k)] = msg[len(f"{out / journal_name(k)}: "):] if msg.startswith(str(out)) else msg
@@ -426,14 +440,15 @@ def read_manifests(out: Path) -> dict[str, dict]:
                          "the directory mixes two runs: keep one run per directory")
     if not m.get("complete"):
         m = {**m, "num_records": None, "num_shards": None,
-             "shards": [_strip_entry(e) for e in read_journal(out).values()]}
+             "shards": [_strip_entry(e) for e in read_journal(out, m["config"]).values()]}
     return {MANIFEST: m}
 
 
 def stored_config(out: Path) -> dict | None:
     """The configuration in manifest.json (None: no readable run there)."""
     try:
-        return _load_json(Path(out) / MANIFEST).get("config") if (Path(out) / MANIFEST).is_file() else None
+        path = Path(out) / MANIFEST   # unchecked: RunStore checks it (and may mend it)
+        return _load_json(path, check=False).get("config") if path.is_file() else None
     except StoreError:
         return None
 
@@ -534,9 +549,14 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
     bad: dict[str, str] = {}
-    m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    try:
+        m = _load_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    except ManifestEdited as e:   # nothing else can be checked against it
+        return {MANIFEST: str(e)[len(f"{path / MANIFEST}: "):].split("; ")[0]
+                + "; `rjepa-latent extract ... --repair` with the run's own options rebuilds it "
+                "from the journal"}
     if m is not None and m["format_version"] == FORMAT_VERSION and not m.get("complete"):
-        entries, bad = read_journal_lenient(path)   # a damaged entry is listed, not fatal
+        entries, bad = read_journal_lenient(path, m["config"])   # a damaged entry is listed, not fatal
         manifests = {MANIFEST: {**m, "num_records": None, "num_shards": None,
                                 "shards": [entries[k] for k in sorted(entries)]}}
     else:
@@ -546,12 +566,8 @@ def verify_run(path: str | Path, full: bool = True, progress: bool = False) -> d
                          "(or no shard finished yet)")
     problems = {**bad, **_verify(path, manifests, full, progress)}
     if m is not None and m["format_version"] == FORMAT_VERSION and m.get("complete"):
-        listed = {s["index"] for s in m["shards"]}   # a finished run lists every entry it has
-        for k, name in sorted(_journal_names(path).items()):
-            if k not in listed:
-                problems[name] = (f"a journal entry of shard {k}, which the finished run does not "
-                                  f"hold (its {m['num_shards']} shards are listed in {MANIFEST}); "
-                                  "not written by this run: delete it")
+        # a finished run lists every shard it has: any other shard file is a stray
+        problems.update(stray_files(path, {s["index"] for s in m["shards"]}))
     return problems
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
 from .token_rows import KEY_TENSORS, OUTLIER_TENSOR
+from .integrity import check_mapped_payload, reader_check
 from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
                     damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
 
@@ -172,11 +173,13 @@ class LatentStore:
                     raise StoreError(f"{path}: {size} bytes, the manifest says {info.get('bytes')}; the "
                                      "file is damaged: `rjepa-latent extract ... --repair` redoes it")
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if self.writable else mmap.ACCESS_READ)
+                identity = os.fstat(f.fileno())   # of the file mapped: its payload check's key
         except OSError as e:
             raise StoreError(f"{path}: cannot open the shard ({e.strerror}); it is listed in the "
                              "manifest: `rjepa-latent extract ... --repair` redoes it") from None
         arrays, meta = _parse_safetensors(path, mm, size)
         check_shard_arrays(path, arrays, meta, self.config, entry)
+        check_mapped_payload(path, identity, mm, info, getattr(self, "check", None))
         self._arrays[si] = arrays
         if len(self._arrays) > MAX_OPEN_SHARDS:
             self._arrays.popitem(last=False)
@@ -217,17 +220,22 @@ class LatentStore:
 
 
 def open_latents(path: str | Path, writable: bool = False, verify: bool = False,
-                 progress: bool = True) -> LatentStore:
+                 progress: bool = True, check: str | None = None) -> LatentStore:
     """Open a run directory (complete or partial: finished shards only) for
     reading; `writable` maps shards copy-on-write: arrays may be written in
     memory, privately to this process (the files never change), and such a
     write is seen by later accesses of the same shard while it stays mapped.
-    Every shard's header is checked against the
-    manifest when it is first mapped, every sidecar's sha256 on open;
+    Every shard's header and payload sha256 are checked against the manifest
+    the first time this process maps it (`check="header"`, or the environment
+    variable RJEPA_TRUST_SHARDS=1, skips the payload hash for a run verified
+    already), every sidecar's sha256 on open;
     `verify` also hashes every payload first (a full read) and raises
     StoreError listing each damaged or missing file (`progress`: its progress
     line on large runs, stderr)."""
-    return LatentStore(path, writable, verify, progress)
+    mode = reader_check(check)
+    store = LatentStore(path, writable, verify, progress)
+    store.check = mode   # what a shard's first mapping checks (rjepa_latent.store.integrity)
+    return store
 
 
 _INSTALL = {"pyarrow": "pip install 'pyarrow>=14'",

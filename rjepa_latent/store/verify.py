@@ -17,8 +17,8 @@ from .files import damage_report, listed_shards, read_journal_lenient, read_mani
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory (written by rjepa-latent extract)")
     p.add_argument("--quick", action="store_true",
-                   help="skip the payload sha256 (sizes, headers and sidecars only: what every "
-                        "open and every resume checks)")
+                   help="skip the payload sha256 (sizes, headers, sidecars, the manifest and "
+                        "strays only)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on large runs")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress line and nothing on stdout when all is sound (the exit status says it)")

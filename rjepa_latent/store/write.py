@@ -14,10 +14,13 @@ import numpy as np
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
 from .token_rows import row_norms, stored_f32, token_key_tensors
+from .integrity import (ManifestEdited, config_digest, note_checked, quarantine, sealed, stray_files,
+                        unchecked_payloads)
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
                     _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
-                    _verify, atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
-                    read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of, write_tag)
+                    _verify, atomic_write, config_differences, damage_report, journal_bytes, journal_name,
+                    latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of,
+                    write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
@@ -80,7 +83,9 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
         entry["outliers"] = int(sum(r.get("marked", 0) for r in token_rows))
     if kernel is not None:
         entry["kernel"] = kernel  # the kernel identity that computed this shard
+    entry["config_sha256"] = config_digest(config)   # the journal confirms the run's configuration
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
+    note_checked(out / f"{name}.safetensors", st["sha256"])   # a resume need not hash it again
     return entry
 
 
@@ -125,7 +130,8 @@ class RunStore:
     requested run extends the stored one, else refused as a clash."""
 
     def __init__(self, out: str | Path, config: dict, part: tuple[int, int] = (0, 1),
-                 allow_kernel_change: bool = False, extent: Iterable[str] = (), grows=None):
+                 allow_kernel_change: bool = False, extent: Iterable[str] = (), grows=None,
+                 mend: bool = False):
         self.out = Path(out)
         self.part = part
         self.kernel = config.get("engine_kernel")  # what this process computes with
@@ -134,6 +140,10 @@ class RunStore:
         self.grown = False
         self.entries: dict[int, dict] = {}
         self.bad_entries: dict[str, str] = {}
+        self.edited: str | None = None   # why manifest.json is not trusted (rebuilt from the journal)
+        self.mend = mend                 # --repair: mend the manifest, quarantine strays
+        self.strays: dict[str, str] = {}
+        self.quarantined: list[str] = []
         self._stored: dict | None = None
         self._lock_fd = None
         self.num_records: int | None = None
@@ -143,12 +153,33 @@ class RunStore:
             if old:
                 raise StoreError(_OLD_FORMAT.format(out=self.out))
             return
-        m = _load_json(self.out / MANIFEST)
+        try:
+            m = _load_json(self.out / MANIFEST)
+        except ManifestEdited as e:
+            if not mend:
+                raise
+            m, self.edited = _load_json(self.out / MANIFEST, check=False), str(e)
         if m["format_version"] != FORMAT_VERSION:
             raise StoreError(_OLD_FORMAT.format(out=self.out))
         stored = m["config"]
-        check_run_config(self.out, stored, config, allow_kernel_change, extent)
+        try:
+            check_run_config(self.out, stored, config, allow_kernel_change, extent)
+        except StoreError as e:
+            if not self.edited:
+                raise
+            entries, bad = read_journal_lenient(self.out, config)
+            if (bad or not entries or any("config_sha256" not in x for x in entries.values())
+                    or any(stored.get(k) != config.get(k) for k in extent)):
+                raise StoreError(f"{self.edited.split('; ')[0]}, and its configuration is not this "
+                                 "command's nor confirmed by the shards' journal entries, so it "
+                                 f"cannot be rebuilt; nothing was changed.\n{e}") from None
+            stored = m["config"] = {**config}   # every entry was computed under this command's
         changed = [k for k in extent if stored.get(k) != config.get(k)]
+        if changed and self.edited:   # the journal does not record the data: nothing confirms it
+            raise StoreError(f"{self.edited.split('; ')[0]}, and the data it names is not this "
+                             "command's, so it cannot be rebuilt; nothing was changed. Differences "
+                             "of its configuration:\n" + "\n".join(config_differences(
+                                 {k: stored.get(k) for k in changed}, {k: config.get(k) for k in changed})))
         if changed:
             if grows is None or not grows(stored, config):
                 diff = config_differences({k: stored.get(k) for k in changed},
@@ -165,7 +196,10 @@ class RunStore:
             if k not in config:
                 self.config.pop(k, None)
         self._stored = m
-        if m.get("complete"):
+        if self.edited:   # the configuration is confirmed by the command: the shards come from the journal
+            self._stored = {**m, "complete": False}
+            self._read_journal()
+        elif m.get("complete"):
             self.entries = {s["index"]: s for s in m["shards"]}
             if self.grown:   # finished over less data: not complete any more
                 self._stored = {**m, "complete": False}
@@ -175,7 +209,7 @@ class RunStore:
     def _read_journal(self) -> None:
         """The committed entries; an unreadable entry file is damage (`bad_entries`),
         which --repair redoes like any damaged shard."""
-        entries, bad = read_journal_lenient(self.out)
+        entries, bad = read_journal_lenient(self.out, self.config)
         self.entries.update(entries)   # the journal on disk is authoritative
         self.bad_entries.update({f: why for f, why in bad.items()
                                  if int(_JOURNAL.match(f).group(1)) not in self.entries})
@@ -280,7 +314,18 @@ class RunStore:
     def check_committed(self, full: bool = False, progress: bool = False) -> dict[str, str]:
         """Problems of the committed shards and of errors.jsonl, as {file name: what
         is wrong}; see `verify_run` (`full` adds the payload sha256)."""
-        return {**self.bad_entries, **_verify(self.out, self.manifests, full, progress)}
+        problems = {**self.bad_entries, **_verify(self.out, self.manifests, full, progress)}
+        if not full:   # trust a payload only when hashed since its commit
+            problems.update(unchecked_payloads(self.out, self.entries, skip=problems))
+        self.strays = stray_files(self.out, self.entries) if self.is_complete() else {}
+        return {**problems, **self.strays}
+
+    def quarantine_strays(self, strays: Iterable[str]) -> list[str]:
+        """Move shard files that are not this run's into quarantine/ (--repair)."""
+        for name in strays:
+            if (m := _JOURNAL.match(name)):
+                self.entries.pop(int(m.group(1)), None)   # a committed-looking stray of a partial run
+        return quarantine(self.out, strays)
 
     def forget(self, files: Iterable[str]) -> list[int]:
         """Drop the shards of `files` (damaged) from the committed ones, so this run
@@ -316,11 +361,14 @@ class RunStore:
             self.refresh()   # shards other processes committed and nobody noted
             if not covered():
                 return False
-        extra = sorted(k for k in self.entries if k >= n)
-        if extra:
-            raise StoreError(f"{self.out}: committed shard(s) {extra[:5]} lie beyond the "
-                             f"{num_records} records of the inputs; the directory was modified "
-                             "outside rjepa-latent")
+        strays = stray_files(self.out, range(n), n)
+        if strays:   # files of shards beyond the inputs' records: not this run's
+            if not self.mend:
+                raise StoreError(f"{self.out}: {len(strays)} shard file(s) beyond the {num_records} "
+                                 "records of the inputs, not written by this run; the run is not "
+                                 "finished:\n" + damage_report(self.out, strays) + "\nRun the same "
+                                 "command with --repair to move them into quarantine/")
+            self.quarantined += self.quarantine_strays(strays)
         listed = [self.entries[k] for k in range(n)]
         final = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
                  "num_records": num_records, "num_shards": n, "complete": True,
@@ -342,7 +390,7 @@ class RunStore:
         atomic_write(self.out / ERRORS, [_jsonl_bytes(rows)], write_tag("errors"))
 
     def _put_manifest(self, manifest: dict) -> None:
-        atomic_write(self.out / MANIFEST, [_json_bytes(manifest)], write_tag("manifest"))
+        atomic_write(self.out / MANIFEST, [_json_bytes(sealed(manifest))], write_tag("manifest"))
         self._stored = manifest
 
 
