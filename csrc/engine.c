@@ -775,7 +775,7 @@ rl_status rl_model_verify_resident(rl_model *m)
     for (int64_t l = 0; l < m->n_loaded; l++)
         for (size_t i = 0; i < N_LAYER_BUFFERS; i++)
             RL_TRY(check_resident(m, *layer_buffer(&m->w.layers[l], i), LAYER_BUFFERS[i].kind, l));
-    return RL_OK;
+    return rl_qw_verify_resident(m->qw, m->be);
 }
 
 void rl_model_free(rl_model *m)

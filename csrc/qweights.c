@@ -125,6 +125,20 @@ void rl_qw_free(rl_qweights *qw, rl_backend *be)
 
 int rl_qw_keeps(const rl_qweights *qw, rl_tensor_kind kind) { return qw && keeps(qw->kinds, kind); }
 
+rl_status rl_qw_verify_resident(const rl_qweights *qw, rl_backend *be)
+{
+    if (!qw) return RL_OK;
+    if (qw->scratch && !be->is_resident(be, qw->scratch))
+        return RL_FAIL(RL_ERR_DEVICE, "the dequantization scratch is not in %s memory", be->name);
+    for (size_t i = 0; i < (size_t)(1 + qw->n_loaded) * RL_T_COUNT; i++)
+        if (qw->t[i].part[0] && !be->is_resident(be, qw->t[i].part[0]))
+            return RL_FAIL(RL_ERR_DEVICE, "quantized weight '%s' (slot %zu: 0 global, else layer "
+                           "+ 1) is not in %s memory",
+                           rl_tensor_kind_name((rl_tensor_kind)(i % RL_T_COUNT)), i / RL_T_COUNT,
+                           be->name);
+    return RL_OK;
+}
+
 size_t rl_qw_stored_bytes(const rl_qweights *qw) { return qw ? qw->stored_bytes : 0; }
 size_t rl_qw_scratch_held(const rl_qweights *qw) { return qw ? qw->scratch_bytes : 0; }
 

@@ -54,6 +54,8 @@ rl_status rl_qw_matrix(rl_qweights *qw, rl_backend *be, int64_t layer, rl_tensor
  * tokens_host and tokens_dev are the same ids on the host and in backend memory. */
 rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_host,
                       const int32_t *tokens_dev, int64_t T, int64_t d, void *x, float scale);
+/* RL_OK when every stored part and the scratch are memory of `be`'s device. */
+rl_status rl_qw_verify_resident(const rl_qweights *qw, rl_backend *be);
 /* Stored bytes and scratch bytes held now. */
 size_t rl_qw_stored_bytes(const rl_qweights *qw);
 size_t rl_qw_scratch_held(const rl_qweights *qw);
