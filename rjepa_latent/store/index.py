@@ -20,15 +20,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..errors import StoreError
 
-if TYPE_CHECKING:   # pragma: no cover
-    from .read import LatentStore
-
+# `store` below is a read.LatentStore (not imported: read.py imports this module)
+LatentStore = Any
 MAX_CACHED_SIDECARS = 8   # shards whose parsed rows a reader keeps (iteration, exports)
 _FIX = "; `rjepa-latent extract ... --repair` redoes the shard"
 # a sidecar line as the writer makes it: the id first (json.dumps of the row)
@@ -57,7 +56,7 @@ def check_sidecar(path: Path, entry: dict) -> None:
     _sidecar_bytes(path, entry)
 
 
-def sidecar_path(store: "LatentStore", si: int) -> Path:
+def sidecar_path(store: LatentStore, si: int) -> Path:
     return store.path / f"shard-{store.shards[si]['index']:05d}.jsonl"
 
 
@@ -74,7 +73,7 @@ class SidecarLines:
     def __init__(self) -> None:
         self._starts: dict[int, np.ndarray] = {}
 
-    def row(self, store: "LatentStore", si: int, j: int) -> dict:
+    def row(self, store: LatentStore, si: int, j: int) -> dict:
         path = sidecar_path(store, si)
         starts = self._starts.get(si)
         if starts is None:
@@ -94,7 +93,7 @@ class SidecarLines:
         return _parse_line(path, line.rstrip(b"\n"), j + 1)
 
 
-def _shard_ids(store: "LatentStore", si: int) -> list[str]:
+def _shard_ids(store: LatentStore, si: int) -> list[str]:
     path = sidecar_path(store, si)
     try:
         data = path.read_bytes()
@@ -115,7 +114,7 @@ class IdIndex:
         self.positions = positions
 
     @classmethod
-    def build(cls, store: "LatentStore") -> "IdIndex":
+    def build(cls, store: LatentStore) -> "IdIndex":
         n = len(store)
         hashes = np.empty(n, np.int64)
         for si in range(len(store.shards)):
@@ -127,7 +126,7 @@ class IdIndex:
         del hashes
         return cls(sorted_hashes, order.astype(np.int32 if n < 2**31 else np.int64))
 
-    def find(self, store: "LatentStore", item_id: str) -> int | None:
+    def find(self, store: LatentStore, item_id: str) -> int | None:
         if not isinstance(item_id, str):
             return None
         h = hash(item_id)
@@ -144,7 +143,7 @@ class IdList(Sequence):
     asked (a list of millions of ids is not kept). Compares equal to a list or
     tuple of the same ids; slices are lists; `in` uses the id index."""
 
-    def __init__(self, store: "LatentStore"):
+    def __init__(self, store: LatentStore):
         self._store = store
 
     def __len__(self) -> int:
