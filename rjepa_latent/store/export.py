@@ -112,9 +112,27 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
     return res
 
 
+class _NpyWriter:
+    """A .npy file written front to back with plain writes (a memory map's
+    dirty pages would count in the process's memory until it is closed):
+    the same bytes np.save writes for the finished array."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": shape})
+        self.dtype = np.dtype(dtype)
+
+    def write(self, arr: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(arr, dtype=self.dtype).data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[int],
                pooling: str) -> dict:
-    # written through memory maps a shard at a time: memory flat in the run's size
+    # written a shard at a time: memory flat in the run's size
     rows_key = "tokens" if store.per_token else "steps"
     total = sum(int(s[rows_key]) for s in store.shards)
     hidden = int(store.config["hidden_size"])
@@ -124,40 +142,32 @@ def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[in
         pos = stored.index(k)
         name = out / f"latents.layer-{k}.npy"
         first = store.shard_arrays(0)[tensor] if store.shards else None
-        dtype = first.dtype if first is not None else np.float32
-        arr = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(total, hidden))
-        at = 0
-        for lat, _, _ in shards(store, pos, pooling):
-            arr[at:at + lat.shape[0]] = lat
-            at += lat.shape[0]
-        arr.flush()
-        del arr
+        w = _NpyWriter(name, first.dtype if first is not None else np.float32, (total, hidden))
+        try:
+            for lat, _, _ in shards(store, pos, pooling):
+                w.write(lat)
+        finally:
+            w.close()
         files.append(name.name)
     offsets_name = row_offsets_name(store) + ".npy"
-    offsets = np.lib.format.open_memmap(out / offsets_name, mode="w+", dtype=np.int64,
-                                        shape=(sum(int(s["items"]) for s in store.shards) + 1,))
-    offsets[0] = 0
-    at = n = 0
-    for si in range(len(store.shards)):
-        o = np.asarray(store.shard_arrays(si)[row_offsets_name(store)], np.int64)
-        offsets[n + 1:n + len(o)] = o[1:] + at
-        n += len(o) - 1
-        at += int(o[-1])
-    offsets.flush()
-    del offsets
-    extra = [offsets_name]
-    if store.per_token and total == 0:
-        np.save(out / "token_steps.npy", np.zeros(0, np.int32))
-        extra.append("token_steps.npy")
-    elif store.per_token:
-        steps = np.lib.format.open_memmap(out / "token_steps.npy", mode="w+", dtype=np.int32, shape=(total,))
+    w = _NpyWriter(out / offsets_name, np.int64, (sum(int(s["items"]) for s in store.shards) + 1,))
+    try:
+        w.write(np.zeros(1, np.int64))
         at = 0
         for si in range(len(store.shards)):
-            t = store.shard_arrays(si)["token_steps"]
-            steps[at:at + len(t)] = t
-            at += len(t)
-        steps.flush()
-        del steps
+            o = np.asarray(store.shard_arrays(si)[row_offsets_name(store)], np.int64)
+            w.write(o[1:] + at)
+            at += int(o[-1])
+    finally:
+        w.close()
+    extra = [offsets_name]
+    if store.per_token:
+        w = _NpyWriter(out / "token_steps.npy", np.int32, (total,))
+        try:
+            for si in range(len(store.shards)):
+                w.write(store.shard_arrays(si)["token_steps"])
+        finally:
+            w.close()
         extra.append("token_steps.npy")
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for si in range(len(store.shards)):

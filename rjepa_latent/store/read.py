@@ -165,12 +165,13 @@ class LatentStore:
             self._index = IdIndex.build(self)
         return self._index.find(self, item_id)
 
-    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None):
+    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None, cache_dir=None):
         """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` and
         `pooling` (default the run's first; per-token runs: [num_tokens, hidden]
         and token_steps), num_steps, num_tokens, carried metadata
-        (rjepa_latent.readers)."""
-        return to_hf_dataset(self, layer, pooling)
+        (rjepa_latent.readers); memory-mapped from an Arrow file in `cache_dir`
+        (default: the `datasets` cache), see `to_hf_dataset`."""
+        return to_hf_dataset(self, layer, pooling, cache_dir)
 
     def shard_arrays(self, si: int) -> dict[str, np.ndarray]:
         """step_offsets, token_spans, latents (and latents.<pooling> of each further
@@ -438,7 +439,34 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
     return with_json_fallback(build)
 
 
-def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None):
-    """A `datasets.Dataset` of the run (columns as in arrow_table)."""
+def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None,
+                  cache_dir: str | os.PathLike | None = None):
+    """A `datasets.Dataset` of the run (columns as in arrow_table), memory-mapped
+    from an Arrow file written a shard at a time (memory flat in the run's
+    size) into `cache_dir` (default: the `datasets` cache, its rjepa_latent
+    folder); the file is named by the run, its shards' hashes, the layer and the
+    pooling, so the same call again maps it without writing."""
     ds = _need("datasets")
-    return ds.Dataset(arrow_table(store, layer, pooling))
+    pa = _need("pyarrow")
+    import hashlib
+    key = json.dumps([str(store.path.resolve()), store.config.get("model_fingerprint"),
+                      [s["files"] for s in store.shards], stored_layer(store, layer),
+                      stored_pooling(store, pooling)], sort_keys=True)
+    root = Path(cache_dir) if cache_dir is not None else Path(ds.config.HF_DATASETS_CACHE) / "rjepa_latent"
+    path = root / f"run-{hashlib.sha256(key.encode()).hexdigest()[:32]}.arrow"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+        def write(as_json) -> None:
+            schema, tables = arrow_parts(store, layer, pooling, as_json)
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+                for t in tables:
+                    w.write_table(t)
+        try:
+            with_json_fallback(write)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return ds.Dataset.from_file(str(path))
