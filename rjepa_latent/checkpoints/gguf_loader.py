@@ -49,6 +49,7 @@ import numpy as np
 
 from . import arch
 from ..errors import ModelFormatError
+from .weight_hash import WeightHasher
 from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
                          engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
 
@@ -91,7 +92,8 @@ def load_gguf(path: str | os.PathLike, max_layer: int | None = None) -> Checkpoi
     return CheckpointSource(config=g.config, engine_config=engine_config(g.config, g.max_layer),
                             tokenizer=g.tokenizer, fingerprint=g.fingerprint,
                             sliding_window=g.config["sliding_window"],
-                            tensor_feed=g.tensors, on_close=g.close)
+                            tensor_feed=g.tensors, on_close=g.close,
+                            weights=g.weights, read_weight=lambda name: g.raw(name))
 
 
 def read_gguf_config(path: str | os.PathLike) -> dict:
@@ -459,6 +461,12 @@ class GGUFFile:
         self._validate()
         self.tokenizer = build_tokenizer(meta, path)
         self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
+        # every tensor's stored (quantized) bytes, hashed as the feed reads them
+        self.weights = WeightHasher(self.fingerprint, self._tensors)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor `name`'s stored bytes (a view of the file's map)."""
+        return np.ascontiguousarray(self._tensors[name].data)
 
     def _index_tensors(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -504,6 +512,7 @@ class GGUFFile:
                     rope_inv_freq_swa(self.config)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
+            self.weights.add(fam.gguf_name(kind, layer), self.raw(fam.gguf_name(kind, layer)))
             arr = _dequantize(self._tensors[fam.gguf_name(kind, layer)], shape)
             if fam.gguf_permuted_qk and kind in _PERMUTED:
                 arr = _unpermute_rows(arr, self.config[_PERMUTED[kind]])
@@ -513,11 +522,14 @@ class GGUFFile:
     def _rope_inv_freq(self) -> np.ndarray:
         name = self.family.GGUF_ROPE_FREQS
         freqs = self._tensors.get(name) if name else None
+        if freqs is not None:
+            self.weights.add(name, self.raw(name))
         factors = _dequantize(freqs, (self.config["head_dim"] // 2,)) if freqs is not None else None
         return _rope_inv_freq(self.config, factors)
 
     def close(self) -> None:
         """Drop the memory map (tensors already handed to the engine stay valid)."""
+        self.weights.close()
         self._tensors = {}
         self._reader = None
 

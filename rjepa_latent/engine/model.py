@@ -387,7 +387,7 @@ class Model:
         self.hidden_size: int = self.config["hidden_size"]
         self.max_layer: int = src.engine_config["max_layer"]
         self.tokenizer = src.tokenizer
-        self.fingerprint: str = src.fingerprint
+        self.fingerprint: str = src.fingerprint   # the weights' bytes join it once they are read
         self.sliding_window: int | None = src.sliding_window
         # a device without windowed attention takes sequences up to the window only
         eng_cfg, self._window_limit = device_engine_config(src.engine_config, self.device)
@@ -408,6 +408,7 @@ class Model:
         for kind, layer, buf, dtype, shape in src.tensors():
             engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
+        self.fingerprint = src.final_fingerprint()
         engine.reserve(self.max_batch_tokens)
         engine.verify_resident()
         # what decides the result bits besides the weights (BLAS build and core type
