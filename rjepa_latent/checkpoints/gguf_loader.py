@@ -49,9 +49,9 @@ import numpy as np
 
 from . import arch
 from ..errors import ModelFormatError
-from .weight_hash import WeightHasher
 from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
                          engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
+from .weight_hash import WeightHasher
 
 
 # GGML tensor types this loader dequantizes (name -> dequantized on load)
@@ -426,8 +426,8 @@ def _rope_inv_freq(cfg: dict, freq_factors: np.ndarray | None) -> np.ndarray:
 
 def _fingerprint(path: str, data_offset: int) -> str:
     """sha256 of the file size, the whole header (metadata + tensor table) and
-    the first and last MiB of tensor data: cheap for multi-GB files, and any
-    re-quantization or different model changes it."""
+    the first and last MiB of tensor data; the model's fingerprint adds every
+    tensor's stored bytes to it as they are read (`weight_hash`)."""
     h = hashlib.sha256()
     size = os.path.getsize(path)
     h.update(b"gguf:%d:" % size)
