@@ -439,6 +439,9 @@ def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None)
     return with_json_fallback(build)
 
 
+HF_BATCH_BYTES = 4 << 20   # bytes of one record batch in to_hf_dataset's Arrow file
+
+
 def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None,
                   cache_dir: str | os.PathLike | None = None):
     """A `datasets.Dataset` of the run (columns as in arrow_table), memory-mapped
@@ -459,10 +462,18 @@ def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = Non
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
         def write(as_json) -> None:
+            # record batches of HF_BATCH_BYTES: `datasets` reads every batch's
+            # header when it maps the file, and each touches the pages around it
             schema, tables = arrow_parts(store, layer, pooling, as_json)
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+                pending: list = []
                 for t in tables:
-                    w.write_table(t)
+                    pending.append(t)
+                    if sum(x.nbytes for x in pending) >= HF_BATCH_BYTES:
+                        w.write_table(pa.concat_tables(pending).combine_chunks())
+                        pending = []
+                if pending:
+                    w.write_table(pa.concat_tables(pending).combine_chunks())
         try:
             with_json_fallback(write)
             os.replace(tmp, path)
