@@ -1,8 +1,17 @@
 """Scale of one extraction run: peak RSS and time per shard at growing record
-counts, and the cost of all-bad input (every record an error after reading).
+counts, the cost of all-bad input (every record an error after reading), and
+the readers' memory at growing record counts.
 
     python tests/bench_scale.py [--sizes 20000,200000,2000000] [--bad 20000,40000,80000]
                                 [--shard-size 1000] [--threads 1]
+                                [--reader-sizes 20000,2000000] [--only readers]
+
+Readers: a finished run of tiny records (hidden 8, two steps each) written
+through the store's writer without a model (`scale_runs.write_scale_run`; the
+time it takes is printed), then each reader operation (open, 2,000 lookups by
+id, full iteration, info, verify, export to Parquet, npy and an HF Dataset) in
+a fresh process: its peak RSS above the process's RSS after imports. Target:
+the largest run within 100 MiB of the smallest for each operation.
 
 Each run is a fresh `extract_dataset` in its own process, its Model loaded
 first and the peak RSS (VmHWM) reset after that, so the peak is the run's own, over tiny generated records (a question and two short steps)
@@ -78,7 +87,38 @@ def main() -> None:
     ap.add_argument("--bad", default="20000,40000,80000")
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reader-sizes", default="20000,2000000")
+    ap.add_argument("--only", choices=["extract", "readers"], default=None)
     args = ap.parse_args()
+    if args.only != "extract":
+        readers(args)
+    if args.only != "readers":
+        extraction(args)
+
+
+def readers(args) -> None:
+    import time
+    from scale_runs import OPERATIONS, reader_peak_mib, write_scale_run
+    sizes = [int(x) for x in args.reader_sizes.split(",") if x]
+    with tempfile.TemporaryDirectory(prefix="rjepa-bench-readers-") as tmp:
+        print(f"reader peak RSS above the process after imports, MiB ({args.shard_size} records a shard)")
+        print(f"{'records':>10} {'write s':>8} " + " ".join(f"{w:>9}" for w in OPERATIONS))
+        first = None
+        for n in sizes:
+            t = time.perf_counter()
+            run = write_scale_run(Path(tmp) / f"run{n}", n, shard_size=args.shard_size)
+            wrote = time.perf_counter() - t
+            peaks = {w: reader_peak_mib(run, w, n) for w in OPERATIONS}
+            first = first or peaks
+            print(f"{n:>10,} {wrote:>8.1f} " + " ".join(f"{peaks[w]:>9.1f}" for w in OPERATIONS), flush=True)
+            if peaks is not first:
+                print(f"{'vs first':>19} " + " ".join(f"{peaks[w] - first[w]:>+9.1f}" for w in OPERATIONS),
+                      flush=True)
+            subprocess.run(["rm", "-rf", str(run)], check=True)
+        print()
+
+
+def extraction(args) -> None:
     from conftest import build_tiny_model
     with tempfile.TemporaryDirectory(prefix="rjepa-bench-scale-") as tmp:
         root = Path(tmp)

@@ -47,6 +47,7 @@ from .. import _core
 from . import arch, hf_quantized
 from ..errors import ModelFormatError
 from .tokenizer_file import load_tokenizer_file
+from .weight_hash import WeightHasher
 
 
 SUPPORTED_MODEL_TYPES = arch.SUPPORTED_MODEL_TYPES
@@ -73,7 +74,9 @@ class CheckpointSource:
     rope_theta, rope_scaling, max_position_embeddings, sliding_window, ...).
     `engine_config`: dict with the `rl_config` field names for `_core.Engine`
     (includes `max_layer`). `tokenizer`: `tokenizers.Tokenizer` or None.
-    `fingerprint`: sha256 hex of the config and tensor header info (not data).
+    `fingerprint`: sha256 hex of the config and tensor header info (not data);
+    `final_fingerprint()`, after `tensors()` was iterated, covers the weights'
+    bytes too (`weights`: their hasher, fed as the tensors stream in).
     `sliding_window`: int or None; the attention window of the layers it
     applies to (all, or the config's `layer_types`).
     `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
@@ -88,11 +91,22 @@ class CheckpointSource:
     sliding_window: int | None
     tensor_feed: Callable[[], Iterator[TensorRecord]]
     on_close: Callable[[], None] = field(default=lambda: None)
+    weights: Any = None                      # a weight_hash.WeightHasher, or None
+    read_weight: Callable[[str], Any] | None = None   # stored bytes of a tensor by name
 
     def tensors(self) -> Iterator[TensorRecord]:
         return self.tensor_feed()
 
+    def final_fingerprint(self) -> str:
+        """The fingerprint over config, tensor headers and the weights' bytes
+        (those not streamed in are read now); `fingerprint` without a hasher."""
+        if self.weights is None:
+            return self.fingerprint
+        return self.weights.fingerprint(self.read_weight)
+
     def close(self) -> None:
+        if self.weights is not None:
+            self.weights.close()
         self.on_close()
 
 
@@ -643,7 +657,7 @@ def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
 
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
-               maps: dict[str, mmap.mmap]) -> Callable[[], Iterator[TensorRecord]]:
+               maps: dict[str, mmap.mmap], weights: Any = None) -> Callable[[], Iterator[TensorRecord]]:
     """The tensor feed over the mmap'd files: exactly `tensor_layout(cfg,
     max_layer)`, so tensors the engine will not use are never touched."""
     layout = tensor_layout(cfg, max_layer)
@@ -664,6 +678,8 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                     maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             base = memoryview(maps[info.file])
             view = base[info.begin:info.end]
+            if weights is not None:   # hashed in the background from the same map
+                weights.add(info.name, maps[info.file], info.begin, info.end)
             try:
                 yield kind, layer, view, SAFETENSORS_DTYPES[info.dtype][1], info.shape
             finally:
@@ -688,6 +704,15 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
     tensors = read_checkpoint_headers(directory)
     found = match_tensors(cfg, hf_quantized.logical_tensors(scheme, tensors, directory), directory)
     maps: dict[str, mmap.mmap] = {}
+    header = fingerprint(cfg, tensors)
+    by_name = {t.name: t for t in found.values()}
+    weights = WeightHasher(header, by_name)
+
+    def read_weight(name: str) -> bytes:
+        t = by_name[name]
+        with open(t.file, "rb") as f:
+            f.seek(t.begin)
+            return f.read(t.end - t.begin)
 
     def close() -> None:
         for mm in maps.values():
@@ -696,7 +721,8 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
 
     return CheckpointSource(
         config=cfg, engine_config=engine_config(cfg, resolved),
-        tokenizer=_load_tokenizer(directory), fingerprint=fingerprint(cfg, tensors),
+        tokenizer=_load_tokenizer(directory), fingerprint=header,
         sliding_window=cfg["sliding_window"],
-        tensor_feed=_mmap_feed(cfg, found, resolved, maps), on_close=close)
+        tensor_feed=_mmap_feed(cfg, found, resolved, maps, weights), on_close=close,
+        weights=weights, read_weight=read_weight)
 

@@ -60,6 +60,7 @@ from ..errors import ModelFormatError
 from .checkpoint import (CheckpointSource, check_config_sizes, check_engine_rules, check_variants,
                          engine_config, resolve_max_layer, rope_inv_freq, rope_inv_freq_swa, tensor_layout)
 from .quantized import KEEPABLE, KEPT_DTYPE, KeptSource, KeptTensor, release_pages
+from .weight_hash import WeightHasher
 
 
 # GGML tensor types this loader reads (kept as stored or dequantized on load)
@@ -105,7 +106,8 @@ def load_gguf(path: str | os.PathLike, max_layer: int | None = None,
                       tokenizer=g.tokenizer, fingerprint=g.fingerprint,
                       sliding_window=g.config["sliding_window"],
                       tensor_feed=g.tensors, on_close=g.close, keep=g.keep,
-                      stored_bytes=g.stored_bytes)
+                      stored_bytes=g.stored_bytes, weights=g.weights,
+                      read_weight=lambda name: g.raw(name))
 
 
 def gguf_storage(path: str | os.PathLike, max_layer: int | None = None,
@@ -474,8 +476,8 @@ def _rope_inv_freq(cfg: dict, freq_factors: np.ndarray | None) -> np.ndarray:
 
 def _fingerprint(path: str, data_offset: int) -> str:
     """sha256 of the file size, the whole header (metadata + tensor table) and
-    the first and last MiB of tensor data: cheap for multi-GB files, and any
-    re-quantization or different model changes it."""
+    the first and last MiB of tensor data; the model's fingerprint adds every
+    tensor's stored bytes to it as they are read (`weight_hash`)."""
     h = hashlib.sha256()
     size = os.path.getsize(path)
     h.update(b"gguf:%d:" % size)
@@ -511,6 +513,12 @@ class GGUFFile:
                                                 weights, path)
         self.tokenizer = build_tokenizer(meta, path)
         self.fingerprint = _fingerprint(path, int(self._reader.data_offset))
+        # every tensor's stored (quantized) bytes, hashed as the feed reads them
+        self.weights = WeightHasher(self.fingerprint, self._tensors)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor `name`'s stored bytes (a view of the file's map)."""
+        return np.ascontiguousarray(self._tensors[name].data)
 
     def _index_tensors(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -558,6 +566,7 @@ class GGUFFile:
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             t = self._tensors[fam.gguf_name(kind, layer)]
+            self.weights.add(t.name, self.raw(t.name))   # hashed as the feed reads it
             permuted = fam.gguf_permuted_qk and kind in _PERMUTED
             if kind in self.keep:
                 blocks = np.asarray(t.data).view(np.uint8).reshape(shape[0], -1)
@@ -585,12 +594,15 @@ class GGUFFile:
     def _rope_inv_freq(self) -> np.ndarray:
         name = self.family.GGUF_ROPE_FREQS
         freqs = self._tensors.get(name) if name else None
+        if freqs is not None:
+            self.weights.add(name, self.raw(name))
         factors = _dequantize(freqs, (self.config["head_dim"] // 2,), self.path) \
             if freqs is not None else None
         return _rope_inv_freq(self.config, factors)
 
     def close(self) -> None:
         """Drop the memory map (tensors already handed to the engine stay valid)."""
+        self.weights.close()
         self._tensors = {}
         self._reader = None
 

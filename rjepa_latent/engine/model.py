@@ -108,7 +108,9 @@ def _parse_device(device: str | None) -> str:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-CPU_NOTICE = "rjepa_latent: no CUDA device visible; running on the CPU"
+# shown by `rjepa-latent extract` beside its summary when the default device fell
+# back to the CPU (the Python API says nothing: `Model.device` tells)
+CPU_NOTICE = "device: cpu (the default: no CUDA device is visible; --device cpu chooses it explicitly)"
 EMULATED_DEFAULT_NOTICE = ("rjepa_latent: this build's CUDA device is emulated on the CPU (a test "
                            "build); running on the CPU engine (device='cuda' selects the emulated "
                            "device)")
@@ -120,14 +122,16 @@ _emulated_notice_shown = False
 
 def resolve_device(device: str | None) -> str:
     """"cpu" or "cuda:N" per the device contract (may raise). Left to the default
-    on a machine without a CUDA device, it says so in one line on stderr, once per
-    process: a notice, not a Python warning (no source line, nothing to filter)."""
+    on a machine without a CUDA device it is "cpu" without a word (the CPU is the
+    default there; `rjepa-latent extract` shows the choice in its summary); only
+    a test build's emulated CUDA device gets a one-line notice on stderr, once
+    per process (a notice, not a Python warning)."""
     global _cpu_notice_shown, _emulated_notice_shown
     resolved = _parse_device(device)
     if device is None and resolved == "cpu" and not _cpu_notice_shown:
         _cpu_notice_shown = True
-        emulated = _core.cuda_device_count() > 0 and cuda_emulated()
-        print(EMULATED_DEFAULT_NOTICE if emulated else CPU_NOTICE, file=sys.stderr, flush=True)
+        if _core.cuda_device_count() > 0 and cuda_emulated():
+            print(EMULATED_DEFAULT_NOTICE, file=sys.stderr, flush=True)
     if resolved != "cpu":
         _core.cuda_check_device(int(resolved[5:]))  # DeviceError with the reason
         if cuda_emulated() and not _emulated_notice_shown:
@@ -404,7 +408,7 @@ class Model:
         self.hidden_size: int = self.config["hidden_size"]
         self.max_layer: int = src.engine_config["max_layer"]
         self.tokenizer = src.tokenizer
-        self.fingerprint: str = src.fingerprint
+        self.fingerprint: str = src.fingerprint   # the weights' bytes join it once they are read
         self.sliding_window: int | None = src.sliding_window
         # a device without windowed attention takes sequences up to the window only
         eng_cfg, self._window_limit = device_engine_config(src.engine_config, self.device)
@@ -432,6 +436,7 @@ class Model:
             else:
                 engine.set_tensor(kind, layer, buf, dtype, tuple(shape))
         engine.check_complete()
+        self.fingerprint = src.final_fingerprint()
         engine.reserve(self.max_batch_tokens)
         engine.verify_resident()
         # what decides the result bits besides the weights (BLAS build and core type

@@ -33,7 +33,6 @@ bfloat16 runs give bfloat16 tensors (the same memory, re-viewed).
 from __future__ import annotations
 
 import os
-from bisect import bisect_right
 from typing import Any
 
 import numpy as np
@@ -161,11 +160,13 @@ class StepPairs(_RunDataset):
                              "latents to pair; use LatentDataset, or extract with a span pooling")
         self.offset = offset
         store = self.store
-        counts = [max(int(row["num_steps"]) - offset, 0)
-                  for si in range(len(store.shards)) for row in store.shard_meta(si)]
+        # numpy arrays, no Python object per record (runs of millions of records)
+        counts = np.fromiter((max(int(row["num_steps"]) - offset, 0)
+                              for si in range(len(store.shards)) for row in store.shard_meta(si)),
+                             np.int64, len(store))
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._records = [p for p, c in enumerate(counts) if c]   # positions with pairs
-        self._first = [int(self._starts[p]) for p in self._records]
+        self._records = np.flatnonzero(counts)   # positions with pairs
+        self._first = self._starts[self._records]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -177,9 +178,9 @@ class StepPairs(_RunDataset):
         i = int(i) + (n if i < 0 else 0)
         if not 0 <= i < n:
             raise IndexError(f"pair index {i} out of range for {n} pairs")
-        k = bisect_right(self._first, i) - 1
-        p = self._records[k]
-        t = i - self._first[k]
+        k = int(np.searchsorted(self._first, i, side="right")) - 1
+        p = int(self._records[k])
+        t = i - int(self._first[k])
         item = self.store[p]
         lat = item.raw_pooled(self.pooling)[self._pos]
         return {"z_t": self._tensor(lat[t]), "z_next": self._tensor(lat[t + self.offset]),

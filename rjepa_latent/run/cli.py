@@ -6,12 +6,13 @@ import argparse
 import errno
 import re
 import sys
+from pathlib import Path
 
-from ..engine.model import POOLINGS, resolve_poolings
+from ..engine.model import CPU_NOTICE, POOLINGS, resolve_poolings
 from ..inputs.data import FORMATS
 from ..inputs.segment import DEFAULT_STEP_REGEX, SEGMENT_RULES
 from ..inputs.select import TOKEN_MODES
-from ..store.files import STORE_DTYPES
+from ..store.files import STORE_DTYPES, stored_config
 from .driver import NothingExtracted
 from .local import extract_dataset
 from .report import cli_spelling, disk_full_message, format_summary, report_run
@@ -163,5 +164,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device, threads=args.threads, allow_kernel_change=args.allow_kernel_change,
         repair=args.repair, limit=args.limit, ids=args.ids, tokens=args.tokens,
         drop_bos=args.drop_bos, outliers=args.outliers, drop_outliers=args.drop_outliers)
-    return report_run(summary, args, format_summary(summary))
+    text = format_summary(summary)
+    if args.device is None and (stored_config(Path(args.out)) or {}).get("engine_backend") == "cpu":
+        text += f"\n  {CPU_NOTICE}"   # the default device's choice, shown where it was used
+    return report_run(summary, args, text)
 

@@ -38,29 +38,47 @@ from typing import Sequence
 import numpy as np
 
 from .files import latents_tensor
-from .read import (LatentStore, _need, arrow_table, open_latents, row_offsets_name, shards, stored_layer,
-                   stored_pooling)
+from .read import (LatentStore, _need, arrow_parts, open_latents, row_offsets_name, shards, stored_layer,
+                   stored_pooling, with_json_fallback)
 
 
 def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
                    row_group_rows: int = 1024, pooling: str | None = None) -> dict:
     """One Parquet file, one row per record, written without dictionary
     encoding (latent floats do not repeat) in row groups of `row_group_rows`;
-    one layer and one pooling (default the run's first)."""
+    one layer and one pooling (default the run's first). Written a shard at a
+    time (memory does not grow with the run)."""
     pa = _need("pyarrow")
     import pyarrow.parquet as pq
-    table = arrow_table(store, layer, pooling)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+    def write(as_json) -> int:
+        schema, tables = arrow_parts(store, layer, pooling, as_json)
+        rows, pending, buffered = 0, [], 0
+        with pq.ParquetWriter(tmp, schema, use_dictionary=False, compression="zstd") as w:
+            for t in tables:   # whole row groups as they fill up: the layout of one write_table
+                pending.append(t)
+                buffered += t.num_rows
+                if buffered >= row_group_rows:
+                    joined = pa.concat_tables(pending)
+                    full = buffered - buffered % row_group_rows
+                    w.write_table(joined.slice(0, full), row_group_size=row_group_rows)
+                    pending, buffered = [joined.slice(full)], buffered - full
+                    rows += full
+            if buffered or rows == 0:
+                w.write_table(pa.concat_tables(pending) if pending else schema.empty_table(),
+                              row_group_size=row_group_rows)
+                rows += buffered
+        return rows
+
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, use_dictionary=False,
-                       compression="zstd")
+        rows = with_json_fallback(write)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    del pa
-    return {"out": str(out), "rows": table.num_rows, "bytes": out.stat().st_size}
+    return {"out": str(out), "rows": rows, "bytes": out.stat().st_size}
 
 
 def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int] | None = None,
@@ -97,37 +115,62 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
     return res
 
 
+class _NpyWriter:
+    """A .npy file written front to back with plain writes (a memory map's
+    dirty pages would count in the process's memory until it is closed):
+    the same bytes np.save writes for the finished array."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": shape})
+        self.dtype = np.dtype(dtype)
+
+    def write(self, arr: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(arr, dtype=self.dtype).data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[int],
                pooling: str) -> dict:
+    # written a shard at a time: memory flat in the run's size
     rows_key = "tokens" if store.per_token else "steps"
     total = sum(int(s[rows_key]) for s in store.shards)
     hidden = int(store.config["hidden_size"])
     tensor = latents_tensor(store.poolings, pooling)
     files = []
-    offsets = None
     for k in wanted:
         pos = stored.index(k)
         name = out / f"latents.layer-{k}.npy"
         first = store.shard_arrays(0)[tensor] if store.shards else None
-        dtype = first.dtype if first is not None else np.float32
-        arr = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(total, hidden))
-        at, offs, rows = 0, [0], []
-        for lat, o, meta in shards(store, pos, pooling):
-            arr[at:at + lat.shape[0]] = lat
-            offs.extend((o[1:] + at).tolist())
-            at += lat.shape[0]
-            rows.extend(meta)
-        arr.flush()
-        del arr
+        w = _NpyWriter(name, first.dtype if first is not None else np.float32, (total, hidden))
+        try:
+            for lat, _, _ in shards(store, pos, pooling):
+                w.write(lat)
+        finally:
+            w.close()
         files.append(name.name)
-        offsets = np.array(offs, np.int64)
     offsets_name = row_offsets_name(store) + ".npy"
-    np.save(out / offsets_name, offsets if offsets is not None else np.zeros(1, np.int64))
+    w = _NpyWriter(out / offsets_name, np.int64, (sum(int(s["items"]) for s in store.shards) + 1,))
+    try:
+        w.write(np.zeros(1, np.int64))
+        at = 0
+        for si in range(len(store.shards)):
+            o = np.asarray(store.shard_arrays(si)[row_offsets_name(store)], np.int64)
+            w.write(o[1:] + at)
+            at += int(o[-1])
+    finally:
+        w.close()
     extra = [offsets_name]
     if store.per_token:
-        steps = [np.asarray(store.shard_arrays(si)["token_steps"], np.int32)
-                 for si in range(len(store.shards))]
-        np.save(out / "token_steps.npy", np.concatenate(steps) if steps else np.zeros(0, np.int32))
+        w = _NpyWriter(out / "token_steps.npy", np.int32, (total,))
+        try:
+            for si in range(len(store.shards)):
+                w.write(store.shard_arrays(si)["token_steps"])
+        finally:
+            w.close()
         extra.append("token_steps.npy")
         for key in ("token_positions", "token_ids"):   # each row's keys, where the run stores them
             if store.shards and key in store.shard_arrays(0):

@@ -17,6 +17,7 @@ from .token_rows import KEY_TENSORS, OUTLIER_TENSOR
 from .integrity import check_mapped_payload, reader_check
 from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
                     damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
+from .index import MAX_CACHED_SIDECARS, IdIndex, IdList, SidecarLines, check_sidecar
 
 
 class LatentItem:
@@ -127,34 +128,64 @@ class LatentStore:
         self.dtype = self.config["dtype"]
         self.poolings = run_poolings(self.config)      # in order; the first is `.latents`
         self.per_token = self.poolings == [TOKEN_POOLING]
-        self._meta: list[list[dict]] = []
-        self._where: list[tuple[int, int]] = []
-        for si, s in enumerate(self.shards):
-            jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
-            rows = _read_sidecar(jsonl, s["files"].get(jsonl.name, {}))
-            if len(rows) != s["items"]:
-                raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
-            self._meta.append(rows)
-            self._where.extend((si, j) for j in range(len(rows)))
-        self.ids = [row["id"] for rows in self._meta for row in rows]
-        self._pos = {i: p for p, i in enumerate(self.ids)}
+        # memory flat in the number of records: per shard only its item count is
+        # kept; metadata rows are read when a shard is used (a few recent ones cached)
+        for s in self.shards:   # every sidecar's size, sha256 and line count, streamed
+            check_sidecar(self.path / f"shard-{s['index']:05d}.jsonl", s)
+        self._starts = np.concatenate([[0], np.cumsum([int(s["items"]) for s in self.shards],
+                                                      dtype=np.int64)]).astype(np.int64)
+        self._rows: OrderedDict[int, list[dict]] = OrderedDict()
+        self._lines = SidecarLines()
+        self._index: IdIndex | None = None   # built on the first lookup by id
+        self.ids = IdList(self)
         # each open shard holds an mmap and so a file descriptor: keep only the
         # most recently used ones (a shard's mmap lives on while views of it do)
         self._arrays: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self._starts[-1])
 
     def shard_meta(self, si: int) -> list[dict]:
-        """Metadata rows of the si-th stored shard (in shard order)."""
-        return self._meta[si]
+        """Metadata rows of the si-th stored shard (in shard order), read from its
+        sidecar (checked against the manifest) when first needed."""
+        if si in self._rows:
+            self._rows.move_to_end(si)
+            return self._rows[si]
+        s = self.shards[si]
+        jsonl = self.path / f"shard-{s['index']:05d}.jsonl"
+        rows = _read_sidecar(jsonl, s["files"].get(jsonl.name, {}))
+        if len(rows) != s["items"]:
+            raise StoreError(f"{jsonl}: {len(rows)} lines, the manifest says {s['items']}")
+        self._rows[si] = rows
+        if len(self._rows) > MAX_CACHED_SIDECARS:
+            self._rows.popitem(last=False)
+        return rows
 
-    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None):
+    def row(self, si: int, j: int) -> dict:
+        """Metadata row j of the si-th stored shard (one line read when the
+        shard's rows are not cached)."""
+        rows = self._rows.get(si)
+        return rows[j] if rows is not None else self._lines.row(self, si, j)
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(stored shard, row in it) of item position `pos` (0 <= pos < len)."""
+        si = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        return si, int(pos - self._starts[si])
+
+    def position_of(self, item_id: str) -> int | None:
+        """The position of the item with this id (the last one if an id repeats),
+        or None; the first call builds the id index (one pass over the sidecars)."""
+        if self._index is None:
+            self._index = IdIndex.build(self)
+        return self._index.find(self, item_id)
+
+    def to_hf_dataset(self, layer: int = -2, pooling: str | None = None, cache_dir=None):
         """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` and
         `pooling` (default the run's first; per-token runs: [num_tokens, hidden]
         and token_steps), num_steps, num_tokens, carried metadata
-        (rjepa_latent.readers)."""
-        return to_hf_dataset(self, layer, pooling)
+        (rjepa_latent.readers); memory-mapped from an Arrow file in `cache_dir`
+        (default: the `datasets` cache), see `to_hf_dataset`."""
+        return to_hf_dataset(self, layer, pooling, cache_dir)
 
     def shard_arrays(self, si: int) -> dict[str, np.ndarray]:
         """step_offsets, token_spans, latents (and latents.<pooling> of each further
@@ -187,16 +218,19 @@ class LatentStore:
 
     def __getitem__(self, key: int | str) -> LatentItem:
         if isinstance(key, str):
-            if key not in self._pos:
+            pos = self.position_of(key)
+            if pos is None:
                 raise KeyError(f"no item with id {key!r}")
-            pos = self._pos[key]
         elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             pos = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= pos < len(self):
                 raise IndexError(f"item index {key} out of range for {len(self)} items")
         else:
             raise TypeError(f"index by position (int) or id (str), not {type(key).__name__}")
-        si, j = self._where[pos]
+        si, j = self.locate(pos)
+        return self._item(si, j, self.row(si, j))
+
+    def _item(self, si: int, j: int, meta: dict) -> LatentItem:
         arr = self.shard_arrays(si)
         a, b = int(arr["step_offsets"][j]), int(arr["step_offsets"][j + 1])
         ra, rb, token_steps = a, b, None
@@ -204,15 +238,16 @@ class LatentStore:
             ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
             token_steps = arr["token_steps"][ra:rb]
         raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
-        item = LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
+        item = LatentItem(raws, arr["token_spans"][a:b], meta, self.dtype == "bfloat16",
                           token_steps)
         if self.per_token:
             item.token_keys = {k: arr[k][..., ra:rb] for k in KEY_TENSORS + (OUTLIER_TENSOR,) if k in arr}
         return item
 
     def __iter__(self) -> Iterator[LatentItem]:
-        for p in range(len(self)):
-            yield self[p]
+        for si in range(len(self.shards)):
+            for j, meta in enumerate(self.shard_meta(si)):
+                yield self._item(si, j, meta)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "partial"
@@ -299,66 +334,182 @@ def bf16_view(values: np.ndarray) -> np.ndarray:
     return values.view(ml.bfloat16)
 
 
-def _metadata_columns(rows: list[dict], pa) -> dict[str, Any]:
-    names: list[str] = []
-    for r in rows:
-        names.extend(k for k in r if k not in FIXED_COLUMNS and k not in names)
-    out = {}
-    for k in names:
+def _metadata_types(store: LatentStore, pa, as_json: set[str]) -> dict[str, Any]:
+    """Every carried metadata field (in order of first appearance) and its Arrow
+    type over the whole run, one shard's rows at a time: the type Arrow infers,
+    widened across shards; None (JSON text) where values of a field mix types
+    Arrow cannot hold in one column, or for the fields in `as_json`."""
+    types: dict[str, Any] = {}
+    for si in range(len(store.shards)):
+        rows = store.shard_meta(si)
+        names = list(types)
+        for r in rows:
+            names.extend(k for k in r if k not in FIXED_COLUMNS and k not in types and k not in names)
+        for k in names:
+            if k not in types:
+                types[k] = pa.null()
+            if k in as_json or types[k] is None:
+                types[k] = None
+                continue
+            try:
+                t = pa.array([r.get(k) for r in rows]).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types: keep them as JSON text
+                types[k] = None
+                continue
+            if t != types[k] and t != pa.null():
+                try:
+                    types[k] = t if types[k] == pa.null() else pa.unify_schemas(
+                        [pa.schema([(k, types[k])]), pa.schema([(k, t)])],
+                        promote_options="permissive").field(k).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    types[k] = None
+    return types
+
+
+class MixedColumn(Exception):
+    """A metadata field whose values do not convert to the type found for it."""
+
+
+def _metadata_arrays(rows: list[dict], types: dict[str, Any], pa) -> list:
+    out = []
+    for k, t in types.items():
         values = [r.get(k) for r in rows]
+        if t is None:
+            out.append(pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
+                                pa.string()))
+            continue
         try:
-            out[k] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):   # mixed types: keep them as JSON text
-            out[k] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
+            out.append(pa.array(values, type=t))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+            raise MixedColumn(k) from None
     return out
+
+
+def arrow_parts(store: LatentStore, layer: int = -2, pooling: str | None = None,
+                as_json: frozenset = frozenset()):
+    """(schema, a generator of one pyarrow Table per shard) of `arrow_table`, for
+    building or writing it a shard at a time (memory flat in the run's size).
+    The schema holds every metadata field of the run (one pass over the
+    sidecars first); fields in `as_json` are JSON text. The generator raises
+    `MixedColumn(field)` for a field whose values do not fit the type found for
+    it: start again with that field in `as_json` (`with_json_fallback`)."""
+    pa = _need("pyarrow")
+    pos = stored_layer(store, layer)
+    pooling = stored_pooling(store, pooling)
+    types = _metadata_types(store, pa, set(as_json))
+    schema = _schema(store, pos, pooling, types, pa)
+    return schema, (_shard_table(store, si, pos, pooling, types, schema, pa)
+                    for si in range(len(store.shards)))
+
+
+def with_json_fallback(build):
+    """build(as_json) again with each field that raised MixedColumn as JSON text."""
+    as_json: set[str] = set()
+    while True:
+        try:
+            return build(frozenset(as_json))
+        except MixedColumn as e:
+            if e.args[0] in as_json:
+                raise
+            as_json.add(e.args[0])
+
+
+def _token_columns(store: LatentStore) -> list[str]:
+    """The per-token key columns of the export: each row's step, and its
+    position and token id in runs that store them (every shard alike)."""
+    stored = store.shard_arrays(0) if store.shards else {}
+    return ["token_steps"] + [k for k in ("token_positions", "token_ids") if k in stored]
+
+
+def _schema(store: LatentStore, pos: int, pooling: str, types: dict[str, Any], pa):
+    hidden = int(store.config["hidden_size"])
+    bf16 = store.config["dtype"] == "bfloat16"
+    value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
+    fields = [pa.field("id", pa.string()),
+              pa.field("latents", pa.list_(pa.list_(value_type, hidden)),
+                       metadata={"dtype": "bfloat16"} if bf16 else None)]
+    if store.per_token:
+        fields += [pa.field(k, pa.list_(pa.int32())) for k in _token_columns(store)]
+    fields += [pa.field("num_steps", pa.int64()), pa.field("num_tokens", pa.int64())]
+    fields += [pa.field(k, pa.string() if t is None else t) for k, t in types.items()]
+    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
+                                        "pooling": pooling,
+                                        "rows": "tokens" if store.per_token else "steps",
+                                        "dtype": store.config["dtype"],
+                                        "model_fingerprint": store.config.get("model_fingerprint")})}
+    return pa.schema(fields, metadata=meta)
+
+
+def _shard_table(store: LatentStore, si: int, pos: int, pooling: str, types: dict[str, Any], schema, pa):
+    hidden = int(store.config["hidden_size"])
+    arrays = store.shard_arrays(si)
+    lat = arrays[latents_tensor(store.poolings, pooling)][pos]
+    offsets = pa.array(np.asarray(arrays[row_offsets_name(store)], np.int64).astype(np.int32))
+    rows = store.shard_meta(si)
+    flat = np.ascontiguousarray(lat).reshape(-1)
+    values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
+    cols = [pa.array([r["id"] for r in rows], pa.string()),
+            pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(values, hidden))]
+    if store.per_token:   # each row's step, and its position and token id where stored
+        cols += [pa.ListArray.from_arrays(offsets, pa.array(np.asarray(arrays[k], np.int32)))
+                 for k in _token_columns(store)]
+    cols += [pa.array([r["num_steps"] for r in rows], pa.int64()),
+             pa.array([r["num_tokens"] for r in rows], pa.int64()),
+             *_metadata_arrays(rows, types, pa)]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None):
     """The run as one pyarrow Table (layout in the module docstring) of one layer
     and one pooling (default the run's first)."""
     pa = _need("pyarrow")
-    pos = stored_layer(store, layer)
-    pooling = stored_pooling(store, pooling)
-    hidden = int(store.config["hidden_size"])
-    bf16 = store.config["dtype"] == "bfloat16"
-    pieces, rows = [], []
-    token_lists: dict[str, list] = {"token_steps": [], "token_positions": [], "token_ids": []}
-    for si, (lat, offsets, meta) in enumerate(shards(store, pos, pooling)):
-        flat = np.ascontiguousarray(lat).reshape(-1)
-        values = pa.array(flat) if flat.dtype != np.float16 else pa.array(flat, type=pa.float16())
-        steps = pa.FixedSizeListArray.from_arrays(values, hidden)
-        pieces.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), steps))
-        if store.per_token:   # each row's step, and its position and token id where stored
-            arrays = store.shard_arrays(si)
-            for key, parts in token_lists.items():
-                if key in arrays:
-                    parts.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                                          pa.array(np.asarray(arrays[key], np.int32))))
-        rows.extend(meta)
-    field_meta = {"dtype": "bfloat16"} if bf16 else None
-    if pieces:
-        latents = pa.chunked_array(pieces)
-    else:
-        value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
-        latents = pa.chunked_array([], type=pa.list_(pa.list_(value_type, hidden)))
-    cols = {"id": pa.array([r["id"] for r in rows], pa.string()), "latents": latents}
-    if store.per_token:
-        for key, parts in token_lists.items():
-            if key == "token_steps" or parts:
-                cols[key] = pa.chunked_array(parts, type=pa.list_(pa.int32()))
-    cols.update({"num_steps": pa.array([r["num_steps"] for r in rows], pa.int64()),
-                 "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int64()),
-                 **_metadata_columns(rows, pa)})
-    fields = [pa.field(k, v.type, metadata=field_meta if k == "latents" else None) for k, v in cols.items()]
-    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
-                                        "pooling": pooling,
-                                        "rows": "tokens" if store.per_token else "steps",
-                                        "dtype": store.config["dtype"],
-                                        "model_fingerprint": store.config.get("model_fingerprint")})}
-    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields, metadata=meta))
+
+    def build(as_json):
+        schema, tables = arrow_parts(store, layer, pooling, as_json)
+        parts = list(tables)
+        return pa.concat_tables(parts) if parts else schema.empty_table()
+    return with_json_fallback(build)
 
 
-def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None):
-    """A `datasets.Dataset` of the run (columns as in arrow_table)."""
+HF_BATCH_BYTES = 4 << 20   # bytes of one record batch in to_hf_dataset's Arrow file
+
+
+def to_hf_dataset(store: LatentStore, layer: int = -2, pooling: str | None = None,
+                  cache_dir: str | os.PathLike | None = None):
+    """A `datasets.Dataset` of the run (columns as in arrow_table), memory-mapped
+    from an Arrow file written a shard at a time (memory flat in the run's
+    size) into `cache_dir` (default: the `datasets` cache, its rjepa_latent
+    folder); the file is named by the run, its shards' hashes, the layer and the
+    pooling, so the same call again maps it without writing."""
     ds = _need("datasets")
-    return ds.Dataset(arrow_table(store, layer, pooling))
+    pa = _need("pyarrow")
+    import hashlib
+    key = json.dumps([str(store.path.resolve()), store.config.get("model_fingerprint"),
+                      [s["files"] for s in store.shards], stored_layer(store, layer),
+                      stored_pooling(store, pooling)], sort_keys=True)
+    root = Path(cache_dir) if cache_dir is not None else Path(ds.config.HF_DATASETS_CACHE) / "rjepa_latent"
+    path = root / f"run-{hashlib.sha256(key.encode()).hexdigest()[:32]}.arrow"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+        def write(as_json) -> None:
+            # record batches of HF_BATCH_BYTES: `datasets` reads every batch's
+            # header when it maps the file, and each touches the pages around it
+            schema, tables = arrow_parts(store, layer, pooling, as_json)
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+                pending: list = []
+                for t in tables:
+                    pending.append(t)
+                    if sum(x.nbytes for x in pending) >= HF_BATCH_BYTES:
+                        w.write_table(pa.concat_tables(pending).combine_chunks())
+                        pending = []
+                if pending:
+                    w.write_table(pa.concat_tables(pending).combine_chunks())
+        try:
+            with_json_fallback(write)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return ds.Dataset.from_file(str(path))
