@@ -671,7 +671,11 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                 continue
             info = found[(kind, layer)]
             if isinstance(info, hf_quantized.QuantWeight):
-                yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
+                dense = info.dequantize(maps, scratch)   # maps every part's file
+                if weights is not None:   # each stored part, hashed from the same map
+                    for part in info.parts.values():
+                        weights.add(part.name, maps[part.file], part.begin, part.end)
+                yield kind, layer, dense, "float32", info.shape
                 continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:
@@ -705,7 +709,9 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
     found = match_tensors(cfg, hf_quantized.logical_tensors(scheme, tensors, directory), directory)
     maps: dict[str, mmap.mmap] = {}
     header = fingerprint(cfg, tensors)
-    by_name = {t.name: t for t in found.values()}
+    by_name = {t.name: t for t in found.values() if not isinstance(t, hf_quantized.QuantWeight)}
+    by_name.update({p.name: p for t in found.values() if isinstance(t, hf_quantized.QuantWeight)
+                    for p in t.parts.values()})   # a quantized weight: each stored part
     weights = WeightHasher(header, by_name)
 
     def read_weight(name: str) -> bytes:
