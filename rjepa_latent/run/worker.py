@@ -34,6 +34,7 @@ class ShardWorker:
         self.m, self.spec, self.out = m, spec, Path(out)
         self.config = config if config is not None else run_config(spec, m)
         self.layers = self.config["layers"]
+        self.sites = self.config.get("sites") or None   # a run of activation sites
         self.pooling = spec.pooling_value
         self.store_dtype = self.config["dtype"]
         self.budget = batch_budget(spec, m)
@@ -84,7 +85,8 @@ class ShardWorker:
         for batch in shard["batches"]:
             n_tok = int(sum(checked[i].ids.size for i in batch))
             t = time.perf_counter()
-            res = self.m.run_batch([checked[i] for i in batch], self.layers, self.pooling)
+            res = self.m.run_batch([checked[i] for i in batch], self.layers, self.pooling,
+                                   sites=self.sites)
             dt = time.perf_counter() - t
             for i, r in zip(batch, res):
                 results[i] = r
@@ -98,7 +100,8 @@ class ShardWorker:
         index, records, items, results, errors = job
         good, lats, errors = [], [], list(errors)
         for it, r in zip(items, results):
-            lat, reason = convert_latents(np.asarray(r, dtype=np.float32), self.store_dtype)
+            lat, reason = convert_sites(r, self.store_dtype) if self.sites else \
+                convert_latents(np.asarray(r, dtype=np.float32), self.store_dtype)
             if reason is None:
                 good.append(it)
                 lats.append(lat)
@@ -138,6 +141,8 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
                       if isinstance(t, Item))
     driver.num_records = None   # the real pass counts them again
     n_layers, hidden = len(worker.layers), worker.m.hidden_size
+    if worker.sites:   # the same bytes per token as that many rows of the hidden size
+        n_layers = sum(worker.config["site_widths"]) / hidden
     itemsize = np.dtype(STORE_DTYPES[worker.store_dtype][1]).itemsize
     need = tokens * (n_layers * hidden * itemsize + 4)
     where = out
@@ -156,6 +161,18 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
                          f"space, or use another --out, fewer --layers or a smaller --dtype; "
                          f"nothing was written")
     return need
+
+
+def convert_sites(res: dict, dtype: str) -> tuple[dict | None, str | None]:
+    """convert_latents of each site of one item: site -> [n_poolings, rows, width]."""
+    out = {}
+    for name, arr in res.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        lat, reason = convert_latents(arr if arr.ndim == 3 else arr[None], dtype)
+        if reason is not None:
+            return None, f"{name}: {reason}"
+        out[name] = lat
+    return out, None
 
 
 def _refusal(e: InputError) -> str:

@@ -16,7 +16,8 @@ from ..errors import StoreError
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
                     _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
                     _verify, atomic_write, config_differences, journal_bytes, journal_name, latents_tensor,
-                    read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of, write_tag)
+                    read_journal_lenient, run_poolings, run_sites, safetensors_chunks, site_tensor,
+                    site_width, token_steps_of, write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
@@ -27,14 +28,19 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
     (`write_tag`), so processes may commit different shards into one directory at
     once. Items in input order, latents already in the stored dtype: per item
     [n_layers, n_rows, hidden], or [n_poolings, n_layers, n_rows, hidden] for a
-    run of several poolings; rows are steps, or tokens for a per-token run."""
+    run of several poolings; rows are steps, or tokens for a per-token run. A run
+    of activation sites (config "sites") takes per item a dict: site ->
+    [n_poolings, n_rows, width], stored as one tensor per site and pooling."""
     tag = write_tag(index)
     name = f"shard-{index:05d}"
     nl, d = len(config["layers"]), config["hidden_size"]
     st_dtype, np_dtype = STORE_DTYPES[config["dtype"]]
     poolings = run_poolings(config)
     per_token = poolings == [TOKEN_POOLING]
-    lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
+    sites = run_sites(config)
+    if sites:
+        _check_sites(config, items, latents, len(poolings), per_token)
+    lats = [] if sites else [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
     for it, lat in zip(items, lats):
         rows_want = len(it.ids) if per_token else len(it.spans)
         if lat.shape != (len(poolings), nl, rows_want, d):
@@ -52,12 +58,19 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
                        if items else np.zeros(0, np.int32))
         tensors += [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
     for q, p in enumerate(poolings):
+        for s in sites:
+            arr = (np.concatenate([x[s][q] for x in latents], axis=0) if latents else
+                   np.zeros((0, site_width(config, s)), np_dtype)).astype(np_dtype, copy=False)
+            tensors.append((site_tensor(poolings, p, s), st_dtype, arr))
+        if sites:
+            continue
         lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
                np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
         tensors.append((latents_tensor(poolings, p), st_dtype, lat))
     rows = [_sidecar_row(it, int(c)) for it, c in zip(items, steps)]   # checked before any write
     st = atomic_write(out / f"{name}.safetensors", safetensors_chunks(
-        tensors, {"poolings": ",".join(poolings)}), tag)
+        tensors, {"poolings": ",".join(poolings), **({"sites": ",".join(sites)} if sites else {})}),
+        tag)
     js = atomic_write(out / f"{name}.jsonl", [_jsonl_bytes(rows)], tag)
     entry = {"index": index, "records": [int(records[0]), int(records[1])], "items": len(items),
              "steps": int(offsets[-1]), "tokens": int(sum(len(it.ids) for it in items)),
@@ -66,6 +79,17 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
         entry["kernel"] = kernel  # the kernel identity that computed this shard
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
     return entry
+
+
+def _check_sites(config: dict, items: list, latents: list, n_poolings: int, per_token: bool) -> None:
+    for it, lat in zip(items, latents):
+        rows_want = len(it.ids) if per_token else len(it.spans)
+        for s in run_sites(config):
+            want = (n_poolings, rows_want, site_width(config, s))
+            got = tuple(lat[s].shape) if isinstance(lat, dict) and s in lat else None
+            if got != want:
+                raise StoreError(f"item {it.id!r}: site {s} of shape {got}, the run stores {want} "
+                                 f"(poolings, rows, width)")
 
 
 def check_run_config(out: Path, stored: dict, requested: dict, allow_kernel_change: bool,
