@@ -141,8 +141,8 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
                       if isinstance(t, Item))
     driver.num_records = None   # the real pass counts them again
     n_layers, hidden = len(worker.layers), worker.m.hidden_size
-    if worker.sites:   # the same bytes per token as that many rows of the hidden size
-        n_layers = sum(worker.config["site_widths"]) / hidden
+    if worker.sites:   # a run of sites: one row of all the sites' widths per token
+        n_layers, hidden = 1, sum(worker.config["site_widths"])
     itemsize = np.dtype(STORE_DTYPES[worker.store_dtype][1]).itemsize
     need = tokens * (n_layers * hidden * itemsize + 4)
     where = out

@@ -230,7 +230,7 @@ class LatentStore:
         sites = {s: {p: arr[site_tensor(self.poolings, p, s)][ra:rb] for p in self.poolings}
                  for s in self.sites}
         return LatentItem(raws, arr["token_spans"][a:b], self._meta[si][j], self.dtype == "bfloat16",
-                          token_steps, sites, int(self.config["num_layers"]))
+                          token_steps, sites, self.config.get("num_layers"))
 
     def __iter__(self) -> Iterator[LatentItem]:
         for p in range(len(self)):
