@@ -21,7 +21,13 @@ process, every token's activations at `--sites` written as flat
   at their best);
 - ours, pipeline (unless --no-pipeline): `extract_dataset(..., pooling="none",
   sites=...)` over a JSONL of the same texts (tokenize, compute, convert, write
-  and fsync shards), tokens/s from its summary.
+  and fsync shards), tokens/s from its summary;
+- SAELens (with --saelens, when `sae_lens` is installed): its
+  `CacheActivationsRunner` over the HF model (`AutoModelForCausalLM`, hooks on
+  the HF module) caching the first site, which must be a `hook_resid_post`,
+  into its HF-datasets cache; it takes fixed windows, so it gets `--texts`
+  (rounded up to its batch of 8) windows of `--length` tokens of the same
+  kind, one buffer for all of them.
 
 Rows are checked to agree (ours vs HF, within 1e-4 relative). Prints tokens/s
 and GB/s of rows written per method (best of --repeats) and the ratios to HF.
@@ -151,6 +157,32 @@ def run_pipeline(m, seqs, sites, root: Path) -> tuple[float, int, int]:
     return dt, int(s["tokens"]), nbytes
 
 
+def run_saelens(path: Path, site, width: int, n: int, length: int, root: Path
+                ) -> tuple[float, int, int]:
+    import torch
+    from datasets import Dataset
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    if site.kind != "resid_post":
+        raise SystemExit("--saelens caches the first site, which must be a hook_resid_post")
+    batch = 8
+    n = -(-n // batch) * batch
+    rng = np.random.default_rng(1)
+    ds = Dataset.from_dict({"input_ids": [rng.integers(2, 300, length).tolist() for _ in range(n)]})
+    out = root / "saelens"
+    shutil.rmtree(out, ignore_errors=True)
+    tokens = n * length
+    cfg = CacheActivationsRunnerConfig(
+        dataset_path="", model_name=str(path), model_class_name="AutoModelForCausalLM",
+        model_batch_size=batch, hook_name=f"model.layers.{site.block}", d_in=width,
+        training_tokens=tokens, context_size=length, new_cached_activations_path=str(out),
+        shuffle=False, dtype="float32", device="cpu", prepend_bos=False,
+        buffer_size_gb=tokens * width * 4 / 1e9, model_from_pretrained_kwargs={"dtype": torch.float32})
+    runner = CacheActivationsRunner(cfg, override_dataset=ds)
+    t = time.perf_counter()
+    runner.run()
+    return time.perf_counter() - t, tokens, tokens * width * 4
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=576)
@@ -164,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="engine and torch threads")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-pipeline", action="store_true")
+    ap.add_argument("--saelens", action="store_true", help="also time SAELens's CacheActivationsRunner")
     args = ap.parse_args(argv)
 
     import torch
@@ -203,6 +236,10 @@ def main(argv=None) -> int:
     if not args.no_pipeline:
         dt, toks, pbytes = run_pipeline(m, seqs, names, root)
         rates["ours, pipeline"] = (toks / dt, pbytes / dt)
+    if args.saelens:
+        dt, toks, sbytes = run_saelens(path, sites[0], widths[sites[0].name], args.texts, args.length,
+                                       root)
+        rates["SAELens cache"] = (toks / dt, sbytes / dt)
     print(f"\nmodel: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/"
           f"{args.kv_heads} intermediate={m.config['intermediate_size']}; {len(seqs)} texts, "
           f"{total} tokens; sites {', '.join(widths)} ({sum(widths.values())} floats per token); "
