@@ -515,6 +515,14 @@ static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, i
     return m->be->upload_i32(m->be, m->ws.spans, m->host_spans, (size_t)(2 * n));
 }
 
+/* 1 if some output of the batch is `code` */
+static int wants(const rl_batch *b, int32_t code)
+{
+    for (int64_t p = 0; p < b->n_layers; p++)
+        if (b->layers[p] == code) return 1;
+    return 0;
+}
+
 /* Pools `src` (rows of the output's width) over every span, once per
  * pooling, into each result slot [q, p] whose output p is `code` (a hidden
  * index or a site, sites.h): in place in the pooled rows (fs->pooled_direct,
@@ -523,9 +531,7 @@ static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, i
 static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t code, const void *src, rl_dtype dt)
 {
     const rl_batch *b = fs->b;
-    int wanted = 0;
-    for (int64_t p = 0; p < b->n_layers; p++) wanted |= b->layers[p] == code;
-    if (!wanted || b->n_spans == 0) return RL_OK;
+    if (!wants(b, (int32_t)code) || b->n_spans == 0) return RL_OK;
     rl_backend *be = m->be;
     int64_t w = rl_output_width(&m->cfg, (int32_t)code), S = b->n_spans, nl = b->n_layers;
     int64_t ring_floats = m->ws.pooled_rows * m->cfg.hidden_size;
@@ -560,13 +566,6 @@ static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t code, const void
         }
     }
     return RL_OK;
-}
-
-static int wants(const rl_batch *b, int32_t code)
-{
-    for (int64_t p = 0; p < b->n_layers; p++)
-        if (b->layers[p] == code) return 1;
-    return 0;
 }
 
 /* attn_out / mlp_out of block l when asked for: what the branch adds to the

@@ -29,7 +29,9 @@ process, every token's activations at `--sites` written as flat
   (rounded up to its batch of 8) windows of `--length` tokens of the same
   kind, one buffer for all of them.
 
-Rows are checked to agree (ours vs HF, within 1e-4 relative). Prints tokens/s
+Rows are checked to agree (ours vs HF, max error / max |HF| per site within
+1e-3: a random model's float32 drift grows with depth, to ~2e-5 in the hidden
+states at block 4 of the default shape already, and attention can amplify it). Prints tokens/s
 and GB/s of rows written per method (best of --repeats) and the ratios to HF.
 Not a test: numbers depend on the machine; run it on a quiet one.
 """
@@ -225,12 +227,13 @@ def main(argv=None) -> int:
             fn(rows)
             close_rows(rows)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+            print(f"{name}: {total} tokens in {best[name]:.2f} s", flush=True)
     for s in sites:   # the same rows
         a = np.load(root / "ours" / f"{s.name}.npy", mmap_mode="r")
         b = np.load(root / "HF_hooks" / f"{s.name}.npy", mmap_mode="r")
         err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
         print(f"{s.name}: ours vs HF max rel error {err:.1e}")
-        if err > 1e-4:
+        if err > 1e-3:
             raise SystemExit(f"{s.name}: rows differ from HF's ({err:.1e})")
     rates = {k: (total / v, nbytes / v) for k, v in best.items()}
     if not args.no_pipeline:
