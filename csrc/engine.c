@@ -461,7 +461,15 @@ static rl_status validate_seqs(const rl_model *m, const rl_batch *b)
 static rl_status validate_outputs(const rl_model *m, const rl_batch *b)
 {
     if (b->n_layers < 1 || !b->layers) return RL_FAIL(RL_ERR_INVALID, "layers is empty");
-    for (int64_t i = 0; i < b->n_layers; i++) RL_TRY(rl_output_check(&m->cfg, i, b->layers[i]));
+    for (int64_t i = 0; i < b->n_layers; i++) {
+        if (b->layers[i] < 0) {   /* a site (sites.h) */
+            RL_TRY(rl_output_check(&m->cfg, i, b->layers[i]));
+            continue;
+        }
+        if (b->layers[i] > m->cfg.max_layer)
+            return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
+                           (long long)i, b->layers[i], (long long)m->cfg.max_layer);
+    }
     unsigned pools = m->be->caps->poolings;
     if (b->n_poolings < 1 || b->n_poolings > RL_MAX_POOLINGS || !b->poolings)
         return RL_FAIL(RL_ERR_INVALID, "n_poolings must be in [1, %d] with a poolings array, "

@@ -41,12 +41,7 @@ int64_t rl_output_depth(int32_t code)
 
 rl_status rl_output_check(const rl_config *cfg, int64_t i, int32_t code)
 {
-    if (code >= 0) {
-        if (code > cfg->max_layer)
-            return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
-                           (long long)i, code, (long long)cfg->max_layer);
-        return RL_OK;
-    }
+    if (code >= 0) return RL_OK;   /* a hidden-state index: engine.c checks it */
     int64_t block;
     int kind;
     rl_site_decode(code, &block, &kind);

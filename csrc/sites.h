@@ -52,7 +52,8 @@ int64_t rl_output_width(const rl_config *cfg, int32_t code);
  * k and for resid_pre of block k; 2b + 1 for the attention sites of block b;
  * 2b + 2 for its MLP sites and resid_post */
 int64_t rl_output_depth(int32_t code);
-/* RL_OK or RL_ERR_INVALID naming entry `i` and the valid ranges */
+/* for a site code: RL_OK, or RL_ERR_INVALID naming entry `i`, the site, its
+ * block and the blocks the model has and runs (hidden indices: RL_OK) */
 rl_status rl_output_check(const rl_config *cfg, int64_t i, int32_t code);
 
 #ifdef __cplusplus
