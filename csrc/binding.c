@@ -37,6 +37,7 @@
 #include "binding_quant.h"
 #include "qweights.h"
 #include "quant_hf.h"
+#include "sites.h"
 
 #ifndef RL_VERSION
 #error "RL_VERSION (the package version, from pyproject.toml) is defined by setup.py"
@@ -713,7 +714,7 @@ static int parse_poolings(PyObject *obj, rl_pool *out, int64_t *n, int *many)
 
 /* Wraps a result in an ndarray whose base is a new HostBuffer (takes res):
  * [P, nl, S, d] with `many`, else [nl, S, d] (P = 1). */
-static PyObject *result_to_array(const core_state *S, rl_result *res, int many)
+static PyObject *result_to_array(const core_state *S, rl_result *res, int many, npy_intp flat)
 {
     HostBufferObject *owner = PyObject_New(HostBufferObject, S->HostBufferType);
     if (!owner) {
@@ -725,7 +726,9 @@ static PyObject *result_to_array(const core_state *S, rl_result *res, int many)
     owner->res = *res;
     npy_intp dims[4] = {(npy_intp)res->n_poolings, (npy_intp)res->n_layers,
                         (npy_intp)res->n_spans, (npy_intp)res->hidden};
-    PyObject *arr = many ? PyArray_SimpleNewFromData(4, dims, NPY_FLOAT32, res->data)
+    /* outputs of several widths (sites): one flat array the caller slices */
+    PyObject *arr = flat ? PyArray_SimpleNewFromData(1, &flat, NPY_FLOAT32, res->data)
+                  : many ? PyArray_SimpleNewFromData(4, dims, NPY_FLOAT32, res->data)
                          : PyArray_SimpleNewFromData(3, dims + 1, NPY_FLOAT32, res->data);
     if (!arr) { Py_DECREF(owner); return NULL; }
     if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)owner) < 0) {  /* steals owner */
@@ -733,6 +736,20 @@ static PyObject *result_to_array(const core_state *S, rl_result *res, int many)
         return NULL;
     }
     return arr;
+}
+
+/* rl_model_forward, and with a site among the outputs the result's length in
+ * floats (*flat; 0 without sites) */
+static rl_status forward_sites(rl_model *m, const rl_batch *b, rl_result *res, npy_intp *flat)
+{
+    rl_status st = rl_model_forward(m, b, res);
+    int64_t width_total = 0, sites = 0;
+    for (int64_t p = 0; st == RL_OK && p < b->n_layers; p++) {
+        sites |= b->layers[p] < 0;
+        width_total += rl_output_width(rl_model_config(m), b->layers[p]);
+    }
+    if (sites) *flat = (npy_intp)(res->n_poolings * res->n_spans * width_total);
+    return st;
 }
 
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwds)
@@ -773,9 +790,10 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     };
     rl_result res;
     rl_status st;
-    ENGINE_CALL(self, st, m, rl_model_forward(m, &b, &res));
+    npy_intp flat = 0;
+    ENGINE_CALL(self, st, m, forward_sites(m, &b, &res, &flat));
     if (st != RL_OK) raise_status(object_state((PyObject *)self), st);
-    else ret = result_to_array(object_state((PyObject *)self), &res, many);
+    else ret = result_to_array(object_state((PyObject *)self), &res, many, flat);
 done:
     for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
     return ret;

@@ -192,7 +192,8 @@ typedef struct {
     const int32_t *cu_seqlens;  /* [B+1] start offsets, cu[0]=0, cu[B]=T     */
     int64_t n_seqs;             /* B                                         */
     const int32_t *layers;      /* [nl] hidden-state indices, each 0..max_layer
-                                   (already resolved from negatives)         */
+                                   (already resolved from negatives), or
+                                   sites of a block (codes < 0, sites.h)     */
     int64_t n_layers;           /* nl                                        */
     const int32_t *spans;       /* [S, 2] [start, end) relative to the span's
                                    own sequence                              */
@@ -204,7 +205,9 @@ typedef struct {
 } rl_batch;
 
 typedef struct {
-    float *data;                /* [P, nl, S, d] f32, owned by the result    */
+    float *data;                /* [P, nl, S, d] f32, owned by the result; with
+                                   sites, per pooling and output [S, width]
+                                   (sites.h: rl_output_width)                */
     int64_t n_poolings, n_layers, n_spans, hidden;
     void (*release)(void *data);/* frees data; needs neither the model nor its
                                    backend, so a result outlives both       */

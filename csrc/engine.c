@@ -26,6 +26,7 @@
  */
 #include "engine.h"
 #include "qweights.h"
+#include "sites.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -505,10 +506,15 @@ static rl_status validate_seqs(const rl_model *m, const rl_batch *b)
 static rl_status validate_outputs(const rl_model *m, const rl_batch *b)
 {
     if (b->n_layers < 1 || !b->layers) return RL_FAIL(RL_ERR_INVALID, "layers is empty");
-    for (int64_t i = 0; i < b->n_layers; i++)
-        if (b->layers[i] < 0 || b->layers[i] > m->cfg.max_layer)
+    for (int64_t i = 0; i < b->n_layers; i++) {
+        if (b->layers[i] < 0) {   /* a site (sites.h) */
+            RL_TRY(rl_output_check(&m->cfg, i, b->layers[i]));
+            continue;
+        }
+        if (b->layers[i] > m->cfg.max_layer)
             return RL_FAIL(RL_ERR_INVALID, "layers[%lld]=%d is out of range [0, max_layer=%lld]",
                            (long long)i, b->layers[i], (long long)m->cfg.max_layer);
+    }
     unsigned pools = m->be->caps->poolings;
     if (b->n_poolings < 1 || b->n_poolings > RL_MAX_POOLINGS || !b->poolings)
         return RL_FAIL(RL_ERR_INVALID, "n_poolings must be in [1, %d] with a poolings array, "
@@ -548,7 +554,8 @@ typedef struct {
     rl_result *res;
     int spans_resident;    /* all spans fit the workspace and were uploaded once */
     int pooled_direct;     /* the whole result fits the pooled rows, in its layout */
-    int64_t ring_next;     /* otherwise: next free pooled row of the ring         */
+    int64_t ring_next;     /* otherwise: next free pooled float of the ring       */
+    int64_t width_total;   /* sum of the outputs' widths (sites.h)                */
 } fwd_state;
 
 static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, int64_t n)
@@ -561,49 +568,88 @@ static rl_status upload_span_chunk(rl_model *m, const rl_batch *b, int64_t s0, i
     return m->be->upload_i32(m->be, m->ws.spans, m->host_spans, (size_t)(2 * n));
 }
 
-/* Pools `src` over every span, once per pooling, into each result slot
- * [q, p] whose layer p asks for hidden index k: in place in the pooled rows
- * (fs->pooled_direct, downloaded by forward_run), or through the ring. */
-static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t k, const void *src, rl_dtype dt)
+/* 1 if some output of the batch is `code` */
+static int wants(const rl_batch *b, int32_t code)
+{
+    for (int64_t p = 0; p < b->n_layers; p++)
+        if (b->layers[p] == code) return 1;
+    return 0;
+}
+
+/* Pools `src` (rows of the output's width) over every span, once per
+ * pooling, into each result slot [q, p] whose output p is `code` (a hidden
+ * index or a site, sites.h): in place in the pooled rows (fs->pooled_direct,
+ * downloaded by forward_run), or through the ring. Slot [q, p] is [S, w_p]
+ * at float S * (q * width_total + the widths of outputs before p). */
+static rl_status pool_index(rl_model *m, fwd_state *fs, int64_t code, const void *src, rl_dtype dt)
 {
     const rl_batch *b = fs->b;
-    int wanted = 0;
-    for (int64_t p = 0; p < b->n_layers; p++) wanted |= b->layers[p] == k;
-    if (!wanted || b->n_spans == 0) return RL_OK;
+    if (!wants(b, (int32_t)code) || b->n_spans == 0) return RL_OK;
     rl_backend *be = m->be;
-    int64_t d = m->cfg.hidden_size, S = b->n_spans, nl = b->n_layers, chunk = m->ws.max_tokens;
+    int64_t w = rl_output_width(&m->cfg, (int32_t)code), S = b->n_spans, nl = b->n_layers;
+    int64_t ring_floats = m->ws.pooled_rows * m->cfg.hidden_size;
+    /* spans per piece: what the workspace's spans hold, and (ring) what the ring holds */
+    int64_t chunk = m->ws.max_tokens;
+    if (!fs->pooled_direct && ring_floats / w < chunk) chunk = ring_floats / w;
     for (int64_t s0 = 0; s0 < S; s0 += chunk) {
         int64_t n = S - s0 < chunk ? S - s0 : chunk;
+        const int32_t *spans = m->ws.spans + (fs->spans_resident ? 2 * s0 : 0);
         if (!fs->spans_resident) RL_TRY(upload_span_chunk(m, b, s0, n));
-        for (int64_t q = 0; q < b->n_poolings; q++)
-            for (int64_t p = 0; p < nl; p++) {
-                if (b->layers[p] != k) continue;
-                size_t slot = ((size_t)q * (size_t)nl + (size_t)p) * (size_t)S + (size_t)s0;
+        for (int64_t q = 0; q < b->n_poolings; q++) {
+            int64_t before = 0;
+            for (int64_t p = 0; p < nl; before += rl_output_width(&m->cfg, b->layers[p]), p++) {
+                if (b->layers[p] != code) continue;
+                size_t slot = (size_t)S * (size_t)(q * fs->width_total + before)
+                            + (size_t)s0 * (size_t)w;
                 if (fs->pooled_direct) {
-                    RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q],
-                                    m->ws.pooled + slot * (size_t)d));
+                    RL_TRY(be->pool(be, src, dt, w, spans, n, b->poolings[q], m->ws.pooled + slot));
                     continue;
                 }
-                /* a chunk has at most max_tokens rows: it fits once the ring wraps;
-                   the rows it reuses are free once the downloads before are done */
-                if (fs->ring_next + n > m->ws.pooled_rows) {
+                /* a piece fits once the ring wraps; the floats it reuses are free
+                   once the downloads before are done */
+                if (fs->ring_next + n * w > ring_floats) {
                     RL_TRY(be->sync(be));
                     fs->ring_next = 0;
                 }
-                float *rows = m->ws.pooled + (size_t)fs->ring_next * (size_t)d;
-                RL_TRY(be->pool(be, src, dt, d, m->ws.spans, n, b->poolings[q], rows));
-                RL_TRY(be->download_f32_async(be, fs->res->data + slot * (size_t)d, rows,
-                                              (size_t)(n * d)));
-                fs->ring_next += n;
+                float *rows = m->ws.pooled + fs->ring_next;
+                RL_TRY(be->pool(be, src, dt, w, spans, n, b->poolings[q], rows));
+                RL_TRY(be->download_f32_async(be, fs->res->data + slot, rows, (size_t)(n * w)));
+                fs->ring_next += n * w;
             }
+        }
     }
     return RL_OK;
+}
+
+/* attn_out / mlp_out of block l when asked for: what the branch adds to the
+ * residual, computed apart from the residual path (which keeps its fused
+ * add, so asking for a site changes no other output): with post-norms the
+ * post-norm of the projection the layer's GEMM already wrote to proj, else
+ * the projection of `in` once more. normed_out (free until the final norm)
+ * holds it. */
+static rl_status site_branch_out(rl_model *m, fwd_state *fs, const rl_segments *seg,
+                                 int32_t code, const void *in, const void *w, const void *bias,
+                                 const void *post_norm, int64_t K, int64_t T)
+{
+    if (!wants(fs->b, code)) return RL_OK;
+    rl_backend *be = m->be;
+    const rl_config *c = &m->cfg;
+    int64_t d = c->hidden_size;
+    if (c->norms != RL_NORMS_PRE) {
+        RL_TRY(be->rmsnorm(be, m->ws.proj, be->act_dtype, post_norm, m->ws.normed_out,
+                           be->res_dtype, T, d, (float)c->rms_norm_eps, c->norm_offset, 0));
+        return pool_index(m, fs, code, m->ws.normed_out, be->res_dtype);
+    }
+    /* act_dtype is never wider than res_dtype: the [T, d] projection fits normed_out */
+    RL_TRY(be->gemm(be, seg, in, w, bias, m->ws.normed_out, T, d, K, 0));
+    return pool_index(m, fs, code, m->ws.normed_out, be->act_dtype);
 }
 
 /* One decoder layer: x += f(norm(x)) for attention then MLP (rl_norms: the
  * pre-norm may be absent; with post-norms the output of f is normed, fused
  * with the residual add, instead of accumulated by its GEMM). */
-static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64_t T)
+static rl_status run_layer(rl_model *m, fwd_state *fs, const rl_segments *seg, int64_t l,
+                           int64_t T, int attn_only)
 {
     const rl_config *c = &m->cfg;
     rl_backend *be = m->be;
@@ -629,21 +675,29 @@ static rl_status run_layer(rl_model *m, const rl_segments *seg, int64_t l, int64
                             off, eps, inv_freq));
     RL_TRY(be->attention(be, seg, ws->qkv, ws->attn, T, nh, nkv, hd, scale,
                          sliding ? c->sliding_window : 0, c->attn_softcap));
+    RL_TRY(pool_index(m, fs, RL_SITE_CODE(l, RL_SITE_ATTN_Z), ws->attn, act));
     RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_O, lw->wo, &w));
     RL_TRY(be->gemm(be, seg, ws->attn, w, lw->bo, out, T, d, nh * hd, !post));
     if (post)
         RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_attn_norm, ws->x, res, T, d, eps, off, 1));
+    RL_TRY(site_branch_out(m, fs, seg, RL_SITE_CODE(l, RL_SITE_ATTN_OUT), ws->attn, w,
+                           lw->bo, lw->post_attn_norm, nh * hd, T));
+    RL_TRY(pool_index(m, fs, RL_SITE_CODE(l, RL_SITE_RESID_MID), ws->x, res));
+    if (attn_only) return RL_OK;
 
     if (pre) RL_TRY(be->rmsnorm(be, ws->x, res, lw->ffn_norm, ws->h, act, T, d, eps, off, 0));
     else RL_TRY(be->cast(be, ws->x, res, ws->h, act, T * d));
     RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_GATE, lw->wgu, &w));
     RL_TRY(be->gemm(be, seg, ws->h, w, lw->bgu, ws->gu, T, 2 * ff, d, 0));
     RL_TRY(be->glu(be, ws->gu, ws->h, T, ff, c->act));
+    RL_TRY(pool_index(m, fs, RL_SITE_CODE(l, RL_SITE_MLP_POST), ws->h, act));
     RL_TRY(rl_qw_matrix(m->qw, be, l, RL_T_DOWN, lw->wdown, &w));
     RL_TRY(be->gemm(be, seg, ws->h, w, lw->bdown, out, T, d, ff, !post));
     if (post)
         RL_TRY(be->rmsnorm(be, ws->proj, act, lw->post_ffn_norm, ws->x, res, T, d, eps, off, 1));
-    return RL_OK;
+    RL_TRY(site_branch_out(m, fs, seg, RL_SITE_CODE(l, RL_SITE_MLP_OUT), ws->h, w,
+                           lw->bdown, lw->post_ffn_norm, ff, T));
+    return pool_index(m, fs, RL_SITE_CODE(l, RL_SITE_RESID_POST), ws->x, res);
 }
 
 /* Uploads tokens, offsets and positions; fills the segment description. */
@@ -676,23 +730,36 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
     rl_segments seg;
     RL_TRY(upload_batch(m, b, &seg));
     fs->spans_resident = b->n_spans <= ws->max_tokens;
-    /* P * nl * S rows (P * nl and S are each < 2^40: no overflow in the division) */
-    const int64_t slots = b->n_poolings * b->n_layers;
-    fs->pooled_direct = b->n_spans == 0 || slots <= ws->pooled_rows / b->n_spans;
+    /* P * S * width_total floats (P * width_total and S are each < 2^40: no overflow in
+       the division) */
+    const int64_t slots = b->n_poolings * fs->width_total;
+    fs->pooled_direct = b->n_spans == 0 ||
+                        slots <= ws->pooled_rows * c->hidden_size / b->n_spans;
     fs->ring_next = 0;
     if (fs->spans_resident && b->n_spans > 0) RL_TRY(upload_span_chunk(m, b, 0, b->n_spans));
 
-    int64_t deepest = 0, T = b->n_tokens;
-    for (int64_t p = 0; p < b->n_layers; p++) if (b->layers[p] > deepest) deepest = b->layers[p];
+    /* in half blocks (rl_output_depth): the last block runs only its attention
+       half when no output needs more */
+    int64_t deepest = 0, halves = 0, T = b->n_tokens;
+    for (int64_t p = 0; p < b->n_layers; p++) {
+        if (b->layers[p] > deepest) deepest = b->layers[p];
+        int64_t h = rl_output_depth(b->layers[p]);
+        if (h > halves) halves = h;
+    }
     float escale = c->embed_scale != 0.0f ? c->embed_scale : 1.0f;
     if (rl_qw_keeps(m->qw, RL_T_EMBED))
         RL_TRY(rl_qw_embed(m->qw, be, b->tokens, ws->tokens, T, c->hidden_size, ws->x, escale));
     else RL_TRY(be->embed(be, ws->tokens, T, m->w.embed, c->hidden_size, ws->x, escale));
     RL_TRY(pool_index(m, fs, 0, ws->x, be->res_dtype));
-    int64_t n_run = deepest < c->num_layers ? deepest : c->num_layers;
+    RL_TRY(pool_index(m, fs, RL_SITE_CODE(0, RL_SITE_RESID_PRE), ws->x, be->res_dtype));
+    int64_t n_run = (halves + 1) / 2 < c->num_layers ? (halves + 1) / 2 : c->num_layers;
     for (int64_t l = 0; l < n_run; l++) {
-        RL_TRY(run_layer(m, &seg, l, T));
-        if (l + 1 < c->num_layers) RL_TRY(pool_index(m, fs, l + 1, ws->x, be->res_dtype));
+        RL_TRY(run_layer(m, fs, &seg, l, T, 2 * l + 1 == halves));
+        if (l + 1 < c->num_layers) {
+            RL_TRY(pool_index(m, fs, l + 1, ws->x, be->res_dtype));
+            RL_TRY(pool_index(m, fs, RL_SITE_CODE(l + 1, RL_SITE_RESID_PRE), ws->x,
+                              be->res_dtype));
+        }
     }
     if (deepest == c->num_layers) {
         RL_TRY(be->rmsnorm(be, ws->x, be->res_dtype, m->w.final_norm, ws->normed_out,
@@ -702,7 +769,7 @@ static rl_status forward_run(rl_model *m, fwd_state *fs)
     }
     if (fs->pooled_direct && b->n_spans > 0)
         RL_TRY(be->download_f32_async(be, fs->res->data, ws->pooled,
-                                      (size_t)(slots * b->n_spans) * (size_t)c->hidden_size));
+                                      (size_t)(slots * b->n_spans)));
     return be->sync(be); /* the batch's one wait (ring: its last) */
 }
 
@@ -716,10 +783,21 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     RL_TRY(validate_seqs(m, b));
     RL_TRY(validate_outputs(m, b));
 
-    /* P * nl cannot overflow (P <= RL_MAX_POOLINGS, nl counts an array in memory);
-       its product with the bytes of one [S, d] slot must not */
-    size_t per_layer = (size_t)b->n_spans * (size_t)m->cfg.hidden_size * 4;
-    size_t slots = (size_t)b->n_poolings * (size_t)b->n_layers;
+    /* P * width_total cannot overflow (P <= RL_MAX_POOLINGS, nl counts an array in
+       memory, widths are < 2^31); its product with the bytes of S floats must not.
+       A piece of the ring is at least one span of the widest output. */
+    int64_t width_total = 0, ring_floats = m->ws.pooled_rows * m->cfg.hidden_size;
+    for (int64_t p = 0; p < b->n_layers; p++) {
+        int64_t w = rl_output_width(&m->cfg, b->layers[p]);
+        if (w > ring_floats)
+            return RL_FAIL(RL_ERR_INVALID, "layers[%lld] has rows of %lld floats, more than the "
+                           "%lld pooled floats of a workspace of max_tokens=%lld (reserve more "
+                           "tokens)", (long long)p, (long long)w, (long long)ring_floats,
+                           (long long)m->ws.max_tokens);
+        width_total += w;
+    }
+    size_t per_layer = (size_t)b->n_spans * 4;
+    size_t slots = (size_t)b->n_poolings * (size_t)width_total;
     if (per_layer > 0 && slots > ((size_t)1 << 62) / per_layer)
         return RL_FAIL(RL_ERR_NOMEM, "result of %lld poolings x %lld layers x %lld spans is too "
                        "large", (long long)b->n_poolings, (long long)b->n_layers,
@@ -733,7 +811,7 @@ rl_status rl_model_forward(rl_model *m, const rl_batch *b, rl_result *res)
     res->n_spans = b->n_spans;
     res->hidden = m->cfg.hidden_size;
     res->release = m->be->host_release;
-    fwd_state fs = {b, res, 0, 0, 0};
+    fwd_state fs = {b, res, 0, 0, 0, width_total};
     rl_status st = forward_run(m, &fs);
     if (st != RL_OK) {
         /* downloads into the result may still be queued: let them finish before

@@ -478,7 +478,8 @@ BAD_FORWARD = [
     (dict(span_seq=[0, -1]), ValueError, r"span_seq\[1\]=-1 is out of range"),
     (dict(span_seq=[0]), ValueError, r"span_seq has 1 entries but spans has 2"),
     (dict(layers=[4]), ValueError, r"layers\[0\]=4 is out of range \[0, max_layer=3\]"),
-    (dict(layers=[1, -1]), ValueError, r"layers\[1\]=-1 is out of range"),
+    # a negative entry is an activation site (csrc/sites.h): block 99 does not exist
+    (dict(layers=[1, -1 - 99 * 7]), ValueError, r"layers\[1\]=-694 names site resid_pre of block 99"),
     (dict(layers=[]), ValueError, r"layers is empty"),
     (dict(layers=[1.5]), TypeError, r"layers must be an integer array"),
     (dict(pooling="top"), ValueError, r"pooling must be 'mean', 'first', 'last' or 'max', got 'top'"),

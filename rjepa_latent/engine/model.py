@@ -65,6 +65,7 @@ from ..checkpoints.quantized import KEPT_DTYPE
 from ..errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                       SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
 from .plan import batch_cost, plan_batches
+from .sites import Site, resolve_sites
 
 
 # The one definition of the pooling names. A span pooling reduces each
@@ -517,19 +518,28 @@ class Model:
         """Absolute hidden-state indices of `layers` for this model (LayerError if bad)."""
         return resolve_layers(layers, self.num_layers, self.max_layer)
 
+    def resolve_sites(self, sites: Iterable[str] | str) -> list[Site]:
+        """The Sites of these names for this model (LayerError naming the valid forms)."""
+        return resolve_sites(sites, self.num_layers, self.max_layer)
+
     def run_batch(self, batch: Sequence[Checked], layers: Iterable[int],
-                  pooling: str | Sequence[str] = "mean") -> list[np.ndarray]:
+                  pooling: str | Sequence[str] = "mean",
+                  sites: Iterable[str] | None = None) -> list:
         """One engine call over exactly these checked sequences (a planned batch):
         one float32 array per sequence, [n_layers, n_spans, hidden] (a sequence of
         poolings: [n_poolings, n_layers, n_spans, hidden], all from one forward). A
         batch larger than the workspace grows it for this call on the CPU; on CUDA
-        it is refused."""
+        it is refused. With `sites` (`layers` is then ignored) one dict per
+        sequence instead: canonical site name -> [n_spans, width] (a sequence of
+        poolings: [n_poolings, n_spans, width]), zero-copy views of one result."""
         engine = self._eng()
         names, many = resolve_poolings(pooling)
         per_token = names == (TOKEN_POOLING,)
         mode: Any = ["first" if per_token else p for p in names] if many else \
             ("first" if per_token else names[0])
-        lays = np.asarray(self.resolve_layers(layers), np.int32)
+        site_list = self.resolve_sites(sites) if sites is not None else None
+        lays = np.asarray([s.code for s in site_list] if site_list is not None else
+                          self.resolve_layers(layers), np.int32)
         if not batch:
             return []
         for c in batch:
@@ -546,9 +556,11 @@ class Model:
         seq_of = np.repeat(np.arange(len(batch), dtype=np.int32), counts)
         with self.workspace_for(batch_cost(tokens.size, spans.shape[0])):
             res = engine.forward(tokens, cu, lays, spans, seq_of, mode)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        if site_list is not None:
+            return _split_sites(res, site_list, self.config, len(names), many, bounds)
         if len(batch) == 1:
             return [res]
-        bounds = np.concatenate([[0], np.cumsum(counts)])
         return [res[..., bounds[k]:bounds[k + 1], :] for k in range(len(batch))]
 
     @contextlib.contextmanager
@@ -578,6 +590,14 @@ class Model:
 
     # -- compute -----------------------------------------------------------
 
+    def activations(self, token_ids: Any, sites: Iterable[str] | str) -> dict[str, np.ndarray]:
+        """Every token's activations at `sites` (TransformerLens names, engine/sites.py)
+        for one sequence: canonical site name -> float32 [T, width], zero-copy
+        views of one result; one forward, run no deeper than the deepest site."""
+        self._eng()
+        return self.run_batch([self.check(token_ids, per_token=True, name="token_ids")], (),
+                              TOKEN_POOLING, sites=sites)[0]
+
     def hidden_states(self, ids: Any, layers: Sequence[int] | None = None) -> np.ndarray:
         """float32 [n_layers, T, hidden] for one sequence; layers None = 0..max_layer."""
         if layers is None:
@@ -588,17 +608,23 @@ class Model:
 
     def extract(self, seqs: Sequence[Any], spans: Sequence[Any] | None = None,
                 layers: Sequence[int] = (-2,), pooling: str | Sequence[str] = "mean",
-                max_batch_tokens: int | None = None) -> list[np.ndarray]:
+                max_batch_tokens: int | None = None,
+                sites: Sequence[str] | None = None) -> list:
         """One float32 array per sequence: [n_layers, n_spans, hidden]
         (pooling "none": [n_layers, T, hidden]); `pooling` a sequence of span
         poolings, e.g. ("mean", "max", "last"): [n_poolings, n_layers, n_spans,
         hidden], every pooling from the same forward. spans[i] is [n_i, 2] of
         [start, end) token positions; None = one span over the sequence.
         Sequences are packed in input order by plan.plan_batches under
-        `max_batch_tokens` (default: the Model's)."""
+        `max_batch_tokens` (default: the Model's). With `sites` (activation
+        sites by name, `layers` then unused) one dict per sequence: canonical
+        site name -> [n_spans, width] ([n_poolings, n_spans, width])."""
         self._eng()
         names, _ = resolve_poolings(pooling)
-        self.resolve_layers(layers)
+        if sites is not None:
+            self.resolve_sites(sites)
+        else:
+            self.resolve_layers(layers)
         if isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype.kind in "iuf":
             raise SequenceTypeError("seqs must be a list of sequences, not one 1-D array "
                                     "(wrap it: [ids])")
@@ -625,6 +651,25 @@ class Model:
                                  sum(checked[i].spans.shape[0] for i in b)) for b in batches)
         with self.workspace_for(largest):  # grown at most once per call (CPU)
             for b in batches:
-                for i, r in zip(b, self.run_batch([checked[i] for i in b], layers, pooling)):
+                for i, r in zip(b, self.run_batch([checked[i] for i in b], layers, pooling,
+                                                  sites=sites)):
                     out[i] = r
         return out
+
+
+def _split_sites(flat: np.ndarray, sites: list[Site], config: dict, n_poolings: int, many: bool,
+                 bounds: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Per-sequence dicts of views into one flat result laid out per pooling,
+    per site [S, width] (csrc/sites.h)."""
+    S = int(bounds[-1])
+    widths = [s.width(config) for s in sites]
+    per_pool = flat.reshape(n_poolings, S * sum(widths))
+    out: list[dict[str, np.ndarray]] = [{} for _ in range(len(bounds) - 1)]
+    col = 0
+    for site, w in zip(sites, widths):
+        block = per_pool[:, S * col:S * (col + w)].reshape(n_poolings, S, w)
+        col += w
+        for k in range(len(out)):
+            v = block[:, bounds[k]:bounds[k + 1], :]
+            out[k][site.name] = v if many else v[0]
+    return out

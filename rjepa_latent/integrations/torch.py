@@ -72,6 +72,12 @@ class _RunDataset(Dataset):
         state["_store"] = None   # mmaps do not pickle; each worker maps the shards itself
         return state
 
+    def _rows(self, item) -> np.ndarray:
+        """The item's stored rows of this dataset's layer, or site (`layer` a site name)."""
+        if isinstance(self._pos, str):
+            return item.raw_site(self._pos, self.pooling)
+        return item.raw_pooled(self.pooling)[self._pos]
+
     def _tensor(self, arr: np.ndarray) -> "torch.Tensor":
         t = torch.from_numpy(np.array(arr))   # the item's own rows (see the module docstring)
         return t.view(torch.bfloat16) if self._bf16 else t
@@ -102,7 +108,7 @@ class LatentDataset(_RunDataset):
     def __getitem__(self, i: int) -> dict:
         item = self.store[i]
         out = StepItem(item.meta)
-        out["latents"] = self._tensor(item.raw_pooled(self.pooling)[self._pos])
+        out["latents"] = self._tensor(self._rows(item))
         if self.per_token:
             out["token_steps"] = torch.from_numpy(np.array(item.token_steps))
         return out
@@ -182,6 +188,6 @@ class StepPairs(_RunDataset):
         p = int(self._records[k])
         t = i - int(self._first[k])
         item = self.store[p]
-        lat = item.raw_pooled(self.pooling)[self._pos]
+        lat = self._rows(item)
         return {"z_t": self._tensor(lat[t]), "z_next": self._tensor(lat[t + self.offset]),
                 "id": item.id, "step": t}

@@ -26,6 +26,13 @@ def _layers_arg(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {s!r}") from None
 
 
+def _sites_arg(s: str) -> list[str]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"--sites takes comma-separated site names, got {s!r}")
+    return names
+
+
 def _pooling_arg(s: str) -> str | list[str]:
     """--pooling mean or --pooling mean,max,last (one name stays a str)."""
     names = [x.strip() for x in s.split(",")]
@@ -56,8 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF checkpoint directory or .gguf file (default: the default model)")
     p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: by fields)")
-    p.add_argument("--layers", type=_layers_arg, default=[-2],
+    p.add_argument("--layers", type=_layers_arg, default=None,
                    help="comma-separated hidden_states indices, e.g. --layers=-2 or --layers=8,16 (default -2)")
+    p.add_argument("--sites", type=_sites_arg, default=None,
+                   help="comma-separated activation sites instead of --layers, by TransformerLens "
+                        "name: blocks.B.hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|"
+                        "hook_resid_post, blocks.B.mlp.hook_post, blocks.B.attn.hook_z (B < 0 "
+                        "from the end; docs/sites.md)")
     p.add_argument("--pooling", default="mean", type=_pooling_arg,
                    help=f"one of {', '.join(POOLINGS)}, or several comma-separated span poolings "
                         "(e.g. mean,max,last: all stored, from one forward; the first is "
@@ -154,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     model = args.model or _default_model()
     summary = extract_dataset(
-        args.data, model, args.out, format=args.format, layers=args.layers, pooling=args.pooling,
+        args.data, model, args.out, format=args.format, layers=args.layers, sites=args.sites,
+        pooling=args.pooling,
         dtype=args.dtype, template=None if args.template is None else _unescape(args.template),
         step_separator=_unescape(args.step_separator), segment=args.segment,
         strip_annotations=args.strip_annotations, chat=args.chat, chat_think=args.chat_think,

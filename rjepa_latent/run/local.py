@@ -54,6 +54,7 @@ from typing import Any, Iterator, Sequence
 
 from ..checkpoints.loader import read_config
 from ..engine.model import Model, resolve_layers
+from ..engine.sites import resolve_sites
 from ..errors import StoreError
 from ..inputs.data import DEFAULT_STEP_SEPARATOR
 from ..inputs.segment import DEFAULT_STEP_REGEX
@@ -148,7 +149,8 @@ def _load_model(model: Any, device: str | None, max_batch_tokens: int | None,
 
 
 def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: Any,
-                    out: str | os.PathLike, *, format: str = "auto", layers: Sequence[int] = (-2,),
+                    out: str | os.PathLike, *, format: str = "auto",
+                    layers: Sequence[int] | None = None,
                     pooling: str | Sequence[str] = "mean", dtype: str = "float32",
                     template: str | None = None,
                     step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
@@ -160,7 +162,7 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     system: str | None = None, repair: bool = False, limit: int | None = None,
                     ids: str | os.PathLike | Sequence[str] | None = None, tokens: str = "all",
                     drop_bos: bool = False, outliers: float | None = None,
-                    drop_outliers: bool = False) -> dict:
+                    drop_outliers: bool = False, sites: Sequence[str] | None = None) -> dict:
     """Extract step latents of the records in `inputs` into the run directory `out`.
 
     `inputs` is a path or a list of paths of .jsonl / .json / .parquet files, or
@@ -182,7 +184,10 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
     `max_batch_tokens` is the batch budget (default the Model's). `pooling` is one
     of mean, first, last, max, a sequence of them (all stored, from one forward;
     the first is what `open_latents(out)[i].latents` returns), or "none" (every
-    token's hidden state; the disk it needs is checked first). `shard_size`:
+    token's hidden state; the disk it needs is checked first). `layers`: the
+    hidden-state indices stored (default -2); `sites` instead: activation sites
+    by TransformerLens name (docs/sites.md), each stored under its canonical
+    name and read back with `open_latents(out)[i].site(name)`. `shard_size`:
     records per shard, or "auto" (default: about SHARD_TARGET_S seconds of a slow
     machine per shard, see docs/formats.md; resolved once and stored).
     `tokens` ("all", "text", "steps", "no-special") and `drop_bos` select the
@@ -218,12 +223,15 @@ def extract_dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], mod
                     part=part, allow_kernel_change=allow_kernel_change, segment=segment,
                     strip_annotations=strip_annotations, chat=chat, chat_think=chat_think,
                     system=system, repair=repair, model=model, tokens=tokens, drop_bos=drop_bos,
-                    outliers=outliers, drop_outliers=drop_outliers)
+                    outliers=outliers, drop_outliers=drop_outliers, sites=sites)
     if Path(out).exists() and not Path(out).is_dir():   # before the model load
         raise StoreError(f"--out {out} exists and is not a directory")
     if isinstance(model, (str, os.PathLike)):   # layers against the config, before the model load
         num_layers = read_config(model)["num_layers"]
-        resolve_layers(spec.layers, num_layers, num_layers)
+        if spec.sites:
+            resolve_sites(spec.sites, num_layers)
+        else:
+            resolve_layers(spec.layers, num_layers, num_layers)
     m, owned = _load_model(model, device, max_batch_tokens, threads)
     try:
         return _extract(spec, m, out, strict=strict, progress=progress, t_start=t_start)

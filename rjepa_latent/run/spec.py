@@ -72,6 +72,7 @@ class RunSpec:
     format: str = "auto"
     layers: tuple = (-2,)
     pooling: Any = "mean"           # a name, or a tuple of names
+    sites: tuple | None = None      # activation sites by name (then layers is empty)
     dtype: str = "float32"          # the stored dtype
     template: str = DEFAULT_TEMPLATE
     step_separator: str = DEFAULT_STEP_SEPARATOR
@@ -142,7 +143,7 @@ def read_ids(path: str | os.PathLike) -> tuple[str, ...]:
     return ids
 
 
-def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,),
+def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] | None = None,
              pooling: str | Sequence[str] = "mean", dtype: str = "float32", template: str | None = None,
              step_separator: str = DEFAULT_STEP_SEPARATOR, step_regex: str = DEFAULT_STEP_REGEX,
              max_tokens: int | None = None, max_batch_tokens: int | None = None,
@@ -151,7 +152,8 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
              allow_kernel_change: bool = False, segment: str = "auto", strip_annotations: bool = False,
              chat: bool = False, chat_think: bool = False, system: str | None = None,
              repair: bool = False, model: Any = None, tokens: str = "all", drop_bos: bool = False,
-             outliers: float | None = None, drop_outliers: bool = False) -> RunSpec:
+             outliers: float | None = None, drop_outliers: bool = False,
+             sites: Sequence[str] | None = None) -> RunSpec:
     """Check every option of `extract_dataset` (except the model itself; `model`,
     a path or a Model, only locates a chat template) and return the RunSpec.
     Missing or unreadable inputs, a bad option, a model without a usable chat
@@ -163,6 +165,7 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
         raise ValueError("inputs is empty: give at least one .jsonl, .json or .parquet file")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    layers, sites = _layers_or_sites(layers, sites)
     names, _ = resolve_poolings(pooling)   # ValueError / TypeError naming the mistake
     pooling = names[0] if len(names) == 1 else tuple(names)   # one name is stored as a str
     if dtype not in STORE_DTYPES:
@@ -206,13 +209,38 @@ def run_spec(inputs: Any, *, format: str = "auto", layers: Sequence[int] = (-2,)
     return RunSpec(
         inputs=dataset if dataset is not None else tuple(str(p) for p in paths),
         fingerprint=tuple(fingerprint), format=format, layers=tuple(int(x) for x in layers),
-        pooling=pooling, dtype=dtype, template=tmpl.template, step_separator=step_separator,
+        pooling=pooling, sites=sites, dtype=dtype, template=tmpl.template, step_separator=step_separator,
         step_regex=step_regex, segment=segment, strip_annotations=bool(strip_annotations), chat=chat,
         chat_think=bool(chat_think), system=system, model_path=model_path, max_tokens=max_tokens,
         max_batch_tokens=max_batch_tokens, shard_size=shard_size, limit=limit, ids=ids, part=part,
         allow_kernel_change=bool(allow_kernel_change), repair=bool(repair), tokens=tokens,
         drop_bos=drop_bos, outliers=None if outliers is None else float(outliers),
         drop_outliers=bool(drop_outliers))
+
+
+def _layers_or_sites(layers: Sequence[int] | None, sites: Sequence[str] | str | None
+                     ) -> tuple[Sequence[int], tuple | None]:
+    """(layers, sites) of a run: hidden states of layers (default -2) or activation
+    sites by name, not both (a site's block is checked against the model later)."""
+    if sites is None:
+        return ((-2,) if layers is None else layers), None
+    if layers is not None and len(layers):
+        raise ValueError("give layers or sites, not both: a run stores hidden states of layers "
+                         "or activation sites (blocks.{b}.hook_resid_post is hidden state b + 1)")
+    from ..engine.sites import resolve_sites
+    names = [sites] if isinstance(sites, str) else list(sites)
+    resolve_sites(names, 1 << 30)   # the forms now; the blocks against the model's depth later
+    return (), tuple(names)
+
+
+def run_outputs(spec: RunSpec, m: Model) -> dict:
+    """The configuration fields of what a run stores: its layers, and for a run of
+    sites their canonical names and widths (absent otherwise)."""
+    if not spec.sites:
+        return {"layers": m.resolve_layers(spec.layers)}
+    sites = m.resolve_sites(spec.sites)
+    return {"layers": [], "sites": [s.name for s in sites],
+            "site_widths": [s.width(m.config) for s in sites]}
 
 
 def batch_budget(spec: RunSpec, m: Model) -> int:
@@ -247,7 +275,9 @@ def run_config(spec: RunSpec, m: Model) -> dict:
     """The run's configuration (what identifies its bytes, engine identity
     included) from a spec and a loaded model; `shard_size` "auto" is resolved
     here (`auto_shard_size`); a resumed run keeps its stored one instead."""
-    lays = m.resolve_layers(spec.layers)
+    outputs = run_outputs(spec, m)
+    # how deep the forward runs (the shard size's cost estimate)
+    lays = outputs["layers"] or [max(s.needs_layer for s in m.resolve_sites(spec.sites))]
     budget = batch_budget(spec, m)
     tok = run_tokenizer(spec, m)
     max_tokens = spec.max_tokens if spec.max_tokens is not None else m.config.get("max_position_embeddings")
@@ -256,7 +286,7 @@ def run_config(spec: RunSpec, m: Model) -> dict:
     tmpl = Template(spec.template, spec.step_separator)
     return {
         "model_fingerprint": m.fingerprint, "model_type": m.config.get("model_type"),
-        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "layers": lays,
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, **outputs,
         "pooling": spec.pooling_value, "dtype": spec.dtype, "format": spec.format, **tmpl.to_json(),
         "step_regex": spec.step_regex, "max_tokens": max_tokens, "tokenizer_sha256": tokenizer_hash(tok),
         "inputs": fingerprint,

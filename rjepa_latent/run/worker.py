@@ -16,7 +16,7 @@ from ..errors import InputError, StoreError, TokenIdError
 from ..inputs.data import ErrorRecord, Record
 from ..inputs.tokenize import Item, tokenize_records
 from ..inputs.select import selected_positions, special_token_ids, trimmed_spans
-from ..store.token_rows import outlier_marks, row_norms
+from ..store.token_rows import outlier_marks, row_norms, site_norms
 from ..store.files import STORE_DTYPES, convert_latents
 from ..store.write import check_run_config, commit_shard
 from .driver import EXTENT, RunDriver, _stored_config
@@ -36,6 +36,7 @@ class ShardWorker:
         self.m, self.spec, self.out = m, spec, Path(out)
         self.config = config if config is not None else run_config(spec, m)
         self.layers = self.config["layers"]
+        self.sites = self.config.get("sites") or None   # a run of activation sites
         self.pooling = spec.pooling_value
         self.store_dtype = self.config["dtype"]
         self.budget = batch_budget(spec, m)
@@ -100,7 +101,8 @@ class ShardWorker:
         for batch in shard["batches"]:
             n_tok = int(sum(checked[i].ids.size for i in batch))
             t = time.perf_counter()
-            res = self.m.run_batch([checked[i] for i in batch], self.layers, self.pooling)
+            res = self.m.run_batch([checked[i] for i in batch], self.layers, self.pooling,
+                                   sites=self.sites)
             dt = time.perf_counter() - t
             for i, r in zip(batch, res):
                 results[i] = r
@@ -114,15 +116,21 @@ class ShardWorker:
         index, records, items, results, errors = job
         good, lats, errors, rows = [], [], list(errors), []
         for it, r in zip(items, results):
-            r = np.asarray(r, dtype=np.float32)
-            if self.per_token and self.selection is not None:
-                r = r[:, it.keep]
-            lat, reason = convert_latents(r, self.store_dtype)
+            if self.sites:   # a dict: site -> rows (per token: [rows, width])
+                r = {name: np.asarray(r[name], dtype=np.float32) for name in self.sites}
+                if self.per_token and self.selection is not None:
+                    r = {name: a[..., it.keep, :] for name, a in r.items()}
+                lat, reason = convert_sites(r, self.store_dtype)
+            else:
+                r = np.asarray(r, dtype=np.float32)
+                if self.per_token and self.selection is not None:
+                    r = r[:, it.keep]
+                lat, reason = convert_latents(r, self.store_dtype)
             if reason is None:
                 good.append(it)
                 lats.append(lat)
                 if self.per_token and self.selection is not None:
-                    rows.append({"positions": it.keep, "norms": row_norms(r)})
+                    rows.append({"positions": it.keep, "norms": site_norms(r) if self.sites else row_norms(r)})
             else:
                 errors.append(ErrorRecord(it.index, it.id, it.source, it.line, reason))
         errors.sort(key=lambda e: e.index)
@@ -160,7 +168,7 @@ def mark_outliers(rows: list[dict], lats: list[np.ndarray], k: float, drop: bool
         if drop:
             kept = ~mark.any(axis=0)
             r["positions"], r["norms"], r["outliers"] = r["positions"][kept], r["norms"][:, kept], mark[:, kept]
-            lat = lat[:, kept]
+            lat = {name: a[:, kept] for name, a in lat.items()} if isinstance(lat, dict) else lat[:, kept]
         out.append(lat)
     return out
 
@@ -183,6 +191,8 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
                       if isinstance(t, Item))
     driver.num_records = None   # the real pass counts them again
     n_layers, hidden = len(worker.layers), worker.m.hidden_size
+    if worker.sites:   # a run of sites: one row of all the sites' widths per token
+        n_layers, hidden = 1, sum(worker.config["site_widths"])
     itemsize = np.dtype(STORE_DTYPES[worker.store_dtype][1]).itemsize
     need = tokens * (n_layers * hidden * itemsize + 4)
     where = out
@@ -201,6 +211,18 @@ def _check_disk(driver: RunDriver, worker: ShardWorker) -> int:
                          f"space, or use another --out, fewer --layers or a smaller --dtype; "
                          f"nothing was written")
     return need
+
+
+def convert_sites(res: dict, dtype: str) -> tuple[dict | None, str | None]:
+    """convert_latents of each site of one item: site -> [n_poolings, rows, width]."""
+    out = {}
+    for name, arr in res.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        lat, reason = convert_latents(arr if arr.ndim == 3 else arr[None], dtype)
+        if reason is not None:
+            return None, f"{name}: {reason}"
+        out[name] = lat
+    return out, None
 
 
 def _refusal(e: InputError) -> str:

@@ -37,9 +37,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .files import latents_tensor
-from .read import (LatentStore, _need, arrow_parts, open_latents, row_offsets_name, shards, stored_layer,
-                   stored_pooling, with_json_fallback)
+from .files import latents_tensor, site_tensor
+from .read import (LatentStore, _need, arrow_parts, open_latents, output_width, row_offsets_name, shards,
+                   stored_layer, stored_pooling, with_json_fallback)
 
 
 def export_parquet(store: LatentStore, out: str | os.PathLike, layer: int = -2,
@@ -90,13 +90,18 @@ def export_npy(store: LatentStore, out: str | os.PathLike, layers: Sequence[int]
     Per-token runs: `latents.layer-K.npy` [total_tokens, hidden],
     `token_offsets.npy` int64 [records + 1] and `token_steps.npy` int32
     [total_tokens] (and `token_positions.npy`, `token_ids.npy` where the run
-    stores them) instead of step_offsets.npy. bf16 runs are written as uint16
+    stores them) instead of step_offsets.npy. A run of activation sites
+    writes `<site>.npy` [rows, width] per site instead (`layers`: site names,
+    default all). bf16 runs are written as uint16
     bits. Written into a temporary directory beside `out` and renamed at the
     end: an interrupted export leaves no `out`; an existing non-empty `out` is
     refused (no stale files of an earlier export mixed in)."""
     pooling = stored_pooling(store, pooling)
     stored = [int(x) for x in store.config["layers"]]
-    wanted = stored if layers is None else [stored[stored_layer(store, k)] for k in layers]
+    if store.sites:
+        wanted = list(store.sites) if layers is None else [stored_layer(store, k) for k in layers]
+    else:
+        wanted = stored if layers is None else [stored[stored_layer(store, k)] for k in layers]
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ValueError(f"{final} exists and is not an empty directory; export into a new one")
@@ -138,12 +143,14 @@ def _write_npy(store: LatentStore, out: Path, stored: list[int], wanted: list[in
     # written a shard at a time: memory flat in the run's size
     rows_key = "tokens" if store.per_token else "steps"
     total = sum(int(s[rows_key]) for s in store.shards)
-    hidden = int(store.config["hidden_size"])
-    tensor = latents_tensor(store.poolings, pooling)
     files = []
     for k in wanted:
-        pos = stored.index(k)
-        name = out / f"latents.layer-{k}.npy"
+        site = isinstance(k, str)
+        pos = k if site else stored.index(k)
+        hidden = output_width(store, pos)
+        tensor = site_tensor(store.poolings, pooling, k) if site else \
+            latents_tensor(store.poolings, pooling)
+        name = out / (f"{k}.npy" if site else f"latents.layer-{k}.npy")
         first = store.shard_arrays(0)[tensor] if store.shards else None
         w = _NpyWriter(name, first.dtype if first is not None else np.float32, (total, hidden))
         try:
@@ -195,7 +202,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=["parquet", "npy"])
     p.add_argument("--out", required=True, help="a .parquet file, or a directory for npy")
     p.add_argument("--layer", default=None,
-                   help="hidden-state index (parquet: one, default the run's first; npy: comma-separated, default all)")
+                   help="hidden-state index, or a site's name in a run of sites (parquet: one, "
+                        "default the run's first; npy: comma-separated, default all)")
     p.add_argument("--row-group-rows", type=int, default=1024, help="parquet rows per row group")
     p.add_argument("--pooling", default=None,
                    help="which stored pooling to export (default the run's first)")
@@ -211,8 +219,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.run} is not complete ({len(store.shards)} shards finished); "
                              "finish it with `rjepa-latent extract` (the same command resumes), or "
                              "pass --partial to export the finished shards only")
-        layers = None if args.layer is None else [int(x) for x in str(args.layer).split(",") if x.strip()]
-        if args.format == "parquet":
+        layers = None if args.layer is None else \
+            [x.strip() if store.sites else int(x) for x in str(args.layer).split(",") if x.strip()]
+        if args.format == "parquet" and store.sites:
+            if layers and len(layers) > 1:
+                raise ValueError("--format parquet takes one --layer (site)")
+            site = stored_layer(store, layers[0] if layers else store.sites[0])
+            res = export_parquet(store, args.out, site, args.row_group_rows, args.pooling)
+            print(f"{res['out']}: {res['rows']} rows, {res['bytes']:,} bytes (site {site}, pooling "
+                  f"{stored_pooling(store, args.pooling)})"
+                  f"{'' if store.complete else '; partial run: finished shards only'}")
+        elif args.format == "parquet":
             layer = layers[0] if layers else int(store.config["layers"][0])
             if layers and len(layers) > 1:
                 raise ValueError("--format parquet takes one --layer")

@@ -185,6 +185,22 @@ def latents_tensor(poolings: list[str], pooling: str) -> str:
     return "latents" if pooling == poolings[0] else f"latents.{pooling}"
 
 
+def run_sites(config: dict) -> list[str]:
+    """The activation sites a run stores (canonical names, in order; none for a run of layers)."""
+    return [str(x) for x in config.get("sites", ())]
+
+
+def site_tensor(poolings: list[str], pooling: str, site: str) -> str:
+    """Name of the shard tensor holding `site` under `pooling`: the site's name for
+    the run's first pooling, `<site>@<pooling>` for each further one."""
+    return site if pooling == poolings[0] else f"{site}@{pooling}"
+
+
+def site_width(config: dict, site: str) -> int:
+    """Floats per row of a stored site (config: the run's, with the model's widths)."""
+    return int(config["site_widths"][run_sites(config).index(site)])
+
+
 def token_steps_of(spans: np.ndarray, num_tokens: int) -> np.ndarray:
     """int32 [num_tokens]: the step each token position belongs to (-1: none).
     Step spans do not overlap (the span rule); where they would, the first wins."""
@@ -275,7 +291,10 @@ def shard_layout(config: dict, entry: dict) -> list[tuple[str, str, tuple]]:
             from .token_rows import token_key_layout
             out += token_key_layout(config, tokens)
     rows = tokens if per_token else steps
-    out += [(latents_tensor(poolings, p), st_dtype, (nl, rows, d)) for p in poolings]
+    if nl:
+        out += [(latents_tensor(poolings, p), st_dtype, (nl, rows, d)) for p in poolings]
+    out += [(site_tensor(poolings, p, s), st_dtype, (rows, site_width(config, s)))
+            for p in poolings for s in run_sites(config)]
     return out
 
 

@@ -16,7 +16,8 @@ from ..errors import StoreError
 from .token_rows import KEY_TENSORS, OUTLIER_TENSOR
 from .integrity import check_mapped_payload, reader_check
 from .files import (MAX_OPEN_SHARDS, _parse_safetensors, _read_sidecar, _verify, check_shard_arrays,
-                    damage_report, latents_tensor, read_manifests, run_poolings, token_steps_of)
+                    damage_report, latents_tensor, read_manifests, run_poolings, run_sites, site_tensor,
+                    site_width, token_steps_of)
 from .index import MAX_CACHED_SIDECARS, IdIndex, IdList, SidecarLines, check_sidecar
 
 
@@ -24,13 +25,18 @@ class LatentItem:
     """One stored item: `id`, `latents` [n_layers, n_steps, hidden] of the run's
     first pooling (per-token runs: [n_layers, n_tokens, hidden]), `pooled(name)`
     for any stored pooling, `token_spans` [n_steps, 2], `token_steps`
-    [n_tokens], `meta` (its shard-jsonl line)."""
+    [n_tokens], `meta` (its shard-jsonl line). A run of activation sites has
+    no `latents`: `site(name)` [n_steps, width] (per token: [n_tokens, width])."""
 
     def __init__(self, raws: dict[str, np.ndarray], token_spans: np.ndarray, meta: dict, bf16: bool,
-                 token_steps: np.ndarray | None = None):
+                 token_steps: np.ndarray | None = None,
+                 sites: dict[str, dict[str, np.ndarray]] | None = None,
+                 num_layers: int | None = None):
         self._raws = raws                       # pooling -> zero-copy view, in run order
-        self.poolings = list(raws)
-        self.raw_latents = raws[self.poolings[0]]
+        self._sites = sites or {}               # site -> pooling -> zero-copy view
+        self._num_layers = num_layers
+        self.poolings = list(raws) or list(next(iter(self._sites.values()), {}))
+        self.raw_latents = raws.get(self.poolings[0]) if self.poolings else None
         self.token_spans = token_spans
         self.meta = meta
         self._bf16 = bf16
@@ -70,6 +76,34 @@ class LatentItem:
         return self._view(self.raw_pooled(pooling))
 
     @property
+    def sites(self) -> list[str]:
+        """The activation sites stored (canonical names; empty for a run of layers)."""
+        return list(self._sites)
+
+    def raw_site(self, name: str, pooling: str | None = None) -> np.ndarray:
+        """Zero-copy stored view of one site (bfloat16: uint16 bits)."""
+        key = name
+        if name not in self._sites and self._num_layers is not None:
+            from ..engine.sites import canonical
+            key = canonical(name, self._num_layers)   # blocks.-1... or a malformed name's error
+        if key not in self._sites:
+            raise KeyError(f"site {name!r} is not in this run; it stores "
+                           f"{', '.join(self._sites) or 'no sites (a run of layers)'}")
+        by_pool = self._sites[key]
+        if pooling is None:
+            pooling = self.poolings[0]
+        if pooling not in by_pool:
+            raise KeyError(f"pooling {pooling!r} is not in this run; it stores "
+                           f"{', '.join(map(repr, self.poolings))}")
+        return by_pool[pooling]
+
+    def site(self, name: str, pooling: str | None = None) -> np.ndarray:
+        """[n_steps, width] of a stored site (per token: [n_tokens, width]) under
+        `pooling` (default the run's first); `name` canonical or with a negative
+        block; zero-copy, as `latents`."""
+        return self._view(self.raw_site(name, pooling))
+
+    @property
     def token_steps(self) -> np.ndarray:
         """int32 [num_tokens]: each token position's step index, -1 outside every
         step (a zero-copy view in per-token runs; derived from token_spans otherwise)."""
@@ -90,6 +124,8 @@ class LatentItem:
         return self.token_keys[name]
 
     def __repr__(self) -> str:
+        if self.raw_latents is None:
+            return f"LatentItem(id={self.id!r}, sites={self.sites}, poolings={self.poolings})"
         return (f"LatentItem(id={self.id!r}, latents={tuple(self.raw_latents.shape)}, "
                 f"poolings={self.poolings})")
 
@@ -127,6 +163,7 @@ class LatentStore:
         self.errors = [e for s in self.shards for e in s["errors"]]
         self.dtype = self.config["dtype"]
         self.poolings = run_poolings(self.config)      # in order; the first is `.latents`
+        self.sites = run_sites(self.config)            # activation sites (canonical names)
         self.per_token = self.poolings == [TOKEN_POOLING]
         # memory flat in the number of records: per shard only its item count is
         # kept; metadata rows are read when a shard is used (a few recent ones cached)
@@ -180,8 +217,9 @@ class LatentStore:
         return self._index.find(self, item_id)
 
     def to_hf_dataset(self, layer: int = -2, pooling: str | None = None, cache_dir=None):
-        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` and
-        `pooling` (default the run's first; per-token runs: [num_tokens, hidden]
+        """A `datasets.Dataset`: id, latents [num_steps, hidden] of `layer` (or of
+        an activation site: its name) and `pooling` (default the run's first;
+        per-token runs: [num_tokens, hidden]
         and token_steps), num_steps, num_tokens, carried metadata
         (rjepa_latent.readers); memory-mapped from an Arrow file in `cache_dir`
         (default: the `datasets` cache), see `to_hf_dataset`."""
@@ -237,9 +275,12 @@ class LatentStore:
         if self.per_token:
             ra, rb = int(arr["token_offsets"][j]), int(arr["token_offsets"][j + 1])
             token_steps = arr["token_steps"][ra:rb]
-        raws = {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
+        raws = {} if self.sites else \
+            {p: arr[latents_tensor(self.poolings, p)][:, ra:rb, :] for p in self.poolings}
+        sites = {s: {p: arr[site_tensor(self.poolings, p, s)][ra:rb] for p in self.poolings}
+                 for s in self.sites}
         item = LatentItem(raws, arr["token_spans"][a:b], meta, self.dtype == "bfloat16",
-                          token_steps)
+                          token_steps, sites, self.config.get("num_layers"))
         if self.per_token:
             item.token_keys = {k: arr[k][..., ra:rb] for k in KEY_TENSORS + (OUTLIER_TENSOR,) if k in arr}
         return item
@@ -287,11 +328,22 @@ def _need(module: str):
         raise ImportError(f"this needs {module}: {_INSTALL.get(module, 'pip install ' + module)}") from None
 
 
-def stored_layer(store: LatentStore, layer: int) -> int:
+def stored_layer(store: LatentStore, layer: int | str) -> int | str:
     """Position in the run's stored layers of hidden-state index `layer`
-    (negatives count from the end, as everywhere: -1 = the final norm)."""
-    from ..checkpoints.checkpoint import hidden_state_index
+    (negatives count from the end, as everywhere: -1 = the final norm); for
+    an activation site's name (a str), its canonical name in the run."""
     n = int(store.config["num_layers"])
+    if isinstance(layer, str):
+        from ..engine.sites import canonical
+        name = canonical(layer, n)
+        if name not in store.sites:
+            raise ValueError(f"site {layer!r} is not in this run; it stores "
+                             f"{', '.join(store.sites) or 'layers ' + str(store.config['layers'])}")
+        return name
+    if store.sites:
+        raise ValueError(f"this run stores activation sites, not layers: name one of "
+                         f"{', '.join(store.sites)}")
+    from ..checkpoints.checkpoint import hidden_state_index
     stored = [int(x) for x in store.config["layers"]]
     absolute = hidden_state_index(layer, n, "layer")
     if absolute not in stored:
@@ -321,11 +373,19 @@ def shards(store: LatentStore, pos: int, pooling: str | None = None
     """Per shard: (latents [total_rows, hidden] of stored layer `pos` and
     `pooling` (default the run's first), row offsets int64 [items + 1], metadata
     rows). Rows are steps, or tokens in a per-token run."""
-    name = latents_tensor(store.poolings, stored_pooling(store, pooling))
+    pooling = stored_pooling(store, pooling)
+    name = site_tensor(store.poolings, pooling, pos) if isinstance(pos, str) else \
+        latents_tensor(store.poolings, pooling)
     for si in range(len(store.shards)):
         arrays = store.shard_arrays(si)
-        yield (arrays[name][pos], np.asarray(arrays[row_offsets_name(store)], np.int64),
+        yield (arrays[name] if isinstance(pos, str) else arrays[name][pos],
+               np.asarray(arrays[row_offsets_name(store)], np.int64),
                store.shard_meta(si))
+
+
+def output_width(store: LatentStore, pos: int | str) -> int:
+    """Floats per row of a stored layer position (the hidden size) or site."""
+    return site_width(store.config, pos) if isinstance(pos, str) else int(store.config["hidden_size"])
 
 
 def bf16_view(values: np.ndarray) -> np.ndarray:
@@ -421,8 +481,8 @@ def _token_columns(store: LatentStore) -> list[str]:
     return ["token_steps"] + [k for k in ("token_positions", "token_ids") if k in stored]
 
 
-def _schema(store: LatentStore, pos: int, pooling: str, types: dict[str, Any], pa):
-    hidden = int(store.config["hidden_size"])
+def _schema(store: LatentStore, pos: int | str, pooling: str, types: dict[str, Any], pa):
+    hidden = output_width(store, pos)
     bf16 = store.config["dtype"] == "bfloat16"
     value_type = pa.uint16() if bf16 else pa.float16() if store.config["dtype"] == "float16" else pa.float32()
     fields = [pa.field("id", pa.string()),
@@ -432,7 +492,8 @@ def _schema(store: LatentStore, pos: int, pooling: str, types: dict[str, Any], p
         fields += [pa.field(k, pa.list_(pa.int32())) for k in _token_columns(store)]
     fields += [pa.field("num_steps", pa.int64()), pa.field("num_tokens", pa.int64())]
     fields += [pa.field(k, pa.string() if t is None else t) for k, t in types.items()]
-    meta = {"rjepa_latent": json.dumps({"layer": int(store.config["layers"][pos]),
+    where = {"site": pos} if isinstance(pos, str) else {"layer": int(store.config["layers"][pos])}
+    meta = {"rjepa_latent": json.dumps({**where,
                                         "pooling": pooling,
                                         "rows": "tokens" if store.per_token else "steps",
                                         "dtype": store.config["dtype"],
@@ -440,10 +501,12 @@ def _schema(store: LatentStore, pos: int, pooling: str, types: dict[str, Any], p
     return pa.schema(fields, metadata=meta)
 
 
-def _shard_table(store: LatentStore, si: int, pos: int, pooling: str, types: dict[str, Any], schema, pa):
-    hidden = int(store.config["hidden_size"])
+def _shard_table(store: LatentStore, si: int, pos: int | str, pooling: str, types: dict[str, Any],
+                 schema, pa):
+    hidden = output_width(store, pos)
     arrays = store.shard_arrays(si)
-    lat = arrays[latents_tensor(store.poolings, pooling)][pos]
+    lat = arrays[site_tensor(store.poolings, pooling, pos)] if isinstance(pos, str) else \
+        arrays[latents_tensor(store.poolings, pooling)][pos]
     offsets = pa.array(np.asarray(arrays[row_offsets_name(store)], np.int64).astype(np.int32))
     rows = store.shard_meta(si)
     flat = np.ascontiguousarray(lat).reshape(-1)
@@ -461,7 +524,7 @@ def _shard_table(store: LatentStore, si: int, pos: int, pooling: str, types: dic
 
 def arrow_table(store: LatentStore, layer: int = -2, pooling: str | None = None):
     """The run as one pyarrow Table (layout in the module docstring) of one layer
-    and one pooling (default the run's first)."""
+    (or activation site, by name) and one pooling (default the run's first)."""
     pa = _need("pyarrow")
 
     def build(as_json):

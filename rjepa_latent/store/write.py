@@ -13,14 +13,14 @@ import numpy as np
 
 from ..engine.model import TOKEN_POOLING
 from ..errors import StoreError
-from .token_rows import row_norms, stored_f32, token_key_tensors
+from .token_rows import row_norms, site_norms, stored_f32, token_key_tensors
 from .integrity import (ManifestEdited, config_digest, note_checked, quarantine, sealed, stray_files,
                         unchecked_payloads)
 from .files import (ENGINE_IDENTITY, ERRORS, FORMAT, FORMAT_VERSION, MANIFEST, STORE_DTYPES, _JOURNAL,
                     _OWN_FILE, _PART_MANIFEST, _TMP, _json_bytes, _jsonl_bytes, _load_json, _sidecar_row,
                     _verify, atomic_write, config_differences, damage_report, journal_bytes, journal_name,
-                    latents_tensor, read_journal_lenient, run_poolings, safetensors_chunks, token_steps_of,
-                    write_tag)
+                    latents_tensor, read_journal_lenient, run_poolings, run_sites, safetensors_chunks,
+                    site_tensor, site_width, token_steps_of, write_tag)
 
 
 def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], items: list,
@@ -32,22 +32,30 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
     (`write_tag`), so processes may commit different shards into one directory at
     once. Items in input order, latents already in the stored dtype: per item
     [n_layers, n_rows, hidden], or [n_poolings, n_layers, n_rows, hidden] for a
-    run of several poolings; rows are steps, or tokens for a per-token run.
+    run of several poolings; rows are steps, or tokens for a per-token run. A run
+    of activation sites (config "sites") takes per item a dict: site ->
+    [n_poolings, n_rows, width], stored as one tensor per site and pooling.
     `token_rows` (per-token runs with a token selection): per item the kept
-    `positions`, their `norms` [n_layers, rows] and (with outliers) `outliers`."""
+    `positions`, their `norms` [n_layers or n_sites, rows] and (with outliers)
+    `outliers`."""
     tag = write_tag(index)
     name = f"shard-{index:05d}"
     nl, d = len(config["layers"]), config["hidden_size"]
     st_dtype, np_dtype = STORE_DTYPES[config["dtype"]]
     poolings = run_poolings(config)
     per_token = poolings == [TOKEN_POOLING]
+    sites = run_sites(config)
     keyed = per_token and "token_selection" in config
     if keyed and token_rows is None:   # every token, its norm from the stored values
         token_rows = [{"positions": np.arange(len(it.ids), dtype=np.int32),
-                       "norms": row_norms(stored_f32(lat, config["dtype"]))} for it, lat in zip(items, latents)]
-    lats = [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
-    for i, (it, lat) in enumerate(zip(items, lats)):
-        rows_want = (len(token_rows[i]["positions"]) if keyed else len(it.ids)) if per_token else len(it.spans)
+                       "norms": site_norms({s: stored_f32(lat[s], config["dtype"]) for s in sites}) if sites
+                       else row_norms(stored_f32(lat, config["dtype"]))} for it, lat in zip(items, latents)]
+    n_rows = [(len(token_rows[i]["positions"]) if keyed else len(it.ids)) if per_token else len(it.spans)
+              for i, it in enumerate(items)]
+    if sites:
+        _check_sites(config, items, latents, len(poolings), n_rows)
+    lats = [] if sites else [lat[None] if lat.ndim == 3 else lat for lat in latents]   # [P, nl, rows, d]
+    for it, lat, rows_want in zip(items, lats, n_rows):
         if lat.shape != (len(poolings), nl, rows_want, d):
             raise StoreError(f"item {it.id!r}: latents of shape {tuple(lat.shape)}, the run stores "
                              f"{(len(poolings), nl, rows_want, d)} (poolings, layers, rows, hidden)")
@@ -68,12 +76,19 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
                                            for it, r in zip(items, token_rows)]) if items else token_steps)
         tensors[2:2] = [("token_offsets", "I64", tok_offsets), ("token_steps", "I32", token_steps)]
     for q, p in enumerate(poolings):
+        for s in sites:
+            arr = (np.concatenate([x[s][q] for x in latents], axis=0) if latents else
+                   np.zeros((0, site_width(config, s)), np_dtype)).astype(np_dtype, copy=False)
+            tensors.append((site_tensor(poolings, p, s), st_dtype, arr))
+        if sites:
+            continue
         lat = (np.concatenate([x[q] for x in lats], axis=1) if lats else
                np.zeros((nl, 0, d), np_dtype)).astype(np_dtype, copy=False)
         tensors.append((latents_tensor(poolings, p), st_dtype, lat))
     rows = [_sidecar_row(it, int(c)) for it, c in zip(items, steps)]   # checked before any write
     st = atomic_write(out / f"{name}.safetensors", safetensors_chunks(
-        tensors, {"poolings": ",".join(poolings)}), tag)
+        tensors, {"poolings": ",".join(poolings), **({"sites": ",".join(sites)} if sites else {})}),
+        tag)
     js = atomic_write(out / f"{name}.jsonl", [_jsonl_bytes(rows)], tag)
     entry = {"index": index, "records": [int(records[0]), int(records[1])], "items": len(items),
              "steps": int(offsets[-1]),
@@ -87,6 +102,16 @@ def commit_shard(out: Path, config: dict, index: int, records: tuple[int, int], 
     atomic_write(out / journal_name(index), [journal_bytes(entry)], tag)
     note_checked(out / f"{name}.safetensors", st["sha256"])   # a resume need not hash it again
     return entry
+
+
+def _check_sites(config: dict, items: list, latents: list, n_poolings: int, n_rows: list[int]) -> None:
+    for it, lat, rows_want in zip(items, latents, n_rows):
+        for s in run_sites(config):
+            want = (n_poolings, rows_want, site_width(config, s))
+            got = tuple(lat[s].shape) if isinstance(lat, dict) and s in lat else None
+            if got != want:
+                raise StoreError(f"item {it.id!r}: site {s} of shape {got}, the run stores {want} "
+                                 f"(poolings, rows, width)")
 
 
 def check_run_config(out: Path, stored: dict, requested: dict, allow_kernel_change: bool,

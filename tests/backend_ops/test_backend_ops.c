@@ -435,6 +435,12 @@ static const tcase CASES[] = {
     POOL(64, RL_POOL_MEAN, RL_BF16), POOL(64, RL_POOL_FIRST, RL_BF16),
     POOL(64, RL_POOL_LAST, RL_BF16), POOL(100, RL_POOL_MEAN, RL_BF16),
     POOL(64, RL_POOL_MAX, RL_BF16), POOL(100, RL_POOL_MAX, RL_BF16),
+    /* activation sites: rows as wide as an MLP (mlp_post) or odd widths, from the
+     * residual (f32) and from GEMM operands (bf16 on CUDA: attn_z, mlp_post, a
+     * pre-norm family's attn_out / mlp_out), copied per token (first) and pooled */
+    POOL(2816, RL_POOL_FIRST, RL_F32), POOL(2816, RL_POOL_FIRST, RL_BF16),
+    POOL(2816, RL_POOL_MEAN, RL_BF16), POOL(1000, RL_POOL_MAX, RL_BF16),
+    POOL(1000, RL_POOL_LAST, RL_F32),
 
     /* 17M elements: larger than the CUDA backend's 32 MiB staging buffer in
      * every dtype (several chunks), and than the CPU's 64K-element chunks */
