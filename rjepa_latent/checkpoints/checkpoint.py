@@ -17,8 +17,9 @@ What it does:
   before any data is touched. Offsets are checked here, in Python, so the C
   side only ever receives bounded `memoryview` slices of an mmap.
 - `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader;
-  AWQ / GPTQ / FP8 directories through `hf_quantized`, each weight dequantized
-  to fp32 as the feed reaches it):
+  AWQ / GPTQ / FP8 directories through `hf_quantized`, their matrices kept as
+  stored (`weights="keep"`, the default) or each dequantized to fp32 as the
+  feed reaches it; `hf_storage`: what keeping them takes, headers only):
   names and shapes are checked against the config before data is read; all
   missing and all unexpected tensors are reported at once; tensors of layers
   that can never be requested under `max_layer` are not read at all.
@@ -79,7 +80,9 @@ class CheckpointSource:
     `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
     included) as (kind, layer, C-contiguous buffer, "float32"|"bfloat16"|
     "float16", shape); buffers are only valid until the next item.
-    `on_close()` releases files (mmaps) the feed reads from.
+    `on_close()` releases files (mmaps) the feed reads from. `keep`: the
+    kinds the feed yields as kept records (dtype "kept", handed over with
+    their `hand_to`), `stored_bytes` what they take as stored.
     """
     config: dict
     engine_config: dict
@@ -88,6 +91,8 @@ class CheckpointSource:
     sliding_window: int | None
     tensor_feed: Callable[[], Iterator[TensorRecord]]
     on_close: Callable[[], None] = field(default=lambda: None)
+    keep: tuple[str, ...] = ()
+    stored_bytes: int = 0
 
     def tensors(self) -> Iterator[TensorRecord]:
         return self.tensor_feed()
@@ -643,9 +648,11 @@ def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
 
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
-               maps: dict[str, mmap.mmap]) -> Callable[[], Iterator[TensorRecord]]:
+               maps: dict[str, mmap.mmap],
+               keep: tuple[str, ...] = ()) -> Callable[[], Iterator[TensorRecord]]:
     """The tensor feed over the mmap'd files: exactly `tensor_layout(cfg,
-    max_layer)`, so tensors the engine will not use are never touched."""
+    max_layer)`, so tensors the engine will not use are never touched; kinds
+    in `keep` as `hf_quantized.KeptParts` records."""
     layout = tensor_layout(cfg, max_layer)
 
     def feed() -> Iterator[TensorRecord]:
@@ -656,6 +663,10 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             info = found[(kind, layer)]
+            if kind in keep:
+                yield (kind, layer, hf_quantized.KeptParts(info, maps), hf_quantized.KEPT_DTYPE,
+                       tuple(shape))
+                continue
             if isinstance(info, hf_quantized.QuantWeight):
                 yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
                 continue
@@ -672,11 +683,9 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
     return feed
 
 
-def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
-    """Validates an HF model directory (config, every safetensors file, tensor
-    names and shapes) and returns its CheckpointSource. No tensor data is read
-    until `tensors()` is iterated."""
-    directory = os.fspath(directory)
+def _hf_tensors(directory: str, max_layer: int | None) -> tuple[dict, int, dict, dict]:
+    """(public config, resolved max_layer, safetensors tensors, (kind, layer)
+    -> TensorInfo or QuantWeight) of a directory, headers only."""
     if not os.path.exists(directory):
         raise FileNotFoundError(f"model directory {directory!r} does not exist")
     if not os.path.isdir(directory):
@@ -687,6 +696,27 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
     scheme = hf_quantized.read_scheme(directory)
     tensors = read_checkpoint_headers(directory)
     found = match_tensors(cfg, hf_quantized.logical_tensors(scheme, tensors, directory), directory)
+    return cfg, resolved, tensors, found
+
+
+def hf_storage(directory: str | os.PathLike, max_layer: int | None = None,
+               weights: str | None = None) -> tuple[tuple[str, ...], int]:
+    """(kinds kept quantized, their stored bytes) when the directory is loaded
+    with `weights`, from the headers (hf_quantized.storage)."""
+    directory = os.fspath(directory)
+    cfg, resolved, _, found = _hf_tensors(directory, max_layer)
+    return hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
+
+
+def load_hf(directory: str | os.PathLike, max_layer: int | None = None,
+            weights: str | None = None) -> CheckpointSource:
+    """Validates an HF model directory (config, every safetensors file, tensor
+    names and shapes) and returns its CheckpointSource. No tensor data is read
+    until `tensors()` is iterated. `weights`: "keep", "dequantize" or None
+    (keep when the directory stores its matrices quantized)."""
+    directory = os.fspath(directory)
+    cfg, resolved, tensors, found = _hf_tensors(directory, max_layer)
+    keep, stored = hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
     maps: dict[str, mmap.mmap] = {}
 
     def close() -> None:
@@ -698,5 +728,6 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
         config=cfg, engine_config=engine_config(cfg, resolved),
         tokenizer=_load_tokenizer(directory), fingerprint=fingerprint(cfg, tensors),
         sliding_window=cfg["sliding_window"],
-        tensor_feed=_mmap_feed(cfg, found, resolved, maps), on_close=close)
+        tensor_feed=_mmap_feed(cfg, found, resolved, maps, keep), on_close=close, keep=keep,
+        stored_bytes=stored)
 
