@@ -19,7 +19,6 @@
  */
 #include "quant.h"
 #include "common.h"
-#include "quant_hf.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -116,11 +115,9 @@ static int scale_offsets(int type, int off[2])
 
 int rl_qtensor_validate(const rl_qtensor *q, char *err, size_t errlen)
 {
-    if (q->family == RL_QF_AWQ || q->family == RL_QF_GPTQ || q->family == RL_QF_FP8_BLOCK)
-        return rl_qtensor_validate_hf(q, err, errlen) ? 1 : 0;
     if (q->family != RL_QF_GGUF) {
-        snprintf(err, errlen, "quantization family %d is not supported (supported: GGUF blocks, "
-                 "AWQ, GPTQ, FP8 block scales)", q->family);
+        snprintf(err, errlen, "quantization family %d is not supported by this build yet "
+                 "(supported: GGUF blocks)", q->family);
         return 1;
     }
     const type_info *ti = find_type(q->subtype);
@@ -424,11 +421,9 @@ static row_fn row_function(int type)
 int rl_dequant_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
                         size_t errlen)
 {
-    if (q->family == RL_QF_AWQ || q->family == RL_QF_GPTQ || q->family == RL_QF_FP8_BLOCK)
-        return rl_dequant_hf_rows_f32(q, r0, r1, out, err, errlen) ? 1 : 0;
     if (q->family != RL_QF_GGUF) {
-        snprintf(err, errlen, "dequantizing quantization family %d is not supported "
-                 "(supported: GGUF blocks, AWQ, GPTQ, FP8 block scales)", q->family);
+        snprintf(err, errlen, "dequantizing quantization family %d is not supported by this "
+                 "build yet (supported: GGUF blocks)", q->family);
         return 1;
     }
     const type_info *ti = find_type(q->subtype);

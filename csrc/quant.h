@@ -55,14 +55,12 @@ size_t rl_qtensor_row_bytes(const rl_qtensor *q);
 
 /* Checks that a descriptor is consistent (family and type known, row length
  * a multiple of the block, part sizes matching rows x cols) and, for GGUF,
- * that every scale the format stores as a float is finite (AWQ, GPTQ, FP8:
- * rl_qtensor_validate_hf of quant_hf.h). 0 on success; otherwise nonzero
- * with a message in err naming the row and block. */
+ * that every scale the format stores as a float is finite. 0 on success;
+ * otherwise nonzero with a message in err naming the row and block. */
 int rl_qtensor_validate(const rl_qtensor *q, char *err, size_t errlen);
 
 /* Dequantizes logical rows [r0, r1) into out (row-major fp32, (r1 - r0) x
- * cols), bitwise as gguf-py's gguf.quants.dequantize for GGUF types (AWQ,
- * GPTQ, FP8: rl_dequant_hf_rows_f32, itself threaded). The
+ * cols), bitwise as gguf-py's gguf.quants.dequantize for GGUF types. The
  * caller validated q (rl_qtensor_validate); rows out of range or a family
  * not handled here fail with a message. 0 on success. */
 int rl_dequant_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,

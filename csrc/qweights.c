@@ -163,6 +163,24 @@ static rl_status upload_bytes(rl_backend *be, void *dst, const void *src, size_t
 
 #define PART_ALIGN 64
 
+static int is_hf(const rl_qtensor *q)
+{
+    return q->family == RL_QF_AWQ || q->family == RL_QF_GPTQ || q->family == RL_QF_FP8_BLOCK;
+}
+
+/* quant.c decodes GGUF blocks, quant_hf.c the HF directory formats. */
+static int validate_any(const rl_qtensor *q, char *err, size_t errlen)
+{
+    return is_hf(q) ? rl_qtensor_validate_hf(q, err, errlen) : rl_qtensor_validate(q, err, errlen);
+}
+
+static int dequant_rows_any(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                            size_t errlen)
+{
+    return is_hf(q) ? rl_dequant_hf_rows_f32(q, r0, r1, out, err, errlen)
+                    : rl_dequant_rows_f32(q, r0, r1, out, err, errlen);
+}
+
 static const char *family_name(int family)
 {
     return family == RL_QF_AWQ ? "AWQ" : family == RL_QF_GPTQ ? "GPTQ"
@@ -174,7 +192,7 @@ rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_
 {
     *bytes_added = 0;
     char err[256];
-    if (rl_qtensor_validate(host, err, sizeof err))
+    if (validate_any(host, err, sizeof err))
         return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: %s", name, err);
     if (host->family != RL_QF_GGUF && be->dequant_rows)
         return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: device %s cannot keep %s "
@@ -217,7 +235,7 @@ rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_
  * splitting the rows. */
 static rl_status dequant_host(const rl_qtensor *q, float *out)
 {
-    if (q->family != RL_QF_GGUF) {   /* threaded inside, in blocks that share cache lines */
+    if (is_hf(q)) {   /* threaded inside, in blocks that share cache lines */
         char e[256] = "";
         if (rl_dequant_hf_rows_f32(q, 0, q->rows, out, e, sizeof e))
             return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", e);
@@ -283,7 +301,7 @@ rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_hos
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * d;
         char e[256];
-        if (rl_dequant_rows_f32(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
+        if (dequant_rows_any(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
             failed = 1;
 #pragma omp critical
             snprintf(err, sizeof err, "%s", e);
