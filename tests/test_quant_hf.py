@@ -634,3 +634,24 @@ def test_resident_memory_follows_stored_size(tmp_path):
     assert kept["weight_bytes"] == plan["weight_bytes"]
     assert grew <= 1.25 * size + scratch + 48 * 2**20, (grew, size, scratch)
     assert dense["after"] - dense["base"] > 4 * plan["kept_bytes"]   # what keeping saves
+
+
+@pytest.mark.gpu
+def test_cuda_dequantizes_hf_formats_and_refuses_keep(layouts):
+    """The device kernels decode GGUF blocks only: an AWQ / GPTQ / FP8
+    directory loads dequantized there by default (the CPU's fp32 values,
+    rounded once), and weights='keep' is refused naming the fix."""
+    if not rl.build_info()["cuda"]:
+        pytest.skip("CUDA not compiled in")
+    if _core.cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    qdir, _ = layouts("qwen3", "gptq4_asym_actorder")
+    ids = np.random.default_rng(3).integers(0, 320, 29)
+    with rl.Model(qdir, device="cuda:0", dtype="float32", max_batch_tokens=64) as m:
+        assert m.weights == "dequantize"
+        got = m.hidden_states(ids)
+    with rl.Model(qdir, device="cpu", max_batch_tokens=64) as c:
+        want = c.hidden_states(ids)
+    assert rel_err(got, want).max() <= 1e-4
+    with pytest.raises(ValueError, match="kept quantized on the CPU only"):
+        rl.Model(qdir, device="cuda:0", weights="keep")

@@ -702,8 +702,11 @@ def _hf_tensors(directory: str, max_layer: int | None) -> tuple[dict, int, dict,
 def hf_storage(directory: str | os.PathLike, max_layer: int | None = None,
                weights: str | None = None) -> tuple[tuple[str, ...], int]:
     """(kinds kept quantized, their stored bytes) when the directory is loaded
-    with `weights`, from the headers (hf_quantized.storage)."""
+    with `weights`, from the headers (hf_quantized.storage); a directory
+    without a quantization_config needs its config.json only."""
     directory = os.fspath(directory)
+    if os.path.isdir(directory) and hf_quantized.read_scheme(directory) is None:
+        return hf_quantized.storage({}, [], weights, directory)
     cfg, resolved, _, found = _hf_tensors(directory, max_layer)
     return hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
 
