@@ -1,6 +1,7 @@
 /* binding_quant.c - `_core` functions for weights kept quantized: the keep
- * mask, GGUF and multi-part (AWQ, GPTQ, FP8) descriptors over Python buffers, and dequantize_gguf (the CPU
- * dequantization, exposed so loaders and tests use the engine's own). */
+ * mask, GGUF and multi-part (AWQ, GPTQ, FP8) descriptors over Python
+ * buffers, and dequantize_gguf (the CPU dequantization, exposed so loaders
+ * and tests use the engine's own). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define PY_ARRAY_UNIQUE_SYMBOL rl_ARRAY_API

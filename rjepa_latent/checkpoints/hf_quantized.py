@@ -332,7 +332,8 @@ def storage(found: dict, layout: list, weights: str | None,
     if weights not in (None, "keep", "dequantize"):
         raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
     needed = [(kind, layer) for kind, layer, _ in layout if kind in KEEPABLE]
-    quantized = {kind for kind, layer in needed if isinstance(found.get((kind, layer)), QuantWeight)}
+    quantized = {kind for kind, layer in needed
+                 if isinstance(found.get((kind, layer)), QuantWeight)}
     if weights == "keep" and not quantized:
         raise ValueError(f"{where}: weights='keep' needs a checkpoint stored quantized (a GGUF "
                          "file, or an AWQ / GPTQ / FP8 directory); this one is loaded in the "
