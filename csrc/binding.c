@@ -620,13 +620,14 @@ static PyObject *engine_set_tensor(EngineObject *self, PyObject *args, PyObject 
 
 static PyObject *engine_set_tensor_quantized(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"kind", "layer", "data", "ggml_type", "shape", NULL};
+    static char *kwlist[] = {"kind", "layer", "data", "ggml_type", "shape", "family", "group",
+                             NULL};
     const char *kind_s;
-    long long layer;
-    int ggml_type;
+    long long layer, group = 0;
+    int ggml_type, family = RL_QF_GGUF;
     PyObject *data, *shape_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sLOiO", kwlist, &kind_s, &layer, &data,
-                                     &ggml_type, &shape_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sLOiO|iL", kwlist, &kind_s, &layer, &data,
+                                     &ggml_type, &shape_obj, &family, &group))
         return NULL;
     if (!engine_ready(self)) return NULL;
     rl_tensor_kind kind;
@@ -637,11 +638,17 @@ static PyObject *engine_set_tensor_quantized(EngineObject *self, PyObject *args,
         return PyErr_Format(PyExc_ValueError, "a quantized tensor is a matrix: shape of '%s' "
                             "must have 2 dimensions, got %d", kind_s, ndim);
     rl_qtensor q;
-    Py_buffer view;
-    if (rl_py_gguf_qtensor(data, ggml_type, shape[0], shape[1], &q, &view) < 0) return NULL;
+    Py_buffer view, parts[RL_QUANT_MAX_PARTS];
+    if (family == RL_QF_GGUF) {
+        if (rl_py_gguf_qtensor(data, ggml_type, shape[0], shape[1], &q, &view) < 0) return NULL;
+    } else if (rl_py_parts_qtensor(data, family, ggml_type, shape[0], shape[1], group, &q,
+                                   parts) < 0) {
+        return NULL;
+    }
     rl_status st;
     ENGINE_CALL(self, st, m, rl_model_set_tensor_quantized(m, kind, layer, &q));
-    PyBuffer_Release(&view);
+    if (family == RL_QF_GGUF) PyBuffer_Release(&view);
+    else rl_py_release_parts(parts);
     if (st != RL_OK) return raise_status(object_state((PyObject *)self), st);
     Py_RETURN_NONE;
 }
@@ -874,8 +881,10 @@ static PyMethodDef engine_methods[] = {
      "set_tensor(kind, layer, data, dtype, shape): copy one checkpoint tensor in"},
     {"set_tensor_quantized", (PyCFunction)(void (*)(void))engine_set_tensor_quantized,
      METH_VARARGS | METH_KEYWORDS,
-     "set_tensor_quantized(kind, layer, data, ggml_type, shape): copy the GGUF blocks of a kind "
-     "kept quantized (Engine(keep=...)) in, unchanged"},
+     "set_tensor_quantized(kind, layer, data, ggml_type, shape, family=1, group=0): copy the "
+     "GGUF blocks of a kind kept quantized (Engine(keep=...)) in, unchanged; family 2/3/4 "
+     "(AWQ, GPTQ, FP8 blocks): data is the tuple of parts, ggml_type the subtype of "
+     "csrc/quant_hf.h, group the group size or block edge"},
     {"check_complete", (PyCFunction)engine_check_complete, METH_NOARGS,
      "raise RuntimeError naming the first tensor never set"},
     {"reserve", (PyCFunction)engine_reserve, METH_VARARGS,

@@ -1,6 +1,7 @@
 /* binding_quant.c - `_core` functions for weights kept quantized: the keep
- * mask, GGUF descriptors over Python buffers, and dequantize_gguf (the CPU
- * dequantization, exposed so loaders and tests use the engine's own). */
+ * mask, GGUF and multi-part (AWQ, GPTQ, FP8) descriptors over Python
+ * buffers, and dequantize_gguf (the CPU dequantization, exposed so loaders
+ * and tests use the engine's own). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define PY_ARRAY_UNIQUE_SYMBOL rl_ARRAY_API
@@ -54,6 +55,46 @@ int rl_py_gguf_qtensor(PyObject *data, int ggml_type, long long rows, long long 
     q->part[0] = view->buf;
     q->part_bytes[0] = (size_t)view->len;
     return 0;
+}
+
+int rl_py_parts_qtensor(PyObject *parts, int family, int subtype, long long rows,
+                        long long cols, long long group, rl_qtensor *q,
+                        Py_buffer views[RL_QUANT_MAX_PARTS])
+{
+    memset(q, 0, sizeof *q);
+    for (int i = 0; i < RL_QUANT_MAX_PARTS; i++) views[i].obj = NULL;
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) < 1 ||
+        PyTuple_GET_SIZE(parts) > RL_QUANT_MAX_PARTS) {
+        PyErr_Format(PyExc_ValueError, "the parts of a quantized tensor are a tuple of 1 to %d "
+                     "buffers (or None), got %R", RL_QUANT_MAX_PARTS, parts);
+        return -1;
+    }
+    q->family = family;
+    q->subtype = subtype;
+    q->rows = rows;
+    q->cols = cols;
+    q->group = group;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts); i++) {
+        PyObject *o = PyTuple_GET_ITEM(parts, i);
+        if (o == Py_None) continue;
+        if (PyObject_GetBuffer(o, &views[i], PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            views[i].obj = NULL;
+            rl_py_release_parts(views);
+            PyErr_Format(PyExc_TypeError, "part %zd of a quantized tensor must be a C-contiguous "
+                         "buffer or None, got %s", i, Py_TYPE(o)->tp_name);
+            return -1;
+        }
+        q->part[i] = views[i].buf;
+        q->part_bytes[i] = (size_t)views[i].len;
+    }
+    return 0;
+}
+
+void rl_py_release_parts(Py_buffer views[RL_QUANT_MAX_PARTS])
+{
+    for (int i = 0; i < RL_QUANT_MAX_PARTS; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
 }
 
 PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds)

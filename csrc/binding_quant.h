@@ -15,6 +15,14 @@ int rl_py_keep_mask(PyObject *kinds, unsigned *mask);
 int rl_py_gguf_qtensor(PyObject *data, int ggml_type, long long rows, long long cols,
                        rl_qtensor *q, Py_buffer *view);
 
+/* An AWQ / GPTQ / FP8 descriptor (quant_hf.h) over a tuple of up to
+ * RL_QUANT_MAX_PARTS C-contiguous buffers or None, held in views (release
+ * them with rl_py_release_parts). -1 with a Python exception. */
+int rl_py_parts_qtensor(PyObject *parts, int family, int subtype, long long rows,
+                        long long cols, long long group, rl_qtensor *q,
+                        Py_buffer views[RL_QUANT_MAX_PARTS]);
+void rl_py_release_parts(Py_buffer views[RL_QUANT_MAX_PARTS]);
+
 PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds);
 PyObject *rl_py_gguf_type_info(PyObject *mod, PyObject *args);
 

@@ -90,8 +90,8 @@ static const int awq_shift[8] = {0, 16, 4, 20, 8, 24, 12, 28};
 #define AWQ_WORDS 8
 #define AWQ_TILE 64
 
-static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                    size_t errlen)
+/* Bits, shape and part sizes of an AWQ tensor (no data read). */
+static int awq_layout(const rl_qtensor *q, char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols, group = q->group;
     const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
@@ -105,9 +105,19 @@ static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
     const int64_t words = rows / 8, groups = cols / group;
     if (check_part(q, 0, "qweight", (size_t)(cols * words * 4), err, errlen) < 0 ||
         (q->part[1] && check_part(q, 1, "qzeros", (size_t)(groups * words * 4), err, errlen) < 0) ||
-        check_part(q, 2, "scales", (size_t)(groups * rows) * scale_size(dt), err, errlen) < 0 ||
-        check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0)
+        check_part(q, 2, "scales", (size_t)(groups * rows) * scale_size(dt), err, errlen) < 0)
         return -1;
+    return 0;
+}
+
+static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                    size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols, group = q->group;
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if (awq_layout(q, err, errlen) < 0) return -1;
+    const int64_t words = rows / 8, groups = cols / group;
+    if (check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0) return -1;
     const void *qw = q->part[0], *qz = q->part[1], *sc = q->part[2];
     /* blocks of AWQ_WORDS word columns (8 output rows each): one line of
      * qweight per input feature feeds 8 * AWQ_WORDS rows */
@@ -185,12 +195,12 @@ static inline void gptq_block(const void *qw, const int32_t *gid, int64_t rows, 
         }
 }
 
-static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                     size_t errlen)
+/* Bits, shape and part sizes of a GPTQ tensor; *groups_out = the groups of
+ * its scales (no data read). */
+static int gptq_layout(const rl_qtensor *q, int64_t *groups_out, char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols;
     const int bits = RL_QHF_BITS(q->subtype), dt = RL_QHF_SCALE_DTYPE(q->subtype);
-    const int minus_one = (q->subtype & RL_QHF_ZERO_MINUS_ONE) != 0;
     if (bits != 2 && bits != 4 && bits != 8)
         return fail(err, errlen, "GPTQ with %d bits is not supported (2, 4 or 8 bits)", bits);
     const int64_t pf = 32 / bits;
@@ -209,9 +219,23 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
     if (check_part(q, 0, "qweight", (size_t)(cols / pf * rows * 4), err, errlen) < 0 ||
         (q->part[1] && check_part(q, 1, "qzeros", (size_t)(groups * (rows / pf) * 4), err,
                                   errlen) < 0) ||
-        (q->part[3] && check_part(q, 3, "g_idx", (size_t)(cols * 4), err, errlen) < 0) ||
+        (q->part[3] && check_part(q, 3, "g_idx", (size_t)(cols * 4), err, errlen) < 0))
+        return -1;
+    *groups_out = groups;
+    return 0;
+}
+
+static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                     size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols;
+    const int bits = RL_QHF_BITS(q->subtype), dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    const int minus_one = (q->subtype & RL_QHF_ZERO_MINUS_ONE) != 0;
+    int64_t groups;
+    if (gptq_layout(q, &groups, err, errlen) < 0 ||
         check_scales(q->part[2], dt, groups, rows, r0, r1, err, errlen) < 0)
         return -1;
+    const int64_t pf = 32 / bits;
     int32_t *gid = malloc((size_t)cols * sizeof(int32_t));
     if (!gid) return fail(err, errlen, "out of memory (%lld group indices)", (long long)cols);
     for (int64_t i = 0; i < cols; i++) {
@@ -284,8 +308,8 @@ static inline float e4m3_to_f32(uint32_t b)
     return v;
 }
 
-static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                    size_t errlen)
+/* Block edge, shape and part sizes of an FP8 tensor (no data read). */
+static int fp8_layout(const rl_qtensor *q, char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols, B = q->group;
     const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
@@ -293,8 +317,19 @@ static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
     const int64_t srows = (rows + B - 1) / B, scols = (cols + B - 1) / B;
     if (check_part(q, 0, "weight", (size_t)(rows * cols), err, errlen) < 0 ||
         check_part(q, 1, "weight_scale_inv", (size_t)(srows * scols) * scale_size(dt), err,
-                   errlen) < 0 ||
-        check_scales(q->part[1], dt, 1, srows * scols, (r0 / B) * scols,
+                   errlen) < 0)
+        return -1;
+    return 0;
+}
+
+static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                    size_t errlen)
+{
+    const int64_t rows = q->rows, cols = q->cols, B = q->group;
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if (fp8_layout(q, err, errlen) < 0) return -1;
+    const int64_t srows = (rows + B - 1) / B, scols = (cols + B - 1) / B;
+    if (check_scales(q->part[1], dt, 1, srows * scols, (r0 / B) * scols,
                      ((r1 + B - 1) / B) * scols, err, errlen) < 0)
         return -1;
     const unsigned char *w = (const unsigned char *)q->part[0];
@@ -327,10 +362,9 @@ static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
     return 0;
 }
 
-int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
-                           char *err, size_t errlen)
+/* Shape and scale dtype, the checks every family shares. */
+static int check_header(const rl_qtensor *q, char *err, size_t errlen)
 {
-    if (!q || !out) return fail(err, errlen, "no tensor or no output");
     if (q->rows <= 0 || q->cols <= 0)
         return fail(err, errlen, "weight shape [%lld, %lld] is empty", (long long)q->rows,
                     (long long)q->cols);
@@ -338,12 +372,60 @@ int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *o
     if (q->cols > (INT64_C(1) << 40) || q->rows > (INT64_C(1) << 56) / q->cols)
         return fail(err, errlen, "weight shape [%lld, %lld] is too large", (long long)q->rows,
                     (long long)q->cols);
-    if (r0 < 0 || r1 < r0 || r1 > q->rows)
-        return fail(err, errlen, "rows [%lld, %lld) outside 0..%lld", (long long)r0,
-                    (long long)r1, (long long)q->rows);
     const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
     if (dt != RL_QHF_SCALE_F16 && dt != RL_QHF_SCALE_BF16 && dt != RL_QHF_SCALE_F32)
         return fail(err, errlen, "scale dtype code %d is not f16, bf16 or f32", dt);
+    return 0;
+}
+
+int rl_qtensor_validate_hf(const rl_qtensor *q, char *err, size_t errlen)
+{
+    if (!q) return fail(err, errlen, "no tensor");
+    if (check_header(q, err, errlen) < 0) return -1;
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    const int64_t rows = q->rows, cols = q->cols;
+    switch (q->family) {
+    case RL_QF_AWQ:
+        if (awq_layout(q, err, errlen) < 0) return -1;
+        return check_scales(q->part[2], dt, cols / q->group, rows, 0, rows, err, errlen);
+    case RL_QF_GPTQ: {
+        int64_t groups;
+        if (gptq_layout(q, &groups, err, errlen) < 0 ||
+            check_scales(q->part[2], dt, groups, rows, 0, rows, err, errlen) < 0)
+            return -1;
+        if (q->part[3])
+            for (int64_t i = 0; i < cols; i++) {
+                const int32_t g = (int32_t)ld_u32(q->part[3], i);
+                if (g < 0 || g >= groups)
+                    return fail(err, errlen, "g_idx[%lld] is %d, outside 0..%lld (the groups of "
+                                "scales)", (long long)i, (int)g, (long long)groups - 1);
+            }
+        return 0;
+    }
+    case RL_QF_FP8_BLOCK: {
+        if (fp8_layout(q, err, errlen) < 0) return -1;
+        const int64_t B = q->group, n = ((rows + B - 1) / B) * ((cols + B - 1) / B);
+        if (check_scales(q->part[1], dt, 1, n, 0, n, err, errlen) < 0) return -1;
+        const unsigned char *w = (const unsigned char *)q->part[0];
+        for (int64_t i = 0; i < rows * cols; i++)
+            if ((w[i] & 0x7Fu) == 0x7Fu)
+                return fail(err, errlen, "weight [%lld, %lld] is an e4m3 NaN",
+                            (long long)(i / cols), (long long)(i % cols));
+        return 0;
+    }
+    default: return fail(err, errlen, "quantized family %d is not an HF directory format",
+                         q->family);
+    }
+}
+
+int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
+                           char *err, size_t errlen)
+{
+    if (!q || !out) return fail(err, errlen, "no tensor or no output");
+    if (check_header(q, err, errlen) < 0) return -1;
+    if (r0 < 0 || r1 < r0 || r1 > q->rows)
+        return fail(err, errlen, "rows [%lld, %lld) outside 0..%lld", (long long)r0,
+                    (long long)r1, (long long)q->rows);
     if (r0 == r1) return 0;
     switch (q->family) {
     case RL_QF_AWQ: return awq_rows(q, r0, r1, out, err, errlen);

@@ -45,5 +45,9 @@ enum { RL_QHF_SCALE_F16 = 0, RL_QHF_SCALE_BF16 = 1, RL_QHF_SCALE_F32 = 2 };
  * never read out of bounds); returns 0, or -1 with a message in err. */
 int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
                            char *err, size_t errlen);
+/* The whole tensor checked as the dequantization would check it (part
+ * sizes, every scale finite, g_idx in range, no FP8 NaN code), without
+ * dequantizing: for weights kept quantized. 0, or -1 with a message. */
+int rl_qtensor_validate_hf(const rl_qtensor *q, char *err, size_t errlen);
 
 #endif /* RL_QUANT_HF_H */

@@ -9,10 +9,15 @@
  *   rows, straight into the fp32 scratch the GEMM then reads. A device
  *   backend dequantizes with its own op (be->dequant_rows, into its weight
  *   dtype); one without it cannot keep weights quantized and says so.
- * - Families other than GGUF blocks reach the same dispatch (dequant_host)
- *   and are refused there until their dequantizer is built in.
+ * - A tensor of several parts (AWQ, GPTQ, FP8 block scales: quant_hf.h) is
+ *   one allocation, each part at a 64-byte aligned offset, so part[0] is
+ *   what is freed and checked for residency, as for a GGUF tensor.
+ * - The device kernels decode GGUF blocks only: a device backend refuses an
+ *   HF family when the tensor is set (weights='dequantize' works there),
+ *   not at the first GEMM.
  */
 #include "qweights.h"
+#include "quant_hf.h"
 
 #include <omp.h>
 #include <stdio.h>
@@ -156,32 +161,73 @@ static rl_status upload_bytes(rl_backend *be, void *dst, const void *src, size_t
     return RL_OK;
 }
 
+#define PART_ALIGN 64
+
+static int is_hf(const rl_qtensor *q)
+{
+    return q->family == RL_QF_AWQ || q->family == RL_QF_GPTQ || q->family == RL_QF_FP8_BLOCK;
+}
+
+/* quant.c decodes GGUF blocks, quant_hf.c the HF directory formats. */
+static int validate_any(const rl_qtensor *q, char *err, size_t errlen)
+{
+    return is_hf(q) ? rl_qtensor_validate_hf(q, err, errlen) : rl_qtensor_validate(q, err, errlen);
+}
+
+static int dequant_rows_any(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
+                            size_t errlen)
+{
+    return is_hf(q) ? rl_dequant_hf_rows_f32(q, r0, r1, out, err, errlen)
+                    : rl_dequant_rows_f32(q, r0, r1, out, err, errlen);
+}
+
+static const char *family_name(int family)
+{
+    return family == RL_QF_AWQ ? "AWQ" : family == RL_QF_GPTQ ? "GPTQ"
+         : family == RL_QF_FP8_BLOCK ? "FP8" : "GGUF";
+}
+
 rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_t layer,
                     const rl_qtensor *host, const char *name, size_t *bytes_added)
 {
     *bytes_added = 0;
     char err[256];
-    if (rl_qtensor_validate(host, err, sizeof err))
+    if (validate_any(host, err, sizeof err))
         return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: %s", name, err);
+    if (host->family != RL_QF_GGUF && be->dequant_rows)
+        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: device %s cannot keep %s "
+                       "weights quantized (its kernels decode GGUF blocks only); load with "
+                       "weights='dequantize'", name, be->name, family_name(host->family));
     rl_qtensor *dst = slot(qw, kind, layer);
     if (dst->part[0]) {   /* set again: the new bytes replace the old */
         be->free(be, (void *)dst->part[0]);
-        qw->stored_bytes -= dst->part_bytes[0];
+        for (int i = 0; i < RL_QUANT_MAX_PARTS; i++) qw->stored_bytes -= dst->part_bytes[i];
         memset(dst, 0, sizeof *dst);
     }
-    size_t n = host->part_bytes[0];
+    size_t off[RL_QUANT_MAX_PARTS], total = 0, stored = 0;
+    for (int i = 0; i < RL_QUANT_MAX_PARTS; i++) {
+        off[i] = total;
+        if (!host->part[i]) continue;
+        total += (host->part_bytes[i] + PART_ALIGN - 1) / PART_ALIGN * PART_ALIGN;
+        stored += host->part_bytes[i];
+    }
     void *mem = NULL;
-    RL_TRY(be->alloc(be, &mem, (n + 3) / 4 * 4));
-    rl_status st = upload_bytes(be, mem, host->part[0], n);
+    RL_TRY(be->alloc(be, &mem, total));
+    rl_status st = RL_OK;
+    for (int i = 0; i < RL_QUANT_MAX_PARTS && st == RL_OK; i++)
+        if (host->part[i])
+            st = upload_bytes(be, (char *)mem + off[i], host->part[i], host->part_bytes[i]);
     if (st != RL_OK) {
         be->free(be, mem);
         return st;
     }
     *dst = *host;
-    dst->part[0] = mem;
-    for (int i = 1; i < RL_QUANT_MAX_PARTS; i++) dst->part[i] = NULL, dst->part_bytes[i] = 0;
-    qw->stored_bytes += n;
-    *bytes_added = n;
+    for (int i = 0; i < RL_QUANT_MAX_PARTS; i++) {
+        dst->part[i] = host->part[i] ? (char *)mem + off[i] : NULL;
+        dst->part_bytes[i] = host->part[i] ? host->part_bytes[i] : 0;
+    }
+    qw->stored_bytes += stored;
+    *bytes_added = stored;
     return RL_OK;
 }
 
@@ -189,9 +235,12 @@ rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_
  * splitting the rows. */
 static rl_status dequant_host(const rl_qtensor *q, float *out)
 {
-    if (q->family != RL_QF_GGUF)
-        return RL_FAIL(RL_ERR_INVALID, "dequantizing quantization family %d is not supported "
-                       "by this build yet (supported: GGUF blocks)", q->family);
+    if (is_hf(q)) {   /* threaded inside, in blocks that share cache lines */
+        char e[256] = "";
+        if (rl_dequant_hf_rows_f32(q, 0, q->rows, out, e, sizeof e))
+            return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", e);
+        return RL_OK;
+    }
     int64_t rows = q->rows, cols = q->cols;
     int nt = omp_get_max_threads();
     int64_t chunk = (rows + nt - 1) / nt;
@@ -252,7 +301,7 @@ rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_hos
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * d;
         char e[256];
-        if (rl_dequant_rows_f32(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
+        if (dequant_rows_any(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
             failed = 1;
 #pragma omp critical
             snprintf(err, sizeof err, "%s", e);

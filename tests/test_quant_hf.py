@@ -13,11 +13,19 @@
 - Damaged or inconsistent files are ModelFormatErrors naming the tensor;
   unsupported methods are refused naming what is supported.
 - `check_parity` / `rjepa-latent parity` pass on them.
+- Kept quantized (the default on the CPU), every layout gives the bits of
+  the same model dequantized at load; memory_plan counts what the engine
+  holds, resident memory follows the stored size, and damaged parts are the
+  same ModelFormatErrors under both `weights` modes.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -300,6 +308,7 @@ def test_every_layer_equals_hf_on_reference_dequantized_weights(layouts, family,
     qdir, ref = layouts(family, layout)
     ids = np.random.default_rng(1).integers(0, 320, 37)
     with rl.Model(qdir, device="cpu", threads=2) as m, rl.Model(ref, device="cpu", threads=2) as r:
+        assert m.weights == "keep"          # the default for a quantized directory
         got = m.hidden_states(ids)
         np.testing.assert_array_equal(got, r.hidden_states(ids))   # the same fp32 weights
     err = rel_err(got, hf_hidden_states(ref, ids))
@@ -419,13 +428,14 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("weights", ["keep", "dequantize"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_damaged_or_unsupported_is_a_model_format_error(layouts, tmp_path, case):
+def test_damaged_or_unsupported_is_a_model_format_error(layouts, tmp_path, case, weights):
     layout, tensors, config, pattern = BAD[case]
     qdir, _ = layouts("qwen3", layout)
     bad = rewrite(qdir, tmp_path / "bad", tensors, config)
     with pytest.raises(ModelFormatError, match=pattern):
-        rl.Model(bad, device="cpu")
+        rl.Model(bad, device="cpu", weights=weights)
 
 
 def test_core_refuses_inconsistent_parts_without_reading_past_them():
@@ -478,5 +488,170 @@ def test_sharded_and_partly_unquantized_directories(layouts, tmp_path):
     with rl.Model(ref, device="cpu") as r:
         want = r.hidden_states(ids)
     for d in (out, plain):
-        with rl.Model(d, device="cpu") as m:
-            np.testing.assert_array_equal(m.hidden_states(ids), want)
+        for weights in ("keep", "dequantize"):
+            with rl.Model(d, device="cpu", weights=weights) as m:
+                assert m.weights == weights
+                np.testing.assert_array_equal(m.hidden_states(ids), want)
+
+
+# ---------------------------------------------------------------- kept quantized
+
+
+QUANT_PARTS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale_inv")
+
+
+def stored_bytes(qdir, zero_point=True) -> int:
+    """Bytes of every quantized module's parts as the file stores them."""
+    infos, _ = read_safetensors_header(str(qdir / "model.safetensors"))
+    return sum(t.end - t.begin for n, t in infos.items()
+               if (n.rpartition(".")[2] in QUANT_PARTS or t.dtype == "F8_E4M3")
+               and (zero_point or not n.endswith(".qzeros")))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_keep_equals_dequantize_bitwise(layouts, layout):
+    """The engine dequantizes the stored parts into its scratch before each
+    GEMM: the same fp32 weights as the load-time dequantization, so the same
+    bits; and the stored parts (plus one scratch) replace the dense matrices."""
+    qdir, _ = layouts("qwen3", layout)
+    ids = np.random.default_rng(4).integers(0, 320, 41)
+    with rl.Model(qdir, device="cpu", threads=2, max_batch_tokens=64) as kept, \
+            rl.Model(qdir, device="cpu", threads=2, max_batch_tokens=64,
+                     weights="dequantize") as dense:
+        assert (kept.weights, dense.weights) == ("keep", "dequantize")
+        np.testing.assert_array_equal(kept.hidden_states(ids), dense.hidden_states(ids))
+        assert kept.memory_report()["weight_bytes"] < dense.memory_report()["weight_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["awq", "awq_nozero", "gptq4_asym_actorder", "gptq8_v2", "fp8"])
+@pytest.mark.parametrize("weights", ["keep", "dequantize"])
+def test_memory_plan_counts_what_the_engine_holds(layouts, layout, weights):
+    qdir, _ = layouts("qwen3", layout)
+    plan = rl.memory_plan(qdir, device="cpu", max_batch_tokens=32, weights=weights)
+    with rl.Model(qdir, device="cpu", max_batch_tokens=32, weights=weights) as m:
+        rep = m.memory_report()
+        cfg = m.config
+    assert (plan["weight_bytes"], plan["workspace_bytes"]) == \
+        (rep["weight_bytes"], rep["workspace_bytes"])
+    assert plan["weights"] == weights
+    if weights == "keep":
+        stored = stored_bytes(qdir, zero_point=layout != "awq_nozero")
+        assert plan["kept_bytes"] == stored
+        # one fp32 scratch of the largest fused matrix (gate + up) ...
+        scratch = 2 * cfg["intermediate_size"] * cfg["hidden_size"] * 4
+        # ... and, dense, the embedding, the norms and RoPE only
+        dense_rest = plan["weight_bytes"] - stored - scratch
+        embed = cfg["vocab_size"] * cfg["hidden_size"] * 4
+        assert embed <= dense_rest < embed + 64 * cfg["hidden_size"] * cfg["num_layers"], \
+            (dense_rest, embed)
+    assert rl.memory_plan(qdir, device="cpu")["weights"] == "keep"
+
+
+def test_keep_needs_quantized_weights_and_the_cpu(layouts, tmp_path):
+    """A plain directory cannot be kept; AWQ/GPTQ/FP8 have no device kernels,
+    so on CUDA they are dequantized by default and weights='keep' is refused."""
+    qdir, ref = layouts("qwen3", "awq")
+    with pytest.raises(ValueError, match="weights='keep' needs a checkpoint stored quantized"):
+        rl.memory_plan(ref, device="cpu", weights="keep")
+    assert rl.memory_plan(qdir, device="cuda", max_batch_tokens=16)["weights"] == "dequantize"
+    with pytest.raises(ValueError, match=r"AWQ weights are kept quantized on the CPU only.*"
+                                         r"weights='dequantize'"):
+        rl.memory_plan(qdir, device="cuda", weights="keep")
+
+
+def test_engine_checks_parts_handed_to_it_directly(layouts):
+    """set_tensor_quantized validates the parts itself (sizes, scales,
+    g_idx, FP8 NaN codes), whatever the caller checked before."""
+    from rjepa_latent.checkpoints.checkpoint import load_hf
+    qdir, _ = layouts("qwen3", "gptq4_asym_actorder")
+    src = load_hf(qdir, weights="keep")
+    eng = _core.Engine(src.engine_config, "cpu", 1, keep=src.keep)
+    rec = next(buf for kind, layer, buf, dt, shape in src.tensors() if kind == "q")
+    family, subtype, rows, cols, group, views = rec.weight.qtensor(rec.maps)
+    parts = [np.frombuffer(v, np.uint8).copy() for v in views]
+    for v in views:
+        v.release()
+    src.close()
+
+    def hand(ps, shape=(rows, cols)):
+        eng.set_tensor_quantized("q", 0, tuple(ps), subtype, shape, family=family, group=group)
+
+    hand(parts)                                           # the good parts are taken
+    with pytest.raises(ValueError, match="qweight has .* bytes, expected"):
+        hand([parts[0][:-4]] + parts[1:])
+    g = parts[3].view(np.int32).copy()
+    g[2] = 1000
+    with pytest.raises(ValueError, match=r"g_idx\[2\] is 1000"):
+        hand(parts[:3] + [g.view(np.uint8)])
+    sc = parts[2].view(np.float16).copy()
+    sc[1] = np.inf
+    with pytest.raises(ValueError, match="not finite"):
+        hand(parts[:2] + [sc.view(np.uint8)] + parts[3:])
+    with pytest.raises(ValueError, match="shape"):
+        hand(parts, (rows, cols * 2))
+    with pytest.raises(TypeError, match="part 1"):
+        hand([parts[0], 3.5])
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import rjepa_latent as rl
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    base = status("VmRSS:")
+    m = rl.Model(sys.argv[1], device="cpu", max_batch_tokens=16, weights=sys.argv[2])
+    print(json.dumps({"base": base, "peak": status("VmHWM:"), "after": status("VmRSS:"),
+                      "weight_bytes": m.memory_report()["weight_bytes"]}))
+""")
+
+
+def _load_rss(path, weights: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), weights],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_resident_memory_follows_stored_size(tmp_path):
+    """An AWQ model of ~150 MB in fp32 (~20 MB as stored): loading it kept
+    grows the process by about the stored parts plus one scratch, not by the
+    dense size; the mapped file pages are dropped after copying."""
+    src = tiny_model(tmp_path / "src", family="qwen3", hidden=1024, layers=4, heads=8,
+                     kv_heads=4, seed=1)
+    qdir = quantize_hf(src, tmp_path / "q", "awq", group_size=128)
+    shutil.rmtree(src)
+    size = (qdir / "model.safetensors").stat().st_size
+    plan = rl.memory_plan(qdir, device="cpu", max_batch_tokens=16, weights="keep")
+    kept = _load_rss(qdir, "keep")
+    dense = _load_rss(qdir, "dequantize")
+    scratch = plan["weight_bytes"] - plan["kept_bytes"]   # the scratch, embedding and norms
+    grew = kept["peak"] - kept["base"]
+    assert kept["weight_bytes"] == plan["weight_bytes"]
+    assert grew <= 1.25 * size + scratch + 48 * 2**20, (grew, size, scratch)
+    assert dense["after"] - dense["base"] > 4 * plan["kept_bytes"]   # what keeping saves
+
+
+@pytest.mark.gpu
+def test_cuda_dequantizes_hf_formats_and_refuses_keep(layouts):
+    """The device kernels decode GGUF blocks only: an AWQ / GPTQ / FP8
+    directory loads dequantized there by default (the CPU's fp32 values,
+    rounded once), and weights='keep' is refused naming the fix."""
+    if not rl.build_info()["cuda"]:
+        pytest.skip("CUDA not compiled in")
+    if _core.cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    qdir, _ = layouts("qwen3", "gptq4_asym_actorder")
+    ids = np.random.default_rng(3).integers(0, 320, 29)
+    with rl.Model(qdir, device="cuda:0", dtype="float32", max_batch_tokens=64) as m:
+        assert m.weights == "dequantize"
+        got = m.hidden_states(ids)
+    with rl.Model(qdir, device="cpu", max_batch_tokens=64) as c:
+        want = c.hidden_states(ids)
+    assert rel_err(got, want).max() <= 1e-4
+    with pytest.raises(ValueError, match="kept quantized on the CPU only"):
+        rl.Model(qdir, device="cuda:0", weights="keep")

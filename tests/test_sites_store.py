@@ -163,3 +163,60 @@ def test_bad_sites_refused_before_writing(setup):
         rl.extract_dataset(data, m, d / "both", layers=[1], sites=["blocks.0.hook_mlp_out"],
                            progress=False)
     assert not (d / "both").exists()
+
+
+def test_sites_with_token_selection_outliers_and_the_token_store(setup, tmp_path):
+    """A per-token run of sites keeps only the selected tokens (`--tokens steps`,
+    `--drop-bos`) with their keys, one norm per site and row, outlier marks per
+    site, and the shuffled token store holds exactly its rows per site."""
+    d, path, data, m = setup
+    full = tmp_path / "full"
+    rl.extract_dataset(data, m, full, sites=SITES, pooling="none", shard_size=3, progress=False)
+    out = tmp_path / "sel"
+    s = rl.extract_dataset(data, m, out, sites=SITES, pooling="none", shard_size=3, progress=False,
+                           tokens="steps", drop_bos=True, outliers=1.5)
+    assert s["items"] == 7
+    whole, sel = rl.open_latents(full), rl.open_latents(out)
+    total_marked = 0
+    for i in range(len(sel)):
+        pos = np.asarray(sel[i].token_key("token_positions"))
+        in_steps = np.zeros(len(whole[i].token_steps), bool)
+        for a, b in whole[i].token_spans:
+            in_steps[a:b] = True
+        np.testing.assert_array_equal(pos, np.flatnonzero(in_steps))
+        ids = _ids_of(m, data, out, i)
+        np.testing.assert_array_equal(sel[i].token_key("token_ids"), np.asarray(ids)[pos])
+        norms = np.asarray(sel[i].token_key("token_norms"))
+        assert norms.shape == (len(CANON), len(pos))
+        for k, name in enumerate(CANON):
+            rows = np.asarray(sel[i].site(name))
+            np.testing.assert_array_equal(rows, np.asarray(whole[i].site(name))[pos])
+            np.testing.assert_allclose(norms[k], np.linalg.norm(rows.astype(np.float64), axis=1),
+                                       rtol=1e-6)
+        total_marked += int(np.asarray(sel[i].token_key("token_outliers")).any(axis=0).sum())
+    assert json.loads((out / "manifest.json").read_text())["totals"]["outliers"] == total_marked
+    from rjepa_latent.store.token_store import open_tokens
+    assert cli_main(["tokens", str(out), "--out", str(tmp_path / "tok"), "--seed", "3"]) == 0
+    ts = open_tokens(tmp_path / "tok")
+    for name in CANON:
+        assert name in ts.sites
+        got = np.concatenate([np.asarray(ts.chunk(name, c, raw=False), np.float32)
+                              for c in range(ts.chunks)])
+        want = np.concatenate([np.asarray(sel[i].site(name)) for i in range(len(sel))])
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.sort(got.view(np.uint32).sum(axis=1)),
+                                      np.sort(want.view(np.uint32).sum(axis=1)))
+
+
+def test_sites_of_a_model_kept_quantized(tmp_path):
+    """Sites of a GGUF model whose matrices stay quantized equal those of the
+    same file dequantized at load (bitwise: the second projection of
+    hook_attn_out / hook_mlp_out reads the dequantized matrix too)."""
+    path = tiny_model(tmp_path / "q", family="llama", layers=2, format="gguf", dtype="Q4_K")
+    ids = list(range(3, 40))
+    got = {}
+    for mode in ("keep", "dequantize"):
+        with rl.Model(path, device="cpu", weights=mode) as m:
+            got[mode] = {k: np.array(v) for k, v in m.activations(ids, SITES).items()}
+    for name in CANON:
+        np.testing.assert_array_equal(got["keep"][name], got["dequantize"][name])

@@ -17,8 +17,9 @@ What it does:
   before any data is touched. Offsets are checked here, in Python, so the C
   side only ever receives bounded `memoryview` slices of an mmap.
 - `load_hf`: directory -> `CheckpointSource` (also produced by the GGUF loader;
-  AWQ / GPTQ / FP8 directories through `hf_quantized`, each weight dequantized
-  to fp32 as the feed reaches it):
+  AWQ / GPTQ / FP8 directories through `hf_quantized`, their matrices kept as
+  stored (`weights="keep"`, the default) or each dequantized to fp32 as the
+  feed reaches it; `hf_storage`: what keeping them takes, headers only):
   names and shapes are checked against the config before data is read; all
   missing and all unexpected tensors are reported at once; tensors of layers
   that can never be requested under `max_layer` are not read at all.
@@ -82,7 +83,9 @@ class CheckpointSource:
     `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
     included) as (kind, layer, C-contiguous buffer, "float32"|"bfloat16"|
     "float16", shape); buffers are only valid until the next item.
-    `on_close()` releases files (mmaps) the feed reads from.
+    `on_close()` releases files (mmaps) the feed reads from. `keep`: the
+    kinds the feed yields as kept records (dtype "kept", handed over with
+    their `hand_to`), `stored_bytes` what they take as stored.
     """
     config: dict
     engine_config: dict
@@ -93,6 +96,8 @@ class CheckpointSource:
     on_close: Callable[[], None] = field(default=lambda: None)
     weights: Any = None                      # a weight_hash.WeightHasher, or None
     read_weight: Callable[[str], Any] | None = None   # stored bytes of a tensor by name
+    keep: tuple[str, ...] = ()               # kinds handed to the engine as stored (quantized)
+    stored_bytes: int = 0                    # their stored bytes
 
     def tensors(self) -> Iterator[TensorRecord]:
         return self.tensor_feed()
@@ -657,9 +662,11 @@ def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
 
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
-               maps: dict[str, mmap.mmap], weights: Any = None) -> Callable[[], Iterator[TensorRecord]]:
+               maps: dict[str, mmap.mmap], hasher: Any = None,
+               keep: tuple[str, ...] = ()) -> Callable[[], Iterator[TensorRecord]]:
     """The tensor feed over the mmap'd files: exactly `tensor_layout(cfg,
-    max_layer)`, so tensors the engine will not use are never touched."""
+    max_layer)`, so tensors the engine will not use are never touched; kinds
+    in `keep` as `hf_quantized.KeptParts` records."""
     layout = tensor_layout(cfg, max_layer)
 
     def feed() -> Iterator[TensorRecord]:
@@ -670,20 +677,29 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             info = found[(kind, layer)]
-            if isinstance(info, hf_quantized.QuantWeight):
-                dense = info.dequantize(maps, scratch)   # maps every part's file
-                if weights is not None:   # each stored part, hashed from the same map
-                    for part in info.parts.values():
-                        weights.add(part.name, maps[part.file], part.begin, part.end)
-                yield kind, layer, dense, "float32", info.shape
+            if isinstance(info, hf_quantized.QuantWeight) or kind in keep:
+                # a quantized weight's every stored part (or a plain one kept in a
+                # quantized group), hashed from the same maps as it is read
+                parts = list(info.parts.values()) if isinstance(info, hf_quantized.QuantWeight) else [info]
+                for part in parts:
+                    if part.file not in maps:
+                        with open(part.file, "rb") as f:
+                            maps[part.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    if hasher is not None:
+                        hasher.add(part.name, maps[part.file], part.begin, part.end)
+                if kind in keep:
+                    yield (kind, layer, hf_quantized.KeptParts(info, maps), hf_quantized.KEPT_DTYPE,
+                           tuple(shape))
+                else:
+                    yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
                 continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:
                     maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             base = memoryview(maps[info.file])
             view = base[info.begin:info.end]
-            if weights is not None:   # hashed in the background from the same map
-                weights.add(info.name, maps[info.file], info.begin, info.end)
+            if hasher is not None:   # hashed in the background from the same map
+                hasher.add(info.name, maps[info.file], info.begin, info.end)
             try:
                 yield kind, layer, view, SAFETENSORS_DTYPES[info.dtype][1], info.shape
             finally:
@@ -692,11 +708,9 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
     return feed
 
 
-def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> CheckpointSource:
-    """Validates an HF model directory (config, every safetensors file, tensor
-    names and shapes) and returns its CheckpointSource. No tensor data is read
-    until `tensors()` is iterated."""
-    directory = os.fspath(directory)
+def _hf_tensors(directory: str, max_layer: int | None) -> tuple[dict, int, dict, dict]:
+    """(public config, resolved max_layer, safetensors tensors, (kind, layer)
+    -> TensorInfo or QuantWeight) of a directory, headers only."""
     if not os.path.exists(directory):
         raise FileNotFoundError(f"model directory {directory!r} does not exist")
     if not os.path.isdir(directory):
@@ -707,12 +721,36 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
     scheme = hf_quantized.read_scheme(directory)
     tensors = read_checkpoint_headers(directory)
     found = match_tensors(cfg, hf_quantized.logical_tensors(scheme, tensors, directory), directory)
+    return cfg, resolved, tensors, found
+
+
+def hf_storage(directory: str | os.PathLike, max_layer: int | None = None,
+               weights: str | None = None) -> tuple[tuple[str, ...], int]:
+    """(kinds kept quantized, their stored bytes) when the directory is loaded
+    with `weights`, from the headers (hf_quantized.storage); a directory
+    without a quantization_config needs its config.json only."""
+    directory = os.fspath(directory)
+    if os.path.isdir(directory) and hf_quantized.read_scheme(directory) is None:
+        return hf_quantized.storage({}, [], weights, directory)
+    cfg, resolved, _, found = _hf_tensors(directory, max_layer)
+    return hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
+
+
+def load_hf(directory: str | os.PathLike, max_layer: int | None = None,
+            weights: str | None = None) -> CheckpointSource:
+    """Validates an HF model directory (config, every safetensors file, tensor
+    names and shapes) and returns its CheckpointSource. No tensor data is read
+    until `tensors()` is iterated. `weights`: "keep", "dequantize" or None
+    (keep when the directory stores its matrices quantized)."""
+    directory = os.fspath(directory)
+    cfg, resolved, tensors, found = _hf_tensors(directory, max_layer)
+    keep, stored = hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
     maps: dict[str, mmap.mmap] = {}
     header = fingerprint(cfg, tensors)
     by_name = {t.name: t for t in found.values() if not isinstance(t, hf_quantized.QuantWeight)}
     by_name.update({p.name: p for t in found.values() if isinstance(t, hf_quantized.QuantWeight)
                     for p in t.parts.values()})   # a quantized weight: each stored part
-    weights = WeightHasher(header, by_name)
+    hasher = WeightHasher(header, by_name)
 
     def read_weight(name: str) -> bytes:
         t = by_name[name]
@@ -729,6 +767,6 @@ def load_hf(directory: str | os.PathLike, max_layer: int | None = None) -> Check
         config=cfg, engine_config=engine_config(cfg, resolved),
         tokenizer=_load_tokenizer(directory), fingerprint=header,
         sliding_window=cfg["sliding_window"],
-        tensor_feed=_mmap_feed(cfg, found, resolved, maps, weights), on_close=close,
-        weights=weights, read_weight=read_weight)
+        tensor_feed=_mmap_feed(cfg, found, resolved, maps, hasher, keep), on_close=close,
+        weights=hasher, read_weight=read_weight, keep=keep, stored_bytes=stored)
 

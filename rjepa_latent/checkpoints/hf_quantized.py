@@ -15,7 +15,14 @@ What it does:
   (`_core.dequant_hf`, csrc/quant_hf.c) from zero-copy slices of the mmap'd
   files, after the scales (finite) and g_idx (in range) were checked here.
   `QuantWeight.qtensor` is the same call's arguments (the rl_qtensor of
-  csrc/quant.h) for a consumer that keeps the parts instead.
+  csrc/quant.h).
+- `weights="keep"` (the default for a quantized directory, CPU): `storage`
+  says which kinds are kept and their stored bytes; the feed yields each
+  weight of a kept kind as a `KeptParts` record, whose `hand_to` copies the
+  parts unchanged into the engine (`Engine.set_tensor_quantized`, checked
+  there as the dequantization checks them) and drops their mapped pages. A
+  plain weight of a kept kind (modules_to_not_convert) goes as a dense GGUF
+  type (F32/F16/BF16), so a fused q/k/v or gate/up matrix is kept whole.
 
 Every problem is a `ModelFormatError` naming the file and the tensor.
 """
@@ -38,7 +45,15 @@ SUPPORTED = ("awq (version gemm, 4 bits, zero points or none), gptq (2, 4 or 8 b
              "fp8 (e4m3, square weight_block_size, dynamic activations)")
 
 # rl_qfamily of csrc/quant.h and the scale dtype codes of csrc/quant_hf.h
-RL_QF_AWQ, RL_QF_GPTQ, RL_QF_FP8_BLOCK = 2, 3, 4
+RL_QF_GGUF, RL_QF_AWQ, RL_QF_GPTQ, RL_QF_FP8_BLOCK = 1, 2, 3, 4
+# GGML type ids of the dense safetensors dtypes (a plain weight of a kept kind)
+GGML_DENSE = {"F32": 0, "F16": 1, "BF16": 30}
+# the kinds that can be kept quantized and the feed's dtype for a kept record
+# (quantized.py re-exports both)
+KEEPABLE = ("embed", "q", "k", "v", "o", "gate", "up", "down")
+KEPT_DTYPE = "kept"
+# kinds the engine fuses into one matrix: kept together or not at all
+FUSED = (("q", "k", "v"), ("gate", "up"), ("o",), ("down",), ("embed",))
 SCALE_CODES = {"F16": 0, "BF16": 1, "F32": 2}
 ZERO_MINUS_ONE = 1 << 16
 
@@ -173,12 +188,11 @@ class QuantWeight:
 
     def _view(self, part: str, maps: dict[str, mmap.mmap]):
         info = self.parts.get(part)
-        if info is None:
-            return None
-        if info.file not in maps:
-            with open(info.file, "rb") as f:
-                maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(maps[info.file])[info.begin:info.end]
+        return None if info is None else _view(info, maps)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(info.end - info.begin for info in self.parts.values())
 
     def qtensor(self, maps: dict[str, mmap.mmap]) -> tuple:
         """(family, subtype, rows, cols, group, parts) as `_core.dequant_hf`
@@ -234,18 +248,106 @@ class QuantWeight:
         try:
             _core.dequant_hf(family, subtype, rows, cols, group, views, out, 0, rows)
         except ValueError as e:
-            msg = str(e)
-            part = msg.split(" ", 1)[0].split("[", 1)[0]
-            part = {"scale": "scales" if self.scheme.method != "fp8" else "weight_scale_inv"
-                    }.get(part, part)
-            if part not in self.parts:
-                part = "weight" if self.scheme.method == "fp8" else "qweight"
-            raise ModelFormatError(f"{self._where(part)}: {msg}") from None
+            raise self.format_error(str(e)) from None
         finally:
             for v in views:
                 if v is not None:
                     v.release()
         return out
+
+    def format_error(self, msg: str) -> ModelFormatError:
+        """The core's message about this weight, naming the part it starts with."""
+        part = msg.split(" ", 1)[0].split("[", 1)[0]
+        part = {"scale": "scales" if self.scheme.method != "fp8" else "weight_scale_inv"
+                }.get(part, part)
+        if part not in self.parts:
+            part = "weight" if self.scheme.method == "fp8" else "qweight"
+        return ModelFormatError(f"{self._where(part)}: {msg}")
+
+
+def _view(info: Any, maps: dict[str, mmap.mmap]) -> memoryview:
+    """A zero-copy slice of tensor `info`'s file (mapped once per file)."""
+    if info.file not in maps:
+        with open(info.file, "rb") as f:
+            maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return memoryview(maps[info.file])[info.begin:info.end]
+
+
+def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Drops [begin, end) of a read-only map from resident memory (the file is
+    unchanged; a later read faults the pages in again). No-op where unsupported."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or end <= begin:
+        return
+    start = begin - begin % mmap.PAGESIZE
+    try:
+        mm.madvise(advice, start, min(end, len(mm)) - start)
+    except (OSError, ValueError):
+        pass
+
+
+@dataclass
+class KeptParts:
+    """One weight of a kept kind, handed to the engine as stored: a
+    QuantWeight's parts, or a plain weight (TensorInfo) as a dense GGUF type."""
+    weight: Any
+    maps: dict
+
+    def hand_to(self, engine: Any, kind: str, layer: int, shape: tuple) -> None:
+        w, maps = self.weight, self.maps
+        quant = isinstance(w, QuantWeight)
+        if quant:
+            w.check_data(maps)      # the dequantization's messages, naming the part
+            family, subtype, _, _, group, views = w.qtensor(maps)
+            infos = list(w.parts.values())
+        else:
+            family, subtype, group, views, infos = RL_QF_GGUF, GGML_DENSE[w.dtype], 0, \
+                (_view(w, maps),), [w]
+        try:
+            if family == RL_QF_GGUF:
+                engine.set_tensor_quantized(kind, layer, views[0], subtype, tuple(shape))
+            else:
+                engine.set_tensor_quantized(kind, layer, views, subtype, tuple(shape),
+                                            family=family, group=group)
+        except ValueError as e:
+            msg = str(e)
+            if msg.startswith("set_tensor_quantized: "):   # "<call>: <tensor>: <what>"
+                msg = msg.split(": ", 2)[-1]
+            raise (w.format_error(msg) if quant else
+                   ModelFormatError(f"{w.file}: tensor {w.name!r}: {msg}")) from None
+        finally:
+            for v in views:
+                if v is not None:
+                    v.release()
+            for info in infos:      # copied: the mapped pages stop counting as resident
+                _drop_pages(maps[info.file], info.begin, info.end)
+
+
+def storage(found: dict, layout: list, weights: str | None,
+            where: str) -> tuple[tuple[str, ...], int]:
+    """(kinds kept quantized, their stored bytes) of a directory's tensors
+    (`found`: (kind, layer) -> TensorInfo or QuantWeight) read as `layout`
+    under `weights`: a fused group is kept when any of its weights is stored
+    quantized; None keeps when any is."""
+    if weights not in (None, "keep", "dequantize"):
+        raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
+    needed = [(kind, layer) for kind, layer, _ in layout if kind in KEEPABLE]
+    quantized = {kind for kind, layer in needed
+                 if isinstance(found.get((kind, layer)), QuantWeight)}
+    if weights == "keep" and not quantized:
+        raise ValueError(f"{where}: weights='keep' needs a checkpoint stored quantized (a GGUF "
+                         "file, or an AWQ / GPTQ / FP8 directory); this one is loaded in the "
+                         "compute dtype (weights='dequantize')")
+    if weights == "dequantize" or not quantized:
+        return (), 0
+    keep = tuple(k for group in FUSED if quantized & set(group) for k in group
+                 if any(kind == k for kind, _ in needed))
+    stored = 0
+    for key in needed:
+        if key[0] in keep:
+            info = found[key]
+            stored += info.stored_bytes if isinstance(info, QuantWeight) else info.end - info.begin
+    return keep, stored
 
 
 def _shape_error(info: Any, want: tuple, why: str = "") -> str:

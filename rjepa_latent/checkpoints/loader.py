@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import CheckpointSource, load_hf, load_hf_config
+from .checkpoint import CheckpointSource, hf_storage, load_hf, load_hf_config
 
 
 def _is_gguf(path: str) -> bool:
@@ -23,16 +23,27 @@ def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None,
             raise FileNotFoundError(f"GGUF file {path!r} does not exist")
         from .gguf_loader import load_gguf
         return load_gguf(path, max_layer, weights)
-    _check_dense_weights(path, weights)
-    return load_hf(path, max_layer)
+    return load_hf(path, max_layer, weights)
 
 
-def _check_dense_weights(path: str, weights: str | None) -> None:
-    if weights not in (None, "keep", "dequantize"):
-        raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
+def weights_on_device(path: str | os.PathLike, weights: str | None, device: str) -> str | None:
+    """`weights` for loading `path` on `device`: the CUDA kernels dequantize
+    GGUF blocks only, so an AWQ / GPTQ / FP8 directory is dequantized on a
+    device by default, and weights='keep' there is refused naming the fix."""
+    path = os.fspath(path)
+    if device == "cpu" or _is_gguf(path) or weights == "dequantize" or not os.path.isdir(path):
+        return weights
+    from .hf_quantized import read_scheme
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return weights
+    scheme = read_scheme(path)
+    if scheme is None:
+        return weights
     if weights == "keep":
-        raise ValueError(f"{path}: weights='keep' needs a checkpoint stored quantized (a GGUF "
-                         "file); this one is loaded in the compute dtype (weights='dequantize')")
+        raise ValueError(f"{path}: {scheme.method.upper()} weights are kept quantized on the CPU "
+                         f"only (the {device} kernels decode GGUF blocks); load with "
+                         "weights='dequantize' (the default on a device)")
+    return "dequantize" if weights is None else weights
 
 
 def checkpoint_storage(path: str | os.PathLike, max_layer: int | None = None,
@@ -46,8 +57,7 @@ def checkpoint_storage(path: str | os.PathLike, max_layer: int | None = None,
             raise FileNotFoundError(f"GGUF file {path!r} does not exist")
         from .gguf_loader import gguf_storage
         return gguf_storage(path, max_layer, weights)
-    _check_dense_weights(path, weights)
-    return (), 0
+    return hf_storage(path, max_layer, weights)
 
 
 def read_config(path: str | os.PathLike) -> dict:

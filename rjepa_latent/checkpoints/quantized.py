@@ -25,9 +25,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from .checkpoint import CheckpointSource
-
-KEEPABLE = ("embed", "q", "k", "v", "o", "gate", "up", "down")
-KEPT_DTYPE = "kept"
+from .hf_quantized import KEEPABLE, KEPT_DTYPE  # noqa: F401  (defined beside the HF feed)
 WEIGHTS_MODES = ("keep", "dequantize")
 
 

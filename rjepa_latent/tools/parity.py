@@ -368,7 +368,7 @@ def load_reference_dequantized(path: str, torch, dtype, where: str, n_layers: in
     cfg._attn_implementation = "eager" if dtype == torch.float32 else "sdpa"
     with _quiet_transformers(T):
         model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    src = open_checkpoint(path, n_layers)
+    src = open_checkpoint(path, n_layers, weights="dequantize")
     try:
         family = arch.for_model_type(src.config["model_type"], path)
         state = {family.hf_name(kind, layer): torch.from_numpy(_f32_copy(buf, dt, shape))
