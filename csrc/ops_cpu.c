@@ -325,7 +325,8 @@ static rl_status grow_jobs(cpu_impl *im, int64_t n)
  * split rule and the chunk width depend on the sequence alone: never on the
  * packing (results bitwise equal alone or packed) and never on the thread
  * count (a run resumed on a machine with other cores gives the same bytes).
- * (The builtin GEMM's rounding depends on neither; it runs the same jobs.) */
+ * (Only RJEPA_GEMM=openblas runs these jobs: the own GEMM's rounding depends
+ * on neither, so it runs once over the whole packed batch.) */
 #define GEMM_SPLIT_ROWS 256
 #define GEMM_COLS 256
 
