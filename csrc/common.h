@@ -219,8 +219,9 @@ typedef struct {
  * f32 on both backends, so the sum of many layers keeps precision) and GEMM
  * operands (act_dtype: f32 on CPU, bf16 on CUDA). Weights are stored in
  * weight_dtype. Every pointer below is a backend (device) pointer unless it
- * says host. `seqs` is the packed batch's [B+1] offsets on the host: the CPU
- * backend runs GEMMs per sequence so packing is bitwise neutral. */
+ * says host. `seqs` is the packed batch's [B+1] offsets on the host (the CPU
+ * backend's OpenBLAS mode runs GEMMs per sequence with them, so packing stays
+ * bitwise neutral; its own GEMM is neutral by construction). */
 typedef struct rl_segments {
     const int32_t *cu_seqlens_host; /* [B+1]                                 */
     const int32_t *cu_seqlens_dev;  /* [B+1] backend copy                    */

@@ -1,5 +1,6 @@
-"""The CPU backend's own GEMM (csrc/gemm_builtin.c): bitwise the same on every
-ISA, whatever the batch composition and thread count.
+"""The CPU backend's own GEMM (csrc/gemm_builtin.c) and its vectorized exp
+(softmax, SiLU): bitwise the same on every ISA, whatever the batch
+composition and thread count.
 
 Each ISA's kernels are forced with RJEPA_CPU_ISA in a subprocess (the choice
 is made when a CPU engine is created); an ISA this CPU does not run is
