@@ -79,14 +79,14 @@ def _setup_extension():
 
 
 def _engine_sources() -> list[str]:
-    """The extension's C sources but the Python binding (kernels/*.c are
+    """The extension's C sources but the Python binding (binding*.c; kernels/*.c are
     empty without RL_WITH_CUDA)."""
     ext = _setup_extension()
     if ext is not None:
         srcs = [str(ROOT / s) for s in ext.sources if s.endswith(".c")]
     else:
         srcs = [str(p) for p in (ROOT / "csrc").glob("*.c")]
-    return sorted(s for s in srcs if Path(s).name != "binding.c")
+    return sorted(s for s in srcs if not Path(s).name.startswith("binding"))
 
 
 def _blas_flags() -> tuple[list[str], list[str]]:
