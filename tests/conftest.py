@@ -173,3 +173,32 @@ def hf_hidden_states(directory: str | os.PathLike, ids) -> np.ndarray:
 def hf_states() -> Callable:
     """The `hf_hidden_states` function, as a fixture for tests in other files."""
     return hf_hidden_states
+
+
+_LOAD_RSS_SCRIPT = """
+import json, sys
+import rjepa_latent as rl
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS:")
+m = rl.Model(sys.argv[1], device="cpu", max_batch_tokens=16, weights=sys.argv[2])
+print(json.dumps({"base": base, "peak": status("VmHWM:"), "after": status("VmRSS:"),
+                  "weight_bytes": m.memory_report()["weight_bytes"]}))
+"""
+
+
+def load_rss(path, weights: str) -> dict:
+    """Load `path` with `weights` ("keep" / "dequantize") in a fresh process:
+    its RSS before the load ("base"), the peak ("peak"), after ("after") and the
+    engine's weight bytes."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _LOAD_RSS_SCRIPT, str(path), weights],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,11 +17,7 @@
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +29,8 @@ import rjepa_latent as rl  # noqa: E402
 from rjepa_latent import _core  # noqa: E402
 from rjepa_latent.testing import tiny_model  # noqa: E402
 from rjepa_latent.testing.gguf_blocks import SCALE_OFFSETS  # noqa: E402
+
+from conftest import load_rss  # noqa: E402
 
 NEW_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 ALL_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1") + NEW_TYPES
@@ -228,27 +226,7 @@ def test_non_finite_scale_in_file_names_the_tensor(files, tmp_path, weights):
 
 # ----------------------------------------------------------------- resident memory
 
-_RSS_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import rjepa_latent as rl
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    base = status("VmRSS:")
-    m = rl.Model(sys.argv[1], device="cpu", max_batch_tokens=16, weights=sys.argv[2])
-    print(json.dumps({"base": base, "peak": status("VmHWM:"), "after": status("VmRSS:"),
-                      "weight_bytes": m.memory_report()["weight_bytes"]}))
-""")
-
-
-def _load_rss(path: Path, weights: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), weights],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
@@ -259,8 +237,8 @@ def test_resident_memory_follows_file_size(tmp_path):
     path = tiny_model(tmp_path / "m.gguf", family="qwen3", hidden=1024, layers=8, heads=8,
                       kv_heads=4, format="gguf", dtype="Q4_K")
     size = path.stat().st_size
-    kept = _load_rss(path, "keep")
-    dense = _load_rss(path, "dequantize")
+    kept = load_rss(path, "keep")
+    dense = load_rss(path, "dequantize")
     cfg = rl.memory_plan(path, device="cpu", max_batch_tokens=16, weights="keep")
     scratch = 2 * 2048 * 1024 * 4
     grew = kept["peak"] - kept["base"]

@@ -23,9 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -39,7 +36,7 @@ from rjepa_latent.testing import tiny_model
 from rjepa_latent.testing.models import _write_safetensors
 from rjepa_latent.testing.quantize import e4m3_values, quantize_hf
 
-from conftest import hf_hidden_states, rel_err
+from conftest import hf_hidden_states, load_rss, rel_err
 
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (test extra) is the "
@@ -593,27 +590,7 @@ def test_engine_checks_parts_handed_to_it_directly(layouts):
         hand([parts[0], 3.5])
 
 
-_RSS_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import rjepa_latent as rl
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    base = status("VmRSS:")
-    m = rl.Model(sys.argv[1], device="cpu", max_batch_tokens=16, weights=sys.argv[2])
-    print(json.dumps({"base": base, "peak": status("VmHWM:"), "after": status("VmRSS:"),
-                      "weight_bytes": m.memory_report()["weight_bytes"]}))
-""")
-
-
-def _load_rss(path, weights: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), weights],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
@@ -627,8 +604,8 @@ def test_resident_memory_follows_stored_size(tmp_path):
     shutil.rmtree(src)
     size = (qdir / "model.safetensors").stat().st_size
     plan = rl.memory_plan(qdir, device="cpu", max_batch_tokens=16, weights="keep")
-    kept = _load_rss(qdir, "keep")
-    dense = _load_rss(qdir, "dequantize")
+    kept = load_rss(qdir, "keep")
+    dense = load_rss(qdir, "dequantize")
     scratch = plan["weight_bytes"] - plan["kept_bytes"]   # the scratch, embedding and norms
     grew = kept["peak"] - kept["base"]
     assert kept["weight_bytes"] == plan["weight_bytes"]
