@@ -1173,8 +1173,9 @@ static PyObject *core_plan_bytes(PyObject *mod, PyObject *args, PyObject *kwds)
         return PyErr_Format(PyExc_ValueError, "max_tokens must be in [1, 2^30], got %lld",
                             max_tokens);
     /* kept kinds: no dense buffer, one scratch (their stored bytes are the caller's to add) */
-    size_t w = rl_weights_bytes(&cfg, wd) - rl_qw_dense_bytes_kept(&cfg, keep, wd)
-             + rl_qw_scratch_bytes(&cfg, keep, wd);
+    const int64_t ra = idx < 0 ? rl_cpu_gemm_row_align() : 1;   /* its GEMM weight layout */
+    size_t w = rl_weights_bytes(&cfg, wd, ra) - rl_qw_dense_bytes_kept(&cfg, keep, wd, ra)
+             + rl_qw_scratch_bytes(&cfg, keep, wd, ra);
     size_t ws = rl_workspace_bytes(&cfg, wd, RL_F32, max_tokens);
     return Py_BuildValue("(KK)", (unsigned long long)w, (unsigned long long)ws);
 }

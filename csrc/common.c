@@ -308,12 +308,57 @@ static size_t tensor_elems(const rl_config *c, rl_tensor_kind kind)
     return (size_t)s[0] * (size_t)(nd == 2 ? s[1] : 1);   /* <= 2^60: no overflow */
 }
 
-size_t rl_weights_bytes(const rl_config *c, rl_dtype wdt)
+rl_tensor_kind rl_gemm_matrix_of(rl_tensor_kind kind)
 {
+    switch (kind) {
+    case RL_T_Q: case RL_T_K: case RL_T_V: return RL_T_Q;
+    case RL_T_O: return RL_T_O;
+    case RL_T_GATE: case RL_T_UP: return RL_T_GATE;
+    case RL_T_DOWN: return RL_T_DOWN;
+    default: return RL_T_COUNT;
+    }
+}
+
+int64_t rl_gemm_matrix_rows(const rl_config *c, rl_tensor_kind first, int64_t *K)
+{
+    int64_t s[2], rows = 0;
+    *K = 0;
+    for (int k = 0; k < RL_T_COUNT; k++)
+        if (rl_gemm_matrix_of((rl_tensor_kind)k) == first &&
+            rl_tensor_shape(c, (rl_tensor_kind)k, s) == 2) {
+            rows += s[0];
+            *K = s[1];
+        }
+    return rows;
+}
+
+size_t rl_gemm_weight_elems(int64_t row_align, int64_t N, int64_t K)
+{
+    int64_t a = row_align > 1 ? row_align : 1;
+    return sat_mul((size_t)((N + a - 1) / a * a), (size_t)K);
+}
+
+int64_t rl_backend_gemm_row_align(const rl_backend *be)
+{
+    return be->gemm_pack_rows && be->gemm_row_align > 1 ? be->gemm_row_align : 1;
+}
+
+size_t rl_gemm_matrix_elems(const rl_config *c, rl_tensor_kind first, int64_t row_align)
+{
+    int64_t K, N = rl_gemm_matrix_rows(c, first, &K);
+    return rl_gemm_weight_elems(row_align, N, K);
+}
+
+size_t rl_weights_bytes(const rl_config *c, rl_dtype wdt, int64_t gemm_row_align)
+{
+    static const rl_tensor_kind MATRICES[] = {RL_T_Q, RL_T_O, RL_T_GATE, RL_T_DOWN};
     size_t es = rl_dtype_size(wdt), per_layer = 0;
     for (int k = 0; k < RL_T_COUNT; k++)
-        if (!rl_tensor_kind_is_global((rl_tensor_kind)k))
+        if (!rl_tensor_kind_is_global((rl_tensor_kind)k) &&
+            rl_gemm_matrix_of((rl_tensor_kind)k) == RL_T_COUNT)
             per_layer = sat_add(per_layer, tensor_elems(c, (rl_tensor_kind)k));
+    for (int i = 0; i < 4; i++)   /* in the backend's GEMM layout */
+        per_layer = sat_add(per_layer, rl_gemm_matrix_elems(c, MATRICES[i], gemm_row_align));
     size_t bytes = sat_mul(es, tensor_elems(c, RL_T_EMBED) + tensor_elems(c, RL_T_FINAL_NORM));
     /* inv_freq tables are f32 */
     bytes = sat_add(bytes, 4 * (tensor_elems(c, RL_T_ROPE_INV_FREQ) +

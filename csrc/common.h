@@ -269,6 +269,18 @@ struct rl_backend {
     rl_status (*upload)(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
                         const void *src_host, rl_dtype src_dtype, size_t n);
     rl_status (*upload_i32)(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n);
+    /* GEMM weights (a layer's wqkv, wo, wgu, wdown and the kept-quantized
+       scratch) in the backend's own layout when gemm_pack_rows is set (the
+       CPU's own GEMM: column panels packed once, gemm_builtin.h): a weight
+       [N, K] then takes rl_gemm_weight_elems(gemm_row_align, N, K) elements
+       (N rounded up to gemm_row_align), gemm_pack_rows writes host rows
+       [r0, r0 + n) (src_dtype, row-major n x K) into it, and gemm reads w in
+       it. gemm_pack_rows is thread-safe and threads itself only outside a
+       parallel region. NULL: row-major [N, K] in weight_dtype, written by
+       upload (CUDA, the CPU with OpenBLAS). */
+    int64_t gemm_row_align;
+    rl_status (*gemm_pack_rows)(rl_backend *be, void *dst, int64_t N, int64_t K, int64_t r0,
+                                const void *src_host, rl_dtype src_dtype, int64_t n);
     rl_status (*download_f32)(rl_backend *be, float *dst_host, const float *src, size_t n);
     /* the same, enqueued after the work before it without waiting: dst_host (best
        from host_alloc, which CUDA pins) holds the values once `sync` returns, and
@@ -293,7 +305,8 @@ struct rl_backend {
     rl_status (*rmsnorm)(rl_backend *be, const void *x, rl_dtype x_dtype, const void *w, void *y,
                          rl_dtype out_dtype, int64_t rows, int64_t d, float eps, float w_offset,
                          int accumulate);
-    /* y[M,N] = x[M,K] @ w[N,K]^T (+ bias[N]); accumulate=0: y act_dtype, overwritten;
+    /* y[M,N] = x[M,K] @ w[N,K]^T (+ bias[N]), w in the GEMM weight layout
+       (gemm_pack_rows); accumulate=0: y act_dtype, overwritten;
        accumulate=1: y res_dtype, y += result (residual add fused) */
     rl_status (*gemm)(rl_backend *be, const rl_segments *seg, const void *x, const void *w,
                       const void *bias, void *y, int64_t M, int64_t N, int64_t K, int accumulate);
@@ -358,10 +371,24 @@ typedef struct rl_pinned_pool_stats {
  * result is pooled through them as a ring, one wait per wrap. */
 #define RL_POOLED_ROWS_PER_TOKEN 2
 
-/* Bytes the weights of `cfg` take in a backend storing `weight_dtype`, and
+/* The GEMM weight matrices of a layer, each named by its first kind: RL_T_Q
+ * (q, k, v rows fused), RL_T_O, RL_T_GATE (gate, up rows fused), RL_T_DOWN.
+ * rl_gemm_matrix_of: the matrix a kind is (part of), RL_T_COUNT for other
+ * kinds; rl_gemm_matrix_rows: its rows N, and *K its columns. */
+rl_tensor_kind rl_gemm_matrix_of(rl_tensor_kind kind);
+int64_t rl_gemm_matrix_rows(const rl_config *cfg, rl_tensor_kind first, int64_t *K);
+/* Elements of a GEMM weight [N, K] in a layout that pads N to a multiple of
+ * row_align (<= 1: none); of the backend's layout (rl_backend.gemm_row_align
+ * when it packs, else 1); and of one matrix of `cfg`. */
+size_t rl_gemm_weight_elems(int64_t row_align, int64_t N, int64_t K);
+int64_t rl_backend_gemm_row_align(const rl_backend *be);
+size_t rl_gemm_matrix_elems(const rl_config *cfg, rl_tensor_kind first, int64_t row_align);
+
+/* Bytes the weights of `cfg` take in a backend storing `weight_dtype` with
+ * GEMM weights padded to gemm_row_align rows (rl_backend_gemm_row_align), and
  * the workspace of capacity max_tokens tokens with the given activation
  * dtypes. */
-size_t rl_weights_bytes(const rl_config *cfg, rl_dtype weight_dtype);
+size_t rl_weights_bytes(const rl_config *cfg, rl_dtype weight_dtype, int64_t gemm_row_align);
 size_t rl_workspace_bytes(const rl_config *cfg, rl_dtype act_dtype, rl_dtype res_dtype,
                           int64_t max_tokens);
 

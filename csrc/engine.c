@@ -7,7 +7,9 @@
  *   poolings), then allocates every weight buffer (so a model the backend
  *   cannot run or that does not fit fails at once, before any copy);
  *   rl_model_set_tensor converts one checkpoint tensor into its slot, Q/K/V
- *   and gate/up into fused buffers.
+ *   and gate/up into fused buffers, a GEMM weight's rows in the backend's
+ *   GEMM layout (rl_backend.gemm_pack_rows: the CPU packs its weights once,
+ *   here, not per call).
  * - A batch is validated completely on the host before any device work; each
  *   error names the argument, the index and the offending value.
  * - Positions and absolute spans are computed on the host and uploaded.
@@ -60,6 +62,7 @@ static rl_status alloc_layer(rl_model *m, rl_layer_weights *lw)
 {
     const rl_config *c = &m->cfg;
     rl_dtype wd = m->be->weight_dtype;
+    const int64_t ra = rl_backend_gemm_row_align(m->be);   /* GEMM weights: its layout */
     size_t d = (size_t)c->hidden_size, ff = (size_t)c->intermediate_size;
     size_t hd = (size_t)c->head_dim, q = (size_t)c->num_heads * hd;
     size_t qkv = q + 2 * (size_t)c->num_kv_heads * hd;
@@ -67,25 +70,29 @@ static rl_status alloc_layer(rl_model *m, rl_layer_weights *lw)
     int proj = c->qk_norm == RL_QK_NORM_PROJ;
     int pre = c->norms != RL_NORMS_POST, post = c->norms != RL_NORMS_PRE;
     if (pre) RL_TRY(alloc_weight(m, &lw->attn_norm, d, wd));
-    if (!rl_qw_keeps(m->qw, RL_T_Q)) RL_TRY(alloc_weight(m, &lw->wqkv, qkv * d, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_Q))
+        RL_TRY(alloc_weight(m, &lw->wqkv, rl_gemm_matrix_elems(c, RL_T_Q, ra), wd));
     if (c->attn_qkv_bias) RL_TRY(alloc_weight(m, &lw->bqkv, qkv, wd));
     if (c->qk_norm) {
         RL_TRY(alloc_weight(m, &lw->q_norm, proj ? q : hd, wd));
         RL_TRY(alloc_weight(m, &lw->k_norm, proj ? kv : hd, wd));
     }
-    if (!rl_qw_keeps(m->qw, RL_T_O)) RL_TRY(alloc_weight(m, &lw->wo, d * q, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_O))
+        RL_TRY(alloc_weight(m, &lw->wo, rl_gemm_matrix_elems(c, RL_T_O, ra), wd));
     if (c->attn_o_bias) RL_TRY(alloc_weight(m, &lw->bo, d, wd));
     if (post) {
         RL_TRY(alloc_weight(m, &lw->post_attn_norm, d, wd));
         RL_TRY(alloc_weight(m, &lw->post_ffn_norm, d, wd));
     }
     if (pre) RL_TRY(alloc_weight(m, &lw->ffn_norm, d, wd));
-    if (!rl_qw_keeps(m->qw, RL_T_GATE)) RL_TRY(alloc_weight(m, &lw->wgu, 2 * ff * d, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_GATE))
+        RL_TRY(alloc_weight(m, &lw->wgu, rl_gemm_matrix_elems(c, RL_T_GATE, ra), wd));
     if (c->mlp_bias) {
         RL_TRY(alloc_weight(m, &lw->bgu, 2 * ff, wd));
         RL_TRY(alloc_weight(m, &lw->bdown, d, wd));
     }
-    if (!rl_qw_keeps(m->qw, RL_T_DOWN)) RL_TRY(alloc_weight(m, &lw->wdown, d * ff, wd));
+    if (!rl_qw_keeps(m->qw, RL_T_DOWN))
+        RL_TRY(alloc_weight(m, &lw->wdown, rl_gemm_matrix_elems(c, RL_T_DOWN, ra), wd));
     return RL_OK;
 }
 
@@ -155,8 +162,9 @@ static rl_status alloc_weights(rl_model *m)
 {
     const rl_config *c = &m->cfg;
     rl_dtype wd = m->be->weight_dtype;
-    RL_TRY(check_fits(m, rl_weights_bytes(c, wd) - rl_qw_dense_bytes_kept(c, m->keep, wd)
-                      + rl_qw_scratch_bytes(c, m->keep, wd), "the model weights",
+    const int64_t ra = rl_backend_gemm_row_align(m->be);
+    RL_TRY(check_fits(m, rl_weights_bytes(c, wd, ra) - rl_qw_dense_bytes_kept(c, m->keep, wd, ra)
+                      + rl_qw_scratch_bytes(c, m->keep, wd, ra), "the model weights",
                       "lower max_layer or use a smaller model"));
     RL_TRY(rl_qw_create(m->be, c, m->n_loaded, m->keep, &m->qw));
     m->w.bytes += rl_qw_scratch_held(m->qw);
@@ -363,7 +371,13 @@ rl_status rl_model_set_tensor(rl_model *m, rl_tensor_kind kind, int64_t layer, c
     void *dst = tensor_dest(m, kind, layer, &off);
     rl_dtype dst_dtype = kind == RL_T_ROPE_INV_FREQ || kind == RL_T_ROPE_INV_FREQ_SWA
                        ? RL_F32 : m->be->weight_dtype;
-    RL_TRY(m->be->upload(m->be, dst, dst_dtype, off, src, src_dtype, n));
+    rl_tensor_kind mat = rl_gemm_matrix_of(kind);
+    if (mat != RL_T_COUNT && m->be->gemm_pack_rows) {   /* rows of a GEMM weight, in its layout */
+        int64_t K, N = rl_gemm_matrix_rows(c, mat, &K);
+        RL_TRY(m->be->gemm_pack_rows(m->be, dst, N, K, (int64_t)off / K, src, src_dtype, want[0]));
+    } else {
+        RL_TRY(m->be->upload(m->be, dst, dst_dtype, off, src, src_dtype, n));
+    }
     m->w.filled[(size_t)(global ? 0 : 1 + layer) * RL_T_COUNT + kind] = 1;
     return RL_OK;
 }

@@ -10,9 +10,10 @@
  *   engine can run a GEMM over a whole packed batch and stay batch
  *   invariant) and the blocking; an unavailable ISA falls back to the portable
  *   kernel with the same bits.
- * - GotoBLAS-style blocking, simplified: op(B) is packed per call into column
- *   panels [K][NR] (zero-padded), a group of panels sized for L2 at a time;
- *   each MR-row slice of A is swept over the group with an MR x NR
+ * - GotoBLAS-style blocking, simplified: op(B) is in column panels [K][NR]
+ *   (zero-padded), a group of panels sized for L2 at a time: packed by the
+ *   caller once (rl_gemm_pack_b, a weight at load) or per call into thread
+ *   scratch; each MR-row slice of A is swept over the group with an MR x NR
  *   register tile that holds the whole K sum (no partial sums in memory), so
  *   the A slice is reused from L1 across the group's panels.
  * - Threads take jobs of (panel group, MC rows) dynamically: no reduction is
@@ -216,14 +217,60 @@ static void epilogue(const float *tile, int NR, int64_t mr, int64_t nr, float al
     }
 }
 
-int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
-                const float *A, int64_t lda, const float *B, int64_t ldb, const float *bias,
-                float beta, float *C, int64_t ldc, int n_threads)
+/* The kernel an ISA runs here: an ISA this build or CPU lacks falls back to
+ * the portable one (the same bits, slower); its NR is the packed layout's. */
+static const struct kernel_info *kernel_of(rl_cpu_isa isa)
+{
+    if ((unsigned)isa >= RL_ISA_COUNT || !KERNELS[isa].fn || !rl_gemm_isa_available(isa))
+        isa = RL_ISA_GENERIC;
+    return &KERNELS[isa];
+}
+
+int rl_gemm_panel_width(rl_cpu_isa isa) { return kernel_of(isa)->nr; }
+
+size_t rl_gemm_packed_floats(rl_cpu_isa isa, int64_t N, int64_t K)
+{
+    const int64_t NR = kernel_of(isa)->nr;
+    return (size_t)((N + NR - 1) / NR * NR) * (size_t)(K > 0 ? K : 1);
+}
+
+void rl_gemm_pack_rows(rl_cpu_isa isa, int64_t N, int64_t K, int64_t r0, int64_t n,
+                       const float *W, int64_t ldw, float *packed)
+{
+    if (n <= 0) return;
+    const int NR = kernel_of(isa)->nr;
+    const int64_t Kp = K > 0 ? K : 1, panel_floats = Kp * NR, last = (N - 1) / NR;
+    for (int64_t r = r0; r < r0 + n;) {
+        /* the rows of one panel: k outer, so the writes are contiguous */
+        const int64_t p = r / NR, j0 = r % NR, nj = r0 + n - r < NR - j0 ? r0 + n - r : NR - j0;
+        float *P = packed + p * panel_floats;
+        const float *w = W + (r - r0) * ldw;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < nj; j++) P[k * NR + j0 + j] = w[j * ldw + k];
+        if (K == 0)
+            for (int64_t j = 0; j < nj; j++) P[j0 + j] = 0.0f;
+        if (p == last && N % NR)                      /* the padding columns: zeros */
+            for (int64_t k = 0; k < Kp; k++)
+                for (int64_t j = N % NR; j < NR; j++) P[k * NR + j] = 0.0f;
+        r += nj;
+    }
+}
+
+void rl_gemm_pack_b(rl_cpu_isa isa, int64_t N, int64_t K, const float *W, int64_t ldw,
+                    float *packed)
+{
+    if (N > 0) rl_gemm_pack_rows(isa, N, K, 0, N, W, ldw, packed);
+}
+
+/* rl_gemm_f32 (B, ldb, transb: packed per group of panels into thread
+ * scratch) and rl_gemm_f32_packed (pre: the whole packed op(B), read in
+ * place): the same jobs, the same kernels, so the same bits. */
+static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float *A, int64_t lda, const float *B, int64_t ldb, const float *pre,
+                       const float *bias, float beta, float *C, int64_t ldc, int n_threads)
 {
     if (M <= 0 || N <= 0) return 0;
-    if ((unsigned)isa >= RL_ISA_COUNT || !KERNELS[isa].fn || !rl_gemm_isa_available(isa))
-        isa = RL_ISA_GENERIC;                         /* the same bits, slower */
-    const struct kernel_info *ki = &KERNELS[isa];
+    const struct kernel_info *ki = kernel_of(isa);
     const int MR = ki->mr, NR = ki->nr;
     const int64_t Kp = K > 0 ? K : 1;                 /* K == 0: tiles of zeros */
     const int64_t panels = (N + NR - 1) / NR, panel_floats = Kp * NR;
@@ -234,10 +281,10 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
     const int nt = 1;
     (void)n_threads;
 #endif
-    /* jobs: a group of panels (packed together, fitting GROUP_BYTES) times a
-     * chunk of MC rows; at least JOBS_PER_THREAD per thread, taken
-     * dynamically, so a thread slowed by other processes does not hold the
-     * rest up (which thread computes what never changes a bit) */
+    /* jobs: a group of panels (fitting GROUP_BYTES) times a chunk of MC rows;
+     * at least JOBS_PER_THREAD per thread, taken dynamically, so a thread
+     * slowed by other processes does not hold the rest up (which thread
+     * computes what never changes a bit) */
     int64_t fit = GROUP_BYTES / (panel_floats * 4);
     if (fit < 1) fit = 1;
     const int64_t mchunks = (M + MC - 1) / MC;
@@ -252,7 +299,7 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
         float stack_p[STACK_FLOATS] __attribute__((aligned(64)));
         float stack_a[MR_MAX * 256] __attribute__((aligned(64)));
         float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
-        const size_t p_floats = (size_t)(G * panel_floats), a_floats = (size_t)(MR * Kp);
+        const size_t p_floats = pre ? 0 : (size_t)(G * panel_floats), a_floats = (size_t)(MR * Kp);
         float *P = stack_p, *Ab = stack_a;
         if (p_floats > STACK_FLOATS && posix_memalign((void **)&P, 64, p_floats * 4) != 0)
             P = NULL;
@@ -265,7 +312,8 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
         for (int64_t job = 0; job < jobs; job++) {
             if (!P || !Ab) continue;
             const int64_t g = job / mchunks, p0 = g * G, np = panels - p0 < G ? panels - p0 : G;
-            if (g != packed) {
+            const float *Pg = pre ? pre + p0 * panel_floats : P;
+            if (!pre && g != packed) {
                 for (int64_t q = 0; q < np; q++) {
                     const int64_t n0 = (p0 + q) * NR;
                     pack_panel(P + q * panel_floats, NR, B, ldb, transb, K, n0,
@@ -287,7 +335,7 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
                 }
                 for (int64_t q = 0; q < np; q++) {
                     const int64_t n0 = (p0 + q) * NR, nr = N - n0 < NR ? N - n0 : NR;
-                    ki->fn(Kp, a, la, P + q * panel_floats, tile);
+                    ki->fn(Kp, a, la, Pg + q * panel_floats, tile);
                     epilogue(tile, NR, mr, nr, alpha, bias ? bias + n0 : NULL, beta,
                              C + m0 * ldc + n0, ldc);
                 }
@@ -297,6 +345,22 @@ int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, flo
         if (Ab != stack_a) free(Ab);
     }
     return failed ? -1 : 0;
+}
+
+int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
+                const float *A, int64_t lda, const float *B, int64_t ldb, const float *bias,
+                float beta, float *C, int64_t ldc, int n_threads)
+{
+    return gemm_driver(isa, transb, M, N, K, alpha, A, lda, B, ldb, NULL, bias, beta, C, ldc,
+                       n_threads);
+}
+
+int rl_gemm_f32_packed(rl_cpu_isa isa, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float *A, int64_t lda, const float *packed, const float *bias,
+                       float beta, float *C, int64_t ldc, int n_threads)
+{
+    return gemm_driver(isa, 1, M, N, K, alpha, A, lda, NULL, 0, packed, bias, beta, C, ldc,
+                       n_threads);
 }
 
 int rl_gemm_builtin(int transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,

@@ -2,12 +2,17 @@
  * backend's default GEMM, with micro-kernels for AVX-512, AVX2+FMA and a
  * portable fallback that all give the same bits.
  *
- * Entry point for any caller that holds a plain row-major weight (a layer's
- * weights as loaded, or a scratch buffer a quantized weight was just
- * dequantized into): call rl_gemm_f32 with transb = 1 and B = W [N, K].
- * The weight is packed into column panels inside the call (cost O(N*K),
- * against O(M*N*K) for the product), so nothing is kept between calls and
- * the buffer may be overwritten right after the call returns.
+ * The kernels read op(B) in column panels: panel p holds columns
+ * [p*NR, p*NR + NR) of op(B) as [K][NR] floats (K < 1: one row of zeros),
+ * columns past N zero; NR is the ISA's (rl_gemm_panel_width). Two ways in:
+ * - a weight W [N, K] that is used many times (a layer's, packed once at
+ *   load; a kept-quantized one dequantized into a packed scratch) is packed
+ *   with rl_gemm_pack_b / rl_gemm_pack_rows for the ISA that will run it
+ *   and multiplied with rl_gemm_f32_packed;
+ * - any other B (attention's per-head products) goes to rl_gemm_f32, which
+ *   packs it inside the call (O(N*K) against O(M*N*K) for the product) and
+ *   keeps nothing.
+ * Both give the same bits.
  *
  * Exactness: every output element is
  *     acc = 0; for k = 0..K-1: acc = fma(a[m,k], b[k,n], acc)    (fp32, one rounding each)
@@ -46,6 +51,26 @@ int rl_gemm_isa_from_env(rl_cpu_isa *isa, char *err, size_t cap);
 int rl_gemm_f32(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t K, float alpha,
                 const float *A, int64_t lda, const float *B, int64_t ldb, const float *bias,
                 float beta, float *C, int64_t ldc, int n_threads);
+
+/* NR of the ISA's kernel (the portable kernel's when this build or CPU
+ * lacks the ISA, as rl_gemm_f32 falls back): 16 or 32. */
+int rl_gemm_panel_width(rl_cpu_isa isa);
+/* Floats of a packed W [N, K]: ceil(N / NR) * NR * max(K, 1). */
+size_t rl_gemm_packed_floats(rl_cpu_isa isa, int64_t N, int64_t K);
+/* Rows [r0, r0 + n) of W [N, K] (row r0 at W, row stride ldw) into `packed`
+ * (rl_gemm_packed_floats of them), zeroing the padding columns when the rows
+ * reach the last panel. Rows may come in any pieces (the parts of a fused
+ * matrix); disjoint pieces may be written by different threads. */
+void rl_gemm_pack_rows(rl_cpu_isa isa, int64_t N, int64_t K, int64_t r0, int64_t n,
+                       const float *W, int64_t ldw, float *packed);
+/* All of W [N, K]: rl_gemm_pack_rows(isa, N, K, 0, N, W, ldw, packed). */
+void rl_gemm_pack_b(rl_cpu_isa isa, int64_t N, int64_t K, const float *W, int64_t ldw,
+                    float *packed);
+/* rl_gemm_f32 with transb = 1 and W [N, K] packed for `isa` (rl_gemm_pack_b):
+ * bitwise the same result. */
+int rl_gemm_f32_packed(rl_cpu_isa isa, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float *A, int64_t lda, const float *packed, const float *bias,
+                       float beta, float *C, int64_t ldc, int n_threads);
 
 /* rl_gemm_f32 without a bias, on the ISA rl_gemm_isa_from_env picks (the
  * widest available when RJEPA_CPU_ISA is unset or invalid). */

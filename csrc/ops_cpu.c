@@ -88,6 +88,19 @@ void rl_cpu_blas_name(char *buf, size_t cap)
 #endif
 }
 
+int64_t rl_cpu_gemm_row_align(void)
+{
+    rl_cpu_isa isa;
+    char err[256];
+    const char *gemm = getenv("RJEPA_GEMM");
+    if (gemm && strcmp(gemm, "openblas") == 0) return 1;
+    /* an unusable RJEPA_CPU_ISA fails creating the backend; plan for the default */
+    if (rl_gemm_isa_from_env(&isa, err, sizeof err) != 0)
+        isa = rl_gemm_isa_available(RL_ISA_AVX512) ? RL_ISA_AVX512
+            : rl_gemm_isa_available(RL_ISA_AVX2) ? RL_ISA_AVX2 : RL_ISA_GENERIC;
+    return rl_gemm_panel_width(isa);
+}
+
 static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
 
 /* Below this many elements an op runs on one thread (fork/join costs more). */
@@ -342,9 +355,10 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
     float *Y = y;
     cpu_impl *im = impl_of(be);
     const int32_t *cu = seg->cu_seqlens_host;
-    if (!im->openblas) {   /* one GEMM over the packed batch, bias and residual add fused */
-        if (rl_gemm_f32(im->isa, 1, M, N, K, 1.0f, X, K, W, K, B, accumulate ? 1.0f : 0.0f, Y, N,
-                        im->n_threads) != 0)
+    if (!im->openblas) {   /* one GEMM over the packed batch, bias and residual add fused;
+                              W is packed (cpu_gemm_pack_rows) */
+        if (rl_gemm_f32_packed(im->isa, M, N, K, 1.0f, X, K, W, B, accumulate ? 1.0f : 0.0f, Y,
+                               N, im->n_threads) != 0)
             return RL_FAIL(RL_ERR_NOMEM, "out of host memory (GEMM scratch)");
         return RL_OK;
     }
@@ -383,6 +397,43 @@ static rl_status cpu_gemm(rl_backend *be, const rl_segments *seg, const void *x,
     }
     (void)M;   /* the rows are the sequences' (seg), which sum to M */
     if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (GEMM scratch)");
+    return RL_OK;
+}
+
+/* Rows [r0, r0 + n) of a GEMM weight [N, K] into the own GEMM's packed
+ * panels (rl_backend.gemm_pack_rows), converted to f32 a panel's rows at a
+ * time; threads take whole panels. */
+static rl_status cpu_gemm_pack_rows(rl_backend *be, void *dst, int64_t N, int64_t K, int64_t r0,
+                                    const void *src, rl_dtype src_dtype, int64_t n)
+{
+    const cpu_impl *im = impl_of(be);
+    if (n <= 0) return RL_OK;
+    const int64_t NR = rl_gemm_panel_width(im->isa), first = r0 / NR;
+    const int64_t nb = (r0 + n - 1) / NR - first + 1;
+    const size_t es = rl_dtype_size(src_dtype);
+    const int convert = src_dtype != RL_F32;
+    int failed = 0;
+#ifdef _OPENMP
+    const int par = nb > 1 && n * K > PAR_MIN && !omp_in_parallel();
+#else
+    const int par = 0;
+#endif
+#pragma omp parallel num_threads(im->n_threads) if (par) reduction(| : failed)
+    {
+        float *rows = convert ? malloc((size_t)(NR * K) * sizeof *rows) : NULL;
+        if (convert && !rows) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            if (convert && !rows) continue;
+            const int64_t a = (first + b) * NR > r0 ? (first + b) * NR : r0;
+            const int64_t e = (first + b + 1) * NR < r0 + n ? (first + b + 1) * NR : r0 + n;
+            const char *s = (const char *)src + (size_t)((a - r0) * K) * es;
+            if (convert) rl_convert_to_f32(rows, s, src_dtype, (size_t)((e - a) * K));
+            rl_gemm_pack_rows(im->isa, N, K, a, e - a, convert ? rows : (const float *)s, K, dst);
+        }
+        free(rows);
+    }
+    if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (packing a GEMM weight)");
     return RL_OK;
 }
 
@@ -812,6 +863,10 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)
         .gemm = cpu_gemm, .qk_norm_rope = cpu_qk_norm_rope, .attention = cpu_attention,
         .glu = cpu_glu, .cast = cpu_cast, .pool = cpu_pool, .destroy = cpu_destroy, .caps = &CPU_CAPS,
     };
+    if (!im->openblas) {   /* the own GEMM reads its weights packed once at load */
+        be->gemm_row_align = rl_gemm_panel_width(im->isa);
+        be->gemm_pack_rows = cpu_gemm_pack_rows;
+    }
     const char *prof = getenv("RJEPA_CPU_PROFILE");
     if (prof && *prof && strcmp(prof, "0") != 0) {
         be->gemm = prof_gemm;

@@ -17,6 +17,11 @@ rl_status rl_backend_cpu_create(int n_threads, rl_backend **out);
  * GEMM it was built with ("scipy-openblas32 <config>" or "builtin C GEMM"). */
 const rl_backend_caps *rl_cpu_caps(void);
 void rl_cpu_blas_name(char *buf, size_t cap);
+/* The row alignment of the GEMM weight layout (rl_backend.gemm_row_align) a
+ * CPU backend created now would have: the own GEMM's panel width for the ISA
+ * RJEPA_CPU_ISA picks (its weights are packed at load), 1 with
+ * RJEPA_GEMM=openblas (row-major weights). For memory plans. */
+int64_t rl_cpu_gemm_row_align(void);
 
 #ifdef __cplusplus
 }

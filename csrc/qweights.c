@@ -5,8 +5,10 @@
  *   (kind, layer) points at them, so the same descriptor is what a device
  *   kernel reads.
  * - The CPU backend has no dequantization op (its memory is host memory):
- *   rows are dequantized here with quant.c, split across OpenMP threads by
- *   rows, straight into the fp32 scratch the GEMM then reads. A device
+ *   rows are dequantized here with quant.c / quant_hf.c, split across OpenMP
+ *   threads by blocks of rows, each block packed at once into the scratch in
+ *   the layout its GEMM reads (gemm_builtin.h's column panels; row-major
+ *   with OpenBLAS). A device
  *   backend dequantizes with its own op (be->dequant_rows, into its weight
  *   dtype); one without it cannot keep weights quantized and says so.
  * - A tensor of several parts (AWQ, GPTQ, FP8 block scales: quant_hf.h) is
@@ -58,26 +60,28 @@ static size_t elems(const rl_config *c, rl_tensor_kind k)
     return nd == 2 ? (size_t)s[0] * (size_t)s[1] : nd == 1 ? (size_t)s[0] : 0;
 }
 
-size_t rl_qw_dense_bytes_kept(const rl_config *cfg, unsigned kinds, rl_dtype wd)
+static const rl_tensor_kind MATRICES[] = {RL_T_Q, RL_T_O, RL_T_GATE, RL_T_DOWN};
+
+size_t rl_qw_dense_bytes_kept(const rl_config *cfg, unsigned kinds, rl_dtype wd,
+                              int64_t gemm_row_align)
 {
     size_t per_layer = 0, es = rl_dtype_size(wd);
-    for (int k = 0; k < RL_T_COUNT; k++)
-        if (keeps(kinds, (rl_tensor_kind)k) && k != RL_T_EMBED)
-            per_layer += elems(cfg, (rl_tensor_kind)k);
+    for (int i = 0; i < 4; i++)   /* a matrix is kept whole (rl_qw_check_kinds) */
+        if (keeps(kinds, MATRICES[i]))
+            per_layer += rl_gemm_matrix_elems(cfg, MATRICES[i], gemm_row_align);
     size_t bytes = per_layer * es * (size_t)rl_config_loaded_layers(cfg);
     if (keeps(kinds, RL_T_EMBED)) bytes += elems(cfg, RL_T_EMBED) * es;
     return bytes;
 }
 
-size_t rl_qw_scratch_bytes(const rl_config *cfg, unsigned kinds, rl_dtype wd)
+size_t rl_qw_scratch_bytes(const rl_config *cfg, unsigned kinds, rl_dtype wd,
+                           int64_t gemm_row_align)
 {
     size_t most = 0;
-    if (keeps(kinds, RL_T_Q))
-        most = elems(cfg, RL_T_Q) + elems(cfg, RL_T_K) + elems(cfg, RL_T_V);
-    if (keeps(kinds, RL_T_GATE) && elems(cfg, RL_T_GATE) + elems(cfg, RL_T_UP) > most)
-        most = elems(cfg, RL_T_GATE) + elems(cfg, RL_T_UP);
-    if (keeps(kinds, RL_T_O) && elems(cfg, RL_T_O) > most) most = elems(cfg, RL_T_O);
-    if (keeps(kinds, RL_T_DOWN) && elems(cfg, RL_T_DOWN) > most) most = elems(cfg, RL_T_DOWN);
+    for (int i = 0; i < 4; i++) {
+        size_t n = rl_gemm_matrix_elems(cfg, MATRICES[i], gemm_row_align);
+        if (keeps(kinds, MATRICES[i]) && n > most) most = n;
+    }
     if (keeps(kinds, RL_T_EMBED) && !most) most = 1;   /* the table exists; no matrix scratch */
     return most * rl_dtype_size(wd);
 }
@@ -106,7 +110,7 @@ rl_status rl_qw_create(rl_backend *be, const rl_config *cfg, int64_t n_loaded, u
     }
     qw->kinds = kinds;
     qw->n_loaded = n_loaded;
-    size_t sb = rl_qw_scratch_bytes(cfg, kinds, be->weight_dtype);
+    size_t sb = rl_qw_scratch_bytes(cfg, kinds, be->weight_dtype, rl_backend_gemm_row_align(be));
     rl_status st = be->alloc(be, &qw->scratch, sb);
     if (st != RL_OK) {
         rl_qw_free(qw, be);
@@ -261,6 +265,45 @@ static rl_status dequant_host(const rl_qtensor *q, float *out)
     return RL_OK;
 }
 
+/* Rows of q into rows [row0, row0 + q->rows) of the fused [N, cols] matrix
+ * in the backend's GEMM layout (be->gemm_pack_rows): threads take blocks of
+ * the layout's row alignment (a panel), each dequantized into a small buffer
+ * and packed at once, so there is no per-GEMM packing and no second scratch. */
+static rl_status dequant_packed(rl_backend *be, const rl_qtensor *q, int64_t row0, int64_t N,
+                                void *out)
+{
+    const int64_t A = rl_backend_gemm_row_align(be), cols = q->cols;
+    const int64_t r_end = row0 + q->rows, first = row0 / A, nb = (r_end - 1) / A - first + 1;
+    int failed = 0;
+    char err[256] = "";
+#pragma omp parallel reduction(|:failed) if (q->rows * cols > 65536)
+    {
+        float *rows = malloc((size_t)(A * cols) * sizeof *rows);
+        if (!rows) {
+            failed = 1;
+#pragma omp critical
+            snprintf(err, sizeof err, "out of host memory (%lld rows)", (long long)A);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            if (!rows) continue;
+            const int64_t a = (first + b) * A > row0 ? (first + b) * A : row0;
+            const int64_t e = (first + b + 1) * A < r_end ? (first + b + 1) * A : r_end;
+            char e_msg[256];
+            if (dequant_rows_any(q, a - row0, e - row0, rows, e_msg, sizeof e_msg)) {
+                failed = 1;
+#pragma omp critical
+                snprintf(err, sizeof err, "%s", e_msg);
+                continue;
+            }
+            if (be->gemm_pack_rows(be, out, N, cols, a, rows, RL_F32, e - a) != RL_OK) failed = 1;
+        }
+        free(rows);
+    }
+    if (failed) return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", err);
+    return RL_OK;
+}
+
 static rl_status dequant_into(rl_backend *be, const rl_qtensor *q, void *out)
 {
     if (be->dequant_rows) return be->dequant_rows(be, q, 0, q->rows, out, be->weight_dtype);
@@ -275,14 +318,20 @@ rl_status rl_qw_matrix(rl_qweights *qw, rl_backend *be, int64_t layer, rl_tensor
     rl_tensor_kind parts[3] = {first, RL_T_COUNT, RL_T_COUNT};
     if (first == RL_T_Q) parts[1] = RL_T_K, parts[2] = RL_T_V;
     if (first == RL_T_GATE) parts[1] = RL_T_UP;
-    size_t es = rl_dtype_size(be->weight_dtype), off = 0;
+    size_t es = rl_dtype_size(be->weight_dtype);
+    int64_t N = 0, row = 0;
     for (int i = 0; i < 3 && parts[i] != RL_T_COUNT; i++) {
         const rl_qtensor *q = slot(qw, parts[i], layer);
         if (!q->part[0])
             return RL_FAIL(RL_ERR_STATE, "quantized tensor '%s' of layer %lld was never set",
                            rl_tensor_kind_name(parts[i]), (long long)layer);
-        RL_TRY(dequant_into(be, q, (char *)qw->scratch + off * es));
-        off += (size_t)q->rows * (size_t)q->cols;
+        N += q->rows;
+    }
+    for (int i = 0; i < 3 && parts[i] != RL_T_COUNT; i++) {
+        const rl_qtensor *q = slot(qw, parts[i], layer);
+        if (be->gemm_pack_rows) RL_TRY(dequant_packed(be, q, row, N, qw->scratch));
+        else RL_TRY(dequant_into(be, q, (char *)qw->scratch + (size_t)row * (size_t)q->cols * es));
+        row += q->rows;
     }
     *w = qw->scratch;
     return RL_OK;

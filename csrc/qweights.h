@@ -7,9 +7,10 @@
  * is kept in every loaded layer and its dense buffer is never allocated.
  * Q/K/V and gate/up are fused matrices of the engine: each part is its own
  * quantized tensor (they may differ in type) dequantized into consecutive
- * rows of the scratch, so the GEMM reads the same [rows, cols] row-major
- * matrix as without keeping. The scratch is in the backend's weight dtype
- * (fp32 on the CPU, bf16 on CUDA) and holds the largest kept matrix. */
+ * rows of the scratch, so the GEMM reads the same [rows, cols] matrix as
+ * without keeping, in the same layout (the CPU's packed panels, or
+ * row-major). The scratch is in the backend's weight dtype (fp32 on the
+ * CPU, bf16 on CUDA) and holds the largest kept matrix. */
 #ifndef RL_QWEIGHTS_H
 #define RL_QWEIGHTS_H
 
@@ -29,10 +30,14 @@ typedef struct rl_qweights rl_qweights;
 /* RL_OK when `kinds` is a valid keep mask (keepable kinds only; q, k, v all
  * or none; gate, up both or none), else RL_ERR_INVALID naming the problem. */
 rl_status rl_qw_check_kinds(unsigned kinds);
-/* Bytes of the dense buffers a keep mask leaves unallocated, in weight_dtype. */
-size_t rl_qw_dense_bytes_kept(const rl_config *cfg, unsigned kinds, rl_dtype weight_dtype);
-/* Bytes of the dequantization scratch of a keep mask (0 when nothing is kept). */
-size_t rl_qw_scratch_bytes(const rl_config *cfg, unsigned kinds, rl_dtype weight_dtype);
+/* Bytes of the dense buffers a keep mask leaves unallocated, in weight_dtype,
+ * GEMM weights padded to gemm_row_align rows (rl_backend_gemm_row_align). */
+size_t rl_qw_dense_bytes_kept(const rl_config *cfg, unsigned kinds, rl_dtype weight_dtype,
+                              int64_t gemm_row_align);
+/* Bytes of the dequantization scratch of a keep mask (0 when nothing is
+ * kept): the largest kept matrix in the backend's GEMM layout. */
+size_t rl_qw_scratch_bytes(const rl_config *cfg, unsigned kinds, rl_dtype weight_dtype,
+                           int64_t gemm_row_align);
 
 /* Allocates the table and the scratch; kinds == 0 gives *out = NULL. */
 rl_status rl_qw_create(rl_backend *be, const rl_config *cfg, int64_t n_loaded, unsigned kinds,

@@ -620,13 +620,26 @@ def test_plan_bytes_and_memory_report(base):
     eng = make_engine(cfg, w, max_tokens=100)
     wb, wsb = _core.plan_bytes(cfg, "cpu", 100)
     assert (wb, wsb) == (eng.weight_bytes, eng.workspace_bytes)
-    assert wb == 4 * sum(a.size for a in w.values())
+    # the own GEMM holds its weights packed: each fused GEMM matrix's rows are
+    # padded to the panel width of its ISA (OpenBLAS: row-major, no padding)
+    isa = _core.build_info()["cpu_isa"]
+    nr = 1 if os.environ.get("RJEPA_GEMM") == "openblas" else 32 if isa == "avx512" else 16
+    fused = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gu", "up": "gu", "down": "down"}
+    mats: dict = {}
+    for (kind, layer), a in w.items():
+        if kind in fused:
+            rows = mats.get((fused[kind], layer), (0, 0))[0]
+            mats[(fused[kind], layer)] = (rows + a.shape[0], a.shape[1])
+    plain = sum(a.size for (kind, _), a in w.items() if kind not in fused)
+    assert wb == 4 * (plain + sum(-(-r // nr) * nr * c for r, c in mats.values()))
+    unpadded = 4 * sum(a.size for a in w.values())
+    assert (wb > unpadded) == (nr == 32)   # d = 48 rows: padded to 64 in 32-wide panels only
     rep = eng.memory_report()
     assert rep == dict(device="cpu", weight_bytes=wb, workspace_bytes=wsb, free_bytes=0, total_bytes=0)
     assert eng.device == "cpu" and eng.max_tokens == 100
     eng.verify_resident()
     cuda_w, _ = _core.plan_bytes(cfg, "cuda:0", 100)   # bf16 storage, inv_freq f32
-    assert cuda_w == 2 * (wb // 4 - cfg["head_dim"] // 2) + 4 * (cfg["head_dim"] // 2)
+    assert cuda_w == 2 * (unpadded // 4 - cfg["head_dim"] // 2) + 4 * (cfg["head_dim"] // 2)
     info = _core.build_info()
     import re
     from pathlib import Path

@@ -8,11 +8,15 @@ skipped, naming why. The results of every available ISA must be bitwise
 equal, also with sequences packed together vs alone and with 1 vs 3 threads;
 they match OpenBLAS (RJEPA_GEMM=openblas, where the build links it) and HF
 to the parity bound. Bad settings are refused with a clear message.
+The weight packed ahead (the form the CPU backend holds its GEMM weights in)
+gives the same bits as the weight packed inside the call, on every ISA
+(tests/backend_ops/test_gemm_pack.c, compiled with gemm_builtin.c alone).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +109,20 @@ def test_every_isa_gives_the_same_bits_packed_alone_any_threads(isa, default_isa
     np.testing.assert_array_equal(base, ref["packed1"])
 
 
+def test_weights_packed_ahead_give_the_same_bits(tmp_path):
+    exe = tmp_path / "test_gemm_pack"
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-std=c11", "-fopenmp", "-ffp-contract=off", "-Wall",
+           "-Wextra", "-Werror", "-I", str(ROOT / "csrc"),
+           str(ROOT / "tests" / "backend_ops" / "test_gemm_pack.c"),
+           str(ROOT / "csrc" / "gemm_builtin.c"), "-o", str(exe), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout[-4000:] + r.stderr
+    for isa in AVAILABLE:   # each ISA this CPU runs was compared, none skipped
+        assert re.search(rf"^{isa}: NR=(16|32), [1-9]\d* cases$", r.stdout, re.M), r.stdout
+
+
 def test_forcing_an_isa_this_cpu_lacks_is_refused():
     missing = [i for i in ISAS if i not in AVAILABLE]
     cfg = make_config()
@@ -114,7 +132,6 @@ def test_forcing_an_isa_this_cpu_lacks_is_refused():
                             f"_core.Engine({cfg!r}, 'cpu', 1)"], capture_output=True, text=True,
                            env=dict(os.environ, RJEPA_CPU_ISA=bad), timeout=120)
         assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr
-        import re
         assert re.search(msg, r.stderr), r.stderr[-2000:]
 
 

@@ -767,7 +767,14 @@ static int run_gemm(tdev *d, const int *lens, int nl, const float *x, const floa
     *ydt = acc ? d->be->res_dtype : d->be->act_dtype;
     void *xp, *wp, *bp = NULL, *y;
     TRYI(d_put(d, x, (size_t)(M * K), d->be->act_dtype, &xp));
-    TRYI(d_put(d, w, (size_t)(N * K), d->be->weight_dtype, &wp));
+    if (d->be->gemm_pack_rows) {   /* the weight in the backend's GEMM layout, in two pieces */
+        size_t n = rl_gemm_weight_elems(rl_backend_gemm_row_align(d->be), N, K);
+        TRYI(d_alloc(d, n * rl_dtype_size(d->be->weight_dtype), &wp));
+        TRY(d, d->be->gemm_pack_rows(d->be, wp, N, K, N / 2, w + N / 2 * K, RL_F32, N - N / 2));
+        TRY(d, d->be->gemm_pack_rows(d->be, wp, N, K, 0, w, RL_F32, N / 2));
+    } else {
+        TRYI(d_put(d, w, (size_t)(N * K), d->be->weight_dtype, &wp));
+    }
     if (bias) TRYI(d_put(d, bias, (size_t)N, d->be->weight_dtype, &bp));
     if (acc) TRYI(d_put(d, y0, (size_t)(M * N), *ydt, &y));
     else TRYI(d_empty(d, (size_t)(M * N), *ydt, &y));
