@@ -269,18 +269,6 @@ struct rl_backend {
     rl_status (*upload)(rl_backend *be, void *dst, rl_dtype dst_dtype, size_t dst_offset_elems,
                         const void *src_host, rl_dtype src_dtype, size_t n);
     rl_status (*upload_i32)(rl_backend *be, int32_t *dst, const int32_t *src_host, size_t n);
-    /* GEMM weights (a layer's wqkv, wo, wgu, wdown and the kept-quantized
-       scratch) in the backend's own layout when gemm_pack_rows is set (the
-       CPU's own GEMM: column panels packed once, gemm_builtin.h): a weight
-       [N, K] then takes rl_gemm_weight_elems(gemm_row_align, N, K) elements
-       (N rounded up to gemm_row_align), gemm_pack_rows writes host rows
-       [r0, r0 + n) (src_dtype, row-major n x K) into it, and gemm reads w in
-       it. gemm_pack_rows is thread-safe and threads itself only outside a
-       parallel region. NULL: row-major [N, K] in weight_dtype, written by
-       upload (CUDA, the CPU with OpenBLAS). */
-    int64_t gemm_row_align;
-    rl_status (*gemm_pack_rows)(rl_backend *be, void *dst, int64_t N, int64_t K, int64_t r0,
-                                const void *src_host, rl_dtype src_dtype, int64_t n);
     rl_status (*download_f32)(rl_backend *be, float *dst_host, const float *src, size_t n);
     /* the same, enqueued after the work before it without waiting: dst_host (best
        from host_alloc, which CUDA pins) holds the values once `sync` returns, and
@@ -349,6 +337,19 @@ struct rl_backend {
                               void *out, rl_dtype out_dtype);
     rl_status (*dequant_gather)(rl_backend *be, const struct rl_qtensor_s *q, const int32_t *tokens,
                                 int64_t T, void *x, float scale);
+
+    /* GEMM weights (a layer's wqkv, wo, wgu, wdown and the kept-quantized
+       scratch) in the backend's own layout when gemm_pack_rows is set (the
+       CPU's own GEMM: column panels packed once, gemm_builtin.h): a weight
+       [N, K] then takes rl_gemm_weight_elems(gemm_row_align, N, K) elements
+       (N rounded up to gemm_row_align), gemm_pack_rows writes host rows
+       [r0, r0 + n) (src_dtype, row-major n x K) into it, and gemm reads w in
+       it. gemm_pack_rows is thread-safe and threads itself only outside a
+       parallel region. NULL: row-major [N, K] in weight_dtype, written by
+       upload (CUDA, the CPU with OpenBLAS). */
+    int64_t gemm_row_align;
+    rl_status (*gemm_pack_rows)(rl_backend *be, void *dst, int64_t N, int64_t K, int64_t r0,
+                                const void *src_host, rl_dtype src_dtype, int64_t n);
 };
 
 /* The process-wide pool of pinned host blocks that CUDA results live in
