@@ -5,7 +5,8 @@
  * Design choices:
  * - One summation order per output element in every ISA: acc = fma(a, b,
  *   acc) over k in increasing order from 0, one rounding per step (AVX
- *   vfmadd, or fmaf in the fallback), then the same C epilogue for all. So
+ *   vfmadd, or fmaf in the fallback), then the same epilogue for all (in C,
+ *   or the same operations in vector registers, masked to the tile). So
  *   results are bitwise independent of the ISA, the thread count, M (the
  *   engine can run a GEMM over a whole packed batch and stay batch
  *   invariant) and the blocking; an unavailable ISA falls back to the portable
@@ -44,9 +45,39 @@
 #define MC 192                     /* rows per job: a multiple of every MR */
 #define JOBS_PER_THREAD 4
 
-typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, float *tile);
+/* Where a tile goes and how (the epilogue): rows [0, mr) and columns
+ * [0, nr) of C = beta * C + (alpha * tile + bias). */
+typedef struct {
+    float alpha, beta;
+    const float *bias;   /* [nr] or NULL */
+    float *C;
+    int64_t ldc, mr, nr;
+} epi_args;
 
-/* ---- micro-kernels: tile[MR][NR] = sum_k A[i, k] * P[k][j] --------------- */
+typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e);
+
+/* The epilogue in C: t = alpha * acc; t = t + bias; c = t | c + t | beta * c
+ * + t, one rounding each (-ffp-contract=off). The vector kernels apply the
+ * same operations, in the same order, to their registers. */
+static void epilogue(const float *tile, int NR, const epi_args *e)
+{
+    for (int64_t i = 0; i < e->mr; i++) {
+        const float *t = tile + i * NR;
+        float *c = e->C + i * e->ldc;
+        float v[NR_MAX];
+        for (int64_t j = 0; j < e->nr; j++) v[j] = e->alpha * t[j];
+        if (e->bias)
+            for (int64_t j = 0; j < e->nr; j++) v[j] = v[j] + e->bias[j];
+        if (e->beta == 0.0f)                          /* C is not read (may hold NaN) */
+            for (int64_t j = 0; j < e->nr; j++) c[j] = v[j];
+        else if (e->beta == 1.0f)
+            for (int64_t j = 0; j < e->nr; j++) c[j] = c[j] + v[j];
+        else
+            for (int64_t j = 0; j < e->nr; j++) c[j] = e->beta * c[j] + v[j];
+    }
+}
+
+/* ---- micro-kernels: sum_k A[i, k] * P[k][j], then the epilogue ----------- */
 
 /* fmaf is one correctly rounded operation whatever computes it: libm's
  * software fmaf on CPUs without FMA, or (the "fma" clone, picked at load
@@ -55,7 +86,7 @@ typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, 
 #if defined(RL_GEMM_X86) && defined(__linux__)
 __attribute__((target_clones("fma", "default")))
 #endif
-static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P, float *tile)
+static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e)
 {
     enum { MR = 4, NR = 16 };
     float acc[MR][NR];
@@ -67,12 +98,29 @@ static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P,
             for (int j = 0; j < NR; j++) acc[i][j] = fmaf(x, p[j], acc[i][j]);
         }
     }
-    memcpy(tile, acc, sizeof acc);
+    epilogue(&acc[0][0], NR, e);
 }
 
 #ifdef RL_GEMM_X86
+/* The epilogue on one row of 8-lane vectors (AVX2) or 16-lane (AVX-512),
+ * masked to the tile's nr columns: epilogue()'s operations, lane by lane. */
+#define EPI_ROW(V, MUL, ADD, LOAD, STORE, acc0, acc1, c, b0, b1)                    \
+    do {                                                                            \
+        V v0_ = MUL(al, acc0), v1_ = MUL(al, acc1);                                 \
+        if (e->bias) { v0_ = ADD(v0_, b0); v1_ = ADD(v1_, b1); }                    \
+        if (e->beta == 1.0f) {                                                      \
+            v0_ = ADD(LOAD(c, 0), v0_);                                             \
+            v1_ = ADD(LOAD(c, 1), v1_);                                             \
+        } else if (e->beta != 0.0f) {                                               \
+            v0_ = ADD(MUL(bt, LOAD(c, 0)), v0_);                                    \
+            v1_ = ADD(MUL(bt, LOAD(c, 1)), v1_);                                    \
+        }                                                                           \
+        STORE(c, 0, v0_);                                                           \
+        STORE(c, 1, v1_);                                                           \
+    } while (0)
+
 __attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float *A, int64_t lda,
-                                                           const float *P, float *tile)
+                                                           const float *P, const epi_args *e)
 {
     /* 6 x 16: 12 accumulators, 2 B vectors, 1 broadcast of the 16 ymm */
     const float *a0 = A, *a1 = A + lda, *a2 = a1 + lda, *a3 = a2 + lda, *a4 = a3 + lda,
@@ -89,16 +137,26 @@ __attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float
         ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
     }
-    _mm256_storeu_ps(tile + 0, c00);  _mm256_storeu_ps(tile + 8, c01);
-    _mm256_storeu_ps(tile + 16, c10); _mm256_storeu_ps(tile + 24, c11);
-    _mm256_storeu_ps(tile + 32, c20); _mm256_storeu_ps(tile + 40, c21);
-    _mm256_storeu_ps(tile + 48, c30); _mm256_storeu_ps(tile + 56, c31);
-    _mm256_storeu_ps(tile + 64, c40); _mm256_storeu_ps(tile + 72, c41);
-    _mm256_storeu_ps(tile + 80, c50); _mm256_storeu_ps(tile + 88, c51);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32((int)e->nr), lane),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32((int)e->nr - 8), lane)};
+    const __m256 al = _mm256_set1_ps(e->alpha), bt = _mm256_set1_ps(e->beta);
+    const __m256 bb0 = e->bias ? _mm256_maskload_ps(e->bias, m[0]) : al;
+    const __m256 bb1 = e->bias ? _mm256_maskload_ps(e->bias + 8, m[1]) : al;
+#define LD(c, h) _mm256_maskload_ps((c) + 8 * (h), m[h])
+#define ST(c, h, v) _mm256_maskstore_ps((c) + 8 * (h), m[h], v)
+#define ROW(i)                                                                              \
+    if (i < e->mr)                                                                          \
+        EPI_ROW(__m256, _mm256_mul_ps, _mm256_add_ps, LD, ST, c##i##0, c##i##1,             \
+                e->C + i * e->ldc, bb0, bb1);
+    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+#undef LD
+#undef ST
 }
 
 __attribute__((target("avx512f"))) static void kern_avx512(int64_t K, const float *A, int64_t lda,
-                                                            const float *P, float *tile)
+                                                            const float *P, const epi_args *e)
 {
     /* 12 x 32: 24 accumulators, 2 B vectors, 1 broadcast of the 32 zmm */
     __m512 c[12][2];
@@ -112,10 +170,21 @@ __attribute__((target("avx512f"))) static void kern_avx512(int64_t K, const floa
             c[i][1] = _mm512_fmadd_ps(x, b1, c[i][1]);
         }
     }
-    for (int i = 0; i < 12; i++) {
-        _mm512_storeu_ps(tile + i * 32, c[i][0]);
-        _mm512_storeu_ps(tile + i * 32 + 16, c[i][1]);
-    }
+    const int nr = (int)e->nr;
+    const __mmask16 m[2] = {(__mmask16)(nr >= 16 ? 0xffffu : (1u << nr) - 1u),
+                            (__mmask16)(nr >= 32 ? 0xffffu : nr > 16 ? (1u << (nr - 16)) - 1u : 0u)};
+    const __m512 al = _mm512_set1_ps(e->alpha), bt = _mm512_set1_ps(e->beta);
+    const __m512 bb0 = e->bias ? _mm512_maskz_loadu_ps(m[0], e->bias) : al;
+    const __m512 bb1 = e->bias ? _mm512_maskz_loadu_ps(m[1], e->bias + 16) : al;
+#define LD(c, h) _mm512_maskz_loadu_ps(m[h], (c) + 16 * (h))
+#define ST(c, h, v) _mm512_mask_storeu_ps((c) + 16 * (h), m[h], v)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++)
+        if (i < e->mr)
+            EPI_ROW(__m512, _mm512_mul_ps, _mm512_add_ps, LD, ST, c[i][0], c[i][1],
+                    e->C + i * e->ldc, bb0, bb1);
+#undef LD
+#undef ST
 }
 #endif
 
@@ -195,26 +264,6 @@ static void pack_panel(float *P, int NR, const float *B, int64_t ldb, int transb
     if (nr < NR)
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = nr; j < NR; j++) P[k * NR + j] = 0.0f;
-}
-
-/* The epilogue, the same code whatever kernel filled the tile. */
-static void epilogue(const float *tile, int NR, int64_t mr, int64_t nr, float alpha,
-                     const float *bias, float beta, float *C, int64_t ldc)
-{
-    for (int64_t i = 0; i < mr; i++) {
-        const float *t = tile + i * NR;
-        float *c = C + i * ldc;
-        float v[NR_MAX];
-        for (int64_t j = 0; j < nr; j++) v[j] = alpha * t[j];
-        if (bias)
-            for (int64_t j = 0; j < nr; j++) v[j] = v[j] + bias[j];
-        if (beta == 0.0f)                             /* C is not read (may hold NaN) */
-            for (int64_t j = 0; j < nr; j++) c[j] = v[j];
-        else if (beta == 1.0f)
-            for (int64_t j = 0; j < nr; j++) c[j] = c[j] + v[j];
-        else
-            for (int64_t j = 0; j < nr; j++) c[j] = beta * c[j] + v[j];
-    }
 }
 
 /* The kernel an ISA runs here: an ISA this build or CPU lacks falls back to
@@ -298,7 +347,6 @@ static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t
     {
         float stack_p[STACK_FLOATS] __attribute__((aligned(64)));
         float stack_a[MR_MAX * 256] __attribute__((aligned(64)));
-        float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
         const size_t p_floats = pre ? 0 : (size_t)(G * panel_floats), a_floats = (size_t)(MR * Kp);
         float *P = stack_p, *Ab = stack_a;
         if (p_floats > STACK_FLOATS && posix_memalign((void **)&P, 64, p_floats * 4) != 0)
@@ -335,9 +383,9 @@ static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t
                 }
                 for (int64_t q = 0; q < np; q++) {
                     const int64_t n0 = (p0 + q) * NR, nr = N - n0 < NR ? N - n0 : NR;
-                    ki->fn(Kp, a, la, Pg + q * panel_floats, tile);
-                    epilogue(tile, NR, mr, nr, alpha, bias ? bias + n0 : NULL, beta,
-                             C + m0 * ldc + n0, ldc);
+                    const epi_args e = {alpha, beta, bias ? bias + n0 : NULL, C + m0 * ldc + n0,
+                                        ldc, mr, nr};
+                    ki->fn(Kp, a, la, Pg + q * panel_floats, &e);
                 }
             }
         }
