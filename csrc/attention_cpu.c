@@ -285,9 +285,12 @@ pv512_cols(const tile *t, int64_t cf, int64_t cl, int64_t d0, const int nv, __mm
                 if (u < nv) acc[r][u] = _mm512_fmadd_ps(x, b[u], acc[r][u]);
         }
     }
-    for (int64_t r = 0; r < t->rows; r++)
+    /* constant indices only, so that acc stays in registers */
+#pragma GCC unroll 4
+    for (int r = 0; r < TR; r++)
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) {
+            if (r >= t->rows) break;
             if (u < nv - 1) _mm512_storeu_ps(t->orow[r] + d0 + 16 * u, acc[r][u]);
             else if (u == nv - 1) _mm512_mask_storeu_ps(t->orow[r] + d0 + 16 * u, m, acc[r][u]);
         }
