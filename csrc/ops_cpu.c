@@ -15,7 +15,8 @@
  *   scores scaled then soft-capped (cap * tanh(s / cap)), softmax in fp32 with
  *   the max subtracted, silu(g) = g / (1 + exp(-g)), gelu_tanh as torch's
  *   approximate="tanh".
- * - No allocation per token: per-thread scratch (attention scores, pooling
+ * - Attention is attention_cpu.c's fused kernel (the same bits on every ISA).
+ * - No allocation per token: per-thread scratch (attention keys and scores, pooling
  *   sums) and the RoPE cos/sin table live in the backend and only grow.
  */
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign */
