@@ -15,13 +15,16 @@
  *   scores scaled then soft-capped (cap * tanh(s / cap)), softmax in fp32 with
  *   the max subtracted, silu(g) = g / (1 + exp(-g)), gelu_tanh as torch's
  *   approximate="tanh".
- * - No allocation per token: per-thread scratch (attention scores, pooling
+ * - Attention is attention_cpu.c's fused kernel (the same bits on every ISA).
+ * - No allocation per token: per-thread scratch (attention keys and scores, pooling
  *   sums) and the RoPE cos/sin table live in the backend and only grow.
  */
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign */
 #include "ops_cpu.h"
 
+#include "attention_cpu.h"
 #include "gemm_builtin.h"
+#include "vexp.h"
 #ifndef RL_BLAS_BUILTIN
 #include <cblas.h>
 #endif
@@ -165,72 +168,9 @@ static rl_status cpu_mem_info(rl_backend *be, size_t *free_b, size_t *total_b)
 
 static int cpu_is_resident(rl_backend *be, const void *ptr) { return 1; }
 
-/* ---- exp, vectorized ----------------------------------------------------- */
+/* ---- SiLU, vectorized (exp: vexp.h) ---------------------------------------- */
 
-/* exp(x) in fp32 to about 1 ulp (Cody-Waite reduction by ln 2, Cephes' degree-7
- * polynomial, fmaf), written so the compiler vectorizes the loops that call
- * it: softmax and SiLU spend most of their time in exp, which libm computes
- * one element at a time. Every operation is exactly rounded IEEE (fmaf,
- * floorf, +, *), so the AVX2 version (exp8) gives the same bits. Below
- * -87.3 it returns 0 (exp is then under the normal range), above 88.7 inf. */
-static inline float exp_f32(float x)
-{
-    const float hi = 88.3762626647949f, lo = -87.3365447504f;
-    float xc = x > hi ? hi : x < lo ? lo : x;
-    float n = floorf(fmaf(xc, 1.44269504088896341f, 0.5f));
-    float r = fmaf(n, -0.693359375f, xc);
-    r = fmaf(n, 2.12194440e-4f, r);
-    float r2 = r * r;
-    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
-    p = fmaf(p, r2, r) + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    float y = p * scale;
-    y = x < lo ? 0.0f : y;
-    return x > hi ? INFINITY : y;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define RL_VEC_AVX2 1
-
-/* exp_f32 on 8 lanes with the same operations in the same order */
-__attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x)
-{
-    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
-    /* max/min return their second operand for a NaN, so a NaN x stays NaN */
-    __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f),
-                                               _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 r2 = _mm256_mul_ps(r, r);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-    return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-}
-
-__attribute__((target("avx2,fma"))) static int64_t exp_shifted8(float *p, int64_t n, float mx)
-{
-    int64_t j = 0;
-    const __m256 m = _mm256_set1_ps(mx);
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(p + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), m)));
-    return j;
-}
-
+#ifdef RL_VEC_X86
 __attribute__((target("avx2,fma"))) static int64_t silu_mul8(float *o, const float *g,
                                                               const float *u, int64_t n)
 {
@@ -246,24 +186,11 @@ __attribute__((target("avx2,fma"))) static int64_t silu_mul8(float *o, const flo
 }
 #endif
 
-/* p[j] = exp(p[j] - mx) for j < n; vec: AVX2 lanes (the CPU GEMM's ISA is
- * avx2 or wider, so the CPU runs them) */
-static void exp_shifted(float *p, int64_t n, float mx, int vec)
-{
-    int64_t j = 0;
-#ifdef RL_VEC_AVX2
-    if (vec) j = exp_shifted8(p, n, mx);
-#else
-    (void)vec;
-#endif
-    for (; j < n; j++) p[j] = exp_f32(p[j] - mx);
-}
-
 /* o = silu(g) * u = g / (1 + exp(-g)) * u */
 static void silu_mul(float *o, const float *g, const float *u, int64_t n, int vec)
 {
     int64_t i = 0;
-#ifdef RL_VEC_AVX2
+#ifdef RL_VEC_X86
     if (vec) i = silu_mul8(o, g, u, n);
 #else
     (void)vec;
@@ -520,48 +447,6 @@ static rl_status cpu_qk_norm_rope(rl_backend *be, const rl_segments *seg, void *
     return RL_OK;
 }
 
-/* Query rows per attention block: scores of a block are one [ATT_BLK, keys]
- * GEMM, the output one [ATT_BLK, hd] GEMM. */
-#define ATT_BLK 64
-
-/* Causal attention of one head of one sequence of n tokens (rows strided by
- * W in qkv, Wo in out); P is [ATT_BLK, n] scratch. window > 0: query i sees
- * keys i-window < j <= i only (keys before a block's first visible one are
- * not computed). Scores are scaled, then soft-capped when softcap > 0.
- * Softmax in fp32 with the row max subtracted; masked entries are exact
- * zeros. Runs on the calling thread; 0, or -1 when the GEMM found no scratch
- * memory. */
-static int attend_head(const cpu_impl *im, const float *q, const float *k, const float *v, float *o, int64_t n,
-                       int64_t W, int64_t Wo, int64_t hd, float scale, int64_t window,
-                       float softcap, float *P)
-{
-    for (int64_t i0 = 0; i0 < n; i0 += ATT_BLK) {
-        int64_t mb = n - i0 < ATT_BLK ? n - i0 : ATT_BLK;
-        int64_t k0 = window > 0 && i0 - window + 1 > 0 ? i0 - window + 1 : 0, nk = i0 + mb - k0;
-        if (sgemm(im, 1, mb, nk, hd, scale, q + i0 * W, W, k + k0 * W, W, 0.0f, P, nk, 1) != 0)
-            return -1;
-        for (int64_t r = 0; r < mb; r++) {
-            float *p = P + r * nk;
-            int64_t i = i0 + r, last = i - k0;      /* keys first..last (of the block) visible */
-            int64_t first = window > 0 && i - window + 1 > k0 ? i - window + 1 - k0 : 0;
-            for (int64_t j = 0; j < first; j++) p[j] = 0.0f;
-            if (softcap > 0.0f)
-                for (int64_t j = first; j <= last; j++) p[j] = softcap * tanhf(p[j] / softcap);
-            float mx = p[first];
-            for (int64_t j = first + 1; j <= last; j++) mx = p[j] > mx ? p[j] : mx;
-            exp_shifted(p + first, last - first + 1, mx, im->isa >= RL_ISA_AVX2);
-            float sum = 0.0f;
-            for (int64_t j = first; j <= last; j++) sum += p[j];   /* in order */
-            float inv = 1.0f / sum;
-            for (int64_t j = first; j <= last; j++) p[j] *= inv;
-            for (int64_t j = last + 1; j < nk; j++) p[j] = 0.0f;
-        }
-        if (sgemm(im, 0, mb, hd, nk, 1.0f, P, nk, v + k0 * W, W, 0.0f, o + i0 * Wo, Wo, 1) != 0)
-            return -1;
-    }
-    return 0;
-}
-
 static rl_status grow_scratch(cpu_impl *im, int64_t scores_len, int64_t sums_len)
 {
     if (scores_len > im->scores_len) {
@@ -596,22 +481,25 @@ static rl_status cpu_attention(rl_backend *be, const rl_segments *seg, const voi
         return RL_FAIL(RL_ERR_INVALID, "CPU attention: window (%lld) and softcap (%g) must be >= 0",
                        (long long)window, (double)softcap);
     cpu_impl *im = impl_of(be);
-    RL_TRY(grow_scratch(im, ATT_BLK * seg->max_seqlen, 0));
+    RL_TRY(grow_scratch(im, rl_attention_scratch_floats(seg->max_seqlen, hd, window), 0));
     const float *QKV = qkv;
     float *O = out;
     int64_t W = (nh + 2 * nkv) * hd, Wo = nh * hd, group = nh / nkv, B = seg->n_seqs;
+    int64_t nblk = (seg->max_seqlen + RL_ATT_QBLK - 1) / RL_ATT_QBLK;
     const int32_t *cu = seg->cu_seqlens_host;
-    int failed = 0;
-#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (T > 1) \
-    reduction(| : failed)
-    for (int64_t job = 0; job < B * nh; job++) {
-        int64_t s = job / nh, h = job % nh, kvh = h / group, r0 = cu[s], n = cu[s + 1] - r0;
+    /* jobs (query block, sequence, KV head), the costlier late blocks first;
+     * a block past a sequence's end is empty */
+#pragma omp parallel for num_threads(im->n_threads) schedule(dynamic, 1) if (T > 1)
+    for (int64_t job = 0; job < nblk * B * nkv; job++) {
+        int64_t blk = nblk - 1 - job / (B * nkv), s = job % (B * nkv) / nkv, kvh = job % nkv;
+        int64_t r0 = cu[s], n = cu[s + 1] - r0, i0 = blk * RL_ATT_QBLK;
+        if (i0 >= n) continue;
         const float *base = QKV + r0 * W;
-        failed |= attend_head(im, base + h * hd, base + (nh + kvh) * hd, base + (nh + nkv + kvh) * hd,
-                              O + r0 * Wo + h * hd, n, W, Wo, hd, scale, window, softcap,
-                              im->scores + (int64_t)thread_id() * im->scores_len) != 0;
+        rl_attention_block(im->isa, base + kvh * group * hd, base + (nh + kvh) * hd,
+                           base + (nh + nkv + kvh) * hd, O + r0 * Wo + kvh * group * hd, W, Wo, hd,
+                           group, i0, n - i0 < RL_ATT_QBLK ? n - i0 : RL_ATT_QBLK, scale, window,
+                           softcap, im->scores + (int64_t)thread_id() * im->scores_len);
     }
-    if (failed) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (attention GEMM scratch)");
     return RL_OK;
 }
 

@@ -44,7 +44,7 @@ sys.path[:0] = [sys.argv[1]]
 from rjepa_latent import _core
 from test_core_engine import make_config, make_engine, make_weights, run
 from test_determinism import WIDE
-cfg = make_config(**WIDE, attn_qkv_bias=1, attn_o_bias=1, mlp_bias=1)
+cfg = make_config(**{**WIDE, **json.loads(sys.argv[4])}, attn_qkv_bias=1, attn_o_bias=1, mlp_bias=1)
 w = make_weights(cfg, seed=21)
 rng = np.random.default_rng(22)
 seqs = [rng.integers(0, cfg["vocab_size"], n) for n in json.loads(sys.argv[2])]
@@ -61,15 +61,17 @@ print(json.dumps(info))
 """
 
 
-def _run_forced(tmp: Path, isa: str | None, gemm: str | None = None) -> tuple[dict, dict]:
+def _run_forced(tmp: Path, isa: str | None, gemm: str | None = None,
+                cfg: dict | None = None) -> tuple[dict, dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RJEPA_CPU_ISA", "RJEPA_GEMM")}
     if isa:
         env["RJEPA_CPU_ISA"] = isa
     if gemm:
         env["RJEPA_GEMM"] = gemm
-    out = tmp / f"{isa}-{gemm}.npz"
+    out = tmp / f"{isa}-{gemm}-{bool(cfg)}.npz"
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "tests"), json.dumps(LENGTHS),
-                        str(out)], env=env, capture_output=True, text=True, timeout=600)
+                        str(out), json.dumps(cfg or {})], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     with np.load(out) as z:
@@ -121,6 +123,24 @@ def test_weights_packed_ahead_give_the_same_bits(tmp_path):
     assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout[-4000:] + r.stderr
     for isa in AVAILABLE:   # each ISA this CPU runs was compared, none skipped
         assert re.search(rf"^{isa}: NR=(16|32), [1-9]\d* cases$", r.stdout, re.M), r.stdout
+# the attention kernel's other paths: sliding window (layers 0 and 2), soft-capping,
+# GQA 3:1 and a head_dim (40) that is not a multiple of the vector width (masked tails)
+ATTN_VARIANTS = dict(hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
+                     head_dim=40, sliding_window=37, layer_sliding=[1, 0, 1], attn_softcap=3.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_variants_give_the_same_bits_on_every_isa(isa, tmp_path):
+    if isa not in AVAILABLE:
+        pytest.skip(f"this CPU does not run {isa} code (it runs: {' '.join(AVAILABLE)})")
+    _, got = _run_forced(tmp_path, isa, cfg=ATTN_VARIANTS)
+    base = got["packed1"]
+    assert np.isfinite(base).all() and np.abs(base).max() > 0.1
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, base, err_msg=f"{isa}: {k} differs from packed1")
+    if isa != AVAILABLE[0]:
+        _, ref = _run_forced(tmp_path, AVAILABLE[0], cfg=ATTN_VARIANTS)
+        np.testing.assert_array_equal(base, ref["packed1"], err_msg=f"{isa} vs {AVAILABLE[0]}")
 
 
 def test_forcing_an_isa_this_cpu_lacks_is_refused():
