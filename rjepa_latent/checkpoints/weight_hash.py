@@ -17,6 +17,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -31,7 +32,24 @@ def _digest(buf: Any, begin: int | None, end: int | None) -> str:
         for a in range(0, len(region), _SLICE):
             with region[a:a + _SLICE] as part:
                 h.update(part)
+            if isinstance(buf, mmap.mmap):
+                _drop(buf, (begin or 0) + a, (begin or 0) + a + _SLICE)
     return h.hexdigest()
+
+
+def _drop(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Hashed pages of a file map leave resident memory (a file map's pages
+    count in the process's RSS until dropped; the loader drops what it copied,
+    but hashing may touch them again after that). Read-only: a later read
+    faults them in from the file again."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    start = begin - begin % mmap.PAGESIZE
+    end = min(end, len(mm))
+    if advice is not None and end > start:
+        try:
+            mm.madvise(advice, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 class WeightHasher:
