@@ -93,7 +93,6 @@ static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
 /* Below this many elements an op runs on one thread (fork/join costs more). */
 #define PAR_MIN 16384
 
-
 /* ---- memory ------------------------------------------------------------- */
 
 static rl_status cpu_alloc(rl_backend *be, void **ptr, size_t bytes)
