@@ -568,7 +568,9 @@ class GGUFFile:
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             t = self._tensors[fam.gguf_name(kind, layer)]
-            self.weights.add(t.name, self.raw(t.name))   # hashed as the feed reads it
+            # hashed as the feed reads it, from the file's map (its pages dropped once hashed)
+            self.weights.add(t.name, self._reader.data, int(t.data_offset),
+                             int(t.data_offset) + int(t.n_bytes))
             permuted = fam.gguf_permuted_qk and kind in _PERMUTED
             if kind in self.keep:
                 blocks = np.asarray(t.data).view(np.uint8).reshape(shape[0], -1)

@@ -32,8 +32,10 @@ def _digest(buf: Any, begin: int | None, end: int | None) -> str:
         for a in range(0, len(region), _SLICE):
             with region[a:a + _SLICE] as part:
                 h.update(part)
-            if isinstance(buf, mmap.mmap):
-                _drop(buf, (begin or 0) + a, (begin or 0) + a + _SLICE)
+            mm = buf if isinstance(buf, mmap.mmap) else \
+                getattr(buf, "_mmap", None) if getattr(buf, "offset", None) == 0 else None
+            if mm is not None:   # a file map, or a np.memmap of a whole file
+                _drop(mm, (begin or 0) + a, (begin or 0) + a + _SLICE)
     return h.hexdigest()
 
 
