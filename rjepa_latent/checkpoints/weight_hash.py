@@ -6,7 +6,9 @@ Design choices:
   quantized block layout ...) get their own sha256, computed in background
   threads (hashlib releases the GIL) from the same memory map the loader reads,
   while the engine converts the previous tensor: no extra read of the file,
-  and little extra wall time.
+  and little extra wall time. The pages hashed are dropped from the map (as
+  the loader drops what it copied): hashing lags behind the loader, and
+  pages it faulted back in would count in RSS until the map is closed.
 - The fingerprint is the sha256 of the header fingerprint (config, tensor
   names, dtypes, shapes) and every tensor's name and digest in name order,
   so it depends on the weights only, not on the order they are fed in.
