@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "ops_cpu.h"
 #include "gemm_builtin.h"
 #include "binding_quant.h"
 #include "qweights.h"
@@ -858,6 +859,15 @@ static PyObject *engine_get_kernel(EngineObject *self, void *c)
     const char *k = rl_model_backend(self->m)->kernel;
     return PyUnicode_FromString(k ? k : "");
 }
+static PyObject *engine_get_threads(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyLong_FromLong(rl_backend_cpu_threads(rl_model_backend(self->m)))
+                              : NULL;
+}
+static PyObject *engine_get_dequant_threads(EngineObject *self, void *c)
+{
+    return engine_ready(self) ? PyLong_FromLong(rl_model_dequant_team(self->m)) : NULL;
+}
 static PyObject *caps_to_dict(const rl_backend_caps *c, const char *device);
 
 static PyObject *engine_get_caps(EngineObject *self, void *c)
@@ -906,6 +916,11 @@ static PyGetSetDef engine_getset[] = {
     {"dtype", (getter)engine_get_dtype, NULL, "storage dtype of weights and GEMM operands", NULL},
     {"kernel", (getter)engine_get_kernel, NULL,
      "what decides the result bits besides the weights (BLAS and core; GPU arch and cuBLAS)", NULL},
+    {"threads", (getter)engine_get_threads, NULL,
+     "threads of the CPU backend's OpenMP teams (1 on CUDA)", NULL},
+    {"dequant_threads", (getter)engine_get_dequant_threads, NULL,
+     "the largest OpenMP team a CPU dequantization of kept weights ran on so far (0: none)",
+     NULL},
     {"caps", (getter)engine_get_caps, NULL,
      "what this engine's backend supports (the dict of _core.backend_caps)", NULL},
     {"weight_bytes", (getter)engine_get_weight_bytes, NULL, "bytes held by weights", NULL},
@@ -1090,21 +1105,24 @@ static PyObject *core_cuda_mem_info(PyObject *mod, PyObject *args)
     return Py_BuildValue("(KK)", (unsigned long long)free_b, (unsigned long long)total_b);
 }
 
-/* dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1): rows [r0, r1) of an
- * AWQ / GPTQ / FP8-block weight (quant_hf.h) into `out`, a writable C-contiguous buffer of
- * (r1 - r0) * cols float32; `parts`: a tuple of up to 4 buffers or None. ValueError with
- * the reason when the parts are inconsistent or damaged. */
+/* dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1, threads=0): rows
+ * [r0, r1) of an AWQ / GPTQ / FP8-block weight (quant_hf.h) into `out`, a writable
+ * C-contiguous buffer of (r1 - r0) * cols float32, on `threads` threads (0: one per core);
+ * `parts`: a tuple of up to 4 buffers or None. Returns the OpenMP team that ran; ValueError
+ * with the reason when the parts are inconsistent or damaged. */
 static PyObject *core_dequant_hf(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"family", "subtype", "rows", "cols", "group", "parts", "out", "r0",
-                             "r1", NULL};
-    int family, subtype;
+                             "r1", "threads", NULL};
+    int family, subtype, nt = 0, team = 0;
     long long rows, cols, group, r0, r1;
     PyObject *parts, *out_obj;
     (void)mod;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLO!OLL", kwlist, &family, &subtype, &rows,
-                                     &cols, &group, &PyTuple_Type, &parts, &out_obj, &r0, &r1))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLO!OLL|i", kwlist, &family, &subtype,
+                                     &rows, &cols, &group, &PyTuple_Type, &parts, &out_obj, &r0,
+                                     &r1, &nt))
         return NULL;
+    if ((nt = rl_py_threads(nt)) < 0) return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(parts);
     if (n > RL_QUANT_MAX_PARTS)
         return PyErr_Format(PyExc_ValueError, "parts has %zd entries, at most %d", n,
@@ -1136,10 +1154,10 @@ static PyObject *core_dequant_hf(PyObject *mod, PyObject *args, PyObject *kwds)
         char err[256] = {0};
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = rl_dequant_hf_rows_f32(&q, r0, r1, (float *)outv.buf, err, sizeof err);
+        rc = rl_dequant_hf_rows_f32(&q, r0, r1, (float *)outv.buf, nt, &team, err, sizeof err);
         Py_END_ALLOW_THREADS
         if (rc < 0) PyErr_SetString(PyExc_ValueError, err);
-        else ret = Py_NewRef(Py_None);
+        else ret = PyLong_FromLong(team);
     }
     PyBuffer_Release(&outv);
 done:
@@ -1234,8 +1252,9 @@ static PyMethodDef core_methods[] = {
      "config; keep: kinds kept quantized (their dense bytes left out, the scratch counted)"},
     RL_QUANT_METHODS
     {"dequant_hf", (PyCFunction)(void (*)(void))core_dequant_hf, METH_VARARGS | METH_KEYWORDS,
-     "dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1): rows [r0, r1) of an "
-     "AWQ / GPTQ / FP8-block weight into out (float32); ValueError naming what is wrong"},
+     "dequant_hf(family, subtype, rows, cols, group, parts, out, r0, r1, threads=0) -> team: "
+     "rows [r0, r1) of an AWQ / GPTQ / FP8-block weight into out (float32) on `threads` "
+     "threads (0: one per core), returning the team that ran; ValueError naming what is wrong"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,7 +13,18 @@
 
 #include "binding_quant.h"
 #include "common.h"
+#include "ops_cpu.h"
 #include "qweights.h"
+
+int rl_py_threads(int threads)
+{
+    if (threads < 0 || threads > RL_CPU_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be in [0, %d] (0: one per core), got %d",
+                     RL_CPU_MAX_THREADS, threads);
+        return -1;
+    }
+    return threads ? threads : omp_get_num_procs();
+}
 
 int rl_py_keep_mask(PyObject *kinds, unsigned *mask)
 {
@@ -100,12 +111,14 @@ void rl_py_release_parts(Py_buffer views[RL_QUANT_MAX_PARTS])
 PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds)
 {
     (void)mod;
-    static char *kwlist[] = {"data", "ggml_type", "rows", "cols", NULL};
+    static char *kwlist[] = {"data", "ggml_type", "rows", "cols", "threads", NULL};
     PyObject *data;
-    int type;
+    int type, nt = 0;
     long long rows, cols;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiLL", kwlist, &data, &type, &rows, &cols))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiLL|i", kwlist, &data, &type, &rows, &cols,
+                                     &nt))
         return NULL;
+    if ((nt = rl_py_threads(nt)) < 0) return NULL;
     rl_qtensor q;
     Py_buffer view;
     if (rl_py_gguf_qtensor(data, type, rows, cols, &q, &view) < 0) return NULL;
@@ -119,7 +132,6 @@ PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds)
     if (arr) {
         float *out = PyArray_DATA((PyArrayObject *)arr);
         Py_BEGIN_ALLOW_THREADS
-        int nt = omp_get_max_threads();
         int64_t chunk = (rows + nt - 1) / nt;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(|:bad) if (rows * cols > 65536)
         for (int i = 0; i < nt; i++) {

@@ -23,15 +23,18 @@ int rl_py_parts_qtensor(PyObject *parts, int family, int subtype, long long rows
                         Py_buffer views[RL_QUANT_MAX_PARTS]);
 void rl_py_release_parts(Py_buffer views[RL_QUANT_MAX_PARTS]);
 
+/* A `threads` argument resolved (0: one per core); -1 with ValueError when
+ * out of range. */
+int rl_py_threads(int threads);
 PyObject *rl_py_dequantize_gguf(PyObject *mod, PyObject *args, PyObject *kwds);
 PyObject *rl_py_gguf_type_info(PyObject *mod, PyObject *args);
 
 #define RL_QUANT_METHODS                                                                     \
     {"dequantize_gguf", (PyCFunction)(void (*)(void))rl_py_dequantize_gguf,                  \
      METH_VARARGS | METH_KEYWORDS,                                                           \
-     "dequantize_gguf(data, ggml_type, rows, cols) -> float32 [rows, cols]: GGUF blocks "   \
-     "dequantized as gguf-py does; ValueError when the blocks are inconsistent or hold a "   \
-     "non-finite scale"},                                                                   \
+     "dequantize_gguf(data, ggml_type, rows, cols, threads=0) -> float32 [rows, cols]: "      \
+     "GGUF blocks dequantized as gguf-py does, on `threads` threads (0: one per core); "      \
+     "ValueError when the blocks are inconsistent or hold a non-finite scale"},               \
     {"gguf_type_info", rl_py_gguf_type_info, METH_VARARGS,                                   \
      "gguf_type_info(ggml_type) -> (block_elems, block_bytes), or None when unsupported"},
 

@@ -848,6 +848,7 @@ const rl_config *rl_model_config(const rl_model *m) { return &m->cfg; }
 rl_backend *rl_model_backend(rl_model *m) { return m->be; }
 size_t rl_model_weight_bytes(const rl_model *m) { return m->w.bytes; }
 size_t rl_model_workspace_bytes(const rl_model *m) { return m->ws.bytes; }
+int rl_model_dequant_team(const rl_model *m) { return rl_qw_team(m->qw); }
 int64_t rl_model_max_tokens(const rl_model *m) { return m->ws.max_tokens; }
 
 static rl_status check_resident(rl_model *m, const void *p, rl_tensor_kind kind, int64_t layer)

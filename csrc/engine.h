@@ -138,6 +138,9 @@ rl_backend *rl_model_backend(rl_model *m);
 size_t rl_model_weight_bytes(const rl_model *m);
 size_t rl_model_workspace_bytes(const rl_model *m);
 int64_t rl_model_max_tokens(const rl_model *m);   /* workspace capacity in tokens (0: none) */
+/* The largest OpenMP team a CPU dequantization of its kept weights ran on so
+ * far (0: none yet; rl_qw_team). */
+int rl_model_dequant_team(const rl_model *m);
 /* RL_OK if every weight pointer is resident on the backend's device. */
 rl_status rl_model_verify_resident(rl_model *m);
 void rl_model_free(rl_model *m);

@@ -109,9 +109,6 @@ static cpu_impl *impl_of(rl_backend *be) { return (cpu_impl *)be->impl; }
 /* Below this many elements an op runs on one thread (fork/join costs more). */
 #define PAR_MIN 16384
 
-/* Upper bound on n_threads (far above any core count this runs on). */
-#define RL_CPU_MAX_THREADS 1024
-
 /* ---- memory ------------------------------------------------------------- */
 
 static rl_status cpu_alloc(rl_backend *be, void **ptr, size_t bytes)
@@ -684,6 +681,11 @@ static void cpu_destroy(rl_backend *be)
      * so that closing a model returns its memory to the OS */
     malloc_trim(0);
 #endif
+}
+
+int rl_backend_cpu_threads(const rl_backend *be)
+{
+    return be && be->destroy == cpu_destroy ? ((const cpu_impl *)be->impl)->n_threads : 1;
 }
 
 rl_status rl_backend_cpu_create(int n_threads, rl_backend **out)

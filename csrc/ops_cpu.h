@@ -12,6 +12,12 @@ extern "C" {
 /* A CPU backend running n_threads threads (0: all cores). On failure *out
  * is NULL and the message says why. */
 rl_status rl_backend_cpu_create(int n_threads, rl_backend **out);
+/* Upper bound on n_threads (far above any core count this runs on). */
+#define RL_CPU_MAX_THREADS 1024
+/* The threads of a CPU backend's OpenMP teams (what it was created with);
+ * 1 for any other backend. Host-side work for a model (dequantization)
+ * runs on this many, not on the process-wide OpenMP default. */
+int rl_backend_cpu_threads(const rl_backend *be);
 
 /* Its capabilities (static storage), and the
  * GEMM it was built with ("scipy-openblas32 <config>" or "builtin C GEMM"). */

@@ -18,6 +18,7 @@
 #include "quant_hf.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,8 +111,8 @@ static int awq_layout(const rl_qtensor *q, char *err, size_t errlen)
     return 0;
 }
 
-static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                    size_t errlen)
+static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, int nt, int *team,
+                    char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols, group = q->group;
     const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
@@ -123,8 +124,9 @@ static int awq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
      * qweight per input feature feeds 8 * AWQ_WORDS rows */
     const int64_t first = r0 / 8, last = (r1 + 7) / 8;   /* word columns touched */
     const int64_t nblocks = (last - first + AWQ_WORDS - 1) / AWQ_WORDS;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t blk = 0; blk < nblocks; blk++) {
+        if (blk == 0) *team = omp_get_num_threads();
         const int64_t w0 = first + blk * AWQ_WORDS;
         const int64_t w1 = w0 + AWQ_WORDS < last ? w0 + AWQ_WORDS : last;
         const int64_t a = w0 * 8 > r0 ? w0 * 8 : r0, b = w1 * 8 < r1 ? w1 * 8 : r1;
@@ -225,8 +227,8 @@ static int gptq_layout(const rl_qtensor *q, int64_t *groups_out, char *err, size
     return 0;
 }
 
-static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                     size_t errlen)
+static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, int nt, int *team,
+                     char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols;
     const int bits = RL_QHF_BITS(q->subtype), dt = RL_QHF_SCALE_DTYPE(q->subtype);
@@ -255,8 +257,9 @@ static int gptq_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, ch
     const uint32_t mask = (1u << bits) - 1u;
     const int64_t nblocks = (r1 - r0 + GPTQ_BLOCK - 1) / GPTQ_BLOCK;
     int oom = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(nt)
     {
+        if (omp_get_thread_num() == 0) *team = omp_get_num_threads();
         float *S = malloc(sizeof(float) * 2 * GPTQ_BLOCK * (size_t)groups);
         float *Z = S ? S + GPTQ_BLOCK * groups : NULL;
         if (!S) {
@@ -322,8 +325,8 @@ static int fp8_layout(const rl_qtensor *q, char *err, size_t errlen)
     return 0;
 }
 
-static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
-                    size_t errlen)
+static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, int nt, int *team,
+                    char *err, size_t errlen)
 {
     const int64_t rows = q->rows, cols = q->cols, B = q->group;
     const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
@@ -335,8 +338,9 @@ static int fp8_rows(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, cha
     const unsigned char *w = (const unsigned char *)q->part[0];
     const void *sc = q->part[1];
     int64_t nan_at = -1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = r0; r < r1; r++) {
+        if (r == r0) *team = omp_get_num_threads();
         const unsigned char *src = w + r * cols;
         float *dst = out + (r - r0) * cols;
         unsigned bad = 0;
@@ -419,8 +423,12 @@ int rl_qtensor_validate_hf(const rl_qtensor *q, char *err, size_t errlen)
 }
 
 int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
-                           char *err, size_t errlen)
+                           int n_threads, int *team, char *err, size_t errlen)
 {
+    int ran = 0;
+    if (!team) team = &ran;
+    *team = 0;
+    if (n_threads < 1) return fail(err, errlen, "n_threads is %d, not >= 1", n_threads);
     if (!q || !out) return fail(err, errlen, "no tensor or no output");
     if (check_header(q, err, errlen) < 0) return -1;
     if (r0 < 0 || r1 < r0 || r1 > q->rows)
@@ -428,9 +436,9 @@ int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *o
                     (long long)r1, (long long)q->rows);
     if (r0 == r1) return 0;
     switch (q->family) {
-    case RL_QF_AWQ: return awq_rows(q, r0, r1, out, err, errlen);
-    case RL_QF_GPTQ: return gptq_rows(q, r0, r1, out, err, errlen);
-    case RL_QF_FP8_BLOCK: return fp8_rows(q, r0, r1, out, err, errlen);
+    case RL_QF_AWQ: return awq_rows(q, r0, r1, out, n_threads, team, err, errlen);
+    case RL_QF_GPTQ: return gptq_rows(q, r0, r1, out, n_threads, team, err, errlen);
+    case RL_QF_FP8_BLOCK: return fp8_rows(q, r0, r1, out, n_threads, team, err, errlen);
     default: return fail(err, errlen, "quantized family %d is not an HF directory format",
                          q->family);
     }

@@ -41,10 +41,13 @@ enum { RL_QHF_SCALE_F16 = 0, RL_QHF_SCALE_BF16 = 1, RL_QHF_SCALE_F32 = 2 };
 #define RL_QHF_SCALE_DTYPE(subtype) (((subtype) >> 8) & 0xFF)
 
 /* Rows [r0, r1) of q's logical weight into out ((r1 - r0) * cols floats,
- * row-major). Every part size and index is checked first (the parts are
- * never read out of bounds); returns 0, or -1 with a message in err. */
+ * row-major), on an OpenMP team of n_threads (the model's count, never the
+ * process-wide default; 1 inside another parallel region); the bits do not
+ * depend on it. *team (when not NULL) gets the team that ran. Every part
+ * size and index is checked first (the parts are never read out of bounds);
+ * returns 0, or -1 with a message in err. */
 int rl_dequant_hf_rows_f32(const rl_qtensor *q, int64_t r0, int64_t r1, float *out,
-                           char *err, size_t errlen);
+                           int n_threads, int *team, char *err, size_t errlen);
 /* The whole tensor checked as the dequantization would check it (part
  * sizes, every scale finite, g_idx in range, no FP8 NaN code), without
  * dequantizing: for weights kept quantized. 0, or -1 with a message. */

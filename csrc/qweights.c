@@ -19,6 +19,7 @@
  *   not at the first GEMM.
  */
 #include "qweights.h"
+#include "ops_cpu.h"
 #include "quant_hf.h"
 
 #include <omp.h>
@@ -33,6 +34,7 @@ struct rl_qweights {
     void *scratch;          /* the largest kept matrix, weight_dtype */
     size_t scratch_bytes;
     size_t stored_bytes;
+    int team;               /* the largest OpenMP team a dequantization ran on */
 };
 
 static int keeps(unsigned kinds, rl_tensor_kind k) { return (kinds >> k) & 1u; }
@@ -150,6 +152,12 @@ rl_status rl_qw_verify_resident(const rl_qweights *qw, rl_backend *be)
 
 size_t rl_qw_stored_bytes(const rl_qweights *qw) { return qw ? qw->stored_bytes : 0; }
 size_t rl_qw_scratch_held(const rl_qweights *qw) { return qw ? qw->scratch_bytes : 0; }
+int rl_qw_team(const rl_qweights *qw) { return qw ? qw->team : 0; }
+
+static void saw_team(rl_qweights *qw, int team)
+{
+    if (team > qw->team) qw->team = team;
+}
 
 /* Raw bytes into backend memory through the i32 upload (the op that copies
  * without converting); a tail of 1-3 bytes goes as one padded word. */
@@ -181,7 +189,7 @@ static int validate_any(const rl_qtensor *q, char *err, size_t errlen)
 static int dequant_rows_any(const rl_qtensor *q, int64_t r0, int64_t r1, float *out, char *err,
                             size_t errlen)
 {
-    return is_hf(q) ? rl_dequant_hf_rows_f32(q, r0, r1, out, err, errlen)
+    return is_hf(q) ? rl_dequant_hf_rows_f32(q, r0, r1, out, 1, NULL, err, errlen)
                     : rl_dequant_rows_f32(q, r0, r1, out, err, errlen);
 }
 
@@ -235,23 +243,23 @@ rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_
     return RL_OK;
 }
 
-/* Rows [0, q->rows) of a host-resident descriptor into out (fp32), threads
- * splitting the rows. */
-static rl_status dequant_host(const rl_qtensor *q, float *out)
+/* Rows [0, q->rows) of a host-resident descriptor into out (fp32), nt
+ * threads (the model's) splitting the rows; *team: the team that ran. */
+static rl_status dequant_host(const rl_qtensor *q, float *out, int nt, int *team)
 {
     if (is_hf(q)) {   /* threaded inside, in blocks that share cache lines */
         char e[256] = "";
-        if (rl_dequant_hf_rows_f32(q, 0, q->rows, out, e, sizeof e))
+        if (rl_dequant_hf_rows_f32(q, 0, q->rows, out, nt, team, e, sizeof e))
             return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", e);
         return RL_OK;
     }
     int64_t rows = q->rows, cols = q->cols;
-    int nt = omp_get_max_threads();
     int64_t chunk = (rows + nt - 1) / nt;
     int failed = 0;
     char err[256] = "";
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(|:failed) if (rows * cols > 65536)
     for (int i = 0; i < nt; i++) {
+        if (i == 0) *team = omp_get_num_threads();
         int64_t r0 = (int64_t)i * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
         if (r0 >= r1) continue;
         char e[256];
@@ -269,15 +277,18 @@ static rl_status dequant_host(const rl_qtensor *q, float *out)
  * in the backend's GEMM layout (be->gemm_pack_rows): threads take blocks of
  * the layout's row alignment (a panel), each dequantized into a small buffer
  * and packed at once, so there is no per-GEMM packing and no second scratch. */
-static rl_status dequant_packed(rl_backend *be, const rl_qtensor *q, int64_t row0, int64_t N,
-                                void *out)
+static rl_status dequant_packed(rl_qweights *qw, rl_backend *be, const rl_qtensor *q, int64_t row0,
+                                int64_t N, void *out)
 {
     const int64_t A = rl_backend_gemm_row_align(be), cols = q->cols;
     const int64_t r_end = row0 + q->rows, first = row0 / A, nb = (r_end - 1) / A - first + 1;
-    int failed = 0;
+    int failed = 0, team = 1;
     char err[256] = "";
-#pragma omp parallel reduction(|:failed) if (q->rows * cols > 65536)
+#pragma omp parallel num_threads(rl_backend_cpu_threads(be)) reduction(|:failed) \
+    if (q->rows * cols > 65536)
     {
+#pragma omp single nowait
+        team = omp_get_num_threads();
         float *rows = malloc((size_t)(A * cols) * sizeof *rows);
         if (!rows) {
             failed = 1;
@@ -300,14 +311,18 @@ static rl_status dequant_packed(rl_backend *be, const rl_qtensor *q, int64_t row
         }
         free(rows);
     }
+    saw_team(qw, team);
     if (failed) return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", err);
     return RL_OK;
 }
 
-static rl_status dequant_into(rl_backend *be, const rl_qtensor *q, void *out)
+static rl_status dequant_into(rl_qweights *qw, rl_backend *be, const rl_qtensor *q, void *out)
 {
     if (be->dequant_rows) return be->dequant_rows(be, q, 0, q->rows, out, be->weight_dtype);
-    return dequant_host(q, out);
+    int team = 0;
+    rl_status st = dequant_host(q, out, rl_backend_cpu_threads(be), &team);
+    saw_team(qw, team);
+    return st;
 }
 
 rl_status rl_qw_matrix(rl_qweights *qw, rl_backend *be, int64_t layer, rl_tensor_kind first,
@@ -329,8 +344,8 @@ rl_status rl_qw_matrix(rl_qweights *qw, rl_backend *be, int64_t layer, rl_tensor
     }
     for (int i = 0; i < 3 && parts[i] != RL_T_COUNT; i++) {
         const rl_qtensor *q = slot(qw, parts[i], layer);
-        if (be->gemm_pack_rows) RL_TRY(dequant_packed(be, q, row, N, qw->scratch));
-        else RL_TRY(dequant_into(be, q, (char *)qw->scratch + (size_t)row * (size_t)q->cols * es));
+        if (be->gemm_pack_rows) RL_TRY(dequant_packed(qw, be, q, row, N, qw->scratch));
+        else RL_TRY(dequant_into(qw, be, q, (char *)qw->scratch + (size_t)row * (size_t)q->cols * es));
         row += q->rows;
     }
     *w = qw->scratch;
@@ -344,10 +359,12 @@ rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_hos
     if (!q->part[0]) return RL_FAIL(RL_ERR_STATE, "quantized tensor 'embed' was never set");
     if (be->dequant_gather) return be->dequant_gather(be, q, tokens_dev, T, x, scale);
     float *out = x;
-    int failed = 0;
+    int failed = 0, team = 1;
     char err[256] = "";
-#pragma omp parallel for schedule(static) reduction(|:failed) if (T * d > 65536)
+#pragma omp parallel for num_threads(rl_backend_cpu_threads(be)) schedule(static) \
+    reduction(|:failed) if (T * d > 65536)
     for (int64_t t = 0; t < T; t++) {
+        if (t == 0) team = omp_get_num_threads();
         float *o = out + t * d;
         char e[256];
         if (dequant_rows_any(q, tokens_host[t], tokens_host[t] + 1, o, e, sizeof e)) {
@@ -360,6 +377,7 @@ rl_status rl_qw_embed(rl_qweights *qw, rl_backend *be, const int32_t *tokens_hos
         if (scale != 1.0f)
             for (int64_t i = 0; i < d; i++) o[i] = o[i] * scale;
     }
+    saw_team(qw, team);
     if (failed) return RL_FAIL(RL_ERR_INVALID, "embed: %s", err);
     return RL_OK;
 }

@@ -64,6 +64,9 @@ rl_status rl_qw_verify_resident(const rl_qweights *qw, rl_backend *be);
 /* Stored bytes and scratch bytes held now. */
 size_t rl_qw_stored_bytes(const rl_qweights *qw);
 size_t rl_qw_scratch_held(const rl_qweights *qw);
+/* The largest OpenMP team a CPU dequantization of this table ran on so far
+ * (0: none yet): the backend's thread count, whatever the process default. */
+int rl_qw_team(const rl_qweights *qw);
 
 #ifdef __cplusplus
 }

@@ -1,25 +1,31 @@
 """Weights kept quantized against dequantized at load, on the CPU: a random
 Qwen3-shaped model written as a Q4_K_M-like GGUF file (Q4_K, with Q6_K for v
-and down of every other layer and float32 norms), loaded in a fresh process
-per mode: load time, peak RSS (VmHWM, against the file size), and tokens/s of
-layer -2 step extraction (mean over each step's tokens) over the word
-problems of rjepa_latent/samples (question + steps, tokenized with the tiny
-test tokenizer: the weights are random, only the shapes matter).
+and down of every other layer and float32 norms), or as an AWQ / GPTQ / FP8
+directory (--format; rjepa_latent.testing.quantize.random_quantized_hf,
+streamed tensor by tensor: 4-bit groups of 128 or 128 x 128 FP8 blocks, a
+float16 embedding), loaded in a fresh process per mode: load time, peak RSS
+(VmHWM, against the checkpoint's size), and tokens/s of layer -2 step
+extraction (mean over each step's tokens) over word problems (question +
+steps; rjepa_latent/samples, or --data, a GSM8K jsonl whose answer lines are
+the steps), tokenized with the tiny test tokenizer: the weights are random,
+only the shapes matter.
 
-    python tests/bench_quant.py [--shape 8b|1.7b|0.6b] [--layers N] [--texts 8]
+    python tests/bench_quant.py [--format gguf|awq|gptq|fp8] [--shape 8b|1.7b|0.6b]
+                                [--layers N] [--texts 8] [--data GSM8K.jsonl]
                                 [--threads 2] [--dir /tmp] [--modes keep,dequantize]
 
 Shapes are Qwen3's (hidden, intermediate, heads, kv heads, head_dim 128,
 vocab 151936, tied embeddings); --layers cuts the depth (the time per layer
-and the memory per layer do not change). A mode whose dense weights would not
-fit in the memory available now is skipped and said so. The file is written
-into --dir and deleted afterwards. Not a test: numbers depend on the machine.
+and the memory per layer do not change). A mode that `rjepa_latent.memory_plan`
+says does not fit in the memory available now is skipped with the plan's
+numbers. The checkpoint is written into --dir and deleted afterwards. Not a
+test: numbers depend on the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+FORMATS = ("gguf", "awq", "gptq", "fp8")
 SHAPES = {   # hidden, intermediate, layers, heads, kv heads
     "8b": (4096, 12288, 36, 32, 8),
     "1.7b": (2048, 6144, 28, 16, 8),
@@ -109,6 +116,24 @@ def write_model(path: Path, shape: str, layers: int | None) -> dict:
     return public
 
 
+def qwen3_config(shape: str, layers: int | None) -> dict:
+    from rjepa_latent.testing.models import hf_config
+    hidden, ff, n_layers, heads, kv = SHAPES[shape]
+    raw = hf_config("qwen3", hidden=hidden, layers=layers or n_layers, heads=heads, kv_heads=kv,
+                    vocab=VOCAB)
+    raw.update(intermediate_size=ff, head_dim=128)
+    return raw
+
+
+def write_hf_model(path: Path, method: str, shape: str, layers: int | None) -> dict:
+    """An AWQ / GPTQ / FP8 directory, one tensor in memory at a time."""
+    from rjepa_latent.checkpoints import checkpoint
+    from rjepa_latent.testing.quantize import random_quantized_hf
+    raw = qwen3_config(shape, layers)
+    random_quantized_hf(path, raw, method, group_size=128, amplitude=AMPLITUDE)
+    return checkpoint.config_from_dict(raw, str(path))[0]
+
+
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -125,6 +150,7 @@ base = status("VmRSS")
 t1 = time.perf_counter()
 m = rl.Model(path, device="cpu", threads=threads, weights=weights, max_batch_tokens=2048)
 load = time.perf_counter() - t1
+load_hwm, load_rss, load_file = status("VmHWM"), status("VmRSS"), status("RssFile")
 seqs, spans = json.load(open(texts))
 n = sum(len(s) for s in seqs)
 m.extract(seqs[:1], spans[:1], layers=[-2])     # warm-up (first-touch of the scratch)
@@ -132,19 +158,24 @@ t2 = time.perf_counter()
 out = m.extract(seqs, spans, layers=[-2])
 run = time.perf_counter() - t2
 print(json.dumps({"weights": m.weights, "load_s": load, "import_rss": base,
-                  "peak_rss": status("VmHWM"), "weight_bytes": m.memory_report()["weight_bytes"],
+                  "peak_rss": status("VmHWM"), "load_peak_rss": load_hwm, "load_rss": load_rss,
+                  "load_rss_file": load_file, "weight_bytes": m.memory_report()["weight_bytes"],
                   "tokens": n, "extract_s": run, "tokens_per_s": n / run,
                   "finite": bool(all(np.isfinite(o).all() for o in out))}))
 """
 
 
-def workload(path: Path, n_texts: int) -> Path:
-    """Token ids and step spans of the sample word problems (question, then
-    one span per step), as JSON for the child processes."""
+def workload(path: Path, n_texts: int, data: str | None) -> Path:
+    """Token ids and step spans of the sample word problems, or of a GSM8K
+    jsonl (question, then one span per step), as JSON for the child processes."""
     from rjepa_latent.testing.models import tokenizer
     tok = tokenizer(320)
-    here = Path(__file__).resolve().parent.parent / "rjepa_latent" / "samples" / "word_problems.jsonl"
+    here = Path(data) if data else \
+        Path(__file__).resolve().parent.parent / "rjepa_latent" / "samples" / "word_problems.jsonl"
     records = [json.loads(line) for line in here.read_text().splitlines() if line.strip()]
+    for rec in records:     # GSM8K: the answer's lines before "#### N" are the steps
+        if "steps" not in rec:
+            rec["steps"] = [ln for ln in rec["answer"].split("\n") if not ln.startswith("####")]
     seqs, spans = [], []
     for rec in (records * (n_texts // len(records) + 1))[:n_texts]:
         ids = tok.encode(rec["question"]).ids
@@ -155,7 +186,7 @@ def workload(path: Path, n_texts: int) -> Path:
             ids += piece
         seqs.append(ids)
         spans.append(sp)
-    out = path.with_suffix(".texts.json")
+    out = path.parent / "texts.json"
     out.write_text(json.dumps([seqs, spans]))
     return out
 
@@ -169,32 +200,42 @@ def available_bytes() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--format", choices=FORMATS, default="gguf")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--texts", type=int, default=8)
+    ap.add_argument("--data", default=None, help="a GSM8K jsonl (default: the sample problems)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--modes", default="keep,dequantize")
     args = ap.parse_args()
+    from rjepa_latent import memory_plan
     tmp = Path(tempfile.mkdtemp(prefix="rjepa-bench-quant-", dir=args.dir))
-    path = tmp / f"qwen3-{args.shape}-Q4_K_M.gguf"
+    if args.format == "gguf":
+        path = tmp / f"qwen3-{args.shape}-Q4_K_M.gguf"
+    else:
+        path = tmp / f"qwen3-{args.shape}-{args.format}"
     try:
         t = time.perf_counter()
-        public = write_model(path, args.shape, args.layers)
-        size = path.stat().st_size
+        if args.format == "gguf":
+            public = write_model(path, args.shape, args.layers)
+            size = path.stat().st_size
+        else:
+            public = write_hf_model(path, args.format, args.shape, args.layers)
+            size = sum(p.stat().st_size for p in path.iterdir())
         print(f"wrote {path.name}: {size / 2**30:.2f} GiB, {public['num_layers']} layers, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        texts = workload(path, args.texts)
-        dense = 4 * sum(int(np.prod(s)) for _, _, s in
-                        __import__("rjepa_latent.checkpoints.checkpoint", fromlist=["x"])
-                        .tensor_layout(public, public["num_layers"]))
+        texts = workload(path, args.texts, args.data)
         print("| mode | load s | peak RSS GiB (after import) | peak RSS / file | weights GiB | "
               "tokens | tokens/s |")
         print("|---|---|---|---|---|---|---|")
         for mode in args.modes.split(","):
-            if mode == "dequantize" and dense > 0.8 * available_bytes():
-                print(f"| {mode} | skipped: dense fp32 weights {dense / 2**30:.1f} GiB do not fit "
-                      f"the {available_bytes() / 2**30:.1f} GiB available | | | | | |", flush=True)
+            plan = memory_plan(path, device="cpu", max_batch_tokens=2048, weights=mode,
+                               device_memory=available_bytes())
+            if not plan["fits"]:
+                print(f"| {mode} | refused by memory_plan: weights {plan['weight_bytes'] / 2**30:.1f}"
+                      f" GiB + workspace {plan['workspace_bytes'] / 2**30:.1f} GiB do not fit the "
+                      f"{plan['device_memory'] / 2**30:.1f} GiB available | | | | | |", flush=True)
                 continue
             r = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(args.threads),
                                 str(texts)], capture_output=True, text=True)
@@ -206,10 +247,11 @@ def main() -> None:
                   f"({(s['peak_rss'] - s['import_rss']) / 2**30:.2f}) | "
                   f"{s['peak_rss'] / size:.2f} | {s['weight_bytes'] / 2**30:.2f} | {s['tokens']} | "
                   f"{s['tokens_per_s']:.1f} |", flush=True)
+            print(f"<!-- {mode}: after load RSS {s['load_rss'] / 2**30:.2f} GiB (file-backed "
+                  f"{s['load_rss_file'] / 2**30:.2f}), peak during load "
+                  f"{s['load_peak_rss'] / 2**30:.2f} GiB -->", flush=True)
     finally:
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

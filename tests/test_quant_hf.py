@@ -520,6 +520,38 @@ def test_keep_equals_dequantize_bitwise(layouts, layout):
         assert kept.memory_report()["weight_bytes"] < dense.memory_report()["weight_bytes"]
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8"])
+@pytest.mark.parametrize("embed_dtype", ["F16", "BF16", "F32"])
+def test_16bit_embedding_is_kept_beside_quantized_matrices(tmp_path, method, embed_dtype):
+    """A float16 / bfloat16 embedding is kept as stored (half its fp32 bytes)
+    when the matrices are, with the bits of the model dequantized at load; a
+    float32 one is held dense either way."""
+    from rjepa_latent.checkpoints.loader import checkpoint_storage
+    from rjepa_latent.testing.models import hf_config
+    from rjepa_latent.testing.quantize import random_quantized_hf
+    raw = hf_config("qwen3", hidden=256, heads=2, kv_heads=1, vocab=1000)
+    raw.update(head_dim=128)
+    qdir = random_quantized_hf(tmp_path / "q", raw, method)    # a float16 embedding
+    if embed_dtype != "F16":   # the same values stored as bfloat16 / float32
+        t = read_tensors(qdir / "model.safetensors")
+        w = t["model.embed_tokens.weight"][1].astype(np.float32)
+        from rjepa_latent.store.files import bf16_from_f32
+        t["model.embed_tokens.weight"] = (embed_dtype, w if embed_dtype == "F32"
+                                          else bf16_from_f32(w))
+        _write_safetensors(qdir / "model.safetensors", t)
+    keep, stored = checkpoint_storage(qdir, None, "keep")
+    assert ("embed" in keep) == (embed_dtype != "F32")
+    # the stored embedding's bytes count as kept, once
+    assert stored == stored_bytes(qdir) + (1000 * 256 * 2 if embed_dtype != "F32" else 0)
+    ids = np.random.default_rng(5).integers(0, 1000, 37)
+    with rl.Model(qdir, device="cpu", threads=2) as kept, \
+            rl.Model(qdir, device="cpu", threads=2, weights="dequantize") as dense:
+        np.testing.assert_array_equal(kept.hidden_states(ids), dense.hidden_states(ids))
+        assert kept.memory_report()["weight_bytes"] == \
+            rl.memory_plan(qdir, device="cpu", weights="keep",
+                           max_batch_tokens=kept.max_batch_tokens)["weight_bytes"]
+
+
 @pytest.mark.parametrize("layout", ["awq", "awq_nozero", "gptq4_asym_actorder", "gptq8_v2", "fp8"])
 @pytest.mark.parametrize("weights", ["keep", "dequantize"])
 def test_memory_plan_counts_what_the_engine_holds(layouts, layout, weights):

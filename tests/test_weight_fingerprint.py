@@ -61,3 +61,45 @@ def test_resume_with_other_weights_is_refused(checkpoints, tmp_path, monkeypatch
     assert s["complete"]                                          # the run's own weights resume it
     with pytest.raises(StoreError, match=r"model_fingerprint: stored"):
         rl.extract_dataset(data, b, out, shard_size=SHARD, progress=False, device="cpu")
+
+
+def _rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("kind", ["mmap", "np.memmap"])
+def test_hashing_a_file_map_leaves_its_pages_out_of_resident_memory(tmp_path, kind):
+    """The loader drops a tensor's mapped pages once copied; hashing them
+    (in background threads, maybe later) must not bring them back for the
+    rest of the load: at 8B that was gigabytes of the peak RSS."""
+    import hashlib
+    import mmap
+
+    import numpy as np
+
+    from rjepa_latent.checkpoints.weight_hash import WeightHasher
+    data = np.random.default_rng(0).integers(0, 256, 160 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    if kind == "mmap":     # the HF loader's maps
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    else:                  # gguf-py's reader
+        mm = np.memmap(path, mode="r")
+    try:
+        before = _rss_file()
+        h = WeightHasher("header", ["w"])
+        h.add("w", mm, 4096, len(mm))
+        got = h.fingerprint(lambda name: None)
+        grew = _rss_file() - before
+    finally:
+        getattr(mm, "_mmap", mm).close()
+    ref = WeightHasher("header", ["w"])
+    ref.add("w", data[4096:])
+    assert got == ref.fingerprint(lambda name: None)
+    want = hashlib.sha256(data[4096:]).hexdigest()
+    assert hashlib.sha256(f"weights-sha256:header\nw:{want}".encode()).hexdigest() == got
+    assert grew < 32 << 20, grew     # at most the slices in flight, not the 160 MB read

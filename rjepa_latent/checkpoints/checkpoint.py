@@ -80,9 +80,10 @@ class CheckpointSource:
     bytes too (`weights`: their hasher, fed as the tensors stream in).
     `sliding_window`: int or None; the attention window of the layers it
     applies to (all, or the config's `layer_types`).
-    `tensor_feed()` yields every tensor the engine needs (rope_inv_freq
+    `tensor_feed(threads)` yields every tensor the engine needs (rope_inv_freq
     included) as (kind, layer, C-contiguous buffer, "float32"|"bfloat16"|
-    "float16", shape); buffers are only valid until the next item.
+    "float16", shape), dequantizing on `threads` threads (the model's; 0: one
+    per core); buffers are only valid until the next item.
     `on_close()` releases files (mmaps) the feed reads from. `keep`: the
     kinds the feed yields as kept records (dtype "kept", handed over with
     their `hand_to`), `stored_bytes` what they take as stored.
@@ -92,15 +93,15 @@ class CheckpointSource:
     tokenizer: Any
     fingerprint: str
     sliding_window: int | None
-    tensor_feed: Callable[[], Iterator[TensorRecord]]
+    tensor_feed: Callable[[int], Iterator[TensorRecord]]
     on_close: Callable[[], None] = field(default=lambda: None)
     weights: Any = None                      # a weight_hash.WeightHasher, or None
     read_weight: Callable[[str], Any] | None = None   # stored bytes of a tensor by name
     keep: tuple[str, ...] = ()               # kinds handed to the engine as stored (quantized)
     stored_bytes: int = 0                    # their stored bytes
 
-    def tensors(self) -> Iterator[TensorRecord]:
-        return self.tensor_feed()
+    def tensors(self, threads: int = 0) -> Iterator[TensorRecord]:
+        return self.tensor_feed(threads)
 
     def final_fingerprint(self) -> str:
         """The fingerprint over config, tensor headers and the weights' bytes
@@ -663,13 +664,13 @@ def resolve_max_layer(max_layer: int | None, num_layers: int) -> int:
 
 def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: int,
                maps: dict[str, mmap.mmap], hasher: Any = None,
-               keep: tuple[str, ...] = ()) -> Callable[[], Iterator[TensorRecord]]:
+               keep: tuple[str, ...] = ()) -> Callable[[int], Iterator[TensorRecord]]:
     """The tensor feed over the mmap'd files: exactly `tensor_layout(cfg,
     max_layer)`, so tensors the engine will not use are never touched; kinds
     in `keep` as `hf_quantized.KeptParts` records."""
     layout = tensor_layout(cfg, max_layer)
 
-    def feed() -> Iterator[TensorRecord]:
+    def feed(threads: int = 0) -> Iterator[TensorRecord]:
         scratch = hf_quantized.Scratch()
         for kind, layer, shape in layout:
             if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
@@ -691,7 +692,8 @@ def _mmap_feed(cfg: dict, found: dict[tuple[str, int], TensorInfo], max_layer: i
                     yield (kind, layer, hf_quantized.KeptParts(info, maps), hf_quantized.KEPT_DTYPE,
                            tuple(shape))
                 else:
-                    yield kind, layer, info.dequantize(maps, scratch), "float32", info.shape
+                    yield kind, layer, info.dequantize(maps, scratch, threads), "float32", \
+                        info.shape
                 continue
             if info.file not in maps:
                 with open(info.file, "rb") as f:

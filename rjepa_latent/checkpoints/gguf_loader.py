@@ -417,13 +417,14 @@ def _check_tensor(t: Any, shape: tuple, path: str) -> None:
                                f"{need} (file truncated or corrupt)")
 
 
-def _dequantize(t: Any, shape: tuple, path: str) -> np.ndarray:
+def _dequantize(t: Any, shape: tuple, path: str, threads: int = 0) -> np.ndarray:
     """float32 in `shape`, bitwise as gguf.quants.dequantize (the engine's C
-    dequantizer); inconsistent blocks or a non-finite scale name the tensor."""
+    dequantizer, on `threads` threads, 0: one per core); inconsistent blocks
+    or a non-finite scale name the tensor."""
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     try:
         arr = _core.dequantize_gguf(np.ascontiguousarray(t.data), int(t.tensor_type), rows,
-                                    int(shape[-1]))
+                                    int(shape[-1]), threads=threads)
     except ValueError as e:
         raise ModelFormatError(f"{path}: tensor {t.name!r}: {e}") from None
     return arr.reshape(shape)
@@ -554,19 +555,22 @@ class GGUFFile:
         if freqs is not None:
             _check_tensor(freqs, (self.config["head_dim"] // 2,), self.path)
 
-    def tensors(self) -> Iterator[tuple[str, int, Any, str, tuple]]:
+    def tensors(self, threads: int = 0) -> Iterator[tuple[str, int, Any, str, tuple]]:
         """(kind, layer, buffer, dtype, shape) for the engine in layout order:
         kept kinds as `KeptTensor` records (dtype KEPT_DTYPE), the others one
-        dequantized float32 tensor at a time."""
+        dequantized float32 tensor at a time, on `threads` threads (the
+        model's; 0: one per core)."""
         fam = self.family
         for kind, layer, shape in self._layout:
             if kind in ("rope_inv_freq", "rope_inv_freq_swa"):
-                inv = self._rope_inv_freq() if kind == "rope_inv_freq" else \
+                inv = self._rope_inv_freq(threads) if kind == "rope_inv_freq" else \
                     rope_inv_freq_swa(self.config)
                 yield kind, layer, inv, "float32", inv.shape
                 continue
             t = self._tensors[fam.gguf_name(kind, layer)]
-            self.weights.add(t.name, self.raw(t.name))   # hashed as the feed reads it
+            # hashed as the feed reads it, from the file's map (its pages dropped once hashed)
+            self.weights.add(t.name, self._reader.data, int(t.data_offset),
+                             int(t.data_offset) + int(t.n_bytes))
             permuted = fam.gguf_permuted_qk and kind in _PERMUTED
             if kind in self.keep:
                 blocks = np.asarray(t.data).view(np.uint8).reshape(shape[0], -1)
@@ -577,7 +581,7 @@ class GGUFFile:
                 yield kind, layer, KeptTensor(t.name, self.path, int(t.tensor_type), blocks,
                                               lambda t=t: self._release(t)), KEPT_DTYPE, shape
                 continue
-            arr = _dequantize(t, shape, self.path)
+            arr = _dequantize(t, shape, self.path, threads)
             self._release(t)
             if permuted:
                 arr = _unpermute_rows(arr, self.config[_PERMUTED[kind]])
@@ -591,12 +595,12 @@ class GGUFFile:
         if self._reader is not None:
             release_pages(self._reader.data, int(t.data_offset), int(t.n_bytes))
 
-    def _rope_inv_freq(self) -> np.ndarray:
+    def _rope_inv_freq(self, threads: int = 0) -> np.ndarray:
         name = self.family.GGUF_ROPE_FREQS
         freqs = self._tensors.get(name) if name else None
         if freqs is not None:
             self.weights.add(name, self.raw(name))
-        factors = _dequantize(freqs, (self.config["head_dim"] // 2,), self.path) \
+        factors = _dequantize(freqs, (self.config["head_dim"] // 2,), self.path, threads) \
             if freqs is not None else None
         return _rope_inv_freq(self.config, factors)
 

@@ -22,7 +22,9 @@ What it does:
   parts unchanged into the engine (`Engine.set_tensor_quantized`, checked
   there as the dequantization checks them) and drops their mapped pages. A
   plain weight of a kept kind (modules_to_not_convert) goes as a dense GGUF
-  type (F32/F16/BF16), so a fused q/k/v or gate/up matrix is kept whole.
+  type (F32/F16/BF16), so a fused q/k/v or gate/up matrix is kept whole; a
+  float16 / bfloat16 embedding is kept the same way (at 8B it is a third of
+  the stored bytes, and twice that as float32).
 
 Every problem is a `ModelFormatError` naming the file and the tensor.
 """
@@ -48,6 +50,8 @@ SUPPORTED = ("awq (version gemm, 4 bits, zero points or none), gptq (2, 4 or 8 b
 RL_QF_GGUF, RL_QF_AWQ, RL_QF_GPTQ, RL_QF_FP8_BLOCK = 1, 2, 3, 4
 # GGML type ids of the dense safetensors dtypes (a plain weight of a kept kind)
 GGML_DENSE = {"F32": 0, "F16": 1, "BF16": 30}
+# an embedding stored in one of these is kept as stored beside quantized matrices
+HALF_DENSE = ("F16", "BF16")
 # the kinds that can be kept quantized and the feed's dtype for a kept record
 # (quantized.py re-exports both)
 KEEPABLE = ("embed", "q", "k", "v", "o", "gate", "up", "down")
@@ -239,14 +243,16 @@ class QuantWeight:
         finally:
             view.release()
 
-    def dequantize(self, maps: dict[str, mmap.mmap], scratch: Scratch | None = None) -> np.ndarray:
+    def dequantize(self, maps: dict[str, mmap.mmap], scratch: Scratch | None = None,
+                   threads: int = 0) -> np.ndarray:
         """The fp32 [out_features, in_features] weight (in `scratch` when
-        given: valid until its next use)."""
+        given: valid until its next use), on `threads` threads (0: one per core)."""
         self.check_data(maps)
         family, subtype, rows, cols, group, views = self.qtensor(maps)
         out = (scratch or Scratch()).get(rows, cols)
         try:
-            _core.dequant_hf(family, subtype, rows, cols, group, views, out, 0, rows)
+            _core.dequant_hf(family, subtype, rows, cols, group, views, out, 0, rows,
+                             threads=threads)
         except ValueError as e:
             raise self.format_error(str(e)) from None
         finally:
@@ -328,7 +334,9 @@ def storage(found: dict, layout: list, weights: str | None,
     """(kinds kept quantized, their stored bytes) of a directory's tensors
     (`found`: (kind, layer) -> TensorInfo or QuantWeight) read as `layout`
     under `weights`: a fused group is kept when any of its weights is stored
-    quantized; None keeps when any is."""
+    quantized, and so is a 16-bit embedding (HALF_DENSE) beside them (half of
+    its float32 size; its rows are converted as tokens need them, the same
+    exact conversion); None keeps when any is."""
     if weights not in (None, "keep", "dequantize"):
         raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
     needed = [(kind, layer) for kind, layer, _ in layout if kind in KEEPABLE]
@@ -340,6 +348,9 @@ def storage(found: dict, layout: list, weights: str | None,
                          "compute dtype (weights='dequantize')")
     if weights == "dequantize" or not quantized:
         return (), 0
+    embed = found.get(("embed", 0))
+    if ("embed", 0) in needed and getattr(embed, "dtype", None) in HALF_DENSE:
+        quantized.add("embed")     # the matrices are kept: the embedding with them
     keep = tuple(k for group in FUSED if quantized & set(group) for k in group
                  if any(kind == k for kind, _ in needed))
     stored = 0

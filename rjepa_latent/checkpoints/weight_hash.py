@@ -6,7 +6,9 @@ Design choices:
   quantized block layout ...) get their own sha256, computed in background
   threads (hashlib releases the GIL) from the same memory map the loader reads,
   while the engine converts the previous tensor: no extra read of the file,
-  and little extra wall time.
+  and little extra wall time. The pages hashed are dropped from the map (as
+  the loader drops what it copied): hashing lags behind the loader, and
+  pages it faulted back in would count in RSS until the map is closed.
 - The fingerprint is the sha256 of the header fingerprint (config, tensor
   names, dtypes, shapes) and every tensor's name and digest in name order,
   so it depends on the weights only, not on the order they are fed in.
@@ -17,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -31,7 +34,26 @@ def _digest(buf: Any, begin: int | None, end: int | None) -> str:
         for a in range(0, len(region), _SLICE):
             with region[a:a + _SLICE] as part:
                 h.update(part)
+            mm = buf if isinstance(buf, mmap.mmap) else \
+                getattr(buf, "_mmap", None) if getattr(buf, "offset", None) == 0 else None
+            if mm is not None:   # a file map, or a np.memmap of a whole file
+                _drop(mm, (begin or 0) + a, (begin or 0) + a + _SLICE)
     return h.hexdigest()
+
+
+def _drop(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Hashed pages of a file map leave resident memory (a file map's pages
+    count in the process's RSS until dropped; the loader drops what it copied,
+    but hashing may touch them again after that). Read-only: a later read
+    faults them in from the file again."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    start = begin - begin % mmap.PAGESIZE
+    end = min(end, len(mm))
+    if advice is not None and end > start:
+        try:
+            mm.madvise(advice, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 class WeightHasher:

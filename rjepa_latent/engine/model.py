@@ -433,7 +433,9 @@ class Model:
             _check_fits(mem)
         engine = _core.Engine(eng_cfg, self.device, int(threads or 0), dtype=self.dtype,
                               keep=kept[0])
-        for kind, layer, buf, dtype, shape in src.tensors():
+        # load-time dequantization runs on the model's threads, as its forward does
+        for kind, layer, buf, dtype, shape in src.tensors(engine.threads if self.device == "cpu"
+                                                          else int(threads or 0)):
             if dtype == KEPT_DTYPE:
                 buf.hand_to(engine, kind, layer, shape)
             else:

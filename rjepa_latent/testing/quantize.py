@@ -211,3 +211,131 @@ def quantize_hf(src: str | os.PathLike, dst: str | os.PathLike, method: str, *, 
         if (src / extra).exists():
             shutil.copyfile(src / extra, dst / extra)
     return dst
+
+
+# ---------------------------------------------------------------------------
+# random quantized directories of any size, streamed
+
+
+def _random_parts(method: str, rows: int, cols: int, group: int,
+                  rng: np.random.Generator, amplitude: float) -> dict:
+    """Random stored parts of one [rows, cols] projection, in the layout
+    `quantize_hf` writes (float16 scales; FP8 float32), so that the largest
+    |weight| is about `amplitude`: the bits are random, only the shapes and
+    the decoding work are real."""
+    def words(*shape):
+        return rng.integers(0, 2**32, size=shape, dtype=np.uint32).view(np.int32)
+
+    def scales(*shape, top):    # between top / 2 and top
+        return (top * (0.5 + 0.5 * rng.random(shape, np.float32))).astype(np.float16)
+    if method == "awq":
+        g = cols // group
+        return {"qweight": ("I32", words(cols, rows // 8)), "qzeros": ("I32", words(g, rows // 8)),
+                "scales": ("F16", scales(g, rows, top=amplitude / 15))}
+    if method == "gptq":
+        g = cols // group
+        return {"qweight": ("I32", words(cols // 8, rows)), "qzeros": ("I32", words(g, rows // 8)),
+                "scales": ("F16", scales(g, rows, top=amplitude / 15)),
+                "g_idx": ("I32", (np.arange(cols) // group).astype(np.int32))}
+    code = rng.integers(0, 256, size=(rows, cols), dtype=np.uint8)
+    code[(code & 0x7F) == 0x7F] &= 0xFE           # no NaN codes
+    br, bc = -(-rows // group), -(-cols // group)
+    s = (amplitude / E4M3_MAX * (0.5 + 0.5 * rng.random((br, bc), np.float32))).astype(np.float32)
+    return {"weight": ("F8_E4M3", code), "weight_scale_inv": ("F32", s)}
+
+
+def _part_specs(method: str, rows: int, cols: int, group: int) -> dict:
+    """{part: (safetensors dtype, shape, bytes)} of `_random_parts`, without data."""
+    g = -(-cols // group)
+    if method == "awq":
+        spec = {"qweight": ("I32", (cols, rows // 8)), "qzeros": ("I32", (g, rows // 8)),
+                "scales": ("F16", (g, rows))}
+    elif method == "gptq":
+        spec = {"qweight": ("I32", (cols // 8, rows)), "qzeros": ("I32", (g, rows // 8)),
+                "scales": ("F16", (g, rows)), "g_idx": ("I32", (cols,))}
+    else:
+        spec = {"weight": ("F8_E4M3", (rows, cols)),
+                "weight_scale_inv": ("F32", (-(-rows // group), g))}
+    size = {"I32": 4, "F16": 2, "F32": 4, "F8_E4M3": 1}
+    return {p: (dt, shp, size[dt] * int(np.prod(shp))) for p, (dt, shp) in spec.items()}
+
+
+def random_quantized_hf(dst: str | os.PathLike, raw_config: dict, method: str, *,
+                        group_size: int = 128, seed: int = 0, amplitude: float = 0.05,
+                        chunk_bytes: int = 256 << 20) -> Path:
+    """An AWQ (4-bit, zero points), GPTQ (4-bit, v1 zeros, g_idx) or FP8
+    (block scales of `group_size`) directory of random weights for the HF
+    config dict `raw_config`, of any size: the header is computed from the
+    shapes, then each tensor is made and written on its own (the largest
+    piece in memory is one projection's parts, or `chunk_bytes` of the
+    float16 embedding), so an 8B model is written in a few hundred MB of
+    RAM. The norms are ones. For benchmarks of memory and time."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    import struct
+    from rjepa_latent.checkpoints import checkpoint
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    public, _ = checkpoint.config_from_dict(raw_config, str(dst))
+    fam = checkpoint.family_of(public)
+    layout = [(k, l, s) for k, l, s in checkpoint.tensor_layout(public, public["num_layers"])
+              if k not in fam.COMPUTED]
+    proj = {"q", "k", "v", "o", "gate", "up", "down"}
+    entries = {}     # name -> (dtype, shape, bytes, make)
+    for kind, layer, shape in layout:
+        name = fam.hf_name(kind, layer)
+        if kind in proj:
+            module = name[: -len(".weight")]
+            specs = _part_specs(method, shape[0], shape[1], group_size)
+            for part, (dt, shp, nb) in specs.items():
+                entries[f"{module}.{part}"] = (dt, shp, nb, (module, shape))
+        else:
+            n, embed = int(np.prod(shape)), kind == "embed"
+            entries[name] = ("F16" if embed else "F32", tuple(shape), (2 if embed else 4) * n,
+                             (kind if embed else "norm", shape))
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    names = sorted(entries)
+    for name in names:
+        dt, shp, nb, _ = entries[name]
+        header[name] = {"dtype": dt, "shape": list(shp), "data_offsets": [offset, offset + nb]}
+        offset += nb
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    rng = np.random.default_rng(seed)
+    made: dict[str, dict] = {}      # module -> its parts not yet written
+    with open(dst / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            dt, shp, nb, src = entries[name]
+            if src[0] == "embed":
+                rows, cols = shp
+                step = max(1, chunk_bytes // (2 * cols))
+                for r0 in range(0, rows, step):   # uniform in [-amplitude, amplitude]
+                    n = min(step, rows - r0)
+                    block = (rng.random((n, cols), np.float32) * 2 - 1) * amplitude
+                    f.write(block.astype(np.float16).tobytes())
+                continue
+            if src[0] == "norm":
+                f.write(np.ones(shp, np.float32).tobytes())
+                continue
+            module, shape = src
+            if module not in made:
+                made[module] = _random_parts(method, shape[0], shape[1], group_size, rng,
+                                             amplitude)
+            part = name[len(module) + 1:]
+            f.write(np.ascontiguousarray(made[module].pop(part)[1]).tobytes())
+            if not made[module]:
+                del made[module]
+    if method == "awq":
+        q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+             "version": "gemm", "modules_to_not_convert": None}
+    elif method == "gptq":
+        q = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": False,
+             "desc_act": False, "checkpoint_format": "gptq"}
+    else:
+        q = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+             "weight_block_size": [group_size, group_size]}
+    config = dict(raw_config, quantization_config=q)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dst
