@@ -619,6 +619,31 @@ def test_resident_memory_follows_stored_size(tmp_path):
     assert dense["after"] - dense["base"] > 4 * plan["kept_bytes"]   # what keeping saves
 
 
+def _quantized_embedding(t):
+    """The embedding as AWQ parts too (the tools leave it plain; the engine
+    keeps it, dequantizing the batch's rows per token)."""
+    from rjepa_latent.testing.quantize import _awq
+    _, w = t.pop("model.embed_tokens.weight")
+    for part, value in _awq(w, 32, True, "float16").items():
+        t[f"model.embed_tokens.{part}"] = value
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_a_quantized_embedding_is_kept(layouts, tmp_path, device):
+    if device != "cpu":
+        _need_cuda()
+    qdir, _ = layouts("qwen3", "awq")
+    emb = rewrite(qdir, tmp_path / "emb", _quantized_embedding)
+    ids = np.random.default_rng(5).integers(0, 320, 23)
+    for dtype in (("float32",) if device == "cpu" else ("bfloat16", "float32")):
+        with rl.Model(emb, device=device, dtype=dtype, max_batch_tokens=32) as kept, \
+                rl.Model(emb, device=device, dtype=dtype, max_batch_tokens=32,
+                         weights="dequantize") as dense:
+            assert kept.weights == "keep"
+            np.testing.assert_array_equal(kept.hidden_states(ids), dense.hidden_states(ids))
+            assert kept.memory_report()["weight_bytes"] < dense.memory_report()["weight_bytes"]
+
+
 # ----------------------------------------------------------------- CUDA (and the emulated device)
 
 
