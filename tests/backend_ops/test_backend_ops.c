@@ -537,9 +537,10 @@ static void case_name(const tcase *c, char *buf, size_t n)
         break;
     case OP_DOWNLOAD: snprintf(buf, n, "%s n=%lld", op, (long long)c->n); break;
     case OP_DEQUANT:
-        snprintf(buf, n, "%s %s%d g%d%s%s%s scales=%s [%lld, %lld]", op,
-                 c->qf == RL_QF_AWQ ? "awq" : c->qf == RL_QF_GPTQ ? "gptq" : "fp8e4m3-",
-                 c->qf == RL_QF_FP8_BLOCK ? 8 : c->qbits, c->qgroup, c->qflags & QZ ? " zeros" : "", c->qflags & QG ? " g_idx" : "",
+        snprintf(buf, n, "%s %s%d %s%d%s%s%s scales=%s [%lld, %lld]", op,
+                 c->qf == RL_QF_AWQ ? "awq" : c->qf == RL_QF_GPTQ ? "gptq" : "fp8 e4m3 ",
+                 c->qf == RL_QF_FP8_BLOCK ? 8 : c->qbits,
+                 c->qf == RL_QF_FP8_BLOCK ? "block" : "g", c->qgroup, c->qflags & QZ ? " zeros" : "", c->qflags & QG ? " g_idx" : "",
                  c->qflags & QV1 ? " v1" : "", dt_name(c->src), (long long)c->n, (long long)c->d);
         break;
     default: snprintf(buf, n, "%s", op); break;
