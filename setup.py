@@ -142,6 +142,10 @@ class BuildExt(build_ext):
             # (libcuda) is opened by it lazily at the first CUDA call
             ext.extra_link_args += [str(libdir / "libcudart_static.a"), "-ldl", "-lrt",
                                     "-lpthread", "-lstdc++"]
+        if ext.extra_objects:   # the kernels' objects: relink when only a kernel changed
+            ext.depends = list(ext.depends or []) + [
+                str(p) for d in ("kernels", "kernels/emu", "kernels/emu/include")
+                for p in sorted((ROOT / d).glob("*")) if p.is_file()]
         super().build_extension(ext)
         mode_file.parent.mkdir(parents=True, exist_ok=True)
         mode_file.write_text(mode)

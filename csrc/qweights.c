@@ -14,9 +14,10 @@
  * - A tensor of several parts (AWQ, GPTQ, FP8 block scales: quant_hf.h) is
  *   one allocation, each part at a 64-byte aligned offset, so part[0] is
  *   what is freed and checked for residency, as for a GGUF tensor.
- * - The device kernels decode GGUF blocks only: a device backend refuses an
- *   HF family when the tensor is set (weights='dequantize' works there),
- *   not at the first GEMM.
+ * - Every tensor is validated here, on the host, before its bytes are
+ *   uploaded (quant.c / quant_hf.c's checks): a device kernel then reads
+ *   parts whose sizes and indices are known good, so a damaged file is an
+ *   error naming the tensor, never a device fault.
  */
 #include "qweights.h"
 #include "ops_cpu.h"
@@ -193,12 +194,6 @@ static int dequant_rows_any(const rl_qtensor *q, int64_t r0, int64_t r1, float *
                     : rl_dequant_rows_f32(q, r0, r1, out, err, errlen);
 }
 
-static const char *family_name(int family)
-{
-    return family == RL_QF_AWQ ? "AWQ" : family == RL_QF_GPTQ ? "GPTQ"
-         : family == RL_QF_FP8_BLOCK ? "FP8" : "GGUF";
-}
-
 rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_t layer,
                     const rl_qtensor *host, const char *name, size_t *bytes_added)
 {
@@ -206,10 +201,6 @@ rl_status rl_qw_set(rl_qweights *qw, rl_backend *be, rl_tensor_kind kind, int64_
     char err[256];
     if (validate_any(host, err, sizeof err))
         return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: %s", name, err);
-    if (host->family != RL_QF_GGUF && be->dequant_rows)
-        return RL_FAIL(RL_ERR_INVALID, "set_tensor_quantized: %s: device %s cannot keep %s "
-                       "weights quantized (its kernels decode GGUF blocks only); load with "
-                       "weights='dequantize'", name, be->name, family_name(host->family));
     rl_qtensor *dst = slot(qw, kind, layer);
     if (dst->part[0]) {   /* set again: the new bytes replace the old */
         be->free(be, (void *)dst->part[0]);

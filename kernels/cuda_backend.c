@@ -944,13 +944,17 @@ static rl_status cuda_embed(rl_backend *be, const int32_t *tokens, int64_t T, co
     ON_OP(be, "embed", embed_in(be, tokens, T, table, d, x, scale));
 }
 
-/* weights kept quantized (csrc/qweights.c): GGUF blocks in device memory */
+/* weights kept quantized (csrc/qweights.c): GGUF blocks, or the AWQ / GPTQ /
+ * FP8 parts (validated on the host when they were set), in device memory */
+static int dequant_is_hf(const rl_qtensor *q) { return q->family != RL_QF_GGUF; }
+
 static rl_status dequant_check(const rl_qtensor *q)
 {
-    if (q->family != RL_QF_GGUF || !rl_k_dequant_supports(q->subtype))
+    if (dequant_is_hf(q) ? !rl_k_dequant_hf_supports(q)
+                         : !rl_k_dequant_supports(q->subtype))
         return RL_FAIL(RL_ERR_INVALID, "CUDA dequantize: quantization family %d (type %d) is not "
-                       "supported by this build yet (supported: GGUF blocks)", q->family,
-                       q->subtype);
+                       "supported by this build (supported: GGUF blocks, AWQ, GPTQ, FP8)",
+                       q->family, q->subtype);
     return RL_OK;
 }
 
@@ -958,9 +962,12 @@ static rl_status dequant_rows_in(rl_backend *be, const rl_qtensor *q, int64_t r0
                                  void *out, rl_dtype out_dtype)
 {
     RL_TRY(dequant_check(q));
-    CU_CHECK(rl_k_dequant_gguf(impl_of(be)->stream, q->subtype, q->part[0],
-                               rl_qtensor_row_bytes(q), q->cols, r0, r1, out,
-                               out_dtype == RL_F32));
+    if (dequant_is_hf(q))
+        CU_CHECK(rl_k_dequant_hf(impl_of(be)->stream, q, r0, r1, out, out_dtype == RL_F32));
+    else
+        CU_CHECK(rl_k_dequant_gguf(impl_of(be)->stream, q->subtype, q->part[0],
+                                   rl_qtensor_row_bytes(q), q->cols, r0, r1, out,
+                                   out_dtype == RL_F32));
     return RL_OK;
 }
 
@@ -974,9 +981,13 @@ static rl_status dequant_gather_in(rl_backend *be, const rl_qtensor *q, const in
                                    int64_t T, void *x, float scale)
 {
     RL_TRY(dequant_check(q));
-    CU_CHECK(rl_k_dequant_gather(impl_of(be)->stream, q->subtype, q->part[0],
-                                 rl_qtensor_row_bytes(q), q->cols, tokens, T, x, scale,
-                                 !impl_of(be)->f32));
+    if (dequant_is_hf(q))
+        CU_CHECK(rl_k_dequant_hf_gather(impl_of(be)->stream, q, tokens, T, x, scale,
+                                        !impl_of(be)->f32));
+    else
+        CU_CHECK(rl_k_dequant_gather(impl_of(be)->stream, q->subtype, q->part[0],
+                                     rl_qtensor_row_bytes(q), q->cols, tokens, T, x, scale,
+                                     !impl_of(be)->f32));
     return RL_OK;
 }
 

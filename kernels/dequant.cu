@@ -1,5 +1,6 @@
-// dequant.cu - dequantization of weights kept quantized (GGUF blocks) on
-// the device, for csrc/qweights.c through the backend's dequant ops.
+// dequant.cu - dequantization of weights kept quantized (GGUF blocks, and
+// the AWQ / GPTQ / FP8 layouts of csrc/quant_hf.h) on the device, for
+// csrc/qweights.c through the backend's dequant ops.
 //
 // Design choices:
 // - One thread per output element: it reads its block's scale(s) and its
@@ -11,12 +12,21 @@
 //   the device intrinsics (__fmul_rn, __fadd_rn) keep nvcc from fusing them
 //   into an FMA, so the f32 values equal the CPU's bitwise and a bf16 output
 //   is their round-to-nearest-even, as an upload of the dequantized weights.
+// - AWQ and GPTQ store their words along the output features (the logical
+//   matrix transposed): a block decodes a 32x32 tile with its threads
+//   running along the stored rows (coalesced reads) and writes it back
+//   through shared memory along the logical rows (coalesced writes). Each
+//   weight is quant_hf.c's one rounding: (q - zero), exact, times the scale.
+// - The host validated every HF tensor when it was set (part sizes, finite
+//   scales, g_idx in range, no FP8 NaN: rl_qtensor_validate_hf), so the
+//   kernels index the parts without checks.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "cuda_dequant.h"
 #include "quant.h"
+#include "quant_hf.h"
 
 #ifndef RL_LAUNCH
 #define RL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
@@ -191,6 +201,151 @@ unsigned grid_of(int64_t n)
     return (unsigned)(g < 1 ? 1 : g < 65536 ? g : 65536);
 }
 
+// ---- AWQ / GPTQ / FP8 (quant_hf.h) -------------------------------------------
+
+__device__ __forceinline__ uint32_t ld32(const void *base, int64_t i)
+{
+    return static_cast<const uint32_t *>(base)[i];   // parts sit at 64-byte aligned offsets
+}
+
+__device__ __forceinline__ float hf_scale(const void *base, int dt, int64_t i)
+{
+    if (dt == RL_QHF_SCALE_F32) return bits_f32(ld32(base, i));
+    const uint8_t *p = static_cast<const uint8_t *>(base) + 2 * i;
+    if (dt == RL_QHF_SCALE_BF16) return bits_f32(((uint32_t)p[0] | (uint32_t)p[1] << 8) << 16);
+    return f16(p);
+}
+
+// e4m3fn code -> float as quant_hf.c: a normal code is its fp32 bits with
+// the exponent rebased, a subnormal one m * 2^-9 (exact); NaN codes were
+// refused on the host.
+__device__ __forceinline__ float e4m3(uint32_t b)
+{
+    const uint32_t em = b & 0x7Fu;
+    const float mag = em < 8 ? mul_rn((float)(int32_t)em, 0.001953125f)   // 2^-9
+                             : bits_f32((em << 20) + (120u << 23));
+    union { float f; uint32_t u; } v;
+    v.f = mag;
+    return bits_f32(v.u | (b & 0x80u) << 24);
+}
+
+struct hf_desc {
+    int family, bits, dt, minus_one;
+    int64_t rows, cols, group, groups;
+    const void *p0, *p1, *p2, *p3;
+};
+
+__device__ const int kAwqShift[8] = {0, 16, 4, 20, 8, 24, 12, 28};
+
+// the weight at logical (r, c)
+__device__ float hf_decode(const hf_desc &d, int64_t r, int64_t c)
+{
+    if (d.family == RL_QF_AWQ) {
+        const int64_t words = d.rows / 8, g = c / d.group;
+        const int sh = kAwqShift[r % 8];
+        const uint32_t q = (ld32(d.p0, c * words + r / 8) >> sh) & 15u;
+        const float z = d.p1 ? (float)(int32_t)((ld32(d.p1, g * words + r / 8) >> sh) & 15u) : 8.0f;
+        return mul_rn((float)(int32_t)q - z, hf_scale(d.p2, d.dt, g * d.rows + r));
+    }
+    if (d.family == RL_QF_GPTQ) {
+        const int bits = d.bits, pf = 32 / bits;
+        const uint32_t mask = (1u << bits) - 1u;
+        const int64_t g = d.p3 ? (int64_t)(int32_t)ld32(d.p3, c) : c / d.group;
+        const uint32_t q = (ld32(d.p0, (c / pf) * d.rows + r) >> (bits * (int)(c % pf))) & mask;
+        const uint32_t zf = d.p1 ? ((ld32(d.p1, g * (d.rows / pf) + r / pf) >>
+                                     (bits * (int)(r % pf))) & mask) + (d.minus_one ? 1u : 0u)
+                                 : 1u << (bits - 1);
+        return mul_rn((float)(int32_t)q - (float)zf, hf_scale(d.p2, d.dt, g * d.rows + r));
+    }
+    // FP8 block scales: [ceil(rows / B), ceil(cols / B)]
+    const int64_t B = d.group, scols = (d.cols + B - 1) / B;
+    const uint8_t q = static_cast<const uint8_t *>(d.p0)[r * d.cols + c];
+    return mul_rn(e4m3(q), hf_scale(d.p1, d.dt, (r / B) * scols + c / B));
+}
+
+__device__ __forceinline__ void put(void *out, int64_t i, float v, int out_f32)
+{
+    if (out_f32) static_cast<float *>(out)[i] = v;
+    else static_cast<__nv_bfloat16 *>(out)[i] = __float2bfloat16_rn(v);
+}
+
+#define HF_TILE 32
+#define HF_ROWS 8   // blockDim.y: each thread does HF_TILE / HF_ROWS elements per tile
+
+// AWQ / GPTQ: rows [r0, r1) through 32x32 tiles (see the design notes)
+__global__ void k_dequant_hf_t(hf_desc d, int64_t r0, int64_t r1, void *out, int out_f32)
+{
+    __shared__ float tile[HF_TILE][HF_TILE + 1];
+    const int64_t tr = (r1 - r0 + HF_TILE - 1) / HF_TILE, tc = (d.cols + HF_TILE - 1) / HF_TILE;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t t = blockIdx.x; t < tr * tc; t += gridDim.x) {
+        const int64_t rb = r0 + (t / tc) * HF_TILE, cb = (t % tc) * HF_TILE;
+        for (int k = ty; k < HF_TILE; k += HF_ROWS) {   // threads along the stored rows
+            const int64_t r = rb + tx, c = cb + k;
+            if (r < r1 && c < d.cols) tile[k][tx] = hf_decode(d, r, c);
+        }
+        __syncthreads();
+        for (int k = ty; k < HF_TILE; k += HF_ROWS) {   // threads along the logical rows
+            const int64_t r = rb + k, c = cb + tx;
+            if (r < r1 && c < d.cols) put(out, (r - r0) * d.cols + c, tile[tx][k], out_f32);
+        }
+        __syncthreads();
+    }
+}
+
+// FP8 (stored row-major, as the output): one thread per element
+__global__ void k_dequant_hf_e(hf_desc d, int64_t r0, int64_t n, void *out, int out_f32)
+{
+    const int64_t step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += step)
+        put(out, i, hf_decode(d, r0 + i / d.cols, i % d.cols), out_f32);
+}
+
+__global__ void k_dequant_hf_gather(hf_desc d, const int32_t *__restrict__ tokens,
+                                    float *__restrict__ x, float scale, int round_bf16)
+{
+    const int64_t t = blockIdx.x;
+    for (int64_t c = threadIdx.x; c < d.cols; c += blockDim.x) {
+        float v = hf_decode(d, tokens[t], c);
+        if (round_bf16) v = __bfloat162float(__float2bfloat16_rn(v));
+        x[t * d.cols + c] = v * scale;
+    }
+}
+
+size_t hf_scale_size(int dt) { return dt == RL_QHF_SCALE_F32 ? 4 : 2; }
+
+// the descriptor of a validated tensor; family 0 when it is not AWQ/GPTQ/FP8
+hf_desc hf_desc_of(const rl_qtensor *q)
+{
+    hf_desc d = {};
+    const int dt = RL_QHF_SCALE_DTYPE(q->subtype);
+    if ((q->family != RL_QF_AWQ && q->family != RL_QF_GPTQ && q->family != RL_QF_FP8_BLOCK) ||
+        q->rows <= 0 || q->cols <= 0 || q->group < 0 || !q->part[0] ||
+        (dt != RL_QHF_SCALE_F16 && dt != RL_QHF_SCALE_BF16 && dt != RL_QHF_SCALE_F32))
+        return d;
+    d.family = q->family;
+    d.bits = RL_QHF_BITS(q->subtype);
+    d.dt = dt;
+    d.minus_one = (q->subtype & RL_QHF_ZERO_MINUS_ONE) != 0;
+    d.rows = q->rows;
+    d.cols = q->cols;
+    d.group = q->group;
+    d.p0 = q->part[0];
+    d.p1 = q->part[1];
+    d.p2 = q->part[2];
+    d.p3 = q->part[3];
+    if (q->family == RL_QF_GPTQ) {
+        if ((d.bits != 2 && d.bits != 4 && d.bits != 8) || !d.p2) return hf_desc{};
+        d.groups = (int64_t)(q->part_bytes[2] / ((size_t)q->rows * hf_scale_size(dt)));
+        if (!d.p3 && d.group <= 0) return hf_desc{};
+    } else if (q->family == RL_QF_AWQ) {
+        if (d.bits != 4 || d.group <= 0 || !d.p2) return hf_desc{};
+    } else if (d.group <= 0 || !d.p1) {
+        return hf_desc{};
+    }
+    return d;
+}
+
 } // namespace
 
 extern "C" {
@@ -221,6 +376,35 @@ cudaError_t rl_k_dequant_gather(cudaStream_t s, int ggml_type, const void *block
                                                       static_cast<const uint8_t *>(blocks),
                                                       row_bytes, cols, tokens, x, scale,
                                                       round_bf16);
+    return cudaGetLastError();
+}
+
+int rl_k_dequant_hf_supports(const rl_qtensor *q) { return hf_desc_of(q).family != 0; }
+
+cudaError_t rl_k_dequant_hf(cudaStream_t s, const rl_qtensor *q, int64_t r0, int64_t r1,
+                            void *out, int out_f32)
+{
+    const hf_desc d = hf_desc_of(q);
+    if (!d.family || r0 < 0 || r1 < r0 || r1 > d.rows) return cudaErrorInvalidValue;
+    if (r1 == r0) return cudaSuccess;
+    if (d.family == RL_QF_FP8_BLOCK) {
+        const int64_t n = (r1 - r0) * d.cols;
+        RL_LAUNCH(grid_of(n), 256, 0, s, k_dequant_hf_e)(d, r0, n, out, out_f32);
+    } else {
+        const int64_t tiles = ((r1 - r0 + HF_TILE - 1) / HF_TILE) * ((d.cols + HF_TILE - 1) / HF_TILE);
+        const unsigned grid = (unsigned)(tiles < 65536 ? tiles : 65536);
+        RL_LAUNCH(grid, dim3(HF_TILE, HF_ROWS), 0, s, k_dequant_hf_t)(d, r0, r1, out, out_f32);
+    }
+    return cudaGetLastError();
+}
+
+cudaError_t rl_k_dequant_hf_gather(cudaStream_t s, const rl_qtensor *q, const int32_t *tokens,
+                                   int64_t T, float *x, float scale, int round_bf16)
+{
+    const hf_desc d = hf_desc_of(q);
+    if (!d.family || T > 0x7fffffff) return cudaErrorInvalidValue;
+    if (T == 0) return cudaSuccess;
+    RL_LAUNCH((unsigned)T, 128, 0, s, k_dequant_hf_gather)(d, tokens, x, scale, round_bf16);
     return cudaGetLastError();
 }
 

@@ -30,6 +30,14 @@ What it measures, in one process, on one GPU:
 - HF at its best: length-sorted batches under a padded-token budget, the
   base model only (no logits), best of a few budgets;
 - a sanity check that both compute the same pooled latents (bf16 vs bf16).
+- weights kept quantized (not with --quick; alone with --quantized-only):
+  a random Qwen3-shaped model (QUANT_SHAPE: hidden 2048, 8 layers, 16 heads,
+  8 kv heads, intermediate 4096, vocab 32000; --tiny: a tiny one, which runs
+  on the emulated CUDA device too) written by rjepa_latent.testing as an AWQ
+  directory (4 bits, groups of 128: testing/quantize.py) and a Q4_K_M-like
+  GGUF (testing/gguf_blocks.py), each loaded kept and dequantized: load time,
+  tokens/s on the GSM8K-like workload, device memory, and the pooled
+  difference between the two (none expected: the same bf16 weights).
 Load times are warm: the checkpoint was just written or read on this machine
 (the page cache holds it unless memory ran short).
 Prints a table last; full results as JSON to --json or $OUT/gpu_bench.json.
@@ -58,6 +66,10 @@ QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                 tie_word_embeddings=True, use_sliding_window=False)
 TINY = dict(QWEN3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000)
+# the quantized case (tiny_model's arguments: intermediate = 2 * hidden,
+# head_dim = hidden / heads)
+QUANT_SHAPE = dict(hidden=2048, layers=8, heads=16, kv_heads=8, vocab=32000)
+QUANT_TINY = dict(hidden=256, layers=2, heads=2, kv_heads=1, vocab=320)
 LAYER = -2
 SHARD_BYTES = 4 << 30
 DEV = "cuda"  # "cpu" only for a smoke test of this script (--smoke) without a GPU
@@ -279,6 +291,68 @@ def bench_ours(torch, path: Path, loads: dict, shape: dict, attn: str) -> tuple[
     return out, pooled
 
 
+def bench_quantized(qshape: dict, n: int, device: str) -> dict:
+    """Kept vs dequantized on a random Qwen3-shaped AWQ directory and a
+    Q4_K_M-like GGUF (written to a temporary directory, removed after)."""
+    import rjepa_latent as rl
+    from rjepa_latent.testing import tiny_model
+    from rjepa_latent.testing.quantize import quantize_hf
+    root = Path(tempfile.mkdtemp(prefix="rjepa_bench_quant_"))
+    out: dict = {"shape": qshape}
+    try:
+        t0 = time.perf_counter()
+        src = tiny_model(root / "src", family="qwen3", seed=0, **qshape)
+        models = {"awq": quantize_hf(src, root / "awq", "awq", group_size=128)}
+        shutil.rmtree(src)
+        models["gguf_q4_k_m"] = tiny_model(root / "m.gguf", family="qwen3", seed=0,
+                                           format="gguf", dtype="Q4_K_M", **qshape)
+        out["write_s"] = time.perf_counter() - t0
+        w = make_workload(np.random.default_rng(1), n, 150, qshape["vocab"])
+        out["tokens"] = w["tokens"]
+        for name, path in models.items():
+            pooled, res = {}, {}
+            for weights in ("keep", "dequantize"):
+                free0, _ = mem_info()
+                t0 = time.perf_counter()
+                m = rl.Model(path, device=device, weights=weights, max_layer=qshape["layers"] - 1)
+                load_s = time.perf_counter() - t0
+                used = free0 - mem_info()[0]
+                m.extract(w["seqs"][:8], w["spans"][:8], [LAYER], "mean")   # warm-up
+                t0 = time.perf_counter()
+                r = m.extract(w["seqs"], w["spans"], [LAYER], "mean")
+                dt = time.perf_counter() - t0
+                pooled[weights] = [a[0].copy() for a in r[:8]]
+                del r
+                rep = m.memory_report()
+                res[weights] = {"load_s": load_s, "tokens_per_s": w["tokens"] / dt,
+                                "device_bytes_used": used, "weight_bytes": rep["weight_bytes"],
+                                "workspace_bytes": rep["workspace_bytes"]}
+                m.close()
+                del m
+                gc.collect()
+            res["pooled_rel_err"] = rel_err(pooled["keep"], pooled["dequantize"])
+            out[name] = res
+            print(f"quantized {name}: " + json.dumps(res, default=str), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def quant_table(q: dict) -> list[str]:
+    s = q["shape"]
+    lines = [f"kept quantized (qwen3 hidden {s['hidden']}, {s['layers']} layers, vocab "
+             f"{s['vocab']}; {q['tokens']} tokens):",
+             f"{'model':<12} {'weights':<10} {'load s':>7} {'tok/s':>9} {'weights MiB':>11} "
+             f"{'device MiB':>10} {'keep/deq err':>12}"]
+    for name in ("awq", "gguf_q4_k_m"):
+        for weights in ("keep", "dequantize"):
+            r = q[name][weights]
+            lines.append(f"{name:<12} {weights:<10} {r['load_s']:>7.1f} {r['tokens_per_s']:>9.0f} "
+                         f"{r['weight_bytes'] / 2**20:>11.1f} {r['device_bytes_used'] / 2**20:>10.1f} "
+                         f"{q[name]['pooled_rel_err'] if weights == 'keep' else float('nan'):>12.1e}")
+    return lines
+
+
 def _hf_batches(w: dict, order: list[int], budget: int | None, batch: int | None):
     cur: list[int] = []
     for i in order:
@@ -396,6 +470,8 @@ def table(r: dict) -> str:
             f"{k} {r['ours_fma'][k]['tokens_per_s']:.0f} tok/s"
             for k in ("gsm8k_like", "math_like"))
             + f"; load {r['ours_fma']['load_s']:.1f} s")
+    if "quantized" in r:
+        lines += [""] + quant_table(r["quantized"])
     lines.append("goals: >= 2.5x HF best, MFU >= 60% of the measured GEMM rate, load < 15 s")
     return "\n".join(lines)
 
@@ -414,8 +490,24 @@ def main() -> int:
     ap.add_argument("--prepare", action="store_true",
                     help="only write (or find) the checkpoint, then exit: gpu_check.sh runs "
                          "this in the background while it builds and tests")
+    ap.add_argument("--skip-quantized", action="store_true",
+                    help="leave out the weights-kept-quantized case")
+    ap.add_argument("--quantized-only", action="store_true",
+                    help="only the weights-kept-quantized case (no torch needed: it runs on "
+                         "the emulated CUDA device too)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="with --quantized-only: a tiny model (a check of the code path)")
     args = ap.parse_args()
     global DEV
+    if args.quantized_only:
+        q = bench_quantized(QUANT_TINY if args.tiny else QUANT_SHAPE, args.n_texts or 128,
+                            "cuda:0")
+        dest = args.json or (os.path.join(os.environ["OUT"], "gpu_bench_quantized.json")
+                             if os.environ.get("OUT") else None)
+        if dest:
+            Path(dest).write_text(json.dumps(q, indent=1, default=str))
+        print("\n".join(quant_table(q)))
+        return 0
     import torch
     torch.backends.cuda.matmul.allow_tf32 = False
     shape = QWEN3_8B
@@ -461,6 +553,9 @@ def main() -> int:
     if not args.skip_hf:
         r["hf"], hf_pooled = bench_hf(torch, path, loads, args.quick)
         r["pooled_rel_err"] = {k: rel_err(ours_pooled[k], hf_pooled[k]) for k in loads}
+    if not args.quick and not args.skip_quantized:
+        r["quantized"] = bench_quantized(QUANT_TINY if args.smoke else QUANT_SHAPE,
+                                         min(n, 256), "cuda:0" if DEV == "cuda" else "cpu")
     dest = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json")
                          if os.environ.get("OUT") else None)
     if dest:

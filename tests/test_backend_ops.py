@@ -15,7 +15,9 @@ comment says what each mode compares and with which bounds.
 - test_emulated_cuda_ops (CI, every push; needs only g++): the same CUDA mode
   on the emulated device (kernels/emu: the real kernels/*.cu and CUDA backend
   compiled by the host C++ compiler, blocks and warps emulated on the CPU),
-  so every CUDA op and both attention kernels run without a GPU.
+  so every CUDA op and both attention kernels run without a GPU, and the
+  device-only dequantization of AWQ / GPTQ / FP8 weights bitwise against
+  csrc/quant_hf.c.
 - test_emulated_cuda_ops_sanitized (CI): the same, built with AddressSanitizer
   and UndefinedBehaviorSanitizer (kernels, backend, engine and emulator), so
   an out-of-bounds access or undefined behaviour in a kernel fails it.
@@ -306,6 +308,8 @@ def test_cuda_variant_compiles_and_links(builds):
                 continue
             assert any(ln.split()[:2] == [target, op] for ln in listed), (target, op)
     assert any(ln.startswith("cuda-bf16-fma  attention") for ln in listed)
+    for target in ("cuda-bf16", "cuda-f32"):
+        assert any(ln.split()[:2] == [target, "dequant"] for ln in listed), target
     if _have_device():
         return  # test_cuda_ops runs it
     r = _run([str(exe), "cuda"], 120)
@@ -344,6 +348,8 @@ def test_emulated_cuda_ops(builds):
     assert n >= 60, f"only {n} cases ran"
     ran = {ln.split()[1] for ln in out.splitlines() if ln.startswith("ok  ")}
     assert {"cuda-bf16", "cuda-f32", "cuda-bf16-fma"} <= ran, ran
+    ops = {ln.split()[2] for ln in out.splitlines() if ln.startswith("ok  ")}
+    assert "dequant" in ops, ops   # a device-only op: the weights kept quantized
 
 
 def test_emulated_cuda_ops_sanitized(builds):

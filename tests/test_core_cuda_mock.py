@@ -59,6 +59,7 @@ MOCK_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include "cuda_internal.h"
+#include "cuda_dequant.h"
 
 /* ---- state: per thread device and context; primary contexts; counters ---- */
 #define NDEV 2
@@ -241,6 +242,11 @@ cudaError_t rl_k_dequant_gguf(cudaStream_t s, int t, const void *b, size_t rb, i
 { seen(); return launched("dequant"); }
 cudaError_t rl_k_dequant_gather(cudaStream_t s, int t, const void *b, size_t rb, int64_t c, const int32_t *tok, int64_t T, float *x, float sc, int r)
 { seen(); return launched("dequant_gather"); }
+int rl_k_dequant_hf_supports(const rl_qtensor *q) { (void)q; return 0; }
+cudaError_t rl_k_dequant_hf(cudaStream_t s, const rl_qtensor *q, int64_t r0, int64_t r1, void *o, int f)
+{ seen(); return launched("dequant_hf"); }
+cudaError_t rl_k_dequant_hf_gather(cudaStream_t s, const rl_qtensor *q, const int32_t *tok, int64_t T, float *x, float sc, int r)
+{ seen(); return launched("dequant_hf_gather"); }
 /* pooled rows say what made them: 100000 * (decoder layers run so far: the
  * hidden-state index) + 10000 * mode + the span's absolute start */
 cudaError_t rl_k_pool(cudaStream_t s, const void *x, int f, int64_t d, const int32_t *sp, int64_t S, int mode, float *out)

@@ -576,25 +576,31 @@ def test_memory_plan_counts_what_the_engine_holds(layouts, layout, weights):
     assert rl.memory_plan(qdir, device="cpu")["weights"] == "keep"
 
 
-def test_keep_needs_quantized_weights_and_the_cpu(layouts, tmp_path):
-    """A plain directory cannot be kept; AWQ/GPTQ/FP8 have no device kernels,
-    so on CUDA they are dequantized by default and weights='keep' is refused."""
+def test_keep_needs_quantized_weights(layouts):
+    """A plain directory cannot be kept; a quantized one is kept by default on
+    every device (CUDA has kernels for the AWQ / GPTQ / FP8 layouts)."""
     qdir, ref = layouts("qwen3", "awq")
     with pytest.raises(ValueError, match="weights='keep' needs a checkpoint stored quantized"):
         rl.memory_plan(ref, device="cpu", weights="keep")
-    assert rl.memory_plan(qdir, device="cuda", max_batch_tokens=16)["weights"] == "dequantize"
-    with pytest.raises(ValueError, match=r"AWQ weights are kept quantized on the CPU only.*"
-                                         r"weights='dequantize'"):
-        rl.memory_plan(qdir, device="cuda", weights="keep")
+    with pytest.raises(ValueError, match="weights='keep' needs a checkpoint stored quantized"):
+        rl.memory_plan(ref, device="cuda", weights="keep")
+    plan = rl.memory_plan(qdir, device="cuda", max_batch_tokens=16)
+    assert plan["weights"] == "keep" and plan["kept_bytes"] == stored_bytes(qdir)
+    assert rl.memory_plan(qdir, device="cuda", max_batch_tokens=16,
+                          weights="dequantize")["weights"] == "dequantize"
 
 
-def test_engine_checks_parts_handed_to_it_directly(layouts):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_engine_checks_parts_handed_to_it_directly(layouts, device):
     """set_tensor_quantized validates the parts itself (sizes, scales,
-    g_idx, FP8 NaN codes), whatever the caller checked before."""
+    g_idx, FP8 NaN codes), whatever the caller checked before; on a device
+    on the host, before any byte is uploaded."""
     from rjepa_latent.checkpoints.checkpoint import load_hf
+    if device != "cpu":
+        _need_cuda()
     qdir, _ = layouts("qwen3", "gptq4_asym_actorder")
     src = load_hf(qdir, weights="keep")
-    eng = _core.Engine(src.engine_config, "cpu", 1, keep=src.keep)
+    eng = _core.Engine(src.engine_config, device, 1, keep=src.keep)
     rec = next(buf for kind, layer, buf, dt, shape in src.tensors() if kind == "q")
     family, subtype, rows, cols, group, views = rec.weight.qtensor(rec.maps)
     parts = [np.frombuffer(v, np.uint8).copy() for v in views]
@@ -645,22 +651,86 @@ def test_resident_memory_follows_stored_size(tmp_path):
     assert dense["after"] - dense["base"] > 4 * plan["kept_bytes"]   # what keeping saves
 
 
-@pytest.mark.gpu
-def test_cuda_dequantizes_hf_formats_and_refuses_keep(layouts):
-    """The device kernels decode GGUF blocks only: an AWQ / GPTQ / FP8
-    directory loads dequantized there by default (the CPU's fp32 values,
-    rounded once), and weights='keep' is refused naming the fix."""
+def _quantized_embedding(t):
+    """The embedding as AWQ parts too (the tools leave it plain; the engine
+    keeps it, dequantizing the batch's rows per token)."""
+    from rjepa_latent.testing.quantize import _awq
+    _, w = t.pop("model.embed_tokens.weight")
+    for part, value in _awq(w, 32, True, "float16").items():
+        t[f"model.embed_tokens.{part}"] = value
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_a_quantized_embedding_is_kept(layouts, tmp_path, device):
+    if device != "cpu":
+        _need_cuda()
+    qdir, _ = layouts("qwen3", "awq")
+    emb = rewrite(qdir, tmp_path / "emb", _quantized_embedding)
+    ids = np.random.default_rng(5).integers(0, 320, 23)
+    for dtype in (("float32",) if device == "cpu" else ("bfloat16", "float32")):
+        with rl.Model(emb, device=device, dtype=dtype, max_batch_tokens=32) as kept, \
+                rl.Model(emb, device=device, dtype=dtype, max_batch_tokens=32,
+                         weights="dequantize") as dense:
+            assert kept.weights == "keep"
+            np.testing.assert_array_equal(kept.hidden_states(ids), dense.hidden_states(ids))
+            assert kept.memory_report()["weight_bytes"] < dense.memory_report()["weight_bytes"]
+
+
+# ----------------------------------------------------------------- CUDA (and the emulated device)
+
+
+def _need_cuda():
     if not rl.build_info()["cuda"]:
         pytest.skip("CUDA not compiled in")
     if _core.cuda_device_count() == 0:
         pytest.skip("no CUDA device")
-    qdir, _ = layouts("qwen3", "gptq4_asym_actorder")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cuda_keep_equals_dequantize_and_the_cpu(layouts, layout, dtype):
+    """The device kernels decode each layout to quant_hf.c's fp32 values and
+    round them once into the weight dtype, as the upload of the weights
+    dequantized at load does: kept and dequantized models give the same bits
+    at every layer; in fp32 they follow the CPU engine; the stored parts
+    (plus one scratch) replace the dense matrices, as memory_plan says."""
+    _need_cuda()
+    qdir, _ = layouts("qwen3", layout)
     ids = np.random.default_rng(3).integers(0, 320, 29)
-    with rl.Model(qdir, device="cuda:0", dtype="float32", max_batch_tokens=64) as m:
-        assert m.weights == "dequantize"
-        got = m.hidden_states(ids)
-    with rl.Model(qdir, device="cpu", max_batch_tokens=64) as c:
-        want = c.hidden_states(ids)
-    assert rel_err(got, want).max() <= 1e-4
-    with pytest.raises(ValueError, match="kept quantized on the CPU only"):
-        rl.Model(qdir, device="cuda:0", weights="keep")
+    with rl.Model(qdir, device="cuda:0", dtype=dtype, max_batch_tokens=64) as kept, \
+            rl.Model(qdir, device="cuda:0", dtype=dtype, max_batch_tokens=64,
+                     weights="dequantize") as dense:
+        assert (kept.weights, dense.weights) == ("keep", "dequantize")
+        got = kept.hidden_states(ids)
+        np.testing.assert_array_equal(got, dense.hidden_states(ids))
+        rep, dense_rep = kept.memory_report(), dense.memory_report()
+    assert rep["weight_bytes"] < dense_rep["weight_bytes"]
+    plan = rl.memory_plan(qdir, device="cuda:0", dtype=dtype, max_batch_tokens=64)
+    assert (plan["weight_bytes"], plan["workspace_bytes"]) == \
+        (rep["weight_bytes"], rep["workspace_bytes"])
+    assert plan["kept_bytes"] == stored_bytes(qdir, zero_point=layout != "awq_nozero")
+    if dtype == "float32":
+        with rl.Model(qdir, device="cpu", max_batch_tokens=64) as c:
+            want = c.hidden_states(ids)
+        err = rel_err(got, want)
+        assert err.max() <= 1e-4 and err[1:].min() > 0, err
+
+
+DEVICE_BAD = ["gptq scale inf", "gptq scale nan bf16", "gptq g_idx out of range",
+              "gptq g_idx negative", "fp8 scale inf", "fp8 nan weight", "awq scales wrong shape"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DEVICE_BAD)
+def test_cuda_keep_refuses_damaged_tensors_on_the_host(layouts, tmp_path, case):
+    """A damaged tensor kept on the device is a ModelFormatError naming it,
+    found on the host before its bytes are uploaded, never a device fault."""
+    _need_cuda()
+    layout, tensors, config, pattern = BAD[case]
+    qdir, _ = layouts("qwen3", layout)
+    bad = rewrite(qdir, tmp_path / "bad", tensors, config)
+    with pytest.raises(ModelFormatError, match=pattern):
+        rl.Model(bad, device="cuda:0", weights="keep", max_batch_tokens=16)
+    with rl.Model(qdir, device="cuda:0", max_batch_tokens=16) as m:   # the device still works
+        assert m.hidden_states(np.arange(5)).shape[1] == 5

@@ -83,3 +83,86 @@ def test_cuda_plan_with_a_device_reports_free_memory(config_only):
     assert 0 < plan["free_bytes"] <= plan["total_device_bytes"]
     assert plan["fits"] and plan["max_fitting_batch_tokens"] >= 1024
     json.dumps(plan)  # plain numbers
+
+
+# ------------------------------------------------- quantized directories, config only
+
+QWEN3_32B = {"hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+             "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+             "vocab_size": 151936}
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+       "version": "gemm", "modules_to_not_convert": None}
+
+
+def _config_dir(d, base_dir, over: dict, quant: dict | None):
+    d.mkdir()
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg.update(over)
+    if quant is None:
+        cfg.pop("quantization_config", None)
+    else:
+        cfg["quantization_config"] = quant
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_qwen3_32b_awq_fits_a_24_gib_card_kept(tiny_model_dir, tmp_path):
+    """A Qwen3-32B-shaped AWQ (4 bits, groups of 128) planned from its
+    config.json alone (no 19 GB written): kept on CUDA it is its stored parts
+    (qweight, qzeros, float16 scales), one bf16 scratch of the largest fused
+    matrix (gate + up) and the dense rest, and fits a 24 GiB card with room
+    for a workspace; dequantized to bf16 it needs more than two such cards."""
+    d = _config_dir(tmp_path / "q32b", tiny_model_dir("qwen3"), QWEN3_32B, AWQ)
+    h, ff, L = 5120, 25600, 64
+    per_layer = [(8192, h), (1024, h), (1024, h), (h, 8192), (ff, h), (ff, h), (h, ff)]
+    stored = L * sum(r * c // 2 + (c // 128) * r * 2 + (c // 128) * (r // 8) * 4
+                     for r, c in per_layer)
+    card = 24 * GiB
+    plan = rl.memory_plan(d, device="cuda", max_batch_tokens=4096, device_memory=card)
+    assert plan["weights"] == "keep" and plan["kept_bytes"] == stored
+    embed = 151936 * h * 2
+    scratch = 2 * ff * h * 2
+    norms = (L * (2 * h + 2 * 128) + h) * 2
+    assert plan["weight_bytes"] - stored - scratch - embed == pytest.approx(norms, rel=0.05)
+    left = card - CUDA_HEADROOM_BYTES - plan["weight_bytes"]
+    assert plan["fits"] and plan["workspace_bytes"] < left
+    assert plan["max_fitting_batch_tokens"] > 4096
+    print(f"Qwen3-32B AWQ kept: weights {plan['weight_bytes'] / GiB:.2f} GiB (stored "
+          f"{stored / GiB:.2f} GiB), {left / GiB:.2f} GiB of a 24 GiB card left for the "
+          f"workspace: up to {plan['max_fitting_batch_tokens']} tokens per batch")
+    dense = rl.memory_plan(d, device="cuda", max_batch_tokens=4096, device_memory=card,
+                           weights="dequantize")
+    assert not dense["fits"] and dense["weight_bytes"] > 2 * card
+    assert dense["max_fitting_batch_tokens"] == 0
+
+
+@pytest.mark.parametrize("method,kw", [("awq", {}), ("awq", {"zero_point": False}),
+                                       ("gptq", {"act_order": True}),
+                                       ("gptq", {"bits": 8, "group_size": -1}),
+                                       ("fp8", {"block": 32})])
+def test_config_only_plan_equals_the_headers(tiny_model_dir, tmp_path, method, kw):
+    """The arithmetic from quantization_config counts the bytes the files
+    store (in the layout the quantization tools write)."""
+    from rjepa_latent.testing import tiny_model
+    from rjepa_latent.testing.quantize import quantize_hf
+    src = tiny_model(tmp_path / "src", family="qwen3", hidden=128 if method == "fp8" else 64)
+    qdir = quantize_hf(src, tmp_path / "q", method, **kw)
+    only = tmp_path / "config_only"
+    only.mkdir()
+    shutil.copy(qdir / "config.json", only)
+    for device in ("cpu", "cuda"):
+        for weights in (None, "keep", "dequantize"):
+            a = rl.memory_plan(qdir, device=device, max_batch_tokens=32, weights=weights)
+            b = rl.memory_plan(only, device=device, max_batch_tokens=32, weights=weights)
+            assert a == b
+    assert a["weights"] == "dequantize"
+
+
+def test_config_only_plan_refuses_unconverted_modules(tiny_model_dir, tmp_path):
+    d = _config_dir(tmp_path / "q", tiny_model_dir("qwen3"), {},
+                    {**AWQ, "modules_to_not_convert": ["model.layers.0.mlp"]})
+    with pytest.raises(ValueError, match="modules_to_not_convert.*needs the safetensors headers"):
+        rl.memory_plan(d, device="cuda")
+    with_head = _config_dir(tmp_path / "h", tiny_model_dir("qwen3"), {},
+                            {**AWQ, "modules_to_not_convert": ["lm_head"]})
+    assert rl.memory_plan(with_head, device="cuda")["weights"] == "keep"

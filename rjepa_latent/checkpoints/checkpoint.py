@@ -730,10 +730,19 @@ def hf_storage(directory: str | os.PathLike, max_layer: int | None = None,
                weights: str | None = None) -> tuple[tuple[str, ...], int]:
     """(kinds kept quantized, their stored bytes) when the directory is loaded
     with `weights`, from the headers (hf_quantized.storage); a directory
-    without a quantization_config needs its config.json only."""
+    without a quantization_config needs its config.json only, and one with
+    its config.json only is planned from quantization_config
+    (hf_quantized.planned_storage)."""
     directory = os.fspath(directory)
-    if os.path.isdir(directory) and hf_quantized.read_scheme(directory) is None:
+    scheme = hf_quantized.read_scheme(directory) if os.path.isdir(directory) else None
+    if os.path.isdir(directory) and scheme is None:
         return hf_quantized.storage({}, [], weights, directory)
+    if scheme is not None and not any(os.path.isfile(os.path.join(directory, f)) for f in
+                                      ("model.safetensors", "model.safetensors.index.json")):
+        cfg, _ = load_hf_config(directory)   # config only: the layout the tools write
+        resolved = resolve_max_layer(max_layer, cfg["num_layers"])
+        return hf_quantized.planned_storage(scheme, tensor_layout(cfg, resolved), weights,
+                                            directory)
     cfg, resolved, _, found = _hf_tensors(directory, max_layer)
     return hf_quantized.storage(found, tensor_layout(cfg, resolved), weights, directory)
 

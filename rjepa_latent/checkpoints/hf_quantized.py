@@ -361,6 +361,47 @@ def storage(found: dict, layout: list, weights: str | None,
     return keep, stored
 
 
+# the decoder's linear projections: what the quantization tools convert
+LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def planned_storage(scheme: QuantScheme, layout: list, weights: str | None,
+                    where: str) -> tuple[tuple[str, ...], int]:
+    """`storage` for a directory that has its config.json only (a plan for a
+    model not downloaded): every decoder projection counted quantized, in the
+    layout the quantization tools write: float16 scales (AWQ, GPTQ), float32
+    FP8 block scales, AWQ zero points when `zero_point`, GPTQ zero points
+    and g_idx always (as AutoGPTQ / GPTQModel store them)."""
+    if weights not in (None, "keep", "dequantize"):
+        raise ValueError(f"weights must be 'keep', 'dequantize' or None, got {weights!r}")
+    if any(m != "lm_head" for m in scheme.not_converted):
+        raise ValueError(f"{where}: modules_to_not_convert {list(scheme.not_converted)} needs the "
+                         "safetensors headers to plan (which modules stay unquantized); this "
+                         "directory has its config.json only")
+    if weights == "dequantize":
+        return (), 0
+    keep = tuple(k for k in LINEAR if any(kind == k for kind, _, _ in layout))
+    stored = 0
+    for kind, _, shape in layout:
+        if kind not in keep:
+            continue
+        rows, cols = shape
+        if scheme.method == "fp8":
+            b = scheme.group_size
+            stored += rows * cols + -(-rows // b) * -(-cols // b) * 4
+            continue
+        group = cols if scheme.group_size == -1 else scheme.group_size
+        groups = -(-cols // group)
+        if scheme.method == "awq":
+            stored += rows * cols // 2 + groups * rows * 2 + \
+                (groups * rows // 8 * 4 if scheme.zero_point else 0)
+        else:
+            pf = 32 // scheme.bits
+            stored += cols // pf * rows * 4 + groups * rows // pf * 4 + groups * rows * 2 + \
+                cols * 4
+    return keep, stored
+
+
 def _shape_error(info: Any, want: tuple, why: str = "") -> str:
     return (f"tensor {info.name!r} in {info.file} has shape {list(info.shape)}, expected "
             f"{list(want)}{why}")

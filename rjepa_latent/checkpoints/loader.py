@@ -34,26 +34,6 @@ def open_checkpoint(path: str | os.PathLike, max_layer: int | None = None,
     return load_hf(path, max_layer, weights)
 
 
-def weights_on_device(path: str | os.PathLike, weights: str | None, device: str) -> str | None:
-    """`weights` for loading `path` on `device`: the CUDA kernels dequantize
-    GGUF blocks only, so an AWQ / GPTQ / FP8 directory is dequantized on a
-    device by default, and weights='keep' there is refused naming the fix."""
-    path = os.fspath(path)
-    if device == "cpu" or _is_gguf(path) or weights == "dequantize" or not os.path.isdir(path):
-        return weights
-    from .hf_quantized import read_scheme
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return weights
-    scheme = read_scheme(path)
-    if scheme is None:
-        return weights
-    if weights == "keep":
-        raise ValueError(f"{path}: {scheme.method.upper()} weights are kept quantized on the CPU "
-                         f"only (the {device} kernels decode GGUF blocks); load with "
-                         "weights='dequantize' (the default on a device)")
-    return "dequantize" if weights is None else weights
-
-
 def checkpoint_storage(path: str | os.PathLike, max_layer: int | None = None,
                        weights: str | None = None) -> tuple[tuple[str, ...], int]:
     """(tensor kinds kept quantized, their stored bytes) when `path` is loaded

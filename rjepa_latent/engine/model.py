@@ -30,8 +30,8 @@ Design choices:
   matrices and the embedding in their stored format in engine memory, each
   layer's dequantized into one reusable scratch just before its GEMMs;
   `"dequantize"` converts them to the compute dtype at load. On the CPU both
-  give the same bits. AWQ / GPTQ / FP8 directories are kept on the CPU only
-  (dequantized on CUDA: its kernels decode GGUF blocks).
+  give the same bits, and on CUDA too (its kernels decode GGUF blocks and
+  the AWQ / GPTQ / FP8 layouts to the CPU's fp32 values, rounded once).
 - `max_batch_tokens` is the batch budget; the engine's workspace is reserved
   for it at load. A call that needs more (one sequence longer than the budget,
   or a larger per-call budget) grows the CPU workspace for that call only and
@@ -61,8 +61,7 @@ from .. import _native  # noqa: F401  (preloads OpenBLAS before _core)
 from .. import _core
 from .._native import cuda_emulated
 from ..checkpoints.checkpoint import CheckpointSource, engine_config, hidden_state_index
-from ..checkpoints.loader import checkpoint_storage, open_checkpoint, read_config, \
-    weights_on_device
+from ..checkpoints.loader import checkpoint_storage, open_checkpoint, read_config
 from ..checkpoints.quantized import KEPT_DTYPE
 from ..errors import (DeviceError, DeviceMemoryError, LayerError, LayerTypeError, SequenceError,
                       SequenceLengthError, SequenceTypeError, SpanError, SpanTypeError, TokenIdError)
@@ -267,7 +266,7 @@ def memory_plan(path: str | os.PathLike, device: str | None = None,
     n = cfg["num_layers"]
     max_layer = n if layers is None else max(resolve_layers(layers, n, n))
     eng_cfg, _ = device_engine_config(engine_config(cfg, max_layer), device)
-    kept = checkpoint_storage(path, max_layer, weights_on_device(path, weights, device))
+    kept = checkpoint_storage(path, max_layer, weights)
     mem = _plan_memory(eng_cfg, device, tokens, dtype, kept)
     mem.update(weights="keep" if kept[0] else "dequantize", kept_bytes=kept[1])
     info = _device_memory_info(device)
@@ -399,7 +398,7 @@ class Model:
         self.dtype: str = resolve_engine_dtype(dtype, self.device)  # compute dtype
         self.max_batch_tokens = _check_batch_tokens(self.device, max_batch_tokens)
         self._auto_batch_tokens = max_batch_tokens is None
-        src = open_checkpoint(path, max_layer, weights_on_device(path, weights, self.device))
+        src = open_checkpoint(path, max_layer, weights)
         try:
             self._load(src, threads)
         finally:

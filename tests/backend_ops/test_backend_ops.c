@@ -42,7 +42,10 @@
  *   scale, norm offset, post-norm accumulation, whole-projection q/k norm,
  *   sliding window, soft-capping, GELU-tanh, cast) runs where the backend's
  *   caps state that feature; where they do not, the op must refuse it
- *   (caps and ops agree either way).
+ *   (caps and ops agree either way);
+ * - dequant (a device op only: the CPU engine dequantizes kept weights
+ *   itself): AWQ / GPTQ / FP8 rows and gathered embedding rows against
+ *   csrc/quant_hf.c, bit-exact in f32 and that rounded once in bf16.
  *
  * The normalised error of a check is max_i |got_i - ref_i| / (|ref_i| +
  * floor * rms(ref)): relative where values are large, relative to the
@@ -64,6 +67,7 @@
 #include <time.h>
 
 #include "engine.h"
+#include "quant_hf.h"
 
 /* ---- bounds ------------------------------------------------------------- */
 
@@ -302,12 +306,12 @@ static int d_segments(tdev *d, const int *lens, int nl, tseg *s)
 
 typedef enum {
     OP_BACKEND, OP_MEMORY, OP_EMBED, OP_RMSNORM, OP_GEMM, OP_QK_NORM_ROPE, OP_ATTENTION,
-    OP_GLU, OP_POOL, OP_UPLOAD, OP_DOWNLOAD, OP_CAST, OP_HARNESS
+    OP_GLU, OP_POOL, OP_UPLOAD, OP_DOWNLOAD, OP_CAST, OP_DEQUANT, OP_HARNESS
 } op_t;
 
 static const char *const OP_NAMES[] = {"backend", "memory", "embed", "rmsnorm", "gemm",
                                        "qk_norm_rope", "attention", "glu", "pool", "upload",
-                                       "download", "cast", "harness"};
+                                       "download", "cast", "dequant", "harness"};
 
 enum { BOTH = 0, CPU_ONLY = 1, CUDA_ONLY = 2 };
 
@@ -334,7 +338,11 @@ typedef struct {
     int dst_f32;         /* upload: destination f32 instead of weight_dtype                 */
     int where;           /* BOTH, CPU_ONLY, CUDA_ONLY                                       */
     int cuda_refuses;    /* the CUDA backend must refuse it (RL_ERR_INVALID)                */
+    int qf, qbits, qgroup; /* dequant: rl_qfamily (quant_hf.h), bits, group / block edge    */
+    int qflags;          /* dequant: QZ zero points stored, QG g_idx, QV1 zeros minus one   */
 } tcase;
+
+enum { QZ = 1, QG = 2, QV1 = 4 };
 
 #define GEMM(m, n_, k, b, a, ...) {.op = OP_GEMM, .M = m, .N = n_, .K = k, .bias = b, .acc = a, \
                                    .lens = {__VA_ARGS__}}
@@ -351,6 +359,9 @@ typedef struct {
 #define POOL(dd, mode, s) {.op = OP_POOL, .n = 300, .d = dd, .pool = mode, .src = s, \
                            .where = (s) == RL_F32 ? BOTH : CUDA_ONLY}
 #define UPLOAD(nn, s, f) {.op = OP_UPLOAD, .n = nn, .src = s, .dst_f32 = f}
+/* weights kept quantized: rows x cols of family f, scales of dtype s */
+#define DEQ(f, b, g, fl, s, r, c) {.op = OP_DEQUANT, .qf = f, .qbits = b, .qgroup = g, .qflags = fl, \
+                                   .src = s, .n = r, .d = c, .where = CUDA_ONLY}
 
 static const tcase CASES[] = {
     {.op = OP_BACKEND},
@@ -451,6 +462,18 @@ static const tcase CASES[] = {
 
     {.op = OP_DOWNLOAD, .n = 1},
     {.op = OP_DOWNLOAD, .n = 4097},
+
+    /* AWQ / GPTQ / FP8 kept quantized (csrc/quant_hf.c is the reference):
+     * shapes that leave partial 32 x 32 tiles, every scale dtype, GPTQ with
+     * and without zero points and g_idx, v1 zeros, 2 / 4 / 8 bits, FP8
+     * blocks that do not divide the shape */
+    DEQ(RL_QF_AWQ, 4, 32, QZ, RL_F16, 72, 96), DEQ(RL_QF_AWQ, 4, 64, 0, RL_BF16, 40, 128),
+    DEQ(RL_QF_AWQ, 4, 128, QZ, RL_F32, 136, 256),
+    DEQ(RL_QF_GPTQ, 4, 32, QZ | QV1, RL_F16, 72, 96), DEQ(RL_QF_GPTQ, 4, 32, 0, RL_F16, 40, 64),
+    DEQ(RL_QF_GPTQ, 4, 32, QZ | QG, RL_BF16, 72, 96), DEQ(RL_QF_GPTQ, 8, 64, QG, RL_F32, 36, 128),
+    DEQ(RL_QF_GPTQ, 2, 16, QZ | QG | QV1, RL_F16, 48, 80), DEQ(RL_QF_GPTQ, 8, 0, QZ, RL_F16, 36, 48),
+    DEQ(RL_QF_FP8_BLOCK, 8, 32, 0, RL_F32, 70, 100), DEQ(RL_QF_FP8_BLOCK, 8, 16, 0, RL_BF16, 33, 48),
+    DEQ(RL_QF_FP8_BLOCK, 8, 128, 0, RL_F16, 130, 200),
 };
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
@@ -513,6 +536,13 @@ static void case_name(const tcase *c, char *buf, size_t n)
                  c->dst_f32 ? "f32" : "weight");
         break;
     case OP_DOWNLOAD: snprintf(buf, n, "%s n=%lld", op, (long long)c->n); break;
+    case OP_DEQUANT:
+        snprintf(buf, n, "%s %s%d %s%d%s%s%s scales=%s [%lld, %lld]", op,
+                 c->qf == RL_QF_AWQ ? "awq" : c->qf == RL_QF_GPTQ ? "gptq" : "fp8 e4m3 ",
+                 c->qf == RL_QF_FP8_BLOCK ? 8 : c->qbits,
+                 c->qf == RL_QF_FP8_BLOCK ? "block" : "g", c->qgroup, c->qflags & QZ ? " zeros" : "", c->qflags & QG ? " g_idx" : "",
+                 c->qflags & QV1 ? " v1" : "", dt_name(c->src), (long long)c->n, (long long)c->d);
+        break;
     default: snprintf(buf, n, "%s", op); break;
     }
 }
@@ -1336,6 +1366,147 @@ static int case_memory(tctx *t, const tcase *c)
     return 0;
 }
 
+/* random valid parts of a quantized weight (quant_hf.h's layouts) */
+static void *rand_words(rng_t *r, size_t words)
+{
+    uint32_t *w = halloc(words * 4);
+    for (size_t i = 0; i < words; i++) w[i] = (uint32_t)rng_u64(r);
+    return w;
+}
+
+static void *rand_scales(rng_t *r, size_t n, rl_dtype dt)
+{
+    unsigned char *p = halloc(n * 4);
+    for (size_t i = 0; i < n; i++) {
+        float v = (float)(0.01 * rng_normal(r));
+        uint32_t u = f2u(v);
+        if (dt == RL_F32) memcpy(p + 4 * i, &u, 4);
+        else if (dt == RL_BF16) {
+            uint16_t h = (uint16_t)(f2u(bf16_round(v)) >> 16);
+            memcpy(p + 2 * i, &h, 2);
+        } else {   /* f16: a normal value, 10 random mantissa bits */
+            uint16_t h = (uint16_t)((rng_u64(r) & 0x83FFu) | (uint16_t)(8 + rng_int(r, 8)) << 10);
+            memcpy(p + 2 * i, &h, 2);
+        }
+    }
+    return p;
+}
+
+/* the descriptor's parts copied into device memory (words; a tail padded) */
+static int d_put_parts(tdev *d, const rl_qtensor *host, rl_qtensor *dev)
+{
+    *dev = *host;
+    for (int i = 0; i < RL_QUANT_MAX_PARTS; i++) {
+        if (!host->part[i]) continue;
+        size_t words = (host->part_bytes[i] + 3) / 4;
+        int32_t *w = halloc(words * 4), *p;
+        memset(w, 0, words * 4);
+        memcpy(w, host->part[i], host->part_bytes[i]);
+        TRYI(d_put_i32(d, w, words, &p));
+        dev->part[i] = p;
+    }
+    return 0;
+}
+
+/* be->dequant_rows and be->dequant_gather against rl_dequant_hf_rows_f32:
+ * bitwise in f32, and that rounded once to bf16 in the bf16 mode */
+static int case_dequant(tctx *t, const tcase *c)
+{
+    tdev *d = t->dut;
+    rng_t *r = &t->rng;
+    const int64_t rows = c->n, cols = c->d, g = c->qgroup;
+    const int sdt = c->src == RL_F32 ? RL_QHF_SCALE_F32 : c->src == RL_BF16 ? RL_QHF_SCALE_BF16
+                                                                           : RL_QHF_SCALE_F16;
+    const size_t ss = c->src == RL_F32 ? 4 : 2;
+    rl_qtensor q = {.family = c->qf, .rows = rows, .cols = cols, .group = g};
+    q.subtype = RL_QHF_SUBTYPE(c->qbits, sdt, c->qflags & QV1 ? RL_QHF_ZERO_MINUS_ONE : 0);
+    if (c->qf == RL_QF_AWQ) {
+        const int64_t groups = cols / g;
+        q.part_bytes[0] = (size_t)(cols * rows / 8) * 4;
+        q.part[0] = rand_words(r, q.part_bytes[0] / 4);
+        if (c->qflags & QZ) {
+            q.part_bytes[1] = (size_t)(groups * rows / 8) * 4;
+            q.part[1] = rand_words(r, q.part_bytes[1] / 4);
+        }
+        q.part_bytes[2] = (size_t)(groups * rows) * ss;
+        q.part[2] = rand_scales(r, (size_t)(groups * rows), c->src);
+    } else if (c->qf == RL_QF_GPTQ) {
+        const int64_t pf = 32 / c->qbits, ng = g ? cols / g : 1;
+        q.group = g ? g : cols;   /* group 0: one group over every input feature */
+        q.part_bytes[0] = (size_t)(cols / pf * rows) * 4;
+        q.part[0] = rand_words(r, q.part_bytes[0] / 4);
+        if (c->qflags & QZ) {
+            q.part_bytes[1] = (size_t)(ng * rows / pf) * 4;
+            q.part[1] = rand_words(r, q.part_bytes[1] / 4);
+        }
+        q.part_bytes[2] = (size_t)(ng * rows) * ss;
+        q.part[2] = rand_scales(r, (size_t)(ng * rows), c->src);
+        if (c->qflags & QG) {   /* act-order: any group for any input feature */
+            int32_t *gi = halloc((size_t)cols * 4);
+            for (int64_t i = 0; i < cols; i++) gi[i] = (int32_t)rng_int(r, ng);
+            q.part[3] = gi;
+            q.part_bytes[3] = (size_t)cols * 4;
+        }
+    } else {
+        const int64_t sr = (rows + g - 1) / g, sc = (cols + g - 1) / g;
+        unsigned char *w = halloc((size_t)(rows * cols));
+        for (int64_t i = 0; i < rows * cols; i++) {
+            w[i] = (unsigned char)rng_u64(r);
+            if ((w[i] & 0x7F) == 0x7F) w[i] ^= 1;   /* no NaN code */
+        }
+        q.part[0] = w;
+        q.part_bytes[0] = (size_t)(rows * cols);
+        q.part_bytes[1] = (size_t)(sr * sc) * ss;
+        q.part[1] = rand_scales(r, (size_t)(sr * sc), c->src);
+    }
+    char err[256];
+    if (rl_qtensor_validate_hf(&q, err, sizeof err)) {
+        fail_msg(t->r, "the random tensor is not valid: %s", err);
+        return 0;
+    }
+    const rl_dtype wd = weight_of(t);
+    rl_qtensor qd;
+    TRYI(d_put_parts(d, &q, &qd));
+    /* every row, and a range that cuts AWQ words and 32-row tiles */
+    const int64_t ranges[2][2] = {{0, rows}, {3, rows - 5}};
+    for (int k = 0; k < 2; k++) {
+        const int64_t r0 = ranges[k][0], r1 = ranges[k][1], n = (r1 - r0) * cols;
+        float *want = hf((size_t)n), *got = hf((size_t)n);
+        if (rl_dequant_hf_rows_f32(&q, r0, r1, want, err, sizeof err)) {
+            fail_msg(t->r, "CPU dequantization: %s", err);
+            return 0;
+        }
+        round_to(want, (size_t)n, wd);
+        void *out;
+        TRYI(d_empty(d, (size_t)n, wd, &out));
+        TRY(d, d->be->dequant_rows(d->be, &qd, r0, r1, out, wd));
+        TRYI(d_get(d, out, (size_t)n, wd, got));
+        check_bits(t->r, k ? "rows [3, rows-5) vs cpu" : "rows vs cpu", got, want, (size_t)n);
+    }
+    /* the embedding path: rows of tokens, in the weight dtype, times a scale */
+    const int64_t T = 9;
+    int32_t *tok = halloc((size_t)T * 4), *tp;
+    for (int64_t i = 0; i < T; i++) tok[i] = (int32_t)rng_int(r, rows);
+    tok[0] = (int32_t)(rows - 1);
+    float *all = hf((size_t)(rows * cols)), *want = hf((size_t)(T * cols));
+    float *got = hf((size_t)(T * cols));
+    if (rl_dequant_hf_rows_f32(&q, 0, rows, all, err, sizeof err)) {
+        fail_msg(t->r, "CPU dequantization: %s", err);
+        return 0;
+    }
+    round_to(all, (size_t)(rows * cols), wd);
+    const float scale = 3.5f;
+    for (int64_t i = 0; i < T; i++)
+        for (int64_t j = 0; j < cols; j++) want[i * cols + j] = all[tok[i] * cols + j] * scale;
+    void *x;
+    TRYI(d_put_i32(d, tok, (size_t)T, &tp));
+    TRYI(d_empty(d, (size_t)(T * cols), d->be->res_dtype, &x));
+    TRY(d, d->be->dequant_gather(d->be, &qd, tp, T, x, scale));
+    TRYI(d_get(d, x, (size_t)(T * cols), d->be->res_dtype, got));
+    check_bits(t->r, "gathered rows * scale vs cpu", got, want, (size_t)(T * cols));
+    return 0;
+}
+
 /* The bounds can fail: outputs with known defects must be rejected. */
 static int case_harness(tctx *t, const tcase *c)
 {
@@ -1411,6 +1582,7 @@ static int run_case(tctx *t, const tcase *c)
     case OP_POOL: return case_pool(t, c);
     case OP_UPLOAD: return case_upload(t, c);
     case OP_DOWNLOAD: return case_download(t, c);
+    case OP_DEQUANT: return case_dequant(t, c);
     case OP_HARNESS: return case_harness(t, c);
     }
     return 0;
