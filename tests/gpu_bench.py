@@ -31,13 +31,16 @@ What it measures, in one process, on one GPU:
   base model only (no logits), best of a few budgets;
 - a sanity check that both compute the same pooled latents (bf16 vs bf16).
 - weights kept quantized (not with --quick; alone with --quantized-only):
-  a random Qwen3-shaped model (QUANT_SHAPE: hidden 2048, 8 layers, 16 heads,
-  8 kv heads, intermediate 4096, vocab 32000; --tiny: a tiny one, which runs
+  a random Qwen3-shaped model (QUANT_SHAPE: hidden 2048, 4 layers, 16 heads,
+  8 kv heads, intermediate 4096, vocab 32000: ~0.85 GB of fp32 to write and
+  quantize with NumPy, so it stays short; --tiny: a tiny one, which runs
   on the emulated CUDA device too) written by rjepa_latent.testing as an AWQ
   directory (4 bits, groups of 128: testing/quantize.py) and a Q4_K_M-like
   GGUF (testing/gguf_blocks.py), each loaded kept and dequantized: load time,
   tokens/s on the GSM8K-like workload, device memory, and the pooled
-  difference between the two (none expected: the same bf16 weights).
+  difference between the two (none expected: the same bf16 weights). It runs
+  last, after the main results were written and printed, so a run stopped
+  for time during it loses nothing else.
 Load times are warm: the checkpoint was just written or read on this machine
 (the page cache holds it unless memory ran short).
 Prints a table last; full results as JSON to --json or $OUT/gpu_bench.json.
@@ -68,7 +71,7 @@ TINY = dict(QWEN3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000)
 # the quantized case (tiny_model's arguments: intermediate = 2 * hidden,
 # head_dim = hidden / heads)
-QUANT_SHAPE = dict(hidden=2048, layers=8, heads=16, kv_heads=8, vocab=32000)
+QUANT_SHAPE = dict(hidden=2048, layers=4, heads=16, kv_heads=8, vocab=32000)
 QUANT_TINY = dict(hidden=256, layers=2, heads=2, kv_heads=1, vocab=320)
 LAYER = -2
 SHARD_BYTES = 4 << 30
@@ -470,8 +473,6 @@ def table(r: dict) -> str:
             f"{k} {r['ours_fma'][k]['tokens_per_s']:.0f} tok/s"
             for k in ("gsm8k_like", "math_like"))
             + f"; load {r['ours_fma']['load_s']:.1f} s")
-    if "quantized" in r:
-        lines += [""] + quant_table(r["quantized"])
     lines.append("goals: >= 2.5x HF best, MFU >= 60% of the measured GEMM rate, load < 15 s")
     return "\n".join(lines)
 
@@ -553,14 +554,17 @@ def main() -> int:
     if not args.skip_hf:
         r["hf"], hf_pooled = bench_hf(torch, path, loads, args.quick)
         r["pooled_rel_err"] = {k: rel_err(ours_pooled[k], hf_pooled[k]) for k in loads}
-    if not args.quick and not args.skip_quantized:
-        r["quantized"] = bench_quantized(QUANT_TINY if args.smoke else QUANT_SHAPE,
-                                         min(n, 256), "cuda:0" if DEV == "cuda" else "cpu")
     dest = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json")
                          if os.environ.get("OUT") else None)
     if dest:
         Path(dest).write_text(json.dumps(r, indent=1, default=str))
-    print(table(r))
+    print(table(r), flush=True)
+    if not args.quick and not args.skip_quantized:
+        r["quantized"] = bench_quantized(QUANT_TINY if args.smoke else QUANT_SHAPE,
+                                         min(n, 256), "cuda:0" if DEV == "cuda" else "cpu")
+        if dest:
+            Path(dest).write_text(json.dumps(r, indent=1, default=str))
+        print("\n".join(quant_table(r["quantized"])))
     return 0
 
 
