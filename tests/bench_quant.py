@@ -3,11 +3,18 @@ Qwen3-shaped model written as a Q4_K_M-like GGUF file (Q4_K, with Q6_K for v
 and down of every other layer and float32 norms), loaded in a fresh process
 per mode: load time, peak RSS (VmHWM, against the file size), and tokens/s of
 layer -2 step extraction (mean over each step's tokens) over the word
-problems of rjepa_latent/samples (question + steps, tokenized with the tiny
-test tokenizer: the weights are random, only the shapes matter).
+problems of rjepa_latent/samples (made into texts as `extract` makes them,
+tokenized with the default model's tokenizer, whose vocabulary the file
+carries padded to Qwen3's: the weights are random, only the shapes matter).
+With --llama-cpp, llama.cpp's prompt processing (`llama-embedding`, mean
+pooling, see tests/llama_cpp.py) of the same texts on the same file: its
+prompt-eval tokens/s, load time and peak RSS (the process's maximum resident
+set, from wait4). It runs every layer of the file; our job stops after layer
+-2 (35 of 36 layers for 8B), so the table also gives layer-tokens/s.
 
     python tests/bench_quant.py [--shape 8b|1.7b|0.6b] [--layers N] [--texts 8]
                                 [--threads 2] [--dir /tmp] [--modes keep,dequantize]
+                                [--llama-cpp off|auto|PATH]
 
 Shapes are Qwen3's (hidden, intermediate, heads, kv heads, head_dim 128,
 vocab 151936, tied embeddings); --layers cuts the depth (the time per layer
@@ -27,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import llama_cpp
 
 SHAPES = {   # hidden, intermediate, layers, heads, kv heads
     "8b": (4096, 12288, 36, 32, 8),
@@ -72,8 +81,10 @@ def write_model(path: Path, shape: str, layers: int | None) -> dict:
     raw.update(intermediate_size=ff, head_dim=128)
     public, _ = checkpoint.config_from_dict(raw, f"qwen3 {shape}")
     fam = arch.for_model_type("qwen3", str(path))
+    from rjepa_latent.checkpoints.default_model import default_model_path
     w = gguf.GGUFWriter(str(path), fam.gguf_architecture)
     prefix = fam.gguf_architecture + "."
+    llama_cpp.write_fields(w, llama_cpp.padded_vocab(default_model_path(), VOCAB))
     values = {**public, "value_dim": 128, "rope_dim": 128}
     for field, key in fam.GGUF_KEYS.items():
         value = values.get(field)
@@ -138,26 +149,18 @@ print(json.dumps({"weights": m.weights, "load_s": load, "import_rss": base,
 """
 
 
-def workload(path: Path, n_texts: int) -> Path:
-    """Token ids and step spans of the sample word problems (question, then
-    one span per step), as JSON for the child processes."""
-    from rjepa_latent.testing.models import tokenizer
-    tok = tokenizer(320)
-    here = Path(__file__).resolve().parent.parent / "rjepa_latent" / "samples" / "word_problems.jsonl"
-    records = [json.loads(line) for line in here.read_text().splitlines() if line.strip()]
-    seqs, spans = [], []
-    for rec in (records * (n_texts // len(records) + 1))[:n_texts]:
-        ids = tok.encode(rec["question"]).ids
-        sp = []
-        for step in rec["steps"]:
-            piece = tok.encode(" " + step, add_special_tokens=False).ids
-            sp.append([len(ids), len(ids) + len(piece)])
-            ids += piece
-        seqs.append(ids)
-        spans.append(sp)
+def workload(path: Path, n_texts: int) -> tuple[Path, list[str], list[list[int]]]:
+    """Token ids and step spans of the sample word problems, as JSON for the
+    child processes, with the texts and ids for llama.cpp."""
+    import rjepa_latent as rl
+    from rjepa_latent.checkpoints.default_model import default_model_path
+    from rjepa_latent.tools.bench import default_data
+    m = rl.Model(default_model_path(), device="cpu", threads=1)
+    texts, seqs, spans = llama_cpp.workload_texts(default_data(), m.tokenizer, n_texts, None)
+    m.close()
     out = path.with_suffix(".texts.json")
-    out.write_text(json.dumps([seqs, spans]))
-    return out
+    out.write_text(json.dumps([seqs, [s.tolist() for s in spans]]))
+    return out, texts, seqs
 
 
 def available_bytes() -> int:
@@ -175,7 +178,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--modes", default="keep,dequantize")
+    ap.add_argument("--llama-cpp", default="off", metavar="off|auto|PATH",
+                    help="also run llama.cpp's prompt processing on the same file and texts "
+                         "(auto: the cached build, else build one; see tests/llama_cpp.py)")
+    ap.add_argument("--ubatches", default="256,512", type=lambda s: [int(x) for x in s.split(",")],
+                    help="llama.cpp ubatch sizes to try (best kept)")
     args = ap.parse_args()
+    try:
+        llama = llama_cpp.find_or_build(args.llama_cpp)
+    except ValueError as e:
+        ap.error(str(e))
     tmp = Path(tempfile.mkdtemp(prefix="rjepa-bench-quant-", dir=args.dir))
     path = tmp / f"qwen3-{args.shape}-Q4_K_M.gguf"
     try:
@@ -184,13 +196,15 @@ def main() -> None:
         size = path.stat().st_size
         print(f"wrote {path.name}: {size / 2**30:.2f} GiB, {public['num_layers']} layers, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        texts = workload(path, args.texts)
+        texts, strings, ids = workload(path, args.texts)
         dense = 4 * sum(int(np.prod(s)) for _, _, s in
                         __import__("rjepa_latent.checkpoints.checkpoint", fromlist=["x"])
                         .tensor_layout(public, public["num_layers"]))
+        n_layers = public["num_layers"]
         print("| mode | load s | peak RSS GiB (after import) | peak RSS / file | weights GiB | "
-              "tokens | tokens/s |")
-        print("|---|---|---|---|---|---|---|")
+              "tokens | tokens/s | layers run | layer-tokens/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        ours = None
         for mode in args.modes.split(","):
             if mode == "dequantize" and dense > 0.8 * available_bytes():
                 print(f"| {mode} | skipped: dense fp32 weights {dense / 2**30:.1f} GiB do not fit "
@@ -202,10 +216,26 @@ def main() -> None:
                 print(f"| {mode} | failed: {r.stderr.strip().splitlines()[-1:]} |", flush=True)
                 continue
             s = json.loads(r.stdout.strip().splitlines()[-1])
+            ours = ours or s
             print(f"| {s['weights']} | {s['load_s']:.1f} | {s['peak_rss'] / 2**30:.2f} "
                   f"({(s['peak_rss'] - s['import_rss']) / 2**30:.2f}) | "
                   f"{s['peak_rss'] / size:.2f} | {s['weight_bytes'] / 2**30:.2f} | {s['tokens']} | "
-                  f"{s['tokens_per_s']:.1f} |", flush=True)
+                  f"{s['tokens_per_s']:.1f} | {n_layers - 1} | "
+                  f"{s['tokens_per_s'] * (n_layers - 1):.0f} |", flush=True)
+        if llama is not None:
+            best, runs = llama.best_embed(path, strings, threads=args.threads,
+                                          ubatches=args.ubatches)
+            print(f"| llama.cpp {llama.version}, ubatch {best.ubatch} | {best.load_s:.1f} | "
+                  f"{best.peak_rss / 2**30:.2f} | {best.peak_rss / size:.2f} | | {best.tokens} | "
+                  f"{best.tokens_per_s:.1f} | {n_layers} | {best.tokens_per_s * n_layers:.0f} |")
+            print("\nllama.cpp: " + llama_cpp.check_tokens(best, ids) + "; tokens/s of its runs: "
+                  + ", ".join(f"ubatch {r.ubatch} {r.tokens_per_s:.1f}" for r in runs))
+            if ours:
+                print(f"ours ({ours['weights']}) / llama.cpp: "
+                      f"{ours['tokens_per_s'] / best.tokens_per_s:.2f}x in tokens/s, "
+                      f"{ours['tokens_per_s'] * (n_layers - 1) / (best.tokens_per_s * n_layers):.2f}x"
+                      f" in layer-tokens/s; peak RSS {ours['peak_rss'] / best.peak_rss:.2f}x")
+            print(f"load average: {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         for p in tmp.iterdir():
             p.unlink()
