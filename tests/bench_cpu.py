@@ -27,7 +27,7 @@ llama.cpp (--llama-cpp; `auto` builds it into the cache when absent, see
 tests/llama_cpp.py): `llama-embedding` (mean pooling, every text, batches of
 up to 2048 tokens like ours, the best of ubatch 256/512/2048, each size run
 before and after this engine's runs) on the same texts with the same threads,
-its own prompt-eval time and token count, on GGUF files of the same weights cut
+timed from its first batch to its end, on GGUF files of the same weights cut
 to the layers our job runs (layer -2 of 30 needs 29): F32 (the default model's
 Q4_1 file dequantized with gguf-py; the 1B-shape model written from the same
 tensors) and, for the default model, its Q4_1 file as stored. The script
@@ -203,6 +203,9 @@ def bench_model(name: str, path: str | None, args, tmp: Path, llama=None,
                          "tokens": best.tokens, "version": llama.version,
                          "tokens_check": llama_cpp.check_tokens(best, ids),
                          "load_average": os.getloadavg()[0]})
+            if "F32" in label:   # the synthetic check: one sequence of random tokens
+                rows[-1]["llama_bench_pp512"] = llama.bench(dict(ggufs)[label], 512,
+                                                            threads=args.threads, repeats=2)
             if rows[0]["tokens"] != best.tokens:
                 rows[-1]["tokens_check"] += (f"; the bench's workload has {rows[0]['tokens']} "
                                              f"tokens, llama.cpp processed {best.tokens}")
@@ -256,12 +259,16 @@ def report(rows: list[dict], args) -> str:
         lines += [""]
         if lm:
             lines += [f"llama.cpp {lm[0]['version']}: llama-embedding, mean pooling, 2048-token "
-                      "batches, its prompt-eval time; each row the best of ubatch "
+                      "batches, timed from its first batch to its end (its log's time stamps), "
+                      "GOMP_SPINCOUNT=0 as ours; each row the best of ubatch "
                       f"{'/'.join(map(str, args.ubatches))} run before and after ours "
                       "(tokens/s of all its runs: "
                       + "; ".join(f"{r['runner'][10:]} {r['spread'][0]:.0f}-{r['spread'][1]:.0f}"
                                   for r in lm) + ")"]
-            lines += [f"{r['runner']}: {r['tokens_check']}" for r in lm] + [""]
+            lines += [f"{r['runner']}: {r['tokens_check']}" for r in lm]
+            lines += [f"{r['runner']}: llama-bench -p 512 -n 0 (synthetic, one sequence of random "
+                      f"tokens, mean of 2): {r['llama_bench_pp512']:.0f} tokens/s"
+                      for r in lm if "llama_bench_pp512" in r] + [""]
         lines += [f"load average at the end: {(lm or rs)[-1]['load_average']:.1f}", ""]
     return "\n".join(lines)
 

@@ -7,12 +7,22 @@
   it and builds `llama-embedding` and `llama-bench` with cmake (Release,
   GGML_NATIVE) into `$RJEPA_CACHE_DIR` (else `$XDG_CACHE_HOME/rjepa_latent`,
   else `~/.cache/rjepa_latent`)`/llama.cpp-<version>/`. Needs cmake and a C++
-  compiler; minutes of build on a few cores.
+  compiler; minutes of build on a few cores. A build is checked by running it
+  on a one-layer cut of the default model; when the native build dies on a
+  signal (some virtual machines list AMX in /proc/cpuinfo but fault on its
+  instructions), ggml's CPU backend is rebuilt for the CPU's listed
+  extensions without AMX, and said so.
 - `LlamaCpp.embed(gguf, texts, ...)`: llama.cpp's prompt processing over
   `texts` with `llama-embedding` (mean pooling, every text, packed into
-  batches of up to `ctx` tokens like this engine's packed batches): its own
-  prompt-eval time and token count, the tokens of every text (to check the
-  tokenizer against ours), the process's peak RSS.
+  batches of up to `ctx` tokens like this engine's packed batches, causal
+  attention so the ubatch size holds): the time from its first batch to its
+  end (from its log's time stamps: the prompt-eval time of its perf report
+  stops before the CPU backend's work ends in this version and reads ~0 ms),
+  the tokens of every text (to check the tokenizer against ours), the
+  process's peak RSS. It runs with GOMP_SPINCOUNT=0 unless the environment
+  sets it, as this engine sets for itself: with the default spinning, idle
+  OpenMP workers starve the working ones on a busy machine (a 2-thread
+  run took 2.7x the time of a 1-thread one here).
 - `LlamaCpp.bench(gguf, n_prompt, ...)`: `llama-bench -p N -n 0`, a synthetic
   check (random tokens, one sequence).
 - `rewrite_gguf`: a GGUF copied with its tensors dequantized to F32 and/or its
@@ -37,7 +47,10 @@ from pathlib import Path
 
 SEPARATOR = "\n<|rjepa-text-separator|>\n"
 TARGETS = ("llama-embedding", "llama-bench")
-PERF_RE = re.compile(r"prompt eval time =\s*([0-9.]+) ms /\s*(\d+) tokens")
+# log lines start with the time since start, minutes.seconds.ms.us
+STAMP = r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I "
+FIRST_RE = re.compile(STAMP + r"batch_decode: n_tokens", re.M)
+LAST_RE = re.compile(STAMP + r"llama_perf_context_print:", re.M)
 LOAD_RE = re.compile(r"load time =\s*([0-9.]+) ms")
 COUNT_RE = re.compile(r"number of tokens in prompt = (\d+)")
 TOKEN_RE = re.compile(r"^\s*(\d+) -> '", re.M)
@@ -62,6 +75,28 @@ def _bin_dir(path: Path) -> Path | None:
     return None
 
 
+# /proc/cpuinfo flag -> ggml's cmake option, for a build without -march=native (nor AMX)
+ISA_OPTIONS = {"sse4_2": "GGML_SSE42", "f16c": "GGML_F16C", "fma": "GGML_FMA", "bmi2": "GGML_BMI2",
+               "avx": "GGML_AVX", "avx2": "GGML_AVX2", "avx_vnni": "GGML_AVX_VNNI",
+               "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vbmi": "GGML_AVX512_VBMI",
+               "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+AVX512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}   # ggml's GGML_AVX512
+CHECKED = "rjepa-checked"   # marker file in a build directory that passed the check
+
+
+def _cpu_isa_options() -> list[str]:
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    opts = {ISA_OPTIONS[f] for f in flags if f in ISA_OPTIONS}
+    if AVX512 <= flags:
+        opts.add("GGML_AVX512")
+    return [f"-D{o}=ON" for o in sorted(opts)]
+
+
 def _version_key(p: Path) -> tuple:
     return tuple(int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", p.name.split("-", 1)[1]))
 
@@ -80,9 +115,61 @@ def find_or_build(spec: str) -> "LlamaCpp | None":
     builds = sorted((p for p in cache_root().glob("llama.cpp-*") if _bin_dir(p / "build")),
                     key=_version_key)
     if builds:
-        say(f"using the build in {builds[-1]}")
-        return LlamaCpp(_bin_dir(builds[-1] / "build"))
+        home = builds[-1]
+        say(f"using the build in {home}")
+        if not (home / "build" / CHECKED).exists():
+            _checked(home)
+        return LlamaCpp(_bin_dir(home / "build"))
     return LlamaCpp(build(cache_root()))
+
+
+def _source(home: Path) -> Path:
+    return next(home.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
+def _compile(home: Path, native: bool) -> None:
+    out = home / "build"
+    isa = ["-DGGML_NATIVE=ON"] if native else ["-DGGML_NATIVE=OFF", *_cpu_isa_options()]
+    log = home / "build.log"
+    say(f"configuring with cmake (Release, {' '.join(i[2:] for i in isa)}) in {out}; "
+        f"compiler output in {log}")
+    with open(log, "a") as f:
+        for step, cmd in (("configure", ["cmake", "-S", str(_source(home)), "-B", str(out),
+                                         "-DCMAKE_BUILD_TYPE=Release", *isa, "-DLLAMA_CURL=OFF",
+                                         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                                         "-DLLAMA_BUILD_SERVER=OFF"]),
+                          ("build", ["cmake", "--build", str(out), "-j", str(os.cpu_count() or 1),
+                                     "--target", *TARGETS])):
+            if step == "build":
+                say(f"building {', '.join(TARGETS)} on {os.cpu_count()} cores (minutes)")
+            t = time.perf_counter()
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                raise RuntimeError(f"llama.cpp's cmake {step} failed; see {log}")
+    say(f"built in {time.perf_counter() - t:.0f} s")
+
+
+def _check(bin_dir: Path) -> int:
+    """Exit status of llama-embedding on a one-layer cut of the default model."""
+    from rjepa_latent.checkpoints.default_model import default_model_path
+    with tempfile.TemporaryDirectory() as d:
+        g = rewrite_gguf(default_model_path(), Path(d) / "check.gguf", f32=False, layers=1)
+        r = subprocess.run([str(bin_dir / "llama-embedding"), "-m", str(g), "-p", "2 + 2 = 4",
+                            "--pooling", "mean", "-t", "1"], capture_output=True)
+    return r.returncode
+
+
+def _checked(home: Path) -> None:
+    """Check the build; rebuild without -march=native (AMX) when it dies on a signal."""
+    bin_dir = home / "build" / "bin"
+    code = _check(bin_dir)
+    if code < 0:
+        say(f"the native build died on signal {-code} (this CPU lists AMX, which faults on "
+            "some virtual machines): rebuilding ggml's CPU backend without AMX")
+        _compile(home, native=False)
+        code = _check(bin_dir)
+    if code != 0:
+        raise RuntimeError(f"{bin_dir}/llama-embedding fails on a one-layer model (exit {code})")
+    (home / "build" / CHECKED).touch()
 
 
 def build(root: Path) -> Path:
@@ -105,26 +192,16 @@ def build(root: Path) -> Path:
         say(f"unpacking {sdist.name} into {home}")
         with tarfile.open(sdist) as tar:
             tar.extractall(home, filter="data")
-    src = home / sdist.name[:-len(".tar.gz")] / "vendor" / "llama.cpp"
-    out = home / "build"
-    say(f"configuring with cmake (Release, GGML_NATIVE) in {out}")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True,
-                   stdout=subprocess.DEVNULL)
-    say(f"building {', '.join(TARGETS)} on {os.cpu_count()} cores (minutes)")
-    t = time.perf_counter()
-    subprocess.run(["cmake", "--build", str(out), "-j", str(os.cpu_count() or 1), "--target",
-                    *TARGETS], check=True, stdout=subprocess.DEVNULL)
-    say(f"built in {time.perf_counter() - t:.0f} s")
-    return out / "bin"
+    _compile(home, native=True)
+    _checked(home)
+    return home / "build" / "bin"
 
 
 @dataclass
 class Run:
     """One llama-embedding run over a list of texts."""
-    tokens: int                   # llama.cpp's prompt-eval token count
-    seconds: float                # llama.cpp's prompt-eval time
+    tokens: int                   # tokens of all texts, as llama.cpp tokenized them
+    seconds: float                # from its first batch to its end
     load_s: float
     wall_s: float
     peak_rss: int                 # bytes (the process's max RSS, mapped file pages included)
@@ -142,14 +219,18 @@ class LlamaCpp:
         self.bin = Path(bin_dir)
         r = subprocess.run([str(self.bin / "llama-embedding"), "--version"], capture_output=True,
                            text=True)
-        m = re.search(r"version: (\S+) \((\w+)\)", r.stdout + r.stderr)
-        self.version = f"b{m.group(1)} ({m.group(2)})" if m else "unknown version"
+        m = re.search(r"^version: (.*)$", r.stdout + r.stderr, re.M)
+        self.version = m.group(1).strip() if m else "unknown version"
+        sdist = next(self.bin.parent.parent.glob("llama_cpp_python-*"), None)
+        if sdist is not None:   # a cached build: name the sdist it came from
+            self.version += f", from {sdist.name}"
 
     def _run(self, cmd: list[str]) -> tuple[str, int, float]:
         """stdout+stderr, peak RSS in bytes (this child's, from wait4), wall seconds."""
+        env = {"GOMP_SPINCOUNT": "0", **os.environ}
         with tempfile.TemporaryFile() as log:
             t = time.perf_counter()
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(p.pid, 0)
             wall = time.perf_counter() - t
             p.returncode = os.waitstatus_to_exitcode(status)
@@ -168,13 +249,16 @@ class LlamaCpp:
             f.write(SEPARATOR.join(texts) + "\n")
             f.flush()
             cmd = [str(self.bin / "llama-embedding"), "-m", str(gguf), "-f", f.name,
-                   "--embd-separator", SEPARATOR, "--pooling", "mean", "-t", str(threads),
+                   "--embd-separator", SEPARATOR, "--pooling", "mean", "--attention", "causal",
+                   "-t", str(threads),
                    "-tb", str(threads), "-c", str(ctx), "-b", str(ctx), "-ub", str(ubatch),
-                   "--verbose-prompt", "--embd-output-format", "array"]
+                   "--verbose-prompt", "-lv", "4"]   # 4: the time stamps and the perf report
             out, rss, wall = self._run(cmd)
-        perf = PERF_RE.search(out)
-        if perf is None:
-            raise RuntimeError(f"no prompt eval time in llama-embedding's output:\n{out[-2000:]}")
+        first, last = FIRST_RE.search(out), LAST_RE.search(out)
+        if first is None or last is None:
+            raise RuntimeError(f"no batch or perf report in llama-embedding's output:\n{out[-2000:]}")
+        sec = [int(a) * 60 + int(b) + int(c) / 1e3 + int(d) / 1e6
+               for a, b, c, d in (first.groups(), last.groups())]
         load = LOAD_RE.search(out)
         counts = [int(c) for c in COUNT_RE.findall(out)]
         ids = [int(i) for i in TOKEN_RE.findall(out)]
@@ -183,8 +267,8 @@ class LlamaCpp:
             for c in counts:
                 per_text.append(ids[k:k + c])
                 k += c
-        return Run(int(perf.group(2)), float(perf.group(1)) / 1e3,
-                   float(load.group(1)) / 1e3 if load else 0.0, wall, rss, counts, per_text, ubatch)
+        return Run(sum(counts), sec[1] - sec[0], float(load.group(1)) / 1e3 if load else 0.0,
+                   wall, rss, counts, per_text, ubatch)
 
     def best_embed(self, gguf, texts, *, threads: int, ctx: int = 2048,
                    ubatches=(256, 512, 2048), repeats: int = 1) -> tuple[Run, list[Run]]:
