@@ -24,7 +24,7 @@ directory (about 5 GB of fp32 at 16 layers) with the default model's
 tokenizer (so both models run the same GSM8K texts) and deleted afterwards.
 
 llama.cpp (--llama-cpp; `auto` builds it into the cache when absent, see
-tests/llama_cpp.py): `llama-embedding` (mean pooling, every text, batches of
+tests/peer_llama_cpp.py): `llama-embedding` (mean pooling, every text, batches of
 up to 2048 tokens like ours, the best of ubatch 256/512/2048, each size run
 before and after this engine's runs) on the same texts with the same threads,
 timed from its first batch to its end, on GGUF files of the same weights cut
@@ -44,7 +44,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import llama_cpp
+import peer_llama_cpp as llama_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"

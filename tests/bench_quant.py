@@ -7,7 +7,7 @@ problems of rjepa_latent/samples (made into texts as `extract` makes them,
 tokenized with the default model's tokenizer, whose vocabulary the file
 carries padded to Qwen3's: the weights are random, only the shapes matter).
 With --llama-cpp, llama.cpp's prompt processing (`llama-embedding`, mean
-pooling, see tests/llama_cpp.py) of the same texts on the same file: its
+pooling, see tests/peer_llama_cpp.py) of the same texts on the same file: its
 prompt-eval tokens/s, load time and peak RSS (the process's maximum resident
 set, from wait4). It runs every layer of the file; our job stops after layer
 -2 (35 of 36 layers for 8B), so the table also gives layer-tokens/s.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-import llama_cpp
+import peer_llama_cpp as llama_cpp
 
 SHAPES = {   # hidden, intermediate, layers, heads, kv heads
     "8b": (4096, 12288, 36, 32, 8),
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--modes", default="keep,dequantize")
     ap.add_argument("--llama-cpp", default="off", metavar="off|auto|PATH",
                     help="also run llama.cpp's prompt processing on the same file and texts "
-                         "(auto: the cached build, else build one; see tests/llama_cpp.py)")
+                         "(auto: the cached build, else build one; see tests/peer_llama_cpp.py)")
     ap.add_argument("--ubatches", default="256,512", type=lambda s: [int(x) for x in s.split(",")],
                     help="llama.cpp ubatch sizes to try (best kept)")
     args = ap.parse_args()

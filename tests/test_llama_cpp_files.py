@@ -12,7 +12,7 @@ import rjepa_latent as rl
 from rjepa_latent.checkpoints.default_model import default_model_path
 
 sys.path.insert(0, os.path.dirname(__file__))
-import llama_cpp  # noqa: E402
+import peer_llama_cpp as llama_cpp  # noqa: E402
 
 TEXTS = ["Tom has 3 apples.\nHe eats one.\nHow many are left?", "2 + 2 = 4\n4 * 3 = 12"]
 
