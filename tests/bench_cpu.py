@@ -302,9 +302,9 @@ def main(argv=None) -> int:
         llama = llama_cpp.find_or_build(args.llama_cpp)
     except ValueError as e:
         p.error(str(e))
-    if not args.data:
-        p.error("--data: needed for the GSM8K texts (no test.jsonl next to the repository)")
     import rjepa_latent as rl
+    from rjepa_latent.tools.bench import default_data
+    args.data = args.data or default_data()   # what `rjepa-latent bench` reads without --data
     from rjepa_latent.checkpoints.default_model import default_model_path
     default = rl.Model(default_model_path(), device="cpu", threads=1)
     args.tokenizer, n_layers = default.tokenizer, default.config["num_layers"]
