@@ -5,14 +5,21 @@ directory (--format; rjepa_latent.testing.quantize.random_quantized_hf,
 streamed tensor by tensor: 4-bit groups of 128 or 128 x 128 FP8 blocks, a
 float16 embedding), loaded in a fresh process per mode: load time, peak RSS
 (VmHWM, against the checkpoint's size), and tokens/s of layer -2 step
-extraction (mean over each step's tokens) over word problems (question +
-steps; rjepa_latent/samples, or --data, a GSM8K jsonl whose answer lines are
-the steps), tokenized with the tiny test tokenizer: the weights are random,
-only the shapes matter.
+extraction (mean over each step's tokens) over word problems
+(rjepa_latent/samples, or --data, a GSM8K jsonl; made into texts as `extract`
+makes them, tokenized with the default model's tokenizer, whose vocabulary
+the GGUF file carries padded to Qwen3's: the weights are random, only the
+shapes matter). With --llama-cpp (GGUF only), llama.cpp's prompt processing
+(`llama-embedding`, mean pooling, see tests/peer_llama_cpp.py) of the same
+texts on the same file: its prompt-eval tokens/s, load time and peak RSS (the
+process's maximum resident set, from wait4). It runs every layer of the file;
+our job stops after layer -2 (35 of 36 layers for 8B), so the table also
+gives layer-tokens/s.
 
     python tests/bench_quant.py [--format gguf|awq|gptq|fp8] [--shape 8b|1.7b|0.6b]
                                 [--layers N] [--texts 8] [--data GSM8K.jsonl]
                                 [--threads 2] [--dir /tmp] [--modes keep,dequantize]
+                                [--llama-cpp off|auto|PATH]
 
 Shapes are Qwen3's (hidden, intermediate, heads, kv heads, head_dim 128,
 vocab 151936, tied embeddings); --layers cuts the depth (the time per layer
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +41,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import peer_llama_cpp as llama_cpp
 
 FORMATS = ("gguf", "awq", "gptq", "fp8")
 SHAPES = {   # hidden, intermediate, layers, heads, kv heads
@@ -79,8 +89,10 @@ def write_model(path: Path, shape: str, layers: int | None) -> dict:
     raw.update(intermediate_size=ff, head_dim=128)
     public, _ = checkpoint.config_from_dict(raw, f"qwen3 {shape}")
     fam = arch.for_model_type("qwen3", str(path))
+    from rjepa_latent.checkpoints.default_model import default_model_path
     w = gguf.GGUFWriter(str(path), fam.gguf_architecture)
     prefix = fam.gguf_architecture + "."
+    llama_cpp.write_fields(w, llama_cpp.padded_vocab(default_model_path(), VOCAB))
     values = {**public, "value_dim": 128, "rope_dim": 128}
     for field, key in fam.GGUF_KEYS.items():
         value = values.get(field)
@@ -165,30 +177,19 @@ print(json.dumps({"weights": m.weights, "load_s": load, "import_rss": base,
 """
 
 
-def workload(path: Path, n_texts: int, data: str | None) -> Path:
+def workload(path: Path, n_texts: int, data: str | None
+             ) -> tuple[Path, list[str], list[list[int]]]:
     """Token ids and step spans of the sample word problems, or of a GSM8K
-    jsonl (question, then one span per step), as JSON for the child processes."""
-    from rjepa_latent.testing.models import tokenizer
-    tok = tokenizer(320)
-    here = Path(data) if data else \
-        Path(__file__).resolve().parent.parent / "rjepa_latent" / "samples" / "word_problems.jsonl"
-    records = [json.loads(line) for line in here.read_text().splitlines() if line.strip()]
-    for rec in records:     # GSM8K: the answer's lines before "#### N" are the steps
-        if "steps" not in rec:
-            rec["steps"] = [ln for ln in rec["answer"].split("\n") if not ln.startswith("####")]
-    seqs, spans = [], []
-    for rec in (records * (n_texts // len(records) + 1))[:n_texts]:
-        ids = tok.encode(rec["question"]).ids
-        sp = []
-        for step in rec["steps"]:
-            piece = tok.encode(" " + step, add_special_tokens=False).ids
-            sp.append([len(ids), len(ids) + len(piece)])
-            ids += piece
-        seqs.append(ids)
-        spans.append(sp)
+    jsonl, as JSON for the child processes, with the texts and ids for llama.cpp."""
+    import rjepa_latent as rl
+    from rjepa_latent.checkpoints.default_model import default_model_path
+    from rjepa_latent.tools.bench import default_data
+    m = rl.Model(default_model_path(), device="cpu", threads=1)
+    texts, seqs, spans = llama_cpp.workload_texts(data or default_data(), m.tokenizer, n_texts, None)
+    m.close()
     out = path.parent / "texts.json"
-    out.write_text(json.dumps([seqs, spans]))
-    return out
+    out.write_text(json.dumps([seqs, [s.tolist() for s in spans]]))
+    return out, texts, seqs
 
 
 def available_bytes() -> int:
@@ -208,8 +209,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--modes", default="keep,dequantize")
+    ap.add_argument("--llama-cpp", default="off", metavar="off|auto|PATH",
+                    help="also run llama.cpp's prompt processing on the same GGUF file and texts "
+                         "(auto: the cached build, else build one; see tests/peer_llama_cpp.py)")
+    ap.add_argument("--ubatches", default="256,512", type=lambda s: [int(x) for x in s.split(",")],
+                    help="llama.cpp ubatch sizes to try (best kept)")
     args = ap.parse_args()
     from rjepa_latent import memory_plan
+    if args.llama_cpp != "off" and args.format != "gguf":
+        ap.error("--llama-cpp runs GGUF files only: use --format gguf")
+    try:
+        llama = llama_cpp.find_or_build(args.llama_cpp)
+    except ValueError as e:
+        ap.error(str(e))
     tmp = Path(tempfile.mkdtemp(prefix="rjepa-bench-quant-", dir=args.dir))
     if args.format == "gguf":
         path = tmp / f"qwen3-{args.shape}-Q4_K_M.gguf"
@@ -225,10 +237,12 @@ def main() -> None:
             size = sum(p.stat().st_size for p in path.iterdir())
         print(f"wrote {path.name}: {size / 2**30:.2f} GiB, {public['num_layers']} layers, "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        texts = workload(path, args.texts, args.data)
+        texts, strings, ids = workload(path, args.texts, args.data)
+        n_layers = public["num_layers"]
         print("| mode | load s | peak RSS GiB (after import) | peak RSS / file | weights GiB | "
-              "tokens | tokens/s |")
-        print("|---|---|---|---|---|---|---|")
+              "tokens | tokens/s | layers run | layer-tokens/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        ours = None
         for mode in args.modes.split(","):
             plan = memory_plan(path, device="cpu", max_batch_tokens=2048, weights=mode,
                                device_memory=available_bytes())
@@ -243,13 +257,29 @@ def main() -> None:
                 print(f"| {mode} | failed: {r.stderr.strip().splitlines()[-1:]} |", flush=True)
                 continue
             s = json.loads(r.stdout.strip().splitlines()[-1])
+            ours = ours or s
             print(f"| {s['weights']} | {s['load_s']:.1f} | {s['peak_rss'] / 2**30:.2f} "
                   f"({(s['peak_rss'] - s['import_rss']) / 2**30:.2f}) | "
                   f"{s['peak_rss'] / size:.2f} | {s['weight_bytes'] / 2**30:.2f} | {s['tokens']} | "
-                  f"{s['tokens_per_s']:.1f} |", flush=True)
+                  f"{s['tokens_per_s']:.1f} | {n_layers - 1} | "
+                  f"{s['tokens_per_s'] * (n_layers - 1):.0f} |", flush=True)
             print(f"<!-- {mode}: after load RSS {s['load_rss'] / 2**30:.2f} GiB (file-backed "
                   f"{s['load_rss_file'] / 2**30:.2f}), peak during load "
                   f"{s['load_peak_rss'] / 2**30:.2f} GiB -->", flush=True)
+        if llama is not None:
+            best, runs = llama.best_embed(path, strings, threads=args.threads,
+                                          ubatches=args.ubatches)
+            print(f"| llama.cpp {llama.version}, ubatch {best.ubatch} | {best.load_s:.1f} | "
+                  f"{best.peak_rss / 2**30:.2f} | {best.peak_rss / size:.2f} | | {best.tokens} | "
+                  f"{best.tokens_per_s:.1f} | {n_layers} | {best.tokens_per_s * n_layers:.0f} |")
+            print("\nllama.cpp: " + llama_cpp.check_tokens(best, ids) + "; tokens/s of its runs: "
+                  + ", ".join(f"ubatch {r.ubatch} {r.tokens_per_s:.1f}" for r in runs))
+            if ours:
+                print(f"ours ({ours['weights']}) / llama.cpp: "
+                      f"{ours['tokens_per_s'] / best.tokens_per_s:.2f}x in tokens/s, "
+                      f"{ours['tokens_per_s'] * (n_layers - 1) / (best.tokens_per_s * n_layers):.2f}x"
+                      f" in layer-tokens/s; peak RSS {ours['peak_rss'] / best.peak_rss:.2f}x")
+            print(f"load average: {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
