@@ -362,6 +362,8 @@ static void pack_kt(float *kt, const float *k, int64_t W, int64_t hd, int64_t nk
             int64_t j = p * KP + l;
             if (j < nk) {
                 const float *src = k + j * W;
+                if (j + 8 < nk)   /* rows are W apart: fetch ahead of the strided walk */
+                    for (int64_t d = 0; d < hd; d += 16) __builtin_prefetch(src + 8 * W + d);
                 for (int64_t d = 0; d < hd; d++) dst[d * KP + l] = src[d];
             } else {
                 for (int64_t d = 0; d < hd; d++) dst[d * KP + l] = 0.0f;
