@@ -6,11 +6,11 @@
  *   kernel reads.
  * - The CPU backend has no dequantization op (its memory is host memory):
  *   rows are dequantized here with quant.c / quant_hf.c, split across OpenMP
- *   threads by blocks of rows, each block packed at once into the scratch in
- *   the layout its GEMM reads (gemm_builtin.h's column panels; row-major
- *   with OpenBLAS). A device
- *   backend dequantizes with its own op (be->dequant_rows, into its weight
- *   dtype); one without it cannot keep weights quantized and says so.
+ *   threads by blocks of rows, into the scratch in the layout its GEMM reads
+ *   (with the own GEMM each block is packed into its column panels at once;
+ *   row-major with OpenBLAS). A device backend dequantizes with its own op
+ *   (be->dequant_rows, into its weight dtype); one without it cannot keep
+ *   weights quantized and says so.
  * - A tensor of several parts (AWQ, GPTQ, FP8 block scales: quant_hf.h) is
  *   one allocation, each part at a 64-byte aligned offset, so part[0] is
  *   what is freed and checked for residency, as for a GGUF tensor.
@@ -273,19 +273,15 @@ static rl_status dequant_packed(rl_qweights *qw, rl_backend *be, const rl_qtenso
 {
     const int64_t A = rl_backend_gemm_row_align(be), cols = q->cols;
     const int64_t r_end = row0 + q->rows, first = row0 / A, nb = (r_end - 1) / A - first + 1;
-    int failed = 0, team = 1;
+    int failed = 0, oom = 0, team = 1;
     char err[256] = "";
-#pragma omp parallel num_threads(rl_backend_cpu_threads(be)) reduction(|:failed) \
+#pragma omp parallel num_threads(rl_backend_cpu_threads(be)) reduction(|:failed, oom) \
     if (q->rows * cols > 65536)
     {
 #pragma omp single nowait
         team = omp_get_num_threads();
         float *rows = malloc((size_t)(A * cols) * sizeof *rows);
-        if (!rows) {
-            failed = 1;
-#pragma omp critical
-            snprintf(err, sizeof err, "out of host memory (%lld rows)", (long long)A);
-        }
+        if (!rows) oom = 1;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; b++) {
             if (!rows) continue;
@@ -298,11 +294,13 @@ static rl_status dequant_packed(rl_qweights *qw, rl_backend *be, const rl_qtenso
                 snprintf(err, sizeof err, "%s", e_msg);
                 continue;
             }
-            if (be->gemm_pack_rows(be, out, N, cols, a, rows, RL_F32, e - a) != RL_OK) failed = 1;
+            if (be->gemm_pack_rows(be, out, N, cols, a, rows, RL_F32, e - a) != RL_OK) oom = 1;
         }
         free(rows);
     }
     saw_team(qw, team);
+    if (oom) return RL_FAIL(RL_ERR_NOMEM, "out of host memory (dequantizing %lld rows at a time)",
+                            (long long)A);
     if (failed) return RL_FAIL(RL_ERR_INVALID, "dequantize: %s", err);
     return RL_OK;
 }
