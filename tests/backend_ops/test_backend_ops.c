@@ -1472,7 +1472,7 @@ static int case_dequant(tctx *t, const tcase *c)
     for (int k = 0; k < 2; k++) {
         const int64_t r0 = ranges[k][0], r1 = ranges[k][1], n = (r1 - r0) * cols;
         float *want = hf((size_t)n), *got = hf((size_t)n);
-        if (rl_dequant_hf_rows_f32(&q, r0, r1, want, err, sizeof err)) {
+        if (rl_dequant_hf_rows_f32(&q, r0, r1, want, 1, NULL, err, sizeof err)) {
             fail_msg(t->r, "CPU dequantization: %s", err);
             return 0;
         }
@@ -1490,7 +1490,7 @@ static int case_dequant(tctx *t, const tcase *c)
     tok[0] = (int32_t)(rows - 1);
     float *all = hf((size_t)(rows * cols)), *want = hf((size_t)(T * cols));
     float *got = hf((size_t)(T * cols));
-    if (rl_dequant_hf_rows_f32(&q, 0, rows, all, err, sizeof err)) {
+    if (rl_dequant_hf_rows_f32(&q, 0, rows, all, 1, NULL, err, sizeof err)) {
         fail_msg(t->r, "CPU dequantization: %s", err);
         return 0;
     }
