@@ -40,7 +40,9 @@
 
 #define MR_MAX 12
 #define NR_MAX 32
+#ifndef GROUP_BYTES
 #define GROUP_BYTES (384 * 1024)   /* packed panels of one group: about a third of L2 */
+#endif
 #define STACK_FLOATS 8192          /* packed panels this small live on the stack */
 #define MC 192                     /* rows per job: a multiple of every MR */
 #define JOBS_PER_THREAD 4
@@ -54,7 +56,13 @@ typedef struct {
     int64_t ldc, mr, nr;
 } epi_args;
 
-typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e);
+/* A kernel sums k over [0, K) of its A and P: starting from zeros (in ==
+ * NULL) or from the fp32 partial sums of the earlier K blocks (in, an MR x
+ * NR tile); ending with the epilogue (out == NULL) or storing its sums to out
+ * for the next block. Storing and reloading an fp32 sum is exact, so the fma
+ * chain of every element is the unblocked one. */
+typedef void (*kern_fn)(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e,
+                        const float *in, float *out);
 
 /* The epilogue in C: t = alpha * acc; t = t + bias; c = t | c + t | beta * c
  * + t, one rounding each (-ffp-contract=off). The vector kernels apply the
@@ -86,11 +94,13 @@ static void epilogue(const float *tile, int NR, const epi_args *e)
 #if defined(RL_GEMM_X86) && defined(__linux__)
 __attribute__((target_clones("fma", "default")))
 #endif
-static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e)
+static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P, const epi_args *e,
+                         const float *in, float *out)
 {
     enum { MR = 4, NR = 16 };
     float acc[MR][NR];
-    memset(acc, 0, sizeof acc);
+    if (in) memcpy(acc, in, sizeof acc);
+    else memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < K; k++) {
         const float *p = P + k * NR;
         for (int i = 0; i < MR; i++) {
@@ -98,7 +108,8 @@ static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P,
             for (int j = 0; j < NR; j++) acc[i][j] = fmaf(x, p[j], acc[i][j]);
         }
     }
-    epilogue(&acc[0][0], NR, e);
+    if (out) memcpy(out, acc, sizeof acc);
+    else epilogue(&acc[0][0], NR, e);
 }
 
 #ifdef RL_GEMM_X86
@@ -120,13 +131,18 @@ static void kern_generic(int64_t K, const float *A, int64_t lda, const float *P,
     } while (0)
 
 __attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float *A, int64_t lda,
-                                                           const float *P, const epi_args *e)
+                                                           const float *P, const epi_args *e,
+                                                           const float *in, float *out)
 {
     /* 6 x 16: 12 accumulators, 2 B vectors, 1 broadcast of the 16 ymm */
     const float *a0 = A, *a1 = A + lda, *a2 = a1 + lda, *a3 = a2 + lda, *a4 = a3 + lda,
                 *a5 = a4 + lda;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define TILE(i)                                                                             \
+    c##i##0 = _mm256_loadu_ps(in + 16 * i), c##i##1 = _mm256_loadu_ps(in + 16 * i + 8);
+    if (in) { TILE(0) TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) }
+#undef TILE
     for (int64_t k = 0; k < K; k++) {
         const __m256 b0 = _mm256_loadu_ps(P + k * 16), b1 = _mm256_loadu_ps(P + k * 16 + 8);
         __m256 x;
@@ -136,6 +152,12 @@ __attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float
         c##i##1 = _mm256_fmadd_ps(x, b1, c##i##1);
         ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
+    }
+    if (out) {
+#define TILE(i) _mm256_storeu_ps(out + 16 * i, c##i##0), _mm256_storeu_ps(out + 16 * i + 8, c##i##1);
+        TILE(0) TILE(1) TILE(2) TILE(3) TILE(4) TILE(5)
+#undef TILE
+        return;
     }
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i m[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32((int)e->nr), lane),
@@ -156,11 +178,19 @@ __attribute__((target("avx2,fma"))) static void kern_avx2(int64_t K, const float
 }
 
 __attribute__((target("avx512f"))) static void kern_avx512(int64_t K, const float *A, int64_t lda,
-                                                            const float *P, const epi_args *e)
+                                                            const float *P, const epi_args *e,
+                                                            const float *in, float *out)
 {
     /* 12 x 32: 24 accumulators, 2 B vectors, 1 broadcast of the 32 zmm */
     __m512 c[12][2];
-    for (int i = 0; i < 12; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++)
+        if (in) {
+            c[i][0] = _mm512_loadu_ps(in + 32 * i);
+            c[i][1] = _mm512_loadu_ps(in + 32 * i + 16);
+        } else {
+            c[i][0] = c[i][1] = _mm512_setzero_ps();
+        }
     for (int64_t k = 0; k < K; k++) {
         const __m512 b0 = _mm512_loadu_ps(P + k * 32), b1 = _mm512_loadu_ps(P + k * 32 + 16);
 #pragma GCC unroll 12
@@ -169,6 +199,14 @@ __attribute__((target("avx512f"))) static void kern_avx512(int64_t K, const floa
             c[i][0] = _mm512_fmadd_ps(x, b0, c[i][0]);
             c[i][1] = _mm512_fmadd_ps(x, b1, c[i][1]);
         }
+    }
+    if (out) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) {
+            _mm512_storeu_ps(out + 32 * i, c[i][0]);
+            _mm512_storeu_ps(out + 32 * i + 16, c[i][1]);
+        }
+        return;
     }
     const int nr = (int)e->nr;
     const __mmask16 m[2] = {(__mmask16)(nr >= 16 ? 0xffffu : (1u << nr) - 1u),
@@ -330,11 +368,18 @@ static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t
     const int nt = 1;
     (void)n_threads;
 #endif
-    /* jobs: a group of panels (fitting GROUP_BYTES) times a chunk of MC rows;
-     * at least JOBS_PER_THREAD per thread, taken dynamically, so a thread
-     * slowed by other processes does not hold the rest up (which thread
-     * computes what never changes a bit) */
-    int64_t fit = GROUP_BYTES / (panel_floats * 4);
+    /* K blocks: for K > RL_GEMM_KMIN, the k range is cut into equal blocks
+     * of at most RL_GEMM_KC; a job runs block by block, so the group's B block
+     * (G x kc x NR) stays in L2 across the job's row slices and each slice's A
+     * block in L1 across the group's panels. */
+    const int64_t nkb = K > RL_GEMM_KMIN ? (K + RL_GEMM_KC - 1) / RL_GEMM_KC : 1;
+    const int64_t kc = (Kp + nkb - 1) / nkb;
+    const int blocked = kc < Kp;
+    /* jobs: a group of panels (a B block fitting GROUP_BYTES) times a chunk
+     * of MC rows; at least JOBS_PER_THREAD per thread, taken dynamically, so
+     * a thread slowed by other processes does not hold the rest up (which
+     * thread computes what never changes a bit) */
+    int64_t fit = GROUP_BYTES / (kc * NR * 4);
     if (fit < 1) fit = 1;
     const int64_t mchunks = (M + MC - 1) / MC;
     int64_t want_groups = ((int64_t)nt * JOBS_PER_THREAD + mchunks - 1) / mchunks;
@@ -347,18 +392,22 @@ static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t
     {
         float stack_p[STACK_FLOATS] __attribute__((aligned(64)));
         float stack_a[MR_MAX * 256] __attribute__((aligned(64)));
-        const size_t p_floats = pre ? 0 : (size_t)(G * panel_floats), a_floats = (size_t)(MR * Kp);
-        float *P = stack_p, *Ab = stack_a;
+        const size_t p_floats = pre ? 0 : (size_t)(G * panel_floats), a_floats = (size_t)(MR * kc);
+        /* the partial sums of a job's tiles between K blocks */
+        const size_t t_floats = blocked ? (size_t)(MC * G * NR) : 0;
+        float *P = stack_p, *Ab = stack_a, *T = NULL;
         if (p_floats > STACK_FLOATS && posix_memalign((void **)&P, 64, p_floats * 4) != 0)
             P = NULL;
         if (a_floats > sizeof stack_a / 4 && posix_memalign((void **)&Ab, 64, a_floats * 4) != 0)
             Ab = NULL;
-        if (!P || !Ab) failed = 1;
+        if (t_floats && posix_memalign((void **)&T, 64, t_floats * 4) != 0) T = NULL;
+        const int ok = P && Ab && (T || !blocked);
+        if (!ok) failed = 1;
         int64_t packed = -1;                          /* the group P holds */
         /* every thread reaches the worksharing loop, also one without scratch */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t job = 0; job < jobs; job++) {
-            if (!P || !Ab) continue;
+            if (!ok) continue;
             const int64_t g = job / mchunks, p0 = g * G, np = panels - p0 < G ? panels - p0 : G;
             const float *Pg = pre ? pre + p0 * panel_floats : P;
             if (!pre && g != packed) {
@@ -370,27 +419,37 @@ static int gemm_driver(rl_cpu_isa isa, int transb, int64_t M, int64_t N, int64_t
                 }
                 packed = g;
             }
-            const int64_t m_end = (job % mchunks + 1) * MC < M ? (job % mchunks + 1) * MC : M;
-            for (int64_t m0 = job % mchunks * MC; m0 < m_end; m0 += MR) {
-                const int64_t mr = m_end - m0 < MR ? m_end - m0 : MR;
-                const float *a = A + m0 * lda;
-                int64_t la = lda;
-                if (mr < MR || K == 0) {                /* a zero-padded copy of the last rows */
-                    memset(Ab, 0, a_floats * 4);
-                    for (int64_t i = 0; i < mr; i++) memcpy(Ab + i * Kp, a + i * lda, (size_t)K * 4);
-                    a = Ab;
-                    la = Kp;
-                }
-                for (int64_t q = 0; q < np; q++) {
-                    const int64_t n0 = (p0 + q) * NR, nr = N - n0 < NR ? N - n0 : NR;
-                    const epi_args e = {alpha, beta, bias ? bias + n0 : NULL, C + m0 * ldc + n0,
-                                        ldc, mr, nr};
-                    ki->fn(Kp, a, la, Pg + q * panel_floats, &e);
+            const int64_t m_beg = job % mchunks * MC;
+            const int64_t m_end = m_beg + MC < M ? m_beg + MC : M;
+            for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+                const int64_t kl = Kp - k0 < kc ? Kp - k0 : kc;
+                for (int64_t m0 = m_beg; m0 < m_end; m0 += MR) {
+                    const int64_t mr = m_end - m0 < MR ? m_end - m0 : MR;
+                    const float *a = A + m0 * lda + k0;
+                    int64_t la = lda;
+                    if (mr < MR || K == 0) {            /* a zero-padded copy of the last rows */
+                        const int64_t kn = K - k0 < kl ? K - k0 : kl;
+                        memset(Ab, 0, a_floats * 4);
+                        for (int64_t i = 0; i < mr; i++)
+                            memcpy(Ab + i * kl, a + i * lda, (size_t)kn * 4);
+                        a = Ab;
+                        la = kl;
+                    }
+                    float *tiles = T ? T + (m0 - m_beg) / MR * (G * MR * NR) : NULL;
+                    for (int64_t q = 0; q < np; q++) {
+                        const int64_t n0 = (p0 + q) * NR, nr = N - n0 < NR ? N - n0 : NR;
+                        const epi_args e = {alpha, beta, bias ? bias + n0 : NULL,
+                                            C + m0 * ldc + n0, ldc, mr, nr};
+                        float *t = tiles ? tiles + q * (MR * NR) : NULL;
+                        ki->fn(kl, a, la, Pg + q * panel_floats + k0 * NR, &e,
+                               k0 > 0 ? t : NULL, k0 + kl < Kp ? t : NULL);
+                    }
                 }
             }
         }
         if (P != stack_p) free(P);
         if (Ab != stack_a) free(Ab);
+        free(T);
     }
     return failed ? -1 : 0;
 }

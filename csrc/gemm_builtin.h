@@ -26,6 +26,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* K blocking: a K longer than RL_GEMM_KMIN is summed in ceil(K / RL_GEMM_KC)
+ * equal blocks, the fp32 partial sums stored and reloaded between blocks (the
+ * same bits as one pass); here for the tests that cut K at the block edges. */
+#ifndef RL_GEMM_KC
+#define RL_GEMM_KC 512
+#endif
+#define RL_GEMM_KMIN 768
+
 typedef enum {
     RL_ISA_GENERIC = 0,   /* portable C, fmaf                     */
     RL_ISA_AVX2 = 1,      /* AVX2 + FMA, 6 x 16 register tile     */

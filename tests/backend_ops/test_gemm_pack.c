@@ -5,7 +5,9 @@
  * width, K = 0 and 1, M = 1, a bias, beta 0, 1 and otherwise, 1 and 3
  * threads); a weight packed in pieces (the parts of a fused matrix, any
  * order) equals one packed whole, padding included; every ISA gives the
- * same bits. Built with csrc/gemm_builtin.c alone (tests/test_cpu_gemm_isa.py).
+ * same bits; and all of them equal a plain C loop in the contract's order
+ * (fmaf over k from 0, then the epilogue), also for a K summed in blocks
+ * (K at and around the block edges: RL_GEMM_KMIN, RL_GEMM_KC multiples). Built with csrc/gemm_builtin.c alone (tests/test_cpu_gemm_isa.py).
  * Prints one line per ISA; exit status 0 when everything held. */
 #include "gemm_builtin.h"
 
@@ -41,12 +43,30 @@ static void fail(const char *isa, const char *what, int64_t M, int64_t N, int64_
                (long long)M, (long long)N, (long long)K, bias, beta, nt);
 }
 
+/* The contract's order, one element at a time (-ffp-contract=off). */
+static void reference(int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                      const float *W, const float *bias, float beta, float *C)
+{
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc = fmaf(A[m * K + k], W[n * K + k], acc);
+            float t = alpha * acc;
+            if (bias) t = t + bias[n];
+            float *c = C + m * N + n;
+            *c = beta == 0.0f ? t : beta == 1.0f ? *c + t : beta * *c + t;
+        }
+}
+
 int main(void)
 {
     static const int64_t shapes[][3] = {
         {1, 1, 1},    {1, 33, 1},    {7, 17, 5},     {13, 70, 31},  {12, 32, 64},
         {25, 100, 577}, {200, 45, 3}, {193, 65, 129}, {1, 960, 576}, {5, 40, 0},
         {37, 3, 1536}, {400, 97, 96},
+        /* K blocked (> RL_GEMM_KMIN) in ceil(K / RL_GEMM_KC) blocks, or just not */
+        {13, 45, RL_GEMM_KMIN}, {13, 45, RL_GEMM_KMIN + 1}, {25, 70, 2 * RL_GEMM_KC},
+        {200, 33, 2 * RL_GEMM_KC + 1}, {7, 100, 3 * RL_GEMM_KC - 1}, {3, 40, 5 * RL_GEMM_KC + 3},
     };
     static const float betas[] = {0.0f, 1.0f, 0.5f};
     enum { NS = sizeof shapes / sizeof shapes[0] };
@@ -95,6 +115,10 @@ int main(void)
                             fail(name, "a GEMM failed", M, N, K, b, betas[e], nt);
                         else if (memcmp(ref, got, (size_t)(M * N) * 4) != 0)
                             fail(name, "packed ahead != packed in the call", M, N, K, b, betas[e], nt);
+                        memcpy(ref, C0, (size_t)(M * N) * 4);
+                        reference(M, N, K, alpha, A, W, b ? bias : NULL, betas[e], ref);
+                        if (memcmp(ref, got, (size_t)(M * N) * 4) != 0)
+                            fail(name, "not the plain loop's bits", M, N, K, b, betas[e], nt);
                         if (nt == 1 && !first[s][b][e]) first[s][b][e] = got;
                         else {
                             if (nt == 1 && memcmp(first[s][b][e], got, (size_t)(M * N) * 4) != 0)
