@@ -12,11 +12,17 @@
  *   invariant) and the blocking; an unavailable ISA falls back to the portable
  *   kernel with the same bits.
  * - GotoBLAS-style blocking, simplified: op(B) is in column panels [K][NR]
- *   (zero-padded), a group of panels sized for L2 at a time: packed by the
- *   caller once (rl_gemm_pack_b, a weight at load) or per call into thread
- *   scratch; each MR-row slice of A is swept over the group with an MR x NR
- *   register tile that holds the whole K sum (no partial sums in memory), so
- *   the A slice is reused from L1 across the group's panels.
+ *   (zero-padded), a group of panels at a time: packed by the caller once
+ *   (rl_gemm_pack_b, a weight at load) or per call into thread scratch; each
+ *   MR-row slice of A is swept over the group with an MR x NR register tile,
+ *   so the A slice is reused from L1 across the group's panels. K up to
+ *   RL_GEMM_KMIN: the tile holds the whole K sum. A longer K is summed in
+ *   equal blocks of at most RL_GEMM_KC (k range [k0, k0 + kc) of a panel is
+ *   contiguous: P + k0 * NR), looping per job: K block, row slice, panel; the
+ *   group's B block (sized for L2) is reused across the slices, and between
+ *   blocks the tile's fp32 sums go to a per-thread scratch and come back
+ *   (exact, so the fma chain is unchanged); the epilogue runs after the last
+ *   block only, so C (beta != 0) is read once as before.
  * - Threads take jobs of (panel group, MC rows) dynamically: no reduction is
  *   split, so the split never changes a bit.
  * - The micro-kernels use intrinsics under target attributes, chosen at run
@@ -40,9 +46,7 @@
 
 #define MR_MAX 12
 #define NR_MAX 32
-#ifndef GROUP_BYTES
-#define GROUP_BYTES (384 * 1024)   /* packed panels of one group: about a third of L2 */
-#endif
+#define GROUP_BYTES (384 * 1024)   /* B block of one group (K block x panels): about a fifth of L2 */
 #define STACK_FLOATS 8192          /* packed panels this small live on the stack */
 #define MC 192                     /* rows per job: a multiple of every MR */
 #define JOBS_PER_THREAD 4

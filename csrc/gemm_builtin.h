@@ -29,9 +29,7 @@
 /* K blocking: a K longer than RL_GEMM_KMIN is summed in ceil(K / RL_GEMM_KC)
  * equal blocks, the fp32 partial sums stored and reloaded between blocks (the
  * same bits as one pass); here for the tests that cut K at the block edges. */
-#ifndef RL_GEMM_KC
 #define RL_GEMM_KC 512
-#endif
 #define RL_GEMM_KMIN 768
 
 typedef enum {
