@@ -28,9 +28,10 @@
 
 /* K blocking: a K longer than RL_GEMM_KMIN is summed in ceil(K / RL_GEMM_KC)
  * equal blocks, the fp32 partial sums stored and reloaded between blocks (the
- * same bits as one pass); here for the tests that cut K at the block edges. */
+ * same bits as one pass; measured to gain only once a panel outgrows L2's
+ * share); here for the tests that cut K at the block edges. */
 #define RL_GEMM_KC 512
-#define RL_GEMM_KMIN 768
+#define RL_GEMM_KMIN 4096
 
 typedef enum {
     RL_ISA_GENERIC = 0,   /* portable C, fmaf                     */

@@ -7,7 +7,8 @@
  * order) equals one packed whole, padding included; every ISA gives the
  * same bits; and all of them equal a plain C loop in the contract's order
  * (fmaf over k from 0, then the epilogue), also for a K summed in blocks
- * (K at and around the block edges: RL_GEMM_KMIN, RL_GEMM_KC multiples). Built with csrc/gemm_builtin.c alone (tests/test_cpu_gemm_isa.py).
+ * (K at and around the block edges: RL_GEMM_KMIN, RL_GEMM_KC multiples).
+ * Built with csrc/gemm_builtin.c alone (tests/test_cpu_gemm_isa.py).
  * Prints one line per ISA; exit status 0 when everything held. */
 #include "gemm_builtin.h"
 
@@ -64,9 +65,9 @@ int main(void)
         {1, 1, 1},    {1, 33, 1},    {7, 17, 5},     {13, 70, 31},  {12, 32, 64},
         {25, 100, 577}, {200, 45, 3}, {193, 65, 129}, {1, 960, 576}, {5, 40, 0},
         {37, 3, 1536}, {400, 97, 96},
-        /* K blocked (> RL_GEMM_KMIN) in ceil(K / RL_GEMM_KC) blocks, or just not */
-        {13, 45, RL_GEMM_KMIN}, {13, 45, RL_GEMM_KMIN + 1}, {25, 70, 2 * RL_GEMM_KC},
-        {200, 33, 2 * RL_GEMM_KC + 1}, {7, 100, 3 * RL_GEMM_KC - 1}, {3, 40, 5 * RL_GEMM_KC + 3},
+        /* K blocked (> RL_GEMM_KMIN) in ceil(K / RL_GEMM_KC) equal blocks, or just not */
+        {13, 45, RL_GEMM_KMIN}, {13, 45, RL_GEMM_KMIN + 1}, {25, 40, 9 * RL_GEMM_KC},
+        {200, 17, 9 * RL_GEMM_KC + 1}, {7, 33, 12 * RL_GEMM_KC - 1},
     };
     static const float betas[] = {0.0f, 1.0f, 0.5f};
     enum { NS = sizeof shapes / sizeof shapes[0] };
