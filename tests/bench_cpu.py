@@ -14,12 +14,14 @@ with RJEPA_CPU_PROFILE=1 so the engine reports the time its GEMMs took. HF
 runs in the first configuration's process; the ratios compare numbers of
 runs made one after the other on the same machine, so run it on a quiet one.
 
-Peak = cores x GHz x FMA units per core x lanes (8 fp32 for AVX2, 16 for
-AVX-512) x 2 flops per FMA. GHz is read from /proc/cpuinfo ("cpu MHz", the
-current clock; give --ghz for the sustained all-core clock) and FMA units
-default to 2 (two 256-bit FMA pipes: Haswell and later, Zen 2 and later;
-Zen 4 runs AVX-512 on the same two 256-bit pipes, so give --avx512-lanes 8
-there). The 1B-shape model is written with random weights into a temporary
+The FMA peak is measured: a small C program (compiled with the system's cc,
+OpenMP, one per thread) runs 12 independent chains of vector FMAs per ISA
+(AVX2 and AVX-512 where the CPU has them) on the bench's thread count, which
+is what the CPU sustains with its turbo on this many cores. With --ghz the
+nominal formula is used instead: cores x GHz x FMA units per core x lanes (8
+fp32 for AVX2, 16 for AVX-512) x 2 flops per FMA (FMA units default to 2: two
+256-bit FMA pipes, Haswell and later, Zen 2 and later; Zen 4 runs AVX-512 on
+the same two 256-bit pipes, so give --avx512-lanes 8 there). The 1B-shape model is written with random weights into a temporary
 directory (about 5 GB of fp32 at 16 layers) with the default model's
 tokenizer (so both models run the same GSM8K texts) and deleted afterwards.
 
@@ -115,12 +117,73 @@ def write_llama_gguf(model, path: str, keep: int) -> None:
     w.close()
 
 
-def cpu_ghz() -> float:
-    try:
-        mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
-        return max(mhz) / 1000.0 if mhz else 0.0
-    except OSError:
-        return 0.0
+FMA_LOOP = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define CHAINS 12
+__attribute__((target("avx512f"))) static float run512(long n)
+{
+    __m512 a[CHAINS], b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
+    for (int i = 0; i < CHAINS; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long k = 0; k < n; k++)
+        for (int i = 0; i < CHAINS; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    float s = 0;
+    for (int i = 0; i < CHAINS; i++) s += _mm512_reduce_add_ps(a[i]);
+    return s;
+}
+__attribute__((target("avx2,fma"))) static float run256(long n)
+{
+    __m256 a[CHAINS], b = _mm256_set1_ps(1.0000001f), c = _mm256_set1_ps(1e-7f);
+    for (int i = 0; i < CHAINS; i++) a[i] = _mm256_set1_ps((float)i);
+    for (long k = 0; k < n; k++)
+        for (int i = 0; i < CHAINS; i++) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    float t[8], s = 0;
+    for (int i = 0; i < CHAINS; i++) {
+        _mm256_storeu_ps(t, a[i]);
+        for (int j = 0; j < 8; j++) s += t[j];
+    }
+    return s;
+}
+int main(int argc, char **argv)
+{
+    int threads = atoi(argv[1]);
+    for (int wide = 0; wide < 2; wide++) {
+        if (wide ? !__builtin_cpu_supports("avx512f") : !__builtin_cpu_supports("fma")) continue;
+        long n = wide ? 50000000 : 100000000;
+        double best = 0, sink = 0;
+        for (int rep = 0; rep < 3; rep++) {
+            double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+            sink += wide ? run512(n) : run256(n);
+            double flops = (double)threads * n * CHAINS * (wide ? 16 : 8) * 2;
+            double g = flops / (omp_get_wtime() - t0) * 1e-9;
+            if (g > best) best = g;
+        }
+        printf("%s %.1f %d\n", wide ? "avx512" : "avx2", best, sink != 0.0);
+    }
+    return 0;
+}
+"""
+
+
+def measured_peak(threads: int) -> dict[str, float]:
+    """GFLOP/s of independent FMA chains per ISA on `threads` threads, or {}
+    when the program cannot be built here (no cc, not x86-64)."""
+    import shutil
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="rjepa-fma-") as d:
+        src, exe = Path(d) / "fma.c", Path(d) / "fma"
+        src.write_text(FMA_LOOP)
+        r = subprocess.run([cc, "-O3", "-funroll-loops", "-fopenmp", str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return {}
+        r = subprocess.run([str(exe), str(threads)], capture_output=True, text=True)
+    return {line.split()[0]: float(line.split()[1]) for line in r.stdout.splitlines()}
 
 
 def openblas_core_of_numpy() -> str:
@@ -213,14 +276,21 @@ def bench_model(name: str, path: str | None, args, tmp: Path, llama=None,
 
 
 def peak_gflops(args, isa: str) -> float:
+    if args.ghz is None:   # measured; the portable kernel and OpenBLAS rows against AVX2's
+        return args.peak.get(isa, args.peak.get("avx2", 0.0))
     lanes = args.avx512_lanes if isa == "avx512" else 8 if isa == "avx2" else 1
     return args.threads * args.ghz * args.fma_units * lanes * 2
 
 
 def report(rows: list[dict], args) -> str:
-    lines = [f"threads {args.threads}; peak = {args.threads} cores x {args.ghz:.2f} GHz x "
-             f"{args.fma_units} FMA units x lanes (avx2 8, avx512 {args.avx512_lanes}) x 2; "
-             f"numpy's OpenBLAS: {openblas_core_of_numpy()}", ""]
+    if args.ghz is None:
+        how = ("measured FMA peak on " + f"{args.threads} threads: " +
+               (", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in args.peak.items())
+                or "could not be measured (no C compiler?): give --ghz"))
+    else:
+        how = (f"peak = {args.threads} cores x {args.ghz:.2f} GHz x {args.fma_units} FMA units x "
+               f"lanes (avx2 8, avx512 {args.avx512_lanes}) x 2")
+    lines = [f"threads {args.threads}; {how}; numpy's OpenBLAS: {openblas_core_of_numpy()}", ""]
     for model in dict.fromkeys(r["model_label"] for r in rows):
         rs = [r for r in rows if r["model_label"] == model and not r.get("llama")]
         lm = [r for r in rows if r["model_label"] == model and r.get("llama")]
@@ -286,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-1b", action="store_true")
     p.add_argument("--generic", action="store_true", help="also time the portable kernel")
     p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--ghz", type=float, default=cpu_ghz())
+    p.add_argument("--ghz", type=float, default=None,
+                   help="use the nominal peak at this clock instead of measuring it")
     p.add_argument("--fma-units", type=int, default=2)
     p.add_argument("--avx512-lanes", type=int, default=16)
     p.add_argument("--json", help="also write all rows as JSON")
@@ -298,6 +369,7 @@ def main(argv=None) -> int:
                    type=lambda s: [int(x) for x in s.split(",")],
                    help="llama.cpp ubatch sizes to try (best kept)")
     args = p.parse_args(argv)
+    args.peak = measured_peak(args.threads) if args.ghz is None else {}
     try:
         llama = llama_cpp.find_or_build(args.llama_cpp)
     except ValueError as e:
