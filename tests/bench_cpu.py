@@ -303,7 +303,9 @@ def report(rows: list[dict], args) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if ref else "")]
         for r in rs:
             tps = r["engine_tokens_per_s"]
-            isa = r["runner"].split(", ")[-1] if r["runner"].startswith("own") else "avx2"
+            # OpenBLAS's own core choice uses the widest ISA it has kernels for
+            isa = (r["runner"].split(", ")[-1] if r["runner"].startswith("own")
+                   else "avx2" if "Haswell" in r["runner"] else "avx512")
             g = r.get("gemm_gflops", 0.0)
             pk = peak_gflops(args, isa)
             vs = (f"{tps / hf['hf_tokens_per_s']:.2f}x | {tps / hf['hf_sorted_tokens_per_s']:.2f}x"
